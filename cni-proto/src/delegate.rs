@@ -1,0 +1,129 @@
+//! Running another plugin (IPAM) the way a runtime does: found through CNI_PATH, the same
+//! environment and the same stdin, its error passed up with its code.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command as Proc, Stdio};
+
+use serde_json::Value;
+
+use crate::env::{Command, Invocation};
+use crate::error::Error;
+use crate::result::CniResult;
+
+/// Code for a delegated plugin that could not be found or run, or printed garbage.
+pub const DELEGATE_FAILED: u32 = 199;
+
+fn verb(c: Command) -> &'static str {
+    match c {
+        Command::Add => "ADD",
+        Command::Del => "DEL",
+        Command::Check => "CHECK",
+        Command::Gc => "GC",
+        Command::Status => "STATUS",
+        Command::Version => "VERSION",
+    }
+}
+
+/// Finds the executable of plugin `plugin_type` in the CNI_PATH directories.
+pub fn find(plugin_type: &str, path: &[PathBuf]) -> Result<PathBuf, Error> {
+    if plugin_type.is_empty()
+        || plugin_type.contains('/')
+        || plugin_type == "."
+        || plugin_type == ".."
+    {
+        return Err(Error::InvalidConfig(format!(
+            "invalid plugin type {plugin_type:?}"
+        )));
+    }
+    if path.is_empty() {
+        return Err(Error::MissingEnv(vec!["CNI_PATH"]));
+    }
+    path.iter()
+        .map(|d| d.join(plugin_type))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            Error::plugin(
+                DELEGATE_FAILED,
+                format!("failed to find plugin {plugin_type:?} in path {path:?}"),
+                String::new(),
+            )
+        })
+}
+
+/// Runs `plugin_type` with `command`; returns its result for ADD, `None` otherwise.
+pub fn exec(
+    plugin_type: &str,
+    command: Command,
+    inv: &Invocation,
+    stdin: &[u8],
+) -> Result<Option<CniResult>, Error> {
+    let bin = find(plugin_type, &inv.path)?;
+    exec_path(&bin, command, inv, stdin)
+}
+
+/// Runs the plugin at `bin` with `command`.
+pub fn exec_path(
+    bin: &Path,
+    command: Command,
+    inv: &Invocation,
+    stdin: &[u8],
+) -> Result<Option<CniResult>, Error> {
+    let path = std::env::join_paths(&inv.path).unwrap_or_default();
+    let mut p = Proc::new(bin);
+    p.env("CNI_COMMAND", verb(command))
+        .env("CNI_CONTAINERID", &inv.container_id)
+        .env("CNI_IFNAME", &inv.ifname)
+        .env("CNI_ARGS", &inv.args_raw)
+        .env("CNI_PATH", path)
+        .env("CNI_NETNS", inv.netns.as_deref().unwrap_or(Path::new("")))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let fail = |msg: String| Error::plugin(DELEGATE_FAILED, msg, String::new());
+    let mut child = p
+        .spawn()
+        .map_err(|e| fail(format!("running {}: {e}", bin.display())))?;
+    if let Some(mut w) = child.stdin.take() {
+        // A plugin that exits without reading stdin closes the pipe; its exit status tells.
+        let _ = w.write_all(stdin);
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| fail(format!("waiting for {}: {e}", bin.display())))?;
+    let name = bin
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if !out.status.success() {
+        let v: Option<Value> = serde_json::from_slice(&out.stdout).ok();
+        return Err(match v {
+            Some(v) if v.get("code").and_then(Value::as_u64).is_some() => Error::Plugin {
+                code: v["code"].as_u64().unwrap_or(DELEGATE_FAILED as u64) as u32,
+                msg: format!(
+                    "{name}: {}",
+                    v.get("msg").and_then(Value::as_str).unwrap_or("failed")
+                ),
+                details: v
+                    .get("details")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string(),
+            },
+            _ => fail(format!(
+                "{name} {} failed ({}): {}",
+                verb(command),
+                out.status,
+                String::from_utf8_lossy(&out.stdout).trim()
+            )),
+        });
+    }
+    if command != Command::Add {
+        return Ok(None);
+    }
+    let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| Error::Decode {
+        what: "delegated plugin result",
+        details: format!("{name}: {e}"),
+    })?;
+    CniResult::from_json(&v, "1.1.0").map(Some)
+}

@@ -1,0 +1,525 @@
+//! One result type, read from and printed in the shape of every supported version.
+
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use ipnetwork::IpNetwork;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+use crate::error::Error;
+use crate::version::Version;
+
+/// An interface in a result.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Interface {
+    /// Interface name.
+    pub name: String,
+    /// MAC address.
+    pub mac: Option<String>,
+    /// MTU (printed from 1.1.0).
+    pub mtu: Option<u32>,
+    /// The namespace path for interfaces inside the container.
+    pub sandbox: Option<String>,
+    /// vhost-user socket path (printed from 1.1.0).
+    pub socket_path: Option<String>,
+    /// PCI id (printed from 1.1.0).
+    pub pci_id: Option<String>,
+}
+
+/// An address in a result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IpConfig {
+    /// Address with prefix length, host bits kept (`10.1.2.5/24`).
+    pub address: IpNetwork,
+    /// The gateway.
+    pub gateway: Option<IpAddr>,
+    /// Index into `interfaces` (absent in IPAM results).
+    pub interface: Option<usize>,
+}
+
+/// A route in a result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// Destination.
+    pub dst: IpNetwork,
+    /// Next hop; `None` means the family's gateway, as the main plugin decides.
+    pub gw: Option<IpAddr>,
+    /// Route MTU (1.1.0).
+    pub mtu: Option<u32>,
+    /// Advertised MSS (1.1.0).
+    pub advmss: Option<u32>,
+    /// Metric (1.1.0).
+    pub priority: Option<u32>,
+    /// Routing table (1.1.0).
+    pub table: Option<u32>,
+    /// Scope (1.1.0).
+    pub scope: Option<u8>,
+}
+
+impl Route {
+    /// A route with only a destination and an optional gateway.
+    pub fn new(dst: IpNetwork, gw: Option<IpAddr>) -> Route {
+        Route {
+            dst,
+            gw,
+            mtu: None,
+            advmss: None,
+            priority: None,
+            table: None,
+            scope: None,
+        }
+    }
+
+    /// Parses a route object (`{"dst", "gw"?, "mtu"?, ...}`), as in configs and results.
+    pub fn from_json(v: &Value) -> Result<Route, String> {
+        let dst = v
+            .get("dst")
+            .and_then(Value::as_str)
+            .ok_or("route without dst")?;
+        let dst = IpNetwork::from_str(dst).map_err(|e| format!("route dst {dst:?}: {e}"))?;
+        let gw = match v.get("gw") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) if s.is_empty() => None,
+            Some(Value::String(s)) => {
+                Some(IpAddr::from_str(s).map_err(|e| format!("route gw {s:?}: {e}"))?)
+            }
+            Some(o) => return Err(format!("route gw {o} is not a string")),
+        };
+        if let Some(g) = gw {
+            if g.is_ipv4() != dst.is_ipv4() {
+                return Err(format!("route gw {g} is not of the family of dst {dst}"));
+            }
+        }
+        let num = |k: &str| -> Result<Option<u32>, String> {
+            match v.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(n) => n
+                    .as_u64()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .map(Some)
+                    .ok_or_else(|| format!("route {k} {n} is not a non-negative integer")),
+            }
+        };
+        let scope = match num("scope")? {
+            None => None,
+            Some(s) => Some(u8::try_from(s).map_err(|_| format!("route scope {s} is over 255"))?),
+        };
+        Ok(Route {
+            dst,
+            gw,
+            mtu: num("mtu")?,
+            advmss: num("advmss")?,
+            priority: num("priority")?,
+            table: num("table")?,
+            scope,
+        })
+    }
+
+    fn to_json(&self, v: Version) -> Value {
+        let mut m = Map::new();
+        m.insert("dst".into(), json!(self.dst.to_string()));
+        if let Some(gw) = self.gw {
+            m.insert("gw".into(), json!(gw.to_string()));
+        }
+        if v >= Version(1, 1, 0) {
+            for (k, val) in [
+                ("mtu", self.mtu),
+                ("advmss", self.advmss),
+                ("priority", self.priority),
+                ("table", self.table),
+                ("scope", self.scope.map(u32::from)),
+            ] {
+                if let Some(x) = val {
+                    m.insert(k.into(), json!(x));
+                }
+            }
+        }
+        Value::Object(m)
+    }
+}
+
+/// DNS settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dns {
+    /// Name servers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nameservers: Vec<String>,
+    /// Local domain.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub domain: String,
+    /// Search domains.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub search: Vec<String>,
+    /// Resolver options.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub options: Vec<String>,
+}
+
+impl Dns {
+    /// Whether nothing is set.
+    pub fn is_empty(&self) -> bool {
+        self.nameservers.is_empty()
+            && self.domain.is_empty()
+            && self.search.is_empty()
+            && self.options.is_empty()
+    }
+}
+
+/// A plugin's result, independent of the version it is printed in.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CniResult {
+    /// Interfaces.
+    pub interfaces: Vec<Interface>,
+    /// Addresses.
+    pub ips: Vec<IpConfig>,
+    /// Routes.
+    pub routes: Vec<Route>,
+    /// DNS.
+    pub dns: Dns,
+}
+
+fn decode_err(details: String) -> Error {
+    Error::Decode {
+        what: "result",
+        details,
+    }
+}
+
+fn str_field(v: &Value, k: &str) -> Option<String> {
+    v.get(k)
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+}
+
+fn parse_ip(s: &str) -> Result<IpAddr, Error> {
+    IpAddr::from_str(s).map_err(|e| decode_err(format!("address {s:?}: {e}")))
+}
+
+fn parse_net(s: &str) -> Result<IpNetwork, Error> {
+    IpNetwork::from_str(s).map_err(|e| decode_err(format!("address {s:?}: {e}")))
+}
+
+impl CniResult {
+    /// Reads a result of any supported version; `default_version` is used when the object
+    /// carries no `cniVersion` of its own.
+    pub fn from_json(v: &Value, default_version: &str) -> Result<CniResult, Error> {
+        if !v.is_object() {
+            return Err(decode_err(format!("result is not an object: {v}")));
+        }
+        let ver_str = v
+            .get("cniVersion")
+            .and_then(Value::as_str)
+            .unwrap_or(default_version);
+        let ver = Version::parse(ver_str).unwrap_or(Version::CURRENT);
+        let dns = match v.get("dns") {
+            None | Some(Value::Null) => Dns::default(),
+            Some(d) => {
+                serde_json::from_value(d.clone()).map_err(|e| decode_err(format!("dns: {e}")))?
+            }
+        };
+        let mut r = CniResult {
+            dns,
+            ..Default::default()
+        };
+        if ver.is_legacy() || v.get("ip4").is_some() || v.get("ip6").is_some() {
+            for key in ["ip4", "ip6"] {
+                let Some(ipc) = v.get(key).filter(|x| x.is_object()) else {
+                    continue;
+                };
+                let addr =
+                    str_field(ipc, "ip").ok_or_else(|| decode_err(format!("{key} without ip")))?;
+                let gateway = str_field(ipc, "gateway")
+                    .map(|g| parse_ip(&g))
+                    .transpose()?;
+                r.ips.push(IpConfig {
+                    address: parse_net(&addr)?,
+                    gateway,
+                    interface: None,
+                });
+                for rt in ipc
+                    .get("routes")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    r.routes.push(Route::from_json(rt).map_err(decode_err)?);
+                }
+            }
+            return Ok(r);
+        }
+        for i in v
+            .get("interfaces")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            r.interfaces.push(Interface {
+                name: str_field(i, "name").unwrap_or_default(),
+                mac: str_field(i, "mac"),
+                mtu: i.get("mtu").and_then(Value::as_u64).map(|m| m as u32),
+                sandbox: str_field(i, "sandbox"),
+                socket_path: str_field(i, "socketPath"),
+                pci_id: str_field(i, "pciID"),
+            });
+        }
+        for ip in v.get("ips").and_then(Value::as_array).into_iter().flatten() {
+            let addr = str_field(ip, "address")
+                .ok_or_else(|| decode_err("ips entry without address".into()))?;
+            let gateway = str_field(ip, "gateway").map(|g| parse_ip(&g)).transpose()?;
+            let interface = match ip.get("interface") {
+                None | Some(Value::Null) => None,
+                Some(n) => Some(
+                    n.as_u64()
+                        .ok_or_else(|| decode_err(format!("ips interface {n} is not an index")))?
+                        as usize,
+                ),
+            };
+            r.ips.push(IpConfig {
+                address: parse_net(&addr)?,
+                gateway,
+                interface,
+            });
+        }
+        for rt in v
+            .get("routes")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            r.routes.push(Route::from_json(rt).map_err(decode_err)?);
+        }
+        Ok(r)
+    }
+
+    /// The result as JSON in the shape of `v`.
+    pub fn to_json(&self, v: Version) -> Value {
+        let mut m = Map::new();
+        m.insert("cniVersion".into(), json!(v.to_string()));
+        if v.is_legacy() {
+            // 0.1.0/0.2.0 know one address per family, and routes sit beside it.
+            for (key, want_v4) in [("ip4", true), ("ip6", false)] {
+                let Some(ip) = self.ips.iter().find(|i| i.address.is_ipv4() == want_v4) else {
+                    continue;
+                };
+                let mut o = Map::new();
+                o.insert("ip".into(), json!(ip.address.to_string()));
+                if let Some(g) = ip.gateway {
+                    o.insert("gateway".into(), json!(g.to_string()));
+                }
+                let routes: Vec<Value> = self
+                    .routes
+                    .iter()
+                    .filter(|r| r.dst.is_ipv4() == want_v4)
+                    .map(|r| r.to_json(v))
+                    .collect();
+                if !routes.is_empty() {
+                    o.insert("routes".into(), Value::Array(routes));
+                }
+                m.insert(key.into(), Value::Object(o));
+            }
+            m.insert(
+                "dns".into(),
+                serde_json::to_value(&self.dns).expect("dns serializes"),
+            );
+            return Value::Object(m);
+        }
+        if !self.interfaces.is_empty() {
+            let ifs = self.interfaces.iter().map(|i| {
+                let mut o = Map::new();
+                o.insert("name".into(), json!(i.name));
+                if let Some(mac) = &i.mac {
+                    o.insert("mac".into(), json!(mac));
+                }
+                if v >= Version(1, 1, 0) {
+                    if let Some(mtu) = i.mtu {
+                        o.insert("mtu".into(), json!(mtu));
+                    }
+                }
+                if let Some(s) = &i.sandbox {
+                    o.insert("sandbox".into(), json!(s));
+                }
+                if v >= Version(1, 1, 0) {
+                    if let Some(s) = &i.socket_path {
+                        o.insert("socketPath".into(), json!(s));
+                    }
+                    if let Some(s) = &i.pci_id {
+                        o.insert("pciID".into(), json!(s));
+                    }
+                }
+                Value::Object(o)
+            });
+            m.insert("interfaces".into(), Value::Array(ifs.collect()));
+        }
+        if !self.ips.is_empty() {
+            let ips = self.ips.iter().map(|ip| {
+                let mut o = Map::new();
+                if v.has_ip_version_field() {
+                    o.insert(
+                        "version".into(),
+                        json!(if ip.address.is_ipv4() { "4" } else { "6" }),
+                    );
+                }
+                if let Some(i) = ip.interface {
+                    o.insert("interface".into(), json!(i));
+                }
+                o.insert("address".into(), json!(ip.address.to_string()));
+                if let Some(g) = ip.gateway {
+                    o.insert("gateway".into(), json!(g.to_string()));
+                }
+                Value::Object(o)
+            });
+            m.insert("ips".into(), Value::Array(ips.collect()));
+        }
+        if !self.routes.is_empty() {
+            m.insert(
+                "routes".into(),
+                Value::Array(self.routes.iter().map(|r| r.to_json(v)).collect()),
+            );
+        }
+        m.insert(
+            "dns".into(),
+            serde_json::to_value(&self.dns).expect("dns serializes"),
+        );
+        Value::Object(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> CniResult {
+        CniResult {
+            interfaces: vec![
+                Interface {
+                    name: "cni0".into(),
+                    mac: Some("02:00:00:00:00:01".into()),
+                    ..Default::default()
+                },
+                Interface {
+                    name: "eth0".into(),
+                    mac: Some("02:00:00:00:00:02".into()),
+                    mtu: Some(1450),
+                    sandbox: Some("/run/netns/p".into()),
+                    ..Default::default()
+                },
+            ],
+            ips: vec![
+                IpConfig {
+                    address: "10.1.2.5/24".parse().unwrap(),
+                    gateway: Some("10.1.2.1".parse().unwrap()),
+                    interface: Some(1),
+                },
+                IpConfig {
+                    address: "fd00::5/64".parse().unwrap(),
+                    gateway: None,
+                    interface: Some(1),
+                },
+            ],
+            routes: vec![
+                Route {
+                    priority: Some(10),
+                    table: Some(100),
+                    scope: Some(0),
+                    mtu: Some(1400),
+                    advmss: Some(1360),
+                    ..Route::new(
+                        "0.0.0.0/0".parse().unwrap(),
+                        Some("10.1.2.1".parse().unwrap()),
+                    )
+                },
+                Route::new("::/0".parse().unwrap(), None),
+            ],
+            dns: Dns {
+                nameservers: vec!["10.96.0.10".into()],
+                ..Default::default()
+            },
+        }
+    }
+
+    #[test]
+    fn v110_has_route_and_interface_extras_and_no_ip_version() {
+        let j = sample().to_json(Version(1, 1, 0));
+        assert_eq!(j["cniVersion"], "1.1.0");
+        assert_eq!(j["routes"][0]["priority"], 10);
+        assert_eq!(j["routes"][0]["table"], 100);
+        assert_eq!(j["routes"][0]["scope"], 0);
+        assert_eq!(j["routes"][0]["mtu"], 1400);
+        assert_eq!(j["routes"][0]["advmss"], 1360);
+        assert_eq!(j["interfaces"][1]["mtu"], 1450);
+        assert!(j["ips"][0].get("version").is_none());
+        assert_eq!(j["ips"][0]["interface"], 1);
+        assert_eq!(j["ips"][0]["address"], "10.1.2.5/24");
+    }
+
+    #[test]
+    fn v100_drops_110_fields() {
+        let j = sample().to_json(Version(1, 0, 0));
+        assert!(j["routes"][0].get("priority").is_none());
+        assert!(j["interfaces"][1].get("mtu").is_none());
+        assert!(j["ips"][1].get("version").is_none());
+        assert!(j["ips"][1].get("gateway").is_none());
+    }
+
+    #[test]
+    fn v03x_and_040_carry_ip_version() {
+        for v in [Version(0, 3, 0), Version(0, 3, 1), Version(0, 4, 0)] {
+            let j = sample().to_json(v);
+            assert_eq!(j["ips"][0]["version"], "4");
+            assert_eq!(j["ips"][1]["version"], "6");
+            assert!(j["routes"][0].get("table").is_none());
+            assert_eq!(j["interfaces"][1]["sandbox"], "/run/netns/p");
+        }
+    }
+
+    #[test]
+    fn legacy_shape_has_ip4_ip6_and_routes_by_family() {
+        let j = sample().to_json(Version(0, 2, 0));
+        assert_eq!(j["ip4"]["ip"], "10.1.2.5/24");
+        assert_eq!(j["ip4"]["gateway"], "10.1.2.1");
+        assert_eq!(j["ip4"]["routes"][0]["dst"], "0.0.0.0/0");
+        assert_eq!(j["ip6"]["routes"][0]["dst"], "::/0");
+        assert!(j.get("interfaces").is_none() && j.get("ips").is_none());
+        assert_eq!(j["dns"]["nameservers"][0], "10.96.0.10");
+    }
+
+    #[test]
+    fn round_trips_through_every_version() {
+        let s = sample();
+        for v in crate::version::SUPPORTED {
+            let back = CniResult::from_json(&s.to_json(v), "1.1.0").unwrap();
+            if v.is_legacy() {
+                assert_eq!(back.ips.len(), 2);
+                assert_eq!(back.routes.len(), 2);
+            } else if v >= Version(1, 1, 0) {
+                assert_eq!(back, s);
+            } else {
+                assert_eq!(back.ips, s.ips);
+                assert_eq!(back.routes[0].dst, s.routes[0].dst);
+                assert_eq!(back.routes[0].priority, None);
+            }
+        }
+    }
+
+    #[test]
+    fn empty_dns_is_an_empty_object_and_empty_lists_are_omitted() {
+        let j = CniResult::default().to_json(Version(1, 0, 0));
+        assert_eq!(j, json!({"cniVersion": "1.0.0", "dns": {}}));
+    }
+
+    #[test]
+    fn rejects_bad_routes() {
+        assert!(Route::from_json(&json!({"dst": "10.0.0.0/8", "gw": "fd00::1"})).is_err());
+        assert!(Route::from_json(&json!({"gw": "10.0.0.1"})).is_err());
+        assert!(Route::from_json(&json!({"dst": "nope"})).is_err());
+        assert!(Route::from_json(&json!({"dst": "10.0.0.0/8", "priority": -1})).is_err());
+        assert_eq!(
+            Route::from_json(&json!({"dst": "10.0.0.0/8", "gw": ""}))
+                .unwrap()
+                .gw,
+            None
+        );
+    }
+}
