@@ -1,0 +1,211 @@
+//! Choosing an address from a range set: round robin from the last reserved address,
+//! in the reference's order, skipping the gateway, network and broadcast addresses.
+
+use std::net::IpAddr;
+
+use cni_proto::IpConfig;
+use ipnetwork::IpNetwork;
+
+use crate::error::IpamError;
+use crate::range::{from_u128, to_u128, Range, RangeSet};
+use crate::store::Store;
+
+fn size(r: &Range) -> u128 {
+    to_u128(r.end) - to_u128(r.start) + 1
+}
+
+/// The address at flat position `p` across the set's ranges.
+fn at(set: &RangeSet, mut p: u128) -> (&Range, IpAddr) {
+    for r in &set.0 {
+        let n = size(r);
+        if p < n {
+            return (r, from_u128(to_u128(r.start) + p, r.start));
+        }
+        p -= n;
+    }
+    unreachable!("position within the set's size")
+}
+
+/// The flat position of `ip` in the set, if it is in it.
+fn position(set: &RangeSet, ip: IpAddr) -> Option<u128> {
+    let mut base = 0u128;
+    for r in &set.0 {
+        if r.contains(ip) {
+            return Some(base + to_u128(ip) - to_u128(r.start));
+        }
+        base += size(r);
+    }
+    None
+}
+
+fn config(r: &Range, ip: IpAddr) -> IpConfig {
+    let address = IpNetwork::new(ip, r.subnet.prefix()).expect("prefix of a valid subnet");
+    IpConfig {
+        address,
+        gateway: Some(r.gateway),
+        interface: None,
+    }
+}
+
+/// Reserves one address of range set number `idx` for (id, ifname): `requested` if given.
+pub fn allocate(
+    store: &mut Store,
+    set: &RangeSet,
+    idx: usize,
+    id: &str,
+    ifname: &str,
+    requested: Option<IpAddr>,
+) -> Result<IpConfig, IpamError> {
+    if let Some(held) = store
+        .lookup(id, ifname)
+        .into_iter()
+        .find(|ip| set.range_for(*ip).is_some())
+    {
+        return Err(IpamError::Duplicate {
+            ip: held,
+            id: id.to_string(),
+        });
+    }
+    if let Some(ip) = requested {
+        let r = set.range_for(ip).ok_or_else(|| {
+            IpamError::RequestedUnavailable(format!(
+                "requested IP address {ip} is not in range set {set}"
+            ))
+        })?;
+        if ip == r.gateway {
+            return Err(IpamError::RequestedUnavailable(format!(
+                "requested ip {ip} is subnet's gateway"
+            )));
+        }
+        if !r.assignable(ip) {
+            return Err(IpamError::RequestedUnavailable(format!(
+                "requested ip {ip} is the network or broadcast address of {}",
+                r.subnet
+            )));
+        }
+        if !store.reserve(ip, id, ifname)? {
+            return Err(IpamError::RequestedUnavailable(format!(
+                "requested IP address {ip} is not available in range set {set}"
+            )));
+        }
+        store.set_last_reserved(idx, Some(&ip.to_string()))?;
+        return Ok(config(r, ip));
+    }
+    let total: u128 = set.0.iter().map(size).sum();
+    let first = store
+        .last_reserved(idx)
+        .and_then(|ip| position(set, ip))
+        .map(|p| (p + 1) % total)
+        .unwrap_or(0);
+    // Lazily: a /64 has 2^64 candidates and the first free one is usually near.
+    for k in 0..total {
+        let (r, ip) = at(set, (first + k) % total);
+        if !r.assignable(ip) || store.is_leased(ip) {
+            continue;
+        }
+        if store.reserve(ip, id, ifname)? {
+            store.set_last_reserved(idx, Some(&ip.to_string()))?;
+            return Ok(config(r, ip));
+        }
+    }
+    Err(IpamError::Exhausted(set.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(ranges: &[(&str, Option<&str>, Option<&str>)]) -> RangeSet {
+        RangeSet(
+            ranges
+                .iter()
+                .map(|(s, a, b)| Range::new(s, *a, *b, None).unwrap())
+                .collect(),
+        )
+    }
+
+    fn addr(c: &IpConfig) -> String {
+        c.address.ip().to_string()
+    }
+
+    #[test]
+    fn round_robin_skips_gateway_and_wraps_then_exhausts() {
+        let t = tempfile::tempdir().unwrap();
+        let mut s = Store::open(t.path(), "n").unwrap();
+        let set = set(&[("10.0.0.0/29", None, None)]); // .1 gateway, .2-.6 usable
+        let got: Vec<String> = (0..5)
+            .map(|i| addr(&allocate(&mut s, &set, 0, &format!("c{i}"), "eth0", None).unwrap()))
+            .collect();
+        assert_eq!(
+            got,
+            ["10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5", "10.0.0.6"]
+        );
+        let e = allocate(&mut s, &set, 0, "c9", "eth0", None).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "no IP addresses available in range set: 10.0.0.1-10.0.0.6"
+        );
+        s.release("10.0.0.3".parse().unwrap()).unwrap();
+        assert_eq!(
+            addr(&allocate(&mut s, &set, 0, "c9", "eth0", None).unwrap()),
+            "10.0.0.3"
+        );
+    }
+
+    #[test]
+    fn continues_after_last_reserved_across_ranges() {
+        let t = tempfile::tempdir().unwrap();
+        let mut s = Store::open(t.path(), "n").unwrap();
+        let set = set(&[
+            ("10.0.0.0/24", Some("10.0.0.250"), None),
+            ("10.0.1.0/24", None, Some("10.0.1.3")),
+        ]);
+        s.set_last_reserved(0, Some("10.0.0.253")).unwrap();
+        let got: Vec<String> = (0..4)
+            .map(|i| addr(&allocate(&mut s, &set, 0, &format!("c{i}"), "eth0", None).unwrap()))
+            .collect();
+        // .254 then the second range (its .1 is its gateway), then back to the first range's start.
+        assert_eq!(got, ["10.0.0.254", "10.0.1.2", "10.0.1.3", "10.0.0.250"]);
+    }
+
+    #[test]
+    fn requested_addresses_and_duplicates() {
+        let t = tempfile::tempdir().unwrap();
+        let mut s = Store::open(t.path(), "n").unwrap();
+        let set = set(&[("10.0.0.0/24", None, None)]);
+        let ip = |x: &str| Some(x.parse().unwrap());
+        assert_eq!(
+            addr(&allocate(&mut s, &set, 0, "a", "eth0", ip("10.0.0.77")).unwrap()),
+            "10.0.0.77"
+        );
+        assert!(matches!(
+            allocate(&mut s, &set, 0, "b", "eth0", ip("10.0.0.77")),
+            Err(IpamError::RequestedUnavailable(_))
+        ));
+        assert!(matches!(
+            allocate(&mut s, &set, 0, "b", "eth0", ip("10.0.0.1")),
+            Err(IpamError::RequestedUnavailable(_))
+        ));
+        assert!(matches!(
+            allocate(&mut s, &set, 0, "b", "eth0", ip("10.9.0.1")),
+            Err(IpamError::RequestedUnavailable(_))
+        ));
+        assert!(matches!(
+            allocate(&mut s, &set, 0, "a", "eth0", None),
+            Err(IpamError::Duplicate { .. })
+        ));
+        // Another interface of the same container is a different attachment.
+        assert!(allocate(&mut s, &set, 0, "a", "net1", None).is_ok());
+        assert_eq!(s.last_reserved(0), "10.0.0.78".parse().ok());
+    }
+
+    #[test]
+    fn ipv6_allocates_from_start() {
+        let t = tempfile::tempdir().unwrap();
+        let mut s = Store::open(t.path(), "n").unwrap();
+        let set = set(&[("2001:db8:1::/64", None, None)]);
+        let c = allocate(&mut s, &set, 1, "a", "eth0", None).unwrap();
+        assert_eq!(c.address.to_string(), "2001:db8:1::2/64");
+        assert_eq!(c.gateway.unwrap().to_string(), "2001:db8:1::1");
+    }
+}
