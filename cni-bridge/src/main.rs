@@ -1,1 +1,3 @@
-fn main() {}
+fn main() {
+    cni_proto::run_main(&cni_bridge::Bridge)
+}

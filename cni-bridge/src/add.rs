@@ -1,0 +1,345 @@
+//! ADD: bridge, veth into the pod, IPAM, addresses and routes, gateway, masquerade; and on
+//! any failure after the veth exists, undo all of it.
+
+use std::fs::File;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use cni_proto::{delegate, CniResult, Command, Interface, IpConfig, Request, Route};
+use ipnetwork::IpNetwork;
+use rtnetlink::packet_route::link::InfoKind;
+
+use crate::config::{fmt_mac, BridgeConf};
+use crate::error::BridgeError;
+use crate::masq;
+use crate::netlink::{Link, Nl};
+use crate::netns;
+
+/// How long the host veth may take to come up.
+const PORT_UP_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    if let Ok(mut f) = File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut b);
+    }
+    b
+}
+
+/// A random locally administered unicast MAC: the bridge's own, so it never follows a port's.
+fn bridge_mac() -> [u8; 6] {
+    let mut m = random_bytes::<6>();
+    m[0] = (m[0] & 0xfe) | 0x02;
+    m
+}
+
+/// Finds or creates the bridge, up, promiscuous if asked.
+pub async fn ensure_bridge(host: &Nl, conf: &BridgeConf) -> Result<Link, BridgeError> {
+    let existing = host.link(&conf.bridge).await?;
+    let br = match existing {
+        Some(l) => l,
+        None => {
+            // A parallel ADD may create it first: EEXIST is fine, the kind is checked below.
+            host.create_bridge(&conf.bridge, bridge_mac(), conf.mtu)
+                .await?;
+            host.link(&conf.bridge)
+                .await?
+                .ok_or_else(|| BridgeError::NotABridge(conf.bridge.clone()))?
+        }
+    };
+    if br.kind != Some(InfoKind::Bridge) {
+        return Err(BridgeError::NotABridge(conf.bridge.clone()));
+    }
+    if conf.promisc && !br.promisc {
+        host.set(br.index, "setting the bridge promiscuous", |l| {
+            l.promiscuous(true)
+        })
+        .await?;
+    }
+    Ok(br)
+}
+
+/// The gateway of each address: IPAM's, else the subnet's first address.
+fn gateway_of(ip: &IpConfig) -> IpAddr {
+    ip.gateway.unwrap_or_else(|| {
+        let n = ip.address.network();
+        match n {
+            IpAddr::V4(a) => IpAddr::V4((u32::from(a) + 1).into()),
+            IpAddr::V6(a) => IpAddr::V6((u128::from(a) + 1).into()),
+        }
+    })
+}
+
+/// Puts `gw/prefix` on the bridge, replacing a different address only with forceAddress.
+async fn ensure_gateway_address(
+    host: &Nl,
+    br: &Link,
+    name: &str,
+    want: IpNetwork,
+    force: bool,
+) -> Result<(), BridgeError> {
+    for have in host.addresses(br.index).await? {
+        if have == want {
+            return Ok(());
+        }
+        let conflicts = have.is_ipv4() == want.is_ipv4()
+            && (want.is_ipv4() || have.contains(want.ip()) || want.contains(have.ip()));
+        if conflicts {
+            if !force {
+                return Err(BridgeError::AddressConflict(format!(
+                    "{name:?} already has an IP address different from {want} ({have}); set forceAddress to replace it"
+                )));
+            }
+            host.del_address(br.index, have).await?;
+        }
+    }
+    host.add_address(br.index, want).await
+}
+
+/// What this ADD has made so far, undone in reverse on failure.
+struct Undo<'a> {
+    req: &'a Request,
+    host: &'a Nl,
+    host_veth: Option<u32>,
+    ipam: Option<&'a str>,
+    masq: Option<String>,
+}
+
+impl Undo<'_> {
+    async fn run(self) {
+        if let Some(owner) = &self.masq {
+            if let Err(e) = masq::remove_owner(owner) {
+                eprintln!("cni-bridge: rollback: {e}");
+            }
+        }
+        if let Some(t) = self.ipam {
+            if let Err(e) = delegate::exec(t, Command::Del, &self.req.inv, &self.req.stdin) {
+                eprintln!("cni-bridge: rollback: IPAM DEL: {e}");
+            }
+        }
+        if let Some(i) = self.host_veth {
+            if let Err(e) = self.host.del_link(i).await {
+                eprintln!("cni-bridge: rollback: {e}");
+            }
+        }
+    }
+}
+
+/// Runs ADD for a validated request.
+pub fn add(req: &Request, conf: &BridgeConf) -> Result<CniResult, BridgeError> {
+    let path = req
+        .inv
+        .netns
+        .as_deref()
+        .ok_or_else(|| BridgeError::Netns("CNI_NETNS is empty".into()))?;
+    let pod_ns = netns::open_pod(path)?;
+    let rt = crate::runtime()?;
+    rt.block_on(async {
+        let host = Nl::here()?;
+        let pod = Nl::in_ns(&pod_ns)?;
+        if pod.link(&req.inv.ifname).await?.is_some() {
+            return Err(BridgeError::IfaceExists(req.inv.ifname.clone()));
+        }
+        let br = ensure_bridge(&host, conf).await?;
+        let host_ns = netns::current().map_err(|e| BridgeError::Netns(e.to_string()))?;
+        let mut host_name = String::new();
+        for _ in 0..10 {
+            let r = random_bytes::<4>();
+            host_name = format!("veth{:02x}{:02x}{:02x}{:02x}", r[0], r[1], r[2], r[3]);
+            if pod
+                .create_veth(&req.inv.ifname, &host_name, &host_ns, conf.mtu, conf.mac)
+                .await?
+            {
+                break;
+            }
+            host_name.clear();
+        }
+        if host_name.is_empty() {
+            return Err(BridgeError::IfaceExists(format!(
+                "{} (or 10 random host veth names)",
+                req.inv.ifname
+            )));
+        }
+        let hv = host
+            .link(&host_name)
+            .await?
+            .ok_or_else(|| BridgeError::PortDown(format!("{host_name} vanished")))?;
+        let mut undo = Undo {
+            req,
+            host: &host,
+            host_veth: Some(hv.index),
+            ipam: None,
+            masq: None,
+        };
+        match setup(
+            req, conf, &host, &pod, &pod_ns, &br, &host_name, hv.index, &mut undo,
+        )
+        .await
+        {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                undo.run().await;
+                Err(e)
+            }
+        }
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn setup<'a>(
+    req: &'a Request,
+    conf: &'a BridgeConf,
+    host: &Nl,
+    pod: &Nl,
+    pod_ns: &File,
+    br: &Link,
+    host_name: &str,
+    hv_index: u32,
+    undo: &mut Undo<'a>,
+) -> Result<CniResult, BridgeError> {
+    host.set(hv_index, "attaching the host veth to the bridge", |l| {
+        l.controller(br.index).up()
+    })
+    .await?;
+    host.set_port(hv_index, conf.hairpin, conf.port_isolation)
+        .await?;
+
+    let mut ipam = CniResult::default();
+    if let Some(t) = conf.ipam_type.as_deref() {
+        ipam = delegate::exec(t, Command::Add, &req.inv, &req.stdin)?.unwrap_or_default();
+        undo.ipam = Some(t);
+        if ipam.ips.is_empty() {
+            return Err(BridgeError::Config(format!(
+                "IPAM plugin {t} returned no IP configuration"
+            )));
+        }
+    }
+    let gws: Vec<(IpAddr, IpNetwork)> = ipam
+        .ips
+        .iter()
+        .map(|ip| (gateway_of(ip), ip.address))
+        .collect();
+    let family_gw = |v4: bool| gws.iter().find(|(g, _)| g.is_ipv4() == v4).map(|(g, _)| *g);
+
+    let pod_link = pod
+        .link(&req.inv.ifname)
+        .await?
+        .ok_or_else(|| BridgeError::IfaceExists("pod interface vanished".into()))?;
+    let mut routes = ipam.routes.clone();
+    if !conf.disable_container_interface {
+        let has_v6 = ipam.ips.iter().any(|i| !i.address.is_ipv4());
+        let ifname = &req.inv.ifname;
+        let enable_dad = conf.enable_dad;
+        let sysctls = netns::run_in(pod_ns, || -> Result<(), BridgeError> {
+            if has_v6 {
+                netns::sysctl(
+                    &format!("net/ipv6/conf/{ifname}/accept_dad"),
+                    if enable_dad { "1" } else { "0" },
+                )?;
+                if enable_dad {
+                    netns::sysctl(&format!("net/ipv6/conf/{ifname}/enhanced_dad"), "1")?;
+                }
+            }
+            netns::sysctl(&format!("net/ipv4/conf/{ifname}/arp_notify"), "1")
+        });
+        sysctls.map_err(|e| BridgeError::Sysctl(e.to_string()))??;
+        let adds = ipam
+            .ips
+            .iter()
+            .map(|ip| pod.add_address(pod_link.index, ip.address));
+        for r in futures::future::join_all(adds).await {
+            r?;
+        }
+        pod.set(pod_link.index, "setting the pod interface up", |l| l.up())
+            .await?;
+        if conf.is_default_gateway {
+            for v4 in [true, false] {
+                let has_default = routes
+                    .iter()
+                    .any(|r| r.dst.prefix() == 0 && r.dst.is_ipv4() == v4);
+                if let (Some(gw), false) = (family_gw(v4), has_default) {
+                    let dst: IpNetwork = if v4 { "0.0.0.0/0" } else { "::/0" }
+                        .parse()
+                        .expect("literal");
+                    routes.push(Route::new(dst, Some(gw)));
+                }
+            }
+        }
+        for r in &routes {
+            let mut r2 = r.clone();
+            if r2.gw.is_none() {
+                r2.gw = family_gw(r.dst.is_ipv4());
+            }
+            pod.add_route(pod_link.index, &r2).await?;
+        }
+    }
+
+    if conf.is_gateway {
+        let mut seen = Vec::new();
+        for (gw, addr) in &gws {
+            let want = IpNetwork::new(*gw, addr.prefix()).expect("prefix of an address");
+            if !seen.contains(&want) {
+                ensure_gateway_address(host, br, &conf.bridge, want, conf.force_address).await?;
+                seen.push(want);
+            }
+        }
+        if gws.iter().any(|(g, _)| g.is_ipv4()) {
+            netns::sysctl("net/ipv4/ip_forward", "1")?;
+        }
+        if gws.iter().any(|(g, _)| !g.is_ipv4()) {
+            netns::sysctl("net/ipv6/conf/all/forwarding", "1")?;
+        }
+    }
+
+    if conf.ip_masq {
+        let owner = masq::owner(&req.conf.name, &req.inv.container_id, &req.inv.ifname);
+        undo.masq = Some(owner.clone());
+        let addrs: Vec<IpNetwork> = ipam.ips.iter().map(|i| i.address).collect();
+        masq::add(&addrs, &owner)?;
+    }
+
+    // The port forwards only once the veth's carrier is up; report success only then.
+    let mut hv = host.link_by_index(hv_index).await?.unwrap_or_default();
+    if !conf.disable_container_interface {
+        let start = Instant::now();
+        while !hv.oper_up {
+            if start.elapsed() > PORT_UP_TIMEOUT {
+                return Err(BridgeError::PortDown(format!(
+                    "bridge port {host_name} did not come up"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            hv = host.link_by_index(hv_index).await?.unwrap_or_default();
+        }
+    }
+    let br_now = host
+        .link_by_index(br.index)
+        .await?
+        .unwrap_or_else(|| br.clone());
+    let pod_now = pod.link_by_index(pod_link.index).await?.unwrap_or(pod_link);
+    let iface = |name: &str, l: &Link, sandbox: Option<String>| Interface {
+        name: name.to_string(),
+        mac: Some(fmt_mac(&l.mac)),
+        mtu: Some(l.mtu),
+        sandbox,
+        ..Default::default()
+    };
+    let sandbox = req.inv.netns.as_ref().map(|p| p.display().to_string());
+    Ok(CniResult {
+        interfaces: vec![
+            iface(&conf.bridge, &br_now, None),
+            iface(host_name, &hv, None),
+            iface(&req.inv.ifname, &pod_now, sandbox),
+        ],
+        ips: ipam
+            .ips
+            .into_iter()
+            .map(|i| IpConfig {
+                interface: Some(2),
+                ..i
+            })
+            .collect(),
+        routes,
+        dns: conf.dns.clone().unwrap_or(ipam.dns),
+    })
+}

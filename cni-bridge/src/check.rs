@@ -1,0 +1,169 @@
+//! CHECK: what the reference verifies, plus hairpin, port isolation, MTU and masquerade.
+
+use cni_proto::{delegate, Command, Request};
+use rtnetlink::packet_route::link::InfoKind;
+
+use crate::config::{fmt_mac, BridgeConf};
+use crate::error::BridgeError;
+use crate::masq;
+use crate::netlink::Nl;
+use crate::netns;
+
+fn fail(m: String) -> BridgeError {
+    BridgeError::Check(m)
+}
+
+/// Verifies the attachment against prevResult and the config.
+pub fn check(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
+    let prev = req
+        .conf
+        .prev_result()?
+        .ok_or_else(|| BridgeError::Config("CHECK: required prevResult missing".into()))?;
+    if let Some(t) = conf.ipam_type.as_deref() {
+        delegate::exec(t, Command::Check, &req.inv, &req.stdin)?;
+    }
+    let path = req
+        .inv
+        .netns
+        .as_deref()
+        .ok_or_else(|| BridgeError::Netns("CNI_NETNS is empty".into()))?;
+    let pod_ns = netns::open_pod(path)?;
+    let ifname = &req.inv.ifname;
+    crate::runtime()?.block_on(async {
+        let host = Nl::here()?;
+        let pod = Nl::in_ns(&pod_ns)?;
+        let br = host
+            .link(&conf.bridge)
+            .await?
+            .ok_or_else(|| fail(format!("bridge {} not found", conf.bridge)))?;
+        if br.kind != Some(InfoKind::Bridge) {
+            return Err(fail(format!("{} is not a bridge", conf.bridge)));
+        }
+        if br.promisc != conf.promisc {
+            return Err(fail(format!(
+                "bridge {} promiscuous mode is {}, config says {}",
+                conf.bridge, br.promisc, conf.promisc
+            )));
+        }
+        let want_mac = |name: &str| {
+            prev.interfaces
+                .iter()
+                .find(|i| i.name == name)
+                .and_then(|i| i.mac.clone())
+        };
+        if let Some(m) = want_mac(&conf.bridge) {
+            if m != fmt_mac(&br.mac) {
+                return Err(fail(format!(
+                    "bridge {} MAC is {}, prevResult says {m}",
+                    conf.bridge,
+                    fmt_mac(&br.mac)
+                )));
+            }
+        }
+        let pl = pod
+            .link(ifname)
+            .await?
+            .ok_or_else(|| fail(format!("interface {ifname} not found in the pod")))?;
+        if pl.kind != Some(InfoKind::Veth) {
+            return Err(fail(format!("pod interface {ifname} is not a veth")));
+        }
+        if let Some(m) = prev
+            .interfaces
+            .iter()
+            .find(|i| i.name == *ifname && i.sandbox.is_some())
+            .and_then(|i| i.mac.clone())
+        {
+            if m != fmt_mac(&pl.mac) {
+                return Err(fail(format!(
+                    "pod interface MAC is {}, prevResult says {m}",
+                    fmt_mac(&pl.mac)
+                )));
+            }
+        }
+        if let Some(mtu) = conf.mtu {
+            if pl.mtu != mtu {
+                return Err(fail(format!(
+                    "pod interface MTU is {}, config says {mtu}",
+                    pl.mtu
+                )));
+            }
+        }
+        let hv_name = prev
+            .interfaces
+            .iter()
+            .find(|i| i.sandbox.is_none() && i.name != conf.bridge)
+            .map(|i| i.name.clone())
+            .ok_or_else(|| fail("prevResult lists no host veth".into()))?;
+        let hv = host
+            .link(&hv_name)
+            .await?
+            .ok_or_else(|| fail(format!("host veth {hv_name} not found")))?;
+        if hv.controller != Some(br.index) {
+            return Err(fail(format!(
+                "host veth {hv_name} is not a port of {}",
+                conf.bridge
+            )));
+        }
+        if pl.peer_index != Some(hv.index) {
+            return Err(fail(format!(
+                "host veth {hv_name} is not the peer of {ifname}"
+            )));
+        }
+        if hv.hairpin != Some(conf.hairpin) {
+            return Err(fail(format!(
+                "hairpin mode of {hv_name} is {:?}, config says {}",
+                hv.hairpin, conf.hairpin
+            )));
+        }
+        if hv.isolated.unwrap_or(false) != conf.port_isolation {
+            return Err(fail(format!(
+                "port isolation of {hv_name} differs from the config"
+            )));
+        }
+        let have = pod.addresses(pl.index).await?;
+        for ip in &prev.ips {
+            if !have.contains(&ip.address) {
+                return Err(fail(format!("address {} is not on {ifname}", ip.address)));
+            }
+        }
+        for v4 in [true, false] {
+            let want: Vec<_> = prev
+                .routes
+                .iter()
+                .filter(|r| r.dst.is_ipv4() == v4)
+                .collect();
+            if want.is_empty() || conf.disable_container_interface {
+                continue;
+            }
+            let routes = pod.routes(pl.index, v4).await?;
+            for r in want {
+                let found = routes
+                    .iter()
+                    .any(|(dst, gw)| *dst == r.dst && (r.gw.is_none() || *gw == r.gw));
+                if !found {
+                    return Err(fail(format!(
+                        "route to {} via {:?} is missing in the pod",
+                        r.dst, r.gw
+                    )));
+                }
+            }
+        }
+        Ok(())
+    })?;
+    if conf.ip_masq && !prev.ips.is_empty() {
+        let owner = masq::owner(&req.conf.name, &req.inv.container_id, ifname);
+        let entries = masq::list()?;
+        for ip in &prev.ips {
+            if !entries
+                .iter()
+                .any(|e| e.ip == ip.address.ip() && e.owner == owner)
+            {
+                return Err(fail(format!(
+                    "masquerade entry for {} is missing",
+                    ip.address.ip()
+                )));
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,264 @@
+//! The bridge plugin's config: every field the reference `bridge` accepts, validated before
+//! anything is touched.
+
+use cni_proto::{Request, Route};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::error::BridgeError;
+
+/// A trunk entry: one VLAN or a range.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Trunk {
+    /// One VLAN id.
+    pub id: Option<i64>,
+    /// Range start.
+    #[serde(rename = "minID")]
+    pub min_id: Option<i64>,
+    /// Range end.
+    #[serde(rename = "maxID")]
+    pub max_id: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct Raw {
+    bridge: Option<String>,
+    is_gateway: bool,
+    is_default_gateway: bool,
+    force_address: bool,
+    ip_masq: bool,
+    ip_masq_backend: Option<String>,
+    mtu: Option<i64>,
+    hairpin_mode: bool,
+    promisc_mode: bool,
+    vlan: Option<i64>,
+    vlan_trunk: Vec<Trunk>,
+    preserve_default_vlan: bool,
+    macspoofchk: bool,
+    enabledad: bool,
+    disable_container_interface: bool,
+    port_isolation: bool,
+}
+
+/// The validated bridge config.
+#[derive(Debug, Clone)]
+pub struct BridgeConf {
+    /// Bridge name.
+    pub bridge: String,
+    /// Put the gateway address on the bridge.
+    pub is_gateway: bool,
+    /// Add a default route via the gateway in the pod.
+    pub is_default_gateway: bool,
+    /// Replace a different address on the bridge.
+    pub force_address: bool,
+    /// Masquerade pod traffic leaving the pod network.
+    pub ip_masq: bool,
+    /// MTU of bridge and veth.
+    pub mtu: Option<u32>,
+    /// Hairpin on the bridge port.
+    pub hairpin: bool,
+    /// Promiscuous bridge.
+    pub promisc: bool,
+    /// DAD on the pod interface.
+    pub enable_dad: bool,
+    /// Leave the pod interface down, without addresses.
+    pub disable_container_interface: bool,
+    /// Isolated bridge port.
+    pub port_isolation: bool,
+    /// The IPAM plugin type, if any.
+    pub ipam_type: Option<String>,
+    /// Requested MAC of the pod interface.
+    pub mac: Option<[u8; 6]>,
+    /// DNS from the config (overrides IPAM's).
+    pub dns: Option<cni_proto::Dns>,
+}
+
+fn cfg(m: impl Into<String>) -> BridgeError {
+    BridgeError::Config(m.into())
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let mut mac = [0u8; 6];
+    for (i, p) in parts.iter().enumerate() {
+        if p.len() != 2 {
+            return None;
+        }
+        mac[i] = u8::from_str_radix(p, 16).ok()?;
+    }
+    Some(mac)
+}
+
+/// Formats a MAC as the reference does (lower-case, colon-separated).
+pub fn fmt_mac(m: &[u8]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+impl BridgeConf {
+    /// Reads and validates `req`'s config.
+    pub fn from_request(req: &Request) -> Result<BridgeConf, BridgeError> {
+        let raw: Raw = serde_json::from_value(Value::Object(req.conf.rest.clone()))
+            .map_err(|e| cfg(format!("invalid bridge config: {e}")))?;
+        let bridge = raw
+            .bridge
+            .filter(|b| !b.is_empty())
+            .unwrap_or_else(|| "cni0".into());
+        if let Some(why) = cni_proto::env::invalid_ifname(&bridge) {
+            return Err(cfg(format!("invalid bridge name {bridge:?}: {why}")));
+        }
+        if raw.hairpin_mode && raw.promisc_mode {
+            return Err(cfg(
+                "cannot set hairpin mode and promiscuous mode at the same time",
+            ));
+        }
+        let mtu = match raw.mtu {
+            None | Some(0) => None,
+            Some(m) if (68..=65535).contains(&m) => Some(m as u32),
+            Some(m) => {
+                return Err(cfg(format!(
+                    "invalid mtu {m}: must be between 68 and 65535"
+                )))
+            }
+        };
+        if let Some(v) = raw.vlan {
+            if !(0..=4094).contains(&v) {
+                return Err(cfg(format!(
+                    "invalid VLAN ID {v} (must be between 0 and 4094)"
+                )));
+            }
+        }
+        for t in &raw.vlan_trunk {
+            for v in [t.id, t.min_id, t.max_id].into_iter().flatten() {
+                if !(1..=4094).contains(&v) {
+                    return Err(cfg(format!(
+                        "invalid vlanTrunk ID {v} (must be between 1 and 4094)"
+                    )));
+                }
+            }
+            if let (Some(a), Some(b)) = (t.min_id, t.max_id) {
+                if a > b {
+                    return Err(cfg(format!("invalid vlanTrunk range {a}-{b}")));
+                }
+            }
+        }
+        // Not implemented yet: refuse clearly rather than half-configure.
+        if raw.vlan.unwrap_or(0) != 0 {
+            return Err(BridgeError::Unsupported {
+                field: "vlan",
+                value: raw.vlan.unwrap_or(0).to_string(),
+            });
+        }
+        if !raw.vlan_trunk.is_empty() {
+            return Err(BridgeError::Unsupported {
+                field: "vlanTrunk",
+                value: format!("{} entries", raw.vlan_trunk.len()),
+            });
+        }
+        if raw.macspoofchk {
+            return Err(BridgeError::Unsupported {
+                field: "macspoofchk",
+                value: "true".into(),
+            });
+        }
+        let _ = raw.preserve_default_vlan; // meaningful only with vlan/vlanTrunk
+        match raw.ip_masq_backend.as_deref() {
+            None | Some("") | Some("nftables") => {}
+            Some("iptables") => {
+                return Err(BridgeError::Unsupported {
+                    field: "ipMasqBackend",
+                    value: "iptables".into(),
+                })
+            }
+            Some(o) => {
+                return Err(cfg(format!(
+                    "invalid ipMasqBackend {o:?}: want \"nftables\" or \"iptables\""
+                )))
+            }
+        }
+        let ipam_type = req
+            .conf
+            .ipam
+            .as_ref()
+            .and_then(|i| i.get("type"))
+            .and_then(Value::as_str)
+            .filter(|t| !t.is_empty())
+            .map(str::to_string);
+        if raw.disable_container_interface && ipam_type.is_some() {
+            return Err(cfg("cannot use IPAM when the container interface is disabled (disableContainerInterface)"));
+        }
+        let mac = mac_from(req)?;
+        Ok(BridgeConf {
+            bridge,
+            is_gateway: raw.is_gateway || raw.is_default_gateway,
+            is_default_gateway: raw.is_default_gateway,
+            force_address: raw.force_address,
+            ip_masq: raw.ip_masq,
+            mtu,
+            hairpin: raw.hairpin_mode,
+            promisc: raw.promisc_mode,
+            enable_dad: raw.enabledad,
+            disable_container_interface: raw.disable_container_interface,
+            port_isolation: raw.port_isolation,
+            ipam_type,
+            mac,
+            dns: req.conf.dns.clone().filter(|d| !d.is_empty()),
+        })
+    }
+}
+
+/// The pod MAC: runtimeConfig.mac over args.cni.mac over CNI_ARGS MAC.
+fn mac_from(req: &Request) -> Result<Option<[u8; 6]>, BridgeError> {
+    let candidates = [
+        (
+            "runtimeConfig.mac",
+            req.raw
+                .pointer("/runtimeConfig/mac")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+        ),
+        (
+            "args.cni.mac",
+            req.raw
+                .pointer("/args/cni/mac")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+        ),
+        ("CNI_ARGS MAC", req.inv.args.get("MAC").map(str::to_string)),
+    ];
+    for (src, v) in candidates {
+        if let Some(s) = v.filter(|s| !s.is_empty()) {
+            let m =
+                parse_mac(&s).ok_or_else(|| cfg(format!("{src}: invalid MAC address {s:?}")))?;
+            if m[0] & 1 == 1 {
+                return Err(cfg(format!("{src}: {s} is a multicast MAC address")));
+            }
+            return Ok(Some(m));
+        }
+    }
+    Ok(None)
+}
+
+/// The routes IPAM asked for, unchanged.
+pub type Routes = Vec<Route>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs() {
+        assert_eq!(parse_mac("02:00:0a:ff:00:01"), Some([2, 0, 10, 255, 0, 1]));
+        assert_eq!(parse_mac("02:00:0a:ff:00"), None);
+        assert_eq!(parse_mac("02:00:0a:ff:00:zz"), None);
+        assert_eq!(fmt_mac(&[2, 0, 10, 255, 0, 1]), "02:00:0a:ff:00:01");
+    }
+}

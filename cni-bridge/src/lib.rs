@@ -1,0 +1,58 @@
+//! `cni-bridge`: the CNI bridge plugin.
+
+pub mod add;
+pub mod check;
+pub mod config;
+pub mod del;
+pub mod error;
+pub mod masq;
+pub mod netlink;
+pub mod netns;
+
+use cni_proto::{CniResult, Error as CniError, Plugin, Request};
+
+use crate::config::BridgeConf;
+use crate::error::BridgeError;
+
+/// The one runtime of this process: a single thread, so `setns` windows are never shared.
+pub fn runtime() -> Result<tokio::runtime::Runtime, BridgeError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| BridgeError::Netns(format!("starting the runtime: {e}")))
+}
+
+/// The bridge plugin.
+pub struct Bridge;
+
+fn with_conf<T>(
+    req: &Request,
+    f: impl FnOnce(&BridgeConf) -> Result<T, BridgeError>,
+) -> Result<T, CniError> {
+    let conf = BridgeConf::from_request(req)?;
+    f(&conf).map_err(Into::into)
+}
+
+impl Plugin for Bridge {
+    fn about(&self) -> String {
+        format!(
+            "cni-bridge {}: bridge, veth, hairpin, gateway and masquerade for pods",
+            env!("CARGO_PKG_VERSION")
+        )
+    }
+    fn add(&self, req: &Request) -> Result<CniResult, CniError> {
+        with_conf(req, |c| add::add(req, c))
+    }
+    fn del(&self, req: &Request) -> Result<(), CniError> {
+        with_conf(req, |c| del::del(req, c))
+    }
+    fn check(&self, req: &Request) -> Result<(), CniError> {
+        with_conf(req, |c| check::check(req, c))
+    }
+    fn gc(&self, req: &Request) -> Result<(), CniError> {
+        with_conf(req, |c| del::gc(req, c))
+    }
+    fn status(&self, req: &Request) -> Result<(), CniError> {
+        with_conf(req, |c| del::status(req, c))
+    }
+}

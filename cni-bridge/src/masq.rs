@@ -1,0 +1,174 @@
+//! IP masquerade with nftables, in one atomic `nft -f` per ADD.
+//!
+//! Table `inet cni_bridge`: chain `postrouting` sends a pod's traffic, looked up by source
+//! address in map `pods4`/`pods6`, to a chain per pod subnet that returns for the subnet and
+//! multicast and masquerades the rest (the reference's per-container rules, as map entries).
+//! Each map entry's comment names its attachment (`<network>/<container>/<ifname>`), so DEL
+//! and GC find the entries without the pod's namespace or prevResult.
+
+use std::io::Write;
+use std::net::IpAddr;
+use std::process::{Command, Stdio};
+
+use ipnetwork::IpNetwork;
+use serde_json::Value;
+
+use crate::error::BridgeError;
+
+const TABLE: &str = "inet cni_bridge";
+
+/// One map entry: a pod address and the attachment that owns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The pod address.
+    pub ip: IpAddr,
+    /// `<network>/<container>/<ifname>`.
+    pub owner: String,
+}
+
+/// The owner comment of an attachment.
+pub fn owner(network: &str, container: &str, ifname: &str) -> String {
+    format!("{network}/{container}/{ifname}")
+}
+
+fn subnet_chain(net: &IpNetwork) -> String {
+    match net.network() {
+        IpAddr::V4(a) => format!("masq4-{:08x}-{}", u32::from(a), net.prefix()),
+        IpAddr::V6(a) => format!("masq6-{:032x}-{}", u128::from(a), net.prefix()),
+    }
+}
+
+fn nft(script: &str) -> Result<String, BridgeError> {
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| BridgeError::Masq(format!("running nft: {e}")))?;
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(script.as_bytes())
+        .map_err(|e| BridgeError::Masq(e.to_string()))?;
+    let out = child
+        .wait_with_output()
+        .map_err(|e| BridgeError::Masq(e.to_string()))?;
+    if !out.status.success() {
+        return Err(BridgeError::Masq(format!(
+            "nft: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Masquerades traffic from each of `addrs` that leaves its own subnet.
+pub fn add(addrs: &[IpNetwork], owner: &str) -> Result<(), BridgeError> {
+    if addrs.is_empty() {
+        return Ok(());
+    }
+    let mut s = format!(
+        "add table {TABLE}\n\
+         add chain {TABLE} postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}\n\
+         add map {TABLE} pods4 {{ type ipv4_addr : verdict; }}\n\
+         add map {TABLE} pods6 {{ type ipv6_addr : verdict; }}\n\
+         flush chain {TABLE} postrouting\n\
+         add rule {TABLE} postrouting ip saddr vmap @pods4\n\
+         add rule {TABLE} postrouting ip6 saddr vmap @pods6\n"
+    );
+    for a in addrs {
+        let chain = subnet_chain(a);
+        let (fam, mcast, map) = if a.is_ipv4() {
+            ("ip", "224.0.0.0/4", "pods4")
+        } else {
+            ("ip6", "ff00::/8", "pods6")
+        };
+        let net = IpNetwork::new(a.network(), a.prefix()).expect("valid prefix");
+        s.push_str(&format!(
+            "add chain {TABLE} {chain}\n\
+             flush chain {TABLE} {chain}\n\
+             add rule {TABLE} {chain} {fam} daddr {net} return\n\
+             add rule {TABLE} {chain} {fam} daddr {mcast} return\n\
+             add rule {TABLE} {chain} masquerade\n\
+             add element {TABLE} {map} {{ {} comment \"{owner}\" : jump {chain} }}\n",
+            a.ip()
+        ));
+    }
+    nft(&s).map(|_| ())
+}
+
+/// Every map entry on this node.
+pub fn list() -> Result<Vec<Entry>, BridgeError> {
+    let mut child = Command::new("nft")
+        .args(["-j", "list", "table", "inet", "cni_bridge"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| BridgeError::Masq(format!("running nft: {e}")))?;
+    let mut out = String::new();
+    std::io::Read::read_to_string(child.stdout.as_mut().expect("piped"), &mut out)
+        .map_err(|e| BridgeError::Masq(e.to_string()))?;
+    let status = child.wait().map_err(|e| BridgeError::Masq(e.to_string()))?;
+    if !status.success() {
+        // No table yet: nothing was ever masqueraded here.
+        return Ok(vec![]);
+    }
+    let v: Value =
+        serde_json::from_str(&out).map_err(|e| BridgeError::Masq(format!("nft -j output: {e}")))?;
+    let mut entries = Vec::new();
+    for item in v["nftables"].as_array().into_iter().flatten() {
+        let Some(map) = item.get("map") else { continue };
+        for pair in map["elem"].as_array().into_iter().flatten() {
+            let elem = &pair[0]["elem"];
+            let (Some(ip), Some(owner)) = (elem["val"].as_str(), elem["comment"].as_str()) else {
+                continue;
+            };
+            if let Ok(ip) = ip.parse() {
+                entries.push(Entry {
+                    ip,
+                    owner: owner.to_string(),
+                });
+            }
+        }
+    }
+    Ok(entries)
+}
+
+/// Removes the given entries in one transaction.
+pub fn remove(entries: &[Entry]) -> Result<(), BridgeError> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let mut s = String::new();
+    for e in entries {
+        let map = if e.ip.is_ipv4() { "pods4" } else { "pods6" };
+        s.push_str(&format!("delete element {TABLE} {map} {{ {} }}\n", e.ip));
+    }
+    nft(&s).map(|_| ())
+}
+
+/// Removes every entry owned by `owner`.
+pub fn remove_owner(owner: &str) -> Result<(), BridgeError> {
+    let mine: Vec<Entry> = list()?.into_iter().filter(|e| e.owner == owner).collect();
+    remove(&mine)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_names_are_per_subnet() {
+        assert_eq!(
+            subnet_chain(&"10.1.2.5/24".parse().unwrap()),
+            "masq4-0a010200-24"
+        );
+        assert_eq!(
+            subnet_chain(&"fd00::5/64".parse().unwrap()),
+            "masq6-fd000000000000000000000000000000-64"
+        );
+        assert_eq!(owner("net", "c1", "eth0"), "net/c1/eth0");
+    }
+}

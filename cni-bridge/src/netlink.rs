@@ -1,0 +1,444 @@
+//! The netlink requests the plugin makes, over one connection per namespace.
+
+use std::fs::File;
+use std::net::IpAddr;
+
+use futures::TryStreamExt;
+use ipnetwork::IpNetwork;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+use rtnetlink::packet_route::link::{
+    InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoVeth, LinkAttribute, LinkFlags, LinkInfo,
+    LinkMessage, State,
+};
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteScope,
+};
+use rtnetlink::{
+    Handle, LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth,
+    RouteMessageBuilder,
+};
+
+use crate::error::BridgeError;
+use crate::netns;
+
+/// errno of a kernel NACK.
+pub fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()),
+        _ => None,
+    }
+}
+
+const EEXIST: i32 = nix::errno::Errno::EEXIST as i32;
+const ENODEV: i32 = nix::errno::Errno::ENODEV as i32;
+const ESRCH: i32 = nix::errno::Errno::ESRCH as i32;
+const EADDRNOTAVAIL: i32 = nix::errno::Errno::EADDRNOTAVAIL as i32;
+
+/// What the plugin needs to know of a link.
+#[derive(Debug, Clone, Default)]
+pub struct Link {
+    /// ifindex.
+    pub index: u32,
+    /// MAC.
+    pub mac: Vec<u8>,
+    /// MTU.
+    pub mtu: u32,
+    /// Kind (bridge, veth...).
+    pub kind: Option<InfoKind>,
+    /// Bridge it is a port of.
+    pub controller: Option<u32>,
+    /// Operationally up.
+    pub oper_up: bool,
+    /// Promiscuous flag.
+    pub promisc: bool,
+    /// Bridge port hairpin mode.
+    pub hairpin: Option<bool>,
+    /// Bridge port isolation.
+    pub isolated: Option<bool>,
+    /// The peer's ifindex (IFLA_LINK) for a veth.
+    pub peer_index: Option<u32>,
+}
+
+fn summarize(m: &LinkMessage) -> Link {
+    let mut l = Link {
+        index: m.header.index,
+        promisc: m.header.flags.contains(LinkFlags::Promisc),
+        ..Default::default()
+    };
+    for a in &m.attributes {
+        match a {
+            LinkAttribute::Address(mac) => l.mac = mac.clone(),
+            LinkAttribute::Mtu(mtu) => l.mtu = *mtu,
+            LinkAttribute::Controller(c) => l.controller = Some(*c),
+            LinkAttribute::OperState(s) => l.oper_up = *s == State::Up,
+            LinkAttribute::Link(p) => l.peer_index = Some(*p),
+            LinkAttribute::LinkInfo(infos) => {
+                for i in infos {
+                    match i {
+                        LinkInfo::Kind(k) => l.kind = Some(k.clone()),
+                        LinkInfo::PortData(InfoPortData::BridgePort(bp)) => {
+                            for p in bp {
+                                match p {
+                                    InfoBridgePort::HairpinMode(h) => l.hairpin = Some(*h),
+                                    InfoBridgePort::Isolated(v) => l.isolated = Some(*v),
+                                    _ => {}
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    l
+}
+
+/// A netlink connection bound to one namespace.
+#[derive(Clone)]
+pub struct Nl {
+    h: Handle,
+}
+
+impl Nl {
+    /// A connection in the current namespace.
+    pub fn here() -> Result<Nl, BridgeError> {
+        let (conn, h, _) = rtnetlink::new_connection()
+            .map_err(|e| BridgeError::Netns(format!("opening a netlink socket: {e}")))?;
+        tokio::spawn(conn);
+        Ok(Nl { h })
+    }
+
+    /// A connection whose socket lives in `ns` (the socket binds at creation).
+    pub fn in_ns(ns: &File) -> Result<Nl, BridgeError> {
+        let made = netns::run_in(ns, rtnetlink::new_connection)
+            .map_err(|e| BridgeError::Netns(format!("entering the pod namespace: {e}")))?;
+        let (conn, h, _) =
+            made.map_err(|e| BridgeError::Netns(format!("opening a netlink socket: {e}")))?;
+        tokio::spawn(conn);
+        Ok(Nl { h })
+    }
+
+    /// A link by name; `None` if there is none.
+    pub async fn link(&self, name: &str) -> Result<Option<Link>, BridgeError> {
+        match self
+            .h
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute()
+            .try_next()
+            .await
+        {
+            Ok(m) => Ok(m.as_ref().map(summarize)),
+            Err(e) if errno(&e) == Some(ENODEV) => Ok(None),
+            Err(e) => Err(BridgeError::netlink(format!("getting link {name}"))(e)),
+        }
+    }
+
+    /// A link by index; `None` if there is none.
+    pub async fn link_by_index(&self, index: u32) -> Result<Option<Link>, BridgeError> {
+        match self
+            .h
+            .link()
+            .get()
+            .match_index(index)
+            .execute()
+            .try_next()
+            .await
+        {
+            Ok(m) => Ok(m.as_ref().map(summarize)),
+            Err(e) if errno(&e) == Some(ENODEV) => Ok(None),
+            Err(e) => Err(BridgeError::netlink(format!("getting link {index}"))(e)),
+        }
+    }
+
+    /// Every link's name and summary.
+    pub async fn links(&self) -> Result<Vec<(String, Link)>, BridgeError> {
+        let msgs: Vec<LinkMessage> = self
+            .h
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(BridgeError::netlink("listing links"))?;
+        Ok(msgs
+            .iter()
+            .map(|m| {
+                let name = m
+                    .attributes
+                    .iter()
+                    .find_map(|a| match a {
+                        LinkAttribute::IfName(n) => Some(n.clone()),
+                        _ => None,
+                    })
+                    .unwrap_or_default();
+                (name, summarize(m))
+            })
+            .collect())
+    }
+
+    /// Creates the bridge (up, with its MAC pinned and its MTU set); `false` if it existed.
+    pub async fn create_bridge(
+        &self,
+        name: &str,
+        mac: [u8; 6],
+        mtu: Option<u32>,
+    ) -> Result<bool, BridgeError> {
+        let mut b = LinkBridge::new(name).address(mac.to_vec());
+        if let Some(m) = mtu {
+            b = b.mtu(m);
+        }
+        match self.h.link().add(b.build()).execute().await {
+            Ok(()) => Ok(true),
+            Err(e) if errno(&e) == Some(EEXIST) => Ok(false),
+            Err(e) => Err(BridgeError::netlink(format!("creating bridge {name}"))(e)),
+        }
+    }
+
+    /// RTM_SETLINK with what `f` adds to a message for `index`.
+    pub async fn set(
+        &self,
+        index: u32,
+        what: &str,
+        f: impl FnOnce(LinkMessageBuilder<LinkUnspec>) -> LinkMessageBuilder<LinkUnspec>,
+    ) -> Result<(), BridgeError> {
+        let msg = f(LinkUnspec::new_with_index(index)).build();
+        self.h
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(BridgeError::netlink(what.to_string()))
+    }
+
+    /// Sets hairpin and isolation on a bridge port.
+    pub async fn set_port(
+        &self,
+        index: u32,
+        hairpin: bool,
+        isolated: bool,
+    ) -> Result<(), BridgeError> {
+        let msg = LinkBridgePort::new(index)
+            .hairpin(hairpin)
+            .isolated(isolated)
+            .build();
+        self.h
+            .link()
+            .set_port(msg)
+            .execute()
+            .await
+            .map_err(BridgeError::netlink("setting bridge port mode"))
+    }
+
+    /// Creates a veth through this (pod) connection: `name` here, `peer` in `host_ns`.
+    /// Returns `Ok(false)` when a name is taken.
+    pub async fn create_veth(
+        &self,
+        name: &str,
+        peer: &str,
+        host_ns: &File,
+        mtu: Option<u32>,
+        mac: Option<[u8; 6]>,
+    ) -> Result<bool, BridgeError> {
+        use std::os::fd::AsRawFd;
+        let mut p = LinkUnspec::new_with_name(peer).setns_by_fd(host_ns.as_raw_fd());
+        let mut v = LinkVeth::new(name, peer);
+        if let Some(m) = mtu {
+            p = p.mtu(m);
+            v = v.mtu(m);
+        }
+        if let Some(m) = mac {
+            v = v.address(m.to_vec());
+        }
+        let msg = v
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(p.build())))
+            .build();
+        match self.h.link().add(msg).execute().await {
+            Ok(()) => Ok(true),
+            Err(e) if errno(&e) == Some(EEXIST) => Ok(false),
+            Err(e) => Err(BridgeError::netlink(format!("creating veth {name}/{peer}"))(e)),
+        }
+    }
+
+    /// Deletes a link; gone already is fine.
+    pub async fn del_link(&self, index: u32) -> Result<(), BridgeError> {
+        match self.h.link().del(index).execute().await {
+            Err(e) if errno(&e) != Some(ENODEV) => Err(BridgeError::netlink("deleting link")(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Addresses of a link (link-local IPv6 left out).
+    pub async fn addresses(&self, index: u32) -> Result<Vec<IpNetwork>, BridgeError> {
+        let msgs: Vec<AddressMessage> = self
+            .h
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(BridgeError::netlink("listing addresses"))?;
+        Ok(msgs
+            .iter()
+            .filter_map(|m| {
+                let ip = m.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Address(ip) => Some(*ip),
+                    _ => None,
+                })?;
+                if let IpAddr::V6(v6) = ip {
+                    if v6.segments()[0] & 0xffc0 == 0xfe80 {
+                        return None;
+                    }
+                }
+                IpNetwork::new(ip, m.header.prefix_len).ok()
+            })
+            .collect())
+    }
+
+    /// Adds an address; present already is fine.
+    pub async fn add_address(&self, index: u32, a: IpNetwork) -> Result<(), BridgeError> {
+        match self
+            .h
+            .address()
+            .add(index, a.ip(), a.prefix())
+            .execute()
+            .await
+        {
+            Err(e) if errno(&e) != Some(EEXIST) => {
+                Err(BridgeError::netlink(format!("adding address {a}"))(e))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Removes an address; absent is fine.
+    pub async fn del_address(&self, index: u32, a: IpNetwork) -> Result<(), BridgeError> {
+        let msgs: Vec<AddressMessage> = self
+            .h
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .set_address_filter(a.ip())
+            .execute()
+            .try_collect()
+            .await
+            .map_err(BridgeError::netlink("listing addresses"))?;
+        for m in msgs {
+            match self.h.address().del(m).execute().await {
+                Err(e) if errno(&e) != Some(EADDRNOTAVAIL) => {
+                    return Err(BridgeError::netlink(format!("removing address {a}"))(e))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds a route out of `oif`; present already is fine.
+    pub async fn add_route(&self, oif: u32, r: &cni_proto::Route) -> Result<(), BridgeError> {
+        let mut msg = route_message(oif, r);
+        if r.mtu.is_some() || r.advmss.is_some() {
+            let mut metrics = Vec::new();
+            if let Some(m) = r.mtu {
+                metrics.push(RouteMetric::Mtu(m));
+            }
+            if let Some(m) = r.advmss {
+                metrics.push(RouteMetric::Advmss(m));
+            }
+            msg.attributes.push(RouteAttribute::Metrics(metrics));
+        }
+        match self.h.route().add(msg).execute().await {
+            Err(e) if errno(&e) != Some(EEXIST) => Err(BridgeError::netlink(format!(
+                "adding route to {} via {:?}",
+                r.dst, r.gw
+            ))(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Routes of one family out of `oif`, as (dst, gw).
+    pub async fn routes(
+        &self,
+        oif: u32,
+        v4: bool,
+    ) -> Result<Vec<(IpNetwork, Option<IpAddr>)>, BridgeError> {
+        let q = if v4 {
+            RouteMessageBuilder::<std::net::Ipv4Addr>::new().build()
+        } else {
+            RouteMessageBuilder::<std::net::Ipv6Addr>::new().build()
+        };
+        let msgs: Vec<RouteMessage> = self
+            .h
+            .route()
+            .get(q)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(BridgeError::netlink("listing routes"))?;
+        let addr = |a: &RouteAddress| match a {
+            RouteAddress::Inet(x) => Some(IpAddr::V4(*x)),
+            RouteAddress::Inet6(x) => Some(IpAddr::V6(*x)),
+            _ => None,
+        };
+        Ok(msgs
+            .iter()
+            .filter(|m| {
+                m.attributes
+                    .iter()
+                    .any(|a| matches!(a, RouteAttribute::Oif(i) if *i == oif))
+            })
+            .filter_map(|m| {
+                let dst = m.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Destination(d) => addr(d),
+                    _ => None,
+                });
+                let gw = m.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Gateway(g) => addr(g),
+                    _ => None,
+                });
+                let unspecified = if v4 {
+                    IpAddr::from([0u8; 4])
+                } else {
+                    IpAddr::from([0u16; 8])
+                };
+                let net = IpNetwork::new(
+                    dst.unwrap_or(unspecified),
+                    m.header.destination_prefix_length,
+                )
+                .ok()?;
+                Some((net, gw))
+            })
+            .collect())
+    }
+}
+
+fn route_message(oif: u32, r: &cni_proto::Route) -> RouteMessage {
+    let mut b = RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(r.dst.network(), r.dst.prefix())
+        .expect("family of dst")
+        .output_interface(oif);
+    if let Some(gw) = r.gw {
+        b = b
+            .gateway(gw)
+            .expect("gateway of the family of dst (checked when parsed)");
+    }
+    if let Some(p) = r.priority {
+        b = b.priority(p);
+    }
+    if let Some(t) = r.table {
+        b = b.table_id(t);
+    }
+    match r.scope {
+        Some(s) => b = b.scope(RouteScope::from(s)),
+        None if r.gw.is_none() => b = b.scope(RouteScope::Link),
+        None => {}
+    }
+    b.build()
+}
+
+/// ESRCH, for callers deleting routes.
+pub const ERR_NO_ROUTE: i32 = ESRCH;

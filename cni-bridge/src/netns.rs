@@ -1,0 +1,78 @@
+//! Network namespaces: validating CNI_NETNS, and running a short synchronous step inside one
+//! on the current thread, always switching back.
+
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use nix::sched::{setns, CloneFlags};
+use nix::sys::statfs::fstatfs;
+
+use crate::error::BridgeError;
+
+const NSFS_MAGIC: i64 = 0x6e73_6673;
+
+// NS_GET_NSTYPE from linux/nsfs.h: _IO(0xb7, 0x3).
+nix::ioctl_none!(ns_get_nstype, 0xb7, 3);
+
+/// The namespace this thread is in now.
+pub fn current() -> std::io::Result<File> {
+    File::open("/proc/thread-self/ns/net")
+}
+
+fn same(a: &File, b: &File) -> bool {
+    match (a.metadata(), b.metadata()) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}
+
+/// Opens CNI_NETNS; it must be a network namespace other than the one the plugin runs in.
+pub fn open_pod(path: &Path) -> Result<File, BridgeError> {
+    let bad = |why: String| BridgeError::Netns(format!("{}: {why}", path.display()));
+    let f = File::open(path).map_err(|e| bad(e.to_string()))?;
+    let st = fstatfs(f.as_fd()).map_err(|e| bad(e.to_string()))?;
+    if st.filesystem_type().0 as i64 != NSFS_MAGIC {
+        return Err(bad("not a network namespace".into()));
+    }
+    // An nsfs file can be another kind of namespace (mnt, pid...): ask the kernel which.
+    // SAFETY: NS_GET_NSTYPE takes no argument and only reads the fd.
+    let kind = unsafe { ns_get_nstype(std::os::fd::AsRawFd::as_raw_fd(&f)) }
+        .map_err(|e| bad(e.to_string()))?;
+    if kind != CloneFlags::CLONE_NEWNET.bits() {
+        return Err(bad("not a network namespace".into()));
+    }
+    let own = current().map_err(|e| bad(e.to_string()))?;
+    if same(&f, &own) {
+        return Err(bad("is the namespace the plugin runs in".into()));
+    }
+    Ok(f)
+}
+
+/// Runs `f` with this thread inside `ns`, then switches back. `f` must not await: on a
+/// current-thread runtime nothing else runs on this thread meanwhile.
+pub fn run_in<T>(ns: &File, f: impl FnOnce() -> T) -> std::io::Result<T> {
+    let home = current()?;
+    setns(ns.as_fd(), CloneFlags::CLONE_NEWNET)?;
+    let out = f();
+    if let Err(e) = setns(home.as_fd(), CloneFlags::CLONE_NEWNET) {
+        // Carrying on in the wrong namespace could change the pod where the host was meant.
+        eprintln!("cni-bridge: cannot return to the host namespace: {e}");
+        std::process::abort();
+    }
+    Ok(out)
+}
+
+/// Writes a sysctl under /proc/sys in the current thread's namespace, skipping equal values.
+pub fn sysctl(key: &str, value: &str) -> Result<(), BridgeError> {
+    let path = format!("/proc/sys/{key}");
+    if std::fs::read_to_string(&path)
+        .map(|v| v.trim() == value)
+        .unwrap_or(false)
+    {
+        return Ok(());
+    }
+    std::fs::write(&path, value)
+        .map_err(|e| BridgeError::Sysctl(format!("writing {value} to {path}: {e}")))
+}
