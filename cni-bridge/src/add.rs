@@ -140,42 +140,14 @@ pub fn add(req: &Request, conf: &BridgeConf) -> Result<CniResult, BridgeError> {
         if pod.link(&req.inv.ifname).await?.is_some() {
             return Err(BridgeError::IfaceExists(req.inv.ifname.clone()));
         }
-        let br = ensure_bridge(&host, conf).await?;
-        let host_ns = netns::current().map_err(|e| BridgeError::Netns(e.to_string()))?;
-        let mut host_name = String::new();
-        for _ in 0..10 {
-            let r = random_bytes::<4>();
-            host_name = format!("veth{:02x}{:02x}{:02x}{:02x}", r[0], r[1], r[2], r[3]);
-            if pod
-                .create_veth(&req.inv.ifname, &host_name, &host_ns, conf.mtu, conf.mac)
-                .await?
-            {
-                break;
-            }
-            host_name.clear();
-        }
-        if host_name.is_empty() {
-            return Err(BridgeError::IfaceExists(format!(
-                "{} (or 10 random host veth names)",
-                req.inv.ifname
-            )));
-        }
-        let hv = host
-            .link(&host_name)
-            .await?
-            .ok_or_else(|| BridgeError::PortDown(format!("{host_name} vanished")))?;
         let mut undo = Undo {
             req,
             host: &host,
-            host_veth: Some(hv.index),
+            host_veth: None,
             ipam: None,
             masq: None,
         };
-        match setup(
-            req, conf, &host, &pod, &pod_ns, &br, &host_name, hv.index, &mut undo,
-        )
-        .await
-        {
+        match build(req, conf, &host, &pod, &pod_ns, &mut undo).await {
             Ok(r) => Ok(r),
             Err(e) => {
                 undo.run().await;
@@ -183,6 +155,90 @@ pub fn add(req: &Request, conf: &BridgeConf) -> Result<CniResult, BridgeError> {
             }
         }
     })
+}
+
+/// Whether IPAM must run after the pod interface exists (DHCP leases on that interface).
+fn ipam_needs_interface(t: &str) -> bool {
+    t == "dhcp"
+}
+
+fn run_ipam<'a>(
+    req: &'a Request,
+    t: &'a str,
+    undo: &mut Undo<'a>,
+) -> Result<CniResult, BridgeError> {
+    let r = delegate::exec(t, Command::Add, &req.inv, &req.stdin)?.unwrap_or_default();
+    undo.ipam = Some(t);
+    if r.ips.is_empty() {
+        return Err(BridgeError::Config(format!(
+            "IPAM plugin {t} returned no IP configuration"
+        )));
+    }
+    Ok(r)
+}
+
+async fn build<'a>(
+    req: &'a Request,
+    conf: &'a BridgeConf,
+    host: &Nl,
+    pod: &Nl,
+    pod_ns: &File,
+    undo: &mut Undo<'a>,
+) -> Result<CniResult, BridgeError> {
+    // IPAM first: a refusal (bad config, full range) then leaves the host untouched.
+    let mut ipam = None;
+    if let Some(t) = conf
+        .ipam_type
+        .as_deref()
+        .filter(|t| !ipam_needs_interface(t))
+    {
+        ipam = Some(run_ipam(req, t, undo)?);
+    }
+    let br = ensure_bridge(host, conf).await?;
+    let host_ns = netns::current().map_err(|e| BridgeError::Netns(e.to_string()))?;
+    let mut host_name = String::new();
+    for _ in 0..10 {
+        let r = random_bytes::<4>();
+        host_name = format!("veth{:02x}{:02x}{:02x}{:02x}", r[0], r[1], r[2], r[3]);
+        if pod
+            .create_veth(&req.inv.ifname, &host_name, &host_ns, conf.mtu, conf.mac)
+            .await?
+        {
+            break;
+        }
+        host_name.clear();
+    }
+    if host_name.is_empty() {
+        return Err(BridgeError::IfaceExists(format!(
+            "{} (or 10 random host veth names)",
+            req.inv.ifname
+        )));
+    }
+    let hv = host
+        .link(&host_name)
+        .await?
+        .ok_or_else(|| BridgeError::PortDown(format!("{host_name} vanished")))?;
+    undo.host_veth = Some(hv.index);
+    if let Some(t) = conf
+        .ipam_type
+        .as_deref()
+        .filter(|t| ipam_needs_interface(t))
+    {
+        ipam = Some(run_ipam(req, t, undo)?);
+    }
+    setup(
+        req,
+        conf,
+        host,
+        pod,
+        pod_ns,
+        &br,
+        &host_name,
+        hv.index,
+        ipam.unwrap_or_default(),
+        undo,
+    )
+    .await
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -195,6 +251,7 @@ async fn setup<'a>(
     br: &Link,
     host_name: &str,
     hv_index: u32,
+    ipam: CniResult,
     undo: &mut Undo<'a>,
 ) -> Result<CniResult, BridgeError> {
     host.set(hv_index, "attaching the host veth to the bridge", |l| {
@@ -204,16 +261,6 @@ async fn setup<'a>(
     host.set_port(hv_index, conf.hairpin, conf.port_isolation)
         .await?;
 
-    let mut ipam = CniResult::default();
-    if let Some(t) = conf.ipam_type.as_deref() {
-        ipam = delegate::exec(t, Command::Add, &req.inv, &req.stdin)?.unwrap_or_default();
-        undo.ipam = Some(t);
-        if ipam.ips.is_empty() {
-            return Err(BridgeError::Config(format!(
-                "IPAM plugin {t} returned no IP configuration"
-            )));
-        }
-    }
     let gws: Vec<(IpAddr, IpNetwork)> = ipam
         .ips
         .iter()

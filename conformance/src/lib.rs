@@ -1,1 +1,11 @@
-//! placeholder
+//! Test fixtures for running CNI plugins as a runtime does, inside namespaces this process
+//! makes and removes: a node namespace standing for the host, pod namespaces in both forms
+//! runtimes use (`/run/netns/NAME`, `/proc/PID/ns/net` of a sleeping "pause" process).
+//! Nothing here touches the root network namespace.
+
+pub mod netns;
+pub mod plugin;
+pub mod traffic;
+
+pub use netns::{require_root, Netns, Pause};
+pub use plugin::{invoke, Out};

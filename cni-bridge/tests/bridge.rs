@@ -1,0 +1,555 @@
+//! The built `cni-bridge` run as a runtime runs it, inside a node namespace, with pods made
+//! like pause containers.
+
+mod common;
+
+use cni_conformance::traffic::tcp_exchange;
+use cni_conformance::{require_root, Netns, Pause};
+use common::*;
+use serde_json::{json, Value};
+
+const VERSIONS: [&str; 7] = [
+    "0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0",
+];
+
+fn port_of(node: &Netns, veth: &str) -> Value {
+    node.ip_json(&["link", "show", "dev", veth])[0].clone()
+}
+
+#[test]
+fn add_and_del_for_every_version() {
+    if !require_root("add_and_del_for_every_version") {
+        return;
+    }
+    for v in VERSIONS {
+        let w = World::new("ver");
+        let pod = Netns::new("pod");
+        let pod_path = pod.path.display().to_string();
+        let conf = w.conf(
+            v,
+            "10.22.0.0/24",
+            json!({"hairpinMode": true, "mtu": 1400, "isDefaultGateway": true}),
+        );
+        let o = w.call("ADD", "c1", &pod_path, &conf);
+        assert_eq!(o.code, 0, "{v}: {} {}", o.stdout, o.stderr);
+        assert_eq!(o.json["cniVersion"], v);
+        if v == "0.1.0" || v == "0.2.0" {
+            assert_eq!(o.json["ip4"]["ip"], "10.22.0.2/24", "{v}");
+            assert_eq!(o.json["ip4"]["gateway"], "10.22.0.1");
+        } else {
+            let ifs = o.json["interfaces"].as_array().unwrap();
+            assert_eq!(ifs.len(), 3, "{v}");
+            assert_eq!(ifs[0]["name"], "cni0");
+            assert!(ifs[1]["name"].as_str().unwrap().starts_with("veth"));
+            assert_eq!(ifs[2]["name"], "eth0");
+            assert_eq!(ifs[2]["sandbox"], pod_path.as_str());
+            for i in ifs {
+                assert_eq!(i["mac"].as_str().unwrap().len(), 17);
+            }
+            assert_eq!(o.json["ips"][0]["interface"], 2);
+            assert_eq!(o.json["ips"][0]["address"], "10.22.0.2/24");
+            assert_eq!(
+                o.json["ips"][0].get("version").is_some(),
+                v.starts_with("0."),
+                "{v}"
+            );
+            assert_eq!(ifs[2].get("mtu").is_some(), v == "1.1.0");
+        }
+        // Host: lo, the bridge and one veth, which is a hairpin port of the bridge.
+        let links = w.node.links();
+        assert_eq!(links.len(), 3, "{links:?}");
+        let veth = w.veths()[0].clone();
+        let port = port_of(&w.node, &veth);
+        assert_eq!(port["master"], "cni0");
+        assert_eq!(port["linkinfo"]["info_slave_data"]["hairpin"], true);
+        assert_eq!(port["mtu"], 1400);
+        let br_addrs = w.node.ip(&["-br", "addr", "show", "dev", "cni0"]);
+        assert!(br_addrs.contains("10.22.0.1/24"), "{br_addrs}");
+        // Pod: eth0 up with the address, MTU, and a default route via the gateway.
+        let eth0 = pod.ip_json(&["addr", "show", "dev", "eth0"])[0].clone();
+        assert_eq!(eth0["operstate"], "UP");
+        assert_eq!(eth0["mtu"], 1400);
+        assert!(pod.ip(&["-br", "addr"]).contains("10.22.0.2/24"));
+        assert!(
+            pod.ip(&["route"])
+                .contains("default via 10.22.0.1 dev eth0"),
+            "{}",
+            pod.ip(&["route"])
+        );
+        assert_eq!(w.leases(), ["10.22.0.2"]);
+        let d = w.call("DEL", "c1", &pod_path, &conf);
+        assert_eq!(d.code, 0, "{v}: {}", d.stdout);
+        assert!(w.veths().is_empty(), "{v}: veth left");
+        assert!(!pod.links().contains(&"eth0".to_string()));
+        assert!(w.leases().is_empty());
+        assert!(
+            w.node.links().contains(&"cni0".to_string()),
+            "DEL never deletes the bridge"
+        );
+    }
+}
+
+#[test]
+fn pods_reach_each_other_the_gateway_and_keep_their_source_address() {
+    if !require_root("pods_reach_each_other") {
+        return;
+    }
+    let w = World::new("traffic");
+    let a = Netns::new("pa");
+    let b = Pause::new(); // the /proc/PID/ns/net form
+    let conf = w.conf("1.1.0", "10.23.0.0/24", json!({"hairpinMode": true}));
+    let oa = w.call("ADD", "a", &a.path.display().to_string(), &conf);
+    let ob = w.call("ADD", "b", &b.path.display().to_string(), &conf);
+    assert_eq!((oa.code, ob.code), (0, 0), "{} {}", oa.stdout, ob.stdout);
+    let (ipa, ipb) = (ip_of(&oa, 0), ip_of(&ob, 0));
+    assert_eq!(
+        tcp_exchange(a.file(), ipa, b.file()),
+        Ok(ipb),
+        "b -> a, source preserved"
+    );
+    assert_eq!(tcp_exchange(b.file(), ipb, a.file()), Ok(ipa), "a -> b");
+    let gw: std::net::IpAddr = "10.23.0.1".parse().unwrap();
+    assert_eq!(
+        tcp_exchange(w.node.file(), gw, a.file()),
+        Ok(ipa),
+        "pod -> gateway on the node"
+    );
+    assert_eq!(
+        w.call("DEL", "a", &a.path.display().to_string(), &conf)
+            .code,
+        0
+    );
+    assert_eq!(
+        w.call("DEL", "b", &b.path.display().to_string(), &conf)
+            .code,
+        0
+    );
+    assert!(w.veths().is_empty());
+}
+
+#[test]
+fn del_succeeds_with_empty_or_vanished_netns_and_releases_everything() {
+    if !require_root("del_forms") {
+        return;
+    }
+    let w = World::new("del");
+    let conf = w.conf("1.0.0", "10.24.0.0/24", json!({"ipMasq": true}));
+    // Empty CNI_NETNS (containerd's ctr): lease and masquerade still released.
+    let pod = Netns::new("p1");
+    assert_eq!(
+        w.call("ADD", "c1", &pod.path.display().to_string(), &conf)
+            .code,
+        0
+    );
+    assert_eq!(w.masq_entries(), ["10.24.0.2 testnet/c1/eth0"]);
+    let o = w.call("DEL", "c1", "", &conf);
+    assert_eq!(o.code, 0, "{}", o.stdout);
+    assert!(w.leases().is_empty());
+    assert!(w.masq_entries().is_empty(), "masquerade entry leaked");
+    drop(pod);
+    // The namespace removed before DEL.
+    let pod = Netns::new("p2");
+    let path = pod.path.display().to_string();
+    assert_eq!(w.call("ADD", "c2", &path, &conf).code, 0);
+    drop(pod);
+    let o = w.call("DEL", "c2", &path, &conf);
+    assert_eq!(o.code, 0, "{}", o.stdout);
+    assert!(w.leases().is_empty(), "lease leaked");
+    assert!(w.masq_entries().is_empty(), "masquerade entry leaked");
+    // The kernel removes a dead namespace's veth pair asynchronously; wait for it (bounded).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !w.veths().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(w.veths().is_empty(), "veth of a removed namespace left");
+    // Repeated, and for a container never added.
+    assert_eq!(w.call("DEL", "c2", &path, &conf).code, 0);
+    assert_eq!(w.call("DEL", "never", "", &conf).code, 0);
+}
+
+#[test]
+fn check_passes_then_fails_after_tampering() {
+    if !require_root("check") {
+        return;
+    }
+    let w = World::new("check");
+    let pod = Netns::new("pod");
+    let path = pod.path.display().to_string();
+    let conf = w.conf(
+        "1.1.0",
+        "10.25.0.0/24",
+        json!({"hairpinMode": true, "ipMasq": true, "mtu": 1450}),
+    );
+    let o = w.call("ADD", "c1", &path, &conf);
+    assert_eq!(o.code, 0, "{}", o.stdout);
+    let mut c = conf.clone();
+    c["prevResult"] = o.json.clone();
+    let k = w.call("CHECK", "c1", &path, &c);
+    assert_eq!(k.code, 0, "{} {}", k.stdout, k.stderr);
+    let veth = w.veths()[0].clone();
+    // Hairpin off: the reference's CHECK would not notice; ours does.
+    w.node.ip(&[
+        "link",
+        "set",
+        "dev",
+        &veth,
+        "type",
+        "bridge_slave",
+        "hairpin",
+        "off",
+    ]);
+    let k = w.call("CHECK", "c1", &path, &c);
+    assert_eq!(k.err_code(), Some(115), "{}", k.stdout);
+    assert!(k.stdout.contains("hairpin"));
+    w.node.ip(&[
+        "link",
+        "set",
+        "dev",
+        &veth,
+        "type",
+        "bridge_slave",
+        "hairpin",
+        "on",
+    ]);
+    assert_eq!(w.call("CHECK", "c1", &path, &c).code, 0);
+    pod.ip(&["addr", "flush", "dev", "eth0"]);
+    let k = w.call("CHECK", "c1", &path, &c);
+    assert_eq!(k.err_code(), Some(115), "{}", k.stdout);
+    assert!(k.stdout.contains("10.25.0.2"), "{}", k.stdout);
+    // CHECK without prevResult is a config error; below 0.4.0 it is not allowed at all.
+    assert_eq!(w.call("CHECK", "c1", &path, &conf).err_code(), Some(7));
+    assert_eq!(
+        w.call(
+            "CHECK",
+            "c1",
+            &path,
+            &w.conf("0.3.1", "10.25.0.0/24", json!({}))
+        )
+        .err_code(),
+        Some(1)
+    );
+    assert_eq!(w.call("DEL", "c1", &path, &c).code, 0);
+}
+
+#[test]
+fn fifty_parallel_adds_and_dels() {
+    if !require_root("parallel") {
+        return;
+    }
+    let w = World::new("par");
+    let pods: Vec<Netns> = (0..50).map(|i| Netns::new(&format!("pp{i}"))).collect();
+    let conf = w.conf(
+        "1.0.0",
+        "10.26.0.0/24",
+        json!({"ipMasq": true, "hairpinMode": true}),
+    );
+    let run = |cmd: &'static str| -> Vec<cni_conformance::Out> {
+        std::thread::scope(|s| {
+            let hs: Vec<_> = pods
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let (w, conf) = (&w, &conf);
+                    s.spawn(move || {
+                        w.call(cmd, &format!("c{i}"), &p.path.display().to_string(), conf)
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    };
+    let adds = run("ADD");
+    let mut ips: Vec<String> = adds
+        .iter()
+        .map(|o| {
+            assert_eq!(o.code, 0, "{} {}", o.stdout, o.stderr);
+            ip_of(o, 0).to_string()
+        })
+        .collect();
+    ips.sort();
+    ips.dedup();
+    assert_eq!(ips.len(), 50);
+    assert_eq!(w.veths().len(), 50);
+    assert_eq!(w.masq_entries().len(), 50);
+    assert!(run("DEL").iter().all(|o| o.code == 0));
+    assert!(w.veths().is_empty());
+    assert!(w.leases().is_empty());
+    assert!(w.masq_entries().is_empty());
+}
+
+#[test]
+fn exhausted_range_leaves_nothing_behind() {
+    if !require_root("exhausted") {
+        return;
+    }
+    let w = World::new("exh");
+    let (p1, p2) = (Netns::new("p1"), Netns::new("p2"));
+    let conf = w.conf("1.0.0", "10.27.0.0/30", json!({"ipMasq": true})); // one usable address
+    assert_eq!(
+        w.call("ADD", "c1", &p1.path.display().to_string(), &conf)
+            .code,
+        0
+    );
+    let o = w.call("ADD", "c2", &p2.path.display().to_string(), &conf);
+    assert_eq!(o.err_code(), Some(100), "{}", o.stdout);
+    assert!(o.stdout.contains("10.27.0.1-10.27.0.2"), "{}", o.stdout);
+    assert_eq!(w.veths().len(), 1, "the failed ADD made no veth");
+    assert_eq!(p2.links(), ["lo"]);
+    assert_eq!(w.leases(), ["10.27.0.2"]);
+    assert_eq!(w.masq_entries().len(), 1);
+}
+
+#[test]
+fn bad_input_touches_nothing() {
+    if !require_root("bad_input") {
+        return;
+    }
+    let w = World::new("bad");
+    let pod = Netns::new("pod");
+    let path = pod.path.display().to_string();
+    let base = |extra: Value| w.conf("1.0.0", "10.28.0.0/24", extra);
+    let cases: Vec<(Value, u64, &str)> = vec![
+        (
+            base(json!({"hairpinMode": true, "promiscMode": true})),
+            7,
+            "hairpin",
+        ),
+        (base(json!({"vlan": 5000})), 7, "VLAN"),
+        (base(json!({"mtu": 20})), 7, "mtu"),
+        (base(json!({"ipMasqBackend": "pf"})), 7, "ipMasqBackend"),
+        (
+            base(json!({"bridge": "this-name-is-too-long"})),
+            7,
+            "bridge name",
+        ),
+        (base(json!({"runtimeConfig": {"mac": "zz"}})), 7, "MAC"),
+        (base(json!({"disableContainerInterface": true})), 7, "IPAM"),
+        (w.conf("1.0.0", "10.28.0.5/24", json!({})), 7, "host bits"),
+        (
+            w.conf("4.0.0", "10.28.0.0/24", json!({})),
+            1,
+            "incompatible",
+        ),
+    ];
+    for (conf, code, needle) in cases {
+        let o = w.call("ADD", "c1", &path, &conf);
+        assert_eq!(o.err_code(), Some(code), "{conf}: {}", o.stdout);
+        assert!(o.stdout.contains(needle), "{needle} not in {}", o.stdout);
+    }
+    let o = cni_conformance::plugin::invoke_raw(
+        &w.node,
+        &w.bin.join("cni-bridge"),
+        "ADD",
+        &[
+            ("CNI_CONTAINERID", "c"),
+            ("CNI_NETNS", &path),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_PATH", "/x"),
+        ],
+        b"{\"cniVersion\":",
+        false,
+    );
+    assert_eq!(o.err_code(), Some(6));
+    // CNI_NETNS: a plain file, a missing path, and the node's own namespace.
+    let file = w.tmp.join("not-a-netns");
+    std::fs::write(&file, "").unwrap();
+    for ns in [
+        file.display().to_string(),
+        "/run/netns/does-not-exist".to_string(),
+    ] {
+        let o = w.call("ADD", "c1", &ns, &base(json!({})));
+        assert_eq!(o.err_code(), Some(4), "{ns}: {}", o.stdout);
+        assert!(o.stdout.contains("CNI_NETNS"));
+    }
+    let own = w.node.path.display().to_string();
+    let o = cni_conformance::plugin::invoke_raw(
+        &w.node,
+        &w.bin.join("cni-bridge"),
+        "ADD",
+        &[
+            ("CNI_CONTAINERID", "c"),
+            ("CNI_NETNS", &own),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_PATH", "/x"),
+        ],
+        base(json!({})).to_string().as_bytes(),
+        true,
+    );
+    assert_eq!(o.err_code(), Some(4), "{}", o.stdout);
+    assert!(
+        o.stdout.contains("namespace the plugin runs in"),
+        "{}",
+        o.stdout
+    );
+    assert_eq!(w.node.links(), ["lo"], "bad input created links");
+    assert_eq!(pod.links(), ["lo"]);
+    assert!(w.leases().is_empty());
+    assert!(w.masq_entries().is_empty());
+}
+
+#[test]
+fn existing_bridge_cases() {
+    if !require_root("existing_bridge") {
+        return;
+    }
+    let w = World::new("exist");
+    let pod = Netns::new("pod");
+    let path = pod.path.display().to_string();
+    // A non-bridge link named like the bridge.
+    w.node.ip(&[
+        "link", "add", "cni0", "type", "veth", "peer", "name", "cni0p",
+    ]);
+    let o = w.call(
+        "ADD",
+        "c1",
+        &path,
+        &w.conf("1.0.0", "10.29.0.0/24", json!({})),
+    );
+    assert_eq!(o.err_code(), Some(110), "{}", o.stdout);
+    w.node.ip(&["link", "del", "cni0"]);
+    // A bridge holding another address: an error without forceAddress, replaced with it.
+    w.node.ip(&["link", "add", "cni0", "type", "bridge"]);
+    w.node.ip(&["addr", "add", "10.99.0.1/24", "dev", "cni0"]);
+    let o = w.call(
+        "ADD",
+        "c1",
+        &path,
+        &w.conf("1.0.0", "10.29.0.0/24", json!({})),
+    );
+    assert_eq!(o.err_code(), Some(111), "{}", o.stdout);
+    assert!(w.veths().is_empty() && w.leases().is_empty(), "rolled back");
+    assert_eq!(pod.links(), ["lo"]);
+    let o = w.call(
+        "ADD",
+        "c1",
+        &path,
+        &w.conf("1.0.0", "10.29.0.0/24", json!({"forceAddress": true})),
+    );
+    assert_eq!(o.code, 0, "{}", o.stdout);
+    let a = w.node.ip(&["-br", "addr", "show", "dev", "cni0"]);
+    assert!(
+        a.contains("10.29.0.1/24") && !a.contains("10.99.0.1"),
+        "{a}"
+    );
+}
+
+#[test]
+fn mac_from_args_and_bridge_mac_is_pinned() {
+    if !require_root("mac") {
+        return;
+    }
+    let w = World::new("mac");
+    let (p1, p2) = (Netns::new("p1"), Netns::new("p2"));
+    let mut conf = w.conf("1.1.0", "10.30.0.0/24", json!({}));
+    let o = w.call_with(
+        "ADD",
+        "c1",
+        &p1.path.display().to_string(),
+        "eth0",
+        &[("CNI_ARGS", "IgnoreUnknown=1;MAC=02:11:22:33:44:55")],
+        &conf,
+    );
+    assert_eq!(o.code, 0, "{}", o.stdout);
+    assert_eq!(o.json["interfaces"][2]["mac"], "02:11:22:33:44:55");
+    let br_mac = o.json["interfaces"][0]["mac"].clone();
+    conf["runtimeConfig"] = json!({"mac": "02:aa:bb:cc:dd:ee"});
+    let o = w.call_with(
+        "ADD",
+        "c2",
+        &p2.path.display().to_string(),
+        "eth0",
+        &[("CNI_ARGS", "MAC=02:11:22:33:44:66")],
+        &conf,
+    );
+    assert_eq!(
+        o.json["interfaces"][2]["mac"], "02:aa:bb:cc:dd:ee",
+        "runtimeConfig wins over CNI_ARGS"
+    );
+    assert_eq!(
+        o.json["interfaces"][0]["mac"], br_mac,
+        "the bridge MAC does not follow its ports"
+    );
+    let show = p2.ip(&["link", "show", "eth0"]);
+    assert!(show.contains("02:aa:bb:cc:dd:ee"), "{show}");
+}
+
+#[test]
+fn interop_with_the_reference_plugins_both_ways() {
+    if !require_root("interop") || !have_reference() {
+        return;
+    }
+    let w = World::new("interop");
+    let (p1, p2) = (Netns::new("p1"), Netns::new("p2"));
+    // Our bridge with the reference host-local.
+    let mut conf = w.conf("1.0.0", "10.31.0.0/24", json!({}));
+    conf["ipam"]["type"] = json!("host-local");
+    let o = w.call("ADD", "c1", &p1.path.display().to_string(), &conf);
+    assert_eq!(o.code, 0, "{} {}", o.stdout, o.stderr);
+    assert_eq!(o.json["ips"][0]["address"], "10.31.0.2/24");
+    assert_eq!(
+        w.call("DEL", "c1", &p1.path.display().to_string(), &conf)
+            .code,
+        0
+    );
+    assert!(w.leases().is_empty());
+    // The reference bridge with our host-local, on the same bridge and lease dir.
+    let refconf = {
+        let mut c = w.conf("1.0.0", "10.31.0.0/24", json!({}));
+        c["type"] = json!("bridge");
+        c
+    };
+    let env_path = format!("{}:{REFERENCE_DIR}", w.bin.display());
+    let env = [
+        ("CNI_CONTAINERID", "c2"),
+        ("CNI_NETNS", p2.path.to_str().unwrap()),
+        ("CNI_IFNAME", "eth0"),
+        ("CNI_PATH", env_path.as_str()),
+    ];
+    let bin = std::path::Path::new(REFERENCE_DIR).join("bridge");
+    let o = cni_conformance::invoke(&w.node, &bin, "ADD", &env, &refconf);
+    assert_eq!(o.code, 0, "{} {}", o.stdout, o.stderr);
+    assert_eq!(
+        o.json["ips"][0]["address"], "10.31.0.3/24",
+        "round robin continued"
+    );
+    assert_eq!(w.leases(), ["10.31.0.3"]);
+    let o = cni_conformance::invoke(&w.node, &bin, "DEL", &env, &refconf);
+    assert_eq!(o.code, 0, "{}", o.stdout);
+    assert!(w.leases().is_empty());
+}
+
+#[test]
+fn status_gc_and_version() {
+    if !require_root("status_gc") {
+        return;
+    }
+    let w = World::new("gc");
+    let (p1, p2) = (Netns::new("p1"), Netns::new("p2"));
+    let conf = w.conf("1.1.0", "10.32.0.0/24", json!({"ipMasq": true}));
+    assert_eq!(
+        w.call("ADD", "a", &p1.path.display().to_string(), &conf)
+            .code,
+        0
+    );
+    assert_eq!(
+        w.call("ADD", "b", &p2.path.display().to_string(), &conf)
+            .code,
+        0
+    );
+    assert_eq!(w.call("STATUS", "", "", &conf).code, 0);
+    let mut g = conf.clone();
+    g["cni.dev/valid-attachments"] = json!([{"containerID": "a", "ifname": "eth0"}]);
+    let o = w.call("GC", "", "", &g);
+    assert_eq!((o.code, o.stdout.as_str()), (0, ""), "{}", o.stderr);
+    assert_eq!(w.leases(), ["10.32.0.2"]);
+    assert_eq!(w.masq_entries(), ["10.32.0.2 testnet/a/eth0"]);
+    let v = w.call_with(
+        "VERSION",
+        "",
+        "dummy",
+        "",
+        &[("CNI_PATH", "dummy")],
+        &json!({"cniVersion": "1.1.0"}),
+    );
+    assert_eq!(v.json["supportedVersions"].as_array().unwrap().len(), 7);
+}

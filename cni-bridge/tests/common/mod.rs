@@ -1,0 +1,177 @@
+//! Shared set-up for the bridge tests: a plugin dir with our binaries, a node namespace,
+//! pods, and the config.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use cni_conformance::{invoke, Netns, Out};
+use serde_json::{json, Value};
+
+pub const BRIDGE: &str = env!("CARGO_BIN_EXE_cni-bridge");
+pub const REFERENCE_DIR: &str = "/usr/lib/cni";
+
+/// A plugin directory holding our two binaries (and, by symlink, Debian's reference ones).
+pub fn plugin_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cni-bin");
+    std::fs::create_dir_all(&dir).unwrap();
+    let bridge = Path::new(BRIDGE);
+    for (src, name) in [
+        (bridge.to_path_buf(), "cni-bridge"),
+        (bridge.with_file_name("cni-host-local"), "cni-host-local"),
+    ] {
+        let dst = dir.join(name);
+        if !dst.exists() {
+            let _ = std::os::unix::fs::symlink(&src, &dst);
+        }
+    }
+    assert!(
+        dir.join("cni-host-local").exists(),
+        "cni-host-local must be built (cargo build --workspace)"
+    );
+    dir
+}
+
+/// Whether Debian's reference plugins are here; if not, fails loudly unless told to skip.
+pub fn have_reference() -> bool {
+    if Path::new(REFERENCE_DIR).join("bridge").exists() {
+        return true;
+    }
+    if std::env::var("CNI_SKIP_INTEROP").as_deref() == Ok("1") {
+        eprintln!(
+            "!!!!! SKIPPING interop: {REFERENCE_DIR}/bridge missing and CNI_SKIP_INTEROP=1 !!!!!"
+        );
+        return false;
+    }
+    panic!("{REFERENCE_DIR}/bridge missing: install containernetworking-plugins (scripts/test does), or CNI_SKIP_INTEROP=1");
+}
+
+/// One test's world: a node namespace and a data dir.
+pub struct World {
+    pub node: Netns,
+    pub tmp: PathBuf,
+    pub bin: PathBuf,
+    _guard: TmpDir,
+}
+
+pub struct TmpDir(PathBuf);
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl World {
+    pub fn new(tag: &str) -> World {
+        let tmp =
+            Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("w-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).unwrap();
+        World {
+            node: Netns::new(tag),
+            bin: plugin_dir(),
+            _guard: TmpDir(tmp.clone()),
+            tmp,
+        }
+    }
+
+    pub fn data_dir(&self) -> String {
+        self.tmp.join("ipam").display().to_string()
+    }
+
+    /// A bridge config with host-local over `subnet`, plus `extra` fields.
+    pub fn conf(&self, version: &str, subnet: &str, extra: Value) -> Value {
+        let mut c = json!({
+            "cniVersion": version,
+            "name": "testnet",
+            "type": "cni-bridge",
+            "bridge": "cni0",
+            "isGateway": true,
+            "ipam": {"type": "cni-host-local", "dataDir": self.data_dir(), "subnet": subnet,
+                     "routes": [{"dst": "0.0.0.0/0"}]}
+        });
+        for (k, v) in extra.as_object().cloned().unwrap_or_default() {
+            c[k] = v;
+        }
+        c
+    }
+
+    pub fn call(&self, cmd: &str, id: &str, netns: &str, conf: &Value) -> Out {
+        self.call_with(cmd, id, netns, "eth0", &[], conf)
+    }
+
+    pub fn call_with(
+        &self,
+        cmd: &str,
+        id: &str,
+        netns: &str,
+        ifname: &str,
+        extra: &[(&str, &str)],
+        conf: &Value,
+    ) -> Out {
+        let path = format!("{}:{REFERENCE_DIR}", self.bin.display());
+        let mut env = vec![
+            ("CNI_CONTAINERID", id),
+            ("CNI_NETNS", netns),
+            ("CNI_IFNAME", ifname),
+            ("CNI_PATH", path.as_str()),
+        ];
+        env.extend_from_slice(extra);
+        invoke(
+            &self.node,
+            Path::new(&format!("{}/{}", self.bin.display(), "cni-bridge")),
+            cmd,
+            &env,
+            conf,
+        )
+    }
+
+    /// Lease files in the data dir of network `testnet`.
+    pub fn leases(&self) -> Vec<String> {
+        let d = Path::new(&self.data_dir()).join("testnet");
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .filter(|n| n.parse::<std::net::IpAddr>().is_ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// The masquerade map entries in the node namespace (`ip owner` strings).
+    pub fn masq_entries(&self) -> Vec<String> {
+        let o = self
+            .node
+            .run("nft", &["-j", "list", "table", "inet", "cni_bridge"]);
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+        let mut out = Vec::new();
+        for item in v["nftables"].as_array().into_iter().flatten() {
+            for pair in item["map"]["elem"].as_array().into_iter().flatten() {
+                out.push(format!(
+                    "{} {}",
+                    pair[0]["elem"]["val"].as_str().unwrap_or(""),
+                    pair[0]["elem"]["comment"].as_str().unwrap_or("")
+                ));
+            }
+        }
+        out
+    }
+
+    /// veth links in the node namespace.
+    pub fn veths(&self) -> Vec<String> {
+        self.node
+            .links()
+            .into_iter()
+            .filter(|l| l.starts_with("veth"))
+            .collect()
+    }
+}
+
+pub fn ip_of(out: &Out, i: usize) -> std::net::IpAddr {
+    let a = out.json["ips"][i]["address"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no ips[{i}] in {}", out.stdout));
+    a.split('/').next().unwrap().parse().unwrap()
+}

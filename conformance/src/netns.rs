@@ -1,0 +1,197 @@
+//! Network namespaces owned by a test, removed on drop (also when the test panics).
+
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use nix::sched::{setns, CloneFlags};
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// Whether we are root; if not, says so loudly (the caller then skips).
+pub fn require_root(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    eprintln!(
+        "!!!!! SKIPPED {test}: needs root for network namespaces. Run scripts/test as root. !!!!!"
+    );
+    false
+}
+
+fn unique(tag: &str) -> String {
+    format!(
+        "cnit-{}-{}-{tag}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A named namespace (`ip netns add`), deleted on drop.
+pub struct Netns {
+    /// Its name under /run/netns.
+    pub name: String,
+    /// `/run/netns/<name>`.
+    pub path: PathBuf,
+}
+
+impl Netns {
+    /// Creates an empty namespace (only `lo`, down).
+    pub fn new(tag: &str) -> Netns {
+        let name = unique(tag);
+        let st = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .expect("run ip netns add");
+        assert!(st.success(), "ip netns add {name} failed");
+        let ns = Netns {
+            path: PathBuf::from(format!("/run/netns/{name}")),
+            name,
+        };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Opens the namespace file.
+    pub fn file(&self) -> File {
+        File::open(&self.path).expect("open netns")
+    }
+
+    /// Runs `ip -n <ns> args...` and returns stdout; panics on failure.
+    pub fn ip(&self, args: &[&str]) -> String {
+        let o = Command::new("ip")
+            .arg("-n")
+            .arg(&self.name)
+            .args(args)
+            .output()
+            .expect("run ip");
+        assert!(
+            o.status.success(),
+            "ip -n {} {args:?}: {}",
+            self.name,
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// `ip -j -n <ns> args...` parsed.
+    pub fn ip_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = vec!["-j", "-d"];
+        a.extend_from_slice(args);
+        serde_json::from_str(&self.ip(&a)).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Names of the links in the namespace, sorted.
+    pub fn links(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .ip_json(&["link", "show"])
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|l| l["ifname"].as_str().map(str::to_string))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Makes `cmd` run inside this namespace (setns in the child before exec).
+    pub fn enter(&self, cmd: &mut Command) {
+        let f = self.file();
+        // SAFETY: pre_exec runs in the forked child; setns is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                setns(f.as_fd(), CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
+            });
+        }
+    }
+
+    /// Runs a command inside the namespace.
+    pub fn run(&self, program: &str, args: &[&str]) -> Output {
+        let mut c = Command::new(program);
+        c.args(args);
+        self.enter(&mut c);
+        c.output().expect("run in netns")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// A "pause container": a sleeping process in a fresh namespace, seen as `/proc/PID/ns/net`.
+/// Killed (only this PID) and reaped on drop, which removes the namespace.
+pub struct Pause {
+    child: Child,
+    /// `/proc/<pid>/ns/net`.
+    pub path: PathBuf,
+}
+
+impl Pause {
+    /// Starts the process and waits until its namespace is its own.
+    pub fn new() -> Pause {
+        let child = Command::new("unshare")
+            .args(["--net", "--", "sleep", "3600"])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start unshare");
+        let path = PathBuf::from(format!("/proc/{}/ns/net", child.id()));
+        let own = std::fs::read_link("/proc/thread-self/ns/net").expect("own ns");
+        // unshare execs sleep after switching namespace; wait for that switch (bounded).
+        for _ in 0..2000 {
+            match std::fs::read_link(&path) {
+                Ok(l) if l != own => return Pause { child, path },
+                _ => std::thread::yield_now(),
+            }
+        }
+        panic!("pause process never entered its own namespace");
+    }
+
+    /// Opens the namespace file.
+    pub fn file(&self) -> File {
+        File::open(&self.path).expect("open pause netns")
+    }
+
+    /// Runs `ip args...` inside the pause namespace.
+    pub fn ip(&self, args: &[&str]) -> String {
+        let mut c = Command::new("ip");
+        c.args(args);
+        let f = self.file();
+        unsafe {
+            c.pre_exec(move || {
+                setns(f.as_fd(), CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
+            });
+        }
+        let o = c.output().expect("run ip");
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+}
+
+impl Default for Pause {
+    fn default() -> Self {
+        Pause::new()
+    }
+}
+
+impl Drop for Pause {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether `p` names the namespace `ns` runs in (the fixture refuses such a CNI_NETNS).
+pub fn same_namespace(p: &Path, ns: &Netns) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(p), std::fs::metadata(&ns.path)) {
+        (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+        _ => false,
+    }
+}

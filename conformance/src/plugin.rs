@@ -1,0 +1,79 @@
+//! Running a plugin binary as a runtime does: env + stdin, inside the node namespace.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+
+use crate::netns::{same_namespace, Netns};
+
+/// A plugin's exit code, stdout, parsed stdout and stderr.
+#[derive(Debug)]
+pub struct Out {
+    /// Exit code.
+    pub code: i32,
+    /// stdout.
+    pub stdout: String,
+    /// stdout as JSON (Null if not JSON).
+    pub json: Value,
+    /// stderr.
+    pub stderr: String,
+}
+
+impl Out {
+    /// The CNI error code, if stdout holds an error.
+    pub fn err_code(&self) -> Option<u64> {
+        self.json.get("code").and_then(Value::as_u64)
+    }
+}
+
+/// Runs `bin` in `node` with CNI_COMMAND=`cmd`, the given CNI_* env and `conf` on stdin.
+/// Refuses a CNI_NETNS that is the node namespace itself unless `allow_self_netns`.
+pub fn invoke(node: &Netns, bin: &Path, cmd: &str, env: &[(&str, &str)], conf: &Value) -> Out {
+    invoke_raw(node, bin, cmd, env, conf.to_string().as_bytes(), false)
+}
+
+/// Like [`invoke`] with raw stdin; `allow_self_netns` is for tests of that very refusal.
+pub fn invoke_raw(
+    node: &Netns,
+    bin: &Path,
+    cmd: &str,
+    env: &[(&str, &str)],
+    stdin: &[u8],
+    allow_self_netns: bool,
+) -> Out {
+    if let Some((_, ns)) = env.iter().find(|(k, _)| *k == "CNI_NETNS") {
+        if !allow_self_netns && !ns.is_empty() && same_namespace(Path::new(ns), node) {
+            panic!(
+                "refusing to run a plugin whose CNI_NETNS {ns} is the node namespace it runs in"
+            );
+        }
+    }
+    let mut c = Command::new(bin);
+    c.env_clear()
+        .env("CNI_COMMAND", cmd)
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    node.enter(&mut c);
+    let mut child = c.spawn().expect("spawn plugin");
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(stdin)
+        .expect("write stdin");
+    let o = child.wait_with_output().expect("wait plugin");
+    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
+    Out {
+        code: o.status.code().unwrap_or(-1),
+        json: serde_json::from_str(&stdout).unwrap_or(Value::Null),
+        stdout,
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    }
+}

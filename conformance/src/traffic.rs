@@ -1,0 +1,71 @@
+//! Pod traffic without any tool in the pod: a TCP exchange between two namespaces, each end
+//! on a dedicated thread that enters its namespace and ends with it.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use nix::sched::{setns, CloneFlags};
+
+fn in_ns<T: Send + 'static>(
+    ns: File,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    std::thread::spawn(move || {
+        setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    })
+}
+
+/// Connects from `client_ns` to `server_ip` (listening in `server_ns`), exchanges a message,
+/// and returns the client address the server saw; `Err` if no connection was made.
+pub fn tcp_exchange(server_ns: File, server_ip: IpAddr, client_ns: File) -> Result<IpAddr, String> {
+    let (tx, rx) = mpsc::channel();
+    let server = in_ns(server_ns, move || -> Result<IpAddr, String> {
+        let l = TcpListener::bind(SocketAddr::new(server_ip, 0))
+            .map_err(|e| format!("bind {server_ip}: {e}"))?;
+        tx.send(l.local_addr().expect("addr").port())
+            .expect("send port");
+        // Bounded, so a refused or dropped connection ends this thread too.
+        l.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(4);
+        let (mut s, peer) = loop {
+            match l.accept() {
+                Ok(x) => break x,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Err(e) => return Err(format!("accept: {e}")),
+            }
+        };
+        s.set_nonblocking(false).map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).map_err(|e| e.to_string())?;
+        s.write_all(b"pong").map_err(|e| e.to_string())?;
+        Ok(peer.ip())
+    });
+    let port = rx.recv().map_err(|_| "server did not start".to_string())?;
+    let client = in_ns(client_ns, move || -> Result<(), String> {
+        let addr = SocketAddr::new(server_ip, port);
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(3))).ok();
+        s.write_all(b"ping").map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).map_err(|e| e.to_string())?;
+        if &buf != b"pong" {
+            return Err("bad reply".into());
+        }
+        Ok(())
+    });
+    let c = client.join().map_err(|_| "client panicked".to_string())?;
+    let seen = server.join().map_err(|_| "server panicked".to_string())?;
+    c?;
+    seen
+}
