@@ -14,6 +14,7 @@ use crate::error::BridgeError;
 use crate::masq;
 use crate::netlink::{Link, Nl};
 use crate::netns;
+use crate::spoof;
 
 /// How long the host veth may take to come up.
 const PORT_UP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -40,7 +41,7 @@ pub async fn ensure_bridge(host: &Nl, conf: &BridgeConf) -> Result<Link, BridgeE
         Some(l) => l,
         None => {
             // A parallel ADD may create it first: EEXIST is fine, the kind is checked below.
-            host.create_bridge(&conf.bridge, bridge_mac(), conf.mtu)
+            host.create_bridge(&conf.bridge, bridge_mac(), conf.mtu, conf.vlan_filtering())
                 .await?;
             host.link(&conf.bridge)
                 .await?
@@ -50,6 +51,9 @@ pub async fn ensure_bridge(host: &Nl, conf: &BridgeConf) -> Result<Link, BridgeE
     if br.kind != Some(InfoKind::Bridge) {
         return Err(BridgeError::NotABridge(conf.bridge.clone()));
     }
+    if conf.vlan_filtering() && !br.vlan_filtering {
+        host.enable_vlan_filtering(&conf.bridge).await?;
+    }
     if conf.promisc && !br.promisc {
         host.set(br.index, "setting the bridge promiscuous", |l| {
             l.promiscuous(true)
@@ -57,6 +61,64 @@ pub async fn ensure_bridge(host: &Nl, conf: &BridgeConf) -> Result<Link, BridgeE
         .await?;
     }
     Ok(br)
+}
+
+/// Puts a bridge port on its VLANs: `vlan` as PVID/untagged (1 for a trunk without one),
+/// the trunk tagged, and VLAN 1 removed unless preserved.
+async fn port_vlans(
+    host: &Nl,
+    port: u32,
+    vlan: u16,
+    trunk: &[u16],
+    preserve: bool,
+) -> Result<(), BridgeError> {
+    if vlan == 0 && trunk.is_empty() {
+        return Ok(());
+    }
+    if !preserve {
+        host.port_vlan_del(port, 1).await?;
+    }
+    host.port_vlans_add(port, Some(if vlan == 0 { 1 } else { vlan }), trunk)
+        .await
+}
+
+/// Finds or makes `<bridge>.<vlan>`: one end of a host veth pair whose other end is an
+/// access port of `vlan` on the bridge.
+async fn ensure_vlan_gateway(
+    host: &Nl,
+    conf: &BridgeConf,
+    br: &Link,
+    vlan: u16,
+) -> Result<(String, Link), BridgeError> {
+    let name = format!("{}.{vlan}", conf.bridge);
+    if cni_proto::env::invalid_ifname(&name).is_some() {
+        return Err(BridgeError::Config(format!(
+            "VLAN gateway interface name {name:?} is too long"
+        )));
+    }
+    if let Some(l) = host.link(&name).await? {
+        return Ok((name, l));
+    }
+    let r = random_bytes::<4>();
+    let peer = format!("veth{:02x}{:02x}{:02x}{:02x}", r[0], r[1], r[2], r[3]);
+    if host.create_local_veth(&name, &peer, conf.mtu).await? {
+        let p = host
+            .link(&peer)
+            .await?
+            .ok_or_else(|| BridgeError::PortDown(format!("{peer} vanished")))?;
+        host.set(p.index, "attaching the VLAN gateway port", |l| {
+            l.controller(br.index).up()
+        })
+        .await?;
+        port_vlans(host, p.index, vlan, &[], conf.preserve_default_vlan).await?;
+    }
+    let l = host
+        .link(&name)
+        .await?
+        .ok_or_else(|| BridgeError::PortDown(format!("{name} vanished")))?;
+    host.set(l.index, "setting the VLAN gateway up", |x| x.up())
+        .await?;
+    Ok((name, l))
 }
 
 /// The gateway of each address: IPAM's, else the subnet's first address.
@@ -103,12 +165,19 @@ struct Undo<'a> {
     host_veth: Option<u32>,
     ipam: Option<&'a str>,
     masq: Option<String>,
+    spoof: Option<String>,
+    backend: masq::Backend,
 }
 
 impl Undo<'_> {
     async fn run(self) {
         if let Some(owner) = &self.masq {
-            if let Err(e) = masq::remove_owner(owner) {
+            if let Err(e) = self.backend.remove_where(|o| o == owner) {
+                eprintln!("cni-bridge: rollback: {e}");
+            }
+        }
+        if let Some(owner) = &self.spoof {
+            if let Err(e) = spoof::remove_where(|o| o == owner) {
                 eprintln!("cni-bridge: rollback: {e}");
             }
         }
@@ -146,6 +215,8 @@ pub fn add(req: &Request, conf: &BridgeConf) -> Result<CniResult, BridgeError> {
             host_veth: None,
             ipam: None,
             masq: None,
+            spoof: None,
+            backend: conf.masq_backend,
         };
         match build(req, conf, &host, &pod, &pod_ns, &mut undo).await {
             Ok(r) => Ok(r),
@@ -260,6 +331,14 @@ async fn setup<'a>(
     .await?;
     host.set_port(hv_index, conf.hairpin, conf.port_isolation)
         .await?;
+    port_vlans(
+        host,
+        hv_index,
+        conf.vlan,
+        &conf.trunk,
+        conf.preserve_default_vlan,
+    )
+    .await?;
 
     let gws: Vec<(IpAddr, IpNetwork)> = ipam
         .ips
@@ -272,6 +351,11 @@ async fn setup<'a>(
         .link(&req.inv.ifname)
         .await?
         .ok_or_else(|| BridgeError::IfaceExists("pod interface vanished".into()))?;
+    if conf.mac_spoof_check {
+        let owner = masq::owner(&req.conf.name, &req.inv.container_id, &req.inv.ifname);
+        undo.spoof = Some(owner.clone());
+        spoof::add(host_name, &pod_link.mac, &owner)?;
+    }
     let mut routes = ipam.routes.clone();
     if !conf.disable_container_interface {
         let has_v6 = ipam.ips.iter().any(|i| !i.address.is_ipv4());
@@ -321,12 +405,23 @@ async fn setup<'a>(
         }
     }
 
+    let mut vlan_gw = None;
     if conf.is_gateway {
+        // With a VLAN, the gateway lives on <bridge>.<vlan>, an access port of that VLAN.
+        let gw_link = match conf.vlan {
+            0 => (conf.bridge.clone(), br.clone()),
+            v => {
+                let l = ensure_vlan_gateway(host, conf, br, v).await?;
+                vlan_gw = Some(l.clone());
+                l
+            }
+        };
         let mut seen = Vec::new();
         for (gw, addr) in &gws {
             let want = IpNetwork::new(*gw, addr.prefix()).expect("prefix of an address");
             if !seen.contains(&want) {
-                ensure_gateway_address(host, br, &conf.bridge, want, conf.force_address).await?;
+                ensure_gateway_address(host, &gw_link.1, &gw_link.0, want, conf.force_address)
+                    .await?;
                 seen.push(want);
             }
         }
@@ -342,7 +437,7 @@ async fn setup<'a>(
         let owner = masq::owner(&req.conf.name, &req.inv.container_id, &req.inv.ifname);
         undo.masq = Some(owner.clone());
         let addrs: Vec<IpNetwork> = ipam.ips.iter().map(|i| i.address).collect();
-        masq::add(&addrs, &owner)?;
+        conf.masq_backend.add(&addrs, &owner)?;
     }
 
     // The port forwards only once the veth's carrier is up; report success only then.
@@ -372,12 +467,16 @@ async fn setup<'a>(
         ..Default::default()
     };
     let sandbox = req.inv.netns.as_ref().map(|p| p.display().to_string());
+    let mut interfaces = vec![
+        iface(&conf.bridge, &br_now, None),
+        iface(host_name, &hv, None),
+        iface(&req.inv.ifname, &pod_now, sandbox),
+    ];
+    if let Some((name, l)) = vlan_gw {
+        interfaces.push(iface(&name, &l, None));
+    }
     Ok(CniResult {
-        interfaces: vec![
-            iface(&conf.bridge, &br_now, None),
-            iface(host_name, &hv, None),
-            iface(&req.inv.ifname, &pod_now, sandbox),
-        ],
+        interfaces,
         ips: ipam
             .ips
             .into_iter()

@@ -8,6 +8,7 @@ use crate::error::BridgeError;
 use crate::masq;
 use crate::netlink::Nl;
 use crate::netns;
+use crate::spoof;
 
 fn fail(m: String) -> BridgeError {
     BridgeError::Check(m)
@@ -150,9 +151,20 @@ pub fn check(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
         }
         Ok(())
     })?;
+    if conf.mac_spoof_check {
+        let owner = masq::owner(&req.conf.name, &req.inv.container_id, ifname);
+        if !spoof::list()?
+            .iter()
+            .any(|(set, _, o)| set == "allowed" && *o == owner)
+        {
+            return Err(fail(format!(
+                "MAC spoof check entry for {owner} is missing"
+            )));
+        }
+    }
     if conf.ip_masq && !prev.ips.is_empty() {
         let owner = masq::owner(&req.conf.name, &req.inv.container_id, ifname);
-        let entries = masq::list()?;
+        let entries = conf.masq_backend.list()?;
         for ip in &prev.ips {
             if !entries
                 .iter()

@@ -6,6 +6,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::BridgeError;
+use crate::masq::Backend;
 
 /// A trunk entry: one VLAN or a range.
 #[derive(Debug, Clone, Deserialize)]
@@ -73,6 +74,23 @@ pub struct BridgeConf {
     pub mac: Option<[u8; 6]>,
     /// DNS from the config (overrides IPAM's).
     pub dns: Option<cni_proto::Dns>,
+    /// Access VLAN of the pod's port (0: none).
+    pub vlan: u16,
+    /// Tagged VLANs of the pod's port, sorted.
+    pub trunk: Vec<u16>,
+    /// Keep VLAN 1 on the port when vlan/vlanTrunk are set.
+    pub preserve_default_vlan: bool,
+    /// Drop frames from the pod whose source MAC is not the pod's.
+    pub mac_spoof_check: bool,
+    /// Where the masquerade rules go.
+    pub masq_backend: Backend,
+}
+
+impl BridgeConf {
+    /// Whether the bridge filters by VLAN.
+    pub fn vlan_filtering(&self) -> bool {
+        self.vlan != 0 || !self.trunk.is_empty()
+    }
 }
 
 fn cfg(m: impl Into<String>) -> BridgeError {
@@ -136,54 +154,13 @@ impl BridgeConf {
                 )));
             }
         }
-        for t in &raw.vlan_trunk {
-            for v in [t.id, t.min_id, t.max_id].into_iter().flatten() {
-                if !(1..=4094).contains(&v) {
-                    return Err(cfg(format!(
-                        "invalid vlanTrunk ID {v} (must be between 1 and 4094)"
-                    )));
-                }
-            }
-            if let (Some(a), Some(b)) = (t.min_id, t.max_id) {
-                if a > b {
-                    return Err(cfg(format!("invalid vlanTrunk range {a}-{b}")));
-                }
-            }
-        }
-        // Not implemented yet: refuse clearly rather than half-configure.
-        if raw.vlan.unwrap_or(0) != 0 {
-            return Err(BridgeError::Unsupported {
-                field: "vlan",
-                value: raw.vlan.unwrap_or(0).to_string(),
-            });
-        }
-        if !raw.vlan_trunk.is_empty() {
-            return Err(BridgeError::Unsupported {
-                field: "vlanTrunk",
-                value: format!("{} entries", raw.vlan_trunk.len()),
-            });
-        }
-        if raw.macspoofchk {
-            return Err(BridgeError::Unsupported {
-                field: "macspoofchk",
-                value: "true".into(),
-            });
-        }
-        let _ = raw.preserve_default_vlan; // meaningful only with vlan/vlanTrunk
-        match raw.ip_masq_backend.as_deref() {
-            None | Some("") | Some("nftables") => {}
-            Some("iptables") => {
-                return Err(BridgeError::Unsupported {
-                    field: "ipMasqBackend",
-                    value: "iptables".into(),
-                })
-            }
-            Some(o) => {
-                return Err(cfg(format!(
-                    "invalid ipMasqBackend {o:?}: want \"nftables\" or \"iptables\""
-                )))
-            }
-        }
+        let trunk = collect_trunk(&raw.vlan_trunk)?;
+        let masq_backend = Backend::choose(raw.ip_masq_backend.as_deref()).ok_or_else(|| {
+            cfg(format!(
+                "invalid ipMasqBackend {:?}: want \"nftables\" or \"iptables\"",
+                raw.ip_masq_backend.as_deref().unwrap_or("")
+            ))
+        })?;
         let ipam_type = req
             .conf
             .ipam
@@ -211,8 +188,55 @@ impl BridgeConf {
             ipam_type,
             mac,
             dns: req.conf.dns.clone().filter(|d| !d.is_empty()),
+            vlan: raw.vlan.unwrap_or(0) as u16,
+            trunk,
+            preserve_default_vlan: raw.preserve_default_vlan,
+            mac_spoof_check: raw.macspoofchk,
+            masq_backend,
         })
     }
+}
+
+/// The trunk's VLAN ids, sorted and unique, checked as the reference checks them.
+fn collect_trunk(items: &[Trunk]) -> Result<Vec<u16>, BridgeError> {
+    let ok = |v: i64, what: &str| -> Result<u16, BridgeError> {
+        if (1..=4094).contains(&v) {
+            Ok(v as u16)
+        } else {
+            Err(cfg(format!(
+                "incorrect trunk {what} parameter {v} (must be between 1 and 4094)"
+            )))
+        }
+    };
+    let mut ids = std::collections::BTreeSet::new();
+    for t in items {
+        match (t.min_id, t.max_id) {
+            (Some(a), Some(b)) => {
+                let (a, b) = (ok(a, "minID")?, ok(b, "maxID")?);
+                if a > b {
+                    return Err(cfg(format!(
+                        "minID {a} is greater than maxID {b} in trunk parameter"
+                    )));
+                }
+                ids.extend(a..=b);
+            }
+            (None, Some(_)) => {
+                return Err(cfg(
+                    "minID and maxID should be configured simultaneously, minID is missing",
+                ))
+            }
+            (Some(_), None) => {
+                return Err(cfg(
+                    "minID and maxID should be configured simultaneously, maxID is missing",
+                ))
+            }
+            (None, None) => {}
+        }
+        if let Some(id) = t.id {
+            ids.insert(ok(id, "id")?);
+        }
+    }
+    Ok(ids.into_iter().collect())
 }
 
 /// The pod MAC: runtimeConfig.mac over args.cni.mac over CNI_ARGS MAC.
@@ -253,6 +277,29 @@ pub type Routes = Vec<Route>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trunks_collect_like_the_reference() {
+        let t = |id: Option<i64>, min: Option<i64>, max: Option<i64>| Trunk {
+            id,
+            min_id: min,
+            max_id: max,
+        };
+        assert_eq!(
+            collect_trunk(&[
+                t(Some(5), None, None),
+                t(None, Some(2), Some(4)),
+                t(Some(3), None, None)
+            ])
+            .unwrap(),
+            [2, 3, 4, 5]
+        );
+        assert!(collect_trunk(&[t(None, Some(4), Some(2))]).is_err());
+        assert!(collect_trunk(&[t(None, Some(4), None)]).is_err());
+        assert!(collect_trunk(&[t(Some(0), None, None)]).is_err());
+        assert!(collect_trunk(&[t(Some(4095), None, None)]).is_err());
+        assert!(collect_trunk(&[]).unwrap().is_empty());
+    }
 
     #[test]
     fn macs() {

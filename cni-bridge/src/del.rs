@@ -9,6 +9,7 @@ use crate::error::BridgeError;
 use crate::masq;
 use crate::netlink::Nl;
 use crate::netns;
+use crate::spoof;
 
 fn finish(errs: Vec<CniError>) -> Result<(), BridgeError> {
     if errs.is_empty() {
@@ -47,9 +48,14 @@ pub fn del(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
             errs.push(e);
         }
     }
+    let owner = masq::owner(&req.conf.name, &req.inv.container_id, &req.inv.ifname);
     if conf.ip_masq {
-        let owner = masq::owner(&req.conf.name, &req.inv.container_id, &req.inv.ifname);
-        if let Err(e) = masq::remove_owner(&owner) {
+        if let Err(e) = conf.masq_backend.remove_where(|o| o == owner) {
+            errs.push(e.into());
+        }
+    }
+    if conf.mac_spoof_check {
+        if let Err(e) = spoof::remove_where(|o| o == owner) {
             errs.push(e.into());
         }
     }
@@ -71,13 +77,14 @@ pub fn gc(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
             .map(|a| masq::owner(&req.conf.name, &a.container_id, &a.ifname))
             .collect();
         let prefix = format!("{}/", req.conf.name);
-        let stale = masq::list().map(|all| {
-            all.into_iter()
-                .filter(|e| e.owner.starts_with(&prefix) && !keep.contains(&e.owner))
-                .collect::<Vec<_>>()
-        });
-        if let Err(e) = stale.and_then(|s| masq::remove(&s)) {
+        let stale = |o: &str| o.starts_with(&prefix) && !keep.contains(o);
+        if let Err(e) = conf.masq_backend.remove_where(stale) {
             errs.push(e.into());
+        }
+        if conf.mac_spoof_check {
+            if let Err(e) = spoof::remove_where(stale) {
+                errs.push(e.into());
+            }
         }
     }
     finish(errs)

@@ -5,9 +5,12 @@ pub mod check;
 pub mod config;
 pub mod del;
 pub mod error;
+pub mod ipt;
 pub mod masq;
 pub mod netlink;
 pub mod netns;
+pub mod nft;
+pub mod spoof;
 
 use cni_proto::{CniResult, Error as CniError, Plugin, Request};
 

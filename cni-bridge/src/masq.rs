@@ -6,14 +6,13 @@
 //! Each map entry's comment names its attachment (`<network>/<container>/<ifname>`), so DEL
 //! and GC find the entries without the pod's namespace or prevResult.
 
-use std::io::Write;
 use std::net::IpAddr;
-use std::process::{Command, Stdio};
 
 use ipnetwork::IpNetwork;
-use serde_json::Value;
 
 use crate::error::BridgeError;
+use crate::ipt;
+use crate::nft;
 
 const TABLE: &str = "inet cni_bridge";
 
@@ -38,34 +37,8 @@ fn subnet_chain(net: &IpNetwork) -> String {
     }
 }
 
-fn nft(script: &str) -> Result<String, BridgeError> {
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| BridgeError::Masq(format!("running nft: {e}")))?;
-    child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(script.as_bytes())
-        .map_err(|e| BridgeError::Masq(e.to_string()))?;
-    let out = child
-        .wait_with_output()
-        .map_err(|e| BridgeError::Masq(e.to_string()))?;
-    if !out.status.success() {
-        return Err(BridgeError::Masq(format!(
-            "nft: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// Masquerades traffic from each of `addrs` that leaves its own subnet.
-pub fn add(addrs: &[IpNetwork], owner: &str) -> Result<(), BridgeError> {
+fn nft_add(addrs: &[IpNetwork], owner: &str) -> Result<(), BridgeError> {
     if addrs.is_empty() {
         return Ok(());
     }
@@ -96,29 +69,13 @@ pub fn add(addrs: &[IpNetwork], owner: &str) -> Result<(), BridgeError> {
             a.ip()
         ));
     }
-    nft(&s).map(|_| ())
+    nft::apply(&s)
 }
 
 /// Every map entry on this node.
-pub fn list() -> Result<Vec<Entry>, BridgeError> {
-    let mut child = Command::new("nft")
-        .args(["-j", "list", "table", "inet", "cni_bridge"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| BridgeError::Masq(format!("running nft: {e}")))?;
-    let mut out = String::new();
-    std::io::Read::read_to_string(child.stdout.as_mut().expect("piped"), &mut out)
-        .map_err(|e| BridgeError::Masq(e.to_string()))?;
-    let status = child.wait().map_err(|e| BridgeError::Masq(e.to_string()))?;
-    if !status.success() {
-        // No table yet: nothing was ever masqueraded here.
-        return Ok(vec![]);
-    }
-    let v: Value =
-        serde_json::from_str(&out).map_err(|e| BridgeError::Masq(format!("nft -j output: {e}")))?;
+fn nft_list() -> Result<Vec<Entry>, BridgeError> {
     let mut entries = Vec::new();
-    for item in v["nftables"].as_array().into_iter().flatten() {
+    for item in nft::list_table("inet", "cni_bridge")? {
         let Some(map) = item.get("map") else { continue };
         for pair in map["elem"].as_array().into_iter().flatten() {
             let elem = &pair[0]["elem"];
@@ -137,7 +94,7 @@ pub fn list() -> Result<Vec<Entry>, BridgeError> {
 }
 
 /// Removes the given entries in one transaction.
-pub fn remove(entries: &[Entry]) -> Result<(), BridgeError> {
+fn nft_remove(entries: &[Entry]) -> Result<(), BridgeError> {
     if entries.is_empty() {
         return Ok(());
     }
@@ -146,13 +103,67 @@ pub fn remove(entries: &[Entry]) -> Result<(), BridgeError> {
         let map = if e.ip.is_ipv4() { "pods4" } else { "pods6" };
         s.push_str(&format!("delete element {TABLE} {map} {{ {} }}\n", e.ip));
     }
-    nft(&s).map(|_| ())
+    nft::apply(&s)
 }
 
-/// Removes every entry owned by `owner`.
-pub fn remove_owner(owner: &str) -> Result<(), BridgeError> {
-    let mine: Vec<Entry> = list()?.into_iter().filter(|e| e.owner == owner).collect();
-    remove(&mine)
+/// Which tool holds the masquerade rules (`ipMasqBackend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// Our `inet cni_bridge` table (default where `nft` exists).
+    Nftables,
+    /// Per-attachment iptables chains, as the reference makes them.
+    Iptables,
+}
+
+fn on_path(bin: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
+        .unwrap_or(false)
+}
+
+impl Backend {
+    /// The backend for `ipMasqBackend`: as asked, else nftables unless only iptables is installed.
+    pub fn choose(asked: Option<&str>) -> Option<Backend> {
+        match asked {
+            Some("nftables") => Some(Backend::Nftables),
+            Some("iptables") => Some(Backend::Iptables),
+            None | Some("") if !on_path("nft") && on_path("iptables-restore") => {
+                Some(Backend::Iptables)
+            }
+            None | Some("") => Some(Backend::Nftables),
+            Some(_) => None,
+        }
+    }
+
+    /// Masquerades traffic from each of `addrs` that leaves its own subnet.
+    pub fn add(self, addrs: &[IpNetwork], owner: &str) -> Result<(), BridgeError> {
+        match self {
+            Backend::Nftables => nft_add(addrs, owner),
+            Backend::Iptables => ipt::add(addrs, owner),
+        }
+    }
+
+    /// Every masquerade entry on this node.
+    pub fn list(self) -> Result<Vec<Entry>, BridgeError> {
+        match self {
+            Backend::Nftables => nft_list(),
+            Backend::Iptables => Ok(ipt::list()),
+        }
+    }
+
+    /// Removes the entries of every owner satisfying `stale`.
+    pub fn remove_where(self, stale: impl Fn(&str) -> bool) -> Result<(), BridgeError> {
+        match self {
+            Backend::Nftables => {
+                let doomed: Vec<Entry> = nft_list()?
+                    .into_iter()
+                    .filter(|e| stale(&e.owner))
+                    .collect();
+                nft_remove(&doomed)
+            }
+            Backend::Iptables => ipt::remove_where(stale),
+        }
+    }
 }
 
 #[cfg(test)]

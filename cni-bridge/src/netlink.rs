@@ -6,15 +6,16 @@ use std::net::IpAddr;
 use futures::TryStreamExt;
 use ipnetwork::IpNetwork;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+use rtnetlink::packet_route::link::BridgeVlanInfoFlags;
 use rtnetlink::packet_route::link::{
-    InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoVeth, LinkAttribute, LinkFlags, LinkInfo,
-    LinkMessage, State,
+    InfoBridge, InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoVeth, LinkAttribute,
+    LinkFlags, LinkInfo, LinkMessage, State,
 };
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteScope,
 };
 use rtnetlink::{
-    Handle, LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, LinkVeth,
+    Handle, LinkBridge, LinkBridgePort, LinkBridgeVlan, LinkMessageBuilder, LinkUnspec, LinkVeth,
     RouteMessageBuilder,
 };
 
@@ -33,6 +34,16 @@ const EEXIST: i32 = nix::errno::Errno::EEXIST as i32;
 const ENODEV: i32 = nix::errno::Errno::ENODEV as i32;
 const ESRCH: i32 = nix::errno::Errno::ESRCH as i32;
 const EADDRNOTAVAIL: i32 = nix::errno::Errno::EADDRNOTAVAIL as i32;
+const EOPNOTSUPP: i32 = nix::errno::Errno::EOPNOTSUPP as i32;
+const ENOENT: i32 = nix::errno::Errno::ENOENT as i32;
+const EINVAL: i32 = nix::errno::Errno::EINVAL as i32;
+
+fn no_vlan_filtering() -> BridgeError {
+    BridgeError::Unsupported {
+        field: "vlan",
+        value: "this kernel has no bridge VLAN filtering (CONFIG_BRIDGE_VLAN_FILTERING)".into(),
+    }
+}
 
 /// What the plugin needs to know of a link.
 #[derive(Debug, Clone, Default)]
@@ -57,6 +68,8 @@ pub struct Link {
     pub isolated: Option<bool>,
     /// The peer's ifindex (IFLA_LINK) for a veth.
     pub peer_index: Option<u32>,
+    /// A bridge's VLAN filtering.
+    pub vlan_filtering: bool,
 }
 
 fn summarize(m: &LinkMessage) -> Link {
@@ -76,6 +89,11 @@ fn summarize(m: &LinkMessage) -> Link {
                 for i in infos {
                     match i {
                         LinkInfo::Kind(k) => l.kind = Some(k.clone()),
+                        LinkInfo::Data(InfoData::Bridge(b)) => {
+                            l.vlan_filtering = b
+                                .iter()
+                                .any(|x| matches!(x, InfoBridge::VlanFiltering(true)));
+                        }
                         LinkInfo::PortData(InfoPortData::BridgePort(bp)) => {
                             for p in bp {
                                 match p {
@@ -186,15 +204,79 @@ impl Nl {
         name: &str,
         mac: [u8; 6],
         mtu: Option<u32>,
+        vlan_filtering: bool,
     ) -> Result<bool, BridgeError> {
         let mut b = LinkBridge::new(name).address(mac.to_vec());
+        if vlan_filtering {
+            b = b.vlan_filtering(true);
+        }
         if let Some(m) = mtu {
             b = b.mtu(m);
         }
         match self.h.link().add(b.build()).execute().await {
             Ok(()) => Ok(true),
             Err(e) if errno(&e) == Some(EEXIST) => Ok(false),
+            Err(e) if vlan_filtering && errno(&e) == Some(EOPNOTSUPP) => Err(no_vlan_filtering()),
             Err(e) => Err(BridgeError::netlink(format!("creating bridge {name}"))(e)),
+        }
+    }
+
+    /// Turns VLAN filtering on for an existing bridge.
+    pub async fn enable_vlan_filtering(&self, name: &str) -> Result<(), BridgeError> {
+        let msg = LinkBridge::new(name).vlan_filtering(true).build();
+        match self.h.link().change(msg).execute().await {
+            Err(e) if errno(&e) == Some(EOPNOTSUPP) => Err(no_vlan_filtering()),
+            r => r.map_err(BridgeError::netlink(format!(
+                "enabling VLAN filtering on {name}"
+            ))),
+        }
+    }
+
+    /// Adds VLANs to a bridge port: `pvid` as PVID and untagged, `tagged` as tagged.
+    pub async fn port_vlans_add(
+        &self,
+        port: u32,
+        pvid: Option<u16>,
+        tagged: &[u16],
+    ) -> Result<(), BridgeError> {
+        let mut b = LinkBridgeVlan::new(port);
+        // Runs of consecutive ids go as ranges: a trunk of 1-4094 is two entries, not 4094.
+        let mut i = 0;
+        while i < tagged.len() {
+            let mut j = i;
+            while j + 1 < tagged.len() && tagged[j + 1] == tagged[j] + 1 {
+                j += 1;
+            }
+            if j == i {
+                b = b.vlan(tagged[i], BridgeVlanInfoFlags::empty());
+            } else {
+                b = b
+                    .vlan_range_start(tagged[i], BridgeVlanInfoFlags::empty())
+                    .vlan_range_end(tagged[j], BridgeVlanInfoFlags::empty());
+            }
+            i = j + 1;
+        }
+        if let Some(p) = pvid {
+            b = b.vlan(p, BridgeVlanInfoFlags::Pvid | BridgeVlanInfoFlags::Untagged);
+        }
+        self.h
+            .link()
+            .set(b.build())
+            .execute()
+            .await
+            .map_err(BridgeError::netlink("adding VLANs to the bridge port"))
+    }
+
+    /// Removes a VLAN from a bridge port; absent is fine.
+    pub async fn port_vlan_del(&self, port: u32, vid: u16) -> Result<(), BridgeError> {
+        let msg = LinkBridgeVlan::new(port)
+            .vlan(vid, BridgeVlanInfoFlags::empty())
+            .build();
+        match self.h.link().del_with_message(msg).execute().await {
+            Err(e) if !matches!(errno(&e), Some(ENOENT) | Some(EINVAL)) => Err(
+                BridgeError::netlink(format!("removing VLAN {vid} from the bridge port"))(e),
+            ),
+            _ => Ok(()),
         }
     }
 
@@ -257,6 +339,24 @@ impl Nl {
             .set_info_data(InfoData::Veth(InfoVeth::Peer(p.build())))
             .build();
         match self.h.link().add(msg).execute().await {
+            Ok(()) => Ok(true),
+            Err(e) if errno(&e) == Some(EEXIST) => Ok(false),
+            Err(e) => Err(BridgeError::netlink(format!("creating veth {name}/{peer}"))(e)),
+        }
+    }
+
+    /// Creates a veth pair with both ends here; `Ok(false)` when a name is taken.
+    pub async fn create_local_veth(
+        &self,
+        name: &str,
+        peer: &str,
+        mtu: Option<u32>,
+    ) -> Result<bool, BridgeError> {
+        let mut v = LinkVeth::new(name, peer);
+        if let Some(m) = mtu {
+            v = v.mtu(m);
+        }
+        match self.h.link().add(v.build()).execute().await {
             Ok(()) => Ok(true),
             Err(e) if errno(&e) == Some(EEXIST) => Ok(false),
             Err(e) => Err(BridgeError::netlink(format!("creating veth {name}/{peer}"))(e)),

@@ -553,3 +553,235 @@ fn status_gc_and_version() {
     );
     assert_eq!(v.json["supportedVersions"].as_array().unwrap().len(), 7);
 }
+
+#[test]
+fn vlan_access_trunk_and_gateway_interface() {
+    if !require_root("vlan") {
+        return;
+    }
+    let w = World::new("vlan");
+    let (p1, p2) = (Netns::new("p1"), Netns::new("p2"));
+    let conf = w.conf(
+        "1.1.0",
+        "10.33.0.0/24",
+        json!({"vlan": 100, "vlanTrunk": [{"id": 7}, {"minID": 200, "maxID": 203}]}),
+    );
+    let bad = w.conf(
+        "1.1.0",
+        "10.33.0.0/24",
+        json!({"vlanTrunk": [{"minID": 5}]}),
+    );
+    assert_eq!(
+        w.call("ADD", "c0", &p1.path.display().to_string(), &bad)
+            .err_code(),
+        Some(7)
+    );
+    let probe = w.node.run(
+        "ip",
+        &[
+            "link",
+            "add",
+            "vfprobe",
+            "type",
+            "bridge",
+            "vlan_filtering",
+            "1",
+        ],
+    );
+    if !probe.status.success() {
+        eprintln!("!!!!! this kernel has no bridge VLAN filtering: checking the refusal only, not the VLAN datapath !!!!!");
+        let o = w.call("ADD", "c1", &p1.path.display().to_string(), &conf);
+        assert_eq!(o.err_code(), Some(2), "{}", o.stdout);
+        assert!(
+            o.stdout.contains("CONFIG_BRIDGE_VLAN_FILTERING"),
+            "{}",
+            o.stdout
+        );
+        assert_eq!(w.node.links(), ["lo"], "nothing created");
+        assert_eq!(p1.links(), ["lo"]);
+        assert!(w.leases().is_empty(), "lease rolled back");
+        return;
+    }
+    w.node.ip(&["link", "del", "vfprobe"]);
+    let o = w.call("ADD", "c1", &p1.path.display().to_string(), &conf);
+    assert_eq!(o.code, 0, "{} {}", o.stdout, o.stderr);
+    // The gateway lives on cni0.100, reported as a fourth interface.
+    assert_eq!(o.json["interfaces"][3]["name"], "cni0.100", "{}", o.stdout);
+    assert!(w
+        .node
+        .ip(&["-br", "addr", "show", "dev", "cni0.100"])
+        .contains("10.33.0.1/24"));
+    let br = w.node.ip_json(&["link", "show", "dev", "cni0"])[0].clone();
+    assert_eq!(br["linkinfo"]["info_data"]["vlan_filtering"], 1);
+    let veth = o.json["interfaces"][1]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let vl = w.node.run("bridge", &["-j", "vlan", "show", "dev", &veth]);
+    let v: Value = serde_json::from_slice(&vl.stdout).unwrap();
+    let vlans = v[0]["vlans"].as_array().unwrap().clone();
+    let has = |vid: u64, pvid: bool| {
+        vlans.iter().any(|x| {
+            let start = x["vlan"].as_u64().unwrap();
+            let end = x.get("vlanEnd").and_then(Value::as_u64).unwrap_or(start);
+            let flags: Vec<&str> = x["flags"]
+                .as_array()
+                .map(|f| f.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            (start..=end).contains(&vid) && flags.contains(&"PVID") == pvid
+        })
+    };
+    assert!(has(100, true), "access VLAN 100 is the PVID: {vlans:?}");
+    assert!(
+        has(7, false) && has(200, false) && has(203, false),
+        "trunk: {vlans:?}"
+    );
+    assert!(
+        !has(1, false) && !has(1, true),
+        "default VLAN 1 removed: {vlans:?}"
+    );
+    // A second pod on the same VLAN reaches the first one and the gateway.
+    let o2 = w.call("ADD", "c2", &p2.path.display().to_string(), &conf);
+    assert_eq!(o2.code, 0, "{}", o2.stdout);
+    assert_eq!(
+        tcp_exchange(p1.file(), ip_of(&o, 0), p2.file()),
+        Ok(ip_of(&o2, 0))
+    );
+    assert_eq!(
+        tcp_exchange(w.node.file(), "10.33.0.1".parse().unwrap(), p1.file()),
+        Ok(ip_of(&o, 0))
+    );
+    // preserveDefaultVlan keeps VLAN 1.
+    let p3 = Netns::new("p3");
+    let keep = w.conf(
+        "1.1.0",
+        "10.33.0.0/24",
+        json!({"vlan": 100, "preserveDefaultVlan": true}),
+    );
+    let o3 = w.call("ADD", "c3", &p3.path.display().to_string(), &keep);
+    let veth3 = o3.json["interfaces"][1]["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let out = String::from_utf8_lossy(
+        &w.node
+            .run("bridge", &["vlan", "show", "dev", &veth3])
+            .stdout,
+    )
+    .to_string();
+    assert!(out.contains(" 1") && out.contains("100 PVID"), "{out}");
+}
+
+#[test]
+fn mac_spoof_check_drops_foreign_source_macs() {
+    if !require_root("macspoofchk") {
+        return;
+    }
+    let w = World::new("spoof");
+    let (p1, p2) = (Netns::new("p1"), Netns::new("p2"));
+    let conf = w.conf("1.1.0", "10.34.0.0/24", json!({"macspoofchk": true}));
+    let o1 = w.call("ADD", "c1", &p1.path.display().to_string(), &conf);
+    let o2 = w.call("ADD", "c2", &p2.path.display().to_string(), &conf);
+    assert_eq!((o1.code, o2.code), (0, 0), "{} {}", o1.stdout, o2.stdout);
+    assert_eq!(
+        tcp_exchange(p1.file(), ip_of(&o1, 0), p2.file()),
+        Ok(ip_of(&o2, 0)),
+        "own MAC passes"
+    );
+    let mut c = conf.clone();
+    c["prevResult"] = o2.json.clone();
+    assert_eq!(
+        w.call("CHECK", "c2", &p2.path.display().to_string(), &c)
+            .code,
+        0
+    );
+    // The pod changes its MAC: its frames are dropped on the bridge.
+    p2.ip(&["link", "set", "dev", "eth0", "address", "02:de:ad:be:ef:01"]);
+    p1.ip(&["neigh", "flush", "all"]);
+    assert!(
+        tcp_exchange(p1.file(), ip_of(&o1, 0), p2.file()).is_err(),
+        "spoofed MAC got through"
+    );
+    assert_eq!(
+        w.call("DEL", "c2", &p2.path.display().to_string(), &conf)
+            .code,
+        0
+    );
+    assert_eq!(
+        w.call("DEL", "c1", &p1.path.display().to_string(), &conf)
+            .code,
+        0
+    );
+    let left = w
+        .node
+        .run("nft", &["list", "table", "bridge", "cni_bridge"]);
+    let text = String::from_utf8_lossy(&left.stdout);
+    assert!(!text.contains("testnet/"), "spoof entries left: {text}");
+}
+
+#[test]
+fn masquerade_hides_pods_from_outside_but_not_from_each_other_with_both_backends() {
+    if !require_root("masquerade") {
+        return;
+    }
+    for backend in ["nftables", "iptables"] {
+        let w = World::new("masq");
+        let ext = Netns::new("ext");
+        // The node's "uplink" to the outside world: a veth between the two namespaces.
+        w.node.ip(&[
+            "link", "add", "up0", "type", "veth", "peer", "name", "up1", "netns", &ext.name,
+        ]);
+        w.node.ip(&["addr", "add", "192.0.2.1/24", "dev", "up0"]);
+        w.node.ip(&["link", "set", "up0", "up"]);
+        ext.ip(&["addr", "add", "192.0.2.2/24", "dev", "up1"]);
+        ext.ip(&["link", "set", "up1", "up"]);
+        let (a, b) = (Netns::new("a"), Netns::new("b"));
+        let conf = w.conf(
+            "1.1.0",
+            "10.35.0.0/24",
+            json!({"ipMasq": true, "ipMasqBackend": backend}),
+        );
+        let oa = w.call("ADD", "a", &a.path.display().to_string(), &conf);
+        let ob = w.call("ADD", "b", &b.path.display().to_string(), &conf);
+        assert_eq!(
+            (oa.code, ob.code),
+            (0, 0),
+            "{backend}: {} {}",
+            oa.stdout,
+            ob.stdout
+        );
+        let outside = tcp_exchange(ext.file(), "192.0.2.2".parse().unwrap(), a.file());
+        assert_eq!(
+            outside,
+            Ok("192.0.2.1".parse().unwrap()),
+            "{backend}: outside sees the node address"
+        );
+        assert_eq!(
+            tcp_exchange(b.file(), ip_of(&ob, 0), a.file()),
+            Ok(ip_of(&oa, 0)),
+            "{backend}: pod to pod keeps its source"
+        );
+        let mut c = conf.clone();
+        c["prevResult"] = oa.json.clone();
+        assert_eq!(
+            w.call("CHECK", "a", &a.path.display().to_string(), &c).code,
+            0,
+            "{backend}"
+        );
+        assert_eq!(w.call("DEL", "a", "", &conf).code, 0);
+        assert_eq!(
+            w.call("DEL", "b", &b.path.display().to_string(), &conf)
+                .code,
+            0
+        );
+        let saved = String::from_utf8_lossy(&w.node.run("iptables-save", &["-t", "nat"]).stdout)
+            .to_string();
+        assert!(
+            !saved.contains("CNIB-"),
+            "{backend}: iptables rules left: {saved}"
+        );
+        assert!(w.masq_entries().is_empty(), "{backend}: nft entries left");
+        let k = w.call("CHECK", "a", &a.path.display().to_string(), &c);
+        assert_ne!(k.code, 0, "{backend}: CHECK after DEL must fail");
+    }
+}
