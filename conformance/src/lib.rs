@@ -3,6 +3,7 @@
 //! runtimes use (`/run/netns/NAME`, `/proc/PID/ns/net` of a sleeping "pause" process).
 //! Nothing here touches the root network namespace.
 
+pub mod cluster;
 pub mod netns;
 pub mod plugin;
 pub mod traffic;

@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sched::{setns, CloneFlags};
 
@@ -23,21 +23,31 @@ fn in_ns<T: Send + 'static>(
 /// Connects from `client_ns` to `server_ip` (listening in `server_ns`), exchanges a message,
 /// and returns the client address the server saw; `Err` if no connection was made.
 pub fn tcp_exchange(server_ns: File, server_ip: IpAddr, client_ns: File) -> Result<IpAddr, String> {
+    exchange(server_ns, SocketAddr::new(server_ip, 0), client_ns, None)
+}
+
+/// Listens on `bind` in `server_ns` (port 0: any), connects from `client_ns` to `target`
+/// (`None`: the listening address itself, e.g. `Some(vip:80)` for a Service), exchanges a
+/// message and returns the source address the server saw.
+pub fn exchange(
+    server_ns: File,
+    bind: SocketAddr,
+    client_ns: File,
+    target: Option<SocketAddr>,
+) -> Result<IpAddr, String> {
     let (tx, rx) = mpsc::channel();
     let server = in_ns(server_ns, move || -> Result<IpAddr, String> {
-        let l = TcpListener::bind(SocketAddr::new(server_ip, 0))
-            .map_err(|e| format!("bind {server_ip}: {e}"))?;
-        tx.send(l.local_addr().expect("addr").port())
-            .expect("send port");
+        let l = TcpListener::bind(bind).map_err(|e| format!("bind {bind}: {e}"))?;
+        tx.send(l.local_addr().map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
         // Bounded, so a refused or dropped connection ends this thread too.
         l.set_nonblocking(true).map_err(|e| e.to_string())?;
-        let deadline = std::time::Instant::now() + Duration::from_secs(4);
+        let deadline = Instant::now() + Duration::from_secs(4);
         let (mut s, peer) = loop {
             match l.accept() {
                 Ok(x) => break x,
                 Err(e)
-                    if e.kind() == std::io::ErrorKind::WouldBlock
-                        && std::time::Instant::now() < deadline =>
+                    if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline =>
                 {
                     std::thread::sleep(Duration::from_millis(5))
                 }
@@ -45,14 +55,20 @@ pub fn tcp_exchange(server_ns: File, server_ip: IpAddr, client_ns: File) -> Resu
             }
         };
         s.set_nonblocking(false).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(3))).ok();
         let mut buf = [0u8; 4];
         s.read_exact(&mut buf).map_err(|e| e.to_string())?;
         s.write_all(b"pong").map_err(|e| e.to_string())?;
         Ok(peer.ip())
     });
-    let port = rx.recv().map_err(|_| "server did not start".to_string())?;
+    let Ok(listening) = rx.recv() else {
+        return match server.join() {
+            Ok(Err(e)) => Err(e),
+            _ => Err("server did not start".to_string()),
+        };
+    };
+    let addr = target.unwrap_or(listening);
     let client = in_ns(client_ns, move || -> Result<(), String> {
-        let addr = SocketAddr::new(server_ip, port);
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
             .map_err(|e| format!("connect {addr}: {e}"))?;
         s.set_read_timeout(Some(Duration::from_secs(3))).ok();

@@ -1,0 +1,206 @@
+//! `cni-demo`: a small simulated cluster in network namespaces, its pod network made by the
+//! CNI plugins, and what a user wants to see of it: pods, routes, and who reaches whom.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use cni_conformance::cluster::{Cluster, Plugins};
+use cni_conformance::require_root;
+use cni_conformance::traffic::exchange;
+
+struct Args {
+    nodes: usize,
+    pods: usize,
+    keep: bool,
+    plugins: Plugins,
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: cni-demo [--nodes N] [--pods N] [--keep] [--cni-path DIR] [--bridge-type T] [--ipam-type T]\n\
+         Brings up N nodes x N pods in network namespaces (default 2 x 3), shows pods, routes and\n\
+         an all-pairs connectivity matrix, then removes everything (unless --keep)."
+    );
+    std::process::exit(2)
+}
+
+fn parse() -> Args {
+    let exe_dir = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(PathBuf::from))
+        .unwrap_or_default();
+    let mut a = Args {
+        nodes: 2,
+        pods: 3,
+        keep: false,
+        plugins: Plugins {
+            dir: exe_dir,
+            bridge: "cni-bridge".into(),
+            ipam: "cni-host-local".into(),
+        },
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        let mut val = || it.next().unwrap_or_else(|| usage());
+        match k.as_str() {
+            "--nodes" => a.nodes = val().parse().unwrap_or_else(|_| usage()),
+            "--pods" => a.pods = val().parse().unwrap_or_else(|_| usage()),
+            "--keep" => a.keep = true,
+            "--cni-path" => a.plugins.dir = PathBuf::from(val()),
+            "--bridge-type" => a.plugins.bridge = val(),
+            "--ipam-type" => a.plugins.ipam = val(),
+            _ => usage(),
+        }
+    }
+    if a.nodes == 0 || a.nodes > 50 || a.pods == 0 || a.pods > 50 {
+        usage();
+    }
+    a
+}
+
+fn self_vip(k: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 96, 1 + (k / 250) as u8, 1 + (k % 250) as u8)
+}
+
+fn main() -> ExitCode {
+    let args = parse();
+    if !require_root("cni-demo") {
+        return ExitCode::from(1);
+    }
+    println!(
+        "Bringing up {} nodes x {} pods in network namespaces (plugins: {} + {} from {})",
+        args.nodes,
+        args.pods,
+        args.plugins.bridge,
+        args.plugins.ipam,
+        args.plugins.dir.display()
+    );
+    let mut c = Cluster::new("cnidemo", args.nodes, args.plugins.clone(), true);
+    c.keep = args.keep;
+    c.static_routes();
+    for n in 0..args.nodes {
+        for p in 1..=args.pods {
+            if let Err(e) = c.add_pod(n, &format!("n{}-p{p}", n + 1)) {
+                eprintln!("{e}");
+                return ExitCode::from(1);
+            }
+        }
+    }
+    // Every pod gets a ClusterIP Service whose only endpoint is itself, on every node, as
+    // kube-proxy would install it: the diagonal of the matrix is a pod reaching itself.
+    for (k, p) in c.pods.iter().enumerate() {
+        c.service(
+            &format!("self{k}"),
+            self_vip(k),
+            80,
+            &[SocketAddr::new(p.ip, 8080)],
+        );
+    }
+
+    println!("\nPods");
+    println!(
+        "  {:<8} {:<8} {:<15} {:<14} HAIRPIN",
+        "NODE", "POD", "IP", "HOST VETH"
+    );
+    for p in &c.pods {
+        let node = &c.nodes[p.node];
+        let info = node.ns.ip_json(&["link", "show", "dev", &p.veth]);
+        let hairpin = match info[0]["linkinfo"]["info_slave_data"]["hairpin"].as_bool() {
+            Some(true) => "on",
+            Some(false) => "off",
+            None => "?",
+        };
+        println!(
+            "  {:<8} {:<8} {:<15} {:<14} {hairpin}",
+            node.name,
+            p.name,
+            p.ip.to_string(),
+            p.veth
+        );
+    }
+
+    println!("\nRoutes");
+    for (i, n) in c.nodes.iter().enumerate() {
+        println!("  {} ({}, pods {}):", n.name, n.ip, n.pod_cidr);
+        for r in c.routes(i) {
+            println!("    {r}");
+        }
+    }
+
+    println!("\nConnectivity: row connects to column over TCP");
+    println!("  ok = reached, and the server saw the client's own pod address");
+    println!("  self = reached ITSELF through its Service VIP (hairpin), FAIL = not reached\n");
+    print!("  {:<8}", "");
+    for p in &c.pods {
+        print!(" {:<7}", p.name);
+    }
+    println!();
+    let (mut good, mut bad) = (0, 0);
+    for (i, from) in c.pods.iter().enumerate() {
+        print!("  {:<8}", from.name);
+        for (j, to) in c.pods.iter().enumerate() {
+            let cell = if i == j {
+                let vip = SocketAddr::new(IpAddr::V4(self_vip(i)), 80);
+                match exchange(
+                    to.ns.file(),
+                    SocketAddr::new(to.ip, 8080),
+                    from.ns.file(),
+                    Some(vip),
+                ) {
+                    Ok(_) => "self",
+                    Err(_) => "FAIL",
+                }
+            } else {
+                match exchange(
+                    to.ns.file(),
+                    SocketAddr::new(to.ip, 0),
+                    from.ns.file(),
+                    None,
+                ) {
+                    Ok(src) if src == from.ip => "ok",
+                    Ok(_) => "NATed",
+                    Err(_) => "FAIL",
+                }
+            };
+            if cell == "ok" || cell == "self" {
+                good += 1;
+            } else {
+                bad += 1;
+            }
+            print!(" {cell:<7}");
+        }
+        println!();
+    }
+    println!("\n{good} of {} connections as expected", good + bad);
+
+    if args.keep {
+        let names = c.namespace_names();
+        let down = c.state_dir().join("down.sh");
+        let mut script =
+            String::from("#!/bin/sh\n# Removes exactly what this cni-demo run made.\n");
+        for n in &names {
+            script.push_str(&format!("ip netns del {n}\n"));
+        }
+        script.push_str(&format!("rm -rf {}\n", c.state_dir().display()));
+        let _ = std::fs::write(&down, script);
+        println!("\nKept. Explore, e.g.:");
+        println!("  ip netns exec {} ip route", c.nodes[0].ns.name);
+        println!("  ip netns exec {} bridge -d link", c.nodes[0].ns.name);
+        println!(
+            "  ip netns exec {} iptables-save -t nat",
+            c.nodes[0].ns.name
+        );
+        println!("  ip netns exec {} ip addr", c.pods[0].ns.name);
+        println!("Remove it all with:\n  sh {}", down.display());
+    } else {
+        let n_ns = c.namespace_names().len();
+        drop(c);
+        println!("Torn down: every pod DELeted through the plugin, {n_ns} namespaces removed.");
+    }
+    if bad == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}

@@ -1,0 +1,342 @@
+//! A simulated cluster in namespaces: an underlay namespace with a bridge joining N node
+//! namespaces (no link to the machine's interfaces), pods attached by the CNI plugins under
+//! test, routes between nodes, and kube-proxy-style Service rules. Everything is removed on
+//! drop: pods are DELeted through the plugin first, then the namespaces go.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+
+use crate::netns::Netns;
+use crate::plugin::{invoke, Out};
+
+/// The plugins under test.
+#[derive(Debug, Clone)]
+pub struct Plugins {
+    /// Directory holding them (CNI_PATH).
+    pub dir: PathBuf,
+    /// Main plugin type (binary name).
+    pub bridge: String,
+    /// IPAM plugin type.
+    pub ipam: String,
+}
+
+/// A pod: its namespace and what ADD returned.
+pub struct Pod {
+    /// Name, e.g. `n1-p2`.
+    pub name: String,
+    /// Its namespace.
+    pub ns: Netns,
+    /// Its address.
+    pub ip: IpAddr,
+    /// Host end of its veth.
+    pub veth: String,
+    /// Index of its node.
+    pub node: usize,
+    /// The ADD result.
+    pub result: Value,
+}
+
+/// A node: namespace, underlay address, pod CIDR.
+pub struct Node {
+    /// Name, e.g. `node-1`.
+    pub name: String,
+    /// Its namespace.
+    pub ns: Netns,
+    /// Address on the underlay.
+    pub ip: Ipv4Addr,
+    /// Pod CIDR, e.g. `10.244.1.0/24`.
+    pub pod_cidr: String,
+    /// The bridge config it uses.
+    pub conf: Value,
+}
+
+/// The cluster.
+pub struct Cluster {
+    /// Underlay namespace holding the bridge `ul0`.
+    pub underlay: Netns,
+    /// Nodes.
+    pub nodes: Vec<Node>,
+    /// Pods, in creation order.
+    pub pods: Vec<Pod>,
+    /// The plugins.
+    pub plugins: Plugins,
+    /// Lease directories live here.
+    pub state: PathBuf,
+    /// Keep everything on drop (the demo's `--keep`).
+    pub keep: bool,
+}
+
+/// The underlay subnet's first node address is .11.
+pub const UNDERLAY_PREFIX: &str = "10.200.0";
+
+impl Cluster {
+    /// Makes `n` nodes on an underlay; node i gets pod CIDR 10.244.i.0/24.
+    pub fn new(tag: &str, n: usize, plugins: Plugins, hairpin: bool) -> Cluster {
+        let underlay = Netns::new(&format!("{tag}-ul"));
+        underlay.ip(&["link", "add", "ul0", "type", "bridge"]);
+        underlay.ip(&["link", "set", "ul0", "up"]);
+        let state = std::env::temp_dir().join(format!("{}-{}", underlay.name, "state"));
+        std::fs::create_dir_all(&state).expect("state dir");
+        let mut nodes = Vec::new();
+        for i in 1..=n {
+            let ns = Netns::new(&format!("{tag}-node{i}"));
+            let port = format!("n{i}");
+            // Created from inside the underlay namespace with the node end moved straight
+            // into the node: never a link in the root namespace.
+            underlay.ip(&[
+                "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
+            ]);
+            underlay.ip(&["link", "set", &port, "master", "ul0", "up"]);
+            let ip = Ipv4Addr::new(10, 200, 0, 10 + i as u8);
+            ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+            ns.ip(&["link", "set", "eth0", "up"]);
+            // Service traffic between pods on one bridge goes through iptables (kube-proxy's
+            // requirement, and what makes hairpin matter).
+            let _ = ns.run("sysctl", &["-qw", "net.bridge.bridge-nf-call-iptables=1"]);
+            let pod_cidr = format!("10.244.{i}.0/24");
+            let conf = json!({
+                "cniVersion": "1.0.0",
+                "name": "podnet",
+                "type": plugins.bridge,
+                "bridge": "cni0",
+                "isGateway": true,
+                "isDefaultGateway": true,
+                "hairpinMode": hairpin,
+                "ipam": {"type": plugins.ipam, "subnet": pod_cidr,
+                         "dataDir": state.join(format!("node{i}")).display().to_string()}
+            });
+            nodes.push(Node {
+                name: format!("node-{i}"),
+                ns,
+                ip,
+                pod_cidr,
+                conf,
+            });
+        }
+        Cluster {
+            underlay,
+            nodes,
+            pods: Vec::new(),
+            plugins,
+            state,
+            keep: false,
+        }
+    }
+
+    /// Static routes: every node reaches every other node's pod CIDR via that node's address.
+    pub fn static_routes(&self) {
+        for n in &self.nodes {
+            for m in self.nodes.iter().filter(|m| m.name != n.name) {
+                n.ns.ip(&[
+                    "route",
+                    "replace",
+                    &m.pod_cidr,
+                    "via",
+                    &m.ip.to_string(),
+                    "proto",
+                    "static",
+                ]);
+            }
+        }
+    }
+
+    fn call(&self, node: usize, cmd: &str, id: &str, netns: &str, conf: &Value) -> Out {
+        let path = self.plugins.dir.display().to_string();
+        let env = [
+            ("CNI_CONTAINERID", id),
+            ("CNI_NETNS", netns),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_PATH", path.as_str()),
+        ];
+        invoke(
+            &self.nodes[node].ns,
+            &self.plugins.dir.join(&self.plugins.bridge),
+            cmd,
+            &env,
+            conf,
+        )
+    }
+
+    /// Adds a pod on node `node` (0-based) through the plugins.
+    pub fn add_pod(&mut self, node: usize, name: &str) -> Result<&Pod, String> {
+        let ns = Netns::new(name);
+        let conf = self.nodes[node].conf.clone();
+        let out = self.call(node, "ADD", name, &ns.path.display().to_string(), &conf);
+        if out.code != 0 {
+            return Err(format!("ADD {name}: {} {}", out.stdout, out.stderr));
+        }
+        let addr = out.json["ips"][0]["address"].as_str().ok_or("no address")?;
+        let ip: IpAddr = addr
+            .split('/')
+            .next()
+            .unwrap_or("")
+            .parse()
+            .map_err(|_| format!("bad address {addr}"))?;
+        let veth = out.json["interfaces"][1]["name"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        self.pods.push(Pod {
+            name: name.to_string(),
+            ns,
+            ip,
+            veth,
+            node,
+            result: out.json,
+        });
+        Ok(self.pods.last().expect("just pushed"))
+    }
+
+    /// DELs a pod through the plugins and removes its namespace.
+    pub fn del_pod(&mut self, i: usize) -> Out {
+        let p = self.pods.remove(i);
+        let conf = self.nodes[p.node].conf.clone();
+        self.call(
+            p.node,
+            "DEL",
+            &p.name,
+            &p.ns.path.display().to_string(),
+            &conf,
+        )
+    }
+
+    /// Installs, on every node, kube-proxy-style rules for a ClusterIP `vip:port` spread over
+    /// `endpoints` (`-m statistic --mode random`), with KUBE-MARK-MASQ (0x4000) for hairpin
+    /// traffic and MASQUERADE in POSTROUTING for marked packets.
+    pub fn service(&self, name: &str, vip: Ipv4Addr, port: u16, endpoints: &[SocketAddr]) {
+        let svc = format!("KUBE-SVC-{}", name.to_uppercase());
+        for n in &self.nodes {
+            // Declaring a chain in `iptables-restore --noflush` flushes it: the shared chains
+            // are declared once, with their rules; each Service only adds its own.
+            let base = n.ns.run(
+                "iptables",
+                &["-t", "nat", "-C", "PREROUTING", "-j", "KUBE-SERVICES"],
+            );
+            let mut s = String::from("*nat\n");
+            if !base.status.success() {
+                s.push_str(
+                    ":KUBE-SERVICES - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n:KUBE-POSTROUTING - [0:0]\n",
+                );
+            }
+            s.push_str(&format!(":{svc} - [0:0]\n"));
+            for (k, _) in endpoints.iter().enumerate() {
+                s.push_str(&format!(":KUBE-SEP-{}-{k} - [0:0]\n", name.to_uppercase()));
+            }
+            if !base.status.success() {
+                s.push_str("-A PREROUTING -j KUBE-SERVICES\n-A OUTPUT -j KUBE-SERVICES\n-A POSTROUTING -j KUBE-POSTROUTING\n");
+                s.push_str("-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000\n");
+                s.push_str("-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n");
+                s.push_str("-A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0\n");
+                s.push_str("-A KUBE-POSTROUTING -j MASQUERADE\n");
+            }
+            s.push_str(&format!(
+                "-A KUBE-SERVICES -d {vip}/32 -p tcp --dport {port} -j {svc}\n"
+            ));
+            let n_ep = endpoints.len();
+            for (k, ep) in endpoints.iter().enumerate() {
+                let sep = format!("KUBE-SEP-{}-{k}", name.to_uppercase());
+                if k + 1 < n_ep {
+                    let prob = 1.0 / (n_ep - k) as f64;
+                    s.push_str(&format!(
+                        "-A {svc} -m statistic --mode random --probability {prob:.5} -j {sep}\n"
+                    ));
+                } else {
+                    s.push_str(&format!("-A {svc} -j {sep}\n"));
+                }
+                s.push_str(&format!("-A {sep} -s {}/32 -j KUBE-MARK-MASQ\n", ep.ip()));
+                s.push_str(&format!("-A {sep} -p tcp -j DNAT --to-destination {ep}\n"));
+            }
+            s.push_str("COMMIT\n");
+            let mut c = std::process::Command::new("iptables-restore");
+            c.args(["--noflush", "-w"])
+                .stdin(std::process::Stdio::piped());
+            n.ns.enter(&mut c);
+            let mut child = c.spawn().expect("iptables-restore");
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .expect("piped")
+                .write_all(s.as_bytes())
+                .expect("write rules");
+            assert!(
+                child.wait().expect("wait").success(),
+                "iptables-restore in {} failed:\n{s}",
+                n.name
+            );
+        }
+    }
+
+    /// The routes of a node (`ip route` lines).
+    pub fn routes(&self, node: usize) -> Vec<String> {
+        self.nodes[node]
+            .ns
+            .ip(&["route", "show"])
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The lease files left in every node's data dir.
+    pub fn leases(&self) -> usize {
+        let mut n = 0;
+        for i in 1..=self.nodes.len() {
+            let d = self.state.join(format!("node{i}")).join("podnet");
+            if let Ok(rd) = std::fs::read_dir(d) {
+                n += rd
+                    .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .filter(|f| f.parse::<IpAddr>().is_ok())
+                    .count();
+            }
+        }
+        n
+    }
+
+    /// The names of every namespace of the cluster (for `--keep` instructions).
+    pub fn namespace_names(&self) -> Vec<String> {
+        let mut v = vec![self.underlay.name.clone()];
+        v.extend(self.nodes.iter().map(|n| n.ns.name.clone()));
+        v.extend(self.pods.iter().map(|p| p.ns.name.clone()));
+        v
+    }
+
+    /// Where the state lives.
+    pub fn state_dir(&self) -> &Path {
+        &self.state
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if self.keep {
+            // Leave namespaces and leases in place: the guards must not remove them.
+            for p in self.pods.drain(..) {
+                std::mem::forget(p.ns);
+            }
+            for n in self.nodes.drain(..) {
+                std::mem::forget(n.ns);
+            }
+            let ul = std::mem::replace(
+                &mut self.underlay,
+                Netns {
+                    name: String::new(),
+                    path: PathBuf::new(),
+                },
+            );
+            std::mem::forget(ul);
+            return;
+        }
+        while !self.pods.is_empty() {
+            let out = self.del_pod(self.pods.len() - 1);
+            if out.code != 0 {
+                eprintln!(
+                    "cluster teardown: DEL failed: {} {}",
+                    out.stdout, out.stderr
+                );
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.state);
+    }
+}
