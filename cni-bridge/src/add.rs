@@ -41,11 +41,8 @@ pub async fn ensure_bridge(host: &Nl, conf: &BridgeConf) -> Result<Link, BridgeE
         Some(l) => l,
         None => {
             // A parallel ADD may create it first: EEXIST is fine, the kind is checked below.
-            host.create_bridge(&conf.bridge, bridge_mac(), conf.mtu, conf.vlan_filtering())
-                .await?;
-            host.link(&conf.bridge)
-                .await?
-                .ok_or_else(|| BridgeError::NotABridge(conf.bridge.clone()))?
+            host.create_bridge(&conf.bridge, bridge_mac(), conf.mtu, conf.vlan_filtering()).await?;
+            host.link(&conf.bridge).await?.ok_or_else(|| BridgeError::NotABridge(conf.bridge.clone()))?
         }
     };
     if br.kind != Some(InfoKind::Bridge) {
@@ -55,10 +52,7 @@ pub async fn ensure_bridge(host: &Nl, conf: &BridgeConf) -> Result<Link, BridgeE
         host.enable_vlan_filtering(&conf.bridge).await?;
     }
     if conf.promisc && !br.promisc {
-        host.set(br.index, "setting the bridge promiscuous", |l| {
-            l.promiscuous(true)
-        })
-        .await?;
+        host.set(br.index, "setting the bridge promiscuous", |l| l.promiscuous(true)).await?;
     }
     Ok(br)
 }
@@ -78,8 +72,7 @@ async fn port_vlans(
     if !preserve {
         host.port_vlan_del(port, 1).await?;
     }
-    host.port_vlans_add(port, Some(if vlan == 0 { 1 } else { vlan }), trunk)
-        .await
+    host.port_vlans_add(port, Some(if vlan == 0 { 1 } else { vlan }), trunk).await
 }
 
 /// Finds or makes `<bridge>.<vlan>`: one end of a host veth pair whose other end is an
@@ -92,9 +85,7 @@ async fn ensure_vlan_gateway(
 ) -> Result<(String, Link), BridgeError> {
     let name = format!("{}.{vlan}", conf.bridge);
     if cni_proto::env::invalid_ifname(&name).is_some() {
-        return Err(BridgeError::Config(format!(
-            "VLAN gateway interface name {name:?} is too long"
-        )));
+        return Err(BridgeError::Config(format!("VLAN gateway interface name {name:?} is too long")));
     }
     if let Some(l) = host.link(&name).await? {
         return Ok((name, l));
@@ -102,22 +93,12 @@ async fn ensure_vlan_gateway(
     let r = random_bytes::<4>();
     let peer = format!("veth{:02x}{:02x}{:02x}{:02x}", r[0], r[1], r[2], r[3]);
     if host.create_local_veth(&name, &peer, conf.mtu).await? {
-        let p = host
-            .link(&peer)
-            .await?
-            .ok_or_else(|| BridgeError::PortDown(format!("{peer} vanished")))?;
-        host.set(p.index, "attaching the VLAN gateway port", |l| {
-            l.controller(br.index).up()
-        })
-        .await?;
+        let p = host.link(&peer).await?.ok_or_else(|| BridgeError::PortDown(format!("{peer} vanished")))?;
+        host.set(p.index, "attaching the VLAN gateway port", |l| l.controller(br.index).up()).await?;
         port_vlans(host, p.index, vlan, &[], conf.preserve_default_vlan).await?;
     }
-    let l = host
-        .link(&name)
-        .await?
-        .ok_or_else(|| BridgeError::PortDown(format!("{name} vanished")))?;
-    host.set(l.index, "setting the VLAN gateway up", |x| x.up())
-        .await?;
+    let l = host.link(&name).await?.ok_or_else(|| BridgeError::PortDown(format!("{name} vanished")))?;
+    host.set(l.index, "setting the VLAN gateway up", |x| x.up()).await?;
     Ok((name, l))
 }
 
@@ -196,11 +177,7 @@ impl Undo<'_> {
 
 /// Runs ADD for a validated request.
 pub fn add(req: &Request, conf: &BridgeConf) -> Result<CniResult, BridgeError> {
-    let path = req
-        .inv
-        .netns
-        .as_deref()
-        .ok_or_else(|| BridgeError::Netns("CNI_NETNS is empty".into()))?;
+    let path = req.inv.netns.as_deref().ok_or_else(|| BridgeError::Netns("CNI_NETNS is empty".into()))?;
     let pod_ns = netns::open_pod(path)?;
     let rt = crate::runtime()?;
     rt.block_on(async {
@@ -233,17 +210,11 @@ fn ipam_needs_interface(t: &str) -> bool {
     t == "dhcp"
 }
 
-fn run_ipam<'a>(
-    req: &'a Request,
-    t: &'a str,
-    undo: &mut Undo<'a>,
-) -> Result<CniResult, BridgeError> {
+fn run_ipam<'a>(req: &'a Request, t: &'a str, undo: &mut Undo<'a>) -> Result<CniResult, BridgeError> {
     let r = delegate::exec(t, Command::Add, &req.inv, &req.stdin)?.unwrap_or_default();
     undo.ipam = Some(t);
     if r.ips.is_empty() {
-        return Err(BridgeError::Config(format!(
-            "IPAM plugin {t} returned no IP configuration"
-        )));
+        return Err(BridgeError::Config(format!("IPAM plugin {t} returned no IP configuration")));
     }
     Ok(r)
 }
@@ -258,11 +229,7 @@ async fn build<'a>(
 ) -> Result<CniResult, BridgeError> {
     // IPAM first: a refusal (bad config, full range) then leaves the host untouched.
     let mut ipam = None;
-    if let Some(t) = conf
-        .ipam_type
-        .as_deref()
-        .filter(|t| !ipam_needs_interface(t))
-    {
+    if let Some(t) = conf.ipam_type.as_deref().filter(|t| !ipam_needs_interface(t)) {
         ipam = Some(run_ipam(req, t, undo)?);
     }
     let br = ensure_bridge(host, conf).await?;
@@ -271,45 +238,21 @@ async fn build<'a>(
     for _ in 0..10 {
         let r = random_bytes::<4>();
         host_name = format!("veth{:02x}{:02x}{:02x}{:02x}", r[0], r[1], r[2], r[3]);
-        if pod
-            .create_veth(&req.inv.ifname, &host_name, &host_ns, conf.mtu, conf.mac)
-            .await?
-        {
+        if pod.create_veth(&req.inv.ifname, &host_name, &host_ns, conf.mtu, conf.mac).await? {
             break;
         }
         host_name.clear();
     }
     if host_name.is_empty() {
-        return Err(BridgeError::IfaceExists(format!(
-            "{} (or 10 random host veth names)",
-            req.inv.ifname
-        )));
+        return Err(BridgeError::IfaceExists(format!("{} (or 10 random host veth names)", req.inv.ifname)));
     }
-    let hv = host
-        .link(&host_name)
-        .await?
-        .ok_or_else(|| BridgeError::PortDown(format!("{host_name} vanished")))?;
+    let hv =
+        host.link(&host_name).await?.ok_or_else(|| BridgeError::PortDown(format!("{host_name} vanished")))?;
     undo.host_veth = Some(hv.index);
-    if let Some(t) = conf
-        .ipam_type
-        .as_deref()
-        .filter(|t| ipam_needs_interface(t))
-    {
+    if let Some(t) = conf.ipam_type.as_deref().filter(|t| ipam_needs_interface(t)) {
         ipam = Some(run_ipam(req, t, undo)?);
     }
-    setup(
-        req,
-        conf,
-        host,
-        pod,
-        pod_ns,
-        &br,
-        &host_name,
-        hv.index,
-        ipam.unwrap_or_default(),
-        undo,
-    )
-    .await
+    setup(req, conf, host, pod, pod_ns, &br, &host_name, hv.index, ipam.unwrap_or_default(), undo).await
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -325,26 +268,11 @@ async fn setup<'a>(
     ipam: CniResult,
     undo: &mut Undo<'a>,
 ) -> Result<CniResult, BridgeError> {
-    host.set(hv_index, "attaching the host veth to the bridge", |l| {
-        l.controller(br.index).up()
-    })
-    .await?;
-    host.set_port(hv_index, conf.hairpin, conf.port_isolation)
-        .await?;
-    port_vlans(
-        host,
-        hv_index,
-        conf.vlan,
-        &conf.trunk,
-        conf.preserve_default_vlan,
-    )
-    .await?;
+    host.set(hv_index, "attaching the host veth to the bridge", |l| l.controller(br.index).up()).await?;
+    host.set_port(hv_index, conf.hairpin, conf.port_isolation).await?;
+    port_vlans(host, hv_index, conf.vlan, &conf.trunk, conf.preserve_default_vlan).await?;
 
-    let gws: Vec<(IpAddr, IpNetwork)> = ipam
-        .ips
-        .iter()
-        .map(|ip| (gateway_of(ip), ip.address))
-        .collect();
+    let gws: Vec<(IpAddr, IpNetwork)> = ipam.ips.iter().map(|ip| (gateway_of(ip), ip.address)).collect();
     let family_gw = |v4: bool| gws.iter().find(|(g, _)| g.is_ipv4() == v4).map(|(g, _)| *g);
 
     let pod_link = pod
@@ -374,24 +302,16 @@ async fn setup<'a>(
             netns::sysctl(&format!("net/ipv4/conf/{ifname}/arp_notify"), "1")
         });
         sysctls.map_err(|e| BridgeError::Sysctl(e.to_string()))??;
-        let adds = ipam
-            .ips
-            .iter()
-            .map(|ip| pod.add_address(pod_link.index, ip.address));
+        let adds = ipam.ips.iter().map(|ip| pod.add_address(pod_link.index, ip.address));
         for r in futures::future::join_all(adds).await {
             r?;
         }
-        pod.set(pod_link.index, "setting the pod interface up", |l| l.up())
-            .await?;
+        pod.set(pod_link.index, "setting the pod interface up", |l| l.up()).await?;
         if conf.is_default_gateway {
             for v4 in [true, false] {
-                let has_default = routes
-                    .iter()
-                    .any(|r| r.dst.prefix() == 0 && r.dst.is_ipv4() == v4);
+                let has_default = routes.iter().any(|r| r.dst.prefix() == 0 && r.dst.is_ipv4() == v4);
                 if let (Some(gw), false) = (family_gw(v4), has_default) {
-                    let dst: IpNetwork = if v4 { "0.0.0.0/0" } else { "::/0" }
-                        .parse()
-                        .expect("literal");
+                    let dst: IpNetwork = if v4 { "0.0.0.0/0" } else { "::/0" }.parse().expect("literal");
                     routes.push(Route::new(dst, Some(gw)));
                 }
             }
@@ -420,8 +340,7 @@ async fn setup<'a>(
         for (gw, addr) in &gws {
             let want = IpNetwork::new(*gw, addr.prefix()).expect("prefix of an address");
             if !seen.contains(&want) {
-                ensure_gateway_address(host, &gw_link.1, &gw_link.0, want, conf.force_address)
-                    .await?;
+                ensure_gateway_address(host, &gw_link.1, &gw_link.0, want, conf.force_address).await?;
                 seen.push(want);
             }
         }
@@ -446,18 +365,13 @@ async fn setup<'a>(
         let start = Instant::now();
         while !hv.oper_up {
             if start.elapsed() > PORT_UP_TIMEOUT {
-                return Err(BridgeError::PortDown(format!(
-                    "bridge port {host_name} did not come up"
-                )));
+                return Err(BridgeError::PortDown(format!("bridge port {host_name} did not come up")));
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
             hv = host.link_by_index(hv_index).await?.unwrap_or_default();
         }
     }
-    let br_now = host
-        .link_by_index(br.index)
-        .await?
-        .unwrap_or_else(|| br.clone());
+    let br_now = host.link_by_index(br.index).await?.unwrap_or_else(|| br.clone());
     let pod_now = pod.link_by_index(pod_link.index).await?.unwrap_or(pod_link);
     let iface = |name: &str, l: &Link, sandbox: Option<String>| Interface {
         name: name.to_string(),
@@ -477,14 +391,7 @@ async fn setup<'a>(
     }
     Ok(CniResult {
         interfaces,
-        ips: ipam
-            .ips
-            .into_iter()
-            .map(|i| IpConfig {
-                interface: Some(2),
-                ..i
-            })
-            .collect(),
+        ips: ipam.ips.into_iter().map(|i| IpConfig { interface: Some(2), ..i }).collect(),
         routes,
         dns: conf.dns.clone().unwrap_or(ipam.dns),
     })

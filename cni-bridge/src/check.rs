@@ -23,11 +23,7 @@ pub fn check(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
     if let Some(t) = conf.ipam_type.as_deref() {
         delegate::exec(t, Command::Check, &req.inv, &req.stdin)?;
     }
-    let path = req
-        .inv
-        .netns
-        .as_deref()
-        .ok_or_else(|| BridgeError::Netns("CNI_NETNS is empty".into()))?;
+    let path = req.inv.netns.as_deref().ok_or_else(|| BridgeError::Netns("CNI_NETNS is empty".into()))?;
     let pod_ns = netns::open_pod(path)?;
     let ifname = &req.inv.ifname;
     crate::runtime()?.block_on(async {
@@ -46,12 +42,8 @@ pub fn check(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
                 conf.bridge, br.promisc, conf.promisc
             )));
         }
-        let want_mac = |name: &str| {
-            prev.interfaces
-                .iter()
-                .find(|i| i.name == name)
-                .and_then(|i| i.mac.clone())
-        };
+        let want_mac =
+            |name: &str| prev.interfaces.iter().find(|i| i.name == name).and_then(|i| i.mac.clone());
         if let Some(m) = want_mac(&conf.bridge) {
             if m != fmt_mac(&br.mac) {
                 return Err(fail(format!(
@@ -75,18 +67,12 @@ pub fn check(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
             .and_then(|i| i.mac.clone())
         {
             if m != fmt_mac(&pl.mac) {
-                return Err(fail(format!(
-                    "pod interface MAC is {}, prevResult says {m}",
-                    fmt_mac(&pl.mac)
-                )));
+                return Err(fail(format!("pod interface MAC is {}, prevResult says {m}", fmt_mac(&pl.mac))));
             }
         }
         if let Some(mtu) = conf.mtu {
             if pl.mtu != mtu {
-                return Err(fail(format!(
-                    "pod interface MTU is {}, config says {mtu}",
-                    pl.mtu
-                )));
+                return Err(fail(format!("pod interface MTU is {}, config says {mtu}", pl.mtu)));
             }
         }
         let hv_name = prev
@@ -95,20 +81,12 @@ pub fn check(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
             .find(|i| i.sandbox.is_none() && i.name != conf.bridge)
             .map(|i| i.name.clone())
             .ok_or_else(|| fail("prevResult lists no host veth".into()))?;
-        let hv = host
-            .link(&hv_name)
-            .await?
-            .ok_or_else(|| fail(format!("host veth {hv_name} not found")))?;
+        let hv = host.link(&hv_name).await?.ok_or_else(|| fail(format!("host veth {hv_name} not found")))?;
         if hv.controller != Some(br.index) {
-            return Err(fail(format!(
-                "host veth {hv_name} is not a port of {}",
-                conf.bridge
-            )));
+            return Err(fail(format!("host veth {hv_name} is not a port of {}", conf.bridge)));
         }
         if pl.peer_index != Some(hv.index) {
-            return Err(fail(format!(
-                "host veth {hv_name} is not the peer of {ifname}"
-            )));
+            return Err(fail(format!("host veth {hv_name} is not the peer of {ifname}")));
         }
         if hv.hairpin != Some(conf.hairpin) {
             return Err(fail(format!(
@@ -117,9 +95,7 @@ pub fn check(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
             )));
         }
         if hv.isolated.unwrap_or(false) != conf.port_isolation {
-            return Err(fail(format!(
-                "port isolation of {hv_name} differs from the config"
-            )));
+            return Err(fail(format!("port isolation of {hv_name} differs from the config")));
         }
         let have = pod.addresses(pl.index).await?;
         for ip in &prev.ips {
@@ -128,24 +104,15 @@ pub fn check(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
             }
         }
         for v4 in [true, false] {
-            let want: Vec<_> = prev
-                .routes
-                .iter()
-                .filter(|r| r.dst.is_ipv4() == v4)
-                .collect();
+            let want: Vec<_> = prev.routes.iter().filter(|r| r.dst.is_ipv4() == v4).collect();
             if want.is_empty() || conf.disable_container_interface {
                 continue;
             }
             let routes = pod.routes(pl.index, v4).await?;
             for r in want {
-                let found = routes
-                    .iter()
-                    .any(|(dst, gw)| *dst == r.dst && (r.gw.is_none() || *gw == r.gw));
+                let found = routes.iter().any(|(dst, gw)| *dst == r.dst && (r.gw.is_none() || *gw == r.gw));
                 if !found {
-                    return Err(fail(format!(
-                        "route to {} via {:?} is missing in the pod",
-                        r.dst, r.gw
-                    )));
+                    return Err(fail(format!("route to {} via {:?} is missing in the pod", r.dst, r.gw)));
                 }
             }
         }
@@ -153,27 +120,16 @@ pub fn check(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
     })?;
     if conf.mac_spoof_check {
         let owner = masq::owner(&req.conf.name, &req.inv.container_id, ifname);
-        if !spoof::list()?
-            .iter()
-            .any(|(set, _, o)| set == "allowed" && *o == owner)
-        {
-            return Err(fail(format!(
-                "MAC spoof check entry for {owner} is missing"
-            )));
+        if !spoof::list()?.iter().any(|(set, _, o)| set == "allowed" && *o == owner) {
+            return Err(fail(format!("MAC spoof check entry for {owner} is missing")));
         }
     }
     if conf.ip_masq && !prev.ips.is_empty() {
         let owner = masq::owner(&req.conf.name, &req.inv.container_id, ifname);
         let entries = conf.masq_backend.list()?;
         for ip in &prev.ips {
-            if !entries
-                .iter()
-                .any(|e| e.ip == ip.address.ip() && e.owner == owner)
-            {
-                return Err(fail(format!(
-                    "masquerade entry for {} is missing",
-                    ip.address.ip()
-                )));
+            if !entries.iter().any(|e| e.ip == ip.address.ip() && e.owner == owner) {
+                return Err(fail(format!("masquerade entry for {} is missing", ip.address.ip())));
             }
         }
     }

@@ -115,10 +115,7 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
 
 /// Formats a MAC as the reference does (lower-case, colon-separated).
 pub fn fmt_mac(m: &[u8]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
+    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
 impl BridgeConf {
@@ -126,32 +123,21 @@ impl BridgeConf {
     pub fn from_request(req: &Request) -> Result<BridgeConf, BridgeError> {
         let raw: Raw = serde_json::from_value(Value::Object(req.conf.rest.clone()))
             .map_err(|e| cfg(format!("invalid bridge config: {e}")))?;
-        let bridge = raw
-            .bridge
-            .filter(|b| !b.is_empty())
-            .unwrap_or_else(|| "cni0".into());
+        let bridge = raw.bridge.filter(|b| !b.is_empty()).unwrap_or_else(|| "cni0".into());
         if let Some(why) = cni_proto::env::invalid_ifname(&bridge) {
             return Err(cfg(format!("invalid bridge name {bridge:?}: {why}")));
         }
         if raw.hairpin_mode && raw.promisc_mode {
-            return Err(cfg(
-                "cannot set hairpin mode and promiscuous mode at the same time",
-            ));
+            return Err(cfg("cannot set hairpin mode and promiscuous mode at the same time"));
         }
         let mtu = match raw.mtu {
             None | Some(0) => None,
             Some(m) if (68..=65535).contains(&m) => Some(m as u32),
-            Some(m) => {
-                return Err(cfg(format!(
-                    "invalid mtu {m}: must be between 68 and 65535"
-                )))
-            }
+            Some(m) => return Err(cfg(format!("invalid mtu {m}: must be between 68 and 65535"))),
         };
         if let Some(v) = raw.vlan {
             if !(0..=4094).contains(&v) {
-                return Err(cfg(format!(
-                    "invalid VLAN ID {v} (must be between 0 and 4094)"
-                )));
+                return Err(cfg(format!("invalid VLAN ID {v} (must be between 0 and 4094)")));
             }
         }
         let trunk = collect_trunk(&raw.vlan_trunk)?;
@@ -170,7 +156,9 @@ impl BridgeConf {
             .filter(|t| !t.is_empty())
             .map(str::to_string);
         if raw.disable_container_interface && ipam_type.is_some() {
-            return Err(cfg("cannot use IPAM when the container interface is disabled (disableContainerInterface)"));
+            return Err(cfg(
+                "cannot use IPAM when the container interface is disabled (disableContainerInterface)",
+            ));
         }
         let mac = mac_from(req)?;
         Ok(BridgeConf {
@@ -203,9 +191,7 @@ fn collect_trunk(items: &[Trunk]) -> Result<Vec<u16>, BridgeError> {
         if (1..=4094).contains(&v) {
             Ok(v as u16)
         } else {
-            Err(cfg(format!(
-                "incorrect trunk {what} parameter {v} (must be between 1 and 4094)"
-            )))
+            Err(cfg(format!("incorrect trunk {what} parameter {v} (must be between 1 and 4094)")))
         }
     };
     let mut ids = std::collections::BTreeSet::new();
@@ -214,21 +200,15 @@ fn collect_trunk(items: &[Trunk]) -> Result<Vec<u16>, BridgeError> {
             (Some(a), Some(b)) => {
                 let (a, b) = (ok(a, "minID")?, ok(b, "maxID")?);
                 if a > b {
-                    return Err(cfg(format!(
-                        "minID {a} is greater than maxID {b} in trunk parameter"
-                    )));
+                    return Err(cfg(format!("minID {a} is greater than maxID {b} in trunk parameter")));
                 }
                 ids.extend(a..=b);
             }
             (None, Some(_)) => {
-                return Err(cfg(
-                    "minID and maxID should be configured simultaneously, minID is missing",
-                ))
+                return Err(cfg("minID and maxID should be configured simultaneously, minID is missing"))
             }
             (Some(_), None) => {
-                return Err(cfg(
-                    "minID and maxID should be configured simultaneously, maxID is missing",
-                ))
+                return Err(cfg("minID and maxID should be configured simultaneously, maxID is missing"))
             }
             (None, None) => {}
         }
@@ -244,24 +224,14 @@ fn mac_from(req: &Request) -> Result<Option<[u8; 6]>, BridgeError> {
     let candidates = [
         (
             "runtimeConfig.mac",
-            req.raw
-                .pointer("/runtimeConfig/mac")
-                .and_then(Value::as_str)
-                .map(str::to_string),
+            req.raw.pointer("/runtimeConfig/mac").and_then(Value::as_str).map(str::to_string),
         ),
-        (
-            "args.cni.mac",
-            req.raw
-                .pointer("/args/cni/mac")
-                .and_then(Value::as_str)
-                .map(str::to_string),
-        ),
+        ("args.cni.mac", req.raw.pointer("/args/cni/mac").and_then(Value::as_str).map(str::to_string)),
         ("CNI_ARGS MAC", req.inv.args.get("MAC").map(str::to_string)),
     ];
     for (src, v) in candidates {
         if let Some(s) = v.filter(|s| !s.is_empty()) {
-            let m =
-                parse_mac(&s).ok_or_else(|| cfg(format!("{src}: invalid MAC address {s:?}")))?;
+            let m = parse_mac(&s).ok_or_else(|| cfg(format!("{src}: invalid MAC address {s:?}")))?;
             if m[0] & 1 == 1 {
                 return Err(cfg(format!("{src}: {s} is a multicast MAC address")));
             }
@@ -280,18 +250,10 @@ mod tests {
 
     #[test]
     fn trunks_collect_like_the_reference() {
-        let t = |id: Option<i64>, min: Option<i64>, max: Option<i64>| Trunk {
-            id,
-            min_id: min,
-            max_id: max,
-        };
+        let t = |id: Option<i64>, min: Option<i64>, max: Option<i64>| Trunk { id, min_id: min, max_id: max };
         assert_eq!(
-            collect_trunk(&[
-                t(Some(5), None, None),
-                t(None, Some(2), Some(4)),
-                t(Some(3), None, None)
-            ])
-            .unwrap(),
+            collect_trunk(&[t(Some(5), None, None), t(None, Some(2), Some(4)), t(Some(3), None, None)])
+                .unwrap(),
             [2, 3, 4, 5]
         );
         assert!(collect_trunk(&[t(None, Some(4), Some(2))]).is_err());

@@ -72,10 +72,8 @@ pub fn gc(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
         }
     }
     if let Some(valid) = req.conf.gc_valid_attachments() {
-        let keep: BTreeSet<String> = valid
-            .iter()
-            .map(|a| masq::owner(&req.conf.name, &a.container_id, &a.ifname))
-            .collect();
+        let keep: BTreeSet<String> =
+            valid.iter().map(|a| masq::owner(&req.conf.name, &a.container_id, &a.ifname)).collect();
         let prefix = format!("{}/", req.conf.name);
         let stale = |o: &str| o.starts_with(&prefix) && !keep.contains(o);
         if let Err(e) = conf.masq_backend.remove_where(stale) {

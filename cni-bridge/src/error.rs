@@ -86,14 +86,10 @@ impl From<BridgeError> for CniError {
         let msg = e.to_string();
         match e {
             BridgeError::Config(m) => CniError::InvalidConfig(m),
-            BridgeError::Unsupported { field, value } => CniError::UnsupportedField {
-                field: field.into(),
-                value,
-            },
-            BridgeError::Netns(reason) => CniError::InvalidEnv {
-                var: "CNI_NETNS",
-                reason,
-            },
+            BridgeError::Unsupported { field, value } => {
+                CniError::UnsupportedField { field: field.into(), value }
+            }
+            BridgeError::Netns(reason) => CniError::InvalidEnv { var: "CNI_NETNS", reason },
             BridgeError::NotABridge(_) => CniError::plugin(CODE_NOT_A_BRIDGE, msg, ""),
             BridgeError::AddressConflict(_) => CniError::plugin(CODE_ADDRESS_CONFLICT, msg, ""),
             BridgeError::IfaceExists(_) => CniError::plugin(CODE_IFACE_EXISTS, msg, ""),

@@ -15,9 +15,7 @@ const COMMENT: &str = "cni-bridge";
 
 /// FNV-1a: a stable short name for an attachment's chain (no hashing crate needed for this).
 fn fnv1a(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-    })
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// The chain of an attachment.
@@ -48,14 +46,9 @@ fn restore(v4: bool, script: &str) -> Result<(), BridgeError> {
         .expect("piped")
         .write_all(script.as_bytes())
         .map_err(|e| BridgeError::Masq(e.to_string()))?;
-    let out = child
-        .wait_with_output()
-        .map_err(|e| BridgeError::Masq(e.to_string()))?;
+    let out = child.wait_with_output().map_err(|e| BridgeError::Masq(e.to_string()))?;
     if !out.status.success() {
-        return Err(BridgeError::Masq(format!(
-            "{bin}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
+        return Err(BridgeError::Masq(format!("{bin}: {}", String::from_utf8_lossy(&out.stderr).trim())));
     }
     Ok(())
 }
@@ -68,18 +61,10 @@ pub fn add(addrs: &[IpNetwork], owner: &str) -> Result<(), BridgeError> {
         if mine.is_empty() {
             continue;
         }
-        let (mcast, host) = if v4 {
-            ("224.0.0.0/4", 32)
-        } else {
-            ("ff00::/8", 128)
-        };
+        let (mcast, host) = if v4 { ("224.0.0.0/4", 32) } else { ("ff00::/8", 128) };
         let mut s = format!("*nat\n:{ch} - [0:0]\n");
         for a in &mine {
-            s.push_str(&format!(
-                "-A {ch} -d {}/{} -j ACCEPT\n",
-                a.network(),
-                a.prefix()
-            ));
+            s.push_str(&format!("-A {ch} -d {}/{} -j ACCEPT\n", a.network(), a.prefix()));
         }
         s.push_str(&format!("-A {ch} ! -d {mcast} -j MASQUERADE\n"));
         for a in &mine {
@@ -97,11 +82,7 @@ pub fn add(addrs: &[IpNetwork], owner: &str) -> Result<(), BridgeError> {
 /// Every (address, owner) jump in POSTROUTING, with its saved rule text, per family.
 fn saved(v4: bool) -> Vec<(Entry, String)> {
     let (bin, _) = tools(v4);
-    let Ok(out) = Command::new(bin)
-        .args(["-t", "nat"])
-        .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
+    let Ok(out) = Command::new(bin).args(["-t", "nat"]).stdin(Stdio::null()).stderr(Stdio::null()).output()
     else {
         return vec![];
     };
@@ -121,21 +102,14 @@ fn saved(v4: bool) -> Vec<(Entry, String)> {
 
 /// Every masquerade entry this backend holds.
 pub fn list() -> Vec<Entry> {
-    [true, false]
-        .into_iter()
-        .flat_map(saved)
-        .map(|(e, _)| e)
-        .collect()
+    [true, false].into_iter().flat_map(saved).map(|(e, _)| e).collect()
 }
 
 /// Removes the jumps and chains of every owner satisfying `stale`.
 pub fn remove_where(stale: impl Fn(&str) -> bool) -> Result<(), BridgeError> {
     let mut errs = Vec::new();
     for v4 in [true, false] {
-        let doomed: Vec<(Entry, String)> = saved(v4)
-            .into_iter()
-            .filter(|(e, _)| stale(&e.owner))
-            .collect();
+        let doomed: Vec<(Entry, String)> = saved(v4).into_iter().filter(|(e, _)| stale(&e.owner)).collect();
         if doomed.is_empty() {
             continue;
         }

@@ -28,10 +28,7 @@ pub fn runtime() -> Result<tokio::runtime::Runtime, BridgeError> {
 /// The bridge plugin.
 pub struct Bridge;
 
-fn with_conf<T>(
-    req: &Request,
-    f: impl FnOnce(&BridgeConf) -> Result<T, BridgeError>,
-) -> Result<T, CniError> {
+fn with_conf<T>(req: &Request, f: impl FnOnce(&BridgeConf) -> Result<T, BridgeError>) -> Result<T, CniError> {
     let conf = BridgeConf::from_request(req)?;
     f(&conf).map_err(Into::into)
 }

@@ -53,11 +53,8 @@ fn nft_add(addrs: &[IpNetwork], owner: &str) -> Result<(), BridgeError> {
     );
     for a in addrs {
         let chain = subnet_chain(a);
-        let (fam, mcast, map) = if a.is_ipv4() {
-            ("ip", "224.0.0.0/4", "pods4")
-        } else {
-            ("ip6", "ff00::/8", "pods6")
-        };
+        let (fam, mcast, map) =
+            if a.is_ipv4() { ("ip", "224.0.0.0/4", "pods4") } else { ("ip6", "ff00::/8", "pods6") };
         let net = IpNetwork::new(a.network(), a.prefix()).expect("valid prefix");
         s.push_str(&format!(
             "add chain {TABLE} {chain}\n\
@@ -83,10 +80,7 @@ fn nft_list() -> Result<Vec<Entry>, BridgeError> {
                 continue;
             };
             if let Ok(ip) = ip.parse() {
-                entries.push(Entry {
-                    ip,
-                    owner: owner.to_string(),
-                });
+                entries.push(Entry { ip, owner: owner.to_string() });
             }
         }
     }
@@ -127,9 +121,7 @@ impl Backend {
         match asked {
             Some("nftables") => Some(Backend::Nftables),
             Some("iptables") => Some(Backend::Iptables),
-            None | Some("") if !on_path("nft") && on_path("iptables-restore") => {
-                Some(Backend::Iptables)
-            }
+            None | Some("") if !on_path("nft") && on_path("iptables-restore") => Some(Backend::Iptables),
             None | Some("") => Some(Backend::Nftables),
             Some(_) => None,
         }
@@ -155,10 +147,7 @@ impl Backend {
     pub fn remove_where(self, stale: impl Fn(&str) -> bool) -> Result<(), BridgeError> {
         match self {
             Backend::Nftables => {
-                let doomed: Vec<Entry> = nft_list()?
-                    .into_iter()
-                    .filter(|e| stale(&e.owner))
-                    .collect();
+                let doomed: Vec<Entry> = nft_list()?.into_iter().filter(|e| stale(&e.owner)).collect();
                 nft_remove(&doomed)
             }
             Backend::Iptables => ipt::remove_where(stale),
@@ -172,14 +161,8 @@ mod tests {
 
     #[test]
     fn chain_names_are_per_subnet() {
-        assert_eq!(
-            subnet_chain(&"10.1.2.5/24".parse().unwrap()),
-            "masq4-0a010200-24"
-        );
-        assert_eq!(
-            subnet_chain(&"fd00::5/64".parse().unwrap()),
-            "masq6-fd000000000000000000000000000000-64"
-        );
+        assert_eq!(subnet_chain(&"10.1.2.5/24".parse().unwrap()), "masq4-0a010200-24");
+        assert_eq!(subnet_chain(&"fd00::5/64".parse().unwrap()), "masq6-fd000000000000000000000000000000-64");
         assert_eq!(owner("net", "c1", "eth0"), "net/c1/eth0");
     }
 }

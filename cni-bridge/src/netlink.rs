@@ -8,12 +8,10 @@ use ipnetwork::IpNetwork;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::link::BridgeVlanInfoFlags;
 use rtnetlink::packet_route::link::{
-    InfoBridge, InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoVeth, LinkAttribute,
-    LinkFlags, LinkInfo, LinkMessage, State,
+    InfoBridge, InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoVeth, LinkAttribute, LinkFlags,
+    LinkInfo, LinkMessage, State,
 };
-use rtnetlink::packet_route::route::{
-    RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteScope,
-};
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteScope};
 use rtnetlink::{
     Handle, LinkBridge, LinkBridgePort, LinkBridgeVlan, LinkMessageBuilder, LinkUnspec, LinkVeth,
     RouteMessageBuilder,
@@ -90,9 +88,7 @@ fn summarize(m: &LinkMessage) -> Link {
                     match i {
                         LinkInfo::Kind(k) => l.kind = Some(k.clone()),
                         LinkInfo::Data(InfoData::Bridge(b)) => {
-                            l.vlan_filtering = b
-                                .iter()
-                                .any(|x| matches!(x, InfoBridge::VlanFiltering(true)));
+                            l.vlan_filtering = b.iter().any(|x| matches!(x, InfoBridge::VlanFiltering(true)));
                         }
                         LinkInfo::PortData(InfoPortData::BridgePort(bp)) => {
                             for p in bp {
@@ -132,23 +128,14 @@ impl Nl {
     pub fn in_ns(ns: &File) -> Result<Nl, BridgeError> {
         let made = netns::run_in(ns, rtnetlink::new_connection)
             .map_err(|e| BridgeError::Netns(format!("entering the pod namespace: {e}")))?;
-        let (conn, h, _) =
-            made.map_err(|e| BridgeError::Netns(format!("opening a netlink socket: {e}")))?;
+        let (conn, h, _) = made.map_err(|e| BridgeError::Netns(format!("opening a netlink socket: {e}")))?;
         tokio::spawn(conn);
         Ok(Nl { h })
     }
 
     /// A link by name; `None` if there is none.
     pub async fn link(&self, name: &str) -> Result<Option<Link>, BridgeError> {
-        match self
-            .h
-            .link()
-            .get()
-            .match_name(name.to_string())
-            .execute()
-            .try_next()
-            .await
-        {
+        match self.h.link().get().match_name(name.to_string()).execute().try_next().await {
             Ok(m) => Ok(m.as_ref().map(summarize)),
             Err(e) if errno(&e) == Some(ENODEV) => Ok(None),
             Err(e) => Err(BridgeError::netlink(format!("getting link {name}"))(e)),
@@ -157,15 +144,7 @@ impl Nl {
 
     /// A link by index; `None` if there is none.
     pub async fn link_by_index(&self, index: u32) -> Result<Option<Link>, BridgeError> {
-        match self
-            .h
-            .link()
-            .get()
-            .match_index(index)
-            .execute()
-            .try_next()
-            .await
-        {
+        match self.h.link().get().match_index(index).execute().try_next().await {
             Ok(m) => Ok(m.as_ref().map(summarize)),
             Err(e) if errno(&e) == Some(ENODEV) => Ok(None),
             Err(e) => Err(BridgeError::netlink(format!("getting link {index}"))(e)),
@@ -226,9 +205,7 @@ impl Nl {
         let msg = LinkBridge::new(name).vlan_filtering(true).build();
         match self.h.link().change(msg).execute().await {
             Err(e) if errno(&e) == Some(EOPNOTSUPP) => Err(no_vlan_filtering()),
-            r => r.map_err(BridgeError::netlink(format!(
-                "enabling VLAN filtering on {name}"
-            ))),
+            r => r.map_err(BridgeError::netlink(format!("enabling VLAN filtering on {name}"))),
         }
     }
 
@@ -269,13 +246,11 @@ impl Nl {
 
     /// Removes a VLAN from a bridge port; absent is fine.
     pub async fn port_vlan_del(&self, port: u32, vid: u16) -> Result<(), BridgeError> {
-        let msg = LinkBridgeVlan::new(port)
-            .vlan(vid, BridgeVlanInfoFlags::empty())
-            .build();
+        let msg = LinkBridgeVlan::new(port).vlan(vid, BridgeVlanInfoFlags::empty()).build();
         match self.h.link().del_with_message(msg).execute().await {
-            Err(e) if !matches!(errno(&e), Some(ENOENT) | Some(EINVAL)) => Err(
-                BridgeError::netlink(format!("removing VLAN {vid} from the bridge port"))(e),
-            ),
+            Err(e) if !matches!(errno(&e), Some(ENOENT) | Some(EINVAL)) => {
+                Err(BridgeError::netlink(format!("removing VLAN {vid} from the bridge port"))(e))
+            }
             _ => Ok(()),
         }
     }
@@ -288,31 +263,13 @@ impl Nl {
         f: impl FnOnce(LinkMessageBuilder<LinkUnspec>) -> LinkMessageBuilder<LinkUnspec>,
     ) -> Result<(), BridgeError> {
         let msg = f(LinkUnspec::new_with_index(index)).build();
-        self.h
-            .link()
-            .set(msg)
-            .execute()
-            .await
-            .map_err(BridgeError::netlink(what.to_string()))
+        self.h.link().set(msg).execute().await.map_err(BridgeError::netlink(what.to_string()))
     }
 
     /// Sets hairpin and isolation on a bridge port.
-    pub async fn set_port(
-        &self,
-        index: u32,
-        hairpin: bool,
-        isolated: bool,
-    ) -> Result<(), BridgeError> {
-        let msg = LinkBridgePort::new(index)
-            .hairpin(hairpin)
-            .isolated(isolated)
-            .build();
-        self.h
-            .link()
-            .set_port(msg)
-            .execute()
-            .await
-            .map_err(BridgeError::netlink("setting bridge port mode"))
+    pub async fn set_port(&self, index: u32, hairpin: bool, isolated: bool) -> Result<(), BridgeError> {
+        let msg = LinkBridgePort::new(index).hairpin(hairpin).isolated(isolated).build();
+        self.h.link().set_port(msg).execute().await.map_err(BridgeError::netlink("setting bridge port mode"))
     }
 
     /// Creates a veth through this (pod) connection: `name` here, `peer` in `host_ns`.
@@ -335,9 +292,7 @@ impl Nl {
         if let Some(m) = mac {
             v = v.address(m.to_vec());
         }
-        let msg = v
-            .set_info_data(InfoData::Veth(InfoVeth::Peer(p.build())))
-            .build();
+        let msg = v.set_info_data(InfoData::Veth(InfoVeth::Peer(p.build()))).build();
         match self.h.link().add(msg).execute().await {
             Ok(()) => Ok(true),
             Err(e) if errno(&e) == Some(EEXIST) => Ok(false),
@@ -401,13 +356,7 @@ impl Nl {
 
     /// Adds an address; present already is fine.
     pub async fn add_address(&self, index: u32, a: IpNetwork) -> Result<(), BridgeError> {
-        match self
-            .h
-            .address()
-            .add(index, a.ip(), a.prefix())
-            .execute()
-            .await
-        {
+        match self.h.address().add(index, a.ip(), a.prefix()).execute().await {
             Err(e) if errno(&e) != Some(EEXIST) => {
                 Err(BridgeError::netlink(format!("adding address {a}"))(e))
             }
@@ -452,20 +401,15 @@ impl Nl {
             msg.attributes.push(RouteAttribute::Metrics(metrics));
         }
         match self.h.route().add(msg).execute().await {
-            Err(e) if errno(&e) != Some(EEXIST) => Err(BridgeError::netlink(format!(
-                "adding route to {} via {:?}",
-                r.dst, r.gw
-            ))(e)),
+            Err(e) if errno(&e) != Some(EEXIST) => {
+                Err(BridgeError::netlink(format!("adding route to {} via {:?}", r.dst, r.gw))(e))
+            }
             _ => Ok(()),
         }
     }
 
     /// Routes of one family out of `oif`, as (dst, gw).
-    pub async fn routes(
-        &self,
-        oif: u32,
-        v4: bool,
-    ) -> Result<Vec<(IpNetwork, Option<IpAddr>)>, BridgeError> {
+    pub async fn routes(&self, oif: u32, v4: bool) -> Result<Vec<(IpNetwork, Option<IpAddr>)>, BridgeError> {
         let q = if v4 {
             RouteMessageBuilder::<std::net::Ipv4Addr>::new().build()
         } else {
@@ -486,11 +430,7 @@ impl Nl {
         };
         Ok(msgs
             .iter()
-            .filter(|m| {
-                m.attributes
-                    .iter()
-                    .any(|a| matches!(a, RouteAttribute::Oif(i) if *i == oif))
-            })
+            .filter(|m| m.attributes.iter().any(|a| matches!(a, RouteAttribute::Oif(i) if *i == oif)))
             .filter_map(|m| {
                 let dst = m.attributes.iter().find_map(|a| match a {
                     RouteAttribute::Destination(d) => addr(d),
@@ -500,16 +440,9 @@ impl Nl {
                     RouteAttribute::Gateway(g) => addr(g),
                     _ => None,
                 });
-                let unspecified = if v4 {
-                    IpAddr::from([0u8; 4])
-                } else {
-                    IpAddr::from([0u16; 8])
-                };
-                let net = IpNetwork::new(
-                    dst.unwrap_or(unspecified),
-                    m.header.destination_prefix_length,
-                )
-                .ok()?;
+                let unspecified = if v4 { IpAddr::from([0u8; 4]) } else { IpAddr::from([0u16; 8]) };
+                let net =
+                    IpNetwork::new(dst.unwrap_or(unspecified), m.header.destination_prefix_length).ok()?;
                 Some((net, gw))
             })
             .collect())
@@ -522,9 +455,7 @@ fn route_message(oif: u32, r: &cni_proto::Route) -> RouteMessage {
         .expect("family of dst")
         .output_interface(oif);
     if let Some(gw) = r.gw {
-        b = b
-            .gateway(gw)
-            .expect("gateway of the family of dst (checked when parsed)");
+        b = b.gateway(gw).expect("gateway of the family of dst (checked when parsed)");
     }
     if let Some(p) = r.priority {
         b = b.priority(p);

@@ -38,8 +38,8 @@ pub fn open_pod(path: &Path) -> Result<File, BridgeError> {
     }
     // An nsfs file can be another kind of namespace (mnt, pid...): ask the kernel which.
     // SAFETY: NS_GET_NSTYPE takes no argument and only reads the fd.
-    let kind = unsafe { ns_get_nstype(std::os::fd::AsRawFd::as_raw_fd(&f)) }
-        .map_err(|e| bad(e.to_string()))?;
+    let kind =
+        unsafe { ns_get_nstype(std::os::fd::AsRawFd::as_raw_fd(&f)) }.map_err(|e| bad(e.to_string()))?;
     if kind != CloneFlags::CLONE_NEWNET.bits() {
         return Err(bad("not a network namespace".into()));
     }
@@ -67,12 +67,8 @@ pub fn run_in<T>(ns: &File, f: impl FnOnce() -> T) -> std::io::Result<T> {
 /// Writes a sysctl under /proc/sys in the current thread's namespace, skipping equal values.
 pub fn sysctl(key: &str, value: &str) -> Result<(), BridgeError> {
     let path = format!("/proc/sys/{key}");
-    if std::fs::read_to_string(&path)
-        .map(|v| v.trim() == value)
-        .unwrap_or(false)
-    {
+    if std::fs::read_to_string(&path).map(|v| v.trim() == value).unwrap_or(false) {
         return Ok(());
     }
-    std::fs::write(&path, value)
-        .map_err(|e| BridgeError::Sysctl(format!("writing {value} to {path}: {e}")))
+    std::fs::write(&path, value).map_err(|e| BridgeError::Sysctl(format!("writing {value} to {path}: {e}")))
 }

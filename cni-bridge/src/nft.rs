@@ -22,14 +22,9 @@ pub fn apply(script: &str) -> Result<(), BridgeError> {
         .expect("piped")
         .write_all(script.as_bytes())
         .map_err(|e| BridgeError::Masq(e.to_string()))?;
-    let out = child
-        .wait_with_output()
-        .map_err(|e| BridgeError::Masq(e.to_string()))?;
+    let out = child.wait_with_output().map_err(|e| BridgeError::Masq(e.to_string()))?;
     if !out.status.success() {
-        return Err(BridgeError::Masq(format!(
-            "nft: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
+        return Err(BridgeError::Masq(format!("nft: {}", String::from_utf8_lossy(&out.stderr).trim())));
     }
     Ok(())
 }
@@ -45,7 +40,7 @@ pub fn list_table(family: &str, name: &str) -> Result<Vec<Value>, BridgeError> {
         // No table yet: nothing was ever added here.
         return Ok(vec![]);
     }
-    let v: Value = serde_json::from_slice(&out.stdout)
-        .map_err(|e| BridgeError::Masq(format!("nft -j output: {e}")))?;
+    let v: Value =
+        serde_json::from_slice(&out.stdout).map_err(|e| BridgeError::Masq(format!("nft -j output: {e}")))?;
     Ok(v["nftables"].as_array().cloned().unwrap_or_default())
 }

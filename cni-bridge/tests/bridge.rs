@@ -8,9 +8,7 @@ use cni_conformance::{require_root, Netns, Pause};
 use common::*;
 use serde_json::{json, Value};
 
-const VERSIONS: [&str; 7] = [
-    "0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0",
-];
+const VERSIONS: [&str; 7] = ["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 
 fn port_of(node: &Netns, veth: &str) -> Value {
     node.ip_json(&["link", "show", "dev", veth])[0].clone()
@@ -25,11 +23,8 @@ fn add_and_del_for_every_version() {
         let w = World::new("ver");
         let pod = Netns::new("pod");
         let pod_path = pod.path.display().to_string();
-        let conf = w.conf(
-            v,
-            "10.22.0.0/24",
-            json!({"hairpinMode": true, "mtu": 1400, "isDefaultGateway": true}),
-        );
+        let conf =
+            w.conf(v, "10.22.0.0/24", json!({"hairpinMode": true, "mtu": 1400, "isDefaultGateway": true}));
         let o = w.call("ADD", "c1", &pod_path, &conf);
         assert_eq!(o.code, 0, "{v}: {} {}", o.stdout, o.stderr);
         assert_eq!(o.json["cniVersion"], v);
@@ -48,11 +43,7 @@ fn add_and_del_for_every_version() {
             }
             assert_eq!(o.json["ips"][0]["interface"], 2);
             assert_eq!(o.json["ips"][0]["address"], "10.22.0.2/24");
-            assert_eq!(
-                o.json["ips"][0].get("version").is_some(),
-                v.starts_with("0."),
-                "{v}"
-            );
+            assert_eq!(o.json["ips"][0].get("version").is_some(), v.starts_with("0."), "{v}");
             assert_eq!(ifs[2].get("mtu").is_some(), v == "1.1.0");
         }
         // Host: lo, the bridge and one veth, which is a hairpin port of the bridge.
@@ -70,22 +61,14 @@ fn add_and_del_for_every_version() {
         assert_eq!(eth0["operstate"], "UP");
         assert_eq!(eth0["mtu"], 1400);
         assert!(pod.ip(&["-br", "addr"]).contains("10.22.0.2/24"));
-        assert!(
-            pod.ip(&["route"])
-                .contains("default via 10.22.0.1 dev eth0"),
-            "{}",
-            pod.ip(&["route"])
-        );
+        assert!(pod.ip(&["route"]).contains("default via 10.22.0.1 dev eth0"), "{}", pod.ip(&["route"]));
         assert_eq!(w.leases(), ["10.22.0.2"]);
         let d = w.call("DEL", "c1", &pod_path, &conf);
         assert_eq!(d.code, 0, "{v}: {}", d.stdout);
         assert!(w.veths().is_empty(), "{v}: veth left");
         assert!(!pod.links().contains(&"eth0".to_string()));
         assert!(w.leases().is_empty());
-        assert!(
-            w.node.links().contains(&"cni0".to_string()),
-            "DEL never deletes the bridge"
-        );
+        assert!(w.node.links().contains(&"cni0".to_string()), "DEL never deletes the bridge");
     }
 }
 
@@ -102,28 +85,12 @@ fn pods_reach_each_other_the_gateway_and_keep_their_source_address() {
     let ob = w.call("ADD", "b", &b.path.display().to_string(), &conf);
     assert_eq!((oa.code, ob.code), (0, 0), "{} {}", oa.stdout, ob.stdout);
     let (ipa, ipb) = (ip_of(&oa, 0), ip_of(&ob, 0));
-    assert_eq!(
-        tcp_exchange(a.file(), ipa, b.file()),
-        Ok(ipb),
-        "b -> a, source preserved"
-    );
+    assert_eq!(tcp_exchange(a.file(), ipa, b.file()), Ok(ipb), "b -> a, source preserved");
     assert_eq!(tcp_exchange(b.file(), ipb, a.file()), Ok(ipa), "a -> b");
     let gw: std::net::IpAddr = "10.23.0.1".parse().unwrap();
-    assert_eq!(
-        tcp_exchange(w.node.file(), gw, a.file()),
-        Ok(ipa),
-        "pod -> gateway on the node"
-    );
-    assert_eq!(
-        w.call("DEL", "a", &a.path.display().to_string(), &conf)
-            .code,
-        0
-    );
-    assert_eq!(
-        w.call("DEL", "b", &b.path.display().to_string(), &conf)
-            .code,
-        0
-    );
+    assert_eq!(tcp_exchange(w.node.file(), gw, a.file()), Ok(ipa), "pod -> gateway on the node");
+    assert_eq!(w.call("DEL", "a", &a.path.display().to_string(), &conf).code, 0);
+    assert_eq!(w.call("DEL", "b", &b.path.display().to_string(), &conf).code, 0);
     assert!(w.veths().is_empty());
 }
 
@@ -136,11 +103,7 @@ fn del_succeeds_with_empty_or_vanished_netns_and_releases_everything() {
     let conf = w.conf("1.0.0", "10.24.0.0/24", json!({"ipMasq": true}));
     // Empty CNI_NETNS (containerd's ctr): lease and masquerade still released.
     let pod = Netns::new("p1");
-    assert_eq!(
-        w.call("ADD", "c1", &pod.path.display().to_string(), &conf)
-            .code,
-        0
-    );
+    assert_eq!(w.call("ADD", "c1", &pod.path.display().to_string(), &conf).code, 0);
     assert_eq!(w.masq_entries(), ["10.24.0.2 testnet/c1/eth0"]);
     let o = w.call("DEL", "c1", "", &conf);
     assert_eq!(o.code, 0, "{}", o.stdout);
@@ -175,11 +138,7 @@ fn check_passes_then_fails_after_tampering() {
     let w = World::new("check");
     let pod = Netns::new("pod");
     let path = pod.path.display().to_string();
-    let conf = w.conf(
-        "1.1.0",
-        "10.25.0.0/24",
-        json!({"hairpinMode": true, "ipMasq": true, "mtu": 1450}),
-    );
+    let conf = w.conf("1.1.0", "10.25.0.0/24", json!({"hairpinMode": true, "ipMasq": true, "mtu": 1450}));
     let o = w.call("ADD", "c1", &path, &conf);
     assert_eq!(o.code, 0, "{}", o.stdout);
     let mut c = conf.clone();
@@ -188,29 +147,11 @@ fn check_passes_then_fails_after_tampering() {
     assert_eq!(k.code, 0, "{} {}", k.stdout, k.stderr);
     let veth = w.veths()[0].clone();
     // Hairpin off: the reference's CHECK would not notice; ours does.
-    w.node.ip(&[
-        "link",
-        "set",
-        "dev",
-        &veth,
-        "type",
-        "bridge_slave",
-        "hairpin",
-        "off",
-    ]);
+    w.node.ip(&["link", "set", "dev", &veth, "type", "bridge_slave", "hairpin", "off"]);
     let k = w.call("CHECK", "c1", &path, &c);
     assert_eq!(k.err_code(), Some(115), "{}", k.stdout);
     assert!(k.stdout.contains("hairpin"));
-    w.node.ip(&[
-        "link",
-        "set",
-        "dev",
-        &veth,
-        "type",
-        "bridge_slave",
-        "hairpin",
-        "on",
-    ]);
+    w.node.ip(&["link", "set", "dev", &veth, "type", "bridge_slave", "hairpin", "on"]);
     assert_eq!(w.call("CHECK", "c1", &path, &c).code, 0);
     pod.ip(&["addr", "flush", "dev", "eth0"]);
     let k = w.call("CHECK", "c1", &path, &c);
@@ -218,16 +159,7 @@ fn check_passes_then_fails_after_tampering() {
     assert!(k.stdout.contains("10.25.0.2"), "{}", k.stdout);
     // CHECK without prevResult is a config error; below 0.4.0 it is not allowed at all.
     assert_eq!(w.call("CHECK", "c1", &path, &conf).err_code(), Some(7));
-    assert_eq!(
-        w.call(
-            "CHECK",
-            "c1",
-            &path,
-            &w.conf("0.3.1", "10.25.0.0/24", json!({}))
-        )
-        .err_code(),
-        Some(1)
-    );
+    assert_eq!(w.call("CHECK", "c1", &path, &w.conf("0.3.1", "10.25.0.0/24", json!({}))).err_code(), Some(1));
     assert_eq!(w.call("DEL", "c1", &path, &c).code, 0);
 }
 
@@ -238,11 +170,7 @@ fn fifty_parallel_adds_and_dels() {
     }
     let w = World::new("par");
     let pods: Vec<Netns> = (0..50).map(|i| Netns::new(&format!("pp{i}"))).collect();
-    let conf = w.conf(
-        "1.0.0",
-        "10.26.0.0/24",
-        json!({"ipMasq": true, "hairpinMode": true}),
-    );
+    let conf = w.conf("1.0.0", "10.26.0.0/24", json!({"ipMasq": true, "hairpinMode": true}));
     let run = |cmd: &'static str| -> Vec<cni_conformance::Out> {
         std::thread::scope(|s| {
             let hs: Vec<_> = pods
@@ -250,9 +178,7 @@ fn fifty_parallel_adds_and_dels() {
                 .enumerate()
                 .map(|(i, p)| {
                     let (w, conf) = (&w, &conf);
-                    s.spawn(move || {
-                        w.call(cmd, &format!("c{i}"), &p.path.display().to_string(), conf)
-                    })
+                    s.spawn(move || w.call(cmd, &format!("c{i}"), &p.path.display().to_string(), conf))
                 })
                 .collect();
             hs.into_iter().map(|h| h.join().unwrap()).collect()
@@ -285,11 +211,7 @@ fn exhausted_range_leaves_nothing_behind() {
     let w = World::new("exh");
     let (p1, p2) = (Netns::new("p1"), Netns::new("p2"));
     let conf = w.conf("1.0.0", "10.27.0.0/30", json!({"ipMasq": true})); // one usable address
-    assert_eq!(
-        w.call("ADD", "c1", &p1.path.display().to_string(), &conf)
-            .code,
-        0
-    );
+    assert_eq!(w.call("ADD", "c1", &p1.path.display().to_string(), &conf).code, 0);
     let o = w.call("ADD", "c2", &p2.path.display().to_string(), &conf);
     assert_eq!(o.err_code(), Some(100), "{}", o.stdout);
     assert!(o.stdout.contains("10.27.0.1-10.27.0.2"), "{}", o.stdout);
@@ -309,27 +231,15 @@ fn bad_input_touches_nothing() {
     let path = pod.path.display().to_string();
     let base = |extra: Value| w.conf("1.0.0", "10.28.0.0/24", extra);
     let cases: Vec<(Value, u64, &str)> = vec![
-        (
-            base(json!({"hairpinMode": true, "promiscMode": true})),
-            7,
-            "hairpin",
-        ),
+        (base(json!({"hairpinMode": true, "promiscMode": true})), 7, "hairpin"),
         (base(json!({"vlan": 5000})), 7, "VLAN"),
         (base(json!({"mtu": 20})), 7, "mtu"),
         (base(json!({"ipMasqBackend": "pf"})), 7, "ipMasqBackend"),
-        (
-            base(json!({"bridge": "this-name-is-too-long"})),
-            7,
-            "bridge name",
-        ),
+        (base(json!({"bridge": "this-name-is-too-long"})), 7, "bridge name"),
         (base(json!({"runtimeConfig": {"mac": "zz"}})), 7, "MAC"),
         (base(json!({"disableContainerInterface": true})), 7, "IPAM"),
         (w.conf("1.0.0", "10.28.0.5/24", json!({})), 7, "host bits"),
-        (
-            w.conf("4.0.0", "10.28.0.0/24", json!({})),
-            1,
-            "incompatible",
-        ),
+        (w.conf("4.0.0", "10.28.0.0/24", json!({})), 1, "incompatible"),
     ];
     for (conf, code, needle) in cases {
         let o = w.call("ADD", "c1", &path, &conf);
@@ -340,12 +250,7 @@ fn bad_input_touches_nothing() {
         &w.node,
         &w.bin.join("cni-bridge"),
         "ADD",
-        &[
-            ("CNI_CONTAINERID", "c"),
-            ("CNI_NETNS", &path),
-            ("CNI_IFNAME", "eth0"),
-            ("CNI_PATH", "/x"),
-        ],
+        &[("CNI_CONTAINERID", "c"), ("CNI_NETNS", &path), ("CNI_IFNAME", "eth0"), ("CNI_PATH", "/x")],
         b"{\"cniVersion\":",
         false,
     );
@@ -353,10 +258,7 @@ fn bad_input_touches_nothing() {
     // CNI_NETNS: a plain file, a missing path, and the node's own namespace.
     let file = w.tmp.join("not-a-netns");
     std::fs::write(&file, "").unwrap();
-    for ns in [
-        file.display().to_string(),
-        "/run/netns/does-not-exist".to_string(),
-    ] {
+    for ns in [file.display().to_string(), "/run/netns/does-not-exist".to_string()] {
         let o = w.call("ADD", "c1", &ns, &base(json!({})));
         assert_eq!(o.err_code(), Some(4), "{ns}: {}", o.stdout);
         assert!(o.stdout.contains("CNI_NETNS"));
@@ -366,21 +268,12 @@ fn bad_input_touches_nothing() {
         &w.node,
         &w.bin.join("cni-bridge"),
         "ADD",
-        &[
-            ("CNI_CONTAINERID", "c"),
-            ("CNI_NETNS", &own),
-            ("CNI_IFNAME", "eth0"),
-            ("CNI_PATH", "/x"),
-        ],
+        &[("CNI_CONTAINERID", "c"), ("CNI_NETNS", &own), ("CNI_IFNAME", "eth0"), ("CNI_PATH", "/x")],
         base(json!({})).to_string().as_bytes(),
         true,
     );
     assert_eq!(o.err_code(), Some(4), "{}", o.stdout);
-    assert!(
-        o.stdout.contains("namespace the plugin runs in"),
-        "{}",
-        o.stdout
-    );
+    assert!(o.stdout.contains("namespace the plugin runs in"), "{}", o.stdout);
     assert_eq!(w.node.links(), ["lo"], "bad input created links");
     assert_eq!(pod.links(), ["lo"]);
     assert!(w.leases().is_empty());
@@ -396,41 +289,21 @@ fn existing_bridge_cases() {
     let pod = Netns::new("pod");
     let path = pod.path.display().to_string();
     // A non-bridge link named like the bridge.
-    w.node.ip(&[
-        "link", "add", "cni0", "type", "veth", "peer", "name", "cni0p",
-    ]);
-    let o = w.call(
-        "ADD",
-        "c1",
-        &path,
-        &w.conf("1.0.0", "10.29.0.0/24", json!({})),
-    );
+    w.node.ip(&["link", "add", "cni0", "type", "veth", "peer", "name", "cni0p"]);
+    let o = w.call("ADD", "c1", &path, &w.conf("1.0.0", "10.29.0.0/24", json!({})));
     assert_eq!(o.err_code(), Some(110), "{}", o.stdout);
     w.node.ip(&["link", "del", "cni0"]);
     // A bridge holding another address: an error without forceAddress, replaced with it.
     w.node.ip(&["link", "add", "cni0", "type", "bridge"]);
     w.node.ip(&["addr", "add", "10.99.0.1/24", "dev", "cni0"]);
-    let o = w.call(
-        "ADD",
-        "c1",
-        &path,
-        &w.conf("1.0.0", "10.29.0.0/24", json!({})),
-    );
+    let o = w.call("ADD", "c1", &path, &w.conf("1.0.0", "10.29.0.0/24", json!({})));
     assert_eq!(o.err_code(), Some(111), "{}", o.stdout);
     assert!(w.veths().is_empty() && w.leases().is_empty(), "rolled back");
     assert_eq!(pod.links(), ["lo"]);
-    let o = w.call(
-        "ADD",
-        "c1",
-        &path,
-        &w.conf("1.0.0", "10.29.0.0/24", json!({"forceAddress": true})),
-    );
+    let o = w.call("ADD", "c1", &path, &w.conf("1.0.0", "10.29.0.0/24", json!({"forceAddress": true})));
     assert_eq!(o.code, 0, "{}", o.stdout);
     let a = w.node.ip(&["-br", "addr", "show", "dev", "cni0"]);
-    assert!(
-        a.contains("10.29.0.1/24") && !a.contains("10.99.0.1"),
-        "{a}"
-    );
+    assert!(a.contains("10.29.0.1/24") && !a.contains("10.99.0.1"), "{a}");
 }
 
 #[test]
@@ -461,14 +334,8 @@ fn mac_from_args_and_bridge_mac_is_pinned() {
         &[("CNI_ARGS", "MAC=02:11:22:33:44:66")],
         &conf,
     );
-    assert_eq!(
-        o.json["interfaces"][2]["mac"], "02:aa:bb:cc:dd:ee",
-        "runtimeConfig wins over CNI_ARGS"
-    );
-    assert_eq!(
-        o.json["interfaces"][0]["mac"], br_mac,
-        "the bridge MAC does not follow its ports"
-    );
+    assert_eq!(o.json["interfaces"][2]["mac"], "02:aa:bb:cc:dd:ee", "runtimeConfig wins over CNI_ARGS");
+    assert_eq!(o.json["interfaces"][0]["mac"], br_mac, "the bridge MAC does not follow its ports");
     let show = p2.ip(&["link", "show", "eth0"]);
     assert!(show.contains("02:aa:bb:cc:dd:ee"), "{show}");
 }
@@ -486,11 +353,7 @@ fn interop_with_the_reference_plugins_both_ways() {
     let o = w.call("ADD", "c1", &p1.path.display().to_string(), &conf);
     assert_eq!(o.code, 0, "{} {}", o.stdout, o.stderr);
     assert_eq!(o.json["ips"][0]["address"], "10.31.0.2/24");
-    assert_eq!(
-        w.call("DEL", "c1", &p1.path.display().to_string(), &conf)
-            .code,
-        0
-    );
+    assert_eq!(w.call("DEL", "c1", &p1.path.display().to_string(), &conf).code, 0);
     assert!(w.leases().is_empty());
     // The reference bridge with our host-local, on the same bridge and lease dir.
     let refconf = {
@@ -508,10 +371,7 @@ fn interop_with_the_reference_plugins_both_ways() {
     let bin = std::path::Path::new(REFERENCE_DIR).join("bridge");
     let o = cni_conformance::invoke(&w.node, &bin, "ADD", &env, &refconf);
     assert_eq!(o.code, 0, "{} {}", o.stdout, o.stderr);
-    assert_eq!(
-        o.json["ips"][0]["address"], "10.31.0.3/24",
-        "round robin continued"
-    );
+    assert_eq!(o.json["ips"][0]["address"], "10.31.0.3/24", "round robin continued");
     assert_eq!(w.leases(), ["10.31.0.3"]);
     let o = cni_conformance::invoke(&w.node, &bin, "DEL", &env, &refconf);
     assert_eq!(o.code, 0, "{}", o.stdout);
@@ -526,16 +386,8 @@ fn status_gc_and_version() {
     let w = World::new("gc");
     let (p1, p2) = (Netns::new("p1"), Netns::new("p2"));
     let conf = w.conf("1.1.0", "10.32.0.0/24", json!({"ipMasq": true}));
-    assert_eq!(
-        w.call("ADD", "a", &p1.path.display().to_string(), &conf)
-            .code,
-        0
-    );
-    assert_eq!(
-        w.call("ADD", "b", &p2.path.display().to_string(), &conf)
-            .code,
-        0
-    );
+    assert_eq!(w.call("ADD", "a", &p1.path.display().to_string(), &conf).code, 0);
+    assert_eq!(w.call("ADD", "b", &p2.path.display().to_string(), &conf).code, 0);
     assert_eq!(w.call("STATUS", "", "", &conf).code, 0);
     let mut g = conf.clone();
     g["cni.dev/valid-attachments"] = json!([{"containerID": "a", "ifname": "eth0"}]);
@@ -543,14 +395,8 @@ fn status_gc_and_version() {
     assert_eq!((o.code, o.stdout.as_str()), (0, ""), "{}", o.stderr);
     assert_eq!(w.leases(), ["10.32.0.2"]);
     assert_eq!(w.masq_entries(), ["10.32.0.2 testnet/a/eth0"]);
-    let v = w.call_with(
-        "VERSION",
-        "",
-        "dummy",
-        "",
-        &[("CNI_PATH", "dummy")],
-        &json!({"cniVersion": "1.1.0"}),
-    );
+    let v =
+        w.call_with("VERSION", "", "dummy", "", &[("CNI_PATH", "dummy")], &json!({"cniVersion": "1.1.0"}));
     assert_eq!(v.json["supportedVersions"].as_array().unwrap().len(), 7);
 }
 
@@ -566,37 +412,14 @@ fn vlan_access_trunk_and_gateway_interface() {
         "10.33.0.0/24",
         json!({"vlan": 100, "vlanTrunk": [{"id": 7}, {"minID": 200, "maxID": 203}]}),
     );
-    let bad = w.conf(
-        "1.1.0",
-        "10.33.0.0/24",
-        json!({"vlanTrunk": [{"minID": 5}]}),
-    );
-    assert_eq!(
-        w.call("ADD", "c0", &p1.path.display().to_string(), &bad)
-            .err_code(),
-        Some(7)
-    );
-    let probe = w.node.run(
-        "ip",
-        &[
-            "link",
-            "add",
-            "vfprobe",
-            "type",
-            "bridge",
-            "vlan_filtering",
-            "1",
-        ],
-    );
+    let bad = w.conf("1.1.0", "10.33.0.0/24", json!({"vlanTrunk": [{"minID": 5}]}));
+    assert_eq!(w.call("ADD", "c0", &p1.path.display().to_string(), &bad).err_code(), Some(7));
+    let probe = w.node.run("ip", &["link", "add", "vfprobe", "type", "bridge", "vlan_filtering", "1"]);
     if !probe.status.success() {
         eprintln!("!!!!! this kernel has no bridge VLAN filtering: checking the refusal only, not the VLAN datapath !!!!!");
         let o = w.call("ADD", "c1", &p1.path.display().to_string(), &conf);
         assert_eq!(o.err_code(), Some(2), "{}", o.stdout);
-        assert!(
-            o.stdout.contains("CONFIG_BRIDGE_VLAN_FILTERING"),
-            "{}",
-            o.stdout
-        );
+        assert!(o.stdout.contains("CONFIG_BRIDGE_VLAN_FILTERING"), "{}", o.stdout);
         assert_eq!(w.node.links(), ["lo"], "nothing created");
         assert_eq!(p1.links(), ["lo"]);
         assert!(w.leases().is_empty(), "lease rolled back");
@@ -607,16 +430,10 @@ fn vlan_access_trunk_and_gateway_interface() {
     assert_eq!(o.code, 0, "{} {}", o.stdout, o.stderr);
     // The gateway lives on cni0.100, reported as a fourth interface.
     assert_eq!(o.json["interfaces"][3]["name"], "cni0.100", "{}", o.stdout);
-    assert!(w
-        .node
-        .ip(&["-br", "addr", "show", "dev", "cni0.100"])
-        .contains("10.33.0.1/24"));
+    assert!(w.node.ip(&["-br", "addr", "show", "dev", "cni0.100"]).contains("10.33.0.1/24"));
     let br = w.node.ip_json(&["link", "show", "dev", "cni0"])[0].clone();
     assert_eq!(br["linkinfo"]["info_data"]["vlan_filtering"], 1);
-    let veth = o.json["interfaces"][1]["name"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let veth = o.json["interfaces"][1]["name"].as_str().unwrap().to_string();
     let vl = w.node.run("bridge", &["-j", "vlan", "show", "dev", &veth]);
     let v: Value = serde_json::from_slice(&vl.stdout).unwrap();
     let vlans = v[0]["vlans"].as_array().unwrap().clone();
@@ -632,43 +449,20 @@ fn vlan_access_trunk_and_gateway_interface() {
         })
     };
     assert!(has(100, true), "access VLAN 100 is the PVID: {vlans:?}");
-    assert!(
-        has(7, false) && has(200, false) && has(203, false),
-        "trunk: {vlans:?}"
-    );
-    assert!(
-        !has(1, false) && !has(1, true),
-        "default VLAN 1 removed: {vlans:?}"
-    );
+    assert!(has(7, false) && has(200, false) && has(203, false), "trunk: {vlans:?}");
+    assert!(!has(1, false) && !has(1, true), "default VLAN 1 removed: {vlans:?}");
     // A second pod on the same VLAN reaches the first one and the gateway.
     let o2 = w.call("ADD", "c2", &p2.path.display().to_string(), &conf);
     assert_eq!(o2.code, 0, "{}", o2.stdout);
-    assert_eq!(
-        tcp_exchange(p1.file(), ip_of(&o, 0), p2.file()),
-        Ok(ip_of(&o2, 0))
-    );
-    assert_eq!(
-        tcp_exchange(w.node.file(), "10.33.0.1".parse().unwrap(), p1.file()),
-        Ok(ip_of(&o, 0))
-    );
+    assert_eq!(tcp_exchange(p1.file(), ip_of(&o, 0), p2.file()), Ok(ip_of(&o2, 0)));
+    assert_eq!(tcp_exchange(w.node.file(), "10.33.0.1".parse().unwrap(), p1.file()), Ok(ip_of(&o, 0)));
     // preserveDefaultVlan keeps VLAN 1.
     let p3 = Netns::new("p3");
-    let keep = w.conf(
-        "1.1.0",
-        "10.33.0.0/24",
-        json!({"vlan": 100, "preserveDefaultVlan": true}),
-    );
+    let keep = w.conf("1.1.0", "10.33.0.0/24", json!({"vlan": 100, "preserveDefaultVlan": true}));
     let o3 = w.call("ADD", "c3", &p3.path.display().to_string(), &keep);
-    let veth3 = o3.json["interfaces"][1]["name"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let out = String::from_utf8_lossy(
-        &w.node
-            .run("bridge", &["vlan", "show", "dev", &veth3])
-            .stdout,
-    )
-    .to_string();
+    let veth3 = o3.json["interfaces"][1]["name"].as_str().unwrap().to_string();
+    let out =
+        String::from_utf8_lossy(&w.node.run("bridge", &["vlan", "show", "dev", &veth3]).stdout).to_string();
     assert!(out.contains(" 1") && out.contains("100 PVID"), "{out}");
 }
 
@@ -683,38 +477,17 @@ fn mac_spoof_check_drops_foreign_source_macs() {
     let o1 = w.call("ADD", "c1", &p1.path.display().to_string(), &conf);
     let o2 = w.call("ADD", "c2", &p2.path.display().to_string(), &conf);
     assert_eq!((o1.code, o2.code), (0, 0), "{} {}", o1.stdout, o2.stdout);
-    assert_eq!(
-        tcp_exchange(p1.file(), ip_of(&o1, 0), p2.file()),
-        Ok(ip_of(&o2, 0)),
-        "own MAC passes"
-    );
+    assert_eq!(tcp_exchange(p1.file(), ip_of(&o1, 0), p2.file()), Ok(ip_of(&o2, 0)), "own MAC passes");
     let mut c = conf.clone();
     c["prevResult"] = o2.json.clone();
-    assert_eq!(
-        w.call("CHECK", "c2", &p2.path.display().to_string(), &c)
-            .code,
-        0
-    );
+    assert_eq!(w.call("CHECK", "c2", &p2.path.display().to_string(), &c).code, 0);
     // The pod changes its MAC: its frames are dropped on the bridge.
     p2.ip(&["link", "set", "dev", "eth0", "address", "02:de:ad:be:ef:01"]);
     p1.ip(&["neigh", "flush", "all"]);
-    assert!(
-        tcp_exchange(p1.file(), ip_of(&o1, 0), p2.file()).is_err(),
-        "spoofed MAC got through"
-    );
-    assert_eq!(
-        w.call("DEL", "c2", &p2.path.display().to_string(), &conf)
-            .code,
-        0
-    );
-    assert_eq!(
-        w.call("DEL", "c1", &p1.path.display().to_string(), &conf)
-            .code,
-        0
-    );
-    let left = w
-        .node
-        .run("nft", &["list", "table", "bridge", "cni_bridge"]);
+    assert!(tcp_exchange(p1.file(), ip_of(&o1, 0), p2.file()).is_err(), "spoofed MAC got through");
+    assert_eq!(w.call("DEL", "c2", &p2.path.display().to_string(), &conf).code, 0);
+    assert_eq!(w.call("DEL", "c1", &p1.path.display().to_string(), &conf).code, 0);
+    let left = w.node.run("nft", &["list", "table", "bridge", "cni_bridge"]);
     let text = String::from_utf8_lossy(&left.stdout);
     assert!(!text.contains("testnet/"), "spoof entries left: {text}");
 }
@@ -728,34 +501,18 @@ fn masquerade_hides_pods_from_outside_but_not_from_each_other_with_both_backends
         let w = World::new("masq");
         let ext = Netns::new("ext");
         // The node's "uplink" to the outside world: a veth between the two namespaces.
-        w.node.ip(&[
-            "link", "add", "up0", "type", "veth", "peer", "name", "up1", "netns", &ext.name,
-        ]);
+        w.node.ip(&["link", "add", "up0", "type", "veth", "peer", "name", "up1", "netns", &ext.name]);
         w.node.ip(&["addr", "add", "192.0.2.1/24", "dev", "up0"]);
         w.node.ip(&["link", "set", "up0", "up"]);
         ext.ip(&["addr", "add", "192.0.2.2/24", "dev", "up1"]);
         ext.ip(&["link", "set", "up1", "up"]);
         let (a, b) = (Netns::new("a"), Netns::new("b"));
-        let conf = w.conf(
-            "1.1.0",
-            "10.35.0.0/24",
-            json!({"ipMasq": true, "ipMasqBackend": backend}),
-        );
+        let conf = w.conf("1.1.0", "10.35.0.0/24", json!({"ipMasq": true, "ipMasqBackend": backend}));
         let oa = w.call("ADD", "a", &a.path.display().to_string(), &conf);
         let ob = w.call("ADD", "b", &b.path.display().to_string(), &conf);
-        assert_eq!(
-            (oa.code, ob.code),
-            (0, 0),
-            "{backend}: {} {}",
-            oa.stdout,
-            ob.stdout
-        );
+        assert_eq!((oa.code, ob.code), (0, 0), "{backend}: {} {}", oa.stdout, ob.stdout);
         let outside = tcp_exchange(ext.file(), "192.0.2.2".parse().unwrap(), a.file());
-        assert_eq!(
-            outside,
-            Ok("192.0.2.1".parse().unwrap()),
-            "{backend}: outside sees the node address"
-        );
+        assert_eq!(outside, Ok("192.0.2.1".parse().unwrap()), "{backend}: outside sees the node address");
         assert_eq!(
             tcp_exchange(b.file(), ip_of(&ob, 0), a.file()),
             Ok(ip_of(&oa, 0)),
@@ -763,23 +520,11 @@ fn masquerade_hides_pods_from_outside_but_not_from_each_other_with_both_backends
         );
         let mut c = conf.clone();
         c["prevResult"] = oa.json.clone();
-        assert_eq!(
-            w.call("CHECK", "a", &a.path.display().to_string(), &c).code,
-            0,
-            "{backend}"
-        );
+        assert_eq!(w.call("CHECK", "a", &a.path.display().to_string(), &c).code, 0, "{backend}");
         assert_eq!(w.call("DEL", "a", "", &conf).code, 0);
-        assert_eq!(
-            w.call("DEL", "b", &b.path.display().to_string(), &conf)
-                .code,
-            0
-        );
-        let saved = String::from_utf8_lossy(&w.node.run("iptables-save", &["-t", "nat"]).stdout)
-            .to_string();
-        assert!(
-            !saved.contains("CNIB-"),
-            "{backend}: iptables rules left: {saved}"
-        );
+        assert_eq!(w.call("DEL", "b", &b.path.display().to_string(), &conf).code, 0);
+        let saved = String::from_utf8_lossy(&w.node.run("iptables-save", &["-t", "nat"]).stdout).to_string();
+        assert!(!saved.contains("CNIB-"), "{backend}: iptables rules left: {saved}");
         assert!(w.masq_entries().is_empty(), "{backend}: nft entries left");
         let k = w.call("CHECK", "a", &a.path.display().to_string(), &c);
         assert_ne!(k.code, 0, "{backend}: CHECK after DEL must fail");

@@ -37,35 +37,19 @@ pub struct NetConf {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns: Option<Dns>,
     /// Capability arguments from the runtime.
-    #[serde(
-        rename = "runtimeConfig",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "runtimeConfig", default, skip_serializing_if = "Option::is_none")]
     pub runtime_config: Option<Value>,
     /// Per-call arguments (`args.cni.*`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub args: Option<Value>,
     /// The result of the previous plugin in the chain (ADD) or the cached final result (DEL, CHECK).
-    #[serde(
-        rename = "prevResult",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "prevResult", default, skip_serializing_if = "Option::is_none")]
     pub prev_result: Option<Value>,
     /// GC: attachments still in use (`None` when the key is absent, which differs from empty).
-    #[serde(
-        rename = "cni.dev/valid-attachments",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "cni.dev/valid-attachments", default, skip_serializing_if = "Option::is_none")]
     pub valid_attachments: Option<Vec<Attachment>>,
     /// GC: the legacy name of `cni.dev/valid-attachments`.
-    #[serde(
-        rename = "cni.dev/attachments",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "cni.dev/attachments", default, skip_serializing_if = "Option::is_none")]
     pub legacy_attachments: Option<Vec<Attachment>>,
     /// Every other field.
     #[serde(flatten)]
@@ -80,10 +64,8 @@ pub fn valid_network_name(name: &str) -> bool {
 impl NetConf {
     /// Decodes a config (code 6 on malformed JSON).
     pub fn from_slice(stdin: &[u8]) -> Result<NetConf, Error> {
-        serde_json::from_slice(stdin).map_err(|e| Error::Decode {
-            what: "network config",
-            details: e.to_string(),
-        })
+        serde_json::from_slice(stdin)
+            .map_err(|e| Error::Decode { what: "network config", details: e.to_string() })
     }
 
     /// The config's version string, defaulting to 0.1.0 as the spec's libraries do.
@@ -111,9 +93,7 @@ impl NetConf {
 
     /// The attachments GC must keep: the new key, else the legacy one, else `None`.
     pub fn gc_valid_attachments(&self) -> Option<&[Attachment]> {
-        self.valid_attachments
-            .as_deref()
-            .or(self.legacy_attachments.as_deref())
+        self.valid_attachments.as_deref().or(self.legacy_attachments.as_deref())
     }
 
     /// The parsed prevResult, if any (its own `cniVersion`, else the config's, gives its shape).
@@ -148,10 +128,9 @@ mod tests {
     fn missing_valid_attachments_differs_from_empty() {
         let none = NetConf::from_slice(br#"{"cniVersion":"1.1.0","name":"n"}"#).unwrap();
         assert!(none.gc_valid_attachments().is_none());
-        let empty = NetConf::from_slice(
-            br#"{"cniVersion":"1.1.0","name":"n","cni.dev/valid-attachments":[]}"#,
-        )
-        .unwrap();
+        let empty =
+            NetConf::from_slice(br#"{"cniVersion":"1.1.0","name":"n","cni.dev/valid-attachments":[]}"#)
+                .unwrap();
         assert_eq!(empty.gc_valid_attachments(), Some(&[][..]));
         let legacy = NetConf::from_slice(
             br#"{"cniVersion":"1.1.0","name":"n","cni.dev/attachments":[{"containerID":"a","ifname":"e"}]}"#,
@@ -162,10 +141,7 @@ mod tests {
 
     #[test]
     fn version_rules() {
-        let v = |s: &str| NetConf {
-            cni_version: s.into(),
-            ..Default::default()
-        };
+        let v = |s: &str| NetConf { cni_version: s.into(), ..Default::default() };
         assert_eq!(v("").version().unwrap(), Version(0, 1, 0));
         assert_eq!(v("0.4.0").version().unwrap(), Version(0, 4, 0));
         for bad in ["1.2.0", "9.9.9", "x"] {

@@ -27,28 +27,19 @@ fn verb(c: Command) -> &'static str {
 
 /// Finds the executable of plugin `plugin_type` in the CNI_PATH directories.
 pub fn find(plugin_type: &str, path: &[PathBuf]) -> Result<PathBuf, Error> {
-    if plugin_type.is_empty()
-        || plugin_type.contains('/')
-        || plugin_type == "."
-        || plugin_type == ".."
-    {
-        return Err(Error::InvalidConfig(format!(
-            "invalid plugin type {plugin_type:?}"
-        )));
+    if plugin_type.is_empty() || plugin_type.contains('/') || plugin_type == "." || plugin_type == ".." {
+        return Err(Error::InvalidConfig(format!("invalid plugin type {plugin_type:?}")));
     }
     if path.is_empty() {
         return Err(Error::MissingEnv(vec!["CNI_PATH"]));
     }
-    path.iter()
-        .map(|d| d.join(plugin_type))
-        .find(|p| p.is_file())
-        .ok_or_else(|| {
-            Error::plugin(
-                DELEGATE_FAILED,
-                format!("failed to find plugin {plugin_type:?} in path {path:?}"),
-                String::new(),
-            )
-        })
+    path.iter().map(|d| d.join(plugin_type)).find(|p| p.is_file()).ok_or_else(|| {
+        Error::plugin(
+            DELEGATE_FAILED,
+            format!("failed to find plugin {plugin_type:?} in path {path:?}"),
+            String::new(),
+        )
+    })
 }
 
 /// Runs `plugin_type` with `command`; returns its result for ADD, `None` otherwise.
@@ -81,34 +72,20 @@ pub fn exec_path(
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     let fail = |msg: String| Error::plugin(DELEGATE_FAILED, msg, String::new());
-    let mut child = p
-        .spawn()
-        .map_err(|e| fail(format!("running {}: {e}", bin.display())))?;
+    let mut child = p.spawn().map_err(|e| fail(format!("running {}: {e}", bin.display())))?;
     if let Some(mut w) = child.stdin.take() {
         // A plugin that exits without reading stdin closes the pipe; its exit status tells.
         let _ = w.write_all(stdin);
     }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| fail(format!("waiting for {}: {e}", bin.display())))?;
-    let name = bin
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let out = child.wait_with_output().map_err(|e| fail(format!("waiting for {}: {e}", bin.display())))?;
+    let name = bin.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     if !out.status.success() {
         let v: Option<Value> = serde_json::from_slice(&out.stdout).ok();
         return Err(match v {
             Some(v) if v.get("code").and_then(Value::as_u64).is_some() => Error::Plugin {
                 code: v["code"].as_u64().unwrap_or(DELEGATE_FAILED as u64) as u32,
-                msg: format!(
-                    "{name}: {}",
-                    v.get("msg").and_then(Value::as_str).unwrap_or("failed")
-                ),
-                details: v
-                    .get("details")
-                    .and_then(Value::as_str)
-                    .unwrap_or("")
-                    .to_string(),
+                msg: format!("{name}: {}", v.get("msg").and_then(Value::as_str).unwrap_or("failed")),
+                details: v.get("details").and_then(Value::as_str).unwrap_or("").to_string(),
             },
             _ => fail(format!(
                 "{name} {} failed ({}): {}",
@@ -121,9 +98,7 @@ pub fn exec_path(
     if command != Command::Add {
         return Ok(None);
     }
-    let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| Error::Decode {
-        what: "delegated plugin result",
-        details: format!("{name}: {e}"),
-    })?;
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| Error::Decode { what: "delegated plugin result", details: format!("{name}: {e}") })?;
     CniResult::from_json(&v, "1.1.0").map(Some)
 }

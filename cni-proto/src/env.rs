@@ -68,10 +68,7 @@ impl CniArgs {
     /// Parses CNI_ARGS; a key outside [`KNOWN_ARGS`] is an error unless `IgnoreUnknown` is
     /// `1` or `true`.
     pub fn parse(s: &str) -> Result<CniArgs, Error> {
-        let invalid = |reason: String| Error::InvalidEnv {
-            var: "CNI_ARGS",
-            reason,
-        };
+        let invalid = |reason: String| Error::InvalidEnv { var: "CNI_ARGS", reason };
         let mut map = BTreeMap::new();
         for pair in s.split(';').filter(|p| !p.is_empty()) {
             let (k, v) = pair
@@ -82,16 +79,11 @@ impl CniArgs {
             }
             map.insert(k.to_string(), v.to_string());
         }
-        let ignore = map
-            .get("IgnoreUnknown")
-            .map(|v| v == "1" || v.eq_ignore_ascii_case("true"))
-            .unwrap_or(false);
+        let ignore =
+            map.get("IgnoreUnknown").map(|v| v == "1" || v.eq_ignore_ascii_case("true")).unwrap_or(false);
         if !ignore {
-            let unknown: Vec<&str> = map
-                .keys()
-                .map(String::as_str)
-                .filter(|k| !KNOWN_ARGS.contains(k))
-                .collect();
+            let unknown: Vec<&str> =
+                map.keys().map(String::as_str).filter(|k| !KNOWN_ARGS.contains(k)).collect();
             if !unknown.is_empty() {
                 return Err(invalid(format!(
                     "unknown args {unknown:?} (set IgnoreUnknown=1 to ignore them)"
@@ -131,8 +123,7 @@ pub fn valid_container_id(id: &str) -> bool {
     let b = id.as_bytes();
     !b.is_empty()
         && b[0].is_ascii_alphanumeric()
-        && b.iter()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
 }
 
 /// Why an interface name is not valid (the kernel's rules), or `None` when it is.
@@ -143,10 +134,7 @@ pub fn invalid_ifname(name: &str) -> Option<&'static str> {
         Some("interface name is longer than 15 bytes")
     } else if name == "." || name == ".." {
         Some("interface name cannot be . or ..")
-    } else if name
-        .chars()
-        .any(|c| c == '/' || c == ':' || c.is_whitespace())
-    {
+    } else if name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace()) {
         Some("interface name contains / or : or whitespace")
     } else {
         None
@@ -155,17 +143,10 @@ pub fn invalid_ifname(name: &str) -> Option<&'static str> {
 
 impl Invocation {
     /// Reads and validates the environment for `command`; `get` returns a variable's value.
-    pub fn from_env(
-        command: Command,
-        get: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<Invocation, Error> {
+    pub fn from_env(command: Command, get: &dyn Fn(&str) -> Option<String>) -> Result<Invocation, Error> {
         let val = |k: &str| get(k).filter(|v| !v.is_empty());
-        let missing: Vec<&'static str> = command
-            .required()
-            .iter()
-            .copied()
-            .filter(|k| val(k).is_none())
-            .collect();
+        let missing: Vec<&'static str> =
+            command.required().iter().copied().filter(|k| val(k).is_none()).collect();
         if !missing.is_empty() {
             return Err(Error::MissingEnv(missing));
         }
@@ -176,46 +157,20 @@ impl Invocation {
             if !valid_container_id(&container_id) {
                 return Err(Error::InvalidEnv {
                     var: "CNI_CONTAINERID",
-                    reason: format!(
-                        "{container_id:?} does not match ^[a-zA-Z0-9][a-zA-Z0-9_.\\-]*$"
-                    ),
+                    reason: format!("{container_id:?} does not match ^[a-zA-Z0-9][a-zA-Z0-9_.\\-]*$"),
                 });
             }
             if let Some(reason) = invalid_ifname(&ifname) {
-                return Err(Error::InvalidEnv {
-                    var: "CNI_IFNAME",
-                    reason: format!("{reason}: {ifname:?}"),
-                });
+                return Err(Error::InvalidEnv { var: "CNI_IFNAME", reason: format!("{reason}: {ifname:?}") });
             }
         }
-        let args_raw = if uses_attachment {
-            val("CNI_ARGS").unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let args_raw = if uses_attachment { val("CNI_ARGS").unwrap_or_default() } else { String::new() };
         let args = CniArgs::parse(&args_raw)?;
         let path = val("CNI_PATH")
-            .map(|p| {
-                p.split(':')
-                    .filter(|s| !s.is_empty())
-                    .map(PathBuf::from)
-                    .collect()
-            })
+            .map(|p| p.split(':').filter(|s| !s.is_empty()).map(PathBuf::from).collect())
             .unwrap_or_default();
-        let netns = if uses_attachment {
-            val("CNI_NETNS").map(PathBuf::from)
-        } else {
-            None
-        };
-        Ok(Invocation {
-            command,
-            container_id,
-            netns,
-            ifname,
-            args,
-            args_raw,
-            path,
-        })
+        let netns = if uses_attachment { val("CNI_NETNS").map(PathBuf::from) } else { None };
+        Ok(Invocation { command, container_id, netns, ifname, args, args_raw, path })
     }
 }
 
@@ -225,10 +180,7 @@ mod tests {
     use std::collections::HashMap;
 
     fn inv(cmd: Command, vars: &[(&str, &str)]) -> Result<Invocation, Error> {
-        let m: HashMap<String, String> = vars
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let m: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         Invocation::from_env(cmd, &|k| m.get(k).cloned())
     }
 
@@ -256,19 +208,9 @@ mod tests {
         // DEL does not need a namespace; an empty one is fine.
         let e = inv(Command::Del, &[("CNI_CONTAINERID", "c"), ("CNI_NETNS", "")]).unwrap_err();
         assert_eq!(e, Error::MissingEnv(vec!["CNI_IFNAME"]));
-        let d = inv(
-            Command::Del,
-            &[
-                ("CNI_CONTAINERID", "c"),
-                ("CNI_IFNAME", "eth0"),
-                ("CNI_NETNS", ""),
-            ],
-        );
+        let d = inv(Command::Del, &[("CNI_CONTAINERID", "c"), ("CNI_IFNAME", "eth0"), ("CNI_NETNS", "")]);
         assert!(d.unwrap().netns.is_none());
-        assert_eq!(
-            inv(Command::Gc, &[]).unwrap_err(),
-            Error::MissingEnv(vec!["CNI_PATH"])
-        );
+        assert_eq!(inv(Command::Gc, &[]).unwrap_err(), Error::MissingEnv(vec!["CNI_PATH"]));
         assert!(inv(Command::Status, &[]).is_ok());
         assert!(inv(Command::Version, &[("CNI_NETNS", "dummy")]).is_ok());
     }
@@ -288,16 +230,7 @@ mod tests {
 
     #[test]
     fn interface_names_follow_kernel_rules() {
-        for bad in [
-            "",
-            ".",
-            "..",
-            "a/b",
-            "a:b",
-            "a b",
-            "a\tb",
-            "sixteen-chars-xx",
-        ] {
+        for bad in ["", ".", "..", "a/b", "a:b", "a b", "a\tb", "sixteen-chars-xx"] {
             assert!(invalid_ifname(bad).is_some(), "{bad:?}");
         }
         assert!(invalid_ifname("fifteen-chars-x").is_none());
@@ -312,10 +245,7 @@ mod tests {
         assert!(CniArgs::parse("").unwrap().0.is_empty());
         let a = CniArgs::parse("IP=10.0.0.5;MAC=02:00:00:00:00:01").unwrap();
         assert_eq!(a.get("MAC"), Some("02:00:00:00:00:01"));
-        assert!(CniArgs::parse("FOO=1")
-            .unwrap_err()
-            .to_string()
-            .contains("FOO"));
+        assert!(CniArgs::parse("FOO=1").unwrap_err().to_string().contains("FOO"));
         assert!(CniArgs::parse("FOO=1;IgnoreUnknown=true").is_ok());
         assert!(CniArgs::parse("FOO=1;IgnoreUnknown=0").is_err());
         assert!(CniArgs::parse("novalue").is_err());

@@ -94,11 +94,7 @@ pub enum Error {
 impl Error {
     /// A plugin-specific error.
     pub fn plugin(code: u32, msg: impl Into<String>, details: impl Into<String>) -> Self {
-        Error::Plugin {
-            code,
-            msg: msg.into(),
-            details: details.into(),
-        }
+        Error::Plugin { code, msg: msg.into(), details: details.into() }
     }
 
     /// The CNI code of this error.
@@ -121,9 +117,7 @@ impl Error {
     /// Details for the error JSON.
     pub fn details(&self) -> String {
         match self {
-            Error::IncompatibleVersion { details } | Error::Decode { details, .. } => {
-                details.clone()
-            }
+            Error::IncompatibleVersion { details } | Error::Decode { details, .. } => details.clone(),
             Error::Plugin { details, .. } => details.clone(),
             _ => String::new(),
         }
@@ -140,12 +134,7 @@ impl Error {
             #[serde(skip_serializing_if = "String::is_empty")]
             details: String,
         }
-        let w = Wire {
-            cni_version,
-            code: self.code(),
-            msg: self.to_string(),
-            details: self.details(),
-        };
+        let w = Wire { cni_version, code: self.code(), msg: self.to_string(), details: self.details() };
         serde_json::to_string(&w).expect("error JSON serializes")
     }
 }
@@ -157,36 +146,13 @@ mod tests {
     #[test]
     fn codes_follow_the_spec_table() {
         let cases: Vec<(Error, u32)> = vec![
-            (
-                Error::IncompatibleVersion {
-                    details: String::new(),
-                },
-                1,
-            ),
-            (
-                Error::UnsupportedField {
-                    field: "x".into(),
-                    value: "1".into(),
-                },
-                2,
-            ),
+            (Error::IncompatibleVersion { details: String::new() }, 1),
+            (Error::UnsupportedField { field: "x".into(), value: "1".into() }, 2),
             (Error::UnknownContainer("c".into()), 3),
             (Error::MissingEnv(vec!["CNI_IFNAME"]), 4),
-            (
-                Error::InvalidEnv {
-                    var: "CNI_ARGS",
-                    reason: "x".into(),
-                },
-                4,
-            ),
+            (Error::InvalidEnv { var: "CNI_ARGS", reason: "x".into() }, 4),
             (Error::Io("x".into()), 5),
-            (
-                Error::Decode {
-                    what: "config",
-                    details: String::new(),
-                },
-                6,
-            ),
+            (Error::Decode { what: "config", details: String::new() }, 6),
             (Error::InvalidConfig("x".into()), 7),
             (Error::TryAgainLater("x".into()), 11),
             (Error::NotAvailable("x".into()), 50),
@@ -199,18 +165,14 @@ mod tests {
 
     #[test]
     fn json_names_missing_variables_and_fields() {
-        let j: serde_json::Value = serde_json::from_str(
-            &Error::MissingEnv(vec!["CNI_NETNS", "CNI_IFNAME"]).to_json("1.1.0"),
-        )
-        .unwrap();
+        let j: serde_json::Value =
+            serde_json::from_str(&Error::MissingEnv(vec!["CNI_NETNS", "CNI_IFNAME"]).to_json("1.1.0"))
+                .unwrap();
         assert_eq!(j["code"], 4);
         assert_eq!(j["cniVersion"], "1.1.0");
         assert!(j["msg"].as_str().unwrap().contains("CNI_NETNS,CNI_IFNAME"));
         assert!(j.get("details").is_none());
-        let e = Error::UnsupportedField {
-            field: "vlan".into(),
-            value: "5000".into(),
-        };
+        let e = Error::UnsupportedField { field: "vlan".into(), value: "5000".into() };
         assert!(e.to_json("1.0.0").contains("unsupported field vlan: 5000"));
     }
 }

@@ -60,30 +60,17 @@ pub struct Route {
 impl Route {
     /// A route with only a destination and an optional gateway.
     pub fn new(dst: IpNetwork, gw: Option<IpAddr>) -> Route {
-        Route {
-            dst,
-            gw,
-            mtu: None,
-            advmss: None,
-            priority: None,
-            table: None,
-            scope: None,
-        }
+        Route { dst, gw, mtu: None, advmss: None, priority: None, table: None, scope: None }
     }
 
     /// Parses a route object (`{"dst", "gw"?, "mtu"?, ...}`), as in configs and results.
     pub fn from_json(v: &Value) -> Result<Route, String> {
-        let dst = v
-            .get("dst")
-            .and_then(Value::as_str)
-            .ok_or("route without dst")?;
+        let dst = v.get("dst").and_then(Value::as_str).ok_or("route without dst")?;
         let dst = IpNetwork::from_str(dst).map_err(|e| format!("route dst {dst:?}: {e}"))?;
         let gw = match v.get("gw") {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) if s.is_empty() => None,
-            Some(Value::String(s)) => {
-                Some(IpAddr::from_str(s).map_err(|e| format!("route gw {s:?}: {e}"))?)
-            }
+            Some(Value::String(s)) => Some(IpAddr::from_str(s).map_err(|e| format!("route gw {s:?}: {e}"))?),
             Some(o) => return Err(format!("route gw {o} is not a string")),
         };
         if let Some(g) = gw {
@@ -180,17 +167,11 @@ pub struct CniResult {
 }
 
 fn decode_err(details: String) -> Error {
-    Error::Decode {
-        what: "result",
-        details,
-    }
+    Error::Decode { what: "result", details }
 }
 
 fn str_field(v: &Value, k: &str) -> Option<String> {
-    v.get(k)
-        .and_then(Value::as_str)
-        .filter(|s| !s.is_empty())
-        .map(str::to_string)
+    v.get(k).and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_string)
 }
 
 fn parse_ip(s: &str) -> Result<IpAddr, Error> {
@@ -208,53 +189,28 @@ impl CniResult {
         if !v.is_object() {
             return Err(decode_err(format!("result is not an object: {v}")));
         }
-        let ver_str = v
-            .get("cniVersion")
-            .and_then(Value::as_str)
-            .unwrap_or(default_version);
+        let ver_str = v.get("cniVersion").and_then(Value::as_str).unwrap_or(default_version);
         let ver = Version::parse(ver_str).unwrap_or(Version::CURRENT);
         let dns = match v.get("dns") {
             None | Some(Value::Null) => Dns::default(),
-            Some(d) => {
-                serde_json::from_value(d.clone()).map_err(|e| decode_err(format!("dns: {e}")))?
-            }
+            Some(d) => serde_json::from_value(d.clone()).map_err(|e| decode_err(format!("dns: {e}")))?,
         };
-        let mut r = CniResult {
-            dns,
-            ..Default::default()
-        };
+        let mut r = CniResult { dns, ..Default::default() };
         if ver.is_legacy() || v.get("ip4").is_some() || v.get("ip6").is_some() {
             for key in ["ip4", "ip6"] {
                 let Some(ipc) = v.get(key).filter(|x| x.is_object()) else {
                     continue;
                 };
-                let addr =
-                    str_field(ipc, "ip").ok_or_else(|| decode_err(format!("{key} without ip")))?;
-                let gateway = str_field(ipc, "gateway")
-                    .map(|g| parse_ip(&g))
-                    .transpose()?;
-                r.ips.push(IpConfig {
-                    address: parse_net(&addr)?,
-                    gateway,
-                    interface: None,
-                });
-                for rt in ipc
-                    .get("routes")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                {
+                let addr = str_field(ipc, "ip").ok_or_else(|| decode_err(format!("{key} without ip")))?;
+                let gateway = str_field(ipc, "gateway").map(|g| parse_ip(&g)).transpose()?;
+                r.ips.push(IpConfig { address: parse_net(&addr)?, gateway, interface: None });
+                for rt in ipc.get("routes").and_then(Value::as_array).into_iter().flatten() {
                     r.routes.push(Route::from_json(rt).map_err(decode_err)?);
                 }
             }
             return Ok(r);
         }
-        for i in v
-            .get("interfaces")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
+        for i in v.get("interfaces").and_then(Value::as_array).into_iter().flatten() {
             r.interfaces.push(Interface {
                 name: str_field(i, "name").unwrap_or_default(),
                 mac: str_field(i, "mac"),
@@ -265,29 +221,19 @@ impl CniResult {
             });
         }
         for ip in v.get("ips").and_then(Value::as_array).into_iter().flatten() {
-            let addr = str_field(ip, "address")
-                .ok_or_else(|| decode_err("ips entry without address".into()))?;
+            let addr =
+                str_field(ip, "address").ok_or_else(|| decode_err("ips entry without address".into()))?;
             let gateway = str_field(ip, "gateway").map(|g| parse_ip(&g)).transpose()?;
             let interface = match ip.get("interface") {
                 None | Some(Value::Null) => None,
-                Some(n) => Some(
-                    n.as_u64()
-                        .ok_or_else(|| decode_err(format!("ips interface {n} is not an index")))?
-                        as usize,
-                ),
+                Some(n) => {
+                    Some(n.as_u64().ok_or_else(|| decode_err(format!("ips interface {n} is not an index")))?
+                        as usize)
+                }
             };
-            r.ips.push(IpConfig {
-                address: parse_net(&addr)?,
-                gateway,
-                interface,
-            });
+            r.ips.push(IpConfig { address: parse_net(&addr)?, gateway, interface });
         }
-        for rt in v
-            .get("routes")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
+        for rt in v.get("routes").and_then(Value::as_array).into_iter().flatten() {
             r.routes.push(Route::from_json(rt).map_err(decode_err)?);
         }
         Ok(r)
@@ -308,21 +254,14 @@ impl CniResult {
                 if let Some(g) = ip.gateway {
                     o.insert("gateway".into(), json!(g.to_string()));
                 }
-                let routes: Vec<Value> = self
-                    .routes
-                    .iter()
-                    .filter(|r| r.dst.is_ipv4() == want_v4)
-                    .map(|r| r.to_json(v))
-                    .collect();
+                let routes: Vec<Value> =
+                    self.routes.iter().filter(|r| r.dst.is_ipv4() == want_v4).map(|r| r.to_json(v)).collect();
                 if !routes.is_empty() {
                     o.insert("routes".into(), Value::Array(routes));
                 }
                 m.insert(key.into(), Value::Object(o));
             }
-            m.insert(
-                "dns".into(),
-                serde_json::to_value(&self.dns).expect("dns serializes"),
-            );
+            m.insert("dns".into(), serde_json::to_value(&self.dns).expect("dns serializes"));
             return Value::Object(m);
         }
         if !self.interfaces.is_empty() {
@@ -356,10 +295,7 @@ impl CniResult {
             let ips = self.ips.iter().map(|ip| {
                 let mut o = Map::new();
                 if v.has_ip_version_field() {
-                    o.insert(
-                        "version".into(),
-                        json!(if ip.address.is_ipv4() { "4" } else { "6" }),
-                    );
+                    o.insert("version".into(), json!(if ip.address.is_ipv4() { "4" } else { "6" }));
                 }
                 if let Some(i) = ip.interface {
                     o.insert("interface".into(), json!(i));
@@ -373,15 +309,9 @@ impl CniResult {
             m.insert("ips".into(), Value::Array(ips.collect()));
         }
         if !self.routes.is_empty() {
-            m.insert(
-                "routes".into(),
-                Value::Array(self.routes.iter().map(|r| r.to_json(v)).collect()),
-            );
+            m.insert("routes".into(), Value::Array(self.routes.iter().map(|r| r.to_json(v)).collect()));
         }
-        m.insert(
-            "dns".into(),
-            serde_json::to_value(&self.dns).expect("dns serializes"),
-        );
+        m.insert("dns".into(), serde_json::to_value(&self.dns).expect("dns serializes"));
         Value::Object(m)
     }
 }
@@ -412,11 +342,7 @@ mod tests {
                     gateway: Some("10.1.2.1".parse().unwrap()),
                     interface: Some(1),
                 },
-                IpConfig {
-                    address: "fd00::5/64".parse().unwrap(),
-                    gateway: None,
-                    interface: Some(1),
-                },
+                IpConfig { address: "fd00::5/64".parse().unwrap(), gateway: None, interface: Some(1) },
             ],
             routes: vec![
                 Route {
@@ -425,17 +351,11 @@ mod tests {
                     scope: Some(0),
                     mtu: Some(1400),
                     advmss: Some(1360),
-                    ..Route::new(
-                        "0.0.0.0/0".parse().unwrap(),
-                        Some("10.1.2.1".parse().unwrap()),
-                    )
+                    ..Route::new("0.0.0.0/0".parse().unwrap(), Some("10.1.2.1".parse().unwrap()))
                 },
                 Route::new("::/0".parse().unwrap(), None),
             ],
-            dns: Dns {
-                nameservers: vec!["10.96.0.10".into()],
-                ..Default::default()
-            },
+            dns: Dns { nameservers: vec!["10.96.0.10".into()], ..Default::default() },
         }
     }
 
@@ -515,11 +435,6 @@ mod tests {
         assert!(Route::from_json(&json!({"gw": "10.0.0.1"})).is_err());
         assert!(Route::from_json(&json!({"dst": "nope"})).is_err());
         assert!(Route::from_json(&json!({"dst": "10.0.0.0/8", "priority": -1})).is_err());
-        assert_eq!(
-            Route::from_json(&json!({"dst": "10.0.0.0/8", "gw": ""}))
-                .unwrap()
-                .gw,
-            None
-        );
+        assert_eq!(Route::from_json(&json!({"dst": "10.0.0.0/8", "gw": ""})).unwrap().gw, None);
     }
 }

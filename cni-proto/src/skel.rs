@@ -55,19 +55,11 @@ pub struct Outcome {
 
 impl Outcome {
     fn ok(stdout: String) -> Outcome {
-        Outcome {
-            stdout,
-            stderr: String::new(),
-            exit_code: 0,
-        }
+        Outcome { stdout, stderr: String::new(), exit_code: 0 }
     }
 
     fn err(e: &Error, version: &str) -> Outcome {
-        Outcome {
-            stdout: e.to_json(version),
-            stderr: String::new(),
-            exit_code: 1,
-        }
+        Outcome { stdout: e.to_json(version), stderr: String::new(), exit_code: 1 }
     }
 }
 
@@ -97,29 +89,19 @@ pub fn dispatch(
     let mut buf = Vec::new();
     let read = stdin.read_to_end(&mut buf);
     let Some(command) = Command::parse(&cmd_str) else {
-        let e = Error::InvalidEnv {
-            var: "CNI_COMMAND",
-            reason: format!("unknown command {cmd_str:?}"),
-        };
+        let e = Error::InvalidEnv { var: "CNI_COMMAND", reason: format!("unknown command {cmd_str:?}") };
         return Outcome::err(&e, &Version::CURRENT.to_string());
     };
     if command == Command::Version {
         return version_outcome(&buf);
     }
     if let Err(e) = read {
-        return Outcome::err(
-            &Error::Io(format!("reading stdin: {e}")),
-            &Version::CURRENT.to_string(),
-        );
+        return Outcome::err(&Error::Io(format!("reading stdin: {e}")), &Version::CURRENT.to_string());
     }
     // The error JSON carries the config's version when it can be read at all.
     let claimed = serde_json::from_slice::<Value>(&buf)
         .ok()
-        .and_then(|v| {
-            v.get("cniVersion")
-                .and_then(Value::as_str)
-                .map(str::to_string)
-        })
+        .and_then(|v| v.get("cniVersion").and_then(Value::as_str).map(str::to_string))
         .unwrap_or_else(|| Version::CURRENT.to_string());
     match prepare(command, get_env, buf) {
         Err(e) => Outcome::err(&e, &claimed),
@@ -146,15 +128,10 @@ fn version_outcome(stdin: &[u8]) -> Outcome {
     // VERSION ignores everything else: echo a supported requested version, else the newest.
     let asked = serde_json::from_slice::<Value>(stdin)
         .ok()
-        .and_then(|v| {
-            v.get("cniVersion")
-                .and_then(Value::as_str)
-                .and_then(Version::parse)
-        })
+        .and_then(|v| v.get("cniVersion").and_then(Value::as_str).and_then(Version::parse))
         .filter(|v| v.is_supported())
         .unwrap_or(Version::CURRENT);
-    let out =
-        json!({"cniVersion": asked.to_string(), "supportedVersions": Version::supported_strings()});
+    let out = json!({"cniVersion": asked.to_string(), "supportedVersions": Version::supported_strings()});
     Outcome::ok(out.to_string())
 }
 
@@ -164,15 +141,10 @@ fn prepare(
     stdin: Vec<u8>,
 ) -> Result<Request, Error> {
     let inv = Invocation::from_env(command, get_env)?;
-    let raw: Value = serde_json::from_slice(&stdin).map_err(|e| Error::Decode {
-        what: "network config",
-        details: e.to_string(),
-    })?;
+    let raw: Value = serde_json::from_slice(&stdin)
+        .map_err(|e| Error::Decode { what: "network config", details: e.to_string() })?;
     if !raw.is_object() {
-        return Err(Error::Decode {
-            what: "network config",
-            details: "not a JSON object".into(),
-        });
+        return Err(Error::Decode { what: "network config", details: "not a JSON object".into() });
     }
     let conf = NetConf::from_slice(&stdin)?;
     let version = conf.version()?;
@@ -199,13 +171,7 @@ fn prepare(
             conf.name
         )));
     }
-    Ok(Request {
-        inv,
-        conf,
-        version,
-        raw,
-        stdin,
-    })
+    Ok(Request { inv, conf, version, raw, stdin })
 }
 
 /// Runs a plugin as a process: real environment and stdin, prints, and exits.
@@ -319,15 +285,7 @@ mod tests {
 
     #[test]
     fn version_ignores_everything_else() {
-        let o = run(
-            "VERSION",
-            &[
-                ("CNI_NETNS", "dummy"),
-                ("CNI_PATH", "dummy"),
-                ("CNI_CONTAINERID", ""),
-            ],
-            "",
-        );
+        let o = run("VERSION", &[("CNI_NETNS", "dummy"), ("CNI_PATH", "dummy"), ("CNI_CONTAINERID", "")], "");
         assert_eq!(o.exit_code, 0);
         let j = json(&o);
         assert_eq!(j["cniVersion"], "1.1.0");
@@ -377,11 +335,7 @@ mod tests {
 
     #[test]
     fn bad_network_name_is_code_7() {
-        let o = run(
-            "ADD",
-            &[],
-            r#"{"cniVersion":"1.0.0","name":"../x","type":"fake"}"#,
-        );
+        let o = run("ADD", &[], r#"{"cniVersion":"1.0.0","name":"../x","type":"fake"}"#);
         assert_eq!(json(&o)["code"], 7);
         let o = run("ADD", &[], r#"{"cniVersion":"1.0.0","type":"fake"}"#);
         assert_eq!(json(&o)["code"], 7);
@@ -389,11 +343,7 @@ mod tests {
 
     #[test]
     fn plugin_errors_keep_their_code_and_details() {
-        let o = run(
-            "ADD",
-            &[],
-            r#"{"cniVersion":"1.0.0","name":"n","type":"fake","fail":true}"#,
-        );
+        let o = run("ADD", &[], r#"{"cniVersion":"1.0.0","name":"n","type":"fake","fail":true}"#);
         let j = json(&o);
         assert_eq!(
             (j["code"].as_u64(), j["msg"].as_str(), j["details"].as_str()),

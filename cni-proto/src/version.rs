@@ -86,9 +86,7 @@ mod tests {
     fn parses_only_three_numeric_parts() {
         assert_eq!(Version::parse("1.1.0"), Some(Version(1, 1, 0)));
         assert_eq!(Version::parse("0.3.1"), Some(Version(0, 3, 1)));
-        for bad in [
-            "", "1", "1.0", "1.0.0.0", "a.b.c", "1.-1.0", "1..0", " 1.0.0",
-        ] {
+        for bad in ["", "1", "1.0", "1.0.0.0", "a.b.c", "1.-1.0", "1..0", " 1.0.0"] {
             assert_eq!(Version::parse(bad), None, "{bad:?}");
         }
     }

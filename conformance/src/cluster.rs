@@ -85,9 +85,7 @@ impl Cluster {
             let port = format!("n{i}");
             // Created from inside the underlay namespace with the node end moved straight
             // into the node: never a link in the root namespace.
-            underlay.ip(&[
-                "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns.name,
-            ]);
+            underlay.ip(&["link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns.name]);
             underlay.ip(&["link", "set", &port, "master", "ul0", "up"]);
             let ip = Ipv4Addr::new(10, 200, 0, 10 + i as u8);
             ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
@@ -95,6 +93,8 @@ impl Cluster {
             // Service traffic between pods on one bridge goes through iptables (kube-proxy's
             // requirement, and what makes hairpin matter).
             let _ = ns.run("sysctl", &["-qw", "net.bridge.bridge-nf-call-iptables=1"]);
+            // A node forwards (kubelet/kube-proxy set this on real nodes).
+            let _ = ns.run("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
             let pod_cidr = format!("10.244.{i}.0/24");
             let conf = json!({
                 "cniVersion": "1.0.0",
@@ -107,37 +107,16 @@ impl Cluster {
                 "ipam": {"type": plugins.ipam, "subnet": pod_cidr,
                          "dataDir": state.join(format!("node{i}")).display().to_string()}
             });
-            nodes.push(Node {
-                name: format!("node-{i}"),
-                ns,
-                ip,
-                pod_cidr,
-                conf,
-            });
+            nodes.push(Node { name: format!("node-{i}"), ns, ip, pod_cidr, conf });
         }
-        Cluster {
-            underlay,
-            nodes,
-            pods: Vec::new(),
-            plugins,
-            state,
-            keep: false,
-        }
+        Cluster { underlay, nodes, pods: Vec::new(), plugins, state, keep: false }
     }
 
     /// Static routes: every node reaches every other node's pod CIDR via that node's address.
     pub fn static_routes(&self) {
         for n in &self.nodes {
             for m in self.nodes.iter().filter(|m| m.name != n.name) {
-                n.ns.ip(&[
-                    "route",
-                    "replace",
-                    &m.pod_cidr,
-                    "via",
-                    &m.ip.to_string(),
-                    "proto",
-                    "static",
-                ]);
+                n.ns.ip(&["route", "replace", &m.pod_cidr, "via", &m.ip.to_string(), "proto", "static"]);
             }
         }
     }
@@ -150,13 +129,7 @@ impl Cluster {
             ("CNI_IFNAME", "eth0"),
             ("CNI_PATH", path.as_str()),
         ];
-        invoke(
-            &self.nodes[node].ns,
-            &self.plugins.dir.join(&self.plugins.bridge),
-            cmd,
-            &env,
-            conf,
-        )
+        invoke(&self.nodes[node].ns, &self.plugins.dir.join(&self.plugins.bridge), cmd, &env, conf)
     }
 
     /// Adds a pod on node `node` (0-based) through the plugins.
@@ -168,24 +141,10 @@ impl Cluster {
             return Err(format!("ADD {name}: {} {}", out.stdout, out.stderr));
         }
         let addr = out.json["ips"][0]["address"].as_str().ok_or("no address")?;
-        let ip: IpAddr = addr
-            .split('/')
-            .next()
-            .unwrap_or("")
-            .parse()
-            .map_err(|_| format!("bad address {addr}"))?;
-        let veth = out.json["interfaces"][1]["name"]
-            .as_str()
-            .unwrap_or("")
-            .to_string();
-        self.pods.push(Pod {
-            name: name.to_string(),
-            ns,
-            ip,
-            veth,
-            node,
-            result: out.json,
-        });
+        let ip: IpAddr =
+            addr.split('/').next().unwrap_or("").parse().map_err(|_| format!("bad address {addr}"))?;
+        let veth = out.json["interfaces"][1]["name"].as_str().unwrap_or("").to_string();
+        self.pods.push(Pod { name: name.to_string(), ns, ip, veth, node, result: out.json });
         Ok(self.pods.last().expect("just pushed"))
     }
 
@@ -193,13 +152,7 @@ impl Cluster {
     pub fn del_pod(&mut self, i: usize) -> Out {
         let p = self.pods.remove(i);
         let conf = self.nodes[p.node].conf.clone();
-        self.call(
-            p.node,
-            "DEL",
-            &p.name,
-            &p.ns.path.display().to_string(),
-            &conf,
-        )
+        self.call(p.node, "DEL", &p.name, &p.ns.path.display().to_string(), &conf)
     }
 
     /// Installs, on every node, kube-proxy-style rules for a ClusterIP `vip:port` spread over
@@ -210,15 +163,10 @@ impl Cluster {
         for n in &self.nodes {
             // Declaring a chain in `iptables-restore --noflush` flushes it: the shared chains
             // are declared once, with their rules; each Service only adds its own.
-            let base = n.ns.run(
-                "iptables",
-                &["-t", "nat", "-C", "PREROUTING", "-j", "KUBE-SERVICES"],
-            );
+            let base = n.ns.run("iptables", &["-t", "nat", "-C", "PREROUTING", "-j", "KUBE-SERVICES"]);
             let mut s = String::from("*nat\n");
             if !base.status.success() {
-                s.push_str(
-                    ":KUBE-SERVICES - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n:KUBE-POSTROUTING - [0:0]\n",
-                );
+                s.push_str(":KUBE-SERVICES - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n:KUBE-POSTROUTING - [0:0]\n");
             }
             s.push_str(&format!(":{svc} - [0:0]\n"));
             for (k, _) in endpoints.iter().enumerate() {
@@ -231,9 +179,7 @@ impl Cluster {
                 s.push_str("-A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0\n");
                 s.push_str("-A KUBE-POSTROUTING -j MASQUERADE\n");
             }
-            s.push_str(&format!(
-                "-A KUBE-SERVICES -d {vip}/32 -p tcp --dport {port} -j {svc}\n"
-            ));
+            s.push_str(&format!("-A KUBE-SERVICES -d {vip}/32 -p tcp --dport {port} -j {svc}\n"));
             let n_ep = endpoints.len();
             for (k, ep) in endpoints.iter().enumerate() {
                 let sep = format!("KUBE-SEP-{}-{k}", name.to_uppercase());
@@ -249,34 +195,72 @@ impl Cluster {
                 s.push_str(&format!("-A {sep} -p tcp -j DNAT --to-destination {ep}\n"));
             }
             s.push_str("COMMIT\n");
-            let mut c = std::process::Command::new("iptables-restore");
-            c.args(["--noflush", "-w"])
-                .stdin(std::process::Stdio::piped());
-            n.ns.enter(&mut c);
-            let mut child = c.spawn().expect("iptables-restore");
-            use std::io::Write;
-            child
-                .stdin
-                .take()
-                .expect("piped")
-                .write_all(s.as_bytes())
-                .expect("write rules");
-            assert!(
-                child.wait().expect("wait").success(),
-                "iptables-restore in {} failed:\n{s}",
-                n.name
-            );
+            restore(&n.ns, &s, &n.name);
+        }
+    }
+
+    /// A host outside the cluster on the underlay (`10.200.0.<host>`), e.g. a NodePort client.
+    pub fn external(&self, name: &str, host: u8) -> Netns {
+        let ns = Netns::new(name);
+        let port = format!("x{host}");
+        self.underlay.ip(&["link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns.name]);
+        self.underlay.ip(&["link", "set", &port, "master", "ul0", "up"]);
+        ns.ip(&["addr", "add", &format!("{UNDERLAY_PREFIX}.{host}/24"), "dev", "eth0"]);
+        ns.ip(&["link", "set", "eth0", "up"]);
+        ns
+    }
+
+    /// kube-proxy-style NodePort `port` for Service `name` (whose ClusterIP rules
+    /// [`Cluster::service`] installed). `local`: externalTrafficPolicy=Local, i.e. each node
+    /// forwards only to its own endpoints without SNAT and drops when it has none; otherwise
+    /// any endpoint, SNATed to the node's address.
+    pub fn node_port(&self, name: &str, port: u16, endpoints: &[(usize, SocketAddr)], local: bool) {
+        let up = name.to_uppercase();
+        for (i, n) in self.nodes.iter().enumerate() {
+            let has = n.ns.run("iptables", &["-t", "nat", "-n", "-L", "KUBE-NODEPORTS"]);
+            let mut s = String::from("*nat\n");
+            if !has.status.success() {
+                s.push_str(":KUBE-NODEPORTS - [0:0]\n");
+            }
+            s.push_str(&format!(":KUBE-EXT-{up} - [0:0]\n"));
+            if !has.status.success() {
+                s.push_str("-A KUBE-SERVICES -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n");
+            }
+            s.push_str(&format!("-A KUBE-NODEPORTS -p tcp --dport {port} -j KUBE-EXT-{up}\n"));
+            let mine: Vec<&SocketAddr> =
+                endpoints.iter().filter(|(node, _)| *node == i).map(|(_, e)| e).collect();
+            if local {
+                s.push_str(&format!(":KUBE-SVL-{up} - [0:0]\n-A KUBE-EXT-{up} -j KUBE-SVL-{up}\n"));
+                for (k, ep) in mine.iter().enumerate() {
+                    if k + 1 < mine.len() {
+                        let p = 1.0 / (mine.len() - k) as f64;
+                        s.push_str(&format!(
+                            "-A KUBE-SVL-{up} -p tcp -m statistic --mode random --probability {p:.5} -j DNAT --to-destination {ep}\n"
+                        ));
+                    } else {
+                        s.push_str(&format!("-A KUBE-SVL-{up} -p tcp -j DNAT --to-destination {ep}\n"));
+                    }
+                }
+            } else {
+                s.push_str(&format!(
+                    "-A KUBE-EXT-{up} -j KUBE-MARK-MASQ\n-A KUBE-EXT-{up} -j KUBE-SVC-{up}\n"
+                ));
+            }
+            s.push_str("COMMIT\n");
+            if local && mine.is_empty() {
+                // kube-proxy's "has no local endpoints" rule.
+                s.push_str(&format!(
+                    "*filter\n-A INPUT -p tcp --dport {port} -m addrtype --dst-type LOCAL -j DROP\n\
+                     -A FORWARD -p tcp --dport {port} -m addrtype --dst-type LOCAL -j DROP\nCOMMIT\n"
+                ));
+            }
+            restore(&n.ns, &s, &n.name);
         }
     }
 
     /// The routes of a node (`ip route` lines).
     pub fn routes(&self, node: usize) -> Vec<String> {
-        self.nodes[node]
-            .ns
-            .ip(&["route", "show"])
-            .lines()
-            .map(str::to_string)
-            .collect()
+        self.nodes[node].ns.ip(&["route", "show"]).lines().map(str::to_string).collect()
     }
 
     /// The lease files left in every node's data dir.
@@ -308,6 +292,16 @@ impl Cluster {
     }
 }
 
+fn restore(ns: &Netns, rules: &str, who: &str) {
+    use std::io::Write;
+    let mut c = std::process::Command::new("iptables-restore");
+    c.args(["--noflush", "-w"]).stdin(std::process::Stdio::piped());
+    ns.enter(&mut c);
+    let mut child = c.spawn().expect("iptables-restore");
+    child.stdin.take().expect("piped").write_all(rules.as_bytes()).expect("write rules");
+    assert!(child.wait().expect("wait").success(), "iptables-restore in {who} failed:\n{rules}");
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         if self.keep {
@@ -318,23 +312,15 @@ impl Drop for Cluster {
             for n in self.nodes.drain(..) {
                 std::mem::forget(n.ns);
             }
-            let ul = std::mem::replace(
-                &mut self.underlay,
-                Netns {
-                    name: String::new(),
-                    path: PathBuf::new(),
-                },
-            );
+            let ul =
+                std::mem::replace(&mut self.underlay, Netns { name: String::new(), path: PathBuf::new() });
             std::mem::forget(ul);
             return;
         }
         while !self.pods.is_empty() {
             let out = self.del_pod(self.pods.len() - 1);
             if out.code != 0 {
-                eprintln!(
-                    "cluster teardown: DEL failed: {} {}",
-                    out.stdout, out.stderr
-                );
+                eprintln!("cluster teardown: DEL failed: {} {}", out.stdout, out.stderr);
             }
         }
         let _ = std::fs::remove_dir_all(&self.state);

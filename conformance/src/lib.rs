@@ -6,6 +6,7 @@
 pub mod cluster;
 pub mod netns;
 pub mod plugin;
+pub mod suite;
 pub mod traffic;
 
 pub use netns::{require_root, Netns, Pause};

@@ -1,33 +1,67 @@
 //! Network namespaces owned by a test, removed on drop (also when the test panics).
 
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
 
 use nix::sched::{setns, CloneFlags};
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// Namespaces and pause processes alive now, for cleanup on a signal.
+static LIVE: Mutex<(BTreeSet<String>, BTreeSet<u32>)> = Mutex::new((BTreeSet::new(), BTreeSet::new()));
+
+fn live() -> std::sync::MutexGuard<'static, (BTreeSet<String>, BTreeSet<u32>)> {
+    LIVE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Names of the namespaces this process has made and not yet removed.
+pub fn live_namespaces() -> Vec<String> {
+    live().0.iter().cloned().collect()
+}
+
+/// On SIGINT, SIGTERM or SIGHUP: remove every namespace and end every pause process this
+/// process made (by PID, nothing else), then exit 130. Call before starting any thread.
+pub fn install_signal_cleanup() {
+    use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+    let mut set = SigSet::empty();
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        set.add(s);
+    }
+    if nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None).is_err() {
+        return;
+    }
+    std::thread::spawn(move || {
+        if let Ok(sig) = set.wait() {
+            let (names, pids) = live().clone();
+            for pid in pids {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
+            }
+            for n in names {
+                let _ = Command::new("ip").args(["netns", "del", &n]).stderr(Stdio::null()).status();
+            }
+            eprintln!("interrupted by {sig:?}: removed every namespace this run made");
+            std::process::exit(130);
+        }
+    });
+}
 
 /// Whether we are root; if not, says so loudly (the caller then skips).
 pub fn require_root(test: &str) -> bool {
     if nix::unistd::geteuid().is_root() {
         return true;
     }
-    eprintln!(
-        "!!!!! SKIPPED {test}: needs root for network namespaces. Run scripts/test as root. !!!!!"
-    );
+    eprintln!("!!!!! SKIPPED {test}: needs root for network namespaces. Run scripts/test as root. !!!!!");
     false
 }
 
 fn unique(tag: &str) -> String {
-    format!(
-        "cnit-{}-{}-{tag}",
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    )
+    format!("cnit-{}-{}-{tag}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed))
 }
 
 /// A named namespace (`ip netns add`), deleted on drop.
@@ -42,15 +76,10 @@ impl Netns {
     /// Creates an empty namespace (only `lo`, down).
     pub fn new(tag: &str) -> Netns {
         let name = unique(tag);
-        let st = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .expect("run ip netns add");
+        let st = Command::new("ip").args(["netns", "add", &name]).status().expect("run ip netns add");
         assert!(st.success(), "ip netns add {name} failed");
-        let ns = Netns {
-            path: PathBuf::from(format!("/run/netns/{name}")),
-            name,
-        };
+        live().0.insert(name.clone());
+        let ns = Netns { path: PathBuf::from(format!("/run/netns/{name}")), name };
         ns.ip(&["link", "set", "lo", "up"]);
         ns
     }
@@ -62,18 +91,8 @@ impl Netns {
 
     /// Runs `ip -n <ns> args...` and returns stdout; panics on failure.
     pub fn ip(&self, args: &[&str]) -> String {
-        let o = Command::new("ip")
-            .arg("-n")
-            .arg(&self.name)
-            .args(args)
-            .output()
-            .expect("run ip");
-        assert!(
-            o.status.success(),
-            "ip -n {} {args:?}: {}",
-            self.name,
-            String::from_utf8_lossy(&o.stderr)
-        );
+        let o = Command::new("ip").arg("-n").arg(&self.name).args(args).output().expect("run ip");
+        assert!(o.status.success(), "ip -n {} {args:?}: {}", self.name, String::from_utf8_lossy(&o.stderr));
         String::from_utf8_lossy(&o.stdout).into_owned()
     }
 
@@ -102,9 +121,7 @@ impl Netns {
         let f = self.file();
         // SAFETY: pre_exec runs in the forked child; setns is async-signal-safe.
         unsafe {
-            cmd.pre_exec(move || {
-                setns(f.as_fd(), CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
-            });
+            cmd.pre_exec(move || setns(f.as_fd(), CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from));
         }
     }
 
@@ -119,10 +136,10 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .stderr(Stdio::null())
-            .status();
+        if self.name.is_empty() || !live().0.remove(&self.name) {
+            return;
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).stderr(Stdio::null()).status();
     }
 }
 
@@ -142,6 +159,7 @@ impl Pause {
             .stdin(Stdio::null())
             .spawn()
             .expect("start unshare");
+        live().1.insert(child.id());
         let path = PathBuf::from(format!("/proc/{}/ns/net", child.id()));
         let own = std::fs::read_link("/proc/thread-self/ns/net").expect("own ns");
         // unshare execs sleep after switching namespace; wait for that switch (bounded).
@@ -165,9 +183,7 @@ impl Pause {
         c.args(args);
         let f = self.file();
         unsafe {
-            c.pre_exec(move || {
-                setns(f.as_fd(), CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
-            });
+            c.pre_exec(move || setns(f.as_fd(), CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from));
         }
         let o = c.output().expect("run ip");
         String::from_utf8_lossy(&o.stdout).into_owned()
@@ -184,6 +200,7 @@ impl Drop for Pause {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        live().1.remove(&self.child.id());
     }
 }
 

@@ -45,29 +45,18 @@ pub fn invoke_raw(
 ) -> Out {
     if let Some((_, ns)) = env.iter().find(|(k, _)| *k == "CNI_NETNS") {
         if !allow_self_netns && !ns.is_empty() && same_namespace(Path::new(ns), node) {
-            panic!(
-                "refusing to run a plugin whose CNI_NETNS {ns} is the node namespace it runs in"
-            );
+            panic!("refusing to run a plugin whose CNI_NETNS {ns} is the node namespace it runs in");
         }
     }
     let mut c = Command::new(bin);
-    c.env_clear()
-        .env("CNI_COMMAND", cmd)
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+    c.env_clear().env("CNI_COMMAND", cmd).env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
     for (k, v) in env {
         c.env(k, v);
     }
-    c.stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
     node.enter(&mut c);
     let mut child = c.spawn().expect("spawn plugin");
-    child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(stdin)
-        .expect("write stdin");
+    child.stdin.take().expect("piped").write_all(stdin).expect("write stdin");
     let o = child.wait_with_output().expect("wait plugin");
     let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
     Out {

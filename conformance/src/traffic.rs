@@ -10,10 +10,7 @@ use std::time::{Duration, Instant};
 
 use nix::sched::{setns, CloneFlags};
 
-fn in_ns<T: Send + 'static>(
-    ns: File,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> std::thread::JoinHandle<T> {
+fn in_ns<T: Send + 'static>(ns: File, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
     std::thread::spawn(move || {
         setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).expect("setns");
         f()
@@ -38,17 +35,14 @@ pub fn exchange(
     let (tx, rx) = mpsc::channel();
     let server = in_ns(server_ns, move || -> Result<IpAddr, String> {
         let l = TcpListener::bind(bind).map_err(|e| format!("bind {bind}: {e}"))?;
-        tx.send(l.local_addr().map_err(|e| e.to_string())?)
-            .map_err(|e| e.to_string())?;
+        tx.send(l.local_addr().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
         // Bounded, so a refused or dropped connection ends this thread too.
         l.set_nonblocking(true).map_err(|e| e.to_string())?;
         let deadline = Instant::now() + Duration::from_secs(4);
         let (mut s, peer) = loop {
             match l.accept() {
                 Ok(x) => break x,
-                Err(e)
-                    if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline =>
-                {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(5))
                 }
                 Err(e) => return Err(format!("accept: {e}")),
@@ -84,4 +78,64 @@ pub fn exchange(
     let seen = server.join().map_err(|_| "server panicked".to_string())?;
     c?;
     seen
+}
+
+/// Servers listen on each `(namespace, address)` while the client connects `tries` times to
+/// `target`; returns how many connections each server accepted (a failed connect counts for
+/// none), e.g. to see a Service spread over its endpoints.
+pub fn spread(
+    servers: Vec<(File, SocketAddr)>,
+    client_ns: File,
+    target: SocketAddr,
+    tries: usize,
+) -> Vec<usize> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let done = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = mpsc::channel();
+    let handles: Vec<_> = servers
+        .into_iter()
+        .map(|(ns, bind)| {
+            let (done, tx) = (done.clone(), tx.clone());
+            in_ns(ns, move || -> usize {
+                let Ok(l) = TcpListener::bind(bind) else {
+                    let _ = tx.send(());
+                    return 0;
+                };
+                let _ = l.set_nonblocking(true);
+                let _ = tx.send(());
+                let mut n = 0;
+                while !done.load(Ordering::SeqCst) {
+                    match l.accept() {
+                        Ok((mut s, _)) => {
+                            let _ = s.set_nonblocking(false);
+                            s.set_read_timeout(Some(Duration::from_secs(2))).ok();
+                            let mut buf = [0u8; 4];
+                            if s.read_exact(&mut buf).is_ok() && s.write_all(b"pong").is_ok() {
+                                n += 1;
+                            }
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                    }
+                }
+                n
+            })
+        })
+        .collect();
+    drop(tx);
+    for _ in 0..handles.len() {
+        let _ = rx.recv();
+    }
+    let client = in_ns(client_ns, move || {
+        for _ in 0..tries {
+            if let Ok(mut s) = TcpStream::connect_timeout(&target, Duration::from_secs(2)) {
+                s.set_read_timeout(Some(Duration::from_secs(2))).ok();
+                let mut buf = [0u8; 4];
+                let _ = s.write_all(b"ping").and_then(|_| s.read_exact(&mut buf));
+            }
+        }
+    });
+    let _ = client.join();
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    handles.into_iter().map(|h| h.join().unwrap_or(0)).collect()
 }

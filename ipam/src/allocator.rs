@@ -40,11 +40,7 @@ fn position(set: &RangeSet, ip: IpAddr) -> Option<u128> {
 
 fn config(r: &Range, ip: IpAddr) -> IpConfig {
     let address = IpNetwork::new(ip, r.subnet.prefix()).expect("prefix of a valid subnet");
-    IpConfig {
-        address,
-        gateway: Some(r.gateway),
-        interface: None,
-    }
+    IpConfig { address, gateway: Some(r.gateway), interface: None }
 }
 
 /// Reserves one address of range set number `idx` for (id, ifname): `requested` if given.
@@ -56,26 +52,15 @@ pub fn allocate(
     ifname: &str,
     requested: Option<IpAddr>,
 ) -> Result<IpConfig, IpamError> {
-    if let Some(held) = store
-        .lookup(id, ifname)
-        .into_iter()
-        .find(|ip| set.range_for(*ip).is_some())
-    {
-        return Err(IpamError::Duplicate {
-            ip: held,
-            id: id.to_string(),
-        });
+    if let Some(held) = store.lookup(id, ifname).into_iter().find(|ip| set.range_for(*ip).is_some()) {
+        return Err(IpamError::Duplicate { ip: held, id: id.to_string() });
     }
     if let Some(ip) = requested {
         let r = set.range_for(ip).ok_or_else(|| {
-            IpamError::RequestedUnavailable(format!(
-                "requested IP address {ip} is not in range set {set}"
-            ))
+            IpamError::RequestedUnavailable(format!("requested IP address {ip} is not in range set {set}"))
         })?;
         if ip == r.gateway {
-            return Err(IpamError::RequestedUnavailable(format!(
-                "requested ip {ip} is subnet's gateway"
-            )));
+            return Err(IpamError::RequestedUnavailable(format!("requested ip {ip} is subnet's gateway")));
         }
         if !r.assignable(ip) {
             return Err(IpamError::RequestedUnavailable(format!(
@@ -92,11 +77,8 @@ pub fn allocate(
         return Ok(config(r, ip));
     }
     let total: u128 = set.0.iter().map(size).sum();
-    let first = store
-        .last_reserved(idx)
-        .and_then(|ip| position(set, ip))
-        .map(|p| (p + 1) % total)
-        .unwrap_or(0);
+    let first =
+        store.last_reserved(idx).and_then(|ip| position(set, ip)).map(|p| (p + 1) % total).unwrap_or(0);
     // Lazily: a /64 has 2^64 candidates and the first free one is usually near.
     for k in 0..total {
         let (r, ip) = at(set, (first + k) % total);
@@ -116,12 +98,7 @@ mod tests {
     use super::*;
 
     fn set(ranges: &[(&str, Option<&str>, Option<&str>)]) -> RangeSet {
-        RangeSet(
-            ranges
-                .iter()
-                .map(|(s, a, b)| Range::new(s, *a, *b, None).unwrap())
-                .collect(),
-        )
+        RangeSet(ranges.iter().map(|(s, a, b)| Range::new(s, *a, *b, None).unwrap()).collect())
     }
 
     fn addr(c: &IpConfig) -> String {
@@ -136,30 +113,18 @@ mod tests {
         let got: Vec<String> = (0..5)
             .map(|i| addr(&allocate(&mut s, &set, 0, &format!("c{i}"), "eth0", None).unwrap()))
             .collect();
-        assert_eq!(
-            got,
-            ["10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5", "10.0.0.6"]
-        );
+        assert_eq!(got, ["10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5", "10.0.0.6"]);
         let e = allocate(&mut s, &set, 0, "c9", "eth0", None).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "no IP addresses available in range set: 10.0.0.1-10.0.0.6"
-        );
+        assert_eq!(e.to_string(), "no IP addresses available in range set: 10.0.0.1-10.0.0.6");
         s.release("10.0.0.3".parse().unwrap()).unwrap();
-        assert_eq!(
-            addr(&allocate(&mut s, &set, 0, "c9", "eth0", None).unwrap()),
-            "10.0.0.3"
-        );
+        assert_eq!(addr(&allocate(&mut s, &set, 0, "c9", "eth0", None).unwrap()), "10.0.0.3");
     }
 
     #[test]
     fn continues_after_last_reserved_across_ranges() {
         let t = tempfile::tempdir().unwrap();
         let mut s = Store::open(t.path(), "n").unwrap();
-        let set = set(&[
-            ("10.0.0.0/24", Some("10.0.0.250"), None),
-            ("10.0.1.0/24", None, Some("10.0.1.3")),
-        ]);
+        let set = set(&[("10.0.0.0/24", Some("10.0.0.250"), None), ("10.0.1.0/24", None, Some("10.0.1.3"))]);
         s.set_last_reserved(0, Some("10.0.0.253")).unwrap();
         let got: Vec<String> = (0..4)
             .map(|i| addr(&allocate(&mut s, &set, 0, &format!("c{i}"), "eth0", None).unwrap()))
@@ -174,10 +139,7 @@ mod tests {
         let mut s = Store::open(t.path(), "n").unwrap();
         let set = set(&[("10.0.0.0/24", None, None)]);
         let ip = |x: &str| Some(x.parse().unwrap());
-        assert_eq!(
-            addr(&allocate(&mut s, &set, 0, "a", "eth0", ip("10.0.0.77")).unwrap()),
-            "10.0.0.77"
-        );
+        assert_eq!(addr(&allocate(&mut s, &set, 0, "a", "eth0", ip("10.0.0.77")).unwrap()), "10.0.0.77");
         assert!(matches!(
             allocate(&mut s, &set, 0, "b", "eth0", ip("10.0.0.77")),
             Err(IpamError::RequestedUnavailable(_))
@@ -190,10 +152,7 @@ mod tests {
             allocate(&mut s, &set, 0, "b", "eth0", ip("10.9.0.1")),
             Err(IpamError::RequestedUnavailable(_))
         ));
-        assert!(matches!(
-            allocate(&mut s, &set, 0, "a", "eth0", None),
-            Err(IpamError::Duplicate { .. })
-        ));
+        assert!(matches!(allocate(&mut s, &set, 0, "a", "eth0", None), Err(IpamError::Duplicate { .. })));
         // Another interface of the same container is a different attachment.
         assert!(allocate(&mut s, &set, 0, "a", "net1", None).is_ok());
         assert_eq!(s.last_reserved(0), "10.0.0.78".parse().ok());

@@ -62,18 +62,12 @@ fn to_set(raw: Vec<RawRange>, what: &str) -> Result<RangeSet, IpamError> {
     let ranges = raw
         .into_iter()
         .map(|r| {
-            Range::new(
-                &r.subnet,
-                r.range_start.as_deref(),
-                r.range_end.as_deref(),
-                r.gateway.as_deref(),
-            )
-            .map_err(|e| cfg_err(format!("invalid {what}: {e}")))
+            Range::new(&r.subnet, r.range_start.as_deref(), r.range_end.as_deref(), r.gateway.as_deref())
+                .map_err(|e| cfg_err(format!("invalid {what}: {e}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
     let set = RangeSet(ranges);
-    set.validate()
-        .map_err(|e| cfg_err(format!("invalid {what}: {e}")))?;
+    set.validate().map_err(|e| cfg_err(format!("invalid {what}: {e}")))?;
     Ok(set)
 }
 
@@ -87,9 +81,7 @@ fn requested_list(v: Option<&Value>, what: &str) -> Result<Vec<IpAddr>, IpamErro
     let Some(v) = v.filter(|v| !v.is_null()) else {
         return Ok(vec![]);
     };
-    let arr = v
-        .as_array()
-        .ok_or_else(|| cfg_err(format!("{what} is not a list")))?;
+    let arr = v.as_array().ok_or_else(|| cfg_err(format!("{what} is not a list")))?;
     arr.iter()
         .map(|x| {
             x.as_str()
@@ -102,39 +94,24 @@ fn requested_list(v: Option<&Value>, what: &str) -> Result<Vec<IpAddr>, IpamErro
 impl IpamConfig {
     /// Reads and validates the configuration of `req`.
     pub fn from_request(req: &Request) -> Result<IpamConfig, IpamError> {
-        let ipam = req
-            .conf
-            .ipam
-            .clone()
-            .ok_or_else(|| cfg_err("IPAM config missing 'ipam' key"))?;
-        let raw: RawIpam = serde_json::from_value(ipam)
-            .map_err(|e| cfg_err(format!("invalid ipam section: {e}")))?;
+        let ipam = req.conf.ipam.clone().ok_or_else(|| cfg_err("IPAM config missing 'ipam' key"))?;
+        let raw: RawIpam =
+            serde_json::from_value(ipam).map_err(|e| cfg_err(format!("invalid ipam section: {e}")))?;
 
         let mut requested = Vec::new();
         if let Some(ip) = req.inv.args.get("IP") {
             for part in ip.split(',').filter(|p| !p.is_empty()) {
                 requested.push(
-                    parse_requested(part).ok_or_else(|| {
-                        IpamError::EnvArgs(format!("IP={part} is not an address"))
-                    })?,
+                    parse_requested(part)
+                        .ok_or_else(|| IpamError::EnvArgs(format!("IP={part} is not an address")))?,
                 );
             }
         }
-        requested.extend(requested_list(
-            req.raw.pointer("/args/cni/ips"),
-            "args.cni.ips",
-        )?);
-        requested.extend(requested_list(
-            req.raw.pointer("/runtimeConfig/ips"),
-            "runtimeConfig.ips",
-        )?);
+        requested.extend(requested_list(req.raw.pointer("/args/cni/ips"), "args.cni.ips")?);
+        requested.extend(requested_list(req.raw.pointer("/runtimeConfig/ips"), "runtimeConfig.ips")?);
 
         let mut ranges = Vec::new();
-        if let Some(v) = req
-            .raw
-            .pointer("/runtimeConfig/ipRanges")
-            .filter(|v| !v.is_null())
-        {
+        if let Some(v) = req.raw.pointer("/runtimeConfig/ipRanges").filter(|v| !v.is_null()) {
             let sets: Vec<Vec<RawRange>> = serde_json::from_value(v.clone())
                 .map_err(|e| cfg_err(format!("invalid runtimeConfig.ipRanges: {e}")))?;
             for (i, s) in sets.into_iter().enumerate() {
@@ -166,11 +143,8 @@ impl IpamConfig {
             .iter()
             .map(|r| Route::from_json(r).map_err(|e| cfg_err(format!("invalid route: {e}"))))
             .collect::<Result<Vec<_>, _>>()?;
-        let data_dir = PathBuf::from(
-            raw.data_dir
-                .filter(|d| !d.is_empty())
-                .unwrap_or_else(|| DEFAULT_DATA_DIR.into()),
-        );
+        let data_dir =
+            PathBuf::from(raw.data_dir.filter(|d| !d.is_empty()).unwrap_or_else(|| DEFAULT_DATA_DIR.into()));
         Ok(IpamConfig {
             name: req.conf.name.clone(),
             ranges,

@@ -56,10 +56,7 @@ pub enum IpamError {
 impl IpamError {
     /// Wraps an I/O error with what was being done.
     pub fn store(context: impl Into<String>, source: std::io::Error) -> Self {
-        IpamError::Store {
-            context: context.into(),
-            source,
-        }
+        IpamError::Store { context: context.into(), source }
     }
 }
 
@@ -68,15 +65,10 @@ impl From<IpamError> for CniError {
         let msg = e.to_string();
         match e {
             IpamError::Config(m) => CniError::InvalidConfig(m),
-            IpamError::EnvArgs(m) => CniError::InvalidEnv {
-                var: "CNI_ARGS",
-                reason: m,
-            },
+            IpamError::EnvArgs(m) => CniError::InvalidEnv { var: "CNI_ARGS", reason: m },
             IpamError::TooManyForVersion(_) => CniError::IncompatibleVersion { details: msg },
             IpamError::Exhausted(_) => CniError::plugin(CODE_RANGE_EXHAUSTED, msg, ""),
-            IpamError::RequestedUnavailable(_) => {
-                CniError::plugin(CODE_REQUESTED_UNAVAILABLE, msg, "")
-            }
+            IpamError::RequestedUnavailable(_) => CniError::plugin(CODE_REQUESTED_UNAVAILABLE, msg, ""),
             IpamError::Duplicate { .. } => CniError::plugin(CODE_DUPLICATE, msg, ""),
             IpamError::Check(_) => CniError::plugin(CODE_CHECK_FAILED, msg, ""),
             IpamError::Store { .. } | IpamError::Gc(_) => CniError::Io(msg),

@@ -21,23 +21,21 @@ impl HostLocal {
     fn add(&self, req: &Request) -> Result<CniResult, IpamError> {
         let cfg = IpamConfig::from_request(req)?;
         let dns = match &cfg.resolv_conf {
-            Some(p) => read_resolv_conf(p)
-                .map_err(|e| IpamError::store(format!("reading {}", p.display()), e))?,
+            Some(p) => {
+                read_resolv_conf(p).map_err(|e| IpamError::store(format!("reading {}", p.display()), e))?
+            }
             None => Default::default(),
         };
         let (id, ifname) = (req.inv.container_id.as_str(), req.inv.ifname.as_str());
         let mut store = Store::open(&cfg.data_dir, &cfg.name)?;
-        let cursors: Vec<Option<String>> = (0..cfg.ranges.len())
-            .map(|i| store.last_reserved_raw(i))
-            .collect();
+        let cursors: Vec<Option<String>> =
+            (0..cfg.ranges.len()).map(|i| store.last_reserved_raw(i)).collect();
         let mut requested = cfg.requested.clone();
         let mut ips = Vec::new();
         let mut failure = None;
         for (idx, set) in cfg.ranges.iter().enumerate() {
-            let want = requested
-                .iter()
-                .position(|ip| set.range_for(*ip).is_some())
-                .map(|i| requested.remove(i));
+            let want =
+                requested.iter().position(|ip| set.range_for(*ip).is_some()).map(|i| requested.remove(i));
             match allocate(&mut store, set, idx, id, ifname, want) {
                 Ok(c) => ips.push(c),
                 Err(e) => {
@@ -64,12 +62,7 @@ impl HostLocal {
             return Err(e);
         }
         store.commit()?;
-        Ok(CniResult {
-            interfaces: vec![],
-            ips,
-            routes: cfg.routes,
-            dns,
-        })
+        Ok(CniResult { interfaces: vec![], ips, routes: cfg.routes, dns })
     }
 
     fn del(&self, req: &Request) -> Result<(), IpamError> {
@@ -92,9 +85,7 @@ impl HostLocal {
         let cfg = IpamConfig::from_request(req)?;
         let (id, ifname) = (&req.inv.container_id, &req.inv.ifname);
         let not_found = || {
-            IpamError::Check(format!(
-                "host-local: failed to find address added by container {id} ({ifname})"
-            ))
+            IpamError::Check(format!("host-local: failed to find address added by container {id} ({ifname})"))
         };
         if !Store::exists(&cfg.data_dir, &cfg.name) {
             return Err(not_found());
@@ -105,28 +96,16 @@ impl HostLocal {
         if held.is_empty() {
             return Err(not_found());
         }
-        let prev = req
-            .conf
-            .prev_result()
-            .map_err(|e| IpamError::Check(format!("prevResult: {e}")))?;
+        let prev = req.conf.prev_result().map_err(|e| IpamError::Check(format!("prevResult: {e}")))?;
         let Some(prev) = prev else { return Ok(()) };
         let ours = |ip: &IpAddr| cfg.ranges.iter().any(|s| s.range_for(*ip).is_some());
-        let listed: BTreeSet<IpAddr> = prev
-            .ips
-            .iter()
-            .map(|c| c.address.ip())
-            .filter(ours)
-            .collect();
+        let listed: BTreeSet<IpAddr> = prev.ips.iter().map(|c| c.address.ip()).filter(ours).collect();
         if let Some(ip) = listed.difference(&held).next() {
             return Err(IpamError::Check(format!(
                 "prevResult address {ip} is not reserved for {id} ({ifname})"
             )));
         }
-        if let Some(ip) = held
-            .iter()
-            .filter(|ip| ours(ip))
-            .find(|ip| !listed.contains(ip))
-        {
+        if let Some(ip) = held.iter().filter(|ip| ours(ip)).find(|ip| !listed.contains(ip)) {
             return Err(IpamError::Check(format!(
                 "{ip} is reserved for {id} ({ifname}) but missing from prevResult"
             )));
@@ -146,16 +125,10 @@ impl HostLocal {
         let mut store = Store::open(&cfg.data_dir, &cfg.name)?;
         store.rescan()?;
         let keep = |id: &str, ifname: &str| {
-            valid
-                .iter()
-                .any(|a| a.container_id == id && (ifname.is_empty() || a.ifname == ifname))
+            valid.iter().any(|a| a.container_id == id && (ifname.is_empty() || a.ifname == ifname))
         };
-        let stale: Vec<IpAddr> = store
-            .leases()
-            .iter()
-            .filter(|(_, l)| !keep(&l.id, &l.ifname))
-            .map(|(ip, _)| *ip)
-            .collect();
+        let stale: Vec<IpAddr> =
+            store.leases().iter().filter(|(_, l)| !keep(&l.id, &l.ifname)).map(|(ip, _)| *ip).collect();
         let mut errs = Vec::new();
         for ip in stale {
             if let Err(e) = store.release(ip) {
@@ -175,36 +148,23 @@ impl HostLocal {
     fn status(&self, req: &Request) -> Result<(), CniError> {
         // No lock and no write: only what an operator must fix makes ADD impossible.
         // A full range is not such a thing (a failing STATUS makes the node NotReady).
-        let cfg =
-            IpamConfig::from_request(req).map_err(|e| CniError::NotAvailable(e.to_string()))?;
+        let cfg = IpamConfig::from_request(req).map_err(|e| CniError::NotAvailable(e.to_string()))?;
         let dir = cfg.data_dir.join(&cfg.name);
         let mut probe: &Path = &dir;
         while !probe.exists() {
             probe = probe.parent().unwrap_or(Path::new("/"));
         }
-        let unavailable = |why: String| {
-            CniError::NotAvailable(format!("data directory {}: {why}", dir.display()))
-        };
+        let unavailable =
+            |why: String| CniError::NotAvailable(format!("data directory {}: {why}", dir.display()));
         if !probe.is_dir() {
-            return Err(unavailable(format!(
-                "{} is not a directory",
-                probe.display()
-            )));
+            return Err(unavailable(format!("{} is not a directory", probe.display())));
         }
         let vfs = statvfs(probe).map_err(|e| unavailable(e.desc().to_string()))?;
         if vfs.flags().contains(FsFlags::ST_RDONLY) {
-            return Err(unavailable(format!(
-                "{} is on a read-only filesystem",
-                probe.display()
-            )));
+            return Err(unavailable(format!("{} is on a read-only filesystem", probe.display())));
         }
-        access(probe, AccessFlags::W_OK | AccessFlags::X_OK).map_err(|e| {
-            unavailable(format!(
-                "{} is not writable ({})",
-                probe.display(),
-                e.desc()
-            ))
-        })
+        access(probe, AccessFlags::W_OK | AccessFlags::X_OK)
+            .map_err(|e| unavailable(format!("{} is not writable ({})", probe.display(), e.desc())))
     }
 }
 

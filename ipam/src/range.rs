@@ -51,9 +51,7 @@ impl Range {
         end: Option<&str>,
         gateway: Option<&str>,
     ) -> Result<Range, String> {
-        let net: IpNetwork = subnet
-            .parse()
-            .map_err(|e| format!("invalid subnet {subnet:?}: {e}"))?;
+        let net: IpNetwork = subnet.parse().map_err(|e| format!("invalid subnet {subnet:?}: {e}"))?;
         let bits = if net.is_ipv4() { 32 } else { 128 };
         if net.prefix() > bits - 2 {
             return Err(format!("Network {net} too small to allocate from"));
@@ -78,21 +76,12 @@ impl Range {
             let bcast = to_u128(net.broadcast());
             from_u128(if net.is_ipv4() { bcast - 1 } else { bcast }, net.ip())
         };
-        let gateway = gateway
-            .filter(|s| !s.is_empty())
-            .map(|g| family_ip("gateway", g))
-            .transpose()?
-            .unwrap_or(first);
-        let start = start
-            .filter(|s| !s.is_empty())
-            .map(|s| family_ip("rangeStart", s))
-            .transpose()?
-            .unwrap_or(first);
-        let end = end
-            .filter(|s| !s.is_empty())
-            .map(|s| family_ip("rangeEnd", s))
-            .transpose()?
-            .unwrap_or(last);
+        let gateway =
+            gateway.filter(|s| !s.is_empty()).map(|g| family_ip("gateway", g)).transpose()?.unwrap_or(first);
+        let start =
+            start.filter(|s| !s.is_empty()).map(|s| family_ip("rangeStart", s)).transpose()?.unwrap_or(first);
+        let end =
+            end.filter(|s| !s.is_empty()).map(|s| family_ip("rangeEnd", s)).transpose()?.unwrap_or(last);
         for (what, ip) in [("RangeStart", start), ("RangeEnd", end)] {
             if !net.contains(ip) {
                 return Err(format!("{what} {ip} not in network {net}"));
@@ -101,12 +90,7 @@ impl Range {
         if to_u128(start) > to_u128(end) {
             return Err(format!("RangeStart {start} is after RangeEnd {end}"));
         }
-        Ok(Range {
-            subnet: net,
-            start,
-            end,
-            gateway,
-        })
+        Ok(Range { subnet: net, start, end, gateway })
     }
 
     /// Whether `ip` lies in `start..=end`.
@@ -124,10 +108,7 @@ impl Range {
     }
 
     fn overlaps(&self, o: &Range) -> bool {
-        self.contains(o.start)
-            || self.contains(o.end)
-            || o.contains(self.start)
-            || o.contains(self.end)
+        self.contains(o.start) || self.contains(o.end) || o.contains(self.start) || o.contains(self.end)
     }
 }
 
@@ -145,11 +126,7 @@ impl RangeSet {
     /// Checks the set is non-empty, of one family, and without overlaps.
     pub fn validate(&self) -> Result<(), String> {
         let first = self.0.first().ok_or("empty range set")?;
-        if self
-            .0
-            .iter()
-            .any(|r| r.start.is_ipv4() != first.start.is_ipv4())
-        {
+        if self.0.iter().any(|r| r.start.is_ipv4() != first.start.is_ipv4()) {
             return Err("mixed address families".into());
         }
         for (i, a) in self.0.iter().enumerate() {
@@ -196,10 +173,7 @@ mod tests {
     #[test]
     fn defaults_match_the_reference() {
         let r = Range::new("10.1.2.0/24", None, None, None).unwrap();
-        assert_eq!(
-            (r.start, r.end, r.gateway),
-            (ip("10.1.2.1"), ip("10.1.2.254"), ip("10.1.2.1"))
-        );
+        assert_eq!((r.start, r.end, r.gateway), (ip("10.1.2.1"), ip("10.1.2.254"), ip("10.1.2.1")));
         let r6 = Range::new("2001:db8:1::/64", None, None, None).unwrap();
         assert_eq!(r6.end, ip("2001:db8:1::ffff:ffff:ffff:ffff"));
         assert_eq!(r6.gateway, ip("2001:db8:1::1"));
@@ -220,11 +194,7 @@ mod tests {
     #[test]
     fn membership_and_assignability() {
         let r = Range::new("10.1.2.0/24", Some("10.1.2.0"), Some("10.1.2.255"), None).unwrap();
-        assert!(
-            r.contains(ip("10.1.2.255"))
-                && !r.contains(ip("10.1.3.0"))
-                && !r.contains(ip("fd00::1"))
-        );
+        assert!(r.contains(ip("10.1.2.255")) && !r.contains(ip("10.1.3.0")) && !r.contains(ip("fd00::1")));
         assert!(!r.assignable(ip("10.1.2.0")));
         assert!(!r.assignable(ip("10.1.2.255")));
         assert!(!r.assignable(ip("10.1.2.1")));
@@ -237,14 +207,8 @@ mod tests {
         let a = Range::new("10.1.2.0/24", None, None, None).unwrap();
         let b = Range::new("10.1.2.0/25", None, None, None).unwrap();
         let c = Range::new("fd00::/64", None, None, None).unwrap();
-        assert!(RangeSet(vec![a.clone(), b])
-            .validate()
-            .unwrap_err()
-            .contains("overlap"));
-        assert!(RangeSet(vec![a.clone(), c])
-            .validate()
-            .unwrap_err()
-            .contains("mixed"));
+        assert!(RangeSet(vec![a.clone(), b]).validate().unwrap_err().contains("overlap"));
+        assert!(RangeSet(vec![a.clone(), c]).validate().unwrap_err().contains("mixed"));
         assert!(RangeSet(vec![]).validate().is_err());
         let d = Range::new("10.1.3.0/24", None, None, None).unwrap();
         let set = RangeSet(vec![a, d]);

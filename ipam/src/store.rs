@@ -40,14 +40,8 @@ impl Lease {
     fn parse(content: &str) -> Lease {
         let t = content.trim();
         match t.split_once("\r\n") {
-            Some((id, ifname)) => Lease {
-                id: id.trim().to_string(),
-                ifname: ifname.trim().to_string(),
-            },
-            None => Lease {
-                id: t.to_string(),
-                ifname: String::new(),
-            },
+            Some((id, ifname)) => Lease { id: id.trim().to_string(), ifname: ifname.trim().to_string() },
+            None => Lease { id: t.to_string(), ifname: String::new() },
         }
     }
 }
@@ -70,21 +64,12 @@ fn io_ctx(what: &str, p: &Path) -> impl FnOnce(std::io::Error) -> IpamError {
 
 fn dir_stamp(dir: &Path) -> std::io::Result<String> {
     let m = fs::metadata(dir)?;
-    Ok(format!(
-        "{} {}.{} {}.{}",
-        m.ino(),
-        m.mtime(),
-        m.mtime_nsec(),
-        m.ctime(),
-        m.ctime_nsec()
-    ))
+    Ok(format!("{} {}.{} {}.{}", m.ino(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()))
 }
 
 /// The kernel's boot id; empty where it cannot be read.
 pub fn boot_id() -> String {
-    fs::read_to_string(BOOT_ID)
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+    fs::read_to_string(BOOT_ID).map(|s| s.trim().to_string()).unwrap_or_default()
 }
 
 struct IndexFile {
@@ -112,11 +97,7 @@ fn read_index(path: &Path) -> Option<IndexFile> {
         let ifname = f.next().unwrap_or("").to_string();
         leases.insert(ip, Lease { id, ifname });
     }
-    Some(IndexFile {
-        boot,
-        stamp,
-        leases,
-    })
+    Some(IndexFile { boot, stamp, leases })
 }
 
 impl Store {
@@ -128,11 +109,7 @@ impl Store {
     /// Opens (creating) `<data_dir>/<network>`, takes its lock and loads the index.
     pub fn open(data_dir: &Path, network: &str) -> Result<Store, IpamError> {
         let dir = data_dir.join(network);
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(&dir)
-            .map_err(io_ctx("creating", &dir))?;
+        fs::DirBuilder::new().recursive(true).mode(0o755).create(&dir).map_err(io_ctx("creating", &dir))?;
         let lock_path = dir.join("lock");
         let f = OpenOptions::new()
             .read(true)
@@ -142,9 +119,8 @@ impl Store {
             .mode(0o644)
             .open(&lock_path)
             .map_err(io_ctx("opening", &lock_path))?;
-        let lock = Flock::lock(f, FlockArg::LockExclusive).map_err(|(_, e)| {
-            IpamError::store(format!("locking {}", lock_path.display()), e.into())
-        })?;
+        let lock = Flock::lock(f, FlockArg::LockExclusive)
+            .map_err(|(_, e)| IpamError::store(format!("locking {}", lock_path.display()), e.into()))?;
         let mut s = Store {
             dir,
             _lock: lock,
@@ -203,11 +179,7 @@ impl Store {
         let mut leases = BTreeMap::new();
         for ent in fs::read_dir(&self.dir).map_err(io_ctx("reading", &self.dir))? {
             let ent = ent.map_err(io_ctx("reading", &self.dir))?;
-            let Some(ip) = ent
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<IpAddr>().ok())
-            else {
+            let Some(ip) = ent.file_name().to_str().and_then(|n| n.parse::<IpAddr>().ok()) else {
                 continue;
             };
             if !ent.file_type().map(|t| t.is_file()).unwrap_or(false) {
@@ -230,11 +202,7 @@ impl Store {
     /// The addresses held by (id, ifname); failing those, by a legacy lease of id alone.
     pub fn lookup(&self, id: &str, ifname: &str) -> Vec<IpAddr> {
         let by = |want: &str| -> Vec<IpAddr> {
-            self.leases
-                .iter()
-                .filter(|(_, l)| l.id == id && l.ifname == want)
-                .map(|(ip, _)| *ip)
-                .collect()
+            self.leases.iter().filter(|(_, l)| l.id == id && l.ifname == want).map(|(ip, _)| *ip).collect()
         };
         let exact = by(ifname);
         if exact.is_empty() {
@@ -255,12 +223,7 @@ impl Store {
             return Ok(false);
         }
         let p = self.dir.join(ip.to_string());
-        let mut f = match OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&p)
-        {
+        let mut f = match OpenOptions::new().write(true).create_new(true).mode(0o600).open(&p) {
             Ok(f) => f,
             Err(e) if e.kind() == ErrorKind::AlreadyExists => return Ok(false),
             Err(e) => return Err(io_ctx("creating", &p)(e)),
@@ -269,13 +232,7 @@ impl Store {
             let _ = fs::remove_file(&p);
             return Err(io_ctx("writing", &p)(e));
         }
-        self.leases.insert(
-            ip,
-            Lease {
-                id: id.trim().to_string(),
-                ifname: ifname.to_string(),
-            },
-        );
+        self.leases.insert(ip, Lease { id: id.trim().to_string(), ifname: ifname.to_string() });
         Ok(true)
     }
 
@@ -302,8 +259,7 @@ impl Store {
 
     /// The round-robin cursor of range set `set`.
     pub fn last_reserved(&self, set: usize) -> Option<IpAddr> {
-        self.last_reserved_raw(set)
-            .and_then(|s| s.trim().parse().ok())
+        self.last_reserved_raw(set).and_then(|s| s.trim().parse().ok())
     }
 
     /// Sets (or with `None` removes) the cursor of range set `set`.
@@ -378,10 +334,7 @@ mod tests {
         let p = t.path().join("net/10.0.0.2");
         assert_eq!(fs::read(&p).unwrap(), b"abc\r\neth0");
         assert_eq!(fs::metadata(&p).unwrap().mode() & 0o777, 0o600);
-        assert_eq!(
-            fs::read(t.path().join("net/last_reserved_ip.0")).unwrap(),
-            b"10.0.0.2"
-        );
+        assert_eq!(fs::read(t.path().join("net/last_reserved_ip.0")).unwrap(), b"10.0.0.2");
         assert!(t.path().join("net/lock").exists());
     }
 
@@ -419,10 +372,8 @@ mod tests {
         }
         let idx = t.path().join("net").join(INDEX_DIR).join(INDEX_FILE);
         let text = fs::read_to_string(&idx).unwrap();
-        let earlier = text.replace(
-            &format!("boot {}", boot_id()),
-            "boot 00000000-0000-0000-0000-000000000000",
-        );
+        let earlier =
+            text.replace(&format!("boot {}", boot_id()), "boot 00000000-0000-0000-0000-000000000000");
         assert_ne!(text, earlier, "the index records the boot id");
         fs::write(&idx, earlier).unwrap();
         // A lease the index does not list (another writer's) is not ours to judge.

@@ -17,14 +17,7 @@ struct Out {
     stdout: String,
 }
 
-fn run_bin(
-    bin: &str,
-    cmd: &str,
-    id: &str,
-    ifname: &str,
-    extra: &[(&str, &str)],
-    conf: &Value,
-) -> Out {
+fn run_bin(bin: &str, cmd: &str, id: &str, ifname: &str, extra: &[(&str, &str)], conf: &Value) -> Out {
     let mut c = Command::new(bin);
     c.env_clear()
         .env("CNI_COMMAND", cmd)
@@ -39,20 +32,11 @@ fn run_bin(
         c.env(k, v);
     }
     let mut child = c.spawn().expect("spawn plugin");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(conf.to_string().as_bytes())
-        .unwrap();
+    child.stdin.take().unwrap().write_all(conf.to_string().as_bytes()).unwrap();
     let o = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&o.stdout).to_string();
     let json = serde_json::from_str(&stdout).unwrap_or(Value::Null);
-    Out {
-        code: o.status.code().unwrap_or(-1),
-        json,
-        stdout,
-    }
+    Out { code: o.status.code().unwrap_or(-1), json, stdout }
 }
 
 fn run(cmd: &str, id: &str, conf: &Value) -> Out {
@@ -108,22 +92,14 @@ impl Net {
     }
 }
 
-const VERSIONS: [&str; 7] = [
-    "0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0",
-];
+const VERSIONS: [&str; 7] = ["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 
 #[test]
 fn add_prints_each_version_shape_and_writes_reference_files() {
     for v in VERSIONS {
         let n = Net::new();
-        let o = run(
-            "ADD",
-            "c1",
-            &n.conf(
-                v,
-                json!({"subnet": "10.1.2.0/24", "routes": [{"dst": "0.0.0.0/0"}]}),
-            ),
-        );
+        let o =
+            run("ADD", "c1", &n.conf(v, json!({"subnet": "10.1.2.0/24", "routes": [{"dst": "0.0.0.0/0"}]})));
         assert_eq!(o.code, 0, "{v}: {}", o.stdout);
         let j = &o.json;
         assert_eq!(j["cniVersion"], v);
@@ -132,30 +108,17 @@ fn add_prints_each_version_shape_and_writes_reference_files() {
             assert_eq!(j["ip4"]["gateway"], "10.1.2.1");
             assert_eq!(j["ip4"]["routes"][0]["dst"], "0.0.0.0/0");
         } else {
-            assert!(
-                j.get("interfaces").is_none(),
-                "IPAM results are abbreviated"
-            );
+            assert!(j.get("interfaces").is_none(), "IPAM results are abbreviated");
             assert_eq!(j["ips"][0]["address"], "10.1.2.2/24");
             assert_eq!(j["ips"][0]["gateway"], "10.1.2.1");
             assert!(j["ips"][0].get("interface").is_none());
-            assert_eq!(
-                j["ips"][0].get("version").is_some(),
-                v.starts_with("0."),
-                "{v}"
-            );
+            assert_eq!(j["ips"][0].get("version").is_some(), v.starts_with("0."), "{v}");
             assert_eq!(j["routes"][0]["dst"], "0.0.0.0/0");
         }
         assert_eq!(n.lease("10.1.2.2"), b"c1\r\neth0");
-        assert_eq!(
-            fs::read(n.dir().join("last_reserved_ip.0")).unwrap(),
-            b"10.1.2.2"
-        );
+        assert_eq!(fs::read(n.dir().join("last_reserved_ip.0")).unwrap(), b"10.1.2.2");
         use std::os::unix::fs::MetadataExt;
-        assert_eq!(
-            fs::metadata(n.dir().join("10.1.2.2")).unwrap().mode() & 0o777,
-            0o600
-        );
+        assert_eq!(fs::metadata(n.dir().join("10.1.2.2")).unwrap().mode() & 0o777, 0o600);
     }
 }
 
@@ -163,7 +126,11 @@ fn add_prints_each_version_shape_and_writes_reference_files() {
 fn dual_stack_routes_and_dns() {
     let n = Net::new();
     let resolv = n._tmp.path().join("resolv.conf");
-    fs::write(&resolv, "nameserver 10.96.0.10\nsearch default.svc.cluster.local svc.cluster.local\noptions ndots:5\n").unwrap();
+    fs::write(
+        &resolv,
+        "nameserver 10.96.0.10\nsearch default.svc.cluster.local svc.cluster.local\noptions ndots:5\n",
+    )
+    .unwrap();
     let conf = n.conf(
         "1.1.0",
         json!({
@@ -181,14 +148,8 @@ fn dual_stack_routes_and_dns() {
     assert_eq!(o.json["routes"][1]["priority"], 100);
     assert_eq!(o.json["dns"]["nameservers"][0], "10.96.0.10");
     assert_eq!(o.json["dns"]["search"].as_array().unwrap().len(), 2);
-    assert_eq!(
-        n.leases(),
-        BTreeSet::from(["10.1.2.10".into(), "2001:db8:1::2".into()])
-    );
-    assert_eq!(
-        fs::read(n.dir().join("last_reserved_ip.1")).unwrap(),
-        b"2001:db8:1::2"
-    );
+    assert_eq!(n.leases(), BTreeSet::from(["10.1.2.10".into(), "2001:db8:1::2".into()]));
+    assert_eq!(fs::read(n.dir().join("last_reserved_ip.1")).unwrap(), b"2001:db8:1::2");
 }
 
 #[test]
@@ -200,11 +161,7 @@ fn del_releases_and_is_idempotent() {
     assert_eq!(run("DEL", "c1", &conf).code, 0);
     assert_eq!(n.leases(), BTreeSet::from(["10.1.2.3".into()]));
     assert_eq!(run("DEL", "c1", &conf).code, 0, "repeated DEL");
-    assert_eq!(
-        run("DEL", "never-added", &conf).code,
-        0,
-        "unknown container"
-    );
+    assert_eq!(run("DEL", "never-added", &conf).code, 0, "unknown container");
     let o = run_bin(OURS, "DEL", "c1", "eth0", &[("CNI_NETNS", "")], &conf);
     assert_eq!(o.code, 0, "empty netns");
     // DEL of a network never used writes nothing.
@@ -219,22 +176,10 @@ fn second_add_for_same_attachment_is_an_error() {
     let conf = n.simple("1.0.0");
     assert_eq!(run("ADD", "c1", &conf).code, 0);
     let o = run("ADD", "c1", &conf);
-    assert_eq!(
-        (o.code, o.json["code"].as_u64()),
-        (1, Some(102)),
-        "{}",
-        o.stdout
-    );
-    assert!(o.json["msg"]
-        .as_str()
-        .unwrap()
-        .contains("duplicate allocation"));
+    assert_eq!((o.code, o.json["code"].as_u64()), (1, Some(102)), "{}", o.stdout);
+    assert!(o.json["msg"].as_str().unwrap().contains("duplicate allocation"));
     assert_eq!(n.leases().len(), 1);
-    assert_eq!(
-        run_bin(OURS, "ADD", "c1", "net1", &[], &conf).code,
-        0,
-        "another interface"
-    );
+    assert_eq!(run_bin(OURS, "ADD", "c1", "net1", &[], &conf).code, 0, "another interface");
 }
 
 #[test]
@@ -250,14 +195,7 @@ fn exhausted_range_names_it_and_writes_nothing() {
     let before: Vec<(String, Vec<u8>)> = snapshot(&n.dir());
     let o = run("ADD", "c", &conf);
     assert_eq!(o.json["code"], 100, "{}", o.stdout);
-    assert!(
-        o.json["msg"]
-            .as_str()
-            .unwrap()
-            .contains("10.1.2.2-10.1.2.3"),
-        "{}",
-        o.stdout
-    );
+    assert!(o.json["msg"].as_str().unwrap().contains("10.1.2.2-10.1.2.3"), "{}", o.stdout);
     assert_eq!(
         snapshot(&n.dir()),
         before,
@@ -288,63 +226,28 @@ fn bad_input_gets_the_right_code_and_writes_nothing() {
     let n = Net::new();
     let bad: Vec<(Value, u64, &str)> = vec![
         (json!({"cniVersion": "1.0.0", "name": "net1"}), 7, "ipam"),
-        (
-            n.conf("1.0.0", json!({"subnet": "10.1.2.5/24"})),
-            7,
-            "host bits",
-        ),
-        (
-            n.conf("1.0.0", json!({"subnet": "10.1.2.0/31"})),
-            7,
-            "too small",
-        ),
+        (n.conf("1.0.0", json!({"subnet": "10.1.2.5/24"})), 7, "host bits"),
+        (n.conf("1.0.0", json!({"subnet": "10.1.2.0/31"})), 7, "too small"),
         (n.conf("1.0.0", json!({"subnet": "nope"})), 7, "subnet"),
         (n.conf("1.0.0", json!({})), 7, "no IP ranges"),
         (
-            n.conf(
-                "1.0.0",
-                json!({"ranges": [[{"subnet": "10.1.0.0/16"}], [{"subnet": "10.1.2.0/24"}]]}),
-            ),
+            n.conf("1.0.0", json!({"ranges": [[{"subnet": "10.1.0.0/16"}], [{"subnet": "10.1.2.0/24"}]]})),
             7,
             "overlaps",
         ),
         (
-            n.conf(
-                "1.0.0",
-                json!({"ranges": [[{"subnet": "10.1.0.0/24"}, {"subnet": "fd00::/64"}]]}),
-            ),
+            n.conf("1.0.0", json!({"ranges": [[{"subnet": "10.1.0.0/24"}, {"subnet": "fd00::/64"}]]})),
             7,
             "mixed",
         ),
+        (n.conf("1.0.0", json!({"subnet": "10.1.2.0/24", "rangeStart": "10.1.3.1"})), 7, "not in network"),
+        (n.conf("1.0.0", json!({"subnet": "10.1.2.0/24", "routes": [{"dst": "x"}]})), 7, "route"),
         (
-            n.conf(
-                "1.0.0",
-                json!({"subnet": "10.1.2.0/24", "rangeStart": "10.1.3.1"}),
-            ),
-            7,
-            "not in network",
-        ),
-        (
-            n.conf(
-                "1.0.0",
-                json!({"subnet": "10.1.2.0/24", "routes": [{"dst": "x"}]}),
-            ),
-            7,
-            "route",
-        ),
-        (
-            n.conf(
-                "0.2.0",
-                json!({"ranges": [[{"subnet": "10.1.0.0/24"}], [{"subnet": "10.2.0.0/24"}]]}),
-            ),
+            n.conf("0.2.0", json!({"ranges": [[{"subnet": "10.1.0.0/24"}], [{"subnet": "10.2.0.0/24"}]]})),
             1,
             "per family",
         ),
-        (
-            n.conf("9.9.9", json!({"subnet": "10.1.2.0/24"})),
-            1,
-            "incompatible",
-        ),
+        (n.conf("9.9.9", json!({"subnet": "10.1.2.0/24"})), 1, "incompatible"),
     ];
     for (conf, code, needle) in bad {
         let o = run("ADD", "c1", &conf);
@@ -363,28 +266,10 @@ fn bad_input_gets_the_right_code_and_writes_nothing() {
         .output()
         .unwrap();
     let s = String::from_utf8_lossy(&o.stdout);
-    assert_eq!(
-        serde_json::from_str::<Value>(&s).unwrap()["code"],
-        6,
-        "empty stdin is not a config"
-    );
-    let o = run_bin(
-        OURS,
-        "ADD",
-        "c1",
-        "eth0",
-        &[("CNI_ARGS", "IP=banana")],
-        &n.simple("1.0.0"),
-    );
+    assert_eq!(serde_json::from_str::<Value>(&s).unwrap()["code"], 6, "empty stdin is not a config");
+    let o = run_bin(OURS, "ADD", "c1", "eth0", &[("CNI_ARGS", "IP=banana")], &n.simple("1.0.0"));
     assert_eq!(o.json["code"], 4, "{}", o.stdout);
-    let o = run_bin(
-        OURS,
-        "ADD",
-        "c1",
-        "eth0",
-        &[("CNI_ARGS", "WHO=me")],
-        &n.simple("1.0.0"),
-    );
+    let o = run_bin(OURS, "ADD", "c1", "eth0", &[("CNI_ARGS", "WHO=me")], &n.simple("1.0.0"));
     assert_eq!(o.json["code"], 4, "{}", o.stdout);
     let o = run_bin(OURS, "ADD", "c1", "", &[], &n.simple("1.0.0"));
     assert_eq!(o.json["code"], 4);
@@ -406,16 +291,10 @@ fn requested_addresses_from_every_source() {
     assert_eq!(o.json["ips"][0]["address"], "10.1.2.50/24", "{}", o.stdout);
     let mut c = conf.clone();
     c["args"] = json!({"cni": {"ips": ["10.1.2.60/24"]}});
-    assert_eq!(
-        run("ADD", "b", &c).json["ips"][0]["address"],
-        "10.1.2.60/24"
-    );
+    assert_eq!(run("ADD", "b", &c).json["ips"][0]["address"], "10.1.2.60/24");
     let mut c = conf.clone();
     c["runtimeConfig"] = json!({"ips": ["10.1.2.70"]});
-    assert_eq!(
-        run("ADD", "c", &c).json["ips"][0]["address"],
-        "10.1.2.70/24"
-    );
+    assert_eq!(run("ADD", "c", &c).json["ips"][0]["address"], "10.1.2.70/24");
     // Taken, gateway, outside every range.
     for (ip, id) in [("10.1.2.70", "d"), ("10.1.2.1", "e"), ("10.7.7.7", "f")] {
         let mut c = conf.clone();
@@ -444,11 +323,7 @@ fn check_passes_then_fails_when_the_lease_is_gone_or_differs() {
     wrong["prevResult"]["ips"][0]["address"] = json!("10.1.2.99/24");
     let o = run("CHECK", "c1", &wrong);
     assert_eq!(o.json["code"], 103, "{}", o.stdout);
-    assert_eq!(
-        run("CHECK", "c1", &conf).code,
-        0,
-        "no prevResult: reservation alone"
-    );
+    assert_eq!(run("CHECK", "c1", &conf).code, 0, "no prevResult: reservation alone");
     assert_eq!(run("DEL", "c1", &c).code, 0);
     let o = run("CHECK", "c1", &c);
     assert_eq!(o.json["code"], 103, "{}", o.stdout);
@@ -463,11 +338,7 @@ fn gc_releases_only_what_is_not_valid_and_nothing_without_a_list() {
         assert_eq!(run("ADD", id, &conf).code, 0);
     }
     assert_eq!(run("GC", "", &conf).code, 0);
-    assert_eq!(
-        n.leases().len(),
-        3,
-        "no valid-attachments key: release nothing"
-    );
+    assert_eq!(n.leases().len(), 3, "no valid-attachments key: release nothing");
     let mut c = conf.clone();
     c["cni.dev/valid-attachments"] =
         json!([{"containerID": "b", "ifname": "eth0"}, {"containerID": "c", "ifname": "eth9"}]);
@@ -488,16 +359,8 @@ fn status_fails_only_for_what_an_operator_must_fix() {
     assert_eq!(run("STATUS", "", &full).code, 0, "never used");
     assert_eq!(run("ADD", "a", &full).code, 0);
     assert_eq!(run("ADD", "b", &full).json["code"], 100);
-    assert_eq!(
-        run("STATUS", "", &full).code,
-        0,
-        "a full range is not a reason to be NotReady"
-    );
-    let o = run(
-        "STATUS",
-        "",
-        &n.conf("1.1.0", json!({"subnet": "10.1.2.5/24"})),
-    );
+    assert_eq!(run("STATUS", "", &full).code, 0, "a full range is not a reason to be NotReady");
+    let o = run("STATUS", "", &n.conf("1.1.0", json!({"subnet": "10.1.2.5/24"})));
     assert_eq!(o.json["code"], 50, "{}", o.stdout);
     let file = n._tmp.path().join("plainfile");
     fs::write(&file, "").unwrap();
@@ -516,17 +379,9 @@ fn leases_from_an_earlier_boot_are_reclaimed() {
     let idx = n.dir().join(".cni-index/leases");
     let text = fs::read_to_string(&idx).unwrap();
     let boot = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
-    fs::write(
-        &idx,
-        text.replace(boot.trim(), "00000000-0000-0000-0000-000000000000"),
-    )
-    .unwrap();
+    fs::write(&idx, text.replace(boot.trim(), "00000000-0000-0000-0000-000000000000")).unwrap();
     assert_eq!(run("ADD", "new", &conf).code, 0);
-    assert_eq!(
-        n.leases(),
-        BTreeSet::from(["10.1.2.3".into()]),
-        "the earlier boot's lease is gone"
-    );
+    assert_eq!(n.leases(), BTreeSet::from(["10.1.2.3".into()]), "the earlier boot's lease is gone");
     assert_eq!(n.lease("10.1.2.3"), b"new\r\neth0");
 }
 
@@ -542,9 +397,7 @@ fn parallel_adds_get_distinct_addresses_and_parallel_dels_leave_nothing() {
                     s.spawn(move || run(cmd, &format!("c{i}"), conf))
                 })
                 .collect();
-            hs.into_iter()
-                .map(|h| h.join().unwrap())
-                .collect::<Vec<Out>>()
+            hs.into_iter().map(|h| h.join().unwrap()).collect::<Vec<Out>>()
         })
     };
     let adds = run_all("ADD");
@@ -577,11 +430,7 @@ fn interop_with_the_reference_host_local() {
     );
     let mut c = conf.clone();
     c["prevResult"] = r.json.clone();
-    assert_eq!(
-        run("CHECK", "ref1", &c).code,
-        0,
-        "our CHECK finds the reference's lease"
-    );
+    assert_eq!(run("CHECK", "ref1", &c).code, 0, "our CHECK finds the reference's lease");
     assert_eq!(run("DEL", "ref1", &conf).code, 0);
     assert!(!n.dir().join("10.1.2.2").exists());
     // Our ADD → reference CHECK and DEL find it.
@@ -592,11 +441,7 @@ fn interop_with_the_reference_host_local() {
     assert!(n.leases().is_empty());
     // After the reference changed the directory, our index still finds what it wrote.
     assert_eq!(run_bin(refbin, "ADD", "ref2", "eth0", &[], &conf).code, 0);
-    assert_eq!(
-        run("ADD", "ref2", &conf).json["code"],
-        102,
-        "duplicate seen through the index"
-    );
+    assert_eq!(run("ADD", "ref2", &conf).json["code"], 102, "duplicate seen through the index");
     assert_eq!(run("DEL", "ref2", &conf).code, 0);
     assert!(n.leases().is_empty());
     // A legacy (id only) lease from a pre-0.8 reference is released by DEL of any ifname.

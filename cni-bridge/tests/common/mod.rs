@@ -16,19 +16,15 @@ pub fn plugin_dir() -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cni-bin");
     std::fs::create_dir_all(&dir).unwrap();
     let bridge = Path::new(BRIDGE);
-    for (src, name) in [
-        (bridge.to_path_buf(), "cni-bridge"),
-        (bridge.with_file_name("cni-host-local"), "cni-host-local"),
-    ] {
+    for (src, name) in
+        [(bridge.to_path_buf(), "cni-bridge"), (bridge.with_file_name("cni-host-local"), "cni-host-local")]
+    {
         let dst = dir.join(name);
         if !dst.exists() {
             let _ = std::os::unix::fs::symlink(&src, &dst);
         }
     }
-    assert!(
-        dir.join("cni-host-local").exists(),
-        "cni-host-local must be built (cargo build --workspace)"
-    );
+    assert!(dir.join("cni-host-local").exists(), "cni-host-local must be built (cargo build --workspace)");
     dir
 }
 
@@ -38,9 +34,7 @@ pub fn have_reference() -> bool {
         return true;
     }
     if std::env::var("CNI_SKIP_INTEROP").as_deref() == Ok("1") {
-        eprintln!(
-            "!!!!! SKIPPING interop: {REFERENCE_DIR}/bridge missing and CNI_SKIP_INTEROP=1 !!!!!"
-        );
+        eprintln!("!!!!! SKIPPING interop: {REFERENCE_DIR}/bridge missing and CNI_SKIP_INTEROP=1 !!!!!");
         return false;
     }
     panic!("{REFERENCE_DIR}/bridge missing: install containernetworking-plugins (scripts/test does), or CNI_SKIP_INTEROP=1");
@@ -63,16 +57,10 @@ impl Drop for TmpDir {
 
 impl World {
     pub fn new(tag: &str) -> World {
-        let tmp =
-            Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("w-{}-{tag}", std::process::id()));
+        let tmp = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("w-{}-{tag}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).unwrap();
-        World {
-            node: Netns::new(tag),
-            bin: plugin_dir(),
-            _guard: TmpDir(tmp.clone()),
-            tmp,
-        }
+        World { node: Netns::new(tag), bin: plugin_dir(), _guard: TmpDir(tmp.clone()), tmp }
     }
 
     pub fn data_dir(&self) -> String {
@@ -117,13 +105,7 @@ impl World {
             ("CNI_PATH", path.as_str()),
         ];
         env.extend_from_slice(extra);
-        invoke(
-            &self.node,
-            Path::new(&format!("{}/{}", self.bin.display(), "cni-bridge")),
-            cmd,
-            &env,
-            conf,
-        )
+        invoke(&self.node, Path::new(&format!("{}/{}", self.bin.display(), "cni-bridge")), cmd, &env, conf)
     }
 
     /// Lease files in the data dir of network `testnet`.
@@ -142,9 +124,7 @@ impl World {
 
     /// The masquerade map entries in the node namespace (`ip owner` strings).
     pub fn masq_entries(&self) -> Vec<String> {
-        let o = self
-            .node
-            .run("nft", &["-j", "list", "table", "inet", "cni_bridge"]);
+        let o = self.node.run("nft", &["-j", "list", "table", "inet", "cni_bridge"]);
         let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
         let mut out = Vec::new();
         for item in v["nftables"].as_array().into_iter().flatten() {
@@ -161,17 +141,11 @@ impl World {
 
     /// veth links in the node namespace.
     pub fn veths(&self) -> Vec<String> {
-        self.node
-            .links()
-            .into_iter()
-            .filter(|l| l.starts_with("veth"))
-            .collect()
+        self.node.links().into_iter().filter(|l| l.starts_with("veth")).collect()
     }
 }
 
 pub fn ip_of(out: &Out, i: usize) -> std::net::IpAddr {
-    let a = out.json["ips"][i]["address"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no ips[{i}] in {}", out.stdout));
+    let a = out.json["ips"][i]["address"].as_str().unwrap_or_else(|| panic!("no ips[{i}] in {}", out.stdout));
     a.split('/').next().unwrap().parse().unwrap()
 }

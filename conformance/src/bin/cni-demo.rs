@@ -26,19 +26,13 @@ fn usage() -> ! {
 }
 
 fn parse() -> Args {
-    let exe_dir = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(PathBuf::from))
-        .unwrap_or_default();
+    let exe_dir =
+        std::env::current_exe().ok().and_then(|p| p.parent().map(PathBuf::from)).unwrap_or_default();
     let mut a = Args {
         nodes: 2,
         pods: 3,
         keep: false,
-        plugins: Plugins {
-            dir: exe_dir,
-            bridge: "cni-bridge".into(),
-            ipam: "cni-host-local".into(),
-        },
+        plugins: Plugins { dir: exe_dir, bridge: "cni-bridge".into(), ipam: "cni-host-local".into() },
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -90,19 +84,11 @@ fn main() -> ExitCode {
     // Every pod gets a ClusterIP Service whose only endpoint is itself, on every node, as
     // kube-proxy would install it: the diagonal of the matrix is a pod reaching itself.
     for (k, p) in c.pods.iter().enumerate() {
-        c.service(
-            &format!("self{k}"),
-            self_vip(k),
-            80,
-            &[SocketAddr::new(p.ip, 8080)],
-        );
+        c.service(&format!("self{k}"), self_vip(k), 80, &[SocketAddr::new(p.ip, 8080)]);
     }
 
     println!("\nPods");
-    println!(
-        "  {:<8} {:<8} {:<15} {:<14} HAIRPIN",
-        "NODE", "POD", "IP", "HOST VETH"
-    );
+    println!("  {:<8} {:<8} {:<15} {:<14} HAIRPIN", "NODE", "POD", "IP", "HOST VETH");
     for p in &c.pods {
         let node = &c.nodes[p.node];
         let info = node.ns.ip_json(&["link", "show", "dev", &p.veth]);
@@ -111,13 +97,7 @@ fn main() -> ExitCode {
             Some(false) => "off",
             None => "?",
         };
-        println!(
-            "  {:<8} {:<8} {:<15} {:<14} {hairpin}",
-            node.name,
-            p.name,
-            p.ip.to_string(),
-            p.veth
-        );
+        println!("  {:<8} {:<8} {:<15} {:<14} {hairpin}", node.name, p.name, p.ip.to_string(), p.veth);
     }
 
     println!("\nRoutes");
@@ -142,22 +122,12 @@ fn main() -> ExitCode {
         for (j, to) in c.pods.iter().enumerate() {
             let cell = if i == j {
                 let vip = SocketAddr::new(IpAddr::V4(self_vip(i)), 80);
-                match exchange(
-                    to.ns.file(),
-                    SocketAddr::new(to.ip, 8080),
-                    from.ns.file(),
-                    Some(vip),
-                ) {
+                match exchange(to.ns.file(), SocketAddr::new(to.ip, 8080), from.ns.file(), Some(vip)) {
                     Ok(_) => "self",
                     Err(_) => "FAIL",
                 }
             } else {
-                match exchange(
-                    to.ns.file(),
-                    SocketAddr::new(to.ip, 0),
-                    from.ns.file(),
-                    None,
-                ) {
+                match exchange(to.ns.file(), SocketAddr::new(to.ip, 0), from.ns.file(), None) {
                     Ok(src) if src == from.ip => "ok",
                     Ok(_) => "NATed",
                     Err(_) => "FAIL",
@@ -177,8 +147,7 @@ fn main() -> ExitCode {
     if args.keep {
         let names = c.namespace_names();
         let down = c.state_dir().join("down.sh");
-        let mut script =
-            String::from("#!/bin/sh\n# Removes exactly what this cni-demo run made.\n");
+        let mut script = String::from("#!/bin/sh\n# Removes exactly what this cni-demo run made.\n");
         for n in &names {
             script.push_str(&format!("ip netns del {n}\n"));
         }
@@ -187,10 +156,7 @@ fn main() -> ExitCode {
         println!("\nKept. Explore, e.g.:");
         println!("  ip netns exec {} ip route", c.nodes[0].ns.name);
         println!("  ip netns exec {} bridge -d link", c.nodes[0].ns.name);
-        println!(
-            "  ip netns exec {} iptables-save -t nat",
-            c.nodes[0].ns.name
-        );
+        println!("  ip netns exec {} iptables-save -t nat", c.nodes[0].ns.name);
         println!("  ip netns exec {} ip addr", c.pods[0].ns.name);
         println!("Remove it all with:\n  sh {}", down.display());
     } else {

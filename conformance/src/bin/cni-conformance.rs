@@ -1,0 +1,48 @@
+//! `cni-conformance`: runs the black-box suite against any bridge + IPAM plugin pair.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use cni_conformance::netns::install_signal_cleanup;
+use cni_conformance::require_root;
+use cni_conformance::suite::{run, Target};
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: cni-conformance --cni-path DIR [--bridge-type T] [--ipam-type T] [--filter TEXT]\n\
+         Runs CNI plugins exactly as a runtime does, in network namespaces it makes and removes,\n\
+         and prints one line per check and `N passed, N failed`. Defaults: cni-bridge, cni-host-local.\n\
+         For Debian's reference plugins: --cni-path /usr/lib/cni --bridge-type bridge --ipam-type host-local"
+    );
+    std::process::exit(2)
+}
+
+fn main() -> ExitCode {
+    let mut t =
+        Target { cni_path: PathBuf::new(), bridge: "cni-bridge".into(), ipam: "cni-host-local".into() };
+    let mut filter = String::new();
+    let mut it = std::env::args().skip(1);
+    while let Some(k) = it.next() {
+        let mut val = || it.next().unwrap_or_else(|| usage());
+        match k.as_str() {
+            "--cni-path" => t.cni_path = PathBuf::from(val()),
+            "--bridge-type" => t.bridge = val(),
+            "--ipam-type" => t.ipam = val(),
+            "--filter" => filter = val(),
+            _ => usage(),
+        }
+    }
+    if t.cni_path.as_os_str().is_empty() {
+        usage();
+    }
+    if !require_root("cni-conformance") {
+        return ExitCode::from(1);
+    }
+    install_signal_cleanup();
+    let out = run(&t, &filter, &mut |l| println!("{l}"));
+    if out.iter().all(|o| o.result.is_ok()) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}

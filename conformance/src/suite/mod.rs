@@ -1,0 +1,226 @@
+//! The black-box conformance suite: runs any bridge + IPAM plugin pair exactly as a runtime
+//! does and reports one line per check, then `N passed, N failed`.
+
+mod network;
+mod spec;
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+
+use crate::netns::{live_namespaces, Netns};
+use crate::plugin::{invoke, Out};
+
+/// What to test.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Directory holding the plugins (CNI_PATH).
+    pub cni_path: PathBuf,
+    /// Main plugin type.
+    pub bridge: String,
+    /// IPAM plugin type.
+    pub ipam: String,
+}
+
+/// One check's outcome.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The check's name.
+    pub name: String,
+    /// `Err(reason)` when it failed.
+    pub result: Result<(), String>,
+}
+
+/// A check: its name and body.
+pub type Check = (&'static str, fn(&Ctx) -> Result<(), String>);
+
+/// What every check gets: the target and the versions it claims to support.
+pub struct Ctx {
+    /// The plugins.
+    pub target: Target,
+    /// VERSION's supportedVersions.
+    pub versions: Vec<String>,
+    state: PathBuf,
+}
+
+/// A node namespace plus a lease directory, for one check.
+pub struct World<'a> {
+    /// The node namespace.
+    pub node: Netns,
+    ctx: &'a Ctx,
+    data: PathBuf,
+}
+
+impl Ctx {
+    /// The newest version of `wanted` the plugin supports.
+    pub fn newest(&self, wanted: &[&str]) -> Option<String> {
+        wanted.iter().rev().find(|v| self.versions.iter().any(|s| s == *v)).map(|v| v.to_string())
+    }
+
+    /// A fresh node with its own lease directory.
+    pub fn world(&self, tag: &str) -> World<'_> {
+        let node = Netns::new(tag);
+        let data = self.state.join(&node.name);
+        World { node, ctx: self, data }
+    }
+
+    fn bin(&self) -> PathBuf {
+        self.target.cni_path.join(&self.target.bridge)
+    }
+}
+
+impl World<'_> {
+    /// A bridge config over `subnet`, with `extra` fields merged in.
+    pub fn conf(&self, version: &str, subnet: &str, extra: Value) -> Value {
+        let mut c = json!({
+            "cniVersion": version,
+            "name": "conformance",
+            "type": self.ctx.target.bridge,
+            "bridge": "cni0",
+            "isGateway": true,
+            "ipam": {"type": self.ctx.target.ipam, "subnet": subnet, "dataDir": self.data.display().to_string(),
+                     "routes": [{"dst": "0.0.0.0/0"}]}
+        });
+        for (k, v) in extra.as_object().cloned().unwrap_or_default() {
+            c[k] = v;
+        }
+        c
+    }
+
+    /// Calls the main plugin in the node.
+    pub fn call(&self, cmd: &str, id: &str, netns: &str, conf: &Value) -> Out {
+        self.call_env(cmd, &[("CNI_CONTAINERID", id), ("CNI_NETNS", netns), ("CNI_IFNAME", "eth0")], conf)
+    }
+
+    /// Calls the main plugin with exactly these CNI_* variables (plus CNI_PATH).
+    pub fn call_env(&self, cmd: &str, env: &[(&str, &str)], conf: &Value) -> Out {
+        let path = self.ctx.target.cni_path.display().to_string();
+        let mut e: Vec<(&str, &str)> = env.to_vec();
+        if !e.iter().any(|(k, _)| *k == "CNI_PATH") {
+            e.push(("CNI_PATH", &path));
+        }
+        invoke(&self.node, &self.ctx.bin(), cmd, &e, conf)
+    }
+
+    /// Lease files left for network `conformance`.
+    pub fn leases(&self) -> usize {
+        std::fs::read_dir(self.data.join("conformance"))
+            .map(|rd| {
+                rd.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .filter(|n| n.parse::<std::net::IpAddr>().is_ok())
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    /// veth links in the node.
+    pub fn veths(&self) -> usize {
+        self.node.links().iter().filter(|l| l.starts_with("veth")).count()
+    }
+}
+
+impl Drop for World<'_> {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.data);
+    }
+}
+
+/// Fails with `msg` unless `cond`.
+pub fn ensure(cond: bool, msg: impl FnOnce() -> String) -> Result<(), String> {
+    if cond {
+        Ok(())
+    } else {
+        Err(msg())
+    }
+}
+
+/// The root namespace as `ip` and the firewalls show it, to prove it unchanged.
+fn root_snapshot() -> String {
+    let run = |p: &str, a: &[&str]| {
+        std::process::Command::new(p)
+            .args(a)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    let ipt: String =
+        run("iptables-save", &[]).lines().filter(|l| !l.starts_with('#')).collect::<Vec<_>>().join("\n");
+    [
+        run("ip", &["-o", "link", "show"])
+            .lines()
+            .map(|l| l.split_whitespace().nth(1).unwrap_or(""))
+            .collect::<Vec<_>>()
+            .join(" "),
+        run("ip", &["-o", "addr", "show"]),
+        run("ip", &["route", "show", "table", "all"]),
+        run("nft", &["list", "tables"]),
+        ipt,
+    ]
+    .join("\n")
+}
+
+/// Every check, in order.
+pub fn checks() -> Vec<Check> {
+    let mut v = spec::checks();
+    v.extend(network::checks());
+    v
+}
+
+/// Runs the checks whose name contains `filter` (all when empty), printing a line each.
+pub fn run(target: &Target, filter: &str, print: &mut dyn FnMut(&str)) -> Vec<Outcome> {
+    let state = std::env::temp_dir().join(format!("cni-conformance-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&state);
+    let versions = version_list(target);
+    let ctx = Ctx { target: target.clone(), versions, state: state.clone() };
+    let before = root_snapshot();
+    let mut out = Vec::new();
+    for (name, f) in checks().into_iter().filter(|(n, _)| n.contains(filter)) {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&ctx)))
+            .unwrap_or_else(|p| Err(format!("panicked: {}", panic_text(&p))));
+        // Nothing of the check may remain: its namespaces (and with them its links and
+        // rules) and its leases.
+        let r = r.and_then(|_| {
+            let left = live_namespaces();
+            ensure(left.is_empty(), || format!("namespaces left behind: {left:?}"))
+        });
+        print(&match &r {
+            Ok(()) => format!("ok - {name}"),
+            Err(e) => format!("FAIL - {name}: {e}"),
+        });
+        out.push(Outcome { name: name.to_string(), result: r });
+    }
+    let after = root_snapshot();
+    let r = ensure(before == after, || "the root network namespace changed during the run".into());
+    print(&match &r {
+        Ok(()) => "ok - root network namespace unchanged".to_string(),
+        Err(e) => format!("FAIL - root network namespace unchanged: {e}"),
+    });
+    out.push(Outcome { name: "root network namespace unchanged".into(), result: r });
+    let _ = std::fs::remove_dir_all(&state);
+    let failed = out.iter().filter(|o| o.result.is_err()).count();
+    print(&format!("{} passed, {failed} failed", out.len() - failed));
+    out
+}
+
+fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default()
+}
+
+fn version_list(t: &Target) -> Vec<String> {
+    let bin: &Path = &t.cni_path.join(&t.bridge);
+    let o = std::process::Command::new(bin)
+        .env_clear()
+        .env("CNI_COMMAND", "VERSION")
+        .stdin(std::process::Stdio::null())
+        .output();
+    let v: Value = o.ok().and_then(|o| serde_json::from_slice(&o.stdout).ok()).unwrap_or(Value::Null);
+    v["supportedVersions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s.as_str().map(str::to_string))
+        .collect()
+}
