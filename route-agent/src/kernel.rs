@@ -1,0 +1,245 @@
+//! The kernel side: one netlink connection, routes tagged with a private protocol number so
+//! the agent only ever touches its own, dumped once per sync and changed with pipelined
+//! requests.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use futures::stream::{self, StreamExt, TryStreamExt};
+use ipnetwork::IpNetwork;
+use rtnetlink::packet_core::NetlinkPayload;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol};
+use rtnetlink::packet_route::RouteNetlinkMessage;
+use rtnetlink::{Handle, MulticastGroup, RouteMessageBuilder};
+
+use crate::error::AgentError;
+
+/// Requests in flight at once while applying a diff.
+const PIPELINE: usize = 256;
+/// The main routing table.
+const MAIN_TABLE: u8 = 254;
+
+/// The agent's netlink connection.
+#[derive(Clone)]
+pub struct Kernel {
+    h: Handle,
+    proto: u8,
+}
+
+fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()),
+        _ => None,
+    }
+}
+
+fn addr(a: &RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(x) => Some(IpAddr::V4(*x)),
+        RouteAddress::Inet6(x) => Some(IpAddr::V6(*x)),
+        _ => None,
+    }
+}
+
+/// Counts of a sync's netlink writes.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Applied {
+    /// Routes added or replaced.
+    pub upserted: usize,
+    /// Routes deleted.
+    pub deleted: usize,
+    /// Requests that failed.
+    pub failed: usize,
+}
+
+impl Kernel {
+    /// Opens the connection (inside a tokio runtime).
+    pub fn new(proto: u8) -> Result<Kernel, AgentError> {
+        let (conn, h, _) = rtnetlink::new_connection().map_err(AgentError::io("opening a netlink socket"))?;
+        tokio::spawn(conn);
+        Ok(Kernel { h, proto })
+    }
+
+    fn ours(&self, m: &RouteMessage) -> bool {
+        m.header.protocol == RouteProtocol::Other(self.proto) && m.header.table == MAIN_TABLE
+    }
+
+    /// Our routes in the main table: destination -> gateway.
+    pub async fn routes(&self) -> Result<BTreeMap<IpNetwork, IpAddr>, AgentError> {
+        let mut out = BTreeMap::new();
+        for q in [
+            RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
+        ] {
+            let msgs: Vec<RouteMessage> = self
+                .h
+                .route()
+                .get(q)
+                .execute()
+                .try_collect()
+                .await
+                .map_err(AgentError::netlink("dumping routes"))?;
+            for m in msgs.iter().filter(|m| self.ours(m)) {
+                let dst = m.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Destination(d) => addr(d),
+                    _ => None,
+                });
+                let gw = m.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Gateway(g) => addr(g),
+                    _ => None,
+                });
+                if let (Some(d), Some(g)) = (dst, gw) {
+                    if let Ok(n) = IpNetwork::new(d, m.header.destination_prefix_length) {
+                        out.insert(n, g);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn message(&self, dst: IpNetwork, gw: Option<IpAddr>) -> RouteMessage {
+        let mut b = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(dst.network(), dst.prefix())
+            .expect("family of dst")
+            .protocol(RouteProtocol::Other(self.proto));
+        if let Some(g) = gw {
+            b = b.gateway(g).expect("gateway of the family of dst (checked by the plan)");
+        }
+        b.build()
+    }
+
+    /// Adds/replaces and deletes routes, many requests in flight at once.
+    pub async fn apply(&self, diff: &crate::plan::Diff) -> (Applied, Vec<String>) {
+        let mut applied = Applied::default();
+        let mut errors = Vec::new();
+        let ups = stream::iter(diff.upsert.iter().map(|(d, g)| {
+            let msg = self.message(*d, Some(*g));
+            let h = self.h.clone();
+            async move { (*d, h.route().add(msg).replace().execute().await) }
+        }))
+        .buffer_unordered(PIPELINE)
+        .collect::<Vec<_>>()
+        .await;
+        for (d, r) in ups {
+            match r {
+                Ok(()) => applied.upserted += 1,
+                Err(e) => {
+                    applied.failed += 1;
+                    errors.push(format!("route to {d}: {e}"));
+                }
+            }
+        }
+        let dels = stream::iter(diff.delete.iter().map(|(d, g)| {
+            let msg = self.message(*d, Some(*g));
+            let h = self.h.clone();
+            async move { (*d, h.route().del(msg).execute().await) }
+        }))
+        .buffer_unordered(PIPELINE)
+        .collect::<Vec<_>>()
+        .await;
+        for (d, r) in dels {
+            match r {
+                // Someone removed it already: the goal is reached.
+                Err(e) if errno(&e) == Some(nix::errno::Errno::ESRCH as i32) => applied.deleted += 1,
+                Ok(()) => applied.deleted += 1,
+                Err(e) => {
+                    applied.failed += 1;
+                    errors.push(format!("deleting route to {d}: {e}"));
+                }
+            }
+        }
+        (applied, errors)
+    }
+
+    /// Directly connected subnets (every address's network), for the same-L2 check.
+    pub async fn connected(&self) -> Result<Vec<IpNetwork>, AgentError> {
+        let msgs: Vec<AddressMessage> = self
+            .h
+            .address()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(AgentError::netlink("dumping addresses"))?;
+        Ok(msgs
+            .iter()
+            .filter_map(|m| {
+                let ip = m.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Address(ip) => Some(*ip),
+                    _ => None,
+                })?;
+                if ip.is_loopback() {
+                    return None;
+                }
+                let n = IpNetwork::new(ip, m.header.prefix_len).ok()?;
+                IpNetwork::new(n.network(), n.prefix()).ok()
+            })
+            .collect())
+    }
+
+    /// The MTU of the link holding `ip` (the underlay), if any.
+    pub async fn mtu_of_link_with(&self, ip: IpAddr) -> Result<Option<u32>, AgentError> {
+        let addrs: Vec<AddressMessage> = self
+            .h
+            .address()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(AgentError::netlink("dumping addresses"))?;
+        let Some(index) = addrs
+            .iter()
+            .find(|m| m.attributes.iter().any(|a| matches!(a, AddressAttribute::Address(x) if *x == ip)))
+            .map(|m| m.header.index)
+        else {
+            return Ok(None);
+        };
+        let links: Vec<LinkMessage> = self
+            .h
+            .link()
+            .get()
+            .match_index(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(AgentError::netlink("getting the underlay link"))?;
+        Ok(links.first().and_then(|l| {
+            l.attributes.iter().find_map(|a| match a {
+                LinkAttribute::Mtu(m) => Some(*m),
+                _ => None,
+            })
+        }))
+    }
+}
+
+/// A stream of "something changed" from the kernel: one of our routes deleted, or a link
+/// changed (a link going down flushes its routes). Our own additions do not wake us.
+pub fn events(proto: u8) -> Result<tokio::sync::mpsc::UnboundedReceiver<()>, AgentError> {
+    let (conn, _h, mut msgs) = rtnetlink::new_multicast_connection(&[
+        MulticastGroup::Ipv4Route,
+        MulticastGroup::Ipv6Route,
+        MulticastGroup::Link,
+    ])
+    .map_err(AgentError::io("subscribing to netlink events"))?;
+    tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some((m, _)) = msgs.next().await {
+            let wake = match m.payload {
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelRoute(r)) => {
+                    r.header.protocol == RouteProtocol::Other(proto)
+                }
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(_))
+                | NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(_)) => true,
+                _ => false,
+            };
+            if wake && tx.send(()).is_err() {
+                break;
+            }
+        }
+    });
+    Ok(rx)
+}

@@ -1,0 +1,103 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use cni_route_agent::{run, Options, Source};
+use ipnetwork::IpNetwork;
+
+/// Routes between nodes' pod CIDRs (host-gw), the node's CNI config, and masquerade.
+#[derive(Parser, Debug)]
+#[command(name = "cni-route-agent", version)]
+struct Cli {
+    /// This node's name.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// Where nodes come from: file (kubernetes and etcd: see the README).
+    #[arg(long, default_value = "file")]
+    source: String,
+    /// The nodes file (source file): JSON or YAML.
+    #[arg(long)]
+    nodes_file: Option<PathBuf>,
+    /// The cluster's pod CIDRs, not masqueraded (repeat or comma-separate); default: every
+    /// node's pod CIDRs.
+    #[arg(long, value_delimiter = ',')]
+    cluster_cidr: Vec<IpNetwork>,
+    /// CNI config directory.
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    cni_conf_dir: PathBuf,
+    /// CNI config file name.
+    #[arg(long, default_value = "10-cni-route-agent.conflist")]
+    cni_conf_name: String,
+    /// CNI network name.
+    #[arg(long, default_value = "podnet")]
+    network_name: String,
+    /// host-local data directory written into the conflist.
+    #[arg(long, default_value = "/var/lib/cni/networks")]
+    ipam_data_dir: String,
+    /// Leave portmap out of the conflist.
+    #[arg(long)]
+    no_portmap: bool,
+    /// Do not masquerade pod traffic leaving the cluster.
+    #[arg(long)]
+    no_masquerade: bool,
+    /// Address for /healthz, /readyz and /metrics.
+    #[arg(long, default_value = "127.0.0.1:9645")]
+    listen: SocketAddr,
+    /// Seconds between full resyncs.
+    #[arg(long, default_value_t = 30)]
+    resync_seconds: u64,
+    /// Route protocol number marking the agent's routes (`ip route show proto N`).
+    #[arg(long, default_value_t = 168)]
+    route_protocol: u8,
+    /// MTU for the conflist (default: the MTU of the link holding the node's address).
+    #[arg(long)]
+    mtu: Option<u32>,
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let source = match cli.source.as_str() {
+        "file" => match cli.nodes_file {
+            Some(p) => Source::File(p),
+            None => {
+                eprintln!("--source file needs --nodes-file");
+                return std::process::ExitCode::from(2);
+            }
+        },
+        other => {
+            eprintln!("unknown --source {other}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let opts = Options {
+        node_name: cli.node_name,
+        source,
+        cluster_cidrs: cli.cluster_cidr,
+        cni_conf_dir: cli.cni_conf_dir,
+        cni_conf_name: cli.cni_conf_name,
+        network_name: cli.network_name,
+        ipam_data_dir: cli.ipam_data_dir,
+        portmap: !cli.no_portmap,
+        masquerade: !cli.no_masquerade,
+        listen: cli.listen,
+        resync: Duration::from_secs(cli.resync_seconds.max(1)),
+        route_protocol: cli.route_protocol,
+        mtu: cli.mtu,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    match rt.block_on(run(opts)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(%e, "fatal");
+            std::process::ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,306 @@
+//! The agent in a simulated cluster: node namespaces on an underlay bridge, pods made by
+//! cni-bridge, one agent per node fed by a shared nodes file.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cni_conformance::cluster::{Cluster, Plugins};
+use cni_conformance::netns::Netns;
+use cni_conformance::require_root;
+use cni_conformance::traffic::exchange;
+use serde_json::json;
+
+const AGENT: &str = env!("CARGO_BIN_EXE_cni-route-agent");
+const PROTO: &str = "168";
+
+fn plugins() -> Plugins {
+    let dir = Path::new(AGENT).parent().unwrap().to_path_buf();
+    assert!(dir.join("cni-bridge").exists(), "build the workspace first (cargo build --workspace)");
+    Plugins { dir, bridge: "cni-bridge".into(), ipam: "cni-host-local".into() }
+}
+
+/// An agent process we started, killed (by its PID) on drop.
+struct Agent {
+    child: Child,
+}
+
+impl Agent {
+    fn start(node: &Netns, name: &str, nodes_file: &Path, conf_dir: &Path, extra: &[&str]) -> Agent {
+        let mut c = Command::new(AGENT);
+        c.args(["--node-name", name, "--source", "file", "--nodes-file"])
+            .arg(nodes_file)
+            .arg("--cni-conf-dir")
+            .arg(conf_dir)
+            .args(["--resync-seconds", "3600"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        node.enter(&mut c);
+        Agent { child: c.spawn().expect("start agent") }
+    }
+
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Tmp(PathBuf);
+impl Tmp {
+    fn new(tag: &str) -> Tmp {
+        let p = std::env::temp_dir().join(format!("route-agent-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Tmp(p)
+    }
+}
+impl Drop for Tmp {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Writes the nodes file atomically, listing `nodes` of the cluster (by index), with an
+/// optional address override.
+fn write_nodes(path: &Path, cl: &Cluster, nodes: &[usize], addr_override: Option<(usize, &str)>) {
+    let list: Vec<_> = nodes
+        .iter()
+        .map(|&i| {
+            let n = &cl.nodes[i];
+            let addr = match addr_override {
+                Some((j, a)) if j == i => a.to_string(),
+                _ => n.ip.to_string(),
+            };
+            json!({"name": n.name, "podCIDRs": [n.pod_cidr], "addresses": [addr]})
+        })
+        .collect();
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&json!({"nodes": list})).unwrap()).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+fn agent_routes(ns: &Netns) -> Vec<String> {
+    let mut v: Vec<String> =
+        ns.ip(&["route", "show", "proto", PROTO]).lines().map(|l| l.trim().to_string()).collect();
+    v.sort();
+    v
+}
+
+/// Waits (bounded) until `f` holds; the agent converges asynchronously.
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+fn expect_routes(cl: &Cluster, node: usize, want: &[usize]) {
+    let mut expected: Vec<String> =
+        want.iter().map(|&j| format!("{} via {} dev eth0", cl.nodes[j].pod_cidr, cl.nodes[j].ip)).collect();
+    expected.sort();
+    eventually(&format!("routes on {} = {expected:?}", cl.nodes[node].name), || {
+        agent_routes(&cl.nodes[node].ns) == expected
+    });
+}
+
+/// GET `path` on the agent's endpoint inside `ns`; returns (status line, body).
+fn http_get(ns: &Netns, path: &str) -> (String, String) {
+    let f = ns.file();
+    let path = path.to_string();
+    std::thread::spawn(move || {
+        nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let Ok(mut s) =
+            TcpStream::connect_timeout(&"127.0.0.1:9645".parse().unwrap(), Duration::from_secs(1))
+        else {
+            return (String::new(), String::new());
+        };
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+        let mut r = String::new();
+        let _ = s.read_to_string(&mut r);
+        let status = r.lines().next().unwrap_or("").to_string();
+        let body = r.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+        (status, body)
+    })
+    .join()
+    .unwrap()
+}
+
+fn metric(ns: &Netns, name: &str) -> Option<f64> {
+    let (_, body) = http_get(ns, "/metrics");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&format!("cni_route_agent_{name} ")).and_then(|v| v.parse().ok()))
+}
+
+fn three_node_cluster(tag: &str) -> Cluster {
+    let mut cl = Cluster::new(tag, 3, plugins(), true);
+    for i in 0..3 {
+        cl.add_pod(i, &format!("n{}p1", i + 1)).unwrap();
+    }
+    cl
+}
+
+fn all_pairs(cl: &Cluster) -> Result<(), String> {
+    for a in &cl.pods {
+        for b in cl.pods.iter().filter(|b| b.name != a.name) {
+            let r = exchange(b.ns.file(), SocketAddr::new(b.ip, 0), a.ns.file(), None);
+            if r != Ok(a.ip) {
+                return Err(format!("{} -> {}: {r:?}", a.name, b.name));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn routes_follow_nodes_leaving_and_joining_and_pods_talk_with_real_sources() {
+    if !require_root("route agent multinode") {
+        return;
+    }
+    let tmp = Tmp::new("join");
+    let cl = three_node_cluster("ra");
+    let file = tmp.0.join("nodes.json");
+    write_nodes(&file, &cl, &[0, 1, 2], None);
+    let _agents: Vec<Agent> = (0..3)
+        .map(|i| Agent::start(&cl.nodes[i].ns, &cl.nodes[i].name, &file, &tmp.0.join(format!("cni{i}")), &[]))
+        .collect();
+    expect_routes(&cl, 0, &[1, 2]);
+    expect_routes(&cl, 1, &[0, 2]);
+    expect_routes(&cl, 2, &[0, 1]);
+    all_pairs(&cl).unwrap();
+    // node-3 leaves: its route goes everywhere and its pod becomes unreachable.
+    write_nodes(&file, &cl, &[0, 1], None);
+    expect_routes(&cl, 0, &[1]);
+    expect_routes(&cl, 1, &[0]);
+    let (p1, p3) = (&cl.pods[0], &cl.pods[2]);
+    assert!(exchange(p3.ns.file(), SocketAddr::new(p3.ip, 0), p1.ns.file(), None).is_err());
+    // It joins again.
+    write_nodes(&file, &cl, &[0, 1, 2], None);
+    expect_routes(&cl, 0, &[1, 2]);
+    expect_routes(&cl, 1, &[0, 2]);
+    all_pairs(&cl).unwrap();
+}
+
+#[test]
+fn restart_removes_routes_of_nodes_gone_meanwhile_without_rewriting_the_others() {
+    if !require_root("route agent restart") {
+        return;
+    }
+    let tmp = Tmp::new("restart");
+    let cl = three_node_cluster("rr");
+    let file = tmp.0.join("nodes.json");
+    write_nodes(&file, &cl, &[0, 1, 2], None);
+    let conf = tmp.0.join("cni0");
+    let a = Agent::start(&cl.nodes[0].ns, "node-1", &file, &conf, &[]);
+    expect_routes(&cl, 0, &[1, 2]);
+    a.kill();
+    // While it is down, node-3 is removed; the routes stay (pods keep working).
+    write_nodes(&file, &cl, &[0, 1], None);
+    expect_routes(&cl, 0, &[1, 2]);
+    let _a = Agent::start(&cl.nodes[0].ns, "node-1", &file, &conf, &[]);
+    expect_routes(&cl, 0, &[1]);
+    eventually("metrics answer", || metric(&cl.nodes[0].ns, "syncs_total").unwrap_or(0.0) >= 1.0);
+    assert_eq!(
+        metric(&cl.nodes[0].ns, "netlink_writes_total"),
+        Some(1.0),
+        "one delete, no re-adds (no flapping)"
+    );
+}
+
+#[test]
+fn a_route_deleted_by_hand_comes_back_and_a_moved_node_is_replaced() {
+    if !require_root("route agent repair") {
+        return;
+    }
+    let tmp = Tmp::new("repair");
+    let cl = three_node_cluster("rp");
+    let file = tmp.0.join("nodes.json");
+    write_nodes(&file, &cl, &[0, 1, 2], None);
+    let _a = Agent::start(&cl.nodes[0].ns, "node-1", &file, &tmp.0.join("cni0"), &[]);
+    expect_routes(&cl, 0, &[1, 2]);
+    // Resync is an hour: the repair comes from the netlink event.
+    cl.nodes[0].ns.ip(&["route", "del", &cl.nodes[1].pod_cidr]);
+    expect_routes(&cl, 0, &[1, 2]);
+    // node-3 comes back with the same pod CIDR at a new address.
+    write_nodes(&file, &cl, &[0, 1, 2], Some((2, "10.200.0.99")));
+    let want = format!("{} via 10.200.0.99 dev eth0", cl.nodes[2].pod_cidr);
+    eventually("route replaced with the new address", || agent_routes(&cl.nodes[0].ns).contains(&want));
+    assert_eq!(agent_routes(&cl.nodes[0].ns).len(), 2);
+}
+
+#[test]
+fn conflist_and_readiness_only_once_the_own_cidr_is_known_and_routes_synced() {
+    if !require_root("route agent readiness") {
+        return;
+    }
+    let tmp = Tmp::new("ready");
+    let cl = Cluster::new("rd", 2, plugins(), true);
+    cl.nodes[0].ns.ip(&["link", "set", "eth0", "mtu", "1400"]);
+    let file = tmp.0.join("nodes.yaml");
+    write_nodes(&file, &cl, &[1], None);
+    let conf = tmp.0.join("cni0");
+    let _a = Agent::start(&cl.nodes[0].ns, "node-1", &file, &conf, &[]);
+    eventually("a sync ran", || metric(&cl.nodes[0].ns, "syncs_total").unwrap_or(0.0) >= 1.0);
+    let conflist = conf.join("10-cni-route-agent.conflist");
+    assert!(!conflist.exists(), "conflist written before the node's own pod CIDR was known");
+    assert!(http_get(&cl.nodes[0].ns, "/readyz").0.contains("503"));
+    assert!(http_get(&cl.nodes[0].ns, "/healthz").0.contains("200"));
+    write_nodes(&file, &cl, &[0, 1], None);
+    eventually("conflist written", || conflist.exists());
+    let c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&conflist).unwrap()).unwrap();
+    assert_eq!(c["plugins"][0]["ipam"]["ranges"][0][0]["subnet"], "10.244.1.0/24");
+    assert_eq!(c["plugins"][0]["mtu"], 1400, "MTU of the underlay link");
+    eventually("ready", || http_get(&cl.nodes[0].ns, "/readyz").0.contains("200"));
+    let (_, m) = http_get(&cl.nodes[0].ns, "/metrics");
+    assert!(m.contains("cni_route_agent_routes_desired 1"), "{m}");
+}
+
+#[test]
+fn masquerades_only_traffic_leaving_the_cluster_and_reports_off_link_nodes() {
+    if !require_root("route agent masquerade") {
+        return;
+    }
+    let tmp = Tmp::new("masq");
+    let mut cl = Cluster::new("rm", 2, plugins(), true);
+    cl.add_pod(0, "n1p1").unwrap();
+    cl.add_pod(1, "n2p1").unwrap();
+    let ext = cl.external("ext", 100);
+    let file = tmp.0.join("nodes.json");
+    write_nodes(&file, &cl, &[0, 1], None);
+    // A node on another segment: reported, not routed.
+    let mut text: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    text["nodes"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "far", "podCIDRs": ["10.244.9.0/24"], "addresses": ["192.0.2.9"]}));
+    std::fs::write(&file, text.to_string()).unwrap();
+    let agents: Vec<Agent> = (0..2)
+        .map(|i| Agent::start(&cl.nodes[i].ns, &cl.nodes[i].name, &file, &tmp.0.join(format!("c{i}")), &[]))
+        .collect();
+    expect_routes(&cl, 0, &[1]);
+    expect_routes(&cl, 1, &[0]);
+    eventually("ready", || metric(&cl.nodes[0].ns, "ready") == Some(1.0));
+    assert_eq!(metric(&cl.nodes[0].ns, "nodes_off_link"), Some(1.0));
+    let (a, b) = (&cl.pods[0], &cl.pods[1]);
+    let seen = exchange(ext.file(), "10.200.0.100:0".parse().unwrap(), a.ns.file(), None);
+    assert_eq!(seen, Ok(IpAddr::V4(cl.nodes[0].ip)), "outside sees the node address");
+    let seen = exchange(b.ns.file(), SocketAddr::new(b.ip, 0), a.ns.file(), None);
+    assert_eq!(seen, Ok(a.ip), "pod to pod across nodes keeps its source");
+    drop(agents);
+}
