@@ -31,6 +31,10 @@ use crate::model::Snapshot;
 pub enum Source {
     /// A JSON/YAML file, re-read on change.
     File(PathBuf),
+    /// Node objects of a Kubernetes API server.
+    Kubernetes(sources::kube::KubeOptions),
+    /// Subnet leases in etcd (flannel's layout), for clusters without a pod CIDR allocator.
+    Etcd(sources::etcd::EtcdOptions),
 }
 
 /// The agent's settings.
@@ -263,6 +267,8 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
         tokio::spawn(async move {
             let r = match src {
                 Source::File(p) => sources::file::run(p, tx, m).await,
+                Source::Kubernetes(o) => sources::kube::run(o, tx, m).await,
+                Source::Etcd(o) => sources::etcd::run(o, tx, m).await,
             };
             if let Err(e) = r {
                 tracing::error!(%e, "node source stopped");

@@ -13,9 +13,30 @@ struct Cli {
     /// This node's name.
     #[arg(long, env = "NODE_NAME")]
     node_name: String,
-    /// Where nodes come from: file (kubernetes and etcd: see the README).
-    #[arg(long, default_value = "file")]
+    /// Where nodes come from: kubernetes, etcd or file.
+    #[arg(long, default_value = "kubernetes")]
     source: String,
+    /// kubeconfig for the kubernetes source (default: in-cluster, then $KUBECONFIG).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// etcd client URLs (source etcd), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    etcd_endpoints: Vec<String>,
+    /// etcd key prefix (source etcd).
+    #[arg(long, default_value = "/cni-route-agent")]
+    etcd_prefix: String,
+    /// Prefix length of an IPv4 node subnet carved from --cluster-cidr (source etcd).
+    #[arg(long, default_value_t = 24)]
+    subnet_len_v4: u8,
+    /// Prefix length of an IPv6 node subnet (source etcd).
+    #[arg(long, default_value_t = 64)]
+    subnet_len_v6: u8,
+    /// This node's addresses published with its subnet (source etcd), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    node_ip: Vec<std::net::IpAddr>,
+    /// Lease TTL in seconds for this node's subnet (source etcd).
+    #[arg(long, default_value_t = 30)]
+    lease_ttl: i64,
     /// The nodes file (source file): JSON or YAML.
     #[arg(long)]
     nodes_file: Option<PathBuf>,
@@ -72,6 +93,19 @@ fn main() -> std::process::ExitCode {
                 return std::process::ExitCode::from(2);
             }
         },
+        "kubernetes" => {
+            Source::Kubernetes(cni_route_agent::sources::kube::KubeOptions { kubeconfig: cli.kubeconfig })
+        }
+        "etcd" => Source::Etcd(cni_route_agent::sources::etcd::EtcdOptions {
+            endpoints: cli.etcd_endpoints,
+            prefix: cli.etcd_prefix,
+            cluster_cidrs: cli.cluster_cidr.clone(),
+            subnet_len_v4: cli.subnet_len_v4,
+            subnet_len_v6: cli.subnet_len_v6,
+            node_name: cli.node_name.clone(),
+            node_addrs: cli.node_ip,
+            lease_ttl: cli.lease_ttl,
+        }),
         other => {
             eprintln!("unknown --source {other}");
             return std::process::ExitCode::from(2);

@@ -2,7 +2,9 @@
 //! channel, and only when the routing-relevant content changed: a heartbeat-only update of a
 //! Node never wakes the reconcile loop.
 
+pub mod etcd;
 pub mod file;
+pub mod kube;
 
 use tokio::sync::watch;
 
