@@ -89,6 +89,8 @@ pub struct Metrics {
     pub source_events: AtomicU64,
     /// Nodes not on this node's L2 segment.
     pub nodes_off_link: AtomicU64,
+    /// The source has published its first complete view.
+    pub source_ready: AtomicBool,
 }
 
 impl Metrics {
@@ -295,6 +297,9 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
             _ = tick.tick() => {},
             _ = term.recv() => break,
             _ = int.recv() => break,
+        }
+        if !metrics.source_ready.load(Ordering::SeqCst) {
+            continue;
         }
         let snap = rx.borrow_and_update().clone();
         if let Err(e) = sync(&opts, &k, &snap, &mut st, &metrics).await {

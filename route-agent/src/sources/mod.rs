@@ -12,8 +12,16 @@ use crate::model::Snapshot;
 use crate::Metrics;
 
 /// Publishes `snap` if it differs from the last one; counts the source event either way.
+/// The first publish always wakes the agent, even with an empty snapshot: until then the
+/// agent does not sync at all, so a restart never deletes routes before the source has
+/// spoken.
 pub fn publish(tx: &watch::Sender<Snapshot>, snap: Snapshot, metrics: &Metrics) {
-    metrics.source_events.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    use std::sync::atomic::Ordering;
+    metrics.source_events.fetch_add(1, Ordering::Relaxed);
+    if !metrics.source_ready.swap(true, Ordering::SeqCst) {
+        tx.send_replace(snap);
+        return;
+    }
     tx.send_if_modified(|cur| {
         if *cur == snap {
             false
