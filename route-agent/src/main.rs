@@ -16,7 +16,7 @@ struct Cli {
     /// Where nodes come from: kubernetes, etcd or file.
     #[arg(long, default_value = "kubernetes")]
     source: String,
-    /// kubeconfig for the kubernetes source (default: in-cluster, then $KUBECONFIG).
+    /// kubeconfig for the kubernetes source (default: $KUBECONFIG or ~/.kube/config, else in-cluster).
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
     /// etcd client URLs (source etcd), comma-separated.

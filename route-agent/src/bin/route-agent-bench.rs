@@ -1,0 +1,187 @@
+//! Scale benchmark of cni-route-agent: N nodes through the file source into one node
+//! namespace. Reports the first sync, a no-op resync's netlink writes, the agent's memory,
+//! and how long one node's change takes to reach the kernel. Root; touches only the
+//! namespace it makes.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpStream};
+use std::os::fd::AsFd;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Ns(String);
+impl Drop for Ns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn ip(ns: &str, args: &[&str]) -> String {
+    let o = Command::new("ip").arg("-n").arg(ns).args(args).output().expect("ip");
+    assert!(o.status.success(), "ip -n {ns} {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn metric(ns: &str, name: &str) -> Option<f64> {
+    let f = std::fs::File::open(format!("/run/netns/{ns}")).ok()?;
+    let body = std::thread::spawn(move || -> Option<String> {
+        nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
+        let mut s =
+            TcpStream::connect_timeout(&"127.0.0.1:9645".parse().ok()?, Duration::from_millis(500)).ok()?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+        let mut r = String::new();
+        s.read_to_string(&mut r).ok()?;
+        Some(r)
+    })
+    .join()
+    .ok()??;
+    body.lines()
+        .find_map(|l| l.strip_prefix(&format!("cni_route_agent_{name} ")).and_then(|v| v.parse().ok()))
+}
+
+fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if f() {
+            return t.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    panic!("timed out: {what}");
+}
+
+fn node_addr(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 200, 0, 0)) + 2 + i)
+}
+
+fn pod_cidr(i: u32) -> String {
+    format!("{}/24", Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 64, 0, 0)) + (i << 8)))
+}
+
+fn write_nodes(path: &Path, n: u32, moved: Option<u32>) {
+    let mut s = String::from("nodes:\n");
+    for i in 0..=n {
+        let addr = if Some(i) == moved { node_addr(n + 10) } else { node_addr(i) };
+        s.push_str(&format!("- {{name: node-{i}, podCIDRs: [{}], addresses: [{addr}]}}\n", pod_cidr(i)));
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, s).expect("write nodes");
+    std::fs::rename(&tmp, path).expect("rename nodes");
+}
+
+fn status_kb(pid: u32, key: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn main() {
+    let n: u32 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(5000);
+    let agent = std::env::current_exe().expect("exe").with_file_name("cni-route-agent");
+    let ns = Ns(format!("rab-{}", std::process::id()));
+    assert!(Command::new("ip").args(["netns", "add", &ns.0]).status().expect("ip").success());
+    // An underlay wide enough for every node address, on a veth pair inside the namespace.
+    ip(&ns.0, &["link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"]);
+    ip(&ns.0, &["addr", "add", "10.200.0.1/16", "dev", "eth0"]);
+    for l in ["lo", "eth0", "eth0p"] {
+        ip(&ns.0, &["link", "set", l, "up"]);
+    }
+    let dir = std::env::temp_dir().join(&ns.0);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let file = dir.join("nodes.yaml");
+    write_nodes(&file, n, None);
+    let f = std::fs::File::open(format!("/run/netns/{}", ns.0)).expect("netns");
+    let mut c = Command::new(&agent);
+    c.args([
+        "--node-name",
+        "node-0",
+        "--source",
+        "file",
+        "--no-masquerade",
+        "--resync-seconds",
+        "2",
+        "--nodes-file",
+    ])
+    .arg(&file)
+    .arg("--cni-conf-dir")
+    .arg(dir.join("cni"))
+    .env("RUST_LOG", "warn")
+    .stdout(Stdio::null());
+    // SAFETY: setns in the forked child before exec.
+    unsafe {
+        c.pre_exec(move || {
+            nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(Into::into)
+        });
+    }
+    let start = Instant::now();
+    let child = Proc(c.spawn().expect("start agent"));
+    let pid = child.0.id();
+    wait_for("all routes installed", Duration::from_secs(60), || {
+        metric(&ns.0, "routes_installed") == Some(n as f64) && metric(&ns.0, "ready") == Some(1.0)
+    });
+    let to_ready = start.elapsed();
+    let first_sync = metric(&ns.0, "sync_duration_seconds").unwrap_or(f64::NAN);
+    let in_kernel = ip(&ns.0, &["route", "show", "proto", "168"]).lines().count();
+    let writes = metric(&ns.0, "netlink_writes_total").unwrap_or(0.0);
+    let syncs = metric(&ns.0, "syncs_total").unwrap_or(0.0);
+    wait_for("a periodic resync", Duration::from_secs(10), || {
+        metric(&ns.0, "syncs_total").unwrap_or(0.0) > syncs
+    });
+    let noop_writes = metric(&ns.0, "netlink_writes_total").unwrap_or(0.0) - writes;
+    let noop_sync = metric(&ns.0, "sync_duration_seconds").unwrap_or(f64::NAN);
+    // One node moves to a new address: time from the file change to the route in the kernel.
+    let moved = n / 2;
+    let want = format!("via {}", node_addr(n + 10));
+    let cidr = pod_cidr(moved);
+    let t = Instant::now();
+    write_nodes(&file, n, Some(moved));
+    wait_for("the moved node's route", Duration::from_secs(10), || {
+        ip(&ns.0, &["route", "show", &cidr]).contains(&want)
+    });
+    let change = t.elapsed();
+    let rss = status_kb(pid, "VmRSS:");
+    let hwm = status_kb(pid, "VmHWM:");
+    drop(child);
+    let _ = std::fs::remove_dir_all(&dir);
+    let pass = |ok: bool| if ok { "PASS" } else { "FAIL" };
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    println!("cni-route-agent scale benchmark: {n} nodes (file source), one node namespace");
+    println!("command: target/release/route-agent-bench {n}   (kernel {})", kernel.trim());
+    println!("| metric | value | target | |");
+    println!("|---|---|---|---|");
+    println!("| routes in the kernel (proto 168) | {in_kernel} | {n} | {} |", pass(in_kernel == n as usize));
+    println!(
+        "| first sync (agent's own timing) | {:.0} ms | < 1000 ms | {} |",
+        first_sync * 1e3,
+        pass(first_sync < 1.0)
+    );
+    println!(
+        "| start to ready (spawn, parse, sync, conflist) | {:.0} ms | | |",
+        to_ready.as_secs_f64() * 1e3
+    );
+    println!("| no-op resync: netlink writes | {noop_writes} | 0 | {} |", pass(noop_writes == 0.0));
+    println!("| no-op resync duration | {:.0} ms | | |", noop_sync * 1e3);
+    println!(
+        "| one node's change: file written to route in kernel | {:.0} ms | < 100 ms | {} |",
+        change.as_secs_f64() * 1e3,
+        pass(change < Duration::from_millis(100))
+    );
+    println!(
+        "| agent RSS now / peak | {:.1} / {:.1} MB | < 50 MB | {} |",
+        rss as f64 / 1024.0,
+        hwm as f64 / 1024.0,
+        pass(hwm < 50 * 1024)
+    );
+}

@@ -1,0 +1,263 @@
+//! The `kubernetes` source against a stand-in for the API server on 127.0.0.1 (no
+//! kube-apiserver can be installed here): it serves a Node list, then a watch stream whose
+//! events the test sends one by one.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cni_route_agent::model::{NodeInfo, Snapshot};
+use cni_route_agent::sources::kube::{run, KubeOptions};
+use cni_route_agent::Metrics;
+use futures::channel::mpsc;
+use futures::StreamExt;
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full, StreamBody};
+use hyper::body::{Bytes, Frame, Incoming};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+/// Real-looking Node JSON, bulky fields included, as a kubelet would leave it.
+fn node(name: &str, rv: u32, cidrs: &[&str], addrs: &[(&str, &str)], heartbeat: &str) -> Value {
+    let mut spec = json!({"providerID": format!("kind://docker/kind/{name}")});
+    if let Some(first) = cidrs.first() {
+        spec["podCIDR"] = json!(first);
+    }
+    if cidrs.len() > 1 {
+        spec["podCIDRs"] = json!(cidrs);
+    }
+    let mut addresses: Vec<Value> = addrs.iter().map(|(t, a)| json!({"type": t, "address": a})).collect();
+    addresses.push(json!({"type": "Hostname", "address": name}));
+    json!({
+        "kind": "Node",
+        "apiVersion": "v1",
+        "metadata": {
+            "name": name,
+            "uid": format!("0b6a1f3e-0000-4000-8000-{:012}", name.len()),
+            "resourceVersion": rv.to_string(),
+            "creationTimestamp": "2025-01-01T00:00:00Z",
+            "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"},
+            "annotations": {"node.alpha.kubernetes.io/ttl": "0", "volumes.kubernetes.io/controller-managed-attach-detach": "true"},
+            "managedFields": [{
+                "manager": "kubelet", "operation": "Update", "apiVersion": "v1",
+                "time": heartbeat, "fieldsType": "FieldsV1",
+                "fieldsV1": {"f:status": {"f:conditions": {"k:{\"type\":\"Ready\"}": {"f:lastHeartbeatTime": {}}}}}
+            }]
+        },
+        "spec": spec,
+        "status": {
+            "capacity": {"cpu": "8", "memory": "32781340Ki", "pods": "110"},
+            "allocatable": {"cpu": "8", "memory": "32678940Ki", "pods": "110"},
+            "conditions": [
+                {"type": "MemoryPressure", "status": "False", "lastHeartbeatTime": heartbeat,
+                 "lastTransitionTime": "2025-01-01T00:00:00Z", "reason": "KubeletHasSufficientMemory",
+                 "message": "kubelet has sufficient memory available"},
+                {"type": "Ready", "status": "True", "lastHeartbeatTime": heartbeat,
+                 "lastTransitionTime": "2025-01-01T00:00:10Z", "reason": "KubeletReady",
+                 "message": "kubelet is posting ready status"}
+            ],
+            "addresses": addresses,
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
+            "nodeInfo": {
+                "machineID": "m", "systemUUID": "s", "bootID": "b", "kernelVersion": "6.1.0",
+                "osImage": "Debian GNU/Linux 12 (bookworm)", "containerRuntimeVersion": "containerd://1.7.24",
+                "kubeletVersion": "v1.33.1", "kubeProxyVersion": "", "operatingSystem": "linux",
+                "architecture": "amd64"
+            },
+            "images": [
+                {"names": ["registry.k8s.io/etcd@sha256:aa", "registry.k8s.io/etcd:3.5.21-0"], "sizeBytes": 57680541},
+                {"names": ["registry.k8s.io/pause:3.10"], "sizeBytes": 320368}
+            ]
+        }
+    })
+}
+
+fn node_a(rv: u32, heartbeat: &str) -> Value {
+    node(
+        "node-a",
+        rv,
+        &["10.244.1.0/24", "fd00:10:244:1::/64"],
+        &[("InternalIP", "10.200.0.11"), ("ExternalIP", "203.0.113.11"), ("ExternalIP", "2001:db8::11")],
+        heartbeat,
+    )
+}
+
+fn node_b(rv: u32, ip: &str) -> Value {
+    node("node-b", rv, &["10.244.2.0/24"], &[("InternalIP", ip)], "2025-06-01T10:00:00Z")
+}
+
+fn info(name: &str, cidrs: &[&str], v4: Option<&str>, v6: Option<&str>) -> (String, NodeInfo) {
+    let n = NodeInfo {
+        name: name.into(),
+        pod_cidrs: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
+        ipv4: v4.map(|a| a.parse().unwrap()),
+        ipv6: v6.map(|a| a.parse().unwrap()),
+    };
+    (name.into(), n)
+}
+
+type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+/// What the test sees of the stand-in: the query of every request, and one sender per
+/// watch request for the events of that stream.
+struct StandIn {
+    port: u16,
+    queries: Arc<Mutex<Vec<String>>>,
+    watches: mpsc::UnboundedReceiver<mpsc::UnboundedSender<Bytes>>,
+}
+
+async fn stand_in(list: Value) -> StandIn {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let queries = Arc::new(Mutex::new(Vec::new()));
+    let (watch_tx, watches) = mpsc::unbounded();
+    let (q, list) = (queries.clone(), Bytes::from(serde_json::to_vec(&list).unwrap()));
+    tokio::spawn(async move {
+        loop {
+            let (conn, _) = listener.accept().await.unwrap();
+            let (q, list, watch_tx) = (q.clone(), list.clone(), watch_tx.clone());
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let query = req.uri().query().unwrap_or_default().to_string();
+                q.lock().unwrap().push(query.clone());
+                let body: Body = if req.uri().path() != "/api/v1/nodes" {
+                    return futures::future::ready(Ok::<_, Infallible>(
+                        Response::builder().status(404).body(Full::new(Bytes::new()).boxed_unsync()).unwrap(),
+                    ));
+                } else if query.split('&').any(|p| p == "watch=true") {
+                    // No content length: hyper sends the events as they come, chunked.
+                    let (tx, rx) = mpsc::unbounded::<Bytes>();
+                    watch_tx.unbounded_send(tx).unwrap();
+                    StreamBody::new(rx.map(|b| Ok(Frame::data(b)))).boxed_unsync()
+                } else {
+                    Full::new(list.clone()).boxed_unsync()
+                };
+                let resp = Response::builder().header("content-type", "application/json").body(body).unwrap();
+                futures::future::ready(Ok(resp))
+            });
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(conn), svc)
+                    .await;
+            });
+        }
+    });
+    StandIn { port, queries, watches }
+}
+
+fn event(kind: &str, object: Value) -> Bytes {
+    let mut line = serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap();
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+/// A bounded wait for a condition another task makes true.
+async fn until(what: &str, cond: impl Fn() -> bool) {
+    tokio::time::timeout(LIMIT, async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+}
+
+/// Removed on drop, so a failed assertion leaves nothing behind either.
+struct TempDir(std::path::PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+async fn next_snapshot(rx: &mut watch::Receiver<Snapshot>) -> Snapshot {
+    tokio::time::timeout(LIMIT, rx.changed()).await.expect("a new snapshot in time").expect("source alive");
+    rx.borrow_and_update().clone()
+}
+
+// Current-thread runtime on purpose: `publish` counts the event and sends the snapshot with no
+// await in between, so once the test sees the count, it also sees whether a snapshot was sent.
+#[tokio::test]
+async fn lists_then_follows_the_watch_and_ignores_heartbeats() {
+    let list = json!({
+        "kind": "NodeList",
+        "apiVersion": "v1",
+        "metadata": {"resourceVersion": "100"},
+        "items": [node_a(90, "2025-06-01T10:00:00Z"), node_b(91, "10.200.0.12")]
+    });
+    let mut api = stand_in(list).await;
+    let dir = TempDir(std::env::temp_dir().join(format!("kube-source-test-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let kubeconfig = dir.0.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: stand-in\n  cluster:\n    server: http://127.0.0.1:{}\n\
+             users:\n- name: anonymous\n  user: {{}}\ncontexts:\n- name: stand-in\n  context:\n    cluster: stand-in\n    user: anonymous\n\
+             current-context: stand-in\n",
+            api.port
+        ),
+    )
+    .unwrap();
+
+    let (tx, mut rx) = watch::channel(Snapshot::new());
+    let metrics = Arc::new(Metrics::default());
+    let source = tokio::spawn(run(KubeOptions { kubeconfig: Some(kubeconfig) }, tx, metrics.clone()));
+    let events = || metrics.source_events.load(Ordering::Relaxed);
+
+    let a =
+        info("node-a", &["10.244.1.0/24", "fd00:10:244:1::/64"], Some("10.200.0.11"), Some("2001:db8::11"));
+    let mut want: Snapshot =
+        [a.clone(), info("node-b", &["10.244.2.0/24"], Some("10.200.0.12"), None)].into();
+    assert_eq!(next_snapshot(&mut rx).await, want, "the initial list, in one snapshot");
+    assert_eq!(events(), 1, "nothing published before the list was complete");
+
+    let watch = tokio::time::timeout(LIMIT, api.watches.next()).await.unwrap().unwrap();
+    {
+        let q = api.queries.lock().unwrap();
+        assert!(q[0].contains("limit=500") && !q[0].contains("watch"), "a plain list first: {q:?}");
+        let w = q.iter().find(|q| q.contains("watch=true")).unwrap();
+        assert!(w.contains("resourceVersion=100") && !w.contains("sendInitialEvents"), "{w}");
+    }
+
+    // A bookmark is no Node event; a heartbeat is one, but changes nothing routing reads.
+    watch
+        .unbounded_send(event(
+            "BOOKMARK",
+            json!({"kind": "Node", "apiVersion": "v1", "metadata": {"resourceVersion": "101"}}),
+        ))
+        .unwrap();
+    watch.unbounded_send(event("MODIFIED", node_a(102, "2025-06-01T10:05:00Z"))).unwrap();
+    until("the heartbeat to be counted", || events() == 2).await;
+    assert!(!rx.has_changed().unwrap(), "a heartbeat-only update woke the agent");
+
+    watch.unbounded_send(event("MODIFIED", node_b(103, "10.200.0.22"))).unwrap();
+    want.insert("node-b".into(), info("node-b", &["10.244.2.0/24"], Some("10.200.0.22"), None).1);
+    assert_eq!(next_snapshot(&mut rx).await, want, "the address change is the next snapshot");
+    assert_eq!(events(), 3);
+
+    let c = node(
+        "node-c",
+        104,
+        &["10.244.3.0/24", "fd00:10:244:3::/64"],
+        &[("InternalIP", "fd00:200::13"), ("InternalIP", "10.200.0.13")],
+        "2025-06-01T10:06:00Z",
+    );
+    watch.unbounded_send(event("ADDED", c)).unwrap();
+    let c =
+        info("node-c", &["10.244.3.0/24", "fd00:10:244:3::/64"], Some("10.200.0.13"), Some("fd00:200::13"));
+    want.insert(c.0, c.1);
+    assert_eq!(next_snapshot(&mut rx).await, want, "an added node appears");
+
+    watch.unbounded_send(event("DELETED", node_a(105, "2025-06-01T10:05:00Z"))).unwrap();
+    want.remove("node-a");
+    assert_eq!(next_snapshot(&mut rx).await, want, "a deleted node disappears");
+    assert_eq!(events(), 5);
+
+    drop(rx);
+    let r = tokio::time::timeout(LIMIT, source).await.expect("the source stops once nobody listens").unwrap();
+    assert!(r.is_ok(), "{r:?}");
+}
