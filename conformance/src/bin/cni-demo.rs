@@ -13,12 +13,13 @@ struct Args {
     nodes: usize,
     pods: usize,
     keep: bool,
+    static_routes: bool,
     plugins: Plugins,
 }
 
 fn usage() -> ! {
     eprintln!(
-        "usage: cni-demo [--nodes N] [--pods N] [--keep] [--cni-path DIR] [--bridge-type T] [--ipam-type T]\n\
+        "usage: cni-demo [--nodes N] [--pods N] [--keep] [--static-routes] [--cni-path DIR] [--bridge-type T] [--ipam-type T]\n\
          Brings up N nodes x N pods in network namespaces (default 2 x 3), shows pods, routes and\n\
          an all-pairs connectivity matrix, then removes everything (unless --keep)."
     );
@@ -32,6 +33,7 @@ fn parse() -> Args {
         nodes: 2,
         pods: 3,
         keep: false,
+        static_routes: false,
         plugins: Plugins { dir: exe_dir, bridge: "cni-bridge".into(), ipam: "cni-host-local".into() },
     };
     let mut it = std::env::args().skip(1);
@@ -41,6 +43,7 @@ fn parse() -> Args {
             "--nodes" => a.nodes = val().parse().unwrap_or_else(|_| usage()),
             "--pods" => a.pods = val().parse().unwrap_or_else(|_| usage()),
             "--keep" => a.keep = true,
+            "--static-routes" => a.static_routes = true,
             "--cni-path" => a.plugins.dir = PathBuf::from(val()),
             "--bridge-type" => a.plugins.bridge = val(),
             "--ipam-type" => a.plugins.ipam = val(),
@@ -51,6 +54,41 @@ fn parse() -> Args {
         usage();
     }
     a
+}
+
+/// One route agent per node namespace, fed by a nodes file listing every node; waits until
+/// each node has a route to every other node's pod CIDR.
+fn start_agents(c: &Cluster, bin: &std::path::Path) -> Result<Vec<std::process::Child>, String> {
+    let nodes: Vec<serde_json::Value> = c
+        .nodes
+        .iter()
+        .map(|n| serde_json::json!({"name": n.name, "podCIDRs": [n.pod_cidr], "addresses": [n.ip.to_string()]}))
+        .collect();
+    let file = c.state_dir().join("nodes.json");
+    std::fs::write(&file, serde_json::json!({ "nodes": nodes }).to_string()).map_err(|e| e.to_string())?;
+    let mut agents = Vec::new();
+    for n in &c.nodes {
+        let mut cmd = std::process::Command::new(bin);
+        cmd.args(["--node-name", &n.name, "--source", "file", "--no-portmap", "--nodes-file"])
+            .arg(&file)
+            .arg("--cni-conf-dir")
+            .arg(c.state_dir().join(format!("cni-{}", n.name)))
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null());
+        n.ns.enter(&mut cmd);
+        agents.push(cmd.spawn().map_err(|e| format!("starting {}: {e}", bin.display()))?);
+    }
+    let want = c.nodes.len() - 1;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    for n in &c.nodes {
+        while n.ns.ip(&["route", "show", "proto", "168"]).lines().count() < want {
+            if std::time::Instant::now() > deadline {
+                return Err(format!("{}: the route agent did not install the routes", n.name));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+    Ok(agents)
 }
 
 fn self_vip(k: usize) -> Ipv4Addr {
@@ -72,7 +110,19 @@ fn main() -> ExitCode {
     );
     let mut c = Cluster::new("cnidemo", args.nodes, args.plugins.clone(), true);
     c.keep = args.keep;
-    c.static_routes();
+    let agent_bin = args.plugins.dir.join("cni-route-agent");
+    let mut agents = Vec::new();
+    if args.static_routes || !agent_bin.exists() {
+        c.static_routes();
+    } else {
+        match start_agents(&c, &agent_bin) {
+            Ok(a) => agents = a,
+            Err(e) => {
+                eprintln!("route agents: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    }
     for n in 0..args.nodes {
         for p in 1..=args.pods {
             if let Err(e) = c.add_pod(n, &format!("n{}-p{p}", n + 1)) {
@@ -144,12 +194,22 @@ fn main() -> ExitCode {
     }
     println!("\n{good} of {} connections as expected", good + bad);
 
+    if !args.keep {
+        // Processes this demo started, ended by their PIDs.
+        for mut a in agents.drain(..) {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+    }
     if args.keep {
         let names = c.namespace_names();
         let down = c.state_dir().join("down.sh");
         let mut script = String::from("#!/bin/sh\n# Removes exactly what this cni-demo run made.\n");
         for n in &names {
             script.push_str(&format!("ip netns del {n}\n"));
+        }
+        for a in &agents {
+            script.push_str(&format!("kill {}  # cni-route-agent started by this demo\n", a.id()));
         }
         script.push_str(&format!("rm -rf {}\n", c.state_dir().display()));
         let _ = std::fs::write(&down, script);
