@@ -178,14 +178,28 @@ impl Undo<'_> {
 /// Runs ADD for a validated request.
 pub fn add(req: &Request, conf: &BridgeConf) -> Result<CniResult, BridgeError> {
     let path = req.inv.netns.as_deref().ok_or_else(|| BridgeError::Netns("CNI_NETNS is empty".into()))?;
+    crate::mark("start");
     let pod_ns = netns::open_pod(path)?;
-    let rt = crate::runtime()?;
-    rt.block_on(async {
-        let host = Nl::here()?;
-        let pod = Nl::in_ns(&pod_ns)?;
-        if pod.link(&req.inv.ifname).await?.is_some() {
-            return Err(BridgeError::IfaceExists(req.inv.ifname.clone()));
+    // IPAM starts first: its process start overlaps opening our runtime and sockets.
+    let pending = match conf.ipam_type.as_deref().filter(|t| !ipam_needs_interface(t)) {
+        Some(t) => Some((t, delegate::spawn(t, Command::Add, &req.inv, &req.stdin)?)),
+        None => None,
+    };
+    let sockets = crate::runtime().and_then(|rt| Ok((Nl::here_in(&rt)?, Nl::in_ns_in(&rt, &pod_ns)?, rt)));
+    let (host, pod, rt) = match sockets {
+        Ok(x) => x,
+        Err(e) => {
+            // Whatever IPAM allocated must not outlive this failed ADD.
+            if let Some((t, p)) = pending {
+                if p.wait().is_ok() {
+                    let _ = delegate::exec(t, Command::Del, &req.inv, &req.stdin);
+                }
+            }
+            return Err(e);
         }
+    };
+    rt.block_on(async {
+        crate::mark("netlink sockets open");
         let mut undo = Undo {
             req,
             host: &host,
@@ -195,7 +209,7 @@ pub fn add(req: &Request, conf: &BridgeConf) -> Result<CniResult, BridgeError> {
             spoof: None,
             backend: conf.masq_backend,
         };
-        match build(req, conf, &host, &pod, &pod_ns, &mut undo).await {
+        match build(req, conf, &host, &pod, &pod_ns, pending, &mut undo).await {
             Ok(r) => Ok(r),
             Err(e) => {
                 undo.run().await;
@@ -210,8 +224,32 @@ fn ipam_needs_interface(t: &str) -> bool {
     t == "dhcp"
 }
 
-fn run_ipam<'a>(req: &'a Request, t: &'a str, undo: &mut Undo<'a>) -> Result<CniResult, BridgeError> {
-    let r = delegate::exec(t, Command::Add, &req.inv, &req.stdin)?.unwrap_or_default();
+type MasqJob = std::thread::JoinHandle<Result<(), BridgeError>>;
+
+/// Starts the masquerade nft call on a thread as soon as the addresses are known, so it runs
+/// while the bridge, veth and pod are set up; [`join_masq`] collects it before ADD returns,
+/// so a rollback never races it.
+fn spawn_masq<'a>(
+    req: &'a Request,
+    conf: &'a BridgeConf,
+    ipam: &CniResult,
+    undo: &mut Undo<'a>,
+) -> Option<MasqJob> {
+    conf.ip_masq.then(|| {
+        let owner = masq::owner(&req.conf.name, &req.inv.container_id, &req.inv.ifname);
+        undo.masq = Some(owner.clone());
+        let addrs: Vec<IpNetwork> = ipam.ips.iter().map(|i| i.address).collect();
+        let backend = conf.masq_backend;
+        std::thread::spawn(move || backend.add(&addrs, &owner))
+    })
+}
+
+fn join_masq(job: Option<MasqJob>) -> Result<(), BridgeError> {
+    job.map_or(Ok(()), |j| j.join().unwrap_or_else(|_| Err(BridgeError::Masq("nft thread panicked".into()))))
+}
+
+fn ipam_result<'a>(t: &'a str, p: delegate::Pending, undo: &mut Undo<'a>) -> Result<CniResult, BridgeError> {
+    let r = p.wait()?.unwrap_or_default();
     undo.ipam = Some(t);
     if r.ips.is_empty() {
         return Err(BridgeError::Config(format!("IPAM plugin {t} returned no IP configuration")));
@@ -225,14 +263,41 @@ async fn build<'a>(
     host: &Nl,
     pod: &Nl,
     pod_ns: &File,
+    pending: Option<(&'a str, delegate::Pending)>,
     undo: &mut Undo<'a>,
 ) -> Result<CniResult, BridgeError> {
-    // IPAM first: a refusal (bad config, full range) then leaves the host untouched.
+    // Nothing is created before IPAM has answered: a refusal (bad config, full range) then
+    // leaves the host untouched. Meanwhile only reads.
+    let exists = pod.link(&req.inv.ifname).await;
     let mut ipam = None;
-    if let Some(t) = conf.ipam_type.as_deref().filter(|t| !ipam_needs_interface(t)) {
-        ipam = Some(run_ipam(req, t, undo)?);
+    if let Some((t, p)) = pending {
+        ipam = Some(ipam_result(t, p, undo)?);
+        crate::mark("IPAM ADD");
     }
+    if exists?.is_some() {
+        return Err(BridgeError::IfaceExists(req.inv.ifname.clone()));
+    }
+    let mut masq_job = ipam.as_ref().and_then(|r| spawn_masq(req, conf, r, undo));
+    let r = build_rest(req, conf, host, pod, pod_ns, ipam, &mut masq_job, undo).await;
+    let m = join_masq(masq_job);
+    let result = r?;
+    m?;
+    Ok(result)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn build_rest<'a>(
+    req: &'a Request,
+    conf: &'a BridgeConf,
+    host: &Nl,
+    pod: &Nl,
+    pod_ns: &File,
+    mut ipam: Option<CniResult>,
+    masq_job: &mut Option<MasqJob>,
+    undo: &mut Undo<'a>,
+) -> Result<CniResult, BridgeError> {
     let br = ensure_bridge(host, conf).await?;
+    crate::mark("bridge ensured");
     let host_ns = netns::current().map_err(|e| BridgeError::Netns(e.to_string()))?;
     let mut host_name = String::new();
     for _ in 0..10 {
@@ -250,8 +315,11 @@ async fn build<'a>(
         host.link(&host_name).await?.ok_or_else(|| BridgeError::PortDown(format!("{host_name} vanished")))?;
     undo.host_veth = Some(hv.index);
     if let Some(t) = conf.ipam_type.as_deref().filter(|t| ipam_needs_interface(t)) {
-        ipam = Some(run_ipam(req, t, undo)?);
+        let r = ipam_result(t, delegate::spawn(t, Command::Add, &req.inv, &req.stdin)?, undo)?;
+        *masq_job = spawn_masq(req, conf, &r, undo);
+        ipam = Some(r);
     }
+    crate::mark("veth created");
     setup(req, conf, host, pod, pod_ns, &br, &host_name, hv.index, ipam.unwrap_or_default(), undo).await
 }
 
@@ -275,6 +343,7 @@ async fn setup<'a>(
     let gws: Vec<(IpAddr, IpNetwork)> = ipam.ips.iter().map(|ip| (gateway_of(ip), ip.address)).collect();
     let family_gw = |v4: bool| gws.iter().find(|(g, _)| g.is_ipv4() == v4).map(|(g, _)| *g);
 
+    crate::mark("port attached, hairpin set");
     let pod_link = pod
         .link(&req.inv.ifname)
         .await?
@@ -326,6 +395,7 @@ async fn setup<'a>(
     }
 
     let mut vlan_gw = None;
+    crate::mark("pod addresses, routes, link up");
     if conf.is_gateway {
         // With a VLAN, the gateway lives on <bridge>.<vlan>, an access port of that VLAN.
         let gw_link = match conf.vlan {
@@ -352,13 +422,7 @@ async fn setup<'a>(
         }
     }
 
-    if conf.ip_masq {
-        let owner = masq::owner(&req.conf.name, &req.inv.container_id, &req.inv.ifname);
-        undo.masq = Some(owner.clone());
-        let addrs: Vec<IpNetwork> = ipam.ips.iter().map(|i| i.address).collect();
-        conf.masq_backend.add(&addrs, &owner)?;
-    }
-
+    crate::mark("gateway and forwarding");
     // The port forwards only once the veth's carrier is up; report success only then.
     let mut hv = host.link_by_index(hv_index).await?.unwrap_or_default();
     if !conf.disable_container_interface {
@@ -371,6 +435,7 @@ async fn setup<'a>(
             hv = host.link_by_index(hv_index).await?.unwrap_or_default();
         }
     }
+    crate::mark("port up");
     let br_now = host.link_by_index(br.index).await?.unwrap_or_else(|| br.clone());
     let pod_now = pod.link_by_index(pod_link.index).await?.unwrap_or(pod_link);
     let iface = |name: &str, l: &Link, sandbox: Option<String>| Interface {

@@ -132,6 +132,9 @@ pub fn check(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
                 return Err(fail(format!("masquerade entry for {} is missing", ip.address.ip())));
             }
         }
+        if !conf.masq_backend.hooked()? {
+            return Err(fail("the masquerade rules are not hooked into postrouting".into()));
+        }
     }
     Ok(())
 }

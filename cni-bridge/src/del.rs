@@ -21,45 +21,56 @@ fn finish(errs: Vec<CniError>) -> Result<(), BridgeError> {
 
 /// Removes the pod interface (and so the veth pair), the lease and the masquerade entries.
 /// Succeeds when the namespace, interface or lease is already gone, and when repeated.
+///
+/// The three are independent, so they run at once: deleting a veth waits for the kernel's
+/// RCU grace periods (~15 ms here), which covers the IPAM process and the nft calls.
 pub fn del(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
-    let mut errs: Vec<CniError> = Vec::new();
-    if let Some(path) = req.inv.netns.as_deref() {
-        match netns::open_pod(path) {
-            Ok(ns) => {
-                let r: Result<(), BridgeError> = crate::runtime()?.block_on(async {
-                    let pod = Nl::in_ns(&ns)?;
-                    if let Some(l) = pod.link(&req.inv.ifname).await? {
-                        pod.del_link(l.index).await?;
-                    }
-                    Ok(())
-                });
-                if let Err(e) = r {
+    let pod_ns = match req.inv.netns.as_deref() {
+        None => None,
+        Some(path) => match netns::open_pod(path) {
+            Ok(ns) => Some(ns),
+            // The namespace is gone (the pod was torn down first): nothing to remove there.
+            Err(_) if !path.exists() => None,
+            // Never delete CNI_IFNAME from the namespace the plugin runs in.
+            Err(e) => return Err(e),
+        },
+    };
+    let owner = masq::owner(&req.conf.name, &req.inv.container_id, &req.inv.ifname);
+    std::thread::scope(|s| {
+        let ipam = s.spawn(|| match conf.ipam_type.as_deref() {
+            Some(t) => delegate::exec(t, Command::Del, &req.inv, &req.stdin).map(|_| ()),
+            None => Ok(()),
+        });
+        let rules = s.spawn(|| {
+            let mut errs: Vec<CniError> = Vec::new();
+            if conf.ip_masq {
+                if let Err(e) = conf.masq_backend.remove_where(|o| o == owner) {
                     errs.push(e.into());
                 }
             }
-            // The namespace is gone (the pod was torn down first): nothing to remove there.
-            Err(_) if !path.exists() => {}
-            // Never delete CNI_IFNAME from the namespace the plugin runs in.
-            Err(e) => return Err(e),
+            if conf.mac_spoof_check {
+                if let Err(e) = spoof::remove_where(|o| o == owner) {
+                    errs.push(e.into());
+                }
+            }
+            errs
+        });
+        let mut errs: Vec<CniError> = Vec::new();
+        if let Some(ns) = &pod_ns {
+            let r: Result<(), BridgeError> = crate::runtime()
+                .and_then(|rt| rt.block_on(async { Nl::in_ns(ns)?.del_link_named(&req.inv.ifname).await }));
+            if let Err(e) = r {
+                errs.push(e.into());
+            }
         }
-    }
-    if let Some(t) = conf.ipam_type.as_deref() {
-        if let Err(e) = delegate::exec(t, Command::Del, &req.inv, &req.stdin) {
-            errs.push(e);
+        match ipam.join() {
+            Ok(Err(e)) => errs.push(e),
+            Err(_) => errs.push(CniError::plugin(199, "IPAM DEL thread panicked", "")),
+            Ok(Ok(())) => {}
         }
-    }
-    let owner = masq::owner(&req.conf.name, &req.inv.container_id, &req.inv.ifname);
-    if conf.ip_masq {
-        if let Err(e) = conf.masq_backend.remove_where(|o| o == owner) {
-            errs.push(e.into());
-        }
-    }
-    if conf.mac_spoof_check {
-        if let Err(e) = spoof::remove_where(|o| o == owner) {
-            errs.push(e.into());
-        }
-    }
-    finish(errs)
+        errs.extend(rules.join().unwrap_or_default());
+        finish(errs)
+    })
 }
 
 /// Forwards GC to IPAM and removes this network's masquerade entries of attachments that are

@@ -17,6 +17,17 @@ use cni_proto::{CniResult, Error as CniError, Plugin, Request};
 use crate::config::BridgeConf;
 use crate::error::BridgeError;
 
+/// With `CNI_BRIDGE_TIMING=1`, prints the time since the first mark and the step name to
+/// stderr: where an ADD spends its time, on a real node.
+pub fn mark(step: &str) {
+    use std::sync::OnceLock;
+    use std::time::Instant;
+    static START: OnceLock<Option<Instant>> = OnceLock::new();
+    if let Some(t0) = START.get_or_init(|| std::env::var_os("CNI_BRIDGE_TIMING").map(|_| Instant::now())) {
+        eprintln!("cni-bridge: {:>8.3} ms {step}", t0.elapsed().as_secs_f64() * 1e3);
+    }
+}
+
 /// The one runtime of this process: a single thread, so `setns` windows are never shared.
 pub fn runtime() -> Result<tokio::runtime::Runtime, BridgeError> {
     tokio::runtime::Builder::new_current_thread()

@@ -38,10 +38,22 @@ fn subnet_chain(net: &IpNetwork) -> String {
 }
 
 /// Masquerades traffic from each of `addrs` that leaves its own subnet.
-fn nft_add(addrs: &[IpNetwork], owner: &str) -> Result<(), BridgeError> {
-    if addrs.is_empty() {
-        return Ok(());
+fn nft_elements(addrs: &[IpNetwork], owner: &str) -> String {
+    let mut s = String::new();
+    for a in addrs {
+        let map = if a.is_ipv4() { "pods4" } else { "pods6" };
+        s.push_str(&format!(
+            "add element {TABLE} {map} {{ {} comment \"{owner}\" : jump {} }}\n",
+            a.ip(),
+            subnet_chain(a)
+        ));
     }
+    s
+}
+
+/// The whole structure: table, hook chain, maps, and the chain of each subnet in `addrs`.
+/// Idempotent (rules are flushed and re-added), but the flush costs an RCU grace period.
+fn nft_setup(addrs: &[IpNetwork]) -> String {
     let mut s = format!(
         "add table {TABLE}\n\
          add chain {TABLE} postrouting {{ type nat hook postrouting priority srcnat; policy accept; }}\n\
@@ -53,26 +65,42 @@ fn nft_add(addrs: &[IpNetwork], owner: &str) -> Result<(), BridgeError> {
     );
     for a in addrs {
         let chain = subnet_chain(a);
-        let (fam, mcast, map) =
-            if a.is_ipv4() { ("ip", "224.0.0.0/4", "pods4") } else { ("ip6", "ff00::/8", "pods6") };
+        let (fam, mcast) = if a.is_ipv4() { ("ip", "224.0.0.0/4") } else { ("ip6", "ff00::/8") };
         let net = IpNetwork::new(a.network(), a.prefix()).expect("valid prefix");
         s.push_str(&format!(
             "add chain {TABLE} {chain}\n\
              flush chain {TABLE} {chain}\n\
              add rule {TABLE} {chain} {fam} daddr {net} return\n\
              add rule {TABLE} {chain} {fam} daddr {mcast} return\n\
-             add rule {TABLE} {chain} masquerade\n\
-             add element {TABLE} {map} {{ {} comment \"{owner}\" : jump {chain} }}\n",
-            a.ip()
+             add rule {TABLE} {chain} masquerade\n"
         ));
     }
-    nft::apply(&s)
+    s
 }
 
-/// Every map entry on this node.
-fn nft_list() -> Result<Vec<Entry>, BridgeError> {
+fn nft_add(addrs: &[IpNetwork], owner: &str) -> Result<(), BridgeError> {
+    if addrs.is_empty() {
+        return Ok(());
+    }
+    let elements = nft_elements(addrs, owner);
+    // Steady state: the table and the subnet's chain exist, and adding map elements only is
+    // one cheap transaction. It fails when something is missing (first pod of a subnet on
+    // this node, or someone removed the table): then build the structure and add them.
+    if nft::apply(&elements).is_ok() {
+        return Ok(());
+    }
+    nft::apply(&(nft_setup(addrs) + &elements))
+}
+
+/// Every map entry on this node, and whether the postrouting hook jumps into the maps.
+fn nft_state() -> Result<(Vec<Entry>, bool), BridgeError> {
     let mut entries = Vec::new();
+    let mut hooked = false;
     for item in nft::list_table("inet", "cni_bridge")? {
+        if let Some(rule) = item.get("rule") {
+            hooked |= rule["chain"] == "postrouting" && rule.to_string().contains("@pods");
+            continue;
+        }
         let Some(map) = item.get("map") else { continue };
         for pair in map["elem"].as_array().into_iter().flatten() {
             let elem = &pair[0]["elem"];
@@ -84,7 +112,11 @@ fn nft_list() -> Result<Vec<Entry>, BridgeError> {
             }
         }
     }
-    Ok(entries)
+    Ok((entries, hooked))
+}
+
+fn nft_list() -> Result<Vec<Entry>, BridgeError> {
+    nft_state().map(|(e, _)| e)
 }
 
 /// Removes the given entries in one transaction.
@@ -140,6 +172,15 @@ impl Backend {
         match self {
             Backend::Nftables => nft_list(),
             Backend::Iptables => Ok(ipt::list()),
+        }
+    }
+
+    /// Whether traffic actually goes through the entries (the hook rules are in place).
+    pub fn hooked(self) -> Result<bool, BridgeError> {
+        match self {
+            Backend::Nftables => nft_state().map(|(_, h)| h),
+            // Each iptables entry is itself a POSTROUTING rule.
+            Backend::Iptables => Ok(true),
         }
     }
 

@@ -124,6 +124,18 @@ impl Nl {
         Ok(Nl { h })
     }
 
+    /// [`Nl::here`] from outside the runtime `rt`.
+    pub fn here_in(rt: &tokio::runtime::Runtime) -> Result<Nl, BridgeError> {
+        let _g = rt.enter();
+        Nl::here()
+    }
+
+    /// [`Nl::in_ns`] from outside the runtime `rt`.
+    pub fn in_ns_in(rt: &tokio::runtime::Runtime, ns: &File) -> Result<Nl, BridgeError> {
+        let _g = rt.enter();
+        Nl::in_ns(ns)
+    }
+
     /// A connection whose socket lives in `ns` (the socket binds at creation).
     pub fn in_ns(ns: &File) -> Result<Nl, BridgeError> {
         let made = netns::run_in(ns, rtnetlink::new_connection)
@@ -315,6 +327,15 @@ impl Nl {
             Ok(()) => Ok(true),
             Err(e) if errno(&e) == Some(EEXIST) => Ok(false),
             Err(e) => Err(BridgeError::netlink(format!("creating veth {name}/{peer}"))(e)),
+        }
+    }
+
+    /// Deletes a link by name in one request; gone already is fine.
+    pub async fn del_link_named(&self, name: &str) -> Result<(), BridgeError> {
+        let msg = LinkUnspec::new_with_name(name).build();
+        match self.h.link().del_with_message(msg).execute().await {
+            Err(e) if errno(&e) != Some(ENODEV) => Err(BridgeError::netlink(format!("deleting {name}"))(e)),
+            _ => Ok(()),
         }
     }
 

@@ -60,6 +60,30 @@ pub fn exec_path(
     inv: &Invocation,
     stdin: &[u8],
 ) -> Result<Option<CniResult>, Error> {
+    spawn_path(bin, command, inv, stdin)?.wait()
+}
+
+/// A delegated plugin that is running; [`Pending::wait`] collects its answer. Starting it
+/// early lets its process start overlap the caller's own work.
+pub struct Pending {
+    child: std::process::Child,
+    writer: Option<std::thread::JoinHandle<()>>,
+    command: Command,
+    name: String,
+}
+
+/// Starts `plugin_type` (found through CNI_PATH) with `command`, without waiting for it.
+pub fn spawn(plugin_type: &str, command: Command, inv: &Invocation, stdin: &[u8]) -> Result<Pending, Error> {
+    let bin = find(plugin_type, &inv.path)?;
+    spawn_path(&bin, command, inv, stdin)
+}
+
+fn fail(msg: String) -> Error {
+    Error::plugin(DELEGATE_FAILED, msg, String::new())
+}
+
+/// Starts the plugin at `bin` with `command`, without waiting for it.
+pub fn spawn_path(bin: &Path, command: Command, inv: &Invocation, stdin: &[u8]) -> Result<Pending, Error> {
     let path = std::env::join_paths(&inv.path).unwrap_or_default();
     let mut p = Proc::new(bin);
     p.env("CNI_COMMAND", verb(command))
@@ -71,34 +95,55 @@ pub fn exec_path(
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
-    let fail = |msg: String| Error::plugin(DELEGATE_FAILED, msg, String::new());
     let mut child = p.spawn().map_err(|e| fail(format!("running {}: {e}", bin.display())))?;
-    if let Some(mut w) = child.stdin.take() {
-        // A plugin that exits without reading stdin closes the pipe; its exit status tells.
+    let mut w = child.stdin.take().expect("piped stdin");
+    // A config fits the pipe buffer and is written at once; a larger one is written from a
+    // thread so that neither side can block the other. A plugin that exits without reading
+    // closes the pipe; its exit status tells.
+    let writer = if stdin.len() < 16 * 1024 {
         let _ = w.write_all(stdin);
-    }
-    let out = child.wait_with_output().map_err(|e| fail(format!("waiting for {}: {e}", bin.display())))?;
+        None
+    } else {
+        let data = stdin.to_vec();
+        Some(std::thread::spawn(move || {
+            let _ = w.write_all(&data);
+        }))
+    };
     let name = bin.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    if !out.status.success() {
-        let v: Option<Value> = serde_json::from_slice(&out.stdout).ok();
-        return Err(match v {
-            Some(v) if v.get("code").and_then(Value::as_u64).is_some() => Error::Plugin {
-                code: v["code"].as_u64().unwrap_or(DELEGATE_FAILED as u64) as u32,
-                msg: format!("{name}: {}", v.get("msg").and_then(Value::as_str).unwrap_or("failed")),
-                details: v.get("details").and_then(Value::as_str).unwrap_or("").to_string(),
-            },
-            _ => fail(format!(
-                "{name} {} failed ({}): {}",
-                verb(command),
-                out.status,
-                String::from_utf8_lossy(&out.stdout).trim()
-            )),
-        });
+    Ok(Pending { child, writer, command, name })
+}
+
+impl Pending {
+    /// Waits for the plugin: its result for ADD, `None` otherwise, or its error.
+    pub fn wait(self) -> Result<Option<CniResult>, Error> {
+        let Pending { child, writer, command, name } = self;
+        let out = child.wait_with_output().map_err(|e| fail(format!("waiting for {name}: {e}")))?;
+        if let Some(w) = writer {
+            let _ = w.join();
+        }
+        if !out.status.success() {
+            let v: Option<Value> = serde_json::from_slice(&out.stdout).ok();
+            return Err(match v {
+                Some(v) if v.get("code").and_then(Value::as_u64).is_some() => Error::Plugin {
+                    code: v["code"].as_u64().unwrap_or(DELEGATE_FAILED as u64) as u32,
+                    msg: format!("{name}: {}", v.get("msg").and_then(Value::as_str).unwrap_or("failed")),
+                    details: v.get("details").and_then(Value::as_str).unwrap_or("").to_string(),
+                },
+                _ => fail(format!(
+                    "{name} {} failed ({}): {}",
+                    verb(command),
+                    out.status,
+                    String::from_utf8_lossy(&out.stdout).trim()
+                )),
+            });
+        }
+        if command != Command::Add {
+            return Ok(None);
+        }
+        let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| Error::Decode {
+            what: "delegated plugin result",
+            details: format!("{name}: {e}"),
+        })?;
+        CniResult::from_json(&v, "1.1.0").map(Some)
     }
-    if command != Command::Add {
-        return Ok(None);
-    }
-    let v: Value = serde_json::from_slice(&out.stdout)
-        .map_err(|e| Error::Decode { what: "delegated plugin result", details: format!("{name}: {e}") })?;
-    CniResult::from_json(&v, "1.1.0").map(Some)
 }

@@ -20,6 +20,14 @@ fn live() -> std::sync::MutexGuard<'static, (BTreeSet<String>, BTreeSet<u32>)> {
     LIVE.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Empties the signal mask: a child must not inherit the signals the parent blocks for its
+/// cleanup thread (std does not reset the mask on spawn). For `pre_exec`.
+pub fn clear_sigmask() -> std::io::Result<()> {
+    use nix::sys::signal::{SigSet, SigmaskHow};
+    nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
+        .map_err(Into::into)
+}
+
 /// Names of the namespaces this process has made and not yet removed.
 pub fn live_namespaces() -> Vec<String> {
     live().0.iter().cloned().collect()
@@ -121,7 +129,10 @@ impl Netns {
         let f = self.file();
         // SAFETY: pre_exec runs in the forked child; setns is async-signal-safe.
         unsafe {
-            cmd.pre_exec(move || setns(f.as_fd(), CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from));
+            cmd.pre_exec(move || {
+                clear_sigmask()?;
+                setns(f.as_fd(), CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
+            });
         }
     }
 
@@ -154,11 +165,13 @@ pub struct Pause {
 impl Pause {
     /// Starts the process and waits until its namespace is its own.
     pub fn new() -> Pause {
-        let child = Command::new("unshare")
-            .args(["--net", "--", "sleep", "3600"])
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start unshare");
+        let mut c = Command::new("unshare");
+        c.args(["--net", "--", "sleep", "3600"]).stdin(Stdio::null());
+        // SAFETY: only async-signal-safe calls in the forked child.
+        unsafe {
+            c.pre_exec(clear_sigmask);
+        }
+        let child = c.spawn().expect("start unshare");
         live().1.insert(child.id());
         let path = PathBuf::from(format!("/proc/{}/ns/net", child.id()));
         let own = std::fs::read_link("/proc/thread-self/ns/net").expect("own ns");
@@ -183,7 +196,10 @@ impl Pause {
         c.args(args);
         let f = self.file();
         unsafe {
-            c.pre_exec(move || setns(f.as_fd(), CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from));
+            c.pre_exec(move || {
+                clear_sigmask()?;
+                setns(f.as_fd(), CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
+            });
         }
         let o = c.output().expect("run ip");
         String::from_utf8_lossy(&o.stdout).into_owned()

@@ -1,0 +1,914 @@
+//! `cni-bench`: our `cni-bridge` + `cni-host-local` against the reference `bridge` +
+//! `host-local`, alternating call by call in one run, inside namespaces this process makes.
+//!
+//! One node namespace (only `lo`, up) stands for the host; this process enters it on the main
+//! thread before any other thread exists, so every plugin is spawned from inside it. Pod
+//! namespaces are made with `ip netns add` before anything is timed. Everything (namespaces,
+//! IPAM data dirs) is removed at the end, on error, on panic (the release profile aborts, so
+//! a panic hook does it) and on SIGINT/SIGTERM/SIGHUP. The root network namespace is never
+//! touched: no links, addresses, routes, sysctls or firewall rules there.
+//!
+//! Failing a target is reported, not an error: the exit code is non-zero only when something
+//! did not work (a plugin call failed, a namespace could not be made...).
+
+use std::fs::File;
+use std::io::Write;
+use std::net::IpAddr;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+use std::sync::{Mutex, TryLockError};
+use std::time::{Duration, Instant};
+
+use futures::TryStreamExt;
+use nix::sched::{setns, CloneFlags};
+use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+use rtnetlink::LinkVeth;
+use serde_json::{json, Value};
+
+/// PATH given to the plugins (they look for `nft`, `iptables` there).
+const PLUGIN_PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
+/// The bridge both implementations use (one at a time: every ADD is deleted before the next).
+const BRIDGE: &str = "cnibench0";
+const SUBNET: &str = "10.77.0.0/16";
+const NETWORK: &str = "cnibench";
+/// Untimed iterations before the timed ones (bridge creation, nft table, iptables chains,
+/// page cache).
+const WARMUP: usize = 3;
+/// Concurrency rounds per implementation, in the order ours, reference, reference, ours...
+const CONC_ROUNDS: usize = 4;
+
+const USAGE: &str = "\
+usage: cni-bench [--ours DIR] [--reference DIR] [--iterations N] [--concurrency-adds N]
+                 [--workers N] [--json]
+
+  --ours DIR             dir holding cni-bridge and cni-host-local (default target/release)
+  --reference DIR        dir holding the reference bridge and host-local (default /usr/lib/cni)
+  --iterations N         timed ADD/DEL iterations per implementation and variant (default 200)
+  --concurrency-adds N   ADDs in the throughput test (default 100)
+  --workers N            concurrent plugin calls in the throughput test (default 8)
+  --json                 print the results as JSON on stdout (the table goes to stderr)
+
+Needs root. Works only inside namespaces it makes; exits non-zero only on errors.";
+
+// ---------------------------------------------------------------------------------------------
+// Arguments
+
+struct Args {
+    ours: PathBuf,
+    reference: PathBuf,
+    iterations: usize,
+    concurrency_adds: usize,
+    workers: usize,
+    json: bool,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = Args {
+        ours: PathBuf::from("target/release"),
+        reference: PathBuf::from("/usr/lib/cni"),
+        iterations: 200,
+        concurrency_adds: 100,
+        workers: 8,
+        json: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+            _ => (arg.clone(), None),
+        };
+        let mut value = |name: &str| -> Result<String, String> {
+            inline.clone().or_else(|| it.next()).ok_or_else(|| format!("{name} needs a value"))
+        };
+        let count = |name: &str, v: String| -> Result<usize, String> {
+            match v.parse::<usize>() {
+                Ok(n) if n > 0 => Ok(n),
+                _ => Err(format!("{name}: want a positive integer, got {v:?}")),
+            }
+        };
+        match flag.as_str() {
+            "--ours" => a.ours = PathBuf::from(value("--ours")?),
+            "--reference" => a.reference = PathBuf::from(value("--reference")?),
+            "--iterations" => a.iterations = count("--iterations", value("--iterations")?)?,
+            "--concurrency-adds" => {
+                a.concurrency_adds = count("--concurrency-adds", value("--concurrency-adds")?)?
+            }
+            "--workers" => a.workers = count("--workers", value("--workers")?)?,
+            "--json" if inline.is_none() => a.json = true,
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            _ => return Err(format!("unknown argument {arg:?}")),
+        }
+    }
+    Ok(a)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clean-up: everything this process made, removed once, whichever way it ends.
+
+struct Made {
+    netns: Vec<String>,
+    dirs: Vec<PathBuf>,
+}
+
+static MADE: Mutex<Made> = Mutex::new(Made { netns: Vec::new(), dirs: Vec::new() });
+
+fn made() -> std::sync::MutexGuard<'static, Made> {
+    MADE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Removes every namespace and dir made so far (newest first). Holds the lock throughout, so
+/// a second caller (signal thread, panic hook) waits until the first is done.
+fn cleanup() {
+    // try_lock with a bound: the panic hook may run on a thread that holds the lock.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut g = loop {
+        match MADE.try_lock() {
+            Ok(g) => break g,
+            Err(TryLockError::Poisoned(p)) => break p.into_inner(),
+            Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(2))
+            }
+            Err(TryLockError::WouldBlock) => return,
+        }
+    };
+    let names: Vec<String> = g.netns.drain(..).rev().collect();
+    if !names.is_empty() {
+        let script: String = names.iter().map(|n| format!("netns del {n}\n")).collect();
+        let _ = pipe_to("ip", &["-force", "-batch", "-"], script.as_bytes());
+        for n in &names {
+            if Path::new("/run/netns").join(n).exists() {
+                let _ = Command::new("ip")
+                    .args(["netns", "del", n])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+    }
+    for d in g.dirs.drain(..).rev() {
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}
+
+/// Write end of the self-pipe the signal handler writes the signal number to.
+static SIG_PIPE: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_signal(sig: nix::libc::c_int) {
+    let fd = SIG_PIPE.load(Ordering::Relaxed);
+    let b = sig as u8;
+    // SAFETY: write(2) is async-signal-safe; `b` outlives the call.
+    unsafe {
+        nix::libc::write(fd, (&b as *const u8).cast(), 1);
+    }
+}
+
+/// On SIGINT/SIGTERM/SIGHUP: clean up and exit. A handler (not a blocked mask, which spawned
+/// plugins would inherit) writes to a pipe; exec resets handlers, so the plugins see default
+/// dispositions. Returns the read end for [`wait_signals`].
+fn catch_signals() -> Result<File, String> {
+    use std::os::fd::IntoRawFd;
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    SIG_PIPE.store(w.into_raw_fd(), Ordering::Relaxed);
+    let act = SigAction::new(SigHandler::Handler(on_signal), SaFlags::SA_RESTART, SigSet::empty());
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        // SAFETY: the handler only calls write(2).
+        unsafe { sigaction(s, &act) }.map_err(|e| format!("sigaction {s:?}: {e}"))?;
+    }
+    Ok(File::from(r))
+}
+
+/// The thread that waits for a caught signal (spawned once in the node namespace; a signal
+/// caught before it starts waits in the pipe).
+fn wait_signals(mut r: File) {
+    use std::io::Read;
+    std::thread::spawn(move || {
+        let mut b = [0u8; 1];
+        if r.read_exact(&mut b).is_ok() {
+            eprintln!("cni-bench: signal {}: cleaning up", b[0]);
+            cleanup();
+            std::process::exit(128 + i32::from(b[0]));
+        }
+    });
+}
+
+/// Runs `prog args` with `stdin`; output discarded; Ok if it exited 0.
+fn pipe_to(prog: &str, args: &[&str], stdin: &[u8]) -> Result<(), String> {
+    let mut c = Command::new(prog)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("running {prog}: {e}"))?;
+    if let Some(mut i) = c.stdin.take() {
+        let _ = i.write_all(stdin);
+    }
+    let o = c.wait_with_output().map_err(|e| format!("{prog}: {e}"))?;
+    if o.status.success() {
+        Ok(())
+    } else {
+        Err(format!("{prog} {args:?}: {}", String::from_utf8_lossy(&o.stderr).trim()))
+    }
+}
+
+/// Makes the named namespaces in one `ip -batch` (registered first, so a partial failure is
+/// cleaned up too).
+fn make_netns(names: &[String]) -> Result<(), String> {
+    made().netns.extend(names.iter().cloned());
+    let script: String = names.iter().map(|n| format!("netns add {n}\n")).collect();
+    pipe_to("ip", &["-batch", "-"], script.as_bytes())
+}
+
+fn run_ok(prog: &str, args: &[&str]) -> Result<String, String> {
+    let o = Command::new(prog).args(args).output().map_err(|e| format!("running {prog}: {e}"))?;
+    if !o.status.success() {
+        return Err(format!("{prog} {args:?}: {}", String::from_utf8_lossy(&o.stderr).trim()));
+    }
+    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Plugins
+
+/// One implementation: where its binaries are and its configs.
+struct Impl {
+    /// "ours" / "reference".
+    label: &'static str,
+    /// Short tag for container ids.
+    tag: &'static str,
+    bridge_bin: PathBuf,
+    cni_path: String,
+    conf_plain: Value,
+    conf_masq: Value,
+}
+
+impl Impl {
+    fn new(
+        label: &'static str,
+        tag: &'static str,
+        dir: &Path,
+        bridge_type: &str,
+        ipam_type: &str,
+        data_dir: &Path,
+    ) -> Impl {
+        let conf = |masq: bool| {
+            json!({
+                "cniVersion": "1.0.0",
+                "name": NETWORK,
+                "type": bridge_type,
+                "bridge": BRIDGE,
+                "isGateway": true,
+                "ipMasq": masq,
+                "ipam": {
+                    "type": ipam_type,
+                    "subnet": SUBNET,
+                    "routes": [{"dst": "0.0.0.0/0"}],
+                    "dataDir": data_dir.display().to_string(),
+                }
+            })
+        };
+        Impl {
+            label,
+            tag,
+            bridge_bin: dir.join(bridge_type),
+            cni_path: dir.display().to_string(),
+            conf_plain: conf(false),
+            conf_masq: conf(true),
+        }
+    }
+
+    fn conf(&self, masq: bool) -> &Value {
+        if masq {
+            &self.conf_masq
+        } else {
+            &self.conf_plain
+        }
+    }
+
+    /// ADD; the time of the whole call and the result, which must carry an IP.
+    fn add(&self, masq: bool, id: &str, netns: &str) -> Result<(Duration, Value), String> {
+        let stdin = self.conf(masq).to_string();
+        let (d, o) = self.call("ADD", id, netns, stdin.as_bytes())?;
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+        let ip = v["ips"][0]["address"]
+            .as_str()
+            .and_then(|a| a.split('/').next())
+            .and_then(|a| a.parse::<IpAddr>().ok());
+        match ip {
+            Some(IpAddr::V4(a)) if a.octets()[..2] == [10, 77] => Ok((d, v)),
+            _ => Err(format!(
+                "{} ADD {id}: result has no IP in {SUBNET}: {}",
+                self.label,
+                String::from_utf8_lossy(&o.stdout)
+            )),
+        }
+    }
+
+    /// DEL with the ADD result as prevResult (as a runtime does).
+    fn del(&self, masq: bool, id: &str, netns: &str, prev: &Value) -> Result<Duration, String> {
+        let mut conf = self.conf(masq).clone();
+        conf["prevResult"] = prev.clone();
+        let stdin = conf.to_string();
+        Ok(self.call("DEL", id, netns, stdin.as_bytes())?.0)
+    }
+
+    fn call(&self, cmd: &str, id: &str, netns: &str, stdin: &[u8]) -> Result<(Duration, Output), String> {
+        let (d, o) = spawn_plugin(
+            &self.bridge_bin,
+            cmd,
+            &[
+                ("CNI_CONTAINERID", id),
+                ("CNI_NETNS", netns),
+                ("CNI_IFNAME", "eth0"),
+                ("CNI_PATH", &self.cni_path),
+            ],
+            stdin,
+        )?;
+        if !o.status.success() {
+            return Err(format!(
+                "{} {cmd} {id} failed ({}): stdout: {} stderr: {}",
+                self.label,
+                o.status,
+                String::from_utf8_lossy(&o.stdout).trim(),
+                String::from_utf8_lossy(&o.stderr).trim()
+            ));
+        }
+        Ok((d, o))
+    }
+
+    /// VERSION: the cost of starting the process and answering.
+    fn version(&self) -> Result<Duration, String> {
+        let (d, o) = spawn_plugin(&self.bridge_bin, "VERSION", &[], br#"{"cniVersion":"1.0.0"}"#)?;
+        if !o.status.success() || !String::from_utf8_lossy(&o.stdout).contains("1.0.0") {
+            return Err(format!(
+                "{} VERSION failed ({}): {} {}",
+                self.label,
+                o.status,
+                String::from_utf8_lossy(&o.stdout).trim(),
+                String::from_utf8_lossy(&o.stderr).trim()
+            ));
+        }
+        Ok(d)
+    }
+}
+
+/// Spawns `bin` as a runtime does (clean env, config on stdin), timing spawn to exit.
+fn spawn_plugin(
+    bin: &Path,
+    cmd: &str,
+    env: &[(&str, &str)],
+    stdin: &[u8],
+) -> Result<(Duration, Output), String> {
+    let mut c = Command::new(bin);
+    c.env_clear()
+        .env("CNI_COMMAND", cmd)
+        .env("PATH", PLUGIN_PATH)
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let t = Instant::now();
+    let mut child = c.spawn().map_err(|e| format!("spawning {}: {e}", bin.display()))?;
+    if let Some(mut i) = child.stdin.take() {
+        // A plugin that exits without reading fails on its exit status, not here.
+        let _ = i.write_all(stdin);
+    }
+    let o = child.wait_with_output().map_err(|e| format!("waiting for {}: {e}", bin.display()))?;
+    Ok((t.elapsed(), o))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Measurements
+
+#[derive(Default)]
+struct Lat {
+    add: Vec<Duration>,
+    del: Vec<Duration>,
+}
+
+/// What the sequential phase measures: [impl][variant] ADD/DEL, and the two floors.
+struct Seq {
+    lat: [[Lat; 2]; 2],
+    version: [Vec<Duration>; 2],
+    veth: Vec<Duration>,
+}
+
+/// Sequential ADD/DEL, ours and reference alternating (and swapping who goes first) each
+/// iteration, both variants per iteration; the floors (VERSION of both, one veth delete) are
+/// sampled in the same iterations, so that all see the same conditions on the machine.
+fn sequential(imps: &[Impl; 2], pod: &str, iterations: usize) -> Result<Seq, String> {
+    let floor = VethFloor::new()?;
+    let mut out = Seq { lat: Default::default(), version: Default::default(), veth: Vec::new() };
+    let total = WARMUP + iterations;
+    let t0 = Instant::now();
+    for i in 0..total {
+        let timed = i >= WARMUP;
+        let order: [usize; 2] = if i % 2 == 0 { [0, 1] } else { [1, 0] };
+        for &k in &order {
+            let d = imps[k].version()?;
+            if timed {
+                out.version[k].push(d);
+            }
+        }
+        let d = floor.sample()?;
+        if timed {
+            out.veth.push(d);
+        }
+        for (v, masq) in [false, true].into_iter().enumerate() {
+            for &k in &order {
+                let imp = &imps[k];
+                let id = format!("cnib-{}-{}-{i}", imp.tag, if masq { "m" } else { "p" });
+                let (add, res) = imp.add(masq, &id, pod)?;
+                let del = imp.del(masq, &id, pod, &res)?;
+                if timed {
+                    out.lat[k][v].add.push(add);
+                    out.lat[k][v].del.push(del);
+                }
+            }
+        }
+        if (i + 1) % 25 == 0 || i + 1 == total {
+            eprintln!("  sequential: {}/{total} iterations ({:.0} s)", i + 1, t0.elapsed().as_secs_f64());
+        }
+    }
+    Ok(out)
+}
+
+/// Runs `f(0..n)` on `workers` threads; the wall time, or the first error.
+fn parallel(
+    n: usize,
+    workers: usize,
+    f: &(dyn Fn(usize) -> Result<(), String> + Sync),
+) -> Result<Duration, String> {
+    let next = AtomicUsize::new(0);
+    let failed: Mutex<Option<String>> = Mutex::new(None);
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..workers.min(n) {
+            s.spawn(|| loop {
+                let k = next.fetch_add(1, Ordering::Relaxed);
+                if k >= n {
+                    break;
+                }
+                if let Err(e) = f(k) {
+                    failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                    next.store(n, Ordering::Relaxed);
+                    break;
+                }
+            });
+        }
+    });
+    let d = t.elapsed();
+    match failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(d),
+    }
+}
+
+/// `pods.len()` ADDs (one per pod) on `workers` threads, then DEL of them all; wall times.
+fn concurrent(
+    imp: &Impl,
+    pods: &[String],
+    workers: usize,
+    round: usize,
+) -> Result<(Duration, Duration), String> {
+    let n = pods.len();
+    let results: Vec<Mutex<Option<Value>>> = (0..n).map(|_| Mutex::new(None)).collect();
+    let id = |k: usize| format!("cnib-{}-c{round}-{k}", imp.tag);
+    let add = parallel(n, workers, &|k| {
+        let (_, v) = imp.add(false, &id(k), &netns_path(&pods[k]))?;
+        *results[k].lock().unwrap_or_else(|p| p.into_inner()) = Some(v);
+        Ok(())
+    })?;
+    let del = parallel(n, workers, &|k| {
+        let prev = results[k].lock().unwrap_or_else(|p| p.into_inner()).take().unwrap_or(Value::Null);
+        imp.del(false, &id(k), &netns_path(&pods[k]), &prev).map(|_| ())
+    })?;
+    Ok((add, del))
+}
+
+/// Deleting a veth pair (both ends in the node namespace) over an open netlink socket: only
+/// the RTM_DELLINK request and its ack are timed.
+struct VethFloor {
+    rt: tokio::runtime::Runtime,
+    h: rtnetlink::Handle,
+}
+
+impl VethFloor {
+    const A: &'static str = "cnibfloor0";
+    const B: &'static str = "cnibfloor1";
+
+    fn new() -> Result<VethFloor, String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("tokio runtime: {e}"))?;
+        let h = rt.block_on(async {
+            let (conn, h, _) = rtnetlink::new_connection().map_err(|e| format!("netlink socket: {e}"))?;
+            tokio::spawn(conn);
+            Ok::<_, String>(h)
+        })?;
+        Ok(VethFloor { rt, h })
+    }
+
+    fn sample(&self) -> Result<Duration, String> {
+        let (a, b, h) = (Self::A, Self::B, &self.h);
+        self.rt.block_on(async {
+            h.link()
+                .add(LinkVeth::new(a, b).build())
+                .execute()
+                .await
+                .map_err(|e| format!("creating veth {a}/{b} in the node namespace: {e}"))?;
+            let idx = h
+                .link()
+                .get()
+                .match_name(a)
+                .execute()
+                .try_next()
+                .await
+                .map_err(|e| format!("looking up {a}: {e}"))?
+                .ok_or_else(|| format!("{a} not found after creating it"))?
+                .header
+                .index;
+            let t = Instant::now();
+            h.link().del(idx).execute().await.map_err(|e| format!("deleting {a}: {e}"))?;
+            Ok(t.elapsed())
+        })
+    }
+}
+
+fn netns_path(name: &str) -> String {
+    format!("/run/netns/{name}")
+}
+
+/// Nearest-rank percentile, in ms.
+fn pct(v: &[Duration], p: f64) -> f64 {
+    let mut s: Vec<f64> = v.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+    s.sort_by(f64::total_cmp);
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * s.len() as f64).ceil() as usize;
+    s[rank.clamp(1, s.len()) - 1]
+}
+
+// ---------------------------------------------------------------------------------------------
+// Report
+
+struct Row {
+    metric: String,
+    unit: &'static str,
+    ours: Option<f64>,
+    reference: Option<f64>,
+    target: String,
+    pass: Option<bool>,
+}
+
+impl Row {
+    fn ratio(&self) -> Option<f64> {
+        match (self.ours, self.reference) {
+            (Some(o), Some(r)) if r > 0.0 => Some(o / r),
+            _ => None,
+        }
+    }
+}
+
+fn fmt_val(v: Option<f64>, unit: &str) -> String {
+    match v {
+        None => "—".into(),
+        Some(x) if unit == "ms" && x < 1.0 => format!("{x:.3} ms"),
+        Some(x) if unit == "ms" && x < 100.0 => format!("{x:.2} ms"),
+        Some(x) if unit == "ms" => format!("{x:.1} ms"),
+        Some(x) => format!("{x:.1} {unit}"),
+    }
+}
+
+fn table(rows: &[Row]) -> String {
+    let head = ["metric", "ours", "reference", "ratio", "target", "result"];
+    let cells: Vec<[String; 6]> = rows
+        .iter()
+        .map(|r| {
+            [
+                r.metric.clone(),
+                fmt_val(r.ours, r.unit),
+                fmt_val(r.reference, r.unit),
+                r.ratio().map_or("—".into(), |x| format!("{x:.2}×")),
+                r.target.clone(),
+                match r.pass {
+                    Some(true) => "PASS".into(),
+                    Some(false) => "FAIL".into(),
+                    None => "info".into(),
+                },
+            ]
+        })
+        .collect();
+    let mut w = head.map(|h| h.chars().count());
+    for c in &cells {
+        for (i, s) in c.iter().enumerate() {
+            w[i] = w[i].max(s.chars().count());
+        }
+    }
+    let line = |c: &[String]| -> String {
+        let parts: Vec<String> = c
+            .iter()
+            .enumerate()
+            .map(|(i, s)| format!("{s}{}", " ".repeat(w[i] - s.chars().count())))
+            .collect();
+        format!("| {} |\n", parts.join(" | "))
+    };
+    let mut out = line(&head.map(String::from));
+    let sep: Vec<String> = w.iter().map(|n| "-".repeat(*n)).collect();
+    out += &format!("|-{}-|\n", sep.join("-|-"));
+    for c in &cells {
+        out += &line(c);
+    }
+    out
+}
+
+fn shell_quote(s: &str) -> String {
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@".contains(c)) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+fn machine() -> (usize, String, String) {
+    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "?".into());
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, m)| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "?".into());
+    (nproc, kernel, cpu)
+}
+
+/// The 1-, 5- and 15-minute load averages (others' work on the machine skews the numbers).
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+fn package_version(pkg: &str) -> Option<String> {
+    let o = Command::new("dpkg-query")
+        .args(["-W", "-f", "${Version}", pkg])
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    o.status.success().then(|| String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Main
+
+fn require_bins(dir: &Path, names: &[&str]) -> Result<PathBuf, String> {
+    let dir = std::fs::canonicalize(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    for n in names {
+        if !dir.join(n).is_file() {
+            return Err(format!("{} has no {n}", dir.display()));
+        }
+    }
+    Ok(dir)
+}
+
+fn run(args: &Args) -> Result<(), String> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err("needs root (it makes network namespaces)".into());
+    }
+    let ours_dir = require_bins(&args.ours, &["cni-bridge", "cni-host-local"])?;
+    let ref_dir = require_bins(&args.reference, &["bridge", "host-local"])?;
+    let command: Vec<String> = std::env::args().map(|a| shell_quote(&a)).collect();
+    let command = command.join(" ");
+    let pid = std::process::id();
+
+    let sig_pipe = catch_signals()?;
+
+    // The node namespace, entered by this (still the only) thread.
+    let node = format!("cnib-{pid}-node");
+    make_netns(std::slice::from_ref(&node))?;
+    let f = File::open(netns_path(&node)).map_err(|e| format!("opening {node}: {e}"))?;
+    setns(f.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|e| format!("entering {node}: {e}"))?;
+    drop(f);
+    // From here on, `ip` without -n acts in the node namespace.
+    run_ok("ip", &["link", "set", "lo", "up"])?;
+
+    wait_signals(sig_pipe);
+
+    // Pods: one for the sequential runs (reused: each ADD is deleted before the next), one per
+    // ADD of the throughput test. All made before anything is timed.
+    let seq_pod = format!("cnib-{pid}-seq");
+    let conc_pods: Vec<String> = (0..args.concurrency_adds).map(|k| format!("cnib-{pid}-p{k}")).collect();
+    let mut all = vec![seq_pod.clone()];
+    all.extend(conc_pods.iter().cloned());
+    make_netns(&all)?;
+
+    let tmp = std::env::temp_dir();
+    let data = [tmp.join(format!("cnib-{pid}-ours")), tmp.join(format!("cnib-{pid}-ref"))];
+    for d in &data {
+        made().dirs.push(d.clone());
+        std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+    }
+    let imps = [
+        Impl::new("ours", "o", &ours_dir, "cni-bridge", "cni-host-local", &data[0]),
+        Impl::new("reference", "r", &ref_dir, "bridge", "host-local", &data[1]),
+    ];
+
+    let n = args.iterations;
+    let load_before = loadavg();
+    let t0 = Instant::now();
+    eprintln!(
+        "cni-bench: sequential ADD/DEL, plain and ipMasq, with the VERSION and veth-delete floors \
+         ({n} timed iterations + {WARMUP} warm-up)"
+    );
+    let seq = sequential(&imps, &netns_path(&seq_pod), n)?;
+    eprintln!(
+        "cni-bench: throughput: {} ADDs at concurrency {}, {CONC_ROUNDS} rounds each",
+        args.concurrency_adds, args.workers
+    );
+    let mut conc_add = [Duration::ZERO; 2];
+    let mut conc_del = [Duration::ZERO; 2];
+    for round in 0..2 * CONC_ROUNDS {
+        // ours, reference, reference, ours, ...
+        let k = if round % 4 == 0 || round % 4 == 3 { 0 } else { 1 };
+        let (a, d) = concurrent(&imps[k], &conc_pods, args.workers, round)?;
+        eprintln!(
+            "  round {round}: {}: {} ADDs in {:.2} s, DEL in {:.2} s",
+            imps[k].label,
+            args.concurrency_adds,
+            a.as_secs_f64(),
+            d.as_secs_f64()
+        );
+        conc_add[k] += a;
+        conc_del[k] += d;
+    }
+    let elapsed = t0.elapsed();
+
+    // Rows.
+    let ms = |v: &[Duration], p: f64| Some(pct(v, p));
+    let per_s = |d: Duration| Some((CONC_ROUNDS * args.concurrency_adds) as f64 / d.as_secs_f64());
+    let ver_ours = pct(&seq.version[0], 50.0);
+    let veth50 = pct(&seq.veth, 50.0);
+    let mut rows = Vec::new();
+    let mut ratio_row =
+        |metric: &str, unit: &'static str, o: Option<f64>, r: Option<f64>, target: Option<(&str, f64)>| {
+            let pass = target.map(|(op, t)| {
+                let x = o.unwrap_or(f64::NAN) / r.unwrap_or(f64::NAN);
+                if op == "≥" {
+                    x >= t
+                } else {
+                    x <= t
+                }
+            });
+            rows.push(Row {
+                metric: metric.into(),
+                unit,
+                ours: o,
+                reference: r,
+                target: target.map_or("—".into(), |(op, t)| format!("{op} {t}× reference")),
+                pass,
+            });
+        };
+    let (o, r) = (&seq.lat[0], &seq.lat[1]);
+    ratio_row("ADD p50", "ms", ms(&o[0].add, 50.0), ms(&r[0].add, 50.0), Some(("≤", 0.33)));
+    ratio_row("ADD p99", "ms", ms(&o[0].add, 99.0), ms(&r[0].add, 99.0), None);
+    ratio_row("DEL p50", "ms", ms(&o[0].del, 50.0), ms(&r[0].del, 50.0), None);
+    ratio_row("DEL p99", "ms", ms(&o[0].del, 99.0), ms(&r[0].del, 99.0), None);
+    ratio_row("ipMasq ADD p50", "ms", ms(&o[1].add, 50.0), ms(&r[1].add, 50.0), Some(("≤", 0.2)));
+    ratio_row("ipMasq ADD p99", "ms", ms(&o[1].add, 99.0), ms(&r[1].add, 99.0), None);
+    ratio_row("ipMasq DEL p50", "ms", ms(&o[1].del, 50.0), ms(&r[1].del, 50.0), Some(("≤", 0.3)));
+    ratio_row("ipMasq DEL p99", "ms", ms(&o[1].del, 99.0), ms(&r[1].del, 99.0), None);
+    let conc_label =
+        format!("ADD throughput, {} ADDs at concurrency {}", args.concurrency_adds, args.workers);
+    ratio_row(&conc_label, "adds/s", per_s(conc_add[0]), per_s(conc_add[1]), Some(("≥", 3.0)));
+    ratio_row(
+        &format!("DEL throughput of those, concurrency {}", args.workers),
+        "dels/s",
+        per_s(conc_del[0]),
+        per_s(conc_del[1]),
+        None,
+    );
+    ratio_row(
+        "floor: VERSION call p50 (process start)",
+        "ms",
+        Some(ver_ours),
+        ms(&seq.version[1], 50.0),
+        None,
+    );
+    ratio_row("floor: veth-pair delete p50 (netlink)", "ms", Some(veth50), None, None);
+    // The two absolute targets.
+    let add50 = pct(&o[0].add, 50.0);
+    let del50 = pct(&o[0].del, 50.0);
+    rows.push(Row {
+        metric: "ADD p50 vs our VERSION floor".into(),
+        unit: "ms",
+        ours: Some(add50),
+        reference: None,
+        target: format!("≤ VERSION p50 + 3 ms = {:.2} ms", ver_ours + 3.0),
+        pass: Some(add50 <= ver_ours + 3.0),
+    });
+    rows.push(Row {
+        metric: "DEL p50 vs veth-delete floor".into(),
+        unit: "ms",
+        ours: Some(del50),
+        reference: None,
+        target: format!("≤ veth-delete p50 + 3 ms = {:.2} ms", veth50 + 3.0),
+        pass: Some(del50 <= veth50 + 3.0),
+    });
+
+    let (nproc, kernel, cpu) = machine();
+    let ref_ver = package_version("containernetworking-plugins");
+    let mut text = String::new();
+    text += &format!(
+        "machine: nproc {nproc}, kernel {kernel}, cpu {cpu}; load average {load_before} before, {} after\n",
+        loadavg()
+    );
+    text += &format!("command: {command}\n");
+    text += &format!(
+        "ours: {} (cni-bridge, cni-host-local); reference: {} (bridge, host-local{})\n",
+        ours_dir.display(),
+        ref_dir.display(),
+        ref_ver.as_deref().map_or(String::new(), |v| format!(", containernetworking-plugins {v}"))
+    );
+    text += &format!(
+        "config: cniVersion 1.0.0, bridge {BRIDGE}, isGateway, host-local {SUBNET} (+ default route), \
+         ipMasq off / on (ours: nftables, reference: iptables {})\n",
+        run_ok("iptables", &["--version"])
+            .map(|s| s.trim().trim_start_matches("iptables ").to_string())
+            .unwrap_or_else(|_| "?".into())
+    );
+    text += &format!(
+        "samples: {n} timed iterations (+{WARMUP} warm-up), each: VERSION of both, one veth \
+         delete, ADD+DEL plain and ipMasq of both, ours and reference alternating; throughput: \
+         {CONC_ROUNDS} rounds each (ours, ref, ref, ours, ...); total {:.0} s\n\n",
+        elapsed.as_secs_f64()
+    );
+    text += &table(&rows);
+    text += "\nratio = ours / reference. Targets are reported, not enforced (exit code 0).\n";
+
+    if args.json {
+        eprint!("{text}");
+        let j = json!({
+            "machine": {"nproc": nproc, "kernel": kernel, "cpu": cpu},
+            "command": command,
+            "ours": ours_dir.display().to_string(),
+            "reference": ref_dir.display().to_string(),
+            "reference_version": ref_ver,
+            "iterations": n,
+            "concurrency_adds": args.concurrency_adds,
+            "workers": args.workers,
+            "rounds": CONC_ROUNDS,
+            "seconds": elapsed.as_secs_f64(),
+            "loadavg_before": load_before,
+            "metrics": rows.iter().map(|r| json!({
+                "metric": r.metric,
+                "unit": r.unit,
+                "ours": r.ours,
+                "reference": r.reference,
+                "ratio": r.ratio(),
+                "target": r.target,
+                "pass": r.pass,
+            })).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&j).unwrap_or_else(|_| j.to_string()));
+    } else {
+        print!("{text}");
+    }
+    Ok(())
+}
+
+fn main() {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("cni-bench: {e}\n\n{USAGE}");
+            std::process::exit(2);
+        }
+    };
+    // The release profile aborts on panic, so no Drop runs: clean up from the hook.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        cleanup();
+    }));
+    let code = match run(&args) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("cni-bench: error: {e}");
+            1
+        }
+    };
+    cleanup();
+    std::process::exit(code);
+}
