@@ -5,12 +5,13 @@ use std::fs::File;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use cni_proto::{delegate, CniResult, Command, Interface, IpConfig, Request, Route};
+use cni_proto::{CniResult, Command, Interface, IpConfig, Request, Route};
 use ipnetwork::IpNetwork;
 use rtnetlink::packet_route::link::InfoKind;
 
 use crate::config::{fmt_mac, BridgeConf};
 use crate::error::BridgeError;
+use crate::ipam;
 use crate::masq;
 use crate::netlink::{Link, Nl};
 use crate::netns;
@@ -163,7 +164,7 @@ impl Undo<'_> {
             }
         }
         if let Some(t) = self.ipam {
-            if let Err(e) = delegate::exec(t, Command::Del, &self.req.inv, &self.req.stdin) {
+            if let Err(e) = ipam::run(t, Command::Del, self.req) {
                 eprintln!("cni-bridge: rollback: IPAM DEL: {e}");
             }
         }
@@ -182,7 +183,7 @@ pub fn add(req: &Request, conf: &BridgeConf) -> Result<CniResult, BridgeError> {
     let pod_ns = netns::open_pod(path)?;
     // IPAM starts first: its process start overlaps opening our runtime and sockets.
     let pending = match conf.ipam_type.as_deref().filter(|t| !ipam_needs_interface(t)) {
-        Some(t) => Some((t, delegate::spawn(t, Command::Add, &req.inv, &req.stdin)?)),
+        Some(t) => Some((t, ipam::start(t, Command::Add, req)?)),
         None => None,
     };
     let sockets = crate::runtime().and_then(|rt| Ok((Nl::here_in(&rt)?, Nl::in_ns_in(&rt, &pod_ns)?, rt)));
@@ -192,7 +193,7 @@ pub fn add(req: &Request, conf: &BridgeConf) -> Result<CniResult, BridgeError> {
             // Whatever IPAM allocated must not outlive this failed ADD.
             if let Some((t, p)) = pending {
                 if p.wait().is_ok() {
-                    let _ = delegate::exec(t, Command::Del, &req.inv, &req.stdin);
+                    let _ = ipam::run(t, Command::Del, req);
                 }
             }
             return Err(e);
@@ -248,7 +249,7 @@ fn join_masq(job: Option<MasqJob>) -> Result<(), BridgeError> {
     job.map_or(Ok(()), |j| j.join().unwrap_or_else(|_| Err(BridgeError::Masq("nft thread panicked".into()))))
 }
 
-fn ipam_result<'a>(t: &'a str, p: delegate::Pending, undo: &mut Undo<'a>) -> Result<CniResult, BridgeError> {
+fn ipam_result<'a>(t: &'a str, p: ipam::Pending, undo: &mut Undo<'a>) -> Result<CniResult, BridgeError> {
     let r = p.wait()?.unwrap_or_default();
     undo.ipam = Some(t);
     if r.ips.is_empty() {
@@ -263,7 +264,7 @@ async fn build<'a>(
     host: &Nl,
     pod: &Nl,
     pod_ns: &File,
-    pending: Option<(&'a str, delegate::Pending)>,
+    pending: Option<(&'a str, ipam::Pending)>,
     undo: &mut Undo<'a>,
 ) -> Result<CniResult, BridgeError> {
     // Nothing is created before IPAM has answered: a refusal (bad config, full range) then
@@ -315,7 +316,7 @@ async fn build_rest<'a>(
         host.link(&host_name).await?.ok_or_else(|| BridgeError::PortDown(format!("{host_name} vanished")))?;
     undo.host_veth = Some(hv.index);
     if let Some(t) = conf.ipam_type.as_deref().filter(|t| ipam_needs_interface(t)) {
-        let r = ipam_result(t, delegate::spawn(t, Command::Add, &req.inv, &req.stdin)?, undo)?;
+        let r = ipam_result(t, ipam::start(t, Command::Add, req)?, undo)?;
         *masq_job = spawn_masq(req, conf, &r, undo);
         ipam = Some(r);
     }

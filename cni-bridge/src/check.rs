@@ -1,6 +1,6 @@
 //! CHECK: what the reference verifies, plus hairpin, port isolation, MTU and masquerade.
 
-use cni_proto::{delegate, Command, Request};
+use cni_proto::{Command, Request};
 use rtnetlink::packet_route::link::InfoKind;
 
 use crate::config::{fmt_mac, BridgeConf};
@@ -21,7 +21,7 @@ pub fn check(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
         .prev_result()?
         .ok_or_else(|| BridgeError::Config("CHECK: required prevResult missing".into()))?;
     if let Some(t) = conf.ipam_type.as_deref() {
-        delegate::exec(t, Command::Check, &req.inv, &req.stdin)?;
+        crate::ipam::run(t, Command::Check, req)?;
     }
     let path = req.inv.netns.as_deref().ok_or_else(|| BridgeError::Netns("CNI_NETNS is empty".into()))?;
     let pod_ns = netns::open_pod(path)?;

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeSet;
 
-use cni_proto::{delegate, Command, Error as CniError, Request};
+use cni_proto::{Command, Error as CniError, Request};
 
 use crate::config::BridgeConf;
 use crate::error::BridgeError;
@@ -25,6 +25,7 @@ fn finish(errs: Vec<CniError>) -> Result<(), BridgeError> {
 /// The three are independent, so they run at once: deleting a veth waits for the kernel's
 /// RCU grace periods (~15 ms here), which covers the IPAM process and the nft calls.
 pub fn del(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
+    crate::mark("start");
     let pod_ns = match req.inv.netns.as_deref() {
         None => None,
         Some(path) => match netns::open_pod(path) {
@@ -38,7 +39,7 @@ pub fn del(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
     let owner = masq::owner(&req.conf.name, &req.inv.container_id, &req.inv.ifname);
     std::thread::scope(|s| {
         let ipam = s.spawn(|| match conf.ipam_type.as_deref() {
-            Some(t) => delegate::exec(t, Command::Del, &req.inv, &req.stdin).map(|_| ()),
+            Some(t) => crate::ipam::run(t, Command::Del, req).map(|_| ()),
             None => Ok(()),
         });
         let rules = s.spawn(|| {
@@ -62,13 +63,16 @@ pub fn del(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
             if let Err(e) = r {
                 errs.push(e.into());
             }
+            crate::mark("pod interface deleted");
         }
         match ipam.join() {
             Ok(Err(e)) => errs.push(e),
             Err(_) => errs.push(CniError::plugin(199, "IPAM DEL thread panicked", "")),
             Ok(Ok(())) => {}
         }
+        crate::mark("IPAM DEL joined");
         errs.extend(rules.join().unwrap_or_default());
+        crate::mark("rules joined");
         finish(errs)
     })
 }
@@ -78,7 +82,7 @@ pub fn del(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
 pub fn gc(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
     let mut errs: Vec<CniError> = Vec::new();
     if let Some(t) = conf.ipam_type.as_deref() {
-        if let Err(e) = delegate::exec(t, Command::Gc, &req.inv, &req.stdin) {
+        if let Err(e) = crate::ipam::run(t, Command::Gc, req) {
             errs.push(e);
         }
     }
@@ -102,7 +106,7 @@ pub fn gc(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
 /// Forwards STATUS to IPAM: the bridge itself is made on demand.
 pub fn status(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
     if let Some(t) = conf.ipam_type.as_deref() {
-        delegate::exec(t, Command::Status, &req.inv, &req.stdin)?;
+        crate::ipam::run(t, Command::Status, req)?;
     }
     Ok(())
 }

@@ -5,6 +5,7 @@ pub mod check;
 pub mod config;
 pub mod del;
 pub mod error;
+pub mod ipam;
 pub mod ipt;
 pub mod masq;
 pub mod netlink;

@@ -396,6 +396,7 @@ struct Seq {
     lat: [[Lat; 2]; 2],
     version: [Vec<Duration>; 2],
     veth: Vec<Duration>,
+    port: Vec<Duration>,
 }
 
 /// Sequential ADD/DEL, ours and reference alternating (and swapping who goes first) each
@@ -403,7 +404,8 @@ struct Seq {
 /// sampled in the same iterations, so that all see the same conditions on the machine.
 fn sequential(imps: &[Impl; 2], pod: &str, iterations: usize) -> Result<Seq, String> {
     let floor = VethFloor::new()?;
-    let mut out = Seq { lat: Default::default(), version: Default::default(), veth: Vec::new() };
+    let mut out =
+        Seq { lat: Default::default(), version: Default::default(), veth: Vec::new(), port: Vec::new() };
     let total = WARMUP + iterations;
     let t0 = Instant::now();
     for i in 0..total {
@@ -415,9 +417,11 @@ fn sequential(imps: &[Impl; 2], pod: &str, iterations: usize) -> Result<Seq, Str
                 out.version[k].push(d);
             }
         }
-        let d = floor.sample()?;
+        let d = floor.sample(false)?;
+        let dp = floor.sample(true)?;
         if timed {
             out.veth.push(d);
+            out.port.push(dp);
         }
         for (v, masq) in [false, true].into_iter().enumerate() {
             for &k in &order {
@@ -515,9 +519,25 @@ impl VethFloor {
         Ok(VethFloor { rt, h })
     }
 
-    fn sample(&self) -> Result<Duration, String> {
+    const BR: &'static str = "cnibfloorbr";
+
+    /// One delete; with `on_bridge`, one end is an up port of a bridge first, as a pod's host
+    /// veth is: removing a bridge port costs the kernel another synchronize_net().
+    fn sample(&self, on_bridge: bool) -> Result<Duration, String> {
         let (a, b, h) = (Self::A, Self::B, &self.h);
         self.rt.block_on(async {
+            let br = if on_bridge {
+                let _ = h.link().add(rtnetlink::LinkBridge::new(Self::BR).build()).execute().await;
+                let m = h.link().get().match_name(Self::BR.to_string()).execute().try_next().await;
+                Some(
+                    m.map_err(|e| format!("looking up {}: {e}", Self::BR))?
+                        .ok_or("no floor bridge")?
+                        .header
+                        .index,
+                )
+            } else {
+                None
+            };
             h.link()
                 .add(LinkVeth::new(a, b).build())
                 .execute()
@@ -534,6 +554,10 @@ impl VethFloor {
                 .ok_or_else(|| format!("{a} not found after creating it"))?
                 .header
                 .index;
+            if let Some(br) = br {
+                let up = rtnetlink::LinkUnspec::new_with_index(idx).controller(br).up().build();
+                h.link().set(up).execute().await.map_err(|e| format!("attaching {a}: {e}"))?;
+            }
             let t = Instant::now();
             h.link().del(idx).execute().await.map_err(|e| format!("deleting {a}: {e}"))?;
             Ok(t.elapsed())
@@ -807,6 +831,8 @@ fn run(args: &Args) -> Result<(), String> {
         None,
     );
     ratio_row("floor: veth-pair delete p50 (netlink)", "ms", Some(veth50), None, None);
+    let port50 = pct(&seq.port, 50.0);
+    ratio_row("floor: veth delete, one end a bridge port, p50", "ms", Some(port50), None, None);
     // The two absolute targets.
     let add50 = pct(&o[0].add, 50.0);
     let del50 = pct(&o[0].del, 50.0);
@@ -825,6 +851,14 @@ fn run(args: &Args) -> Result<(), String> {
         reference: None,
         target: format!("≤ veth-delete p50 + 3 ms = {:.2} ms", veth50 + 3.0),
         pass: Some(del50 <= veth50 + 3.0),
+    });
+    rows.push(Row {
+        metric: "DEL p50 vs bridge-port veth-delete floor".into(),
+        unit: "ms",
+        ours: Some(del50),
+        reference: None,
+        target: format!("≤ bridge-port floor p50 + 3 ms = {:.2} ms", port50 + 3.0),
+        pass: Some(del50 <= port50 + 3.0),
     });
 
     let (nproc, kernel, cpu) = machine();

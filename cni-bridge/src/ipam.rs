@@ -1,0 +1,59 @@
+//! Calling the IPAM plugin. Any IPAM plugin is run as the spec says: found through
+//! CNI_PATH, same environment and stdin. Our own `cni-host-local` is instead run in-process
+//! on a thread: the same code writing the same files, without a second process start on
+//! every ADD and DEL (`CNI_BRIDGE_EXEC_IPAM=1` forces the exec for it too).
+
+use cni_proto::{delegate, CniResult, Command, Error as CniError, Plugin, Request};
+
+/// The IPAM type run in-process.
+const OURS: &str = "cni-host-local";
+
+/// An IPAM call under way.
+pub enum Pending {
+    /// Our host-local, on a thread.
+    InProcess(std::thread::JoinHandle<Result<Option<CniResult>, CniError>>),
+    /// Another plugin's process.
+    Exec(delegate::Pending),
+}
+
+fn in_process(t: &str) -> bool {
+    t == OURS && std::env::var_os("CNI_BRIDGE_EXEC_IPAM").is_none()
+}
+
+/// Starts IPAM `t` with `command` for `req`.
+pub fn start(t: &str, command: Command, req: &Request) -> Result<Pending, CniError> {
+    if !in_process(t) {
+        return delegate::spawn(t, command, &req.inv, &req.stdin).map(Pending::Exec);
+    }
+    let req = req.clone();
+    Ok(Pending::InProcess(std::thread::spawn(move || {
+        let p = cni_host_local::HostLocal;
+        let r = match command {
+            Command::Add => p.add(&req).map(Some),
+            Command::Del => p.del(&req).map(|_| None),
+            Command::Check => p.check(&req).map(|_| None),
+            Command::Gc => p.gc(&req).map(|_| None),
+            Command::Status => p.status(&req).map(|_| None),
+            Command::Version => Ok(None),
+        };
+        // Errors read as a delegated plugin's do: named after the plugin, same code.
+        r.map_err(|e| CniError::Plugin { code: e.code(), msg: format!("{OURS}: {e}"), details: e.details() })
+    })))
+}
+
+impl Pending {
+    /// Waits for the answer: the result for ADD, else `None`.
+    pub fn wait(self) -> Result<Option<CniResult>, CniError> {
+        match self {
+            Pending::Exec(p) => p.wait(),
+            Pending::InProcess(h) => {
+                h.join().unwrap_or_else(|_| Err(CniError::plugin(199, "IPAM thread panicked", "")))
+            }
+        }
+    }
+}
+
+/// Runs IPAM `t` with `command` to the end.
+pub fn run(t: &str, command: Command, req: &Request) -> Result<Option<CniResult>, CniError> {
+    start(t, command, req)?.wait()
+}
