@@ -149,6 +149,8 @@ struct Undo<'a> {
     masq: Option<String>,
     spoof: Option<String>,
     backend: masq::Backend,
+    /// An nft process started early, waiting for the masquerade script.
+    nft: Option<crate::nft::Prepared>,
 }
 
 impl Undo<'_> {
@@ -181,7 +183,9 @@ pub fn add(req: &Request, conf: &BridgeConf) -> Result<CniResult, BridgeError> {
     let path = req.inv.netns.as_deref().ok_or_else(|| BridgeError::Netns("CNI_NETNS is empty".into()))?;
     crate::mark("start");
     let pod_ns = netns::open_pod(path)?;
-    // IPAM starts first: its process start overlaps opening our runtime and sockets.
+    // Processes start first, so their start-up overlaps ours: nft (for ipMasq) waits for its
+    // script until the addresses are known; IPAM allocates meanwhile.
+    let nft = if conf.ip_masq { conf.masq_backend.prepare() } else { None };
     let pending = match conf.ipam_type.as_deref().filter(|t| !ipam_needs_interface(t)) {
         Some(t) => Some((t, ipam::start(t, Command::Add, req)?)),
         None => None,
@@ -209,6 +213,7 @@ pub fn add(req: &Request, conf: &BridgeConf) -> Result<CniResult, BridgeError> {
             masq: None,
             spoof: None,
             backend: conf.masq_backend,
+            nft,
         };
         match build(req, conf, &host, &pod, &pod_ns, pending, &mut undo).await {
             Ok(r) => Ok(r),
@@ -241,7 +246,8 @@ fn spawn_masq<'a>(
         undo.masq = Some(owner.clone());
         let addrs: Vec<IpNetwork> = ipam.ips.iter().map(|i| i.address).collect();
         let backend = conf.masq_backend;
-        std::thread::spawn(move || backend.add(&addrs, &owner))
+        let prepared = undo.nft.take();
+        std::thread::spawn(move || backend.add_prepared(&addrs, &owner, prepared))
     })
 }
 

@@ -78,7 +78,7 @@ fn nft_setup(addrs: &[IpNetwork]) -> String {
     s
 }
 
-fn nft_add(addrs: &[IpNetwork], owner: &str) -> Result<(), BridgeError> {
+fn nft_add(addrs: &[IpNetwork], owner: &str, prepared: Option<nft::Prepared>) -> Result<(), BridgeError> {
     if addrs.is_empty() {
         return Ok(());
     }
@@ -86,7 +86,11 @@ fn nft_add(addrs: &[IpNetwork], owner: &str) -> Result<(), BridgeError> {
     // Steady state: the table and the subnet's chain exist, and adding map elements only is
     // one cheap transaction. It fails when something is missing (first pod of a subnet on
     // this node, or someone removed the table): then build the structure and add them.
-    if nft::apply(&elements).is_ok() {
+    let first = match prepared {
+        Some(p) => p.apply(&elements),
+        None => nft::apply(&elements),
+    };
+    if first.is_ok() {
         return Ok(());
     }
     nft::apply(&(nft_setup(addrs) + &elements))
@@ -161,8 +165,26 @@ impl Backend {
 
     /// Masquerades traffic from each of `addrs` that leaves its own subnet.
     pub fn add(self, addrs: &[IpNetwork], owner: &str) -> Result<(), BridgeError> {
+        self.add_prepared(addrs, owner, None)
+    }
+
+    /// Starts what [`Backend::add`] will need, ahead of time (the nft process).
+    pub fn prepare(self) -> Option<nft::Prepared> {
         match self {
-            Backend::Nftables => nft_add(addrs, owner),
+            Backend::Nftables => nft::prepare().ok(),
+            Backend::Iptables => None,
+        }
+    }
+
+    /// [`Backend::add`] with what [`Backend::prepare`] started.
+    pub fn add_prepared(
+        self,
+        addrs: &[IpNetwork],
+        owner: &str,
+        p: Option<nft::Prepared>,
+    ) -> Result<(), BridgeError> {
+        match self {
+            Backend::Nftables => nft_add(addrs, owner, p),
             Backend::Iptables => ipt::add(addrs, owner),
         }
     }
