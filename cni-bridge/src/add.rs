@@ -149,8 +149,6 @@ struct Undo<'a> {
     masq: Option<String>,
     spoof: Option<String>,
     backend: masq::Backend,
-    /// An nft process started early, waiting for the masquerade script.
-    nft: Option<crate::nft::Prepared>,
 }
 
 impl Undo<'_> {
@@ -183,9 +181,7 @@ pub fn add(req: &Request, conf: &BridgeConf) -> Result<CniResult, BridgeError> {
     let path = req.inv.netns.as_deref().ok_or_else(|| BridgeError::Netns("CNI_NETNS is empty".into()))?;
     crate::mark("start");
     let pod_ns = netns::open_pod(path)?;
-    // Processes start first, so their start-up overlaps ours: nft (for ipMasq) waits for its
-    // script until the addresses are known; IPAM allocates meanwhile.
-    let nft = if conf.ip_masq { conf.masq_backend.prepare() } else { None };
+    // IPAM starts first: it allocates while we open our runtime and sockets.
     let pending = match conf.ipam_type.as_deref().filter(|t| !ipam_needs_interface(t)) {
         Some(t) => Some((t, ipam::start(t, Command::Add, req)?)),
         None => None,
@@ -213,7 +209,6 @@ pub fn add(req: &Request, conf: &BridgeConf) -> Result<CniResult, BridgeError> {
             masq: None,
             spoof: None,
             backend: conf.masq_backend,
-            nft,
         };
         match build(req, conf, &host, &pod, &pod_ns, pending, &mut undo).await {
             Ok(r) => Ok(r),
@@ -246,8 +241,7 @@ fn spawn_masq<'a>(
         undo.masq = Some(owner.clone());
         let addrs: Vec<IpNetwork> = ipam.ips.iter().map(|i| i.address).collect();
         let backend = conf.masq_backend;
-        let prepared = undo.nft.take();
-        std::thread::spawn(move || backend.add_prepared(&addrs, &owner, prepared))
+        std::thread::spawn(move || backend.add(&addrs, &owner))
     })
 }
 

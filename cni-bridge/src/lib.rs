@@ -11,6 +11,7 @@ pub mod masq;
 pub mod netlink;
 pub mod netns;
 pub mod nft;
+pub mod nft_nl;
 pub mod spoof;
 
 use cni_proto::{CniResult, Error as CniError, Plugin, Request};

@@ -13,6 +13,7 @@ use ipnetwork::IpNetwork;
 use crate::error::BridgeError;
 use crate::ipt;
 use crate::nft;
+use crate::nft_nl;
 
 const TABLE: &str = "inet cni_bridge";
 
@@ -78,22 +79,18 @@ fn nft_setup(addrs: &[IpNetwork]) -> String {
     s
 }
 
-fn nft_add(addrs: &[IpNetwork], owner: &str, prepared: Option<nft::Prepared>) -> Result<(), BridgeError> {
+fn nft_add(addrs: &[IpNetwork], owner: &str) -> Result<(), BridgeError> {
     if addrs.is_empty() {
         return Ok(());
     }
-    let elements = nft_elements(addrs, owner);
     // Steady state: the table and the subnet's chain exist, and adding map elements only is
-    // one cheap transaction. It fails when something is missing (first pod of a subnet on
-    // this node, or someone removed the table): then build the structure and add them.
-    let first = match prepared {
-        Some(p) => p.apply(&elements),
-        None => nft::apply(&elements),
-    };
-    if first.is_ok() {
-        return Ok(());
+    // one netlink batch, no process. It fails when something is missing (first pod of a
+    // subnet on this node, or someone removed the table): then nft builds the structure.
+    let elems: Vec<(std::net::IpAddr, String)> = addrs.iter().map(|a| (a.ip(), subnet_chain(a))).collect();
+    match nft_nl::add_elements("cni_bridge", &elems, owner) {
+        Ok(()) => Ok(()),
+        Err(_) => nft::apply(&(nft_setup(addrs) + &nft_elements(addrs, owner))),
     }
-    nft::apply(&(nft_setup(addrs) + &elements))
 }
 
 /// Every map entry on this node, and whether the postrouting hook jumps into the maps.
@@ -165,26 +162,8 @@ impl Backend {
 
     /// Masquerades traffic from each of `addrs` that leaves its own subnet.
     pub fn add(self, addrs: &[IpNetwork], owner: &str) -> Result<(), BridgeError> {
-        self.add_prepared(addrs, owner, None)
-    }
-
-    /// Starts what [`Backend::add`] will need, ahead of time (the nft process).
-    pub fn prepare(self) -> Option<nft::Prepared> {
         match self {
-            Backend::Nftables => nft::prepare().ok(),
-            Backend::Iptables => None,
-        }
-    }
-
-    /// [`Backend::add`] with what [`Backend::prepare`] started.
-    pub fn add_prepared(
-        self,
-        addrs: &[IpNetwork],
-        owner: &str,
-        p: Option<nft::Prepared>,
-    ) -> Result<(), BridgeError> {
-        match self {
-            Backend::Nftables => nft_add(addrs, owner, p),
+            Backend::Nftables => nft_add(addrs, owner),
             Backend::Iptables => ipt::add(addrs, owner),
         }
     }

@@ -29,48 +29,6 @@ pub fn apply(script: &str) -> Result<(), BridgeError> {
     Ok(())
 }
 
-/// An `nft -f -` started ahead of time, waiting for its script on stdin: its process start
-/// (dynamic loading, library set-up) overlaps the caller's work.
-pub struct Prepared(Option<std::process::Child>);
-
-/// Starts `nft -f -` now; the script follows with [`Prepared::apply`].
-pub fn prepare() -> Result<Prepared, BridgeError> {
-    Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map(|c| Prepared(Some(c)))
-        .map_err(|e| BridgeError::Masq(format!("running nft: {e}")))
-}
-
-impl Prepared {
-    /// Feeds `script` and waits; an empty script does nothing.
-    pub fn apply(mut self, script: &str) -> Result<(), BridgeError> {
-        let mut child = self.0.take().expect("applied once");
-        let mut stdin = child.stdin.take().expect("piped");
-        let written = stdin.write_all(script.as_bytes());
-        drop(stdin);
-        let out = child.wait_with_output().map_err(|e| BridgeError::Masq(e.to_string()))?;
-        written.map_err(|e| BridgeError::Masq(format!("writing to nft: {e}")))?;
-        if !out.status.success() {
-            return Err(BridgeError::Masq(format!("nft: {}", String::from_utf8_lossy(&out.stderr).trim())));
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Prepared {
-    fn drop(&mut self) {
-        // Unused (ADD failed before the addresses were known): an empty script, then reap.
-        if let Some(mut c) = self.0.take() {
-            drop(c.stdin.take());
-            let _ = c.wait();
-        }
-    }
-}
-
 /// The JSON objects of table `family name`; empty when the table does not exist.
 pub fn list_table(family: &str, name: &str) -> Result<Vec<Value>, BridgeError> {
     let out = Command::new("nft")
