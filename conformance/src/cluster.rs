@@ -199,6 +199,45 @@ impl Cluster {
         }
     }
 
+    /// One `cni-route-agent` per node namespace (file source listing every node); waits until
+    /// each node has a route to every other node's pod CIDR. The caller owns the processes.
+    pub fn start_route_agents(&self, bin: &Path) -> Result<Vec<std::process::Child>, String> {
+        let nodes: Vec<Value> = self
+            .nodes
+            .iter()
+            .map(|n| json!({"name": n.name, "podCIDRs": [n.pod_cidr], "addresses": [n.ip.to_string()]}))
+            .collect();
+        let file = self.state.join("nodes.json");
+        std::fs::write(&file, json!({ "nodes": nodes }).to_string()).map_err(|e| e.to_string())?;
+        let mut agents = Vec::new();
+        for n in &self.nodes {
+            let mut cmd = std::process::Command::new(bin);
+            cmd.args(["--node-name", &n.name, "--source", "file", "--no-portmap", "--nodes-file"])
+                .arg(&file)
+                .arg("--cni-conf-dir")
+                .arg(self.state.join(format!("cni-{}", n.name)))
+                .env("RUST_LOG", "warn")
+                .stdout(std::process::Stdio::null());
+            n.ns.enter(&mut cmd);
+            agents.push(cmd.spawn().map_err(|e| format!("starting {}: {e}", bin.display()))?);
+        }
+        let want = self.nodes.len() - 1;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        for n in &self.nodes {
+            while n.ns.ip(&["route", "show", "proto", "168"]).lines().count() < want {
+                if std::time::Instant::now() > deadline {
+                    for mut a in agents {
+                        let _ = a.kill();
+                        let _ = a.wait();
+                    }
+                    return Err(format!("{}: the route agent did not install the routes", n.name));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+        Ok(agents)
+    }
+
     /// A host outside the cluster on the underlay (`10.200.0.<host>`), e.g. a NodePort client.
     pub fn external(&self, name: &str, host: u8) -> Netns {
         let ns = Netns::new(name);

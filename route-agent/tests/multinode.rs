@@ -44,9 +44,11 @@ impl Agent {
         Agent { child: c.spawn().expect("start agent") }
     }
 
-    fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    /// SIGTERM (only to this PID), then the exit status.
+    fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+        self.child.wait().expect("wait")
     }
 }
 
@@ -209,7 +211,7 @@ fn restart_removes_routes_of_nodes_gone_meanwhile_without_rewriting_the_others()
     let conf = tmp.0.join("cni0");
     let a = Agent::start(&cl.nodes[0].ns, "node-1", &file, &conf, &[]);
     expect_routes(&cl, 0, &[1, 2]);
-    a.kill();
+    assert!(a.terminate().success(), "a clean exit on SIGTERM");
     // While it is down, node-3 is removed; the routes stay (pods keep working).
     write_nodes(&file, &cl, &[0, 1], None);
     expect_routes(&cl, 0, &[1, 2]);

@@ -56,41 +56,6 @@ fn parse() -> Args {
     a
 }
 
-/// One route agent per node namespace, fed by a nodes file listing every node; waits until
-/// each node has a route to every other node's pod CIDR.
-fn start_agents(c: &Cluster, bin: &std::path::Path) -> Result<Vec<std::process::Child>, String> {
-    let nodes: Vec<serde_json::Value> = c
-        .nodes
-        .iter()
-        .map(|n| serde_json::json!({"name": n.name, "podCIDRs": [n.pod_cidr], "addresses": [n.ip.to_string()]}))
-        .collect();
-    let file = c.state_dir().join("nodes.json");
-    std::fs::write(&file, serde_json::json!({ "nodes": nodes }).to_string()).map_err(|e| e.to_string())?;
-    let mut agents = Vec::new();
-    for n in &c.nodes {
-        let mut cmd = std::process::Command::new(bin);
-        cmd.args(["--node-name", &n.name, "--source", "file", "--no-portmap", "--nodes-file"])
-            .arg(&file)
-            .arg("--cni-conf-dir")
-            .arg(c.state_dir().join(format!("cni-{}", n.name)))
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::null());
-        n.ns.enter(&mut cmd);
-        agents.push(cmd.spawn().map_err(|e| format!("starting {}: {e}", bin.display()))?);
-    }
-    let want = c.nodes.len() - 1;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    for n in &c.nodes {
-        while n.ns.ip(&["route", "show", "proto", "168"]).lines().count() < want {
-            if std::time::Instant::now() > deadline {
-                return Err(format!("{}: the route agent did not install the routes", n.name));
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-    }
-    Ok(agents)
-}
-
 fn self_vip(k: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 96, 1 + (k / 250) as u8, 1 + (k % 250) as u8)
 }
@@ -115,7 +80,7 @@ fn main() -> ExitCode {
     if args.static_routes || !agent_bin.exists() {
         c.static_routes();
     } else {
-        match start_agents(&c, &agent_bin) {
+        match c.start_route_agents(&agent_bin) {
             Ok(a) => agents = a,
             Err(e) => {
                 eprintln!("route agents: {e}");

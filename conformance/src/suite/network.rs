@@ -18,7 +18,7 @@ pub(super) fn checks() -> Vec<Check> {
             "NodePort with externalTrafficPolicy=Local keeps the client address, drops without endpoints",
             node_port_local,
         ),
-        ("three nodes: every pod pair connects with its own source address", multi_node),
+        ("three nodes (routes by cni-route-agent if present): every pod pair connects with its own source address", multi_node),
     ]
 }
 
@@ -29,6 +29,30 @@ fn cluster(c: &Ctx, tag: &str, nodes: usize, hairpin: bool) -> Cluster {
         ipam: c.target.ipam.clone(),
     };
     Cluster::new(tag, nodes, p, hairpin)
+}
+
+/// Routes between the nodes: from `cni-route-agent` when it sits beside the plugins, else
+/// static. The agents (ours to end) are returned.
+fn routes(c: &Ctx, cl: &Cluster) -> Result<Agents, String> {
+    let bin = c.target.cni_path.join("cni-route-agent");
+    if bin.exists() {
+        cl.start_route_agents(&bin).map(Agents)
+    } else {
+        cl.static_routes();
+        Ok(Agents(vec![]))
+    }
+}
+
+/// Route agents this check started, ended (by PID) when it ends.
+struct Agents(Vec<std::process::Child>);
+
+impl Drop for Agents {
+    fn drop(&mut self) {
+        for a in &mut self.0 {
+            let _ = a.kill();
+            let _ = a.wait();
+        }
+    }
 }
 
 fn pods(cl: &mut Cluster, per_node: usize) -> Result<(), String> {
@@ -88,7 +112,7 @@ fn hairpin(c: &Ctx, on: bool) -> Result<(), String> {
 
 fn node_port_cluster(c: &Ctx) -> Result<(), String> {
     let mut cl = cluster(c, "npc", 2, true);
-    cl.static_routes();
+    let _agents = routes(c, &cl)?;
     cl.add_pod(1, "n2p1")?;
     let ep = SocketAddr::new(cl.pods[0].ip, 8080);
     cl.service("np", Ipv4Addr::new(10, 96, 0, 30), 80, &[ep]);
@@ -102,7 +126,7 @@ fn node_port_cluster(c: &Ctx) -> Result<(), String> {
 
 fn node_port_local(c: &Ctx) -> Result<(), String> {
     let mut cl = cluster(c, "npl", 2, true);
-    cl.static_routes();
+    let _agents = routes(c, &cl)?;
     cl.add_pod(1, "n2p1")?;
     let ep = SocketAddr::new(cl.pods[0].ip, 8080);
     cl.service("npl", Ipv4Addr::new(10, 96, 0, 31), 80, &[ep]);
@@ -121,7 +145,7 @@ fn node_port_local(c: &Ctx) -> Result<(), String> {
 
 fn multi_node(c: &Ctx) -> Result<(), String> {
     let mut cl = cluster(c, "mn", 3, true);
-    cl.static_routes();
+    let _agents = routes(c, &cl)?;
     pods(&mut cl, 2)?;
     for a in &cl.pods {
         for b in cl.pods.iter().filter(|b| b.name != a.name) {
