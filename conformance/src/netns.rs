@@ -176,12 +176,18 @@ impl Pause {
         let path = PathBuf::from(format!("/proc/{}/ns/net", child.id()));
         let own = std::fs::read_link("/proc/thread-self/ns/net").expect("own ns");
         // unshare execs sleep after switching namespace; wait for that switch (bounded).
-        for _ in 0..2000 {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
             match std::fs::read_link(&path) {
                 Ok(l) if l != own => return Pause { child, path },
-                _ => std::thread::yield_now(),
+                _ => std::thread::sleep(std::time::Duration::from_millis(1)),
             }
         }
+        // Not a Pause yet, so its Drop would not end the process: end it here.
+        let mut child = child;
+        let _ = child.kill();
+        let _ = child.wait();
+        live().1.remove(&child.id());
         panic!("pause process never entered its own namespace");
     }
 
