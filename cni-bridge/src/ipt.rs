@@ -2,7 +2,6 @@
 //! `! -d <multicast> MASQUERADE`, a commented POSTROUTING jump per address), applied in one
 //! `iptables-restore --noflush` per family instead of one `iptables` process per rule.
 
-use std::io::Write;
 use std::net::IpAddr;
 use std::process::{Command, Stdio};
 
@@ -32,25 +31,7 @@ fn tools(v4: bool) -> (&'static str, &'static str) {
 }
 
 fn restore(v4: bool, script: &str) -> Result<(), BridgeError> {
-    let (_, bin) = tools(v4);
-    let mut child = Command::new(bin)
-        .args(["--noflush", "-w"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| BridgeError::Masq(format!("running {bin}: {e}")))?;
-    child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(script.as_bytes())
-        .map_err(|e| BridgeError::Masq(e.to_string()))?;
-    let out = child.wait_with_output().map_err(|e| BridgeError::Masq(e.to_string()))?;
-    if !out.status.success() {
-        return Err(BridgeError::Masq(format!("{bin}: {}", String::from_utf8_lossy(&out.stderr).trim())));
-    }
-    Ok(())
+    crate::nft::pipe(tools(v4).1, &["--noflush", "-w"], script)
 }
 
 /// Masquerades traffic from each of `addrs` that leaves its own subnet.

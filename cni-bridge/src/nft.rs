@@ -9,24 +9,24 @@ use crate::error::BridgeError;
 
 /// Applies `script` atomically (`nft -f -`).
 pub fn apply(script: &str) -> Result<(), BridgeError> {
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
+    pipe("nft", &["-f", "-"], script)
+}
+
+/// Runs `bin args` with `script` on stdin; its stderr is the error when it fails.
+pub fn pipe(bin: &str, args: &[&str], script: &str) -> Result<(), BridgeError> {
+    let mut child = Command::new(bin)
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| BridgeError::Masq(format!("running nft: {e}")))?;
-    child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(script.as_bytes())
-        .map_err(|e| BridgeError::Masq(e.to_string()))?;
+        .map_err(|e| BridgeError::Masq(format!("running {bin}: {e}")))?;
+    let written = child.stdin.take().expect("piped").write_all(script.as_bytes());
     let out = child.wait_with_output().map_err(|e| BridgeError::Masq(e.to_string()))?;
     if !out.status.success() {
-        return Err(BridgeError::Masq(format!("nft: {}", String::from_utf8_lossy(&out.stderr).trim())));
+        return Err(BridgeError::Masq(format!("{bin}: {}", String::from_utf8_lossy(&out.stderr).trim())));
     }
-    Ok(())
+    written.map_err(|e| BridgeError::Masq(format!("writing to {bin}: {e}")))
 }
 
 /// The JSON objects of table `family name`; empty when the table does not exist.
