@@ -26,6 +26,8 @@ const MAIN_TABLE: u8 = 254;
 pub struct Kernel {
     h: Handle,
     proto: u8,
+    /// Routes point at nexthop objects (one per node address) instead of carrying a gateway.
+    pub nexthops: bool,
 }
 
 fn errno(e: &rtnetlink::Error) -> Option<i32> {
@@ -56,18 +58,29 @@ pub struct Applied {
 
 impl Kernel {
     /// Opens the connection (inside a tokio runtime).
-    pub fn new(proto: u8) -> Result<Kernel, AgentError> {
+    /// With `nexthops`, uses nexthop objects if the kernel has them.
+    pub fn new(proto: u8, nexthops: bool) -> Result<Kernel, AgentError> {
         let (conn, h, _) = rtnetlink::new_connection().map_err(AgentError::io("opening a netlink socket"))?;
         tokio::spawn(conn);
-        Ok(Kernel { h, proto })
+        let nexthops = nexthops && crate::nexthop::dump().is_ok();
+        Ok(Kernel { h, proto, nexthops })
+    }
+
+    /// The protocol number marking our routes and nexthops.
+    pub fn proto(&self) -> u8 {
+        self.proto
     }
 
     fn ours(&self, m: &RouteMessage) -> bool {
         m.header.protocol == RouteProtocol::Other(self.proto) && m.header.table == MAIN_TABLE
     }
 
-    /// Our routes in the main table: destination -> gateway.
-    pub async fn routes(&self) -> Result<BTreeMap<IpNetwork, IpAddr>, AgentError> {
+    /// Our routes in the main table: destination -> gateway (through `nh_gw` for routes that
+    /// name a nexthop and, with net.ipv4.nexthop_compat_mode off, no gateway).
+    pub async fn routes(
+        &self,
+        nh_gw: &BTreeMap<u32, IpAddr>,
+    ) -> Result<BTreeMap<IpNetwork, IpAddr>, AgentError> {
         let mut out = BTreeMap::new();
         for q in [
             RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
@@ -86,10 +99,19 @@ impl Kernel {
                     RouteAttribute::Destination(d) => addr(d),
                     _ => None,
                 });
-                let gw = m.attributes.iter().find_map(|a| match a {
-                    RouteAttribute::Gateway(g) => addr(g),
-                    _ => None,
-                });
+                let gw = m
+                    .attributes
+                    .iter()
+                    .find_map(|a| match a {
+                        RouteAttribute::Gateway(g) => addr(g),
+                        _ => None,
+                    })
+                    .or_else(|| {
+                        m.attributes.iter().find_map(|a| match a {
+                            RouteAttribute::NhId(id) => nh_gw.get(id).copied(),
+                            _ => None,
+                        })
+                    });
                 if let (Some(d), Some(g)) = (dst, gw) {
                     if let Ok(n) = IpNetwork::new(d, m.header.destination_prefix_length) {
                         out.insert(n, g);
@@ -100,23 +122,30 @@ impl Kernel {
         Ok(out)
     }
 
-    fn message(&self, dst: IpNetwork, gw: Option<IpAddr>) -> RouteMessage {
+    fn message(&self, dst: IpNetwork, gw: Option<IpAddr>, nhid: Option<u32>) -> RouteMessage {
         let mut b = RouteMessageBuilder::<IpAddr>::new()
             .destination_prefix(dst.network(), dst.prefix())
             .expect("family of dst")
             .protocol(RouteProtocol::Other(self.proto));
-        if let Some(g) = gw {
-            b = b.gateway(g).expect("gateway of the family of dst (checked by the plan)");
+        match (nhid, gw) {
+            (Some(id), _) => b = b.nhid(id),
+            (None, Some(g)) => b = b.gateway(g).expect("gateway of the family of dst (checked by the plan)"),
+            (None, None) => {}
         }
         b.build()
     }
 
     /// Adds/replaces and deletes routes, many requests in flight at once.
-    pub async fn apply(&self, diff: &crate::plan::Diff) -> (Applied, Vec<String>) {
+    /// `nh_ids` maps gateways to their nexthop objects (empty without nexthops).
+    pub async fn apply(
+        &self,
+        diff: &crate::plan::Diff,
+        nh_ids: &BTreeMap<IpAddr, u32>,
+    ) -> (Applied, Vec<String>) {
         let mut applied = Applied::default();
         let mut errors = Vec::new();
         let ups = stream::iter(diff.upsert.iter().map(|(d, g)| {
-            let msg = self.message(*d, Some(*g));
+            let msg = self.message(*d, Some(*g), nh_ids.get(g).copied());
             let h = self.h.clone();
             async move { (*d, h.route().add(msg).replace().execute().await) }
         }))
@@ -132,8 +161,8 @@ impl Kernel {
                 }
             }
         }
-        let dels = stream::iter(diff.delete.iter().map(|(d, g)| {
-            let msg = self.message(*d, Some(*g));
+        let dels = stream::iter(diff.delete.iter().map(|(d, _)| {
+            let msg = self.message(*d, None, None);
             let h = self.h.clone();
             async move { (*d, h.route().del(msg).execute().await) }
         }))
@@ -154,8 +183,9 @@ impl Kernel {
         (applied, errors)
     }
 
-    /// Directly connected subnets (every address's network), for the same-L2 check.
-    pub async fn connected(&self) -> Result<Vec<IpNetwork>, AgentError> {
+    /// Directly connected subnets (every address's network) and their link, for the same-L2
+    /// check and the nexthops' output interface.
+    pub async fn connected(&self) -> Result<Vec<(IpNetwork, u32)>, AgentError> {
         let msgs: Vec<AddressMessage> = self
             .h
             .address()
@@ -175,7 +205,7 @@ impl Kernel {
                     return None;
                 }
                 let n = IpNetwork::new(ip, m.header.prefix_len).ok()?;
-                IpNetwork::new(n.network(), n.prefix()).ok()
+                Some((IpNetwork::new(n.network(), n.prefix()).ok()?, m.header.index))
             })
             .collect())
     }

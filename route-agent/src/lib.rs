@@ -9,9 +9,11 @@ pub mod http;
 pub mod kernel;
 pub mod masq;
 pub mod model;
+pub mod nexthop;
 pub mod plan;
 pub mod sources;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -66,6 +68,8 @@ pub struct Options {
     pub route_protocol: u8,
     /// MTU for the conflist (default: the underlay link's).
     pub mtu: Option<u32>,
+    /// Use nexthop objects where the kernel has them.
+    pub nexthops: bool,
 }
 
 /// What the agent exposes on /metrics and /readyz.
@@ -153,6 +157,35 @@ impl Metrics {
     }
 }
 
+/// What nexthops the desired routes need: (gateway -> id, id -> gateway, ids to delete after
+/// the routes, errors, nexthops written).
+type NexthopPlan = (BTreeMap<IpAddr, u32>, BTreeMap<u32, IpAddr>, Vec<u32>, Vec<String>, usize);
+
+fn nexthops(k: &Kernel, d: &plan::Desired, connected: &[(IpNetwork, u32)]) -> NexthopPlan {
+    let all = match nexthop::dump() {
+        Ok(a) => a,
+        Err(e) => {
+            return (BTreeMap::new(), BTreeMap::new(), vec![], vec![format!("dumping nexthops: {e}")], 0)
+        }
+    };
+    let ours: BTreeMap<IpAddr, u32> =
+        all.iter().filter(|n| n.proto == k.proto()).filter_map(|n| Some((n.gw?, n.id))).collect();
+    let used: BTreeSet<u32> = all.iter().map(|n| n.id).collect();
+    let want: Vec<IpAddr> = d.routes.values().copied().collect::<BTreeSet<_>>().into_iter().collect();
+    let ids = nexthop::assign(&want, &ours, &used);
+    let new: Vec<(u32, IpAddr, u32)> = ids
+        .iter()
+        .filter(|(gw, _)| !ours.contains_key(gw))
+        .filter_map(|(gw, id)| {
+            connected.iter().find(|(n, _)| n.contains(*gw)).map(|(_, oif)| (*id, *gw, *oif))
+        })
+        .collect();
+    let (written, errors) = nexthop::add(&new, k.proto());
+    let stale: Vec<u32> = ours.iter().filter(|(gw, _)| !ids.contains_key(gw)).map(|(_, id)| *id).collect();
+    let by_id = ours.iter().map(|(g, i)| (*i, *g)).chain(ids.iter().map(|(g, i)| (*i, *g))).collect();
+    (ids, by_id, stale, errors, written)
+}
+
 struct State {
     synced: bool,
     conflist: Option<conflist::Inputs>,
@@ -169,7 +202,8 @@ async fn sync(
 ) -> Result<(), AgentError> {
     let start = Instant::now();
     let connected = k.connected().await?;
-    let d = plan::desired(snap, &opts.node_name, &connected);
+    let nets: Vec<IpNetwork> = connected.iter().map(|(n, _)| *n).collect();
+    let d = plan::desired(snap, &opts.node_name, &nets);
     if d.off_link != st.off_link {
         for (n, ip) in &d.off_link {
             tracing::warn!(node = %n, address = %ip, "node is not on a connected subnet: not routing to its pods");
@@ -195,9 +229,17 @@ async fn sync(
             }
         }
     }
-    let have = k.routes().await?;
+    // Nexthop objects first (one per node address), so routes can point at them; the ones no
+    // route wants any more go after the routes.
+    let (nh_ids, nh_gw, stale_nh, mut errors, nh_writes) =
+        if k.nexthops { nexthops(k, &d, &connected) } else { Default::default() };
+    let have = k.routes(&nh_gw).await?;
     let diff = plan::diff(&d.routes, &have);
-    let (applied, errors) = k.apply(&diff).await;
+    let (applied, route_errors) = k.apply(&diff, &nh_ids).await;
+    errors.extend(route_errors);
+    let (deleted_nh, del_errors) = nexthop::del(&stale_nh);
+    errors.extend(del_errors);
+    m.netlink_writes.fetch_add((nh_writes + deleted_nh) as u64, Ordering::Relaxed);
     for e in &errors {
         tracing::error!(error = %e, "route sync");
     }
@@ -277,7 +319,8 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
             }
         });
     }
-    let k = Kernel::new(opts.route_protocol)?;
+    let k = Kernel::new(opts.route_protocol, opts.nexthops)?;
+    tracing::info!(nexthop_objects = k.nexthops, "kernel");
     let mut events = kernel::events(opts.route_protocol)?;
     let mut tick = tokio::time::interval(opts.resync);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

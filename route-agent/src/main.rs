@@ -74,6 +74,9 @@ struct Cli {
     /// MTU for the conflist (default: the MTU of the link holding the node's address).
     #[arg(long)]
     mtu: Option<u32>,
+    /// Plain routes with a gateway each, even where the kernel has nexthop objects.
+    #[arg(long)]
+    no_nexthops: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -125,6 +128,7 @@ fn main() -> std::process::ExitCode {
         resync: Duration::from_secs(cli.resync_seconds.max(1)),
         route_protocol: cli.route_protocol,
         mtu: cli.mtu,
+        nexthops: !cli.no_nexthops,
     };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     match rt.block_on(run(opts)) {

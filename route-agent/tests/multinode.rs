@@ -93,9 +93,19 @@ fn write_nodes(path: &Path, cl: &Cluster, nodes: &[usize], addr_override: Option
     std::fs::rename(&tmp, path).unwrap();
 }
 
+/// The agent's routes as `dst via gw dev eth0`, whether they name a nexthop object or not.
 fn agent_routes(ns: &Netns) -> Vec<String> {
-    let mut v: Vec<String> =
-        ns.ip(&["route", "show", "proto", PROTO]).lines().map(|l| l.trim().to_string()).collect();
+    let mut v: Vec<String> = ns
+        .ip(&["route", "show", "proto", PROTO])
+        .lines()
+        .map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            match w.iter().position(|x| *x == "nhid") {
+                Some(i) => [&w[..i], &w[i + 2..]].concat().join(" "),
+                None => w.join(" "),
+            }
+        })
+        .collect();
     v.sort();
     v
 }
@@ -185,11 +195,17 @@ fn routes_follow_nodes_leaving_and_joining_and_pods_talk_with_real_sources() {
     expect_routes(&cl, 0, &[1, 2]);
     expect_routes(&cl, 1, &[0, 2]);
     expect_routes(&cl, 2, &[0, 1]);
+    // This kernel has nexthop objects: one per other node, and the routes use them.
+    assert_eq!(cl.nodes[0].ns.ip(&["nexthop", "show", "proto", PROTO]).lines().count(), 2);
+    assert!(cl.nodes[0].ns.ip(&["route", "show", "proto", PROTO]).contains("nhid"));
     all_pairs(&cl).unwrap();
     // node-3 leaves: its route goes everywhere and its pod becomes unreachable.
     write_nodes(&file, &cl, &[0, 1], None);
     expect_routes(&cl, 0, &[1]);
     expect_routes(&cl, 1, &[0]);
+    eventually("node-3's nexthop removed", || {
+        cl.nodes[0].ns.ip(&["nexthop", "show", "proto", PROTO]).lines().count() == 1
+    });
     let (p1, p3) = (&cl.pods[0], &cl.pods[2]);
     assert!(exchange(p3.ns.file(), SocketAddr::new(p3.ip, 0), p1.ns.file(), None).is_err());
     // It joins again.
@@ -218,10 +234,12 @@ fn restart_removes_routes_of_nodes_gone_meanwhile_without_rewriting_the_others()
     let _a = Agent::start(&cl.nodes[0].ns, "node-1", &file, &conf, &[]);
     expect_routes(&cl, 0, &[1]);
     eventually("metrics answer", || metric(&cl.nodes[0].ns, "syncs_total").unwrap_or(0.0) >= 1.0);
+    // One route deleted (and with nexthop objects, the node's nexthop too); nothing re-added.
+    let nexthops = !cl.nodes[0].ns.ip(&["nexthop", "show", "proto", PROTO]).trim().is_empty();
     assert_eq!(
         metric(&cl.nodes[0].ns, "netlink_writes_total"),
-        Some(1.0),
-        "one delete, no re-adds (no flapping)"
+        Some(if nexthops { 2.0 } else { 1.0 }),
+        "deletes only, no re-adds (no flapping)"
     );
 }
 
@@ -305,4 +323,19 @@ fn masquerades_only_traffic_leaving_the_cluster_and_reports_off_link_nodes() {
     let seen = exchange(b.ns.file(), SocketAddr::new(b.ip, 0), a.ns.file(), None);
     assert_eq!(seen, Ok(a.ip), "pod to pod across nodes keeps its source");
     drop(agents);
+}
+
+#[test]
+fn plain_routes_when_nexthop_objects_are_off() {
+    if !require_root("route agent plain routes") {
+        return;
+    }
+    let tmp = Tmp::new("plain");
+    let cl = Cluster::new("rpl", 2, plugins(), true);
+    let file = tmp.0.join("nodes.json");
+    write_nodes(&file, &cl, &[0, 1], None);
+    let _a = Agent::start(&cl.nodes[0].ns, "node-1", &file, &tmp.0.join("cni0"), &["--no-nexthops"]);
+    expect_routes(&cl, 0, &[1]);
+    assert!(cl.nodes[0].ns.ip(&["nexthop", "show", "proto", PROTO]).trim().is_empty());
+    assert!(!cl.nodes[0].ns.ip(&["route", "show", "proto", PROTO]).contains("nhid"));
 }

@@ -1,0 +1,282 @@
+//! Nexthop objects (Linux 5.3+), one per node address, so that thousands of routes each via a
+//! different gateway insert in linear time (plain IPv4 routes with distinct gateways insert in
+//! quadratic time: 20k take ~10 s here, with nexthops ~0.5 s). rtnetlink has no nexthop
+//! messages, so they are built here: RTM_NEWNEXTHOP / RTM_DELNEXTHOP / RTM_GETNEXTHOP with an
+//! `nhmsg` header and NHA_ID / NHA_OIF / NHA_GATEWAY, many requests per send.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use rtnetlink::sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+
+const RTM_NEWNEXTHOP: u16 = 104;
+const RTM_DELNEXTHOP: u16 = 105;
+const RTM_GETNEXTHOP: u16 = 106;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_DUMP: u16 = 0x300;
+const NLM_F_REPLACE: u16 = 0x100;
+const NLM_F_CREATE: u16 = 0x400;
+const NHA_ID: u16 = 1;
+const NHA_OIF: u16 = 5;
+const NHA_GATEWAY: u16 = 6;
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+const RT_SCOPE_UNIVERSE: u8 = 0;
+
+/// A nexthop in the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Nexthop {
+    /// Its id.
+    pub id: u32,
+    /// Its gateway (none for blackholes and groups).
+    pub gw: Option<IpAddr>,
+    /// Its protocol: ours are marked with the agent's.
+    pub proto: u8,
+}
+
+fn attr(buf: &mut Vec<u8>, kind: u16, payload: &[u8]) {
+    let len = 4 + payload.len();
+    buf.extend_from_slice(&(len as u16).to_ne_bytes());
+    buf.extend_from_slice(&kind.to_ne_bytes());
+    buf.extend_from_slice(payload);
+    buf.resize(buf.len() + (4 - len % 4) % 4, 0);
+}
+
+fn message(kind: u16, flags: u16, seq: u32, family: u8, proto: u8, attrs: &[u8]) -> Vec<u8> {
+    let len = 16 + 8 + attrs.len();
+    let mut m = Vec::with_capacity(len);
+    m.extend_from_slice(&(len as u32).to_ne_bytes());
+    m.extend_from_slice(&kind.to_ne_bytes());
+    m.extend_from_slice(&flags.to_ne_bytes());
+    m.extend_from_slice(&seq.to_ne_bytes());
+    m.extend_from_slice(&0u32.to_ne_bytes());
+    m.extend_from_slice(&[family, RT_SCOPE_UNIVERSE, proto, 0]);
+    m.extend_from_slice(&0u32.to_ne_bytes());
+    m.extend_from_slice(attrs);
+    m
+}
+
+fn socket() -> std::io::Result<Socket> {
+    let mut s = Socket::new(NETLINK_ROUTE)?;
+    s.bind_auto()?;
+    s.connect(&SocketAddr::new(0, 0))?;
+    // Thousands of acks come back at once.
+    let _ = s.set_rx_buf_sz(8 << 20);
+    Ok(s)
+}
+
+/// Walks the netlink messages in `buf[..n]`: (type, seq, payload after the header).
+fn messages(buf: &[u8], mut f: impl FnMut(u16, u32, &[u8])) -> Result<(), String> {
+    let mut off = 0;
+    while off + 16 <= buf.len() {
+        let len = u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4")) as usize;
+        if len < 16 || off + len > buf.len() {
+            return Err("malformed netlink message".into());
+        }
+        let kind = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().expect("2"));
+        let seq = u32::from_ne_bytes(buf[off + 8..off + 12].try_into().expect("4"));
+        f(kind, seq, &buf[off + 16..off + len]);
+        off += (len + 3) & !3;
+    }
+    Ok(())
+}
+
+fn errno_of(payload: &[u8]) -> i32 {
+    payload.get(..4).map(|b| i32::from_ne_bytes(b.try_into().expect("4"))).unwrap_or(-1)
+}
+
+/// Every nexthop in this namespace; an error if the kernel has no nexthop objects.
+pub fn dump() -> Result<Vec<Nexthop>, String> {
+    let s = socket().map_err(|e| e.to_string())?;
+    s.send(&message(RTM_GETNEXTHOP, NLM_F_REQUEST | NLM_F_DUMP, 1, 0, 0, &[]), 0)
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    loop {
+        let mut buf: Vec<u8> = Vec::with_capacity(1 << 16);
+        let n = s.recv(&mut buf, 0).map_err(|e| e.to_string())?;
+        let mut done = false;
+        let mut err = None;
+        messages(&buf[..n], |kind, _, p| match kind {
+            NLMSG_DONE => done = true,
+            NLMSG_ERROR => {
+                err = Some(errno_of(p));
+                done = true;
+            }
+            RTM_NEWNEXTHOP if p.len() >= 8 => {
+                let (family, proto) = (p[0], p[2]);
+                let mut nh = Nexthop { id: 0, gw: None, proto };
+                let mut off = 8;
+                while off + 4 <= p.len() {
+                    let len = u16::from_ne_bytes(p[off..off + 2].try_into().expect("2")) as usize;
+                    let kind = u16::from_ne_bytes(p[off + 2..off + 4].try_into().expect("2")) & 0x3fff;
+                    if len < 4 || off + len > p.len() {
+                        break;
+                    }
+                    let v = &p[off + 4..off + len];
+                    match (kind, family, v.len()) {
+                        (NHA_ID, _, 4) => nh.id = u32::from_ne_bytes(v.try_into().expect("4")),
+                        (NHA_GATEWAY, AF_INET, 4) => {
+                            nh.gw = Some(IpAddr::from(<[u8; 4]>::try_from(v).expect("4")))
+                        }
+                        (NHA_GATEWAY, AF_INET6, 16) => {
+                            nh.gw = Some(IpAddr::from(<[u8; 16]>::try_from(v).expect("16")))
+                        }
+                        _ => {}
+                    }
+                    off += (len + 3) & !3;
+                }
+                out.push(nh);
+            }
+            _ => {}
+        })?;
+        if let Some(e) = err.filter(|e| *e != 0) {
+            return Err(std::io::Error::from_raw_os_error(-e).to_string());
+        }
+        if done {
+            return Ok(out);
+        }
+    }
+}
+
+/// Sends every request, then collects the acks: errors by sequence number.
+fn batch(reqs: Vec<Vec<u8>>) -> (usize, Vec<String>) {
+    let total = reqs.len();
+    if total == 0 {
+        return (0, vec![]);
+    }
+    let s = match socket() {
+        Ok(s) => s,
+        Err(e) => return (0, vec![e.to_string()]),
+    };
+    let mut errors = Vec::new();
+    let mut chunk = Vec::new();
+    for r in reqs {
+        if chunk.len() + r.len() > 60_000 {
+            if let Err(e) = s.send(&chunk, 0) {
+                return (0, vec![e.to_string()]);
+            }
+            chunk.clear();
+        }
+        chunk.extend(r);
+    }
+    if let Err(e) = s.send(&chunk, 0) {
+        return (0, vec![e.to_string()]);
+    }
+    let mut acked = 0;
+    while acked < total {
+        let mut buf: Vec<u8> = Vec::with_capacity(1 << 16);
+        let n = match s.recv(&mut buf, 0) {
+            Ok(n) => n,
+            Err(e) => {
+                errors.push(e.to_string());
+                break;
+            }
+        };
+        let r = messages(&buf[..n], |kind, seq, p| {
+            if kind == NLMSG_ERROR {
+                acked += 1;
+                let e = errno_of(p);
+                if e != 0 {
+                    errors.push(format!("request {seq}: {}", std::io::Error::from_raw_os_error(-e)));
+                }
+            }
+        });
+        if let Err(e) = r {
+            errors.push(e);
+            break;
+        }
+    }
+    (total - errors.len().min(total), errors)
+}
+
+/// Creates (or replaces) nexthops `(id, gateway, output interface)` with protocol `proto`.
+pub fn add(nhs: &[(u32, IpAddr, u32)], proto: u8) -> (usize, Vec<String>) {
+    let reqs = nhs
+        .iter()
+        .enumerate()
+        .map(|(i, (id, gw, oif))| {
+            let mut a = Vec::new();
+            attr(&mut a, NHA_ID, &id.to_ne_bytes());
+            attr(&mut a, NHA_OIF, &oif.to_ne_bytes());
+            let family = match gw {
+                IpAddr::V4(g) => {
+                    attr(&mut a, NHA_GATEWAY, &g.octets());
+                    AF_INET
+                }
+                IpAddr::V6(g) => {
+                    attr(&mut a, NHA_GATEWAY, &g.octets());
+                    AF_INET6
+                }
+            };
+            let flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE;
+            message(RTM_NEWNEXTHOP, flags, i as u32 + 1, family, proto, &a)
+        })
+        .collect();
+    batch(reqs)
+}
+
+/// Deletes nexthops by id (the kernel removes the routes that use them).
+pub fn del(ids: &[u32]) -> (usize, Vec<String>) {
+    let reqs = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let mut a = Vec::new();
+            attr(&mut a, NHA_ID, &id.to_ne_bytes());
+            message(RTM_DELNEXTHOP, NLM_F_REQUEST | NLM_F_ACK, i as u32 + 1, 0, 0, &a)
+        })
+        .collect();
+    batch(reqs)
+}
+
+/// Ids for new gateways: keeps ours, avoids every id in use, starts at a high base.
+pub fn assign(
+    want: &[IpAddr],
+    ours: &BTreeMap<IpAddr, u32>,
+    used: &std::collections::BTreeSet<u32>,
+) -> BTreeMap<IpAddr, u32> {
+    let mut next = 0x0a80_0000u32;
+    let mut taken = used.clone();
+    let mut out = BTreeMap::new();
+    for gw in want {
+        if let Some(id) = ours.get(gw) {
+            out.insert(*gw, *id);
+            continue;
+        }
+        while taken.contains(&next) {
+            next += 1;
+        }
+        taken.insert(next);
+        out.insert(*gw, next);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_kept_and_never_collide() {
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let ours = BTreeMap::from([(a, 7)]);
+        let used = std::collections::BTreeSet::from([7, 0x0a80_0000]);
+        let ids = assign(&[a, b], &ours, &used);
+        assert_eq!(ids[&a], 7);
+        assert_eq!(ids[&b], 0x0a80_0001);
+    }
+
+    #[test]
+    fn messages_are_aligned() {
+        let m = message(RTM_NEWNEXTHOP, NLM_F_REQUEST, 1, AF_INET, 168, &[]);
+        assert_eq!(m.len(), 24);
+        let mut a = Vec::new();
+        attr(&mut a, NHA_GATEWAY, &[10, 0, 0, 1]);
+        attr(&mut a, NHA_ID, &5u32.to_ne_bytes());
+        assert_eq!(a.len(), 16);
+    }
+}
