@@ -1,7 +1,7 @@
 //! The bridge plugin's config: every field the reference `bridge` accepts, validated before
 //! anything is touched.
 
-use cni_proto::{Request, Route};
+use cni_proto::Request;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -240,9 +240,6 @@ fn mac_from(req: &Request) -> Result<Option<[u8; 6]>, BridgeError> {
     }
     Ok(None)
 }
-
-/// The routes IPAM asked for, unchanged.
-pub type Routes = Vec<Route>;
 
 #[cfg(test)]
 mod tests {

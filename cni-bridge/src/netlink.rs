@@ -30,7 +30,6 @@ pub fn errno(e: &rtnetlink::Error) -> Option<i32> {
 
 const EEXIST: i32 = nix::errno::Errno::EEXIST as i32;
 const ENODEV: i32 = nix::errno::Errno::ENODEV as i32;
-const ESRCH: i32 = nix::errno::Errno::ESRCH as i32;
 const EADDRNOTAVAIL: i32 = nix::errno::Errno::EADDRNOTAVAIL as i32;
 const EOPNOTSUPP: i32 = nix::errno::Errno::EOPNOTSUPP as i32;
 const ENOENT: i32 = nix::errno::Errno::ENOENT as i32;
@@ -161,32 +160,6 @@ impl Nl {
             Err(e) if errno(&e) == Some(ENODEV) => Ok(None),
             Err(e) => Err(BridgeError::netlink(format!("getting link {index}"))(e)),
         }
-    }
-
-    /// Every link's name and summary.
-    pub async fn links(&self) -> Result<Vec<(String, Link)>, BridgeError> {
-        let msgs: Vec<LinkMessage> = self
-            .h
-            .link()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(BridgeError::netlink("listing links"))?;
-        Ok(msgs
-            .iter()
-            .map(|m| {
-                let name = m
-                    .attributes
-                    .iter()
-                    .find_map(|a| match a {
-                        LinkAttribute::IfName(n) => Some(n.clone()),
-                        _ => None,
-                    })
-                    .unwrap_or_default();
-                (name, summarize(m))
-            })
-            .collect())
     }
 
     /// Creates the bridge (up, with its MAC pinned and its MTU set); `false` if it existed.
@@ -491,6 +464,3 @@ fn route_message(oif: u32, r: &cni_proto::Route) -> RouteMessage {
     }
     b.build()
 }
-
-/// ESRCH, for callers deleting routes.
-pub const ERR_NO_ROUTE: i32 = ESRCH;

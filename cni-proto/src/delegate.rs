@@ -42,27 +42,6 @@ pub fn find(plugin_type: &str, path: &[PathBuf]) -> Result<PathBuf, Error> {
     })
 }
 
-/// Runs `plugin_type` with `command`; returns its result for ADD, `None` otherwise.
-pub fn exec(
-    plugin_type: &str,
-    command: Command,
-    inv: &Invocation,
-    stdin: &[u8],
-) -> Result<Option<CniResult>, Error> {
-    let bin = find(plugin_type, &inv.path)?;
-    exec_path(&bin, command, inv, stdin)
-}
-
-/// Runs the plugin at `bin` with `command`.
-pub fn exec_path(
-    bin: &Path,
-    command: Command,
-    inv: &Invocation,
-    stdin: &[u8],
-) -> Result<Option<CniResult>, Error> {
-    spawn_path(bin, command, inv, stdin)?.wait()
-}
-
 /// A delegated plugin that is running; [`Pending::wait`] collects its answer. Starting it
 /// early lets its process start overlap the caller's own work.
 pub struct Pending {
