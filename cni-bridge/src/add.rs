@@ -438,7 +438,6 @@ async fn setup<'a>(
     }
     crate::mark("port up");
     let br_now = host.link_by_index(br.index).await?.unwrap_or_else(|| br.clone());
-    let pod_now = pod.link_by_index(pod_link.index).await?.unwrap_or(pod_link);
     let iface = |name: &str, l: &Link, sandbox: Option<String>| Interface {
         name: name.to_string(),
         mac: Some(fmt_mac(&l.mac)),
@@ -450,7 +449,8 @@ async fn setup<'a>(
     let mut interfaces = vec![
         iface(&conf.bridge, &br_now, None),
         iface(host_name, &hv, None),
-        iface(&req.inv.ifname, &pod_now, sandbox),
+        // Read after creation; setting it up and adding addresses change neither MAC nor MTU.
+        iface(&req.inv.ifname, &pod_link, sandbox),
     ];
     if let Some((name, l)) = vlan_gw {
         interfaces.push(iface(&name, &l, None));

@@ -183,9 +183,9 @@ impl Kernel {
         (applied, errors)
     }
 
-    /// Directly connected subnets (every address's network) and their link, for the same-L2
-    /// check and the nexthops' output interface.
-    pub async fn connected(&self) -> Result<Vec<(IpNetwork, u32)>, AgentError> {
+    /// Directly connected subnets (every address's network), their link and the address, for
+    /// the same-L2 check, the nexthops' output interface and the underlay MTU: one dump.
+    pub async fn connected(&self) -> Result<Vec<(IpNetwork, u32, IpAddr)>, AgentError> {
         let msgs: Vec<AddressMessage> = self
             .h
             .address()
@@ -205,28 +205,13 @@ impl Kernel {
                     return None;
                 }
                 let n = IpNetwork::new(ip, m.header.prefix_len).ok()?;
-                Some((IpNetwork::new(n.network(), n.prefix()).ok()?, m.header.index))
+                Some((IpNetwork::new(n.network(), n.prefix()).ok()?, m.header.index, ip))
             })
             .collect())
     }
 
-    /// The MTU of the link holding `ip` (the underlay), if any.
-    pub async fn mtu_of_link_with(&self, ip: IpAddr) -> Result<Option<u32>, AgentError> {
-        let addrs: Vec<AddressMessage> = self
-            .h
-            .address()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(AgentError::netlink("dumping addresses"))?;
-        let Some(index) = addrs
-            .iter()
-            .find(|m| m.attributes.iter().any(|a| matches!(a, AddressAttribute::Address(x) if *x == ip)))
-            .map(|m| m.header.index)
-        else {
-            return Ok(None);
-        };
+    /// The MTU of link `index` (the underlay, found through [`Kernel::connected`]).
+    pub async fn mtu_of_link(&self, index: u32) -> Result<Option<u32>, AgentError> {
         let links: Vec<LinkMessage> = self
             .h
             .link()

@@ -161,7 +161,7 @@ impl Metrics {
 /// the routes, errors, nexthops written).
 type NexthopPlan = (BTreeMap<IpAddr, u32>, BTreeMap<u32, IpAddr>, Vec<u32>, Vec<String>, usize);
 
-fn nexthops(k: &Kernel, d: &plan::Desired, connected: &[(IpNetwork, u32)]) -> NexthopPlan {
+fn nexthops(k: &Kernel, d: &plan::Desired, connected: &[(IpNetwork, u32, IpAddr)]) -> NexthopPlan {
     let all = match nexthop::dump() {
         Ok(a) => a,
         Err(e) => {
@@ -177,7 +177,7 @@ fn nexthops(k: &Kernel, d: &plan::Desired, connected: &[(IpNetwork, u32)]) -> Ne
         .iter()
         .filter(|(gw, _)| !ours.contains_key(gw))
         .filter_map(|(gw, id)| {
-            connected.iter().find(|(n, _)| n.contains(*gw)).map(|(_, oif)| (*id, *gw, *oif))
+            connected.iter().find(|(n, _, _)| n.contains(*gw)).map(|(_, oif, _)| (*id, *gw, *oif))
         })
         .collect();
     let (written, errors) = nexthop::add(&new, k.proto());
@@ -202,7 +202,7 @@ async fn sync(
 ) -> Result<(), AgentError> {
     let start = Instant::now();
     let connected = k.connected().await?;
-    let nets: Vec<IpNetwork> = connected.iter().map(|(n, _)| *n).collect();
+    let nets: Vec<IpNetwork> = connected.iter().map(|(n, _, _)| *n).collect();
     let d = plan::desired(snap, &opts.node_name, &nets);
     if d.off_link != st.off_link {
         for (n, ip) in &d.off_link {
@@ -268,10 +268,14 @@ async fn sync(
     };
     let mtu = match opts.mtu {
         Some(m) => Some(m),
-        None => match me.ipv4.map(IpAddr::V4).or(me.ipv6.map(IpAddr::V6)) {
-            Some(ip) => k.mtu_of_link_with(ip).await?,
-            None => None,
-        },
+        None => {
+            let mine =
+                |ip: &IpAddr| Some(*ip) == me.ipv4.map(IpAddr::V4) || Some(*ip) == me.ipv6.map(IpAddr::V6);
+            match connected.iter().find(|(_, _, ip)| mine(ip)) {
+                Some((_, index, _)) => k.mtu_of_link(*index).await?,
+                None => None,
+            }
+        }
     };
     let inputs = conflist::Inputs {
         name: opts.network_name.clone(),
