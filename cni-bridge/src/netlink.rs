@@ -5,28 +5,22 @@ use std::net::IpAddr;
 
 use futures::TryStreamExt;
 use ipnetwork::IpNetwork;
-use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+use rtnetlink::packet_route::address::AddressMessage;
 use rtnetlink::packet_route::link::BridgeVlanInfoFlags;
 use rtnetlink::packet_route::link::{
     InfoBridge, InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoVeth, LinkAttribute, LinkFlags,
     LinkInfo, LinkMessage, State,
 };
-use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteScope};
+use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage, RouteMetric, RouteScope};
 use rtnetlink::{
     Handle, LinkBridge, LinkBridgePort, LinkBridgeVlan, LinkMessageBuilder, LinkUnspec, LinkVeth,
     RouteMessageBuilder,
 };
 
+use netlink_wire::{address_of, errno, route_addr};
+
 use crate::error::BridgeError;
 use crate::netns;
-
-/// errno of a kernel NACK.
-pub fn errno(e: &rtnetlink::Error) -> Option<i32> {
-    match e {
-        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()),
-        _ => None,
-    }
-}
 
 const EEXIST: i32 = nix::errno::Errno::EEXIST as i32;
 const ENODEV: i32 = nix::errno::Errno::ENODEV as i32;
@@ -334,10 +328,7 @@ impl Nl {
         Ok(msgs
             .iter()
             .filter_map(|m| {
-                let ip = m.attributes.iter().find_map(|a| match a {
-                    AddressAttribute::Address(ip) => Some(*ip),
-                    _ => None,
-                })?;
+                let ip = address_of(m)?;
                 if let IpAddr::V6(v6) = ip {
                     if v6.segments()[0] & 0xffc0 == 0xfe80 {
                         return None;
@@ -417,21 +408,16 @@ impl Nl {
             .try_collect()
             .await
             .map_err(BridgeError::netlink("listing routes"))?;
-        let addr = |a: &RouteAddress| match a {
-            RouteAddress::Inet(x) => Some(IpAddr::V4(*x)),
-            RouteAddress::Inet6(x) => Some(IpAddr::V6(*x)),
-            _ => None,
-        };
         Ok(msgs
             .iter()
             .filter(|m| m.attributes.iter().any(|a| matches!(a, RouteAttribute::Oif(i) if *i == oif)))
             .filter_map(|m| {
                 let dst = m.attributes.iter().find_map(|a| match a {
-                    RouteAttribute::Destination(d) => addr(d),
+                    RouteAttribute::Destination(d) => route_addr(d),
                     _ => None,
                 });
                 let gw = m.attributes.iter().find_map(|a| match a {
-                    RouteAttribute::Gateway(g) => addr(g),
+                    RouteAttribute::Gateway(g) => route_addr(g),
                     _ => None,
                 });
                 let unspecified = if v4 { IpAddr::from([0u8; 4]) } else { IpAddr::from([0u16; 8]) };

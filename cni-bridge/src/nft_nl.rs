@@ -6,17 +6,16 @@
 
 use std::net::IpAddr;
 
+use netlink_wire::{attr, error_code, message, nested, strz, walk, NLMSG_ERROR};
 use rtnetlink::sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFNL_MSG_BATCH_BEGIN: u16 = 16;
 const NFNL_MSG_BATCH_END: u16 = 17;
-const NLMSG_ERROR: u16 = 2;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 const NLM_F_CREATE: u16 = 0x400;
-const NLA_F_NESTED: u16 = 0x8000;
 const NFPROTO_INET: u8 = 1;
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
@@ -33,45 +32,15 @@ const NFT_JUMP: i32 = -3;
 /// libnftnl's NFTNL_UDATA_SET_ELEM_COMMENT, a NUL-terminated string.
 const UDATA_SET_ELEM_COMMENT: u8 = 0;
 
-fn attr(buf: &mut Vec<u8>, kind: u16, payload: &[u8]) {
-    let len = 4 + payload.len();
-    buf.extend_from_slice(&(len as u16).to_ne_bytes());
-    buf.extend_from_slice(&kind.to_ne_bytes());
-    buf.extend_from_slice(payload);
-    buf.resize(buf.len() + (4 - len % 4) % 4, 0);
-}
-
-fn nested(buf: &mut Vec<u8>, kind: u16, f: impl FnOnce(&mut Vec<u8>)) {
-    let mut inner = Vec::new();
-    f(&mut inner);
-    attr(buf, kind | NLA_F_NESTED, &inner);
-}
-
-fn strz(s: &str) -> Vec<u8> {
-    let mut v = s.as_bytes().to_vec();
-    v.push(0);
-    v
-}
-
-/// A netlink message: header, nfgenmsg, attributes.
-fn message(kind: u16, flags: u16, seq: u32, family: u8, res_id: u16, attrs: &[u8]) -> Vec<u8> {
-    let len = 16 + 4 + attrs.len();
-    let mut m = Vec::with_capacity(len);
-    m.extend_from_slice(&(len as u32).to_ne_bytes());
-    m.extend_from_slice(&kind.to_ne_bytes());
-    m.extend_from_slice(&flags.to_ne_bytes());
-    m.extend_from_slice(&seq.to_ne_bytes());
-    m.extend_from_slice(&0u32.to_ne_bytes());
-    m.push(family);
-    m.push(0); // NFNETLINK_V0
-    m.extend_from_slice(&res_id.to_be_bytes());
-    m.extend_from_slice(attrs);
-    m
+/// A netfilter message: nfgenmsg (family, version 0, resource id) and attributes.
+fn nfmsg(kind: u16, flags: u16, seq: u32, family: u8, res_id: u16, attrs: &[u8]) -> Vec<u8> {
+    let [r0, r1] = res_id.to_be_bytes();
+    message(kind, flags, seq, &[family, 0, r0, r1], attrs)
 }
 
 /// The batch adding `(address, chain)` elements with `comment` to the maps of `table`.
 pub fn batch(table: &str, elems: &[(IpAddr, String)], comment: &str) -> Vec<u8> {
-    let mut out = message(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, 1, 0, NFNL_SUBSYS_NFTABLES, &[]);
+    let mut out = nfmsg(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, 1, 0, NFNL_SUBSYS_NFTABLES, &[]);
     let mut seq = 2;
     for (map, v4) in [("pods4", true), ("pods6", false)] {
         let mine: Vec<&(IpAddr, String)> = elems.iter().filter(|(ip, _)| ip.is_ipv4() == v4).collect();
@@ -102,10 +71,10 @@ pub fn batch(table: &str, elems: &[(IpAddr, String)], comment: &str) -> Vec<u8> 
             }
         });
         let kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM;
-        out.extend(message(kind, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_ACK, seq, NFPROTO_INET, 0, &a));
+        out.extend(nfmsg(kind, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_ACK, seq, NFPROTO_INET, 0, &a));
         seq += 1;
     }
-    out.extend(message(NFNL_MSG_BATCH_END, NLM_F_REQUEST, seq, 0, NFNL_SUBSYS_NFTABLES, &[]));
+    out.extend(nfmsg(NFNL_MSG_BATCH_END, NLM_F_REQUEST, seq, 0, NFNL_SUBSYS_NFTABLES, &[]));
     out
 }
 
@@ -123,21 +92,17 @@ pub fn add_elements(table: &str, elems: &[(IpAddr, String)], comment: &str) -> R
     while acked < expected {
         let mut buf: Vec<u8> = Vec::with_capacity(16384);
         let n = sock.recv(&mut buf, 0).map_err(|e| e.to_string())?;
-        let mut off = 0;
-        while off + 16 <= n {
-            let len = u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4 bytes")) as usize;
-            let kind = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().expect("2 bytes"));
-            if len < 16 || off + len > n {
-                return Err("malformed netlink reply".into());
-            }
+        let mut failed = None;
+        walk(&buf[..n], |kind, _, payload| {
             if kind == NLMSG_ERROR {
-                let code = i32::from_ne_bytes(buf[off + 16..off + 20].try_into().expect("4 bytes"));
-                if code != 0 {
-                    return Err(std::io::Error::from_raw_os_error(-code).to_string());
+                match error_code(payload) {
+                    0 => acked += 1,
+                    code => failed = Some(code),
                 }
-                acked += 1;
             }
-            off += (len + 3) & !3;
+        })?;
+        if let Some(code) = failed {
+            return Err(std::io::Error::from_raw_os_error(-code).to_string());
         }
     }
     Ok(())

@@ -8,11 +8,13 @@ use std::net::IpAddr;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use ipnetwork::IpNetwork;
 use rtnetlink::packet_core::NetlinkPayload;
-use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+use rtnetlink::packet_route::address::AddressMessage;
 use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
-use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol};
+use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage, RouteProtocol};
 use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::{Handle, MulticastGroup, RouteMessageBuilder};
+
+use netlink_wire::{address_of, errno, route_addr as addr};
 
 use crate::error::AgentError;
 
@@ -28,21 +30,6 @@ pub struct Kernel {
     proto: u8,
     /// Routes point at nexthop objects (one per node address) instead of carrying a gateway.
     pub nexthops: bool,
-}
-
-fn errno(e: &rtnetlink::Error) -> Option<i32> {
-    match e {
-        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()),
-        _ => None,
-    }
-}
-
-fn addr(a: &RouteAddress) -> Option<IpAddr> {
-    match a {
-        RouteAddress::Inet(x) => Some(IpAddr::V4(*x)),
-        RouteAddress::Inet6(x) => Some(IpAddr::V6(*x)),
-        _ => None,
-    }
 }
 
 /// Counts of a sync's netlink writes.
@@ -197,10 +184,7 @@ impl Kernel {
         Ok(msgs
             .iter()
             .filter_map(|m| {
-                let ip = m.attributes.iter().find_map(|a| match a {
-                    AddressAttribute::Address(ip) => Some(*ip),
-                    _ => None,
-                })?;
+                let ip = address_of(m)?;
                 if ip.is_loopback() {
                     return None;
                 }

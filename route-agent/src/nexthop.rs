@@ -7,13 +7,12 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+use netlink_wire::{attr, error_code, message, walk, NLMSG_DONE, NLMSG_ERROR};
 use rtnetlink::sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
 const RTM_NEWNEXTHOP: u16 = 104;
 const RTM_DELNEXTHOP: u16 = 105;
 const RTM_GETNEXTHOP: u16 = 106;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 const NLM_F_DUMP: u16 = 0x300;
@@ -37,26 +36,9 @@ pub struct Nexthop {
     pub proto: u8,
 }
 
-fn attr(buf: &mut Vec<u8>, kind: u16, payload: &[u8]) {
-    let len = 4 + payload.len();
-    buf.extend_from_slice(&(len as u16).to_ne_bytes());
-    buf.extend_from_slice(&kind.to_ne_bytes());
-    buf.extend_from_slice(payload);
-    buf.resize(buf.len() + (4 - len % 4) % 4, 0);
-}
-
-fn message(kind: u16, flags: u16, seq: u32, family: u8, proto: u8, attrs: &[u8]) -> Vec<u8> {
-    let len = 16 + 8 + attrs.len();
-    let mut m = Vec::with_capacity(len);
-    m.extend_from_slice(&(len as u32).to_ne_bytes());
-    m.extend_from_slice(&kind.to_ne_bytes());
-    m.extend_from_slice(&flags.to_ne_bytes());
-    m.extend_from_slice(&seq.to_ne_bytes());
-    m.extend_from_slice(&0u32.to_ne_bytes());
-    m.extend_from_slice(&[family, RT_SCOPE_UNIVERSE, proto, 0]);
-    m.extend_from_slice(&0u32.to_ne_bytes());
-    m.extend_from_slice(attrs);
-    m
+/// A nexthop message: nhmsg (family, scope, protocol, flags) and attributes.
+fn nhmsg(kind: u16, flags: u16, seq: u32, family: u8, proto: u8, attrs: &[u8]) -> Vec<u8> {
+    message(kind, flags, seq, &[family, RT_SCOPE_UNIVERSE, proto, 0, 0, 0, 0, 0], attrs)
 }
 
 fn socket() -> std::io::Result<Socket> {
@@ -68,41 +50,20 @@ fn socket() -> std::io::Result<Socket> {
     Ok(s)
 }
 
-/// Walks the netlink messages in `buf[..n]`: (type, seq, payload after the header).
-fn messages(buf: &[u8], mut f: impl FnMut(u16, u32, &[u8])) -> Result<(), String> {
-    let mut off = 0;
-    while off + 16 <= buf.len() {
-        let len = u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4")) as usize;
-        if len < 16 || off + len > buf.len() {
-            return Err("malformed netlink message".into());
-        }
-        let kind = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().expect("2"));
-        let seq = u32::from_ne_bytes(buf[off + 8..off + 12].try_into().expect("4"));
-        f(kind, seq, &buf[off + 16..off + len]);
-        off += (len + 3) & !3;
-    }
-    Ok(())
-}
-
-fn errno_of(payload: &[u8]) -> i32 {
-    payload.get(..4).map(|b| i32::from_ne_bytes(b.try_into().expect("4"))).unwrap_or(-1)
-}
-
 /// Every nexthop in this namespace; an error if the kernel has no nexthop objects.
 pub fn dump() -> Result<Vec<Nexthop>, String> {
     let s = socket().map_err(|e| e.to_string())?;
-    s.send(&message(RTM_GETNEXTHOP, NLM_F_REQUEST | NLM_F_DUMP, 1, 0, 0, &[]), 0)
-        .map_err(|e| e.to_string())?;
+    s.send(&nhmsg(RTM_GETNEXTHOP, NLM_F_REQUEST | NLM_F_DUMP, 1, 0, 0, &[]), 0).map_err(|e| e.to_string())?;
     let mut out = Vec::new();
     loop {
         let mut buf: Vec<u8> = Vec::with_capacity(1 << 16);
         let n = s.recv(&mut buf, 0).map_err(|e| e.to_string())?;
         let mut done = false;
         let mut err = None;
-        messages(&buf[..n], |kind, _, p| match kind {
+        walk(&buf[..n], |kind, _, p| match kind {
             NLMSG_DONE => done = true,
             NLMSG_ERROR => {
-                err = Some(errno_of(p));
+                err = Some(error_code(p));
                 done = true;
             }
             RTM_NEWNEXTHOP if p.len() >= 8 => {
@@ -175,10 +136,10 @@ fn batch(reqs: Vec<Vec<u8>>) -> (usize, Vec<String>) {
                 break;
             }
         };
-        let r = messages(&buf[..n], |kind, seq, p| {
+        let r = walk(&buf[..n], |kind, seq, p| {
             if kind == NLMSG_ERROR {
                 acked += 1;
-                let e = errno_of(p);
+                let e = error_code(p);
                 if e != 0 {
                     errors.push(format!("request {seq}: {}", std::io::Error::from_raw_os_error(-e)));
                 }
@@ -212,7 +173,7 @@ pub fn add(nhs: &[(u32, IpAddr, u32)], proto: u8) -> (usize, Vec<String>) {
                 }
             };
             let flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE;
-            message(RTM_NEWNEXTHOP, flags, i as u32 + 1, family, proto, &a)
+            nhmsg(RTM_NEWNEXTHOP, flags, i as u32 + 1, family, proto, &a)
         })
         .collect();
     batch(reqs)
@@ -226,7 +187,7 @@ pub fn del(ids: &[u32]) -> (usize, Vec<String>) {
         .map(|(i, id)| {
             let mut a = Vec::new();
             attr(&mut a, NHA_ID, &id.to_ne_bytes());
-            message(RTM_DELNEXTHOP, NLM_F_REQUEST | NLM_F_ACK, i as u32 + 1, 0, 0, &a)
+            nhmsg(RTM_DELNEXTHOP, NLM_F_REQUEST | NLM_F_ACK, i as u32 + 1, 0, 0, &a)
         })
         .collect();
     batch(reqs)
@@ -272,7 +233,7 @@ mod tests {
 
     #[test]
     fn messages_are_aligned() {
-        let m = message(RTM_NEWNEXTHOP, NLM_F_REQUEST, 1, AF_INET, 168, &[]);
+        let m = nhmsg(RTM_NEWNEXTHOP, NLM_F_REQUEST, 1, AF_INET, 168, &[]);
         assert_eq!(m.len(), 24);
         let mut a = Vec::new();
         attr(&mut a, NHA_GATEWAY, &[10, 0, 0, 1]);

@@ -1,0 +1,118 @@
+//! Netlink pieces shared by cni-bridge and cni-route-agent: reading rtnetlink's errors and
+//! attributes, and encoding/decoding raw messages for the families rtnetlink does not speak
+//! (nftables batches, nexthop objects).
+
+use std::net::IpAddr;
+
+use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
+use rtnetlink::packet_route::route::RouteAddress;
+
+/// The errno of a kernel NACK (positive).
+pub fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()),
+        _ => None,
+    }
+}
+
+/// An IPv4/IPv6 route address.
+pub fn route_addr(a: &RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(x) => Some(IpAddr::V4(*x)),
+        RouteAddress::Inet6(x) => Some(IpAddr::V6(*x)),
+        _ => None,
+    }
+}
+
+/// The address of an address message.
+pub fn address_of(m: &AddressMessage) -> Option<IpAddr> {
+    m.attributes.iter().find_map(|a| match a {
+        AddressAttribute::Address(ip) => Some(*ip),
+        _ => None,
+    })
+}
+
+/// Appends attribute `kind` with `payload`, padded to 4 bytes.
+pub fn attr(buf: &mut Vec<u8>, kind: u16, payload: &[u8]) {
+    let len = 4 + payload.len();
+    buf.extend_from_slice(&(len as u16).to_ne_bytes());
+    buf.extend_from_slice(&kind.to_ne_bytes());
+    buf.extend_from_slice(payload);
+    buf.resize(buf.len() + (4 - len % 4) % 4, 0);
+}
+
+/// Appends a nested attribute whose contents `f` writes.
+pub fn nested(buf: &mut Vec<u8>, kind: u16, f: impl FnOnce(&mut Vec<u8>)) {
+    const NLA_F_NESTED: u16 = 0x8000;
+    let mut inner = Vec::new();
+    f(&mut inner);
+    attr(buf, kind | NLA_F_NESTED, &inner);
+}
+
+/// A NUL-terminated string payload.
+pub fn strz(s: &str) -> Vec<u8> {
+    let mut v = s.as_bytes().to_vec();
+    v.push(0);
+    v
+}
+
+/// A message: netlink header, the family's own header (`fam`), attributes.
+pub fn message(kind: u16, flags: u16, seq: u32, fam: &[u8], attrs: &[u8]) -> Vec<u8> {
+    let len = 16 + fam.len() + attrs.len();
+    let mut m = Vec::with_capacity(len);
+    m.extend_from_slice(&(len as u32).to_ne_bytes());
+    m.extend_from_slice(&kind.to_ne_bytes());
+    m.extend_from_slice(&flags.to_ne_bytes());
+    m.extend_from_slice(&seq.to_ne_bytes());
+    m.extend_from_slice(&0u32.to_ne_bytes());
+    m.extend_from_slice(fam);
+    m.extend_from_slice(attrs);
+    m
+}
+
+/// NLMSG_ERROR (an ack when its errno is 0).
+pub const NLMSG_ERROR: u16 = 2;
+/// NLMSG_DONE (end of a dump).
+pub const NLMSG_DONE: u16 = 3;
+
+/// Calls `f(type, seq, payload after the header)` for each message in `buf`.
+pub fn walk(buf: &[u8], mut f: impl FnMut(u16, u32, &[u8])) -> Result<(), String> {
+    let mut off = 0;
+    while off + 16 <= buf.len() {
+        let len = u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4 bytes")) as usize;
+        if len < 16 || off + len > buf.len() {
+            return Err("malformed netlink message".into());
+        }
+        let kind = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().expect("2 bytes"));
+        let seq = u32::from_ne_bytes(buf[off + 8..off + 12].try_into().expect("4 bytes"));
+        f(kind, seq, &buf[off + 16..off + len]);
+        off += (len + 3) & !3;
+    }
+    Ok(())
+}
+
+/// The (negative) errno an NLMSG_ERROR payload carries; 0 for an ack.
+pub fn error_code(payload: &[u8]) -> i32 {
+    payload.get(..4).map(|b| i32::from_ne_bytes(b.try_into().expect("4 bytes"))).unwrap_or(-1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attributes_are_padded_and_messages_walk_back() {
+        let mut a = Vec::new();
+        attr(&mut a, 1, &[1, 2, 3]);
+        nested(&mut a, 2, |n| attr(n, 3, &strz("ab")));
+        assert_eq!(a.len(), 8 + 12);
+        assert_eq!(u16::from_ne_bytes([a[10], a[11]]), 2 | 0x8000);
+        let mut two = message(100, 1, 7, &[0; 4], &a);
+        two.extend(message(NLMSG_ERROR, 0, 8, &[], &0i32.to_ne_bytes()));
+        let mut seen = Vec::new();
+        walk(&two, |k, s, p| seen.push((k, s, p.len()))).unwrap();
+        assert_eq!(seen, [(100, 7, 4 + a.len()), (NLMSG_ERROR, 8, 4)]);
+        assert_eq!(error_code(&0i32.to_ne_bytes()), 0);
+        assert!(walk(&two[..20], |_, _, _| {}).is_err());
+    }
+}
