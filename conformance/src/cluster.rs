@@ -92,9 +92,10 @@ impl Cluster {
             ns.ip(&["link", "set", "eth0", "up"]);
             // Service traffic between pods on one bridge goes through iptables (kube-proxy's
             // requirement, and what makes hairpin matter).
-            let _ = ns.run("sysctl", &["-qw", "net.bridge.bridge-nf-call-iptables=1"]);
+            // Absent without br_netfilter; the Service checks then fail and say what they miss.
+            let _ = ns.sysctl("net.bridge.bridge-nf-call-iptables", "1");
             // A node forwards (kubelet/kube-proxy set this on real nodes).
-            let _ = ns.run("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+            ns.sysctl("net.ipv4.ip_forward", "1").expect("enable forwarding in the node namespace");
             let pod_cidr = format!("10.244.{i}.0/24");
             let conf = json!({
                 "cniVersion": "1.0.0",

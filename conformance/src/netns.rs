@@ -136,6 +136,20 @@ impl Netns {
         }
     }
 
+    /// Writes a sysctl (`net.ipv4.ip_forward`) inside this namespace, from a thread that
+    /// enters it: /proc/sys/net is per namespace, and no sysctl binary is needed.
+    pub fn sysctl(&self, key: &str, value: &str) -> std::io::Result<()> {
+        let f = self.file();
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        let value = value.to_string();
+        std::thread::spawn(move || {
+            setns(f.as_fd(), CloneFlags::CLONE_NEWNET)?;
+            std::fs::write(path, value)
+        })
+        .join()
+        .expect("sysctl thread")
+    }
+
     /// Runs a command inside the namespace.
     pub fn run(&self, program: &str, args: &[&str]) -> Output {
         let mut c = Command::new(program);
