@@ -9,5 +9,5 @@ pub mod plugin;
 pub mod suite;
 pub mod traffic;
 
-pub use netns::{require_root, Netns, Pause};
+pub use netns::{is_root, require_root, Netns, Pause};
 pub use plugin::{invoke, Out};

@@ -59,13 +59,17 @@ pub fn install_signal_cleanup() {
     });
 }
 
-/// Whether we are root; if not, says so loudly (the caller then skips).
-pub fn require_root(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
+/// Fails the calling test (a panic, so the runner reports it FAILED, never passed) unless we
+/// are root: network namespaces need it, and a test that returns early would pass green.
+pub fn require_root(test: &str) {
+    if !is_root() {
+        panic!("{test}: needs root for network namespaces; run scripts/test as root");
     }
-    eprintln!("!!!!! SKIPPED {test}: needs root for network namespaces. Run scripts/test as root. !!!!!");
-    false
+}
+
+/// Whether this process runs as root (the binaries refuse politely instead of panicking).
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
 }
 
 fn unique(tag: &str) -> String {

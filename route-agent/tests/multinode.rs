@@ -182,9 +182,7 @@ fn all_pairs(cl: &Cluster) -> Result<(), String> {
 
 #[test]
 fn routes_follow_nodes_leaving_and_joining_and_pods_talk_with_real_sources() {
-    if !require_root("route agent multinode") {
-        return;
-    }
+    require_root("route agent multinode");
     let tmp = Tmp::new("join");
     let cl = three_node_cluster("ra");
     let file = tmp.0.join("nodes.json");
@@ -217,9 +215,7 @@ fn routes_follow_nodes_leaving_and_joining_and_pods_talk_with_real_sources() {
 
 #[test]
 fn restart_removes_routes_of_nodes_gone_meanwhile_without_rewriting_the_others() {
-    if !require_root("route agent restart") {
-        return;
-    }
+    require_root("route agent restart");
     let tmp = Tmp::new("restart");
     let cl = three_node_cluster("rr");
     let file = tmp.0.join("nodes.json");
@@ -245,9 +241,7 @@ fn restart_removes_routes_of_nodes_gone_meanwhile_without_rewriting_the_others()
 
 #[test]
 fn a_route_deleted_by_hand_comes_back_and_a_moved_node_is_replaced() {
-    if !require_root("route agent repair") {
-        return;
-    }
+    require_root("route agent repair");
     let tmp = Tmp::new("repair");
     let cl = three_node_cluster("rp");
     let file = tmp.0.join("nodes.json");
@@ -266,9 +260,7 @@ fn a_route_deleted_by_hand_comes_back_and_a_moved_node_is_replaced() {
 
 #[test]
 fn conflist_and_readiness_only_once_the_own_cidr_is_known_and_routes_synced() {
-    if !require_root("route agent readiness") {
-        return;
-    }
+    require_root("route agent readiness");
     let tmp = Tmp::new("ready");
     let cl = Cluster::new("rd", 2, plugins(), true);
     cl.nodes[0].ns.ip(&["link", "set", "eth0", "mtu", "1400"]);
@@ -293,9 +285,7 @@ fn conflist_and_readiness_only_once_the_own_cidr_is_known_and_routes_synced() {
 
 #[test]
 fn masquerades_only_traffic_leaving_the_cluster_and_reports_off_link_nodes() {
-    if !require_root("route agent masquerade") {
-        return;
-    }
+    require_root("route agent masquerade");
     let tmp = Tmp::new("masq");
     let mut cl = Cluster::new("rm", 2, plugins(), true);
     cl.add_pod(0, "n1p1").unwrap();
@@ -327,9 +317,7 @@ fn masquerades_only_traffic_leaving_the_cluster_and_reports_off_link_nodes() {
 
 #[test]
 fn plain_routes_when_nexthop_objects_are_off() {
-    if !require_root("route agent plain routes") {
-        return;
-    }
+    require_root("route agent plain routes");
     let tmp = Tmp::new("plain");
     let cl = Cluster::new("rpl", 2, plugins(), true);
     let file = tmp.0.join("nodes.json");

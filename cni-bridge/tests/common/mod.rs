@@ -34,16 +34,11 @@ pub fn plugin_dir() -> PathBuf {
     dir
 }
 
-/// Whether Debian's reference plugins are here; if not, fails loudly unless told to skip.
-pub fn have_reference() -> bool {
-    if Path::new(REFERENCE_DIR).join("bridge").exists() {
-        return true;
+/// Fails the calling test unless Debian's reference plugins (the oracle) are installed.
+pub fn require_reference() {
+    if !Path::new(REFERENCE_DIR).join("bridge").exists() {
+        panic!("{REFERENCE_DIR}/bridge missing: install containernetworking-plugins (scripts/test does)");
     }
-    if std::env::var("CNI_SKIP_INTEROP").as_deref() == Ok("1") {
-        eprintln!("!!!!! SKIPPING interop: {REFERENCE_DIR}/bridge missing and CNI_SKIP_INTEROP=1 !!!!!");
-        return false;
-    }
-    panic!("{REFERENCE_DIR}/bridge missing: install containernetworking-plugins (scripts/test does), or CNI_SKIP_INTEROP=1");
 }
 
 /// One test's world: a node namespace and a data dir.
