@@ -5,6 +5,7 @@
 //! the verb dispatcher ([`skel`]) and delegation to other plugins ([`delegate`]).
 
 pub mod config;
+pub mod crash;
 pub mod delegate;
 pub mod env;
 pub mod error;
@@ -13,6 +14,7 @@ pub mod skel;
 pub mod version;
 
 pub use config::{Attachment, NetConf};
+pub use crash::crash_point;
 pub use env::{CniArgs, Command, Invocation};
 pub use error::{Error, ErrorCode};
 pub use result::{CniResult, Dns, Interface, IpConfig, Route};
