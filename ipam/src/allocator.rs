@@ -43,6 +43,14 @@ fn config(r: &Range, ip: IpAddr) -> IpConfig {
     IpConfig { address, gateway: Some(r.gateway), interface: None }
 }
 
+/// Moves the cursor to the address just reserved; if that fails (a full disk), the lease goes
+/// too, or the failed ADD would leave it behind with no one to release it.
+fn set_cursor(store: &mut Store, idx: usize, ip: IpAddr) -> Result<(), IpamError> {
+    store.set_last_reserved(idx, Some(&ip.to_string())).inspect_err(|_| {
+        let _ = store.release(ip);
+    })
+}
+
 /// Reserves one address of range set number `idx` for (id, ifname): `requested` if given.
 pub fn allocate(
     store: &mut Store,
@@ -73,12 +81,12 @@ pub fn allocate(
                 "requested IP address {ip} is not available in range set {set}"
             )));
         }
-        store.set_last_reserved(idx, Some(&ip.to_string()))?;
+        set_cursor(store, idx, ip)?;
         return Ok(config(r, ip));
     }
     let total: u128 = set.0.iter().map(size).sum();
     let first =
-        store.last_reserved(idx).and_then(|ip| position(set, ip)).map(|p| (p + 1) % total).unwrap_or(0);
+        store.last_reserved(idx)?.and_then(|ip| position(set, ip)).map(|p| (p + 1) % total).unwrap_or(0);
     // Lazily: a /64 has 2^64 candidates and the first free one is usually near.
     for k in 0..total {
         let (r, ip) = at(set, (first + k) % total);
@@ -86,7 +94,7 @@ pub fn allocate(
             continue;
         }
         if store.reserve(ip, id, ifname)? {
-            store.set_last_reserved(idx, Some(&ip.to_string()))?;
+            set_cursor(store, idx, ip)?;
             return Ok(config(r, ip));
         }
     }
@@ -155,7 +163,7 @@ mod tests {
         assert!(matches!(allocate(&mut s, &set, 0, "a", "eth0", None), Err(IpamError::Duplicate { .. })));
         // Another interface of the same container is a different attachment.
         assert!(allocate(&mut s, &set, 0, "a", "net1", None).is_ok());
-        assert_eq!(s.last_reserved(0), "10.0.0.78".parse().ok());
+        assert_eq!(s.last_reserved(0).unwrap(), "10.0.0.78".parse().ok());
     }
 
     #[test]

@@ -145,6 +145,10 @@ impl IpamConfig {
             .collect::<Result<Vec<_>, _>>()?;
         let data_dir =
             PathBuf::from(raw.data_dir.filter(|d| !d.is_empty()).unwrap_or_else(|| DEFAULT_DATA_DIR.into()));
+        // Relative to the runtime's working directory, which no one chooses on purpose.
+        if data_dir.is_relative() {
+            return Err(cfg_err(format!("dataDir {:?} must be an absolute path", data_dir.display())));
+        }
         Ok(IpamConfig {
             name: req.conf.name.clone(),
             ranges,

@@ -29,7 +29,7 @@ impl HostLocal {
         let (id, ifname) = (req.inv.container_id.as_str(), req.inv.ifname.as_str());
         let mut store = Store::open(&cfg.data_dir, &cfg.name)?;
         let cursors: Vec<Option<String>> =
-            (0..cfg.ranges.len()).map(|i| store.last_reserved_raw(i)).collect();
+            (0..cfg.ranges.len()).map(|i| store.last_reserved_raw(i)).collect::<Result<_, _>>()?;
         let mut requested = cfg.requested.clone();
         let mut ips = Vec::new();
         let mut failure = None;
@@ -51,17 +51,22 @@ impl HostLocal {
                 list.join(" ")
             )));
         }
+        if failure.is_none() {
+            // An index that cannot be written (a full disk) fails the ADD like any other step.
+            failure = store.commit().err();
+        }
         if let Some(e) = failure {
-            // Leave the directory as it was: no lease, and the cursors unmoved.
+            // Leave the directory as it was: no lease, the cursors unmoved, the index as it was
+            // (or, when the disk is full, marked so that the next call rebuilds it).
             for c in &ips {
                 let _ = store.release(c.address.ip());
             }
             for (i, c) in cursors.iter().enumerate() {
                 let _ = store.set_last_reserved(i, c.as_deref());
             }
+            store.abandon();
             return Err(e);
         }
-        store.commit()?;
         Ok(CniResult { interfaces: vec![], ips, routes: cfg.routes, dns })
     }
 

@@ -82,7 +82,8 @@ impl Range {
             start.filter(|s| !s.is_empty()).map(|s| family_ip("rangeStart", s)).transpose()?.unwrap_or(first);
         let end =
             end.filter(|s| !s.is_empty()).map(|s| family_ip("rangeEnd", s)).transpose()?.unwrap_or(last);
-        for (what, ip) in [("RangeStart", start), ("RangeEnd", end)] {
+        // A gateway outside the subnet passes here but fails later as an unreachable route.
+        for (what, ip) in [("RangeStart", start), ("RangeEnd", end), ("gateway", gateway)] {
             if !net.contains(ip) {
                 return Err(format!("{what} {ip} not in network {net}"));
             }
@@ -189,6 +190,10 @@ mod tests {
         assert!(err("10.1.2.0/24", None, Some("10.1.3.1"), None).contains("not in network"));
         assert!(err("10.1.2.0/24", Some("10.1.2.9"), Some("10.1.2.8"), None).contains("after"));
         assert!(err("10.1.2.0/24", None, None, Some("fd00::1")).contains("family"));
+        assert_eq!(
+            err("10.1.2.0/24", None, None, Some("10.1.3.1")),
+            "gateway 10.1.3.1 not in network 10.1.2.0/24"
+        );
     }
 
     #[test]

@@ -8,21 +8,29 @@
 //! plugin) creating or removing a lease changes them, and the index is rebuilt from the
 //! lease files. It also records the kernel's boot id: leases it lists from an earlier boot
 //! belong to namespaces that no longer exist and are reclaimed.
+//!
+//! Everything inside the network directory is opened relative to the directory's descriptor
+//! and without following symbolic links: a link planted there would otherwise make a root
+//! process write wherever it points.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{ErrorKind, Write};
+use std::fs::{self, File};
+use std::io::{ErrorKind, Read};
 use std::net::IpAddr;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use nix::fcntl::{Flock, FlockArg};
+use nix::errno::Errno;
+use nix::fcntl::{openat, Flock, FlockArg, OFlag};
+use nix::sys::stat::{mkdirat, Mode};
+use nix::unistd::{unlinkat, UnlinkatFlags};
 
 use crate::error::IpamError;
 
 const INDEX_DIR: &str = ".cni-index";
 const INDEX_FILE: &str = "leases";
-const INDEX_MAGIC: &str = "cni-host-local-index 1";
+const INDEX_MAGIC: &str = "cni-host-local-index 2";
 const LAST_PREFIX: &str = "last_reserved_ip.";
 const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
 
@@ -37,24 +45,144 @@ pub struct Lease {
 }
 
 impl Lease {
-    fn parse(content: &str) -> Lease {
-        let t = content.trim();
-        match t.split_once("\r\n") {
+    /// Parses a lease file. `None` for a torn lease: empty (a writer killed between creating
+    /// and writing it) or holding NUL bytes (unwritten blocks after a power loss). Every writer
+    /// (ours and the reference) writes under the lock, so a torn lease seen under the lock is
+    /// the remnant of a dead writer, not a write in progress.
+    pub fn parse(content: &[u8]) -> Option<Lease> {
+        if content.contains(&0) {
+            return None;
+        }
+        let text = String::from_utf8_lossy(content);
+        let t = text.trim();
+        if t.is_empty() {
+            return None;
+        }
+        Some(match t.split_once("\r\n") {
             Some((id, ifname)) => Lease { id: id.trim().to_string(), ifname: ifname.trim().to_string() },
             None => Lease { id: t.to_string(), ifname: String::new() },
-        }
+        })
+    }
+
+    /// The reference's lease file content.
+    pub fn render(id: &str, ifname: &str) -> String {
+        format!("{}\r\n{}", id.trim(), ifname)
     }
 }
 
-/// One network's leases, locked for as long as this value lives.
-pub struct Store {
-    dir: PathBuf,
-    _lock: Flock<File>,
-    leases: BTreeMap<IpAddr, Lease>,
-    /// The index as it is on disk; written back only when `leases` differs or `stale`.
-    on_disk: Option<BTreeMap<IpAddr, Lease>>,
-    stale: bool,
-    boot_id: String,
+/// The index file's content: what [`render_index`] writes and [`parse_index`] accepts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexFile {
+    /// The kernel's boot id when it was written.
+    pub boot: String,
+    /// The network directory's stamp after the writer's last change.
+    pub stamp: String,
+    /// Every lease.
+    pub leases: BTreeMap<IpAddr, Lease>,
+}
+
+/// 64-bit FNV-1a: detects accidental damage (an edited character, a dropped line) in a few
+/// lines of code; the index is a cache, not a defence against someone who can write to it.
+fn fnv1a64(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// Field encoding for index lines: ids and interface names of foreign leases may hold spaces
+/// or be empty, which would shift the fields of a space-separated line.
+fn encode_field(s: &str) -> String {
+    if s.is_empty() {
+        return "%".into();
+    }
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b <= b' ' || b >= 0x7f || b == b'%' {
+            out.push_str(&format!("%{b:02x}"));
+        } else {
+            out.push(b as char);
+        }
+    }
+    out
+}
+
+fn decode_field(s: &str) -> Option<String> {
+    if s == "%" {
+        return Some(String::new());
+    }
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The index file: a header, one line per lease, and `end <count> <checksum>` over everything
+/// before the end line. A torn write or an edit anywhere fails the checksum.
+pub fn render_index(idx: &IndexFile) -> String {
+    let mut text =
+        format!("{INDEX_MAGIC}\nboot {}\nstamp {}\n", encode_field(&idx.boot), encode_field(&idx.stamp));
+    for (ip, l) in &idx.leases {
+        text.push_str(&format!("lease {ip} {} {}\n", encode_field(&l.id), encode_field(&l.ifname)));
+    }
+    let sum = fnv1a64(text.as_bytes());
+    text.push_str(&format!("end {} {sum:016x}\n", idx.leases.len()));
+    text
+}
+
+/// Parses an index file; `None` unless it is complete and intact.
+pub fn parse_index(text: &str) -> Option<IndexFile> {
+    let body_len = text.strip_suffix('\n')?.rfind('\n')? + 1;
+    let (body, end) = text.split_at(body_len);
+    let mut end_fields = end.strip_suffix('\n')?.split(' ');
+    if end_fields.next()? != "end" {
+        return None;
+    }
+    let count: usize = end_fields.next()?.parse().ok()?;
+    let sum = u64::from_str_radix(end_fields.next()?, 16).ok()?;
+    if end_fields.next().is_some() || sum != fnv1a64(body.as_bytes()) {
+        return None;
+    }
+    let mut lines = body.lines();
+    if lines.next()? != INDEX_MAGIC {
+        return None;
+    }
+    let boot = decode_field(lines.next()?.strip_prefix("boot ")?)?;
+    let stamp = decode_field(lines.next()?.strip_prefix("stamp ")?)?;
+    let mut leases = BTreeMap::new();
+    for line in lines {
+        let mut f = line.split(' ');
+        if f.next()? != "lease" {
+            return None;
+        }
+        let ip: IpAddr = f.next()?.parse().ok()?;
+        let id = decode_field(f.next()?)?;
+        let ifname = decode_field(f.next()?)?;
+        if f.next().is_some() || leases.insert(ip, Lease { id, ifname }).is_some() {
+            return None;
+        }
+    }
+    (leases.len() == count).then_some(IndexFile { boot, stamp, leases })
+}
+
+/// What `openat` did not open, said so that an operator knows what to fix.
+fn open_err(what: &str, p: &Path, e: Errno) -> IpamError {
+    // O_NOFOLLOW with O_DIRECTORY reports a link as ENOTDIR.
+    let is_link = || fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink());
+    if e == Errno::ELOOP || (e == Errno::ENOTDIR && is_link()) {
+        return IpamError::store(
+            format!("{what} {}: it is a symbolic link; refusing to follow it", p.display()),
+            e.into(),
+        );
+    }
+    IpamError::store(format!("{what} {}", p.display()), e.into())
 }
 
 fn io_ctx(what: &str, p: &Path) -> impl FnOnce(std::io::Error) -> IpamError {
@@ -62,8 +190,8 @@ fn io_ctx(what: &str, p: &Path) -> impl FnOnce(std::io::Error) -> IpamError {
     move |e| IpamError::store(ctx, e)
 }
 
-fn dir_stamp(dir: &Path) -> std::io::Result<String> {
-    let m = fs::metadata(dir)?;
+fn stamp_of(dir: &File) -> std::io::Result<String> {
+    let m = dir.metadata()?;
     Ok(format!("{} {}.{} {}.{}", m.ino(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()))
 }
 
@@ -72,85 +200,90 @@ pub fn boot_id() -> String {
     fs::read_to_string(BOOT_ID).map(|s| s.trim().to_string()).unwrap_or_default()
 }
 
-struct IndexFile {
-    boot: String,
-    stamp: String,
-    leases: BTreeMap<IpAddr, Lease>,
+/// Flags for every open inside the network directory: never through a link, never blocking
+/// on a FIFO someone planted, never inherited.
+fn nofollow() -> OFlag {
+    OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK
 }
 
-fn read_index(path: &Path) -> Option<IndexFile> {
-    let text = fs::read_to_string(path).ok()?;
-    let mut lines = text.lines();
-    if lines.next()? != INDEX_MAGIC {
-        return None;
+fn open_at(dir: impl AsFd, name: &str, flags: OFlag, mode: u32) -> Result<File, Errno> {
+    openat(dir, name, flags | nofollow(), Mode::from_bits_truncate(mode)).map(File::from)
+}
+
+/// Reads a regular file opened without following links; `Ok(None)` when it is absent.
+fn read_regular(dir: impl AsFd, name: &str) -> Result<Option<Vec<u8>>, Errno> {
+    let mut f = match open_at(dir, name, OFlag::O_RDONLY, 0) {
+        Ok(f) => f,
+        Err(Errno::ENOENT) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let is_file = f.metadata().map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(0)))?.is_file();
+    if !is_file {
+        return Err(Errno::EINVAL);
     }
-    let boot = lines.next()?.strip_prefix("boot ")?.to_string();
-    let stamp = lines.next()?.strip_prefix("stamp ")?.to_string();
-    let mut leases = BTreeMap::new();
-    for l in lines {
-        let mut f = l.split(' ');
-        match f.next()? {
-            "lease" => {}
-            // Complete only with the end line, and only if it counts what was read.
-            "end" => {
-                return (f.next()?.parse::<usize>().ok()? == leases.len()).then_some(IndexFile {
-                    boot,
-                    stamp,
-                    leases,
-                })
-            }
-            _ => return None,
-        }
-        let ip: IpAddr = f.next()?.parse().ok()?;
-        let id = f.next()?.to_string();
-        let ifname = f.next().unwrap_or("").to_string();
-        leases.insert(ip, Lease { id, ifname });
-    }
-    None
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf).map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(0)))?;
+    Ok(Some(buf))
 }
 
 /// Writes `data` over the file's start and cuts it to that length. Unlike truncate-then-write
 /// or temp-then-rename, this does not make ext4 force block allocation (auto_da_alloc) on
 /// every call; the contents are the same.
-fn overwrite(p: &Path, data: &[u8], mode: u32) -> Result<(), IpamError> {
-    use std::os::unix::fs::FileExt;
-    let f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(mode)
-        .open(p)
-        .map_err(io_ctx("opening", p))?;
-    f.write_all_at(data, 0).map_err(io_ctx("writing", p))?;
-    f.set_len(data.len() as u64).map_err(io_ctx("writing", p))
+fn overwrite(f: &File, data: &[u8]) -> std::io::Result<()> {
+    f.write_all_at(data, 0)?;
+    f.set_len(data.len() as u64)
+}
+
+/// One network's leases, locked for as long as this value lives.
+pub struct Store {
+    /// The network directory's path, for messages only: every access goes through `dir`.
+    path: PathBuf,
+    dir: File,
+    _lock: Flock<File>,
+    leases: BTreeMap<IpAddr, Lease>,
+    /// The index as it is on disk; written back only when `leases` differs or `stale`.
+    on_disk: Option<BTreeMap<IpAddr, Lease>>,
+    /// The index file, when it was found intact: marked before our first change.
+    index: Option<File>,
+    marked: bool,
+    stale: bool,
+    boot_id: String,
 }
 
 impl Store {
     /// Whether the network's directory exists (DEL and GC of a network never used write nothing).
     pub fn exists(data_dir: &Path, network: &str) -> bool {
-        data_dir.join(network).is_dir()
+        fs::symlink_metadata(data_dir.join(network)).is_ok()
     }
 
     /// Opens (creating) `<data_dir>/<network>`, takes its lock and loads the index.
     pub fn open(data_dir: &Path, network: &str) -> Result<Store, IpamError> {
-        let dir = data_dir.join(network);
-        fs::DirBuilder::new().recursive(true).mode(0o755).create(&dir).map_err(io_ctx("creating", &dir))?;
-        let lock_path = dir.join("lock");
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o644)
-            .open(&lock_path)
-            .map_err(io_ctx("opening", &lock_path))?;
+        let path = data_dir.join(network);
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(data_dir)
+            .map_err(io_ctx("creating", data_dir))?;
+        let top = File::open(data_dir).map_err(io_ctx("opening", data_dir))?;
+        match mkdirat(&top, network, Mode::from_bits_truncate(0o755)) {
+            Ok(()) | Err(Errno::EEXIST) => {}
+            Err(e) => return Err(open_err("creating", &path, e)),
+        }
+        let dir = open_at(&top, network, OFlag::O_RDONLY | OFlag::O_DIRECTORY, 0)
+            .map_err(|e| open_err("opening", &path, e))?;
+        let lock_path = path.join("lock");
+        let f = open_at(&dir, "lock", OFlag::O_RDWR | OFlag::O_CREAT, 0o644)
+            .map_err(|e| open_err("opening", &lock_path, e))?;
         let lock = Flock::lock(f, FlockArg::LockExclusive)
             .map_err(|(_, e)| IpamError::store(format!("locking {}", lock_path.display()), e.into()))?;
         let mut s = Store {
+            path,
             dir,
             _lock: lock,
             leases: BTreeMap::new(),
             on_disk: None,
+            index: None,
+            marked: false,
             stale: false,
             boot_id: boot_id(),
         };
@@ -159,63 +292,149 @@ impl Store {
     }
 
     fn index_path(&self) -> PathBuf {
-        self.dir.join(INDEX_DIR).join(INDEX_FILE)
+        self.path.join(INDEX_DIR).join(INDEX_FILE)
+    }
+
+    /// The index file opened for reading and writing, if it is a regular file reached
+    /// without links.
+    fn open_index(&self) -> Option<(File, Vec<u8>)> {
+        let idx_dir = open_at(&self.dir, INDEX_DIR, OFlag::O_RDONLY | OFlag::O_DIRECTORY, 0).ok()?;
+        // Read-only where it cannot be written (CHECK on a read-only filesystem still works;
+        // a change then fails when marking the index).
+        let mut f = open_at(&idx_dir, INDEX_FILE, OFlag::O_RDWR, 0)
+            .or_else(|_| open_at(&idx_dir, INDEX_FILE, OFlag::O_RDONLY, 0))
+            .ok()?;
+        if !f.metadata().ok()?.is_file() {
+            return None;
+        }
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf).ok()?;
+        Some((f, buf))
     }
 
     fn load(&mut self) -> Result<(), IpamError> {
-        let Some(idx) = read_index(&self.index_path()) else {
+        let opened = self.open_index();
+        let parsed = opened.as_ref().and_then(|(_, b)| std::str::from_utf8(b).ok()).and_then(parse_index);
+        let (Some((file, _)), Some(idx)) = (opened, parsed) else {
+            if fs::symlink_metadata(self.path.join(INDEX_DIR)).is_ok() {
+                eprintln!(
+                    "cni-host-local: {} is damaged or incomplete; rebuilding it from the lease files",
+                    self.index_path().display()
+                );
+            }
             return self.rescan();
         };
+        self.index = Some(file);
         self.on_disk = Some(idx.leases.clone());
         if !idx.boot.is_empty() && !self.boot_id.is_empty() && idx.boot != self.boot_id {
-            self.reclaim_earlier_boot(&idx.leases);
-            self.stale = true;
+            // Only an intact index (the checksum held) says which leases predate the reboot.
+            self.reclaim_earlier_boot(&idx.leases)?;
             return self.rescan();
         }
-        if dir_stamp(&self.dir).ok().as_deref() != Some(idx.stamp.as_str()) {
+        if stamp_of(&self.dir).ok().as_deref() != Some(idx.stamp.as_str()) {
             return self.rescan();
         }
         self.leases = idx.leases;
         Ok(())
     }
 
-    /// Removes the leases an index from an earlier boot lists, where the lease file still
-    /// says the same attachment (another writer may have reused the address since).
-    fn reclaim_earlier_boot(&mut self, old: &BTreeMap<IpAddr, Lease>) {
-        for (ip, lease) in old {
-            let p = self.dir.join(ip.to_string());
-            let Ok(content) = fs::read_to_string(&p) else {
-                continue;
-            };
-            if Lease::parse(&content) == *lease {
-                match fs::remove_file(&p) {
-                    Ok(()) => eprintln!(
-                        "cni-host-local: reclaimed {ip} of {}/{}: leased before the last reboot",
-                        lease.id, lease.ifname
-                    ),
-                    Err(e) => eprintln!("cni-host-local: cannot reclaim {}: {e}", p.display()),
-                }
+    /// Makes the on-disk index fail its checksum before the first change of this call, so a
+    /// call killed between that change and [`Store::commit`] leaves an index the next call
+    /// rebuilds (the directory's timestamps alone can miss a change made in the same clock tick).
+    fn before_change(&mut self) -> Result<(), IpamError> {
+        if let (Some(f), false) = (&self.index, self.marked) {
+            f.write_all_at(b"#", 0).map_err(io_ctx("marking", &self.index_path()))?;
+            self.marked = true;
+            self.stale = true;
+            cni_proto::crash_point("ipam-index-marked");
+        }
+        Ok(())
+    }
+
+    /// After a failed call has undone its changes: unmarks the index if it again lists exactly
+    /// the leases there are, so the failed call leaves the directory's files as they were
+    /// (the directory's stamp has changed, so the next call still checks the lease files).
+    pub fn abandon(&mut self) {
+        if let (Some(f), true) = (&self.index, self.marked) {
+            if self.on_disk.as_ref() == Some(&self.leases)
+                && f.write_all_at(&INDEX_MAGIC.as_bytes()[..1], 0).is_ok()
+            {
+                self.marked = false;
             }
         }
     }
 
-    /// Rebuilds the index from the lease files (what the reference does on every call).
+    fn read_lease(&self, name: &str) -> Result<Option<Vec<u8>>, Errno> {
+        read_regular(&self.dir, name)
+    }
+
+    fn unlink(&mut self, name: &str) -> Result<(), IpamError> {
+        self.before_change()?;
+        match unlinkat(&self.dir, name, UnlinkatFlags::NoRemoveDir) {
+            Ok(()) | Err(Errno::ENOENT) => Ok(()),
+            Err(e) => Err(open_err("removing", &self.path.join(name), e)),
+        }
+    }
+
+    /// Removes a torn lease (see [`Lease::parse`]), saying so on stderr.
+    fn reclaim_torn(&mut self, ip: IpAddr) -> Result<(), IpamError> {
+        self.unlink(&ip.to_string())?;
+        eprintln!("cni-host-local: reclaimed {ip}: its lease file was empty or torn (a writer was killed)");
+        Ok(())
+    }
+
+    /// Removes the leases an index from an earlier boot lists, where the lease file still
+    /// says the same attachment (another writer may have reused the address since).
+    fn reclaim_earlier_boot(&mut self, old: &BTreeMap<IpAddr, Lease>) -> Result<(), IpamError> {
+        for (ip, lease) in old {
+            let name = ip.to_string();
+            let Ok(Some(content)) = self.read_lease(&name) else {
+                continue;
+            };
+            if Lease::parse(&content).as_ref() == Some(lease) {
+                self.unlink(&name)?;
+                eprintln!(
+                    "cni-host-local: reclaimed {ip} of {}/{}: leased before the last reboot",
+                    lease.id, lease.ifname
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Rebuilds the index from the lease files (what the reference does on every call),
+    /// reclaiming torn ones.
     pub fn rescan(&mut self) -> Result<(), IpamError> {
+        let listing = PathBuf::from(format!("/proc/self/fd/{}", self.dir.as_raw_fd()));
+        let listing = if listing.is_dir() { listing } else { self.path.clone() };
         let mut leases = BTreeMap::new();
-        for ent in fs::read_dir(&self.dir).map_err(io_ctx("reading", &self.dir))? {
-            let ent = ent.map_err(io_ctx("reading", &self.dir))?;
+        let mut torn = Vec::new();
+        for ent in fs::read_dir(&listing).map_err(io_ctx("reading", &self.path))? {
+            let ent = ent.map_err(io_ctx("reading", &self.path))?;
             let Some(ip) = ent.file_name().to_str().and_then(|n| n.parse::<IpAddr>().ok()) else {
                 continue;
             };
+            // A link or directory named like an address is never handed out (creating the
+            // lease fails) and never followed.
             if !ent.file_type().map(|t| t.is_file()).unwrap_or(false) {
                 continue;
             }
-            if let Ok(content) = fs::read_to_string(ent.path()) {
-                leases.insert(ip, Lease::parse(&content));
+            match self.read_lease(&ip.to_string()) {
+                Ok(Some(content)) => match Lease::parse(&content) {
+                    Some(lease) => {
+                        leases.insert(ip, lease);
+                    }
+                    None => torn.push(ip),
+                },
+                Ok(None) => {}
+                Err(e) => return Err(open_err("reading", &self.path.join(ip.to_string()), e)),
             }
         }
         self.leases = leases;
         self.stale = true;
+        for ip in torn {
+            self.reclaim_torn(ip)?;
+        }
         Ok(())
     }
 
@@ -247,56 +466,124 @@ impl Store {
         if self.leases.contains_key(&ip) {
             return Ok(false);
         }
-        let p = self.dir.join(ip.to_string());
-        let mut f = match OpenOptions::new().write(true).create_new(true).mode(0o600).open(&p) {
+        self.before_change()?;
+        let name = ip.to_string();
+        let p = self.path.join(&name);
+        let create = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL;
+        let f = match open_at(&self.dir, &name, create, 0o600) {
             Ok(f) => f,
-            Err(e) if e.kind() == ErrorKind::AlreadyExists => return Ok(false),
-            Err(e) => return Err(io_ctx("creating", &p)(e)),
+            Err(Errno::EEXIST) => {
+                // A file the index did not list: learn it, or reclaim it when torn.
+                match self.read_lease(&name) {
+                    Ok(Some(content)) => match Lease::parse(&content) {
+                        Some(lease) => {
+                            self.leases.insert(ip, lease);
+                            return Ok(false);
+                        }
+                        None => self.reclaim_torn(ip)?,
+                    },
+                    Ok(None) => {}
+                    Err(_) => return Ok(false),
+                }
+                match open_at(&self.dir, &name, create, 0o600) {
+                    Ok(f) => f,
+                    Err(Errno::EEXIST) => return Ok(false),
+                    Err(e) => return Err(open_err("creating", &p, e)),
+                }
+            }
+            Err(e) => return Err(open_err("creating", &p, e)),
         };
-        if let Err(e) = f.write_all(format!("{}\r\n{}", id.trim(), ifname).as_bytes()) {
-            let _ = fs::remove_file(&p);
+        cni_proto::crash_point("ipam-lease-created");
+        if let Err(e) = f.write_all_at(Lease::render(id, ifname).as_bytes(), 0) {
+            let _ = unlinkat(&self.dir, name.as_str(), UnlinkatFlags::NoRemoveDir);
             return Err(io_ctx("writing", &p)(e));
         }
+        cni_proto::crash_point("ipam-lease-written");
         self.leases.insert(ip, Lease { id: id.trim().to_string(), ifname: ifname.to_string() });
         Ok(true)
     }
 
     /// Removes the lease of `ip` (already gone is fine).
     pub fn release(&mut self, ip: IpAddr) -> Result<(), IpamError> {
-        let p = self.dir.join(ip.to_string());
-        match fs::remove_file(&p) {
-            Ok(()) => {}
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => return Err(io_ctx("removing", &p)(e)),
-        }
+        self.unlink(&ip.to_string())?;
+        cni_proto::crash_point("ipam-lease-removed");
         self.leases.remove(&ip);
         Ok(())
     }
 
-    fn last_path(&self, set: usize) -> PathBuf {
-        self.dir.join(format!("{LAST_PREFIX}{set}"))
-    }
-
     /// The raw round-robin cursor of range set `set`, if any.
-    pub fn last_reserved_raw(&self, set: usize) -> Option<String> {
-        fs::read_to_string(self.last_path(set)).ok()
+    pub fn last_reserved_raw(&self, set: usize) -> Result<Option<String>, IpamError> {
+        let name = format!("{LAST_PREFIX}{set}");
+        match read_regular(&self.dir, &name) {
+            Ok(v) => Ok(v.map(|b| String::from_utf8_lossy(&b).into_owned())),
+            Err(e) => Err(open_err("reading", &self.path.join(name), e)),
+        }
     }
 
     /// The round-robin cursor of range set `set`.
-    pub fn last_reserved(&self, set: usize) -> Option<IpAddr> {
-        self.last_reserved_raw(set).and_then(|s| s.trim().parse().ok())
+    pub fn last_reserved(&self, set: usize) -> Result<Option<IpAddr>, IpamError> {
+        Ok(self.last_reserved_raw(set)?.and_then(|s| s.trim().parse().ok()))
     }
 
     /// Sets (or with `None` removes) the cursor of range set `set`.
     pub fn set_last_reserved(&mut self, set: usize, value: Option<&str>) -> Result<(), IpamError> {
-        let p = self.last_path(set);
+        let name = format!("{LAST_PREFIX}{set}");
+        let p = self.path.join(&name);
         match value {
-            Some(v) => overwrite(&p, v.as_bytes(), 0o600),
-            None => match fs::remove_file(&p) {
-                Err(e) if e.kind() != ErrorKind::NotFound => Err(io_ctx("removing", &p)(e)),
-                _ => Ok(()),
+            Some(v) => {
+                let f = open_at(&self.dir, &name, OFlag::O_WRONLY | OFlag::O_CREAT, 0o600)
+                    .map_err(|e| open_err("opening", &p, e))?;
+                overwrite(&f, v.as_bytes()).map_err(io_ctx("writing", &p))?;
+                cni_proto::crash_point("ipam-cursor-written");
+                Ok(())
+            }
+            None => match unlinkat(&self.dir, name.as_str(), UnlinkatFlags::NoRemoveDir) {
+                Ok(()) | Err(Errno::ENOENT) => Ok(()),
+                Err(e) => Err(open_err("removing", &p, e)),
             },
         }
+    }
+
+    /// The index directory, replacing whatever else (a file, a link) holds its name: the
+    /// index is a cache, so a damaged one is repaired rather than refused.
+    fn index_dir(&self) -> Result<File, IpamError> {
+        let p = self.path.join(INDEX_DIR);
+        for _ in 0..2 {
+            match mkdirat(&self.dir, INDEX_DIR, Mode::from_bits_truncate(0o700)) {
+                Ok(()) | Err(Errno::EEXIST) => {}
+                Err(e) => return Err(open_err("creating", &p, e)),
+            }
+            match open_at(&self.dir, INDEX_DIR, OFlag::O_RDONLY | OFlag::O_DIRECTORY, 0) {
+                Ok(f) => return Ok(f),
+                Err(Errno::ELOOP | Errno::ENOTDIR) => {
+                    eprintln!("cni-host-local: {} is not a directory; replacing it", p.display());
+                    unlinkat(&self.dir, INDEX_DIR, UnlinkatFlags::NoRemoveDir)
+                        .map_err(|e| open_err("removing", &p, e))?;
+                }
+                Err(e) => return Err(open_err("opening", &p, e)),
+            }
+        }
+        Err(IpamError::store(format!("creating {}", p.display()), ErrorKind::AlreadyExists.into()))
+    }
+
+    fn index_file(&self) -> Result<File, IpamError> {
+        let p = self.index_path();
+        let idx_dir = self.index_dir()?;
+        for _ in 0..2 {
+            match open_at(&idx_dir, INDEX_FILE, OFlag::O_RDWR | OFlag::O_CREAT, 0o600) {
+                Ok(f) if f.metadata().map(|m| m.is_file()).unwrap_or(false) => return Ok(f),
+                Ok(_) | Err(Errno::ELOOP | Errno::EISDIR) => {
+                    eprintln!("cni-host-local: {} is not a regular file; replacing it", p.display());
+                    let gone = match unlinkat(&idx_dir, INDEX_FILE, UnlinkatFlags::NoRemoveDir) {
+                        Err(Errno::EISDIR) => fs::remove_dir_all(&p),
+                        other => other.map_err(std::io::Error::from),
+                    };
+                    gone.map_err(io_ctx("removing", &p))?;
+                }
+                Err(e) => return Err(open_err("opening", &p, e)),
+            }
+        }
+        Err(IpamError::store(format!("creating {}", p.display()), ErrorKind::AlreadyExists.into()))
     }
 
     /// Writes the index back if it changed (the lock is still held).
@@ -304,28 +591,18 @@ impl Store {
         if !self.stale && self.on_disk.as_ref() == Some(&self.leases) {
             return Ok(());
         }
-        let idx_dir = self.dir.join(INDEX_DIR);
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&idx_dir)
-            .map_err(io_ctx("creating", &idx_dir))?;
-        // Stamp after every change to the network directory, before writing inside the index
-        // directory (which does not touch the network directory).
-        let stamp = dir_stamp(&self.dir).map_err(io_ctx("reading", &self.dir))?;
-        let mut text = format!("{INDEX_MAGIC}\nboot {}\nstamp {stamp}\n", self.boot_id);
-        for (ip, l) in &self.leases {
-            if l.ifname.is_empty() {
-                text.push_str(&format!("lease {ip} {}\n", l.id));
-            } else {
-                text.push_str(&format!("lease {ip} {} {}\n", l.id, l.ifname));
-            }
-        }
-        text.push_str(&format!("end {}\n", self.leases.len()));
-        // In place, not temp-and-rename: a torn write lacks the end line and is rebuilt
-        // from the lease files on the next call.
-        overwrite(&idx_dir.join(INDEX_FILE), text.as_bytes(), 0o600)?;
+        // Opening may create `.cni-index`, which changes the network directory: stamp after.
+        let f = self.index_file()?;
+        let stamp = stamp_of(&self.dir).map_err(io_ctx("reading", &self.path))?;
+        let text =
+            render_index(&IndexFile { boot: self.boot_id.clone(), stamp, leases: self.leases.clone() });
+        // In place, not temp-and-rename: a torn write fails the checksum and is rebuilt from
+        // the lease files on the next call.
+        overwrite(&f, text.as_bytes()).map_err(io_ctx("writing", &self.index_path()))?;
+        cni_proto::crash_point("ipam-index-written");
         self.on_disk = Some(self.leases.clone());
+        self.index = Some(f);
+        self.marked = false;
         self.stale = false;
         Ok(())
     }
@@ -380,12 +657,61 @@ mod tests {
         }
         let idx = t.path().join("net").join(INDEX_DIR).join(INDEX_FILE);
         let text = fs::read_to_string(&idx).unwrap();
-        assert!(text.ends_with("end 2\n"), "{text}");
-        // A write cut short after the first lease: still a valid-looking prefix.
+        assert!(parse_index(&text).is_some(), "{text}");
+        // A write cut short at any byte is never trusted.
+        for cut in 0..text.len() {
+            assert!(parse_index(&text[..cut]).is_none(), "trusted a cut at {cut}: {:?}", &text[..cut]);
+        }
         let cut = &text[..text.find("lease 10.0.0.3").unwrap()];
         fs::write(&idx, cut).unwrap();
         let s = Store::open(t.path(), "net").unwrap();
         assert_eq!(s.lookup("b", "eth0"), vec![ip("10.0.0.3")], "the torn index was trusted");
+    }
+
+    #[test]
+    fn an_edited_index_fails_its_checksum() {
+        let mut leases = BTreeMap::new();
+        leases.insert(ip("10.0.0.2"), Lease { id: "a".into(), ifname: "eth0".into() });
+        leases.insert(ip("10.0.0.3"), Lease { id: "b".into(), ifname: "eth0".into() });
+        let idx = IndexFile { boot: "b00t".into(), stamp: "1 2.3 4.5".into(), leases };
+        let text = render_index(&idx);
+        assert_eq!(parse_index(&text).as_ref(), Some(&idx));
+        let one_char = text.replacen("b00t", "b01t", 1);
+        assert!(parse_index(&one_char).is_none());
+        let dropped = text.replace("lease 10.0.0.3 b eth0\n", "").replace("end 2 ", "end 1 ");
+        assert_ne!(dropped, text);
+        assert!(parse_index(&dropped).is_none());
+    }
+
+    #[test]
+    fn foreign_ids_with_spaces_survive_the_index() {
+        let t = tempfile::tempdir().unwrap();
+        fs::create_dir_all(t.path().join("net")).unwrap();
+        fs::write(t.path().join("net/10.0.0.9"), "odd id\r\nif 0").unwrap();
+        fs::write(t.path().join("net/10.0.0.8"), "50%").unwrap();
+        Store::open(t.path(), "net").unwrap().commit().unwrap();
+        let s = Store::open(t.path(), "net").unwrap();
+        assert_eq!(s.lookup("odd id", "if 0"), vec![ip("10.0.0.9")]);
+        assert_eq!(s.lookup("50%", "eth0"), vec![ip("10.0.0.8")]);
+    }
+
+    #[test]
+    fn torn_leases_are_reclaimed_under_the_lock() {
+        let t = tempfile::tempdir().unwrap();
+        fs::create_dir_all(t.path().join("net")).unwrap();
+        fs::write(t.path().join("net/10.0.0.2"), "").unwrap();
+        fs::write(t.path().join("net/10.0.0.3"), b"\0\0\0\0").unwrap();
+        fs::write(t.path().join("net/10.0.0.4"), "live\r\neth0").unwrap();
+        let mut s = Store::open(t.path(), "net").unwrap();
+        assert!(!t.path().join("net/10.0.0.2").exists() && !t.path().join("net/10.0.0.3").exists());
+        assert_eq!(s.lookup("live", "eth0"), vec![ip("10.0.0.4")]);
+        s.commit().unwrap();
+        drop(s);
+        // One torn behind a trusted index (killed in the same clock tick as the last commit).
+        fs::write(t.path().join("net/10.0.0.5"), "").unwrap();
+        let mut s = Store::open(t.path(), "net").unwrap();
+        assert!(s.reserve(ip("10.0.0.5"), "new", "eth0").unwrap(), "the torn lease blocked its address");
+        assert_eq!(fs::read(t.path().join("net/10.0.0.5")).unwrap(), b"new\r\neth0");
     }
 
     #[test]
@@ -406,16 +732,32 @@ mod tests {
             s.commit().unwrap();
         }
         let idx = t.path().join("net").join(INDEX_DIR).join(INDEX_FILE);
-        let text = fs::read_to_string(&idx).unwrap();
-        let earlier =
-            text.replace(&format!("boot {}", boot_id()), "boot 00000000-0000-0000-0000-000000000000");
-        assert_ne!(text, earlier, "the index records the boot id");
-        fs::write(&idx, earlier).unwrap();
+        let mut parsed = parse_index(&fs::read_to_string(&idx).unwrap()).unwrap();
+        assert_eq!(parsed.boot, boot_id(), "the index records the boot id");
+        parsed.boot = "00000000-0000-0000-0000-000000000000".into();
+        fs::write(&idx, render_index(&parsed)).unwrap();
         // A lease the index does not list (another writer's) is not ours to judge.
         fs::write(t.path().join("net/10.0.0.7"), "x\r\neth0").unwrap();
         let s = Store::open(t.path(), "net").unwrap();
         assert!(s.lookup("a", "eth0").is_empty());
         assert!(!t.path().join("net/10.0.0.2").exists());
         assert_eq!(s.lookup("x", "eth0"), vec![ip("10.0.0.7")]);
+    }
+
+    #[test]
+    fn a_damaged_index_never_reclaims_after_a_reboot() {
+        let t = tempfile::tempdir().unwrap();
+        {
+            let mut s = Store::open(t.path(), "net").unwrap();
+            s.reserve(ip("10.0.0.2"), "a", "eth0").unwrap();
+            s.commit().unwrap();
+        }
+        let idx = t.path().join("net").join(INDEX_DIR).join(INDEX_FILE);
+        let text = fs::read_to_string(&idx).unwrap();
+        let mut boot = boot_id().into_bytes();
+        boot[0] = if boot[0] == b'0' { b'1' } else { b'0' };
+        fs::write(&idx, text.replace(&boot_id(), std::str::from_utf8(&boot).unwrap())).unwrap();
+        let s = Store::open(t.path(), "net").unwrap();
+        assert_eq!(s.lookup("a", "eth0"), vec![ip("10.0.0.2")], "a live lease was reclaimed");
     }
 }

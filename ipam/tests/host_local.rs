@@ -374,9 +374,12 @@ fn leases_from_an_earlier_boot_are_reclaimed() {
     let conf = n.simple("1.0.0");
     assert_eq!(run("ADD", "old", &conf).code, 0);
     let idx = n.dir().join(".cni-index/leases");
-    let text = fs::read_to_string(&idx).unwrap();
+    // An intact index (its checksum holds) written under another boot id.
+    let mut parsed = cni_host_local::store::parse_index(&fs::read_to_string(&idx).unwrap()).unwrap();
     let boot = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
-    fs::write(&idx, text.replace(boot.trim(), "00000000-0000-0000-0000-000000000000")).unwrap();
+    assert_eq!(parsed.boot, boot.trim());
+    parsed.boot = "00000000-0000-0000-0000-000000000000".into();
+    fs::write(&idx, cni_host_local::store::render_index(&parsed)).unwrap();
     assert_eq!(run("ADD", "new", &conf).code, 0);
     assert_eq!(n.leases(), BTreeSet::from(["10.1.2.3".into()]), "the earlier boot's lease is gone");
     assert_eq!(n.lease("10.1.2.3"), b"new\r\neth0");
