@@ -10,8 +10,18 @@ use crate::error::IpamError;
 use crate::range::{from_u128, to_u128, Range, RangeSet};
 use crate::store::Store;
 
+/// The number of addresses in `r`, saturated: `::/0` holds 2^128, one more than a u128.
 fn size(r: &Range) -> u128 {
-    to_u128(r.end) - to_u128(r.start) + 1
+    (to_u128(r.end) - to_u128(r.start)).saturating_add(1)
+}
+
+/// `(first + k) % total` for `first, k < total`, without overflowing near 2^128.
+fn advance(first: u128, k: u128, total: u128) -> u128 {
+    if k >= total - first {
+        k - (total - first)
+    } else {
+        first + k
+    }
 }
 
 /// The address at flat position `p` across the set's ranges.
@@ -33,7 +43,7 @@ fn position(set: &RangeSet, ip: IpAddr) -> Option<u128> {
         if r.contains(ip) {
             return Some(base + to_u128(ip) - to_u128(r.start));
         }
-        base += size(r);
+        base = base.saturating_add(size(r));
     }
     None
 }
@@ -84,12 +94,15 @@ pub fn allocate(
         set_cursor(store, idx, ip)?;
         return Ok(config(r, ip));
     }
-    let total: u128 = set.0.iter().map(size).sum();
-    let first =
-        store.last_reserved(idx)?.and_then(|ip| position(set, ip)).map(|p| (p + 1) % total).unwrap_or(0);
+    let total: u128 = set.0.iter().map(size).fold(0, u128::saturating_add);
+    let first = store
+        .last_reserved(idx)?
+        .and_then(|ip| position(set, ip))
+        .map(|p| p.saturating_add(1) % total)
+        .unwrap_or(0);
     // Lazily: a /64 has 2^64 candidates and the first free one is usually near.
     for k in 0..total {
-        let (r, ip) = at(set, (first + k) % total);
+        let (r, ip) = at(set, advance(first, k, total));
         if !r.assignable(ip) || store.is_leased(ip) {
             continue;
         }

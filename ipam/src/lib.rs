@@ -9,3 +9,6 @@ pub mod range;
 pub mod store;
 
 pub use plugin::HostLocal;
+
+#[cfg(test)]
+mod proptests;
