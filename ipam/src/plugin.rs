@@ -96,7 +96,10 @@ impl HostLocal {
             return Err(not_found());
         }
         let mut store = Store::open(&cfg.data_dir, &cfg.name)?;
-        let held: BTreeSet<IpAddr> = store.lookup(id, ifname).into_iter().collect();
+        // Read what the lease files say, not only the index: another writer may have changed
+        // one within a tick of the directory's clock.
+        let held: BTreeSet<IpAddr> =
+            store.lookup(id, ifname).into_iter().filter(|ip| store.confirm(*ip)).collect();
         store.commit()?;
         if held.is_empty() {
             return Err(not_found());

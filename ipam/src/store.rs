@@ -503,12 +503,35 @@ impl Store {
         Ok(true)
     }
 
-    /// Removes the lease of `ip` (already gone is fine).
+    /// Removes the lease of `ip` (already gone is fine) if its file still names the holder we
+    /// know. The index can be behind a change another writer made within one tick of the
+    /// directory's clock (the reference releasing it and leasing it to another pod): then
+    /// the file is learnt instead of removed, which would give a live pod's address away.
     pub fn release(&mut self, ip: IpAddr) -> Result<(), IpamError> {
+        if !self.confirm(ip) {
+            return Ok(());
+        }
         self.unlink(&ip.to_string())?;
         cni_proto::crash_point("ipam-lease-removed");
         self.leases.remove(&ip);
         Ok(())
+    }
+
+    /// Whether the lease file of `ip` still names the holder the index says; if it names
+    /// another, the index learns it (and is rewritten on commit). A file that is gone or torn
+    /// does not contradict the index.
+    pub fn confirm(&mut self, ip: IpAddr) -> bool {
+        let Ok(Some(content)) = self.read_lease(&ip.to_string()) else {
+            return true;
+        };
+        match Lease::parse(&content) {
+            Some(actual) if self.leases.get(&ip) != Some(&actual) => {
+                self.stale = true;
+                self.leases.insert(ip, actual);
+                false
+            }
+            _ => true,
+        }
     }
 
     /// The raw round-robin cursor of range set `set`, if any.

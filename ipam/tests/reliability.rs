@@ -233,6 +233,70 @@ fn del_killed_at_every_step_then_del_again_leaves_no_lease() {
     }
 }
 
+#[test]
+fn del_and_check_read_the_lease_file_not_only_the_index() {
+    let n = Net::new();
+    let a = n.add("a");
+    // Another writer released a's address and leased it to b in place, within the same tick of
+    // the directory's clock (rewriting a file does not change the directory at all).
+    fs::write(n.dir().join(lease_of(&a)), "b\r\neth0").unwrap();
+    assert_eq!(run("CHECK", "a", &n.with_prev(&a)).json["code"], 103, "CHECK a passed on b's lease");
+    assert_eq!(run("DEL", "a", &n.conf()).code, 0);
+    assert!(n.leases().contains(&(lease_of(&a), "b\r\neth0".into())), "DEL a removed b's lease");
+    // The same result names the address, now b's.
+    assert_eq!(run("CHECK", "b", &n.with_prev(&a)).code, 0, "the index did not learn b's lease");
+}
+
+/// Workers ADD and DEL concurrently while calls are killed at every step in turn, each kill
+/// followed by the runtime's retry of DEL: no address is ever held by two live pods, every
+/// live pod passes CHECK, and at the end no lease is left and the whole pool can be given out.
+#[test]
+fn concurrent_adds_and_dels_killed_at_every_step_lose_no_address() {
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+    let n = Net::new();
+    let mut conf = n.conf();
+    conf["ipam"]["subnet"] = json!("10.1.2.0/28"); // 13 addresses for 6 workers
+    let del_steps = ["ipam-index-marked", "ipam-lease-removed", "ipam-index-written"];
+    let live: Mutex<BTreeMap<String, String>> = Mutex::new(BTreeMap::new());
+    std::thread::scope(|s| {
+        for w in 0..6 {
+            let (conf, live) = (&conf, &live);
+            s.spawn(move || {
+                for i in 0..12 {
+                    let id = format!("w{w}i{i}");
+                    let add_at = [("CNI_TEST_CRASH_AT", ADD_STEPS[(w + i) % ADD_STEPS.len()])];
+                    let del_at = [("CNI_TEST_CRASH_AT", del_steps[(w + i) % del_steps.len()])];
+                    let crash = i % 3 == 0;
+                    let o = Call::crash_at("ADD", &id, if crash { &add_at } else { &[] }).run(conf);
+                    if o.code == 0 {
+                        let ip = o.json["ips"][0]["address"].as_str().unwrap().to_string();
+                        let twin = live.lock().unwrap().insert(ip.clone(), id.clone());
+                        assert_eq!(twin, None, "{ip} given to {id} while live");
+                        let mut c = conf.clone();
+                        c["prevResult"] = o.json.clone();
+                        assert_eq!(Call::new("CHECK", &id).run(&c).code, 0, "CHECK {id}");
+                        // Live until its DEL starts; from then on the address may be freed.
+                        live.lock().unwrap().remove(&ip);
+                    } else {
+                        assert!(crash && o.signal == Some(9), "ADD {id}: {} {}", o.stdout, o.stderr);
+                    }
+                    if i % 2 == 1 {
+                        let o = Call::crash_at("DEL", &id, &del_at).run(conf);
+                        assert!(o.code == 0 || o.signal == Some(9), "DEL {id}: {}", o.stdout);
+                    }
+                    let o = Call::new("DEL", &id).run(conf);
+                    assert_eq!(o.code, 0, "DEL {id}: {}", o.stdout);
+                }
+            });
+        }
+    });
+    assert!(n.leases().is_empty(), "leases left: {:?}", n.leases());
+    for k in 0..13 {
+        assert_eq!(Call::new("ADD", &format!("last{k}")).run(&conf).code, 0, "pool shrank: ADD {k}");
+    }
+}
+
 /// Three live pods, their index edited by `damage`; afterwards every pod must pass CHECK, new
 /// ADDs must never get a live pod's address, DEL must release, and nothing fails with code 5.
 fn survives_damaged_index(what: &str, damage: impl Fn(&Net)) {
