@@ -614,8 +614,12 @@ impl Store {
         if !self.stale && self.on_disk.as_ref() == Some(&self.leases) {
             return Ok(());
         }
-        // Opening may create `.cni-index`, which changes the network directory: stamp after.
-        let f = self.index_file()?;
+        // The index read at open is written in place; otherwise opening may create
+        // `.cni-index`, which changes the network directory: stamp after.
+        let f = match self.index.take() {
+            Some(f) => f,
+            None => self.index_file()?,
+        };
         let stamp = stamp_of(&self.dir).map_err(io_ctx("reading", &self.path))?;
         let text =
             render_index(&IndexFile { boot: self.boot_id.clone(), stamp, leases: self.leases.clone() });
