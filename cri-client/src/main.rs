@@ -216,19 +216,30 @@ async fn cycle(
     pod: &PodArgs,
 ) -> Result<Value, String> {
     let mut times = Vec::with_capacity(count);
+    let (mut runs, mut stops, mut removes) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..count {
         // A fresh pod each time, as a new pod would be: new name and UID.
         let this_pod = PodArgs { name: format!("{}-{round}", pod.name), uid: None, ..pod.clone() };
         let start = Instant::now();
         let id = run_sandbox(client, &this_pod).await?;
+        let ran = Instant::now();
         stop_sandbox(client, &id).await?;
+        let stopped = Instant::now();
         remove_sandbox(client, &id).await?;
-        times.push(start.elapsed());
+        let removed = Instant::now();
+        runs.push(ran - start);
+        stops.push(stopped - ran);
+        removes.push(removed - stopped);
+        times.push(removed - start);
     }
+    let rounded = |times: &[Duration]| (median_ms(times) * 10.0).round() / 10.0;
     Ok(json!({
         "count": count,
-        "median_ms": (median_ms(&times) * 10.0).round() / 10.0,
-        "runs_ms": times.iter().map(|t| t.as_millis() as u64).collect::<Vec<_>>(),
+        "median_ms": rounded(&times),
+        "run_median_ms": rounded(&runs),
+        "stop_median_ms": rounded(&stops),
+        "remove_median_ms": rounded(&removes),
+        "cycles_ms": times.iter().map(|t| t.as_millis() as u64).collect::<Vec<_>>(),
     }))
 }
 
