@@ -16,9 +16,10 @@ use clap::{Parser, Subcommand};
 use hyper_util::rt::TokioIo;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    LinuxPodSandboxConfig, ListPodSandboxRequest, PodSandboxConfig, PodSandboxMetadata, PodSandboxState,
-    PodSandboxStatusRequest, PortMapping, Protocol, RemovePodSandboxRequest, RunPodSandboxRequest,
-    StopPodSandboxRequest, VersionRequest,
+    LinuxPodSandboxConfig, LinuxSandboxSecurityContext, ListPodSandboxRequest, NamespaceMode,
+    NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PodSandboxState, PodSandboxStatusRequest,
+    PortMapping, Protocol, RemovePodSandboxRequest, RunPodSandboxRequest, StopPodSandboxRequest,
+    VersionRequest,
 };
 use serde_json::{json, Value};
 use tokio::net::UnixStream;
@@ -54,6 +55,9 @@ struct PodArgs {
     /// Directory for the pod's container logs.
     #[arg(long, default_value = "")]
     log_dir: String,
+    /// hostNetwork: the runtime's own network namespace, no CNI call (the floor in timings).
+    #[arg(long)]
+    host_network: bool,
 }
 
 #[derive(Subcommand)]
@@ -125,11 +129,22 @@ fn sandbox_config(pod: &PodArgs) -> Result<PodSandboxConfig, String> {
             namespace: pod.namespace.clone(),
             attempt: 0,
         }),
-        hostname: pod.name.clone(),
+        // A hostNetwork pod shares the node's UTS namespace: kubelet leaves the hostname to it.
+        hostname: if pod.host_network { String::new() } else { pod.name.clone() },
         log_directory: pod.log_dir.clone(),
         port_mappings: pod.ports.iter().map(|p| port_mapping(p)).collect::<Result<_, _>>()?,
         labels,
-        linux: Some(LinuxPodSandboxConfig { cgroup_parent: pod.cgroup_parent.clone(), ..Default::default() }),
+        linux: Some(LinuxPodSandboxConfig {
+            cgroup_parent: pod.cgroup_parent.clone(),
+            security_context: pod.host_network.then(|| LinuxSandboxSecurityContext {
+                namespace_options: Some(NamespaceOption {
+                    network: NamespaceMode::Node as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
         ..Default::default()
     })
 }
