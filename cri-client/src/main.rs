@@ -74,14 +74,32 @@ enum Command {
     Remove { id: String },
     /// ListPodSandbox: every sandbox ID, one a line.
     List,
-    /// COUNT times RunPodSandbox + StopPodSandbox + RemovePodSandbox of one pod; prints
-    /// each cycle's time and the median in ms, as JSON.
+    /// COUNT times RunPodSandbox + StopPodSandbox + RemovePodSandbox of a fresh pod on each
+    /// runtime of --set, round-robin (a load change hits every set alike); prints, per set,
+    /// the median of each call and of the whole life in ms, as JSON.
     Cycle {
         #[arg(long, default_value_t = 10)]
         count: usize,
+        /// Rounds run first and not counted (caches, first snapshot).
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        /// NAME=SOCKET[,host-network]: a runtime to time (default: main=--socket).
+        #[arg(long = "set")]
+        sets: Vec<String>,
         #[command(flatten)]
         pod: PodArgs,
     },
+}
+
+/// One runtime timed by `cycle`, with each call's durations.
+struct TimedSet {
+    name: String,
+    client: RuntimeServiceClient<Channel>,
+    host_network: bool,
+    runs: Vec<Duration>,
+    stops: Vec<Duration>,
+    removes: Vec<Duration>,
+    lives: Vec<Duration>,
 }
 
 async fn connect(socket: &str) -> Result<RuntimeServiceClient<Channel>, String> {
@@ -225,37 +243,77 @@ fn median_ms(times: &[Duration]) -> f64 {
     }
 }
 
-async fn cycle(
-    client: &mut RuntimeServiceClient<Channel>,
-    count: usize,
-    pod: &PodArgs,
-) -> Result<Value, String> {
-    let mut times = Vec::with_capacity(count);
-    let (mut runs, mut stops, mut removes) = (Vec::new(), Vec::new(), Vec::new());
-    for round in 0..count {
-        // A fresh pod each time, as a new pod would be: new name and UID.
-        let this_pod = PodArgs { name: format!("{}-{round}", pod.name), uid: None, ..pod.clone() };
-        let start = Instant::now();
-        let id = run_sandbox(client, &this_pod).await?;
-        let ran = Instant::now();
-        stop_sandbox(client, &id).await?;
-        let stopped = Instant::now();
-        remove_sandbox(client, &id).await?;
-        let removed = Instant::now();
-        runs.push(ran - start);
-        stops.push(stopped - ran);
-        removes.push(removed - stopped);
-        times.push(removed - start);
+/// NAME=SOCKET[,host-network] -> (name, socket, host network).
+fn parse_set(spec: &str) -> Result<(&str, &str, bool), String> {
+    let bad = || format!("--set {spec}: want NAME=SOCKET[,host-network]");
+    let (name, rest) = spec.split_once('=').ok_or_else(bad)?;
+    match rest.split_once(',') {
+        None => Ok((name, rest, false)),
+        Some((socket, "host-network")) => Ok((name, socket, true)),
+        Some(_) => Err(bad()),
+    }
+}
+
+async fn timed_set(spec: &str) -> Result<TimedSet, String> {
+    let (name, socket, host_network) = parse_set(spec)?;
+    Ok(TimedSet {
+        name: name.to_string(),
+        client: connect(socket).await?,
+        host_network,
+        runs: Vec::new(),
+        stops: Vec::new(),
+        removes: Vec::new(),
+        lives: Vec::new(),
+    })
+}
+
+/// One pod's life on one runtime; returns the three calls' durations.
+async fn one_life(set: &mut TimedSet, pod: &PodArgs) -> Result<[Duration; 3], String> {
+    let start = Instant::now();
+    let id = run_sandbox(&mut set.client, pod).await?;
+    let ran = Instant::now();
+    stop_sandbox(&mut set.client, &id).await?;
+    let stopped = Instant::now();
+    remove_sandbox(&mut set.client, &id).await?;
+    Ok([ran - start, stopped - ran, stopped.elapsed()])
+}
+
+async fn cycle(sets: &mut [TimedSet], count: usize, warmup: usize, pod: &PodArgs) -> Result<Value, String> {
+    for round in 0..warmup + count {
+        for set in sets.iter_mut() {
+            // A fresh pod each time, as a new pod would be: new name and UID.
+            let this_pod = PodArgs {
+                name: format!("{}-{}-{round}", pod.name, set.name),
+                uid: None,
+                host_network: set.host_network,
+                ..pod.clone()
+            };
+            let [run, stop, remove] =
+                one_life(set, &this_pod).await.map_err(|e| format!("{}: {e}", set.name))?;
+            if round >= warmup {
+                set.runs.push(run);
+                set.stops.push(stop);
+                set.removes.push(remove);
+                set.lives.push(run + stop + remove);
+            }
+        }
     }
     let rounded = |times: &[Duration]| (median_ms(times) * 10.0).round() / 10.0;
-    Ok(json!({
-        "count": count,
-        "median_ms": rounded(&times),
-        "run_median_ms": rounded(&runs),
-        "stop_median_ms": rounded(&stops),
-        "remove_median_ms": rounded(&removes),
-        "cycles_ms": times.iter().map(|t| t.as_millis() as u64).collect::<Vec<_>>(),
-    }))
+    let mut report = serde_json::Map::new();
+    for set in sets.iter() {
+        report.insert(
+            set.name.clone(),
+            json!({
+                "count": count,
+                "median_ms": rounded(&set.lives),
+                "run_median_ms": rounded(&set.runs),
+                "stop_median_ms": rounded(&set.stops),
+                "remove_median_ms": rounded(&set.removes),
+                "lives_ms": set.lives.iter().map(|t| t.as_millis() as u64).collect::<Vec<_>>(),
+            }),
+        );
+    }
+    Ok(Value::Object(report))
 }
 
 async fn execute(cli: Cli) -> Result<(), String> {
@@ -283,7 +341,16 @@ async fn execute(cli: Cli) -> Result<(), String> {
                 println!("{}", sandbox.id);
             }
         }
-        Command::Cycle { count, pod } => println!("{}", cycle(&mut client, count, &pod).await?),
+        Command::Cycle { count, warmup, sets, pod } => {
+            let mut timed = Vec::new();
+            for spec in &sets {
+                timed.push(timed_set(spec).await?);
+            }
+            if timed.is_empty() {
+                timed.push(timed_set(&format!("main={}", cli.socket)).await?);
+            }
+            println!("{}", cycle(&mut timed, count, warmup, &pod).await?);
+        }
     }
     Ok(())
 }
@@ -317,6 +384,14 @@ mod tests {
         assert_eq!(mapping.protocol, Protocol::Tcp as i32);
         assert!(port_mapping("8080").is_err());
         assert!(port_mapping("x:80").is_err());
+    }
+
+    #[test]
+    fn set_names_a_socket_and_maybe_host_network() {
+        assert_eq!(parse_set("ours=/s/c.sock"), Ok(("ours", "/s/c.sock", false)));
+        assert_eq!(parse_set("floor=/s/c.sock,host-network"), Ok(("floor", "/s/c.sock", true)));
+        assert!(parse_set("/s/c.sock").is_err());
+        assert!(parse_set("x=/s/c.sock,bogus").is_err());
     }
 
     #[test]
