@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use futures::TryStreamExt;
 use ipnetwork::IpNetwork;
-use rtnetlink::packet_route::address::AddressMessage;
+use rtnetlink::packet_route::address::{AddressHeaderFlags, AddressMessage};
 use rtnetlink::packet_route::link::BridgeVlanInfoFlags;
 use rtnetlink::packet_route::link::{
     InfoBridge, InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoVeth, LinkAttribute, LinkFlags,
@@ -111,8 +111,8 @@ pub struct Nl {
 impl Nl {
     /// A connection in the current namespace.
     pub fn here() -> Result<Nl, BridgeError> {
-        let (conn, h, _) = rtnetlink::new_connection()
-            .map_err(|e| BridgeError::Netns(format!("opening a netlink socket: {e}")))?;
+        let (conn, h, _) =
+            rtnetlink::new_connection().map_err(BridgeError::io("opening a netlink socket"))?;
         tokio::spawn(conn);
         Ok(Nl { h })
     }
@@ -133,7 +133,7 @@ impl Nl {
     pub fn in_ns(ns: &File) -> Result<Nl, BridgeError> {
         let made = netns::run_in(ns, rtnetlink::new_connection)
             .map_err(|e| BridgeError::Netns(format!("entering the pod namespace: {e}")))?;
-        let (conn, h, _) = made.map_err(|e| BridgeError::Netns(format!("opening a netlink socket: {e}")))?;
+        let (conn, h, _) = made.map_err(BridgeError::io("opening a netlink socket in the pod namespace"))?;
         tokio::spawn(conn);
         Ok(Nl { h })
     }
@@ -306,6 +306,17 @@ impl Nl {
         }
     }
 
+    /// Whether any link is a port of bridge `index`.
+    pub async fn has_ports(&self, index: u32) -> Result<bool, BridgeError> {
+        let mut links = self.h.link().get().execute();
+        while let Some(m) = links.try_next().await.map_err(BridgeError::netlink("listing links"))? {
+            if summarize(&m).controller == Some(index) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// Deletes a link; gone already is fine.
     pub async fn del_link(&self, index: u32) -> Result<(), BridgeError> {
         match self.h.link().del(index).execute().await {
@@ -341,7 +352,21 @@ impl Nl {
 
     /// Adds an address; present already is fine.
     pub async fn add_address(&self, index: u32, a: IpNetwork) -> Result<(), BridgeError> {
-        match self.h.address().add(index, a.ip(), a.prefix()).execute().await {
+        self.add_address_with(index, a, false).await
+    }
+
+    /// Adds an address that skips duplicate address detection (IPv6): usable at once, where
+    /// a DAD'd one stays tentative for 1-2 s (no bind, no neighbour answers meanwhile).
+    pub async fn add_address_nodad(&self, index: u32, a: IpNetwork) -> Result<(), BridgeError> {
+        self.add_address_with(index, a, true).await
+    }
+
+    async fn add_address_with(&self, index: u32, a: IpNetwork, nodad: bool) -> Result<(), BridgeError> {
+        let mut req = self.h.address().add(index, a.ip(), a.prefix());
+        if nodad && a.is_ipv6() {
+            req.message_mut().header.flags = AddressHeaderFlags::Nodad;
+        }
+        match req.execute().await {
             Err(e) if errno(&e) != Some(EEXIST) => {
                 Err(BridgeError::netlink(format!("adding address {a}"))(e))
             }
@@ -374,7 +399,7 @@ impl Nl {
 
     /// Adds a route out of `oif`; present already is fine.
     pub async fn add_route(&self, oif: u32, r: &cni_proto::Route) -> Result<(), BridgeError> {
-        let mut msg = route_message(oif, r);
+        let mut msg = route_message(oif, r)?;
         if r.mtu.is_some() || r.advmss.is_some() {
             let mut metrics = Vec::new();
             if let Some(m) = r.mtu {
@@ -429,13 +454,15 @@ impl Nl {
     }
 }
 
-fn route_message(oif: u32, r: &cni_proto::Route) -> RouteMessage {
+fn route_message(oif: u32, r: &cni_proto::Route) -> Result<RouteMessage, BridgeError> {
+    // Both are checked when a result is parsed; refused here too rather than trusted.
+    let mismatch = || BridgeError::Config(format!("route to {} via {:?}: families differ", r.dst, r.gw));
     let mut b = RouteMessageBuilder::<IpAddr>::new()
         .destination_prefix(r.dst.network(), r.dst.prefix())
-        .expect("family of dst")
+        .map_err(|_| mismatch())?
         .output_interface(oif);
     if let Some(gw) = r.gw {
-        b = b.gateway(gw).expect("gateway of the family of dst (checked when parsed)");
+        b = b.gateway(gw).map_err(|_| mismatch())?;
     }
     if let Some(p) = r.priority {
         b = b.priority(p);
@@ -448,5 +475,5 @@ fn route_message(oif: u32, r: &cni_proto::Route) -> RouteMessage {
         None if r.gw.is_none() => b = b.scope(RouteScope::Link),
         None => {}
     }
-    b.build()
+    Ok(b.build())
 }
