@@ -26,51 +26,52 @@ const PORT_UP_TIMEOUT: Duration = Duration::from_secs(5);
 const VETH_NAME_TRIES: usize = 10;
 
 fn random_bytes<const N: usize>() -> [u8; N] {
-    let mut b = [0u8; N];
-    if let Ok(mut f) = File::open("/dev/urandom") {
-        let _ = std::io::Read::read_exact(&mut f, &mut b);
+    let mut bytes = [0u8; N];
+    if let Ok(mut urandom) = File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut urandom, &mut bytes);
     }
-    b
+    bytes
 }
 
 fn random_veth_name() -> String {
-    let r = random_bytes::<4>();
-    format!("veth{:02x}{:02x}{:02x}{:02x}", r[0], r[1], r[2], r[3])
+    let [a, b, c, d] = random_bytes::<4>();
+    format!("veth{a:02x}{b:02x}{c:02x}{d:02x}")
 }
 
 /// A random locally administered unicast MAC: the bridge's own, so it never follows a port's.
 fn bridge_mac() -> [u8; 6] {
-    let mut m = random_bytes::<6>();
-    m[0] = (m[0] & 0xfe) | 0x02;
-    m
+    let mut mac = random_bytes::<6>();
+    // Clear the multicast bit, set the locally administered one.
+    mac[0] = (mac[0] & 0xfe) | 0x02;
+    mac
 }
 
 /// Finds or creates the bridge, up, promiscuous if asked; `true` with it when this call
 /// created it.
 pub async fn ensure_bridge(host: &Nl, conf: &BridgeConf) -> Result<(Link, bool), BridgeError> {
-    let (br, created) = match host.link(&conf.bridge).await? {
-        Some(l) => (l, false),
+    let (bridge, created) = match host.link(&conf.bridge).await? {
+        Some(existing) => (existing, false),
         None => {
             // A parallel ADD may create it first: EEXIST is fine, the kind is checked below.
             let created =
                 host.create_bridge(&conf.bridge, bridge_mac(), conf.mtu, conf.vlan_filtering()).await?;
-            let l = host
+            let made = host
                 .link(&conf.bridge)
                 .await?
                 .ok_or_else(|| BridgeError::LinkVanished(conf.bridge.clone()))?;
-            (l, created)
+            (made, created)
         }
     };
-    if br.kind != Some(InfoKind::Bridge) {
+    if bridge.kind != Some(InfoKind::Bridge) {
         return Err(BridgeError::NotABridge(conf.bridge.clone()));
     }
-    if conf.vlan_filtering() && !br.vlan_filtering {
+    if conf.vlan_filtering() && !bridge.vlan_filtering {
         host.enable_vlan_filtering(&conf.bridge).await?;
     }
-    if conf.promisc && !br.promisc {
-        host.set(br.index, "setting the bridge promiscuous", |l| l.promiscuous(true)).await?;
+    if conf.promisc && !bridge.promisc {
+        host.set(bridge.index, "setting the bridge promiscuous", |l| l.promiscuous(true)).await?;
     }
-    Ok((br, created))
+    Ok((bridge, created))
 }
 
 /// Puts a bridge port on its VLANs: `vlan` as PVID/untagged (1 for a trunk without one),
@@ -247,9 +248,9 @@ impl<'a> Attach<'a> {
         let port = self.plumb_veth(&bridge).await?;
         if let Some(plugin) = self.conf.ipam_type.as_deref().filter(|t| ipam_needs_interface(t)) {
             let pending = ipam::start(plugin, Command::Add, self.req)?;
-            let r = self.collect_allocation(plugin, pending)?;
-            self.start_masquerade(&r);
-            ipam = Some(r);
+            let allocated = self.collect_allocation(plugin, pending)?;
+            self.start_masquerade(&allocated);
+            ipam = Some(allocated);
         }
         let ipam = ipam.unwrap_or_default();
         let pod = self.configure_pod(&port, &ipam).await?;
@@ -377,8 +378,8 @@ impl<'a> Attach<'a> {
         });
         sysctls.map_err(|e| BridgeError::Sysctl(format!("entering the pod namespace: {e}")))??;
         let adds = ipam.ips.iter().map(|ip| self.pod.add_address(link.index, ip.address));
-        for r in futures::future::join_all(adds).await {
-            r?;
+        for added in futures::future::join_all(adds).await {
+            added?;
         }
         crash_point("bridge-add-after-addresses");
         self.pod.set(link.index, "setting the pod interface up", |l| l.up()).await?;
@@ -484,18 +485,19 @@ impl<'a> Attach<'a> {
         if cni_proto::env::invalid_ifname(&name).is_some() {
             return Err(BridgeError::Config(format!("VLAN gateway interface name {name:?} is too long")));
         }
-        if let Some(l) = host.link(&name).await? {
-            return Ok((name, l));
+        if let Some(existing) = host.link(&name).await? {
+            return Ok((name, existing));
         }
         let peer = random_veth_name();
         if host.create_local_veth(&name, &peer, conf.mtu).await? {
-            let p = host.link(&peer).await?.ok_or_else(|| BridgeError::LinkVanished(peer.clone()))?;
-            host.set(p.index, "attaching the VLAN gateway port", |l| l.controller(bridge.index).up()).await?;
-            port_vlans(host, p.index, conf, vlan, &[]).await?;
+            let port = host.link(&peer).await?.ok_or_else(|| BridgeError::LinkVanished(peer.clone()))?;
+            host.set(port.index, "attaching the VLAN gateway port", |l| l.controller(bridge.index).up())
+                .await?;
+            port_vlans(host, port.index, conf, vlan, &[]).await?;
         }
-        let l = host.link(&name).await?.ok_or_else(|| BridgeError::LinkVanished(name.clone()))?;
-        host.set(l.index, "setting the VLAN gateway up", |x| x.up()).await?;
-        Ok((name, l))
+        let gateway = host.link(&name).await?.ok_or_else(|| BridgeError::LinkVanished(name.clone()))?;
+        host.set(gateway.index, "setting the VLAN gateway up", |l| l.up()).await?;
+        Ok((name, gateway))
     }
 
     /// The port forwards only once the veth's carrier is up; report success only then.
