@@ -334,6 +334,10 @@ impl<'a> Attach<'a> {
                 name = Some(candidate);
                 break;
             }
+            // EEXIST names neither end: a parallel ADD for the same pod may have made ours.
+            if self.pod.link(ifname).await?.is_some() {
+                return Err(BridgeError::IfaceExists(ifname.clone()));
+            }
         }
         let name = name.ok_or(BridgeError::VethNamesTaken(VETH_NAME_TRIES))?;
         let link = host.link(&name).await?.ok_or_else(|| BridgeError::LinkVanished(name.clone()))?;
@@ -578,5 +582,29 @@ impl<'a> Attach<'a> {
                 eprintln!("cni-bridge: rollback: {e}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(address: &str, gateway: Option<&str>) -> IpConfig {
+        IpConfig {
+            address: address.parse().expect("test address"),
+            gateway: gateway.map(|g| g.parse().expect("test gateway")),
+            interface: None,
+        }
+    }
+
+    #[test]
+    fn gateway_is_the_given_one_or_a_first_address_inside_the_subnet() {
+        assert_eq!(gateway_of(&ip("10.1.0.5/24", Some("10.1.0.9"))), "10.1.0.9".parse().ok());
+        assert_eq!(gateway_of(&ip("10.1.0.5/24", None)), "10.1.0.1".parse().ok());
+        assert_eq!(gateway_of(&ip("fd00::5/64", None)), "fd00::1".parse().ok());
+        assert_eq!(gateway_of(&ip("10.1.0.5/32", None)), None);
+        assert_eq!(gateway_of(&ip("10.1.0.1/31", None)), None, "the first address is the pod's");
+        assert_eq!(gateway_of(&ip("255.255.255.255/32", None)), None);
+        assert_eq!(gateway_of(&ip("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff/128", None)), None);
     }
 }
