@@ -200,11 +200,11 @@ pub fn add(req: &Request, conf: &BridgeConf) -> Result<CniResult, BridgeError> {
     };
     let opened = crate::runtime().and_then(|rt| Ok((Nl::here_in(&rt)?, Nl::in_ns_in(&rt, &pod_ns)?, rt)));
     let (host, pod, rt) = match opened {
-        Ok(x) => x,
+        Ok(sockets) => sockets,
         Err(e) => {
             // Whatever IPAM allocated must not outlive this failed ADD.
-            if let Some((plugin, p)) = pending {
-                if p.wait().is_ok() {
+            if let Some((plugin, started)) = pending {
+                if started.wait().is_ok() {
                     let _ = ipam::run(plugin, Command::Del, req);
                 }
             }
@@ -216,14 +216,23 @@ pub fn add(req: &Request, conf: &BridgeConf) -> Result<CniResult, BridgeError> {
         let mut attach = Attach { req, conf, host, pod, pod_ns, made: Vec::new(), masq_job: None };
         let result = attach.run(pending).await;
         let masq = attach.join_masquerade();
-        match result.and_then(|r| masq.map(|()| r)) {
-            Ok(r) => Ok(r),
+        match result.and_then(|done| masq.map(|()| done)) {
+            Ok(done) => Ok(done),
             Err(e) => {
                 attach.roll_back().await;
                 Err(e)
             }
         }
     })
+}
+
+/// Everything the result reports, once the port is up.
+struct Attached {
+    bridge: Link,
+    port: Port,
+    port_link: Link,
+    pod: PodSide,
+    vlan_gateway: Option<(String, Link)>,
 }
 
 /// What the pod got: its interface and the routes set in it.
@@ -256,7 +265,8 @@ impl<'a> Attach<'a> {
         let pod = self.configure_pod(&port, &ipam).await?;
         let vlan_gateway = self.configure_gateway(&bridge, &ipam).await?;
         let port_link = self.wait_for_port(&port).await?;
-        let result = self.build_result(&bridge, &port, port_link, pod, vlan_gateway, ipam).await;
+        let attached = Attached { bridge, port, port_link, pod, vlan_gateway };
+        let result = self.build_result(attached, ipam).await;
         crash_point("bridge-add-before-result");
         result
     }
@@ -270,15 +280,15 @@ impl<'a> Attach<'a> {
     ) -> Result<Option<CniResult>, BridgeError> {
         let exists = self.pod.link(&self.req.inv.ifname).await;
         let ipam = match pending {
-            Some((plugin, p)) => Some(self.collect_allocation(plugin, p)?),
+            Some((plugin, started)) => Some(self.collect_allocation(plugin, started)?),
             None => None,
         };
         crate::mark("IPAM ADD");
         if exists?.is_some() {
             return Err(BridgeError::IfaceExists(self.req.inv.ifname.clone()));
         }
-        if let Some(r) = &ipam {
-            self.start_masquerade(r);
+        if let Some(allocated) = &ipam {
+            self.start_masquerade(allocated);
         }
         Ok(ipam)
     }
@@ -525,21 +535,17 @@ impl<'a> Attach<'a> {
         Ok(link)
     }
 
-    async fn build_result(
-        &self,
-        bridge: &Link,
-        port: &Port,
-        port_link: Link,
-        pod: PodSide,
-        vlan_gateway: Option<(String, Link)>,
-        ipam: CniResult,
-    ) -> Result<CniResult, BridgeError> {
+    /// The result: interfaces `[bridge, host veth, pod veth (, VLAN gateway)]`, IPAM's
+    /// addresses on interface 2, the routes set in the pod, DNS.
+    async fn build_result(&self, attached: Attached, ipam: CniResult) -> Result<CniResult, BridgeError> {
         let (conf, req) = (self.conf, self.req);
+        let Attached { bridge, port, port_link, pod, vlan_gateway } = attached;
+        let bridge = &bridge;
         let bridge_now = self.host.link_by_index(bridge.index).await?.unwrap_or_else(|| bridge.clone());
-        let iface = |name: &str, l: &Link, sandbox: Option<String>| Interface {
+        let iface = |name: &str, link: &Link, sandbox: Option<String>| Interface {
             name: name.to_string(),
-            mac: Some(fmt_mac(&l.mac)),
-            mtu: Some(l.mtu),
+            mac: Some(fmt_mac(&link.mac)),
+            mtu: Some(link.mtu),
             sandbox,
             ..Default::default()
         };
@@ -550,8 +556,8 @@ impl<'a> Attach<'a> {
             // Read after creation; setting it up and adding addresses change neither MAC nor MTU.
             iface(&req.inv.ifname, &pod.link, sandbox),
         ];
-        if let Some((name, l)) = vlan_gateway {
-            interfaces.push(iface(&name, &l, None));
+        if let Some((name, link)) = vlan_gateway {
+            interfaces.push(iface(&name, &link, None));
         }
         Ok(CniResult {
             interfaces,
