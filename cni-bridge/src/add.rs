@@ -1,11 +1,13 @@
-//! ADD: bridge, veth into the pod, IPAM, addresses and routes, gateway, masquerade; and on
-//! any failure after the veth exists, undo all of it.
+//! ADD: one [`Attach`] value goes through its phases (allocate, bridge, veth, pod, gateway,
+//! port, result). Each phase records what it created right where it creates it; on any
+//! failure [`Attach::roll_back`] undoes those records in reverse, so a failed ADD leaves
+//! nothing behind (IPAM released, veth gone, rules removed, and a bridge it created deleted).
 
 use std::fs::File;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use cni_proto::{CniResult, Command, Interface, IpConfig, Request, Route};
+use cni_proto::{crash_point, CniResult, Command, Interface, IpConfig, Request, Route};
 use ipnetwork::IpNetwork;
 use rtnetlink::packet_route::link::InfoKind;
 
@@ -20,42 +22,56 @@ use crate::spoof;
 /// How long the host veth may take to come up.
 const PORT_UP_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How many random host veth names are tried before giving up.
+const VETH_NAME_TRIES: usize = 10;
+
 fn random_bytes<const N: usize>() -> [u8; N] {
-    let mut b = [0u8; N];
-    if let Ok(mut f) = File::open("/dev/urandom") {
-        let _ = std::io::Read::read_exact(&mut f, &mut b);
+    let mut bytes = [0u8; N];
+    if let Ok(mut urandom) = File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut urandom, &mut bytes);
     }
-    b
+    bytes
+}
+
+fn random_veth_name() -> String {
+    let [a, b, c, d] = random_bytes::<4>();
+    format!("veth{a:02x}{b:02x}{c:02x}{d:02x}")
 }
 
 /// A random locally administered unicast MAC: the bridge's own, so it never follows a port's.
 fn bridge_mac() -> [u8; 6] {
-    let mut m = random_bytes::<6>();
-    m[0] = (m[0] & 0xfe) | 0x02;
-    m
+    let mut mac = random_bytes::<6>();
+    // Clear the multicast bit, set the locally administered one.
+    mac[0] = (mac[0] & 0xfe) | 0x02;
+    mac
 }
 
-/// Finds or creates the bridge, up, promiscuous if asked.
-pub async fn ensure_bridge(host: &Nl, conf: &BridgeConf) -> Result<Link, BridgeError> {
-    let existing = host.link(&conf.bridge).await?;
-    let br = match existing {
-        Some(l) => l,
+/// Finds or creates the bridge, up, promiscuous if asked; `true` with it when this call
+/// created it.
+pub async fn ensure_bridge(host: &Nl, conf: &BridgeConf) -> Result<(Link, bool), BridgeError> {
+    let (bridge, created) = match host.link(&conf.bridge).await? {
+        Some(existing) => (existing, false),
         None => {
             // A parallel ADD may create it first: EEXIST is fine, the kind is checked below.
-            host.create_bridge(&conf.bridge, bridge_mac(), conf.mtu, conf.vlan_filtering()).await?;
-            host.link(&conf.bridge).await?.ok_or_else(|| BridgeError::NotABridge(conf.bridge.clone()))?
+            let created =
+                host.create_bridge(&conf.bridge, bridge_mac(), conf.mtu, conf.vlan_filtering()).await?;
+            let made = host
+                .link(&conf.bridge)
+                .await?
+                .ok_or_else(|| BridgeError::LinkVanished(conf.bridge.clone()))?;
+            (made, created)
         }
     };
-    if br.kind != Some(InfoKind::Bridge) {
+    if bridge.kind != Some(InfoKind::Bridge) {
         return Err(BridgeError::NotABridge(conf.bridge.clone()));
     }
-    if conf.vlan_filtering() && !br.vlan_filtering {
+    if conf.vlan_filtering() && !bridge.vlan_filtering {
         host.enable_vlan_filtering(&conf.bridge).await?;
     }
-    if conf.promisc && !br.promisc {
-        host.set(br.index, "setting the bridge promiscuous", |l| l.promiscuous(true)).await?;
+    if conf.promisc && !bridge.promisc {
+        host.set(bridge.index, "setting the bridge promiscuous", |l| l.promiscuous(true)).await?;
     }
-    Ok(br)
+    Ok((bridge, created))
 }
 
 /// Puts a bridge port on its VLANs: `vlan` as PVID/untagged (1 for a trunk without one),
@@ -63,117 +79,113 @@ pub async fn ensure_bridge(host: &Nl, conf: &BridgeConf) -> Result<Link, BridgeE
 async fn port_vlans(
     host: &Nl,
     port: u32,
+    conf: &BridgeConf,
     vlan: u16,
     trunk: &[u16],
-    preserve: bool,
 ) -> Result<(), BridgeError> {
     if vlan == 0 && trunk.is_empty() {
         return Ok(());
     }
-    if !preserve {
+    if !conf.preserve_default_vlan {
         host.port_vlan_del(port, 1).await?;
     }
     host.port_vlans_add(port, Some(if vlan == 0 { 1 } else { vlan }), trunk).await
 }
 
-/// Finds or makes `<bridge>.<vlan>`: one end of a host veth pair whose other end is an
-/// access port of `vlan` on the bridge.
-async fn ensure_vlan_gateway(
-    host: &Nl,
-    conf: &BridgeConf,
-    br: &Link,
-    vlan: u16,
-) -> Result<(String, Link), BridgeError> {
-    let name = format!("{}.{vlan}", conf.bridge);
-    if cni_proto::env::invalid_ifname(&name).is_some() {
-        return Err(BridgeError::Config(format!("VLAN gateway interface name {name:?} is too long")));
+/// The gateway of an address: IPAM's, else the subnet's first address when that is another
+/// address of the subnet (a /32 or /128 has none).
+fn gateway_of(ip: &IpConfig) -> Option<IpAddr> {
+    if ip.gateway.is_some() {
+        return ip.gateway;
     }
-    if let Some(l) = host.link(&name).await? {
-        return Ok((name, l));
-    }
-    let r = random_bytes::<4>();
-    let peer = format!("veth{:02x}{:02x}{:02x}{:02x}", r[0], r[1], r[2], r[3]);
-    if host.create_local_veth(&name, &peer, conf.mtu).await? {
-        let p = host.link(&peer).await?.ok_or_else(|| BridgeError::PortDown(format!("{peer} vanished")))?;
-        host.set(p.index, "attaching the VLAN gateway port", |l| l.controller(br.index).up()).await?;
-        port_vlans(host, p.index, vlan, &[], conf.preserve_default_vlan).await?;
-    }
-    let l = host.link(&name).await?.ok_or_else(|| BridgeError::PortDown(format!("{name} vanished")))?;
-    host.set(l.index, "setting the VLAN gateway up", |x| x.up()).await?;
-    Ok((name, l))
+    let first = match ip.address.network() {
+        IpAddr::V4(a) => u32::from(a).checked_add(1).map(|n| IpAddr::V4(n.into())),
+        IpAddr::V6(a) => u128::from(a).checked_add(1).map(|n| IpAddr::V6(n.into())),
+    };
+    first.filter(|g| ip.address.contains(*g) && *g != ip.address.ip())
 }
 
-/// The gateway of each address: IPAM's, else the subnet's first address.
-fn gateway_of(ip: &IpConfig) -> IpAddr {
-    ip.gateway.unwrap_or_else(|| {
-        let n = ip.address.network();
-        match n {
-            IpAddr::V4(a) => IpAddr::V4((u32::from(a) + 1).into()),
-            IpAddr::V6(a) => IpAddr::V6((u128::from(a) + 1).into()),
-        }
-    })
-}
-
-/// Puts `gw/prefix` on the bridge, replacing a different address only with forceAddress.
-async fn ensure_gateway_address(
-    host: &Nl,
-    br: &Link,
-    name: &str,
-    want: IpNetwork,
-    force: bool,
-) -> Result<(), BridgeError> {
-    for have in host.addresses(br.index).await? {
-        if have == want {
-            return Ok(());
-        }
-        let conflicts = have.is_ipv4() == want.is_ipv4()
-            && (want.is_ipv4() || have.contains(want.ip()) || want.contains(have.ip()));
-        if conflicts {
-            if !force {
-                return Err(BridgeError::AddressConflict(format!(
-                    "{name:?} already has an IP address different from {want} ({have}); set forceAddress to replace it"
+/// Checks a delegated IPAM result like any other input, before anything is built from it:
+/// everything ADD later derives from it (gateway addresses, routes) must be well-formed.
+pub fn validate_ipam_result(plugin: &str, result: &CniResult, conf: &BridgeConf) -> Result<(), BridgeError> {
+    let bad = |reason: String| BridgeError::BadIpamResult { plugin: plugin.to_string(), reason };
+    if result.ips.is_empty() {
+        return Err(bad("no IP configuration".into()));
+    }
+    for ip in &result.ips {
+        let addr = ip.address;
+        if let Some(i) = ip.interface {
+            if i >= result.interfaces.len() {
+                return Err(bad(format!(
+                    "address {addr} names interface {i}, but the result lists {} interface(s)",
+                    result.interfaces.len()
                 )));
             }
-            host.del_address(br.index, have).await?;
+        }
+        if let Some(gw) = ip.gateway {
+            if gw.is_ipv4() != addr.is_ipv4() {
+                return Err(bad(format!("gateway {gw} is not of the family of address {addr}")));
+            }
+            if gw == addr.ip() {
+                return Err(bad(format!("gateway {gw} is the pod's own address")));
+            }
+            if !addr.contains(gw) {
+                return Err(bad(format!("gateway {gw} is outside the subnet of address {addr}")));
+            }
+        }
+        if conf.is_gateway && gateway_of(ip).is_none() {
+            return Err(bad(format!("no gateway for address {addr} (isGateway needs one)")));
         }
     }
-    host.add_address(br.index, want).await
+    for route in &result.routes {
+        if let Some(gw) = route.gw {
+            if gw.is_ipv4() != route.dst.is_ipv4() {
+                return Err(bad(format!("route to {} has gateway {gw} of the other family", route.dst)));
+            }
+        }
+    }
+    Ok(())
 }
 
-/// What this ADD has made so far, undone in reverse on failure.
-struct Undo<'a> {
+/// Whether IPAM must run after the pod interface exists (DHCP leases on that interface).
+fn ipam_needs_interface(plugin: &str) -> bool {
+    plugin == "dhcp"
+}
+
+/// Something ADD created, and how to remove it.
+enum Made {
+    /// An IPAM allocation (released by IPAM DEL).
+    Lease(String),
+    /// Masquerade entries of this attachment.
+    Masquerade(String),
+    /// The bridge, created by this ADD (deleted only while it has no ports).
+    Bridge(u32),
+    /// The host end of the veth pair (deleting it deletes the pod end too).
+    HostVeth(u32),
+    /// MAC spoof-check entries of this attachment.
+    SpoofCheck(String),
+}
+
+type MasqJob = std::thread::JoinHandle<Result<(), BridgeError>>;
+
+/// The host veth once it exists.
+struct Port {
+    name: String,
+    index: u32,
+}
+
+/// One ADD under way: the request, its config, both netlink handles, the pod namespace, and
+/// everything made so far.
+struct Attach<'a> {
     req: &'a Request,
-    host: &'a Nl,
-    host_veth: Option<u32>,
-    ipam: Option<&'a str>,
-    masq: Option<String>,
-    spoof: Option<String>,
-    backend: masq::Backend,
-}
-
-impl Undo<'_> {
-    async fn run(self) {
-        if let Some(owner) = &self.masq {
-            if let Err(e) = self.backend.remove_where(|o| o == owner) {
-                eprintln!("cni-bridge: rollback: {e}");
-            }
-        }
-        if let Some(owner) = &self.spoof {
-            if let Err(e) = spoof::remove_where(|o| o == owner) {
-                eprintln!("cni-bridge: rollback: {e}");
-            }
-        }
-        if let Some(t) = self.ipam {
-            if let Err(e) = ipam::run(t, Command::Del, self.req) {
-                eprintln!("cni-bridge: rollback: IPAM DEL: {e}");
-            }
-        }
-        if let Some(i) = self.host_veth {
-            if let Err(e) = self.host.del_link(i).await {
-                eprintln!("cni-bridge: rollback: {e}");
-            }
-        }
-    }
+    conf: &'a BridgeConf,
+    host: Nl,
+    pod: Nl,
+    pod_ns: File,
+    /// What this ADD created, oldest first.
+    made: Vec<Made>,
+    /// The masquerade call runs on a thread while the links are set up.
+    masq_job: Option<MasqJob>,
 }
 
 /// Runs ADD for a validated request.
@@ -183,17 +195,17 @@ pub fn add(req: &Request, conf: &BridgeConf) -> Result<CniResult, BridgeError> {
     let pod_ns = netns::open_pod(path)?;
     // IPAM starts first: it allocates while we open our runtime and sockets.
     let pending = match conf.ipam_type.as_deref().filter(|t| !ipam_needs_interface(t)) {
-        Some(t) => Some((t, ipam::start(t, Command::Add, req)?)),
+        Some(plugin) => Some((plugin, ipam::start(plugin, Command::Add, req)?)),
         None => None,
     };
-    let sockets = crate::runtime().and_then(|rt| Ok((Nl::here_in(&rt)?, Nl::in_ns_in(&rt, &pod_ns)?, rt)));
-    let (host, pod, rt) = match sockets {
-        Ok(x) => x,
+    let opened = crate::runtime().and_then(|rt| Ok((Nl::here_in(&rt)?, Nl::in_ns_in(&rt, &pod_ns)?, rt)));
+    let (host, pod, rt) = match opened {
+        Ok(sockets) => sockets,
         Err(e) => {
             // Whatever IPAM allocated must not outlive this failed ADD.
-            if let Some((t, p)) = pending {
-                if p.wait().is_ok() {
-                    let _ = ipam::run(t, Command::Del, req);
+            if let Some((plugin, started)) = pending {
+                if started.wait().is_ok() {
+                    let _ = ipam::run(plugin, Command::Del, req);
                 }
             }
             return Err(e);
@@ -201,165 +213,172 @@ pub fn add(req: &Request, conf: &BridgeConf) -> Result<CniResult, BridgeError> {
     };
     rt.block_on(async {
         crate::mark("netlink sockets open");
-        let mut undo = Undo {
-            req,
-            host: &host,
-            host_veth: None,
-            ipam: None,
-            masq: None,
-            spoof: None,
-            backend: conf.masq_backend,
-        };
-        match build(req, conf, &host, &pod, &pod_ns, pending, &mut undo).await {
-            Ok(r) => Ok(r),
+        let mut attach = Attach { req, conf, host, pod, pod_ns, made: Vec::new(), masq_job: None };
+        let result = attach.run(pending).await;
+        let masq = attach.join_masquerade();
+        match result.and_then(|done| masq.map(|()| done)) {
+            Ok(done) => Ok(done),
             Err(e) => {
-                undo.run().await;
+                attach.roll_back().await;
                 Err(e)
             }
         }
     })
 }
 
-/// Whether IPAM must run after the pod interface exists (DHCP leases on that interface).
-fn ipam_needs_interface(t: &str) -> bool {
-    t == "dhcp"
+/// Everything the result reports, once the port is up.
+struct Attached {
+    bridge: Link,
+    port: Port,
+    port_link: Link,
+    pod: PodSide,
+    vlan_gateway: Option<(String, Link)>,
 }
 
-type MasqJob = std::thread::JoinHandle<Result<(), BridgeError>>;
-
-/// Starts the masquerade nft call on a thread as soon as the addresses are known, so it runs
-/// while the bridge, veth and pod are set up; [`join_masq`] collects it before ADD returns,
-/// so a rollback never races it.
-fn spawn_masq<'a>(
-    req: &'a Request,
-    conf: &'a BridgeConf,
-    ipam: &CniResult,
-    undo: &mut Undo<'a>,
-) -> Option<MasqJob> {
-    conf.ip_masq.then(|| {
-        let owner = masq::owner(&req.conf.name, &req.inv.container_id, &req.inv.ifname);
-        undo.masq = Some(owner.clone());
-        let addrs: Vec<IpNetwork> = ipam.ips.iter().map(|i| i.address).collect();
-        let backend = conf.masq_backend;
-        std::thread::spawn(move || backend.add(&addrs, &owner))
-    })
+/// What the pod got: its interface and the routes set in it.
+struct PodSide {
+    link: Link,
+    routes: Vec<Route>,
 }
 
-fn join_masq(job: Option<MasqJob>) -> Result<(), BridgeError> {
-    job.map_or(Ok(()), |j| j.join().unwrap_or_else(|_| Err(BridgeError::Masq("nft thread panicked".into()))))
-}
-
-fn ipam_result<'a>(t: &'a str, p: ipam::Pending, undo: &mut Undo<'a>) -> Result<CniResult, BridgeError> {
-    let r = p.wait()?.unwrap_or_default();
-    undo.ipam = Some(t);
-    if r.ips.is_empty() {
-        return Err(BridgeError::Config(format!("IPAM plugin {t} returned no IP configuration")));
+impl<'a> Attach<'a> {
+    fn owner(&self) -> String {
+        masq::owner(&self.req.conf.name, &self.req.inv.container_id, &self.req.inv.ifname)
     }
-    Ok(r)
-}
 
-async fn build<'a>(
-    req: &'a Request,
-    conf: &'a BridgeConf,
-    host: &Nl,
-    pod: &Nl,
-    pod_ns: &File,
-    pending: Option<(&'a str, ipam::Pending)>,
-    undo: &mut Undo<'a>,
-) -> Result<CniResult, BridgeError> {
-    // Nothing is created before IPAM has answered: a refusal (bad config, full range) then
-    // leaves the host untouched. Meanwhile only reads.
-    let exists = pod.link(&req.inv.ifname).await;
-    let mut ipam = None;
-    if let Some((t, p)) = pending {
-        ipam = Some(ipam_result(t, p, undo)?);
-        crate::mark("IPAM ADD");
-    }
-    if exists?.is_some() {
-        return Err(BridgeError::IfaceExists(req.inv.ifname.clone()));
-    }
-    let mut masq_job = ipam.as_ref().and_then(|r| spawn_masq(req, conf, r, undo));
-    let r = build_rest(req, conf, host, pod, pod_ns, ipam, &mut masq_job, undo).await;
-    let m = join_masq(masq_job);
-    let result = r?;
-    m?;
-    Ok(result)
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn build_rest<'a>(
-    req: &'a Request,
-    conf: &'a BridgeConf,
-    host: &Nl,
-    pod: &Nl,
-    pod_ns: &File,
-    mut ipam: Option<CniResult>,
-    masq_job: &mut Option<MasqJob>,
-    undo: &mut Undo<'a>,
-) -> Result<CniResult, BridgeError> {
-    let br = ensure_bridge(host, conf).await?;
-    crate::mark("bridge ensured");
-    let host_ns = netns::current().map_err(|e| BridgeError::Netns(e.to_string()))?;
-    let mut host_name = String::new();
-    for _ in 0..10 {
-        let r = random_bytes::<4>();
-        host_name = format!("veth{:02x}{:02x}{:02x}{:02x}", r[0], r[1], r[2], r[3]);
-        if pod.create_veth(&req.inv.ifname, &host_name, &host_ns, conf.mtu, conf.mac).await? {
-            break;
+    async fn run(&mut self, pending: Option<(&'a str, ipam::Pending)>) -> Result<CniResult, BridgeError> {
+        let mut ipam = self.allocate(pending).await?;
+        let (bridge, created) = ensure_bridge(&self.host, self.conf).await?;
+        if created {
+            self.made.push(Made::Bridge(bridge.index));
         }
-        host_name.clear();
+        crash_point("bridge-add-after-bridge");
+        crate::mark("bridge ensured");
+        let port = self.plumb_veth(&bridge).await?;
+        if let Some(plugin) = self.conf.ipam_type.as_deref().filter(|t| ipam_needs_interface(t)) {
+            let pending = ipam::start(plugin, Command::Add, self.req)?;
+            let allocated = self.collect_allocation(plugin, pending)?;
+            self.start_masquerade(&allocated);
+            ipam = Some(allocated);
+        }
+        let ipam = ipam.unwrap_or_default();
+        let pod = self.configure_pod(&port, &ipam).await?;
+        let vlan_gateway = self.configure_gateway(&bridge, &ipam).await?;
+        let port_link = self.wait_for_port(&port).await?;
+        let attached = Attached { bridge, port, port_link, pod, vlan_gateway };
+        let result = self.build_result(attached, ipam).await;
+        crash_point("bridge-add-before-result");
+        result
     }
-    if host_name.is_empty() {
-        return Err(BridgeError::IfaceExists(format!("{} (or 10 random host veth names)", req.inv.ifname)));
-    }
-    let hv =
-        host.link(&host_name).await?.ok_or_else(|| BridgeError::PortDown(format!("{host_name} vanished")))?;
-    undo.host_veth = Some(hv.index);
-    if let Some(t) = conf.ipam_type.as_deref().filter(|t| ipam_needs_interface(t)) {
-        let r = ipam_result(t, ipam::start(t, Command::Add, req)?, undo)?;
-        *masq_job = spawn_masq(req, conf, &r, undo);
-        ipam = Some(r);
-    }
-    crate::mark("veth created");
-    setup(req, conf, host, pod, pod_ns, &br, &host_name, hv.index, ipam.unwrap_or_default(), undo).await
-}
 
-#[allow(clippy::too_many_arguments)]
-async fn setup<'a>(
-    req: &'a Request,
-    conf: &'a BridgeConf,
-    host: &Nl,
-    pod: &Nl,
-    pod_ns: &File,
-    br: &Link,
-    host_name: &str,
-    hv_index: u32,
-    ipam: CniResult,
-    undo: &mut Undo<'a>,
-) -> Result<CniResult, BridgeError> {
-    host.set(hv_index, "attaching the host veth to the bridge", |l| l.controller(br.index).up()).await?;
-    host.set_port(hv_index, conf.hairpin, conf.port_isolation).await?;
-    port_vlans(host, hv_index, conf.vlan, &conf.trunk, conf.preserve_default_vlan).await?;
-
-    let gws: Vec<(IpAddr, IpNetwork)> = ipam.ips.iter().map(|ip| (gateway_of(ip), ip.address)).collect();
-    let family_gw = |v4: bool| gws.iter().find(|(g, _)| g.is_ipv4() == v4).map(|(g, _)| *g);
-
-    crate::mark("port attached, hairpin set");
-    let pod_link = pod
-        .link(&req.inv.ifname)
-        .await?
-        .ok_or_else(|| BridgeError::IfaceExists("pod interface vanished".into()))?;
-    if conf.mac_spoof_check {
-        let owner = masq::owner(&req.conf.name, &req.inv.container_id, &req.inv.ifname);
-        undo.spoof = Some(owner.clone());
-        spoof::add(host_name, &pod_link.mac, &owner)?;
+    /// Waits for IPAM and starts the masquerade rules for its addresses. Nothing is created
+    /// before IPAM has answered and its answer is validated: a refusal (bad config, full
+    /// range, unusable result) leaves the host untouched but for the released lease.
+    async fn allocate(
+        &mut self,
+        pending: Option<(&'a str, ipam::Pending)>,
+    ) -> Result<Option<CniResult>, BridgeError> {
+        let exists = self.pod.link(&self.req.inv.ifname).await;
+        let ipam = match pending {
+            Some((plugin, started)) => Some(self.collect_allocation(plugin, started)?),
+            None => None,
+        };
+        crate::mark("IPAM ADD");
+        if exists?.is_some() {
+            return Err(BridgeError::IfaceExists(self.req.inv.ifname.clone()));
+        }
+        if let Some(allocated) = &ipam {
+            self.start_masquerade(allocated);
+        }
+        Ok(ipam)
     }
-    let mut routes = ipam.routes.clone();
-    if !conf.disable_container_interface {
+
+    /// Takes IPAM's answer (recording the lease for rollback) and validates it.
+    fn collect_allocation(
+        &mut self,
+        plugin: &'a str,
+        pending: ipam::Pending,
+    ) -> Result<CniResult, BridgeError> {
+        let answer = pending.wait()?;
+        self.made.push(Made::Lease(plugin.to_string()));
+        crash_point("bridge-add-after-ipam");
+        let result = answer.unwrap_or_default();
+        validate_ipam_result(plugin, &result, self.conf)?;
+        Ok(result)
+    }
+
+    /// Starts the masquerade call for `ipam`'s addresses on a thread, so that it runs while
+    /// the bridge, veth and pod are set up.
+    fn start_masquerade(&mut self, ipam: &CniResult) {
+        if !self.conf.ip_masq {
+            return;
+        }
+        let owner = self.owner();
+        self.made.push(Made::Masquerade(owner.clone()));
+        let addrs: Vec<IpNetwork> = ipam.ips.iter().map(|i| i.address).collect();
+        let backend = self.conf.masq_backend;
+        self.masq_job = Some(std::thread::spawn(move || {
+            let added = backend.add(&addrs, &owner);
+            crash_point("bridge-add-after-masquerade");
+            added
+        }));
+    }
+
+    /// Collects the masquerade call (before ADD returns, so a rollback never races it).
+    fn join_masquerade(&mut self) -> Result<(), BridgeError> {
+        match self.masq_job.take() {
+            None => Ok(()),
+            Some(job) => job.join().unwrap_or_else(|_| Err(BridgeError::Masq("nft thread panicked".into()))),
+        }
+    }
+
+    /// Creates the veth pair (pod end named CNI_IFNAME in the pod, host end a random name
+    /// here) and makes the host end an up port of the bridge.
+    async fn plumb_veth(&mut self, bridge: &Link) -> Result<Port, BridgeError> {
+        let (host, conf, ifname) = (&self.host, self.conf, &self.req.inv.ifname);
+        let host_ns = netns::current().map_err(BridgeError::io("opening the plugin's own namespace"))?;
+        let mut name = None;
+        for _ in 0..VETH_NAME_TRIES {
+            let candidate = random_veth_name();
+            if self.pod.create_veth(ifname, &candidate, &host_ns, conf.mtu, conf.mac).await? {
+                name = Some(candidate);
+                break;
+            }
+            // EEXIST names neither end: a parallel ADD for the same pod may have made ours.
+            if self.pod.link(ifname).await?.is_some() {
+                return Err(BridgeError::IfaceExists(ifname.clone()));
+            }
+        }
+        let name = name.ok_or(BridgeError::VethNamesTaken(VETH_NAME_TRIES))?;
+        let link = host.link(&name).await?.ok_or_else(|| BridgeError::LinkVanished(name.clone()))?;
+        self.made.push(Made::HostVeth(link.index));
+        crash_point("bridge-add-after-veth");
+        crate::mark("veth created");
+        host.set(link.index, "attaching the host veth to the bridge", |l| l.controller(bridge.index).up())
+            .await?;
+        host.set_port(link.index, conf.hairpin, conf.port_isolation).await?;
+        port_vlans(host, link.index, conf, conf.vlan, &conf.trunk).await?;
+        crate::mark("port attached, hairpin set");
+        Ok(Port { name, index: link.index })
+    }
+
+    /// The pod side: spoof check, sysctls, addresses, link up, routes.
+    async fn configure_pod(&mut self, port: &Port, ipam: &CniResult) -> Result<PodSide, BridgeError> {
+        let (conf, ifname) = (self.conf, &self.req.inv.ifname);
+        let link = self.pod.link(ifname).await?.ok_or_else(|| BridgeError::LinkVanished(ifname.clone()))?;
+        if conf.mac_spoof_check {
+            let owner = self.owner();
+            self.made.push(Made::SpoofCheck(owner.clone()));
+            spoof::add(&port.name, &link.mac, &owner)?;
+            crash_point("bridge-add-after-spoof-check");
+        }
+        let mut routes = ipam.routes.clone();
+        if conf.disable_container_interface {
+            return Ok(PodSide { link, routes });
+        }
         let has_v6 = ipam.ips.iter().any(|i| !i.address.is_ipv4());
-        let ifname = &req.inv.ifname;
         let enable_dad = conf.enable_dad;
-        let sysctls = netns::run_in(pod_ns, || -> Result<(), BridgeError> {
+        let sysctls = netns::run_in(&self.pod_ns, || -> Result<(), BridgeError> {
             if has_v6 {
                 netns::sysctl(
                     &format!("net/ipv6/conf/{ifname}/accept_dad"),
@@ -371,94 +390,227 @@ async fn setup<'a>(
             }
             netns::sysctl(&format!("net/ipv4/conf/{ifname}/arp_notify"), "1")
         });
-        sysctls.map_err(|e| BridgeError::Sysctl(e.to_string()))??;
-        let adds = ipam.ips.iter().map(|ip| pod.add_address(pod_link.index, ip.address));
-        for r in futures::future::join_all(adds).await {
-            r?;
+        sysctls.map_err(|e| BridgeError::Sysctl(format!("entering the pod namespace: {e}")))??;
+        let adds = ipam.ips.iter().map(|ip| self.pod.add_address(link.index, ip.address));
+        for added in futures::future::join_all(adds).await {
+            added?;
         }
-        pod.set(pod_link.index, "setting the pod interface up", |l| l.up()).await?;
+        crash_point("bridge-add-after-addresses");
+        self.pod.set(link.index, "setting the pod interface up", |l| l.up()).await?;
+        let family_gateway =
+            |v4: bool| ipam.ips.iter().filter(|i| i.address.is_ipv4() == v4).find_map(gateway_of);
         if conf.is_default_gateway {
             for v4 in [true, false] {
                 let has_default = routes.iter().any(|r| r.dst.prefix() == 0 && r.dst.is_ipv4() == v4);
-                if let (Some(gw), false) = (family_gw(v4), has_default) {
-                    let dst: IpNetwork = if v4 { "0.0.0.0/0" } else { "::/0" }.parse().expect("literal");
+                if let (Some(gw), false) = (family_gateway(v4), has_default) {
+                    let unspecified = if v4 { IpAddr::from([0u8; 4]) } else { IpAddr::from([0u16; 8]) };
+                    let dst =
+                        IpNetwork::new(unspecified, 0).map_err(|e| BridgeError::Config(e.to_string()))?;
                     routes.push(Route::new(dst, Some(gw)));
                 }
             }
         }
-        for r in &routes {
-            let mut r2 = r.clone();
-            if r2.gw.is_none() {
-                r2.gw = family_gw(r.dst.is_ipv4());
+        for route in &routes {
+            let mut via = route.clone();
+            if via.gw.is_none() {
+                via.gw = family_gateway(route.dst.is_ipv4());
             }
-            pod.add_route(pod_link.index, &r2).await?;
+            self.pod.add_route(link.index, &via).await?;
         }
+        crash_point("bridge-add-after-routes");
+        crate::mark("pod addresses, routes, link up");
+        Ok(PodSide { link, routes })
     }
 
-    let mut vlan_gw = None;
-    crate::mark("pod addresses, routes, link up");
-    if conf.is_gateway {
-        // With a VLAN, the gateway lives on <bridge>.<vlan>, an access port of that VLAN.
-        let gw_link = match conf.vlan {
-            0 => (conf.bridge.clone(), br.clone()),
-            v => {
-                let l = ensure_vlan_gateway(host, conf, br, v).await?;
-                vlan_gw = Some(l.clone());
-                l
+    /// With isGateway: the gateway addresses (without DAD, so IPv6 works the moment ADD
+    /// returns) on the bridge, or on `<bridge>.<vlan>` with a VLAN, and forwarding on.
+    /// Returns the VLAN gateway interface when there is one.
+    async fn configure_gateway(
+        &mut self,
+        bridge: &Link,
+        ipam: &CniResult,
+    ) -> Result<Option<(String, Link)>, BridgeError> {
+        let conf = self.conf;
+        if !conf.is_gateway {
+            return Ok(None);
+        }
+        let (gw_name, gw_link, vlan_gateway) = match conf.vlan {
+            0 => (conf.bridge.clone(), bridge.clone(), None),
+            vlan => {
+                let (name, link) = self.ensure_vlan_gateway(bridge, vlan).await?;
+                (name.clone(), link.clone(), Some((name, link)))
             }
         };
         let mut seen = Vec::new();
-        for (gw, addr) in &gws {
-            let want = IpNetwork::new(*gw, addr.prefix()).expect("prefix of an address");
+        for ip in &ipam.ips {
+            // Validated: every address has a gateway of its own family when isGateway is set.
+            let Some(gw) = gateway_of(ip) else { continue };
+            let want = IpNetwork::new(gw, ip.address.prefix()).map_err(|e| BridgeError::BadIpamResult {
+                plugin: conf.ipam_type.clone().unwrap_or_default(),
+                reason: format!("gateway {gw}/{}: {e}", ip.address.prefix()),
+            })?;
             if !seen.contains(&want) {
-                ensure_gateway_address(host, &gw_link.1, &gw_link.0, want, conf.force_address).await?;
+                self.ensure_gateway_address(&gw_link, &gw_name, want).await?;
                 seen.push(want);
             }
         }
-        if gws.iter().any(|(g, _)| g.is_ipv4()) {
+        if seen.iter().any(IpNetwork::is_ipv4) {
             netns::sysctl("net/ipv4/ip_forward", "1")?;
         }
-        if gws.iter().any(|(g, _)| !g.is_ipv4()) {
+        if seen.iter().any(IpNetwork::is_ipv6) {
             netns::sysctl("net/ipv6/conf/all/forwarding", "1")?;
+        }
+        crash_point("bridge-add-after-gateway");
+        crate::mark("gateway and forwarding");
+        Ok(vlan_gateway)
+    }
+
+    /// Puts `want` on the gateway link, replacing a different address only with forceAddress.
+    async fn ensure_gateway_address(
+        &self,
+        link: &Link,
+        name: &str,
+        want: IpNetwork,
+    ) -> Result<(), BridgeError> {
+        for have in self.host.addresses(link.index).await? {
+            if have == want {
+                return Ok(());
+            }
+            let conflicts = have.is_ipv4() == want.is_ipv4()
+                && (want.is_ipv4() || have.contains(want.ip()) || want.contains(have.ip()));
+            if conflicts {
+                if !self.conf.force_address {
+                    return Err(BridgeError::AddressConflict(format!(
+                        "{name:?} already has an IP address different from {want} ({have}); set forceAddress to replace it"
+                    )));
+                }
+                self.host.del_address(link.index, have).await?;
+            }
+        }
+        self.host.add_address_nodad(link.index, want).await
+    }
+
+    /// Finds or makes `<bridge>.<vlan>`: one end of a host veth pair whose other end is an
+    /// access port of `vlan` on the bridge. Shared by every pod of that VLAN, so it is not
+    /// rolled back.
+    async fn ensure_vlan_gateway(&self, bridge: &Link, vlan: u16) -> Result<(String, Link), BridgeError> {
+        let (host, conf) = (&self.host, self.conf);
+        let name = format!("{}.{vlan}", conf.bridge);
+        if cni_proto::env::invalid_ifname(&name).is_some() {
+            return Err(BridgeError::Config(format!("VLAN gateway interface name {name:?} is too long")));
+        }
+        if let Some(existing) = host.link(&name).await? {
+            return Ok((name, existing));
+        }
+        let peer = random_veth_name();
+        if host.create_local_veth(&name, &peer, conf.mtu).await? {
+            let port = host.link(&peer).await?.ok_or_else(|| BridgeError::LinkVanished(peer.clone()))?;
+            host.set(port.index, "attaching the VLAN gateway port", |l| l.controller(bridge.index).up())
+                .await?;
+            port_vlans(host, port.index, conf, vlan, &[]).await?;
+        }
+        let gateway = host.link(&name).await?.ok_or_else(|| BridgeError::LinkVanished(name.clone()))?;
+        host.set(gateway.index, "setting the VLAN gateway up", |l| l.up()).await?;
+        Ok((name, gateway))
+    }
+
+    /// The port forwards only once the veth's carrier is up; report success only then.
+    async fn wait_for_port(&self, port: &Port) -> Result<Link, BridgeError> {
+        let vanished = || BridgeError::LinkVanished(port.name.clone());
+        let mut link = self.host.link_by_index(port.index).await?.ok_or_else(vanished)?;
+        if !self.conf.disable_container_interface {
+            let start = Instant::now();
+            while !link.oper_up {
+                if start.elapsed() > PORT_UP_TIMEOUT {
+                    return Err(BridgeError::PortNotUp {
+                        port: port.name.clone(),
+                        seconds: PORT_UP_TIMEOUT.as_secs(),
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                link = self.host.link_by_index(port.index).await?.ok_or_else(vanished)?;
+            }
+        }
+        crate::mark("port up");
+        Ok(link)
+    }
+
+    /// The result: interfaces `[bridge, host veth, pod veth (, VLAN gateway)]`, IPAM's
+    /// addresses on interface 2, the routes set in the pod, DNS.
+    async fn build_result(&self, attached: Attached, ipam: CniResult) -> Result<CniResult, BridgeError> {
+        let (conf, req) = (self.conf, self.req);
+        let Attached { bridge, port, port_link, pod, vlan_gateway } = attached;
+        let bridge = &bridge;
+        let bridge_now = self.host.link_by_index(bridge.index).await?.unwrap_or_else(|| bridge.clone());
+        let iface = |name: &str, link: &Link, sandbox: Option<String>| Interface {
+            name: name.to_string(),
+            mac: Some(fmt_mac(&link.mac)),
+            mtu: Some(link.mtu),
+            sandbox,
+            ..Default::default()
+        };
+        let sandbox = req.inv.netns.as_ref().map(|p| p.display().to_string());
+        let mut interfaces = vec![
+            iface(&conf.bridge, &bridge_now, None),
+            iface(&port.name, &port_link, None),
+            // Read after creation; setting it up and adding addresses change neither MAC nor MTU.
+            iface(&req.inv.ifname, &pod.link, sandbox),
+        ];
+        if let Some((name, link)) = vlan_gateway {
+            interfaces.push(iface(&name, &link, None));
+        }
+        Ok(CniResult {
+            interfaces,
+            ips: ipam.ips.into_iter().map(|i| IpConfig { interface: Some(2), ..i }).collect(),
+            routes: pod.routes,
+            dns: conf.dns.clone().unwrap_or(ipam.dns),
+        })
+    }
+
+    /// Undoes what this ADD made, newest first; failures are logged, the first error stands.
+    async fn roll_back(&mut self) {
+        let _ = self.join_masquerade();
+        while let Some(made) = self.made.pop() {
+            let undone = match &made {
+                Made::Lease(plugin) => {
+                    ipam::run(plugin, Command::Del, self.req).map(|_| ()).map_err(Into::into)
+                }
+                Made::Masquerade(owner) => self.conf.masq_backend.remove_where(|o| o == owner),
+                Made::SpoofCheck(owner) => spoof::remove_where(|o| o == owner),
+                Made::HostVeth(index) => self.host.del_link(*index).await,
+                // A parallel ADD may have attached its pod meanwhile: keep the bridge then.
+                Made::Bridge(index) => match self.host.has_ports(*index).await {
+                    Ok(false) => self.host.del_link(*index).await,
+                    other => other.map(|_| ()),
+                },
+            };
+            if let Err(e) = undone {
+                eprintln!("cni-bridge: rollback: {e}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(address: &str, gateway: Option<&str>) -> IpConfig {
+        IpConfig {
+            address: address.parse().expect("test address"),
+            gateway: gateway.map(|g| g.parse().expect("test gateway")),
+            interface: None,
         }
     }
 
-    crate::mark("gateway and forwarding");
-    // The port forwards only once the veth's carrier is up; report success only then.
-    let mut hv = host.link_by_index(hv_index).await?.unwrap_or_default();
-    if !conf.disable_container_interface {
-        let start = Instant::now();
-        while !hv.oper_up {
-            if start.elapsed() > PORT_UP_TIMEOUT {
-                return Err(BridgeError::PortDown(format!("bridge port {host_name} did not come up")));
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-            hv = host.link_by_index(hv_index).await?.unwrap_or_default();
-        }
+    #[test]
+    fn gateway_is_the_given_one_or_a_first_address_inside_the_subnet() {
+        assert_eq!(gateway_of(&ip("10.1.0.5/24", Some("10.1.0.9"))), "10.1.0.9".parse().ok());
+        assert_eq!(gateway_of(&ip("10.1.0.5/24", None)), "10.1.0.1".parse().ok());
+        assert_eq!(gateway_of(&ip("fd00::5/64", None)), "fd00::1".parse().ok());
+        assert_eq!(gateway_of(&ip("10.1.0.5/32", None)), None);
+        assert_eq!(gateway_of(&ip("10.1.0.1/31", None)), None, "the first address is the pod's");
+        assert_eq!(gateway_of(&ip("255.255.255.255/32", None)), None);
+        assert_eq!(gateway_of(&ip("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff/128", None)), None);
     }
-    crate::mark("port up");
-    let br_now = host.link_by_index(br.index).await?.unwrap_or_else(|| br.clone());
-    let iface = |name: &str, l: &Link, sandbox: Option<String>| Interface {
-        name: name.to_string(),
-        mac: Some(fmt_mac(&l.mac)),
-        mtu: Some(l.mtu),
-        sandbox,
-        ..Default::default()
-    };
-    let sandbox = req.inv.netns.as_ref().map(|p| p.display().to_string());
-    let mut interfaces = vec![
-        iface(&conf.bridge, &br_now, None),
-        iface(host_name, &hv, None),
-        // Read after creation; setting it up and adding addresses change neither MAC nor MTU.
-        iface(&req.inv.ifname, &pod_link, sandbox),
-    ];
-    if let Some((name, l)) = vlan_gw {
-        interfaces.push(iface(&name, &l, None));
-    }
-    Ok(CniResult {
-        interfaces,
-        ips: ipam.ips.into_iter().map(|i| IpConfig { interface: Some(2), ..i }).collect(),
-        routes,
-        dns: conf.dns.clone().unwrap_or(ipam.dns),
-    })
 }

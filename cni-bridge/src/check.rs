@@ -29,35 +29,35 @@ pub fn check(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
     crate::runtime()?.block_on(async {
         let host = Nl::here()?;
         let pod = Nl::in_ns(&pod_ns)?;
-        let br = host
+        let bridge = host
             .link(&conf.bridge)
             .await?
             .ok_or_else(|| fail(format!("bridge {} not found", conf.bridge)))?;
-        if br.kind != Some(InfoKind::Bridge) {
+        if bridge.kind != Some(InfoKind::Bridge) {
             return Err(fail(format!("{} is not a bridge", conf.bridge)));
         }
-        if br.promisc != conf.promisc {
+        if bridge.promisc != conf.promisc {
             return Err(fail(format!(
                 "bridge {} promiscuous mode is {}, config says {}",
-                conf.bridge, br.promisc, conf.promisc
+                conf.bridge, bridge.promisc, conf.promisc
             )));
         }
         let want_mac =
             |name: &str| prev.interfaces.iter().find(|i| i.name == name).and_then(|i| i.mac.clone());
         if let Some(m) = want_mac(&conf.bridge) {
-            if m != fmt_mac(&br.mac) {
+            if m != fmt_mac(&bridge.mac) {
                 return Err(fail(format!(
                     "bridge {} MAC is {}, prevResult says {m}",
                     conf.bridge,
-                    fmt_mac(&br.mac)
+                    fmt_mac(&bridge.mac)
                 )));
             }
         }
-        let pl = pod
+        let pod_link = pod
             .link(ifname)
             .await?
             .ok_or_else(|| fail(format!("interface {ifname} not found in the pod")))?;
-        if pl.kind != Some(InfoKind::Veth) {
+        if pod_link.kind != Some(InfoKind::Veth) {
             return Err(fail(format!("pod interface {ifname} is not a veth")));
         }
         if let Some(m) = prev
@@ -66,38 +66,44 @@ pub fn check(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
             .find(|i| i.name == *ifname && i.sandbox.is_some())
             .and_then(|i| i.mac.clone())
         {
-            if m != fmt_mac(&pl.mac) {
-                return Err(fail(format!("pod interface MAC is {}, prevResult says {m}", fmt_mac(&pl.mac))));
+            if m != fmt_mac(&pod_link.mac) {
+                return Err(fail(format!(
+                    "pod interface MAC is {}, prevResult says {m}",
+                    fmt_mac(&pod_link.mac)
+                )));
             }
         }
         if let Some(mtu) = conf.mtu {
-            if pl.mtu != mtu {
-                return Err(fail(format!("pod interface MTU is {}, config says {mtu}", pl.mtu)));
+            if pod_link.mtu != mtu {
+                return Err(fail(format!("pod interface MTU is {}, config says {mtu}", pod_link.mtu)));
             }
         }
-        let hv_name = prev
+        let host_veth_name = prev
             .interfaces
             .iter()
             .find(|i| i.sandbox.is_none() && i.name != conf.bridge)
             .map(|i| i.name.clone())
             .ok_or_else(|| fail("prevResult lists no host veth".into()))?;
-        let hv = host.link(&hv_name).await?.ok_or_else(|| fail(format!("host veth {hv_name} not found")))?;
-        if hv.controller != Some(br.index) {
-            return Err(fail(format!("host veth {hv_name} is not a port of {}", conf.bridge)));
+        let host_veth = host
+            .link(&host_veth_name)
+            .await?
+            .ok_or_else(|| fail(format!("host veth {host_veth_name} not found")))?;
+        if host_veth.controller != Some(bridge.index) {
+            return Err(fail(format!("host veth {host_veth_name} is not a port of {}", conf.bridge)));
         }
-        if pl.peer_index != Some(hv.index) {
-            return Err(fail(format!("host veth {hv_name} is not the peer of {ifname}")));
+        if pod_link.peer_index != Some(host_veth.index) {
+            return Err(fail(format!("host veth {host_veth_name} is not the peer of {ifname}")));
         }
-        if hv.hairpin != Some(conf.hairpin) {
+        if host_veth.hairpin != Some(conf.hairpin) {
             return Err(fail(format!(
-                "hairpin mode of {hv_name} is {:?}, config says {}",
-                hv.hairpin, conf.hairpin
+                "hairpin mode of {host_veth_name} is {:?}, config says {}",
+                host_veth.hairpin, conf.hairpin
             )));
         }
-        if hv.isolated.unwrap_or(false) != conf.port_isolation {
-            return Err(fail(format!("port isolation of {hv_name} differs from the config")));
+        if host_veth.isolated.unwrap_or(false) != conf.port_isolation {
+            return Err(fail(format!("port isolation of {host_veth_name} differs from the config")));
         }
-        let have = pod.addresses(pl.index).await?;
+        let have = pod.addresses(pod_link.index).await?;
         for ip in &prev.ips {
             if !have.contains(&ip.address) {
                 return Err(fail(format!("address {} is not on {ifname}", ip.address)));
@@ -108,7 +114,7 @@ pub fn check(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
             if want.is_empty() || conf.disable_container_interface {
                 continue;
             }
-            let routes = pod.routes(pl.index, v4).await?;
+            let routes = pod.routes(pod_link.index, v4).await?;
             for r in want {
                 let found = routes.iter().any(|(dst, gw)| *dst == r.dst && (r.gw.is_none() || *gw == r.gw));
                 if !found {

@@ -1,8 +1,7 @@
-//! DEL, GC and STATUS: best-effort teardown that collects errors and carries on.
+//! DEL: best-effort teardown that collects errors and carries on.
 
-use std::collections::BTreeSet;
-
-use cni_proto::{Command, Error as CniError, Request};
+use cni_proto::{crash_point, Command, Error as CniError, Request};
+use rtnetlink::packet_route::link::InfoKind;
 
 use crate::config::BridgeConf;
 use crate::error::BridgeError;
@@ -11,12 +10,23 @@ use crate::netlink::Nl;
 use crate::netns;
 use crate::spoof;
 
-fn finish(errs: Vec<CniError>) -> Result<(), BridgeError> {
+/// The outcome of a best-effort teardown: every error, or success.
+pub(crate) fn finish(errs: Vec<CniError>) -> Result<(), BridgeError> {
     if errs.is_empty() {
         Ok(())
     } else {
         Err(BridgeError::Many(errs))
     }
+}
+
+/// Where the pod's end of the veth can be found.
+enum PodNs {
+    /// CNI_NETNS is empty.
+    NotGiven,
+    /// The namespace is open.
+    Open(std::fs::File),
+    /// CNI_NETNS names no network namespace any more (removed, unmounted, replaced).
+    Gone,
 }
 
 /// Removes the pod interface (and so the veth pair), the lease and the masquerade entries.
@@ -27,19 +37,32 @@ fn finish(errs: Vec<CniError>) -> Result<(), BridgeError> {
 pub fn del(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
     crate::mark("start");
     let pod_ns = match req.inv.netns.as_deref() {
-        None => None,
+        None => PodNs::NotGiven,
+        // Never delete CNI_IFNAME from the namespace the plugin runs in.
+        Some(path) if netns::names_own_namespace(path) => {
+            return Err(BridgeError::Netns(format!(
+                "{}: is the namespace the plugin runs in",
+                path.display()
+            )))
+        }
         Some(path) => match netns::open_pod(path) {
-            Ok(ns) => Some(ns),
-            // The namespace is gone (the pod was torn down first): nothing to remove there.
-            Err(_) if !path.exists() => None,
-            // Never delete CNI_IFNAME from the namespace the plugin runs in.
-            Err(e) => return Err(e),
+            Ok(ns) => PodNs::Open(ns),
+            // The pod was torn down first, in whatever form: the lease, the rules and the
+            // host veth must still go, or kubelet retries forever and the address leaks.
+            Err(e) => {
+                eprintln!("cni-bridge: DEL: pod namespace gone ({e}); releasing the rest");
+                PodNs::Gone
+            }
         },
     };
     let owner = masq::owner(&req.conf.name, &req.inv.container_id, &req.inv.ifname);
     std::thread::scope(|s| {
         let ipam = s.spawn(|| match conf.ipam_type.as_deref() {
-            Some(t) => crate::ipam::run(t, Command::Del, req).map(|_| ()),
+            Some(plugin) => {
+                let released = crate::ipam::run(plugin, Command::Del, req).map(|_| ());
+                crash_point("bridge-del-after-ipam");
+                released
+            }
             None => Ok(()),
         });
         let rules = s.spawn(|| {
@@ -54,59 +77,64 @@ pub fn del(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
                     errs.push(e.into());
                 }
             }
+            crash_point("bridge-del-after-rules");
             errs
         });
         let mut errs: Vec<CniError> = Vec::new();
-        if let Some(ns) = &pod_ns {
-            let r: Result<(), BridgeError> = crate::runtime()
-                .and_then(|rt| rt.block_on(async { Nl::in_ns(ns)?.del_link_named(&req.inv.ifname).await }));
-            if let Err(e) = r {
-                errs.push(e.into());
-            }
-            crate::mark("pod interface deleted");
+        if let Err(e) = remove_links(req, conf, &pod_ns) {
+            errs.push(e.into());
         }
+        crash_point("bridge-del-after-link");
+        crate::mark("pod interface deleted");
         match ipam.join() {
             Ok(Err(e)) => errs.push(e),
-            Err(_) => errs.push(CniError::plugin(199, "IPAM DEL thread panicked", "")),
+            Err(_) => errs.push(CniError::plugin(
+                cni_proto::delegate::DELEGATE_FAILED,
+                "IPAM DEL thread panicked",
+                "",
+            )),
             Ok(Ok(())) => {}
         }
         crate::mark("IPAM DEL joined");
-        errs.extend(rules.join().unwrap_or_default());
+        match rules.join() {
+            Ok(rule_errs) => errs.extend(rule_errs),
+            Err(_) => errs.push(BridgeError::Masq("rule removal thread panicked".into()).into()),
+        }
         crate::mark("rules joined");
         finish(errs)
     })
 }
 
-/// Forwards GC to IPAM and removes this network's masquerade entries of attachments that are
-/// not valid any more.
-pub fn gc(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
-    let mut errs: Vec<CniError> = Vec::new();
-    if let Some(t) = conf.ipam_type.as_deref() {
-        if let Err(e) = crate::ipam::run(t, Command::Gc, req) {
-            errs.push(e);
-        }
+/// Deletes the pod interface in its namespace (the host end goes with it); without the
+/// namespace, the host veth prevResult names, if it is still a veth port of our bridge (the
+/// namespace may live on, unreachable, holding the pair).
+fn remove_links(req: &Request, conf: &BridgeConf, pod_ns: &PodNs) -> Result<(), BridgeError> {
+    let host_veth = match pod_ns {
+        PodNs::Open(_) => None,
+        PodNs::NotGiven | PodNs::Gone => match req.conf.prev_result() {
+            Ok(Some(prev)) => prev
+                .interfaces
+                .iter()
+                .find(|i| i.sandbox.is_none() && i.name != conf.bridge && i.name.starts_with("veth"))
+                .map(|i| i.name.clone()),
+            _ => None,
+        },
+    };
+    if matches!(pod_ns, PodNs::NotGiven | PodNs::Gone) && host_veth.is_none() {
+        return Ok(());
     }
-    if let Some(valid) = req.conf.gc_valid_attachments() {
-        let keep: BTreeSet<String> =
-            valid.iter().map(|a| masq::owner(&req.conf.name, &a.container_id, &a.ifname)).collect();
-        let prefix = format!("{}/", req.conf.name);
-        let stale = |o: &str| o.starts_with(&prefix) && !keep.contains(o);
-        if let Err(e) = conf.masq_backend.remove_where(stale) {
-            errs.push(e.into());
+    crate::runtime()?.block_on(async {
+        if let PodNs::Open(ns) = pod_ns {
+            return Nl::in_ns(ns)?.del_link_named(&req.inv.ifname).await;
         }
-        if conf.mac_spoof_check {
-            if let Err(e) = spoof::remove_where(stale) {
-                errs.push(e.into());
-            }
+        let Some(name) = host_veth else { return Ok(()) };
+        let host = Nl::here()?;
+        let (Some(port), Some(bridge)) = (host.link(&name).await?, host.link(&conf.bridge).await?) else {
+            return Ok(());
+        };
+        if port.kind == Some(InfoKind::Veth) && port.controller == Some(bridge.index) {
+            host.del_link(port.index).await?;
         }
-    }
-    finish(errs)
-}
-
-/// Forwards STATUS to IPAM: the bridge itself is made on demand.
-pub fn status(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
-    if let Some(t) = conf.ipam_type.as_deref() {
-        crate::ipam::run(t, Command::Status, req)?;
-    }
-    Ok(())
+        Ok(())
+    })
 }

@@ -5,6 +5,7 @@ pub mod check;
 pub mod config;
 pub mod del;
 pub mod error;
+pub mod gc;
 pub mod ipam;
 pub mod ipt;
 pub mod masq;
@@ -13,6 +14,7 @@ pub mod netns;
 pub mod nft;
 pub mod nft_nl;
 pub mod spoof;
+pub mod status;
 
 use cni_proto::{CniResult, Error as CniError, Plugin, Request};
 
@@ -35,7 +37,7 @@ pub fn runtime() -> Result<tokio::runtime::Runtime, BridgeError> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| BridgeError::Netns(format!("starting the runtime: {e}")))
+        .map_err(BridgeError::io("starting the async runtime"))
 }
 
 /// The bridge plugin.
@@ -63,9 +65,9 @@ impl Plugin for Bridge {
         with_conf(req, |c| check::check(req, c))
     }
     fn gc(&self, req: &Request) -> Result<(), CniError> {
-        with_conf(req, |c| del::gc(req, c))
+        with_conf(req, |c| gc::gc(req, c))
     }
     fn status(&self, req: &Request) -> Result<(), CniError> {
-        with_conf(req, |c| del::status(req, c))
+        with_conf(req, |c| status::status(req, c))
     }
 }

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use futures::TryStreamExt;
 use ipnetwork::IpNetwork;
-use rtnetlink::packet_route::address::AddressMessage;
+use rtnetlink::packet_route::address::{AddressHeaderFlags, AddressMessage};
 use rtnetlink::packet_route::link::BridgeVlanInfoFlags;
 use rtnetlink::packet_route::link::{
     InfoBridge, InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoVeth, LinkAttribute, LinkFlags,
@@ -39,55 +39,56 @@ fn no_vlan_filtering() -> BridgeError {
 /// What the plugin needs to know of a link.
 #[derive(Debug, Clone, Default)]
 pub struct Link {
-    /// ifindex.
+    /// The interface index, stable for the link's life (names can change).
     pub index: u32,
-    /// MAC.
+    /// The hardware address, reported in the result and compared by CHECK.
     pub mac: Vec<u8>,
-    /// MTU.
+    /// Reported in 1.1.0 results and compared with the config's `mtu` by CHECK.
     pub mtu: u32,
-    /// Kind (bridge, veth...).
+    /// `bridge`, `veth`...: an existing link named like the bridge must be a bridge.
     pub kind: Option<InfoKind>,
-    /// Bridge it is a port of.
+    /// The index of the bridge this link is a port of, if any.
     pub controller: Option<u32>,
-    /// Operationally up.
+    /// Operational state up: for a bridge port, it forwards only then.
     pub oper_up: bool,
-    /// Promiscuous flag.
+    /// IFF_PROMISC (`promiscMode`).
     pub promisc: bool,
-    /// Bridge port hairpin mode.
+    /// The bridge port's hairpin mode, `None` when the link is no bridge port.
     pub hairpin: Option<bool>,
-    /// Bridge port isolation.
+    /// The bridge port's isolation, `None` when the link is no bridge port.
     pub isolated: Option<bool>,
-    /// The peer's ifindex (IFLA_LINK) for a veth.
+    /// For a veth, its peer's ifindex (IFLA_LINK), in the peer's namespace.
     pub peer_index: Option<u32>,
-    /// A bridge's VLAN filtering.
+    /// For a bridge, whether it filters by VLAN.
     pub vlan_filtering: bool,
 }
 
-fn summarize(m: &LinkMessage) -> Link {
-    let mut l = Link {
-        index: m.header.index,
-        promisc: m.header.flags.contains(LinkFlags::Promisc),
+fn summarize(msg: &LinkMessage) -> Link {
+    let mut link = Link {
+        index: msg.header.index,
+        promisc: msg.header.flags.contains(LinkFlags::Promisc),
         ..Default::default()
     };
-    for a in &m.attributes {
-        match a {
-            LinkAttribute::Address(mac) => l.mac = mac.clone(),
-            LinkAttribute::Mtu(mtu) => l.mtu = *mtu,
-            LinkAttribute::Controller(c) => l.controller = Some(*c),
-            LinkAttribute::OperState(s) => l.oper_up = *s == State::Up,
-            LinkAttribute::Link(p) => l.peer_index = Some(*p),
+    for attr in &msg.attributes {
+        match attr {
+            LinkAttribute::Address(mac) => link.mac = mac.clone(),
+            LinkAttribute::Mtu(mtu) => link.mtu = *mtu,
+            LinkAttribute::Controller(bridge) => link.controller = Some(*bridge),
+            LinkAttribute::OperState(state) => link.oper_up = *state == State::Up,
+            LinkAttribute::Link(peer) => link.peer_index = Some(*peer),
             LinkAttribute::LinkInfo(infos) => {
-                for i in infos {
-                    match i {
-                        LinkInfo::Kind(k) => l.kind = Some(k.clone()),
-                        LinkInfo::Data(InfoData::Bridge(b)) => {
-                            l.vlan_filtering = b.iter().any(|x| matches!(x, InfoBridge::VlanFiltering(true)));
+                for info in infos {
+                    match info {
+                        LinkInfo::Kind(kind) => link.kind = Some(kind.clone()),
+                        LinkInfo::Data(InfoData::Bridge(bridge)) => {
+                            link.vlan_filtering =
+                                bridge.iter().any(|x| matches!(x, InfoBridge::VlanFiltering(true)));
                         }
-                        LinkInfo::PortData(InfoPortData::BridgePort(bp)) => {
-                            for p in bp {
-                                match p {
-                                    InfoBridgePort::HairpinMode(h) => l.hairpin = Some(*h),
-                                    InfoBridgePort::Isolated(v) => l.isolated = Some(*v),
+                        LinkInfo::PortData(InfoPortData::BridgePort(port)) => {
+                            for port_attr in port {
+                                match port_attr {
+                                    InfoBridgePort::HairpinMode(on) => link.hairpin = Some(*on),
+                                    InfoBridgePort::Isolated(on) => link.isolated = Some(*on),
                                     _ => {}
                                 }
                             }
@@ -99,22 +100,22 @@ fn summarize(m: &LinkMessage) -> Link {
             _ => {}
         }
     }
-    l
+    link
 }
 
 /// A netlink connection bound to one namespace.
 #[derive(Clone)]
 pub struct Nl {
-    h: Handle,
+    handle: Handle,
 }
 
 impl Nl {
     /// A connection in the current namespace.
     pub fn here() -> Result<Nl, BridgeError> {
-        let (conn, h, _) = rtnetlink::new_connection()
-            .map_err(|e| BridgeError::Netns(format!("opening a netlink socket: {e}")))?;
+        let (conn, handle, _) =
+            rtnetlink::new_connection().map_err(BridgeError::io("opening a netlink socket"))?;
         tokio::spawn(conn);
-        Ok(Nl { h })
+        Ok(Nl { handle })
     }
 
     /// [`Nl::here`] from outside the runtime `rt`.
@@ -133,14 +134,15 @@ impl Nl {
     pub fn in_ns(ns: &File) -> Result<Nl, BridgeError> {
         let made = netns::run_in(ns, rtnetlink::new_connection)
             .map_err(|e| BridgeError::Netns(format!("entering the pod namespace: {e}")))?;
-        let (conn, h, _) = made.map_err(|e| BridgeError::Netns(format!("opening a netlink socket: {e}")))?;
+        let (conn, handle, _) =
+            made.map_err(BridgeError::io("opening a netlink socket in the pod namespace"))?;
         tokio::spawn(conn);
-        Ok(Nl { h })
+        Ok(Nl { handle })
     }
 
     /// A link by name; `None` if there is none.
     pub async fn link(&self, name: &str) -> Result<Option<Link>, BridgeError> {
-        match self.h.link().get().match_name(name.to_string()).execute().try_next().await {
+        match self.handle.link().get().match_name(name.to_string()).execute().try_next().await {
             Ok(m) => Ok(m.as_ref().map(summarize)),
             Err(e) if errno(&e) == Some(ENODEV) => Ok(None),
             Err(e) => Err(BridgeError::netlink(format!("getting link {name}"))(e)),
@@ -149,7 +151,7 @@ impl Nl {
 
     /// A link by index; `None` if there is none.
     pub async fn link_by_index(&self, index: u32) -> Result<Option<Link>, BridgeError> {
-        match self.h.link().get().match_index(index).execute().try_next().await {
+        match self.handle.link().get().match_index(index).execute().try_next().await {
             Ok(m) => Ok(m.as_ref().map(summarize)),
             Err(e) if errno(&e) == Some(ENODEV) => Ok(None),
             Err(e) => Err(BridgeError::netlink(format!("getting link {index}"))(e)),
@@ -171,7 +173,7 @@ impl Nl {
         if let Some(m) = mtu {
             b = b.mtu(m);
         }
-        match self.h.link().add(b.build()).execute().await {
+        match self.handle.link().add(b.build()).execute().await {
             Ok(()) => Ok(true),
             Err(e) if errno(&e) == Some(EEXIST) => Ok(false),
             Err(e) if vlan_filtering && errno(&e) == Some(EOPNOTSUPP) => Err(no_vlan_filtering()),
@@ -182,7 +184,7 @@ impl Nl {
     /// Turns VLAN filtering on for an existing bridge.
     pub async fn enable_vlan_filtering(&self, name: &str) -> Result<(), BridgeError> {
         let msg = LinkBridge::new(name).vlan_filtering(true).build();
-        match self.h.link().change(msg).execute().await {
+        match self.handle.link().change(msg).execute().await {
             Err(e) if errno(&e) == Some(EOPNOTSUPP) => Err(no_vlan_filtering()),
             r => r.map_err(BridgeError::netlink(format!("enabling VLAN filtering on {name}"))),
         }
@@ -215,7 +217,7 @@ impl Nl {
         if let Some(p) = pvid {
             b = b.vlan(p, BridgeVlanInfoFlags::Pvid | BridgeVlanInfoFlags::Untagged);
         }
-        self.h
+        self.handle
             .link()
             .set(b.build())
             .execute()
@@ -226,7 +228,7 @@ impl Nl {
     /// Removes a VLAN from a bridge port; absent is fine.
     pub async fn port_vlan_del(&self, port: u32, vid: u16) -> Result<(), BridgeError> {
         let msg = LinkBridgeVlan::new(port).vlan(vid, BridgeVlanInfoFlags::empty()).build();
-        match self.h.link().del_with_message(msg).execute().await {
+        match self.handle.link().del_with_message(msg).execute().await {
             Err(e) if !matches!(errno(&e), Some(ENOENT) | Some(EINVAL)) => {
                 Err(BridgeError::netlink(format!("removing VLAN {vid} from the bridge port"))(e))
             }
@@ -242,13 +244,18 @@ impl Nl {
         f: impl FnOnce(LinkMessageBuilder<LinkUnspec>) -> LinkMessageBuilder<LinkUnspec>,
     ) -> Result<(), BridgeError> {
         let msg = f(LinkUnspec::new_with_index(index)).build();
-        self.h.link().set(msg).execute().await.map_err(BridgeError::netlink(what.to_string()))
+        self.handle.link().set(msg).execute().await.map_err(BridgeError::netlink(what.to_string()))
     }
 
     /// Sets hairpin and isolation on a bridge port.
     pub async fn set_port(&self, index: u32, hairpin: bool, isolated: bool) -> Result<(), BridgeError> {
         let msg = LinkBridgePort::new(index).hairpin(hairpin).isolated(isolated).build();
-        self.h.link().set_port(msg).execute().await.map_err(BridgeError::netlink("setting bridge port mode"))
+        self.handle
+            .link()
+            .set_port(msg)
+            .execute()
+            .await
+            .map_err(BridgeError::netlink("setting bridge port mode"))
     }
 
     /// Creates a veth through this (pod) connection: `name` here, `peer` in `host_ns`.
@@ -272,7 +279,7 @@ impl Nl {
             v = v.address(m.to_vec());
         }
         let msg = v.set_info_data(InfoData::Veth(InfoVeth::Peer(p.build()))).build();
-        match self.h.link().add(msg).execute().await {
+        match self.handle.link().add(msg).execute().await {
             Ok(()) => Ok(true),
             Err(e) if errno(&e) == Some(EEXIST) => Ok(false),
             Err(e) => Err(BridgeError::netlink(format!("creating veth {name}/{peer}"))(e)),
@@ -290,7 +297,7 @@ impl Nl {
         if let Some(m) = mtu {
             v = v.mtu(m);
         }
-        match self.h.link().add(v.build()).execute().await {
+        match self.handle.link().add(v.build()).execute().await {
             Ok(()) => Ok(true),
             Err(e) if errno(&e) == Some(EEXIST) => Ok(false),
             Err(e) => Err(BridgeError::netlink(format!("creating veth {name}/{peer}"))(e)),
@@ -300,15 +307,26 @@ impl Nl {
     /// Deletes a link by name in one request; gone already is fine.
     pub async fn del_link_named(&self, name: &str) -> Result<(), BridgeError> {
         let msg = LinkUnspec::new_with_name(name).build();
-        match self.h.link().del_with_message(msg).execute().await {
+        match self.handle.link().del_with_message(msg).execute().await {
             Err(e) if errno(&e) != Some(ENODEV) => Err(BridgeError::netlink(format!("deleting {name}"))(e)),
             _ => Ok(()),
         }
     }
 
+    /// Whether any link is a port of bridge `index`.
+    pub async fn has_ports(&self, index: u32) -> Result<bool, BridgeError> {
+        let mut links = self.handle.link().get().execute();
+        while let Some(m) = links.try_next().await.map_err(BridgeError::netlink("listing links"))? {
+            if summarize(&m).controller == Some(index) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// Deletes a link; gone already is fine.
     pub async fn del_link(&self, index: u32) -> Result<(), BridgeError> {
-        match self.h.link().del(index).execute().await {
+        match self.handle.link().del(index).execute().await {
             Err(e) if errno(&e) != Some(ENODEV) => Err(BridgeError::netlink("deleting link")(e)),
             _ => Ok(()),
         }
@@ -317,7 +335,7 @@ impl Nl {
     /// Addresses of a link (link-local IPv6 left out).
     pub async fn addresses(&self, index: u32) -> Result<Vec<IpNetwork>, BridgeError> {
         let msgs: Vec<AddressMessage> = self
-            .h
+            .handle
             .address()
             .get()
             .set_link_index_filter(index)
@@ -341,7 +359,21 @@ impl Nl {
 
     /// Adds an address; present already is fine.
     pub async fn add_address(&self, index: u32, a: IpNetwork) -> Result<(), BridgeError> {
-        match self.h.address().add(index, a.ip(), a.prefix()).execute().await {
+        self.add_address_with(index, a, false).await
+    }
+
+    /// Adds an address that skips duplicate address detection (IPv6): usable at once, where
+    /// a DAD'd one stays tentative for 1-2 s (no bind, no neighbour answers meanwhile).
+    pub async fn add_address_nodad(&self, index: u32, a: IpNetwork) -> Result<(), BridgeError> {
+        self.add_address_with(index, a, true).await
+    }
+
+    async fn add_address_with(&self, index: u32, a: IpNetwork, nodad: bool) -> Result<(), BridgeError> {
+        let mut req = self.handle.address().add(index, a.ip(), a.prefix());
+        if nodad && a.is_ipv6() {
+            req.message_mut().header.flags = AddressHeaderFlags::Nodad;
+        }
+        match req.execute().await {
             Err(e) if errno(&e) != Some(EEXIST) => {
                 Err(BridgeError::netlink(format!("adding address {a}"))(e))
             }
@@ -352,7 +384,7 @@ impl Nl {
     /// Removes an address; absent is fine.
     pub async fn del_address(&self, index: u32, a: IpNetwork) -> Result<(), BridgeError> {
         let msgs: Vec<AddressMessage> = self
-            .h
+            .handle
             .address()
             .get()
             .set_link_index_filter(index)
@@ -362,7 +394,7 @@ impl Nl {
             .await
             .map_err(BridgeError::netlink("listing addresses"))?;
         for m in msgs {
-            match self.h.address().del(m).execute().await {
+            match self.handle.address().del(m).execute().await {
                 Err(e) if errno(&e) != Some(EADDRNOTAVAIL) => {
                     return Err(BridgeError::netlink(format!("removing address {a}"))(e))
                 }
@@ -374,7 +406,7 @@ impl Nl {
 
     /// Adds a route out of `oif`; present already is fine.
     pub async fn add_route(&self, oif: u32, r: &cni_proto::Route) -> Result<(), BridgeError> {
-        let mut msg = route_message(oif, r);
+        let mut msg = route_message(oif, r)?;
         if r.mtu.is_some() || r.advmss.is_some() {
             let mut metrics = Vec::new();
             if let Some(m) = r.mtu {
@@ -385,7 +417,7 @@ impl Nl {
             }
             msg.attributes.push(RouteAttribute::Metrics(metrics));
         }
-        match self.h.route().add(msg).execute().await {
+        match self.handle.route().add(msg).execute().await {
             Err(e) if errno(&e) != Some(EEXIST) => {
                 Err(BridgeError::netlink(format!("adding route to {} via {:?}", r.dst, r.gw))(e))
             }
@@ -401,7 +433,7 @@ impl Nl {
             RouteMessageBuilder::<std::net::Ipv6Addr>::new().build()
         };
         let msgs: Vec<RouteMessage> = self
-            .h
+            .handle
             .route()
             .get(q)
             .execute()
@@ -429,13 +461,15 @@ impl Nl {
     }
 }
 
-fn route_message(oif: u32, r: &cni_proto::Route) -> RouteMessage {
+fn route_message(oif: u32, r: &cni_proto::Route) -> Result<RouteMessage, BridgeError> {
+    // Both are checked when a result is parsed; refused here too rather than trusted.
+    let mismatch = || BridgeError::Config(format!("route to {} via {:?}: families differ", r.dst, r.gw));
     let mut b = RouteMessageBuilder::<IpAddr>::new()
         .destination_prefix(r.dst.network(), r.dst.prefix())
-        .expect("family of dst")
+        .map_err(|_| mismatch())?
         .output_interface(oif);
     if let Some(gw) = r.gw {
-        b = b.gateway(gw).expect("gateway of the family of dst (checked when parsed)");
+        b = b.gateway(gw).map_err(|_| mismatch())?;
     }
     if let Some(p) = r.priority {
         b = b.priority(p);
@@ -448,5 +482,5 @@ fn route_message(oif: u32, r: &cni_proto::Route) -> RouteMessage {
         None if r.gw.is_none() => b = b.scope(RouteScope::Link),
         None => {}
     }
-    b.build()
+    Ok(b.build())
 }

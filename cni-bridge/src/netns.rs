@@ -72,3 +72,12 @@ pub fn sysctl(key: &str, value: &str) -> Result<(), BridgeError> {
     }
     std::fs::write(&path, value).map_err(|e| BridgeError::Sysctl(format!("writing {value} to {path}: {e}")))
 }
+
+/// Whether `path` is the network namespace this thread runs in (a DEL must never remove
+/// CNI_IFNAME there).
+pub fn names_own_namespace(path: &Path) -> bool {
+    match (File::open(path), current()) {
+        (Ok(f), Ok(own)) => same(&f, &own),
+        _ => false,
+    }
+}

@@ -535,3 +535,189 @@ fn masquerade_hides_pods_from_outside_but_not_from_each_other_with_both_backends
         assert_ne!(k.code, 0, "{backend}: CHECK after DEL must fail");
     }
 }
+
+#[test]
+fn bad_delegated_ipam_results_are_refused_and_rolled_back() {
+    require_root("bad_ipam_result");
+    let w = World::new("badres");
+    let pod = Netns::new("pod");
+    let path = pod.path.display().to_string();
+    let ip = |address: &str, gateway: Option<&str>| match gateway {
+        Some(g) => json!({"address": address, "gateway": g}),
+        None => json!({"address": address}),
+    };
+    let cases: Vec<(Value, &str)> = vec![
+        (json!({"ips": [ip("fd00::5/64", Some("10.0.0.1"))]}), "family"),
+        (json!({"ips": [ip("10.40.0.5/24", Some("fd00::1"))]}), "family"),
+        (json!({"ips": [ip("10.40.0.5/24", Some("10.41.0.1"))]}), "outside"),
+        (json!({"ips": [ip("10.40.0.5/24", Some("10.40.0.5"))]}), "own address"),
+        (
+            json!({"ips": [{"address": "10.40.0.5/24", "gateway": "10.40.0.1", "interface": 3}]}),
+            "interface 3",
+        ),
+        (json!({"ips": []}), "no IP"),
+        (json!({}), "no IP"),
+        (json!({"ips": [ip("10.40.0.5/32", None)]}), "no gateway"),
+        (json!({"ips": [ip("255.255.255.255/32", None)]}), "no gateway"),
+    ];
+    let configs = [json!({"ipMasq": true}), json!({"isDefaultGateway": true, "ipMasq": true})];
+    for ((mut result, needle), extra) in
+        cases.into_iter().flat_map(|c| configs.iter().map(move |x| (c.clone(), x)))
+    {
+        result["cniVersion"] = json!("1.0.0");
+        let cni_path = w.fake_ipam(&result);
+        let mut conf = w.conf("1.0.0", "10.40.0.0/24", extra.clone());
+        conf["ipam"] = json!({"type": "fake-ipam"});
+        let o = w.call_with("ADD", "c1", &path, "eth0", &[("CNI_PATH", &cni_path)], &conf);
+        assert_eq!(o.err_code(), Some(118), "{result}: {} {}", o.stdout, o.stderr);
+        assert!(o.stdout.contains(needle), "{needle:?} not in {}", o.stdout);
+        assert!(!o.stderr.contains("panicked"), "{}", o.stderr);
+        assert_eq!(w.fake_ipam_calls(), ["ADD", "DEL"], "{result}: the lease is released");
+        assert_eq!(w.node.links(), ["lo"], "{result}: links left on the node");
+        assert_eq!(pod.links(), ["lo"], "{result}: links left in the pod");
+        assert!(w.masq_entries().is_empty(), "{result}: masquerade entry left");
+    }
+}
+
+#[test]
+fn del_releases_everything_when_netns_is_no_namespace_any_more() {
+    require_root("del_stale_netns");
+    let w = World::new("stale");
+    let conf = w.conf("1.0.0", "10.41.0.0/24", json!({"ipMasq": true}));
+    // An unmounted bind mount: the file stays, empty; the namespace lives on elsewhere,
+    // holding the veth pair, so the host veth (named in prevResult) must go too.
+    let pod = Netns::new("pod");
+    let mount_point = w.tmp.join("netns-bind");
+    std::fs::write(&mount_point, "").unwrap();
+    let mp = mount_point.display().to_string();
+    let st =
+        std::process::Command::new("mount").args(["--bind", &pod.path.display().to_string(), &mp]).status();
+    assert!(st.unwrap().success(), "bind mount");
+    let add = w.call("ADD", "c1", &mp, &conf);
+    let unmount = std::process::Command::new("umount").arg(&mp).status();
+    assert!(unmount.unwrap().success(), "umount");
+    assert_eq!(add.code, 0, "{}", add.stdout);
+    assert_eq!(w.veths().len(), 1);
+    let mut with_prev = conf.clone();
+    with_prev["prevResult"] = add.json.clone();
+    let o = w.call("DEL", "c1", &mp, &with_prev);
+    assert_eq!(o.code, 0, "{} {}", o.stdout, o.stderr);
+    assert!(w.leases().is_empty(), "lease leaked");
+    assert!(w.masq_entries().is_empty(), "masquerade entry leaked");
+    assert!(w.veths().is_empty(), "host veth left");
+    assert!(!pod.links().contains(&"eth0".to_string()), "the pod end goes with the host end");
+    assert_eq!(w.call("DEL", "c1", &mp, &with_prev).code, 0, "repeated");
+    // A regular file with content, and a directory, without prevResult.
+    let pod2 = Netns::new("pod2");
+    let add = w.call("ADD", "c2", &pod2.path.display().to_string(), &conf);
+    assert_eq!(add.code, 0, "{}", add.stdout);
+    let regular = w.tmp.join("regular");
+    std::fs::write(&regular, "not a namespace").unwrap();
+    for ns in [regular.display().to_string(), w.tmp.display().to_string()] {
+        let o = w.call("DEL", "c2", &ns, &conf);
+        assert_eq!(o.code, 0, "{ns}: {} {}", o.stdout, o.stderr);
+        assert!(w.leases().is_empty(), "{ns}: lease leaked");
+        assert!(w.masq_entries().is_empty(), "{ns}: masquerade entry leaked");
+    }
+    // The plugin's own namespace is still refused: CNI_IFNAME there is the node's.
+    let own = w.node.path.display().to_string();
+    let o = cni_conformance::plugin::invoke_raw(
+        &w.node,
+        &w.bin.join("cni-bridge"),
+        "DEL",
+        &[("CNI_CONTAINERID", "c2"), ("CNI_NETNS", &own), ("CNI_IFNAME", "eth0"), ("CNI_PATH", "/x")],
+        conf.to_string().as_bytes(),
+        true,
+    );
+    assert_eq!(o.err_code(), Some(4), "{}", o.stdout);
+}
+
+#[test]
+fn failed_add_removes_the_bridge_it_created() {
+    require_root("failed_add_bridge");
+    let w = World::new("brroll");
+    let pod = Netns::new("pod");
+    let path = pod.path.display().to_string();
+    // A route the kernel refuses (its gateway is reachable from no pod subnet): ADD fails
+    // after it has created the bridge, the veth and the masquerade entry.
+    let mut conf = w.conf("1.0.0", "10.42.0.0/24", json!({"ipMasq": true}));
+    conf["ipam"]["routes"] = json!([{"dst": "10.50.0.0/16", "gw": "10.99.0.1"}]);
+    let o = w.call("ADD", "c1", &path, &conf);
+    assert_eq!(o.err_code(), Some(113), "{}", o.stdout);
+    assert_eq!(w.node.links(), ["lo"], "the bridge this ADD created is left");
+    assert_eq!(pod.links(), ["lo"]);
+    assert!(w.leases().is_empty());
+    assert!(w.masq_entries().is_empty());
+    // A range gateway outside its subnet: refused (by IPAM or by the result check) before
+    // anything is made.
+    let mut conf = w.conf("1.0.0", "10.42.0.0/24", json!({}));
+    conf["ipam"]["gateway"] = json!("10.99.0.1");
+    let o = w.call("ADD", "c1", &path, &conf);
+    assert!(matches!(o.err_code(), Some(7) | Some(118)), "{}", o.stdout);
+    assert_eq!(w.node.links(), ["lo"]);
+    assert!(w.leases().is_empty());
+    // A bridge that existed before stays, and keeps its other pods.
+    let other = Netns::new("other");
+    let conf = w.conf("1.0.0", "10.42.0.0/24", json!({}));
+    let first = w.call("ADD", "c0", &other.path.display().to_string(), &conf);
+    assert_eq!(first.code, 0, "{}", first.stdout);
+    let mut bad = conf.clone();
+    bad["ipam"]["routes"] = json!([{"dst": "10.50.0.0/16", "gw": "10.99.0.1"}]);
+    assert_eq!(w.call("ADD", "c1", &path, &bad).err_code(), Some(113));
+    assert!(w.node.links().contains(&"cni0".to_string()));
+    assert_eq!(w.veths().len(), 1);
+    assert_eq!(w.leases(), [ip_of(&first, 0).to_string()]);
+}
+
+#[test]
+fn a_300_character_container_id_leaves_nothing_when_refused() {
+    require_root("long_id");
+    let w = World::new("longid");
+    let pod = Netns::new("pod");
+    let path = pod.path.display().to_string();
+    let id = "a".repeat(300);
+    let conf = w.conf("1.0.0", "10.43.0.0/24", json!({"ipMasq": true}));
+    let o = w.call("ADD", &id, &path, &conf);
+    eprintln!("ADD with a 300-character id: {} {}", o.code, o.stdout);
+    if o.code == 0 {
+        assert_eq!(w.call("DEL", &id, &path, &conf).code, 0);
+        assert!(w.veths().is_empty() && w.leases().is_empty() && w.masq_entries().is_empty());
+    } else {
+        assert!(o.err_code().is_some(), "a CNI error on stdout: {}", o.stdout);
+        assert_eq!(w.node.links(), ["lo"], "{}: left links", o.stdout);
+        assert_eq!(pod.links(), ["lo"]);
+        assert!(w.leases().is_empty() && w.masq_entries().is_empty(), "{}", o.stdout);
+    }
+}
+
+/// Runs `f` on a thread inside `ns`.
+fn in_ns<T: Send + 'static>(ns: std::fs::File, f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    })
+    .join()
+    .expect("thread")
+}
+
+#[test]
+fn ipv6_gateway_works_the_moment_add_returns() {
+    require_root("ipv6_nodad");
+    let w = World::new("nodad");
+    let pod = Netns::new("pod");
+    let mut conf = w.conf("1.0.0", "fd00:44::/64", json!({"isDefaultGateway": true}));
+    conf["ipam"]["routes"] = json!([]);
+    let o = w.call("ADD", "c1", &pod.path.display().to_string(), &conf);
+    assert_eq!(o.code, 0, "{} {}", o.stdout, o.stderr);
+    // Right away, no retry: a listener on the node at the gateway address (a tentative
+    // address cannot even be bound), and a connect from the pod with a short timeout.
+    let listener = in_ns(w.node.file(), || std::net::TcpListener::bind("[fd00:44::1]:0"));
+    let listener = listener.expect("bind the gateway address on the node right after ADD");
+    let addr = listener.local_addr().unwrap();
+    let connected = in_ns(pod.file(), move || {
+        std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(500))
+    });
+    assert!(connected.is_ok(), "connect {addr} from the pod: {connected:?}");
+    let (_, peer) = listener.accept().unwrap();
+    assert_eq!(peer.ip(), ip_of(&o, 0));
+}

@@ -150,3 +150,49 @@ pub fn ip_of(out: &Out, i: usize) -> std::net::IpAddr {
     let a = out.json["ips"][i]["address"].as_str().unwrap_or_else(|| panic!("no ips[{i}] in {}", out.stdout));
     a.split('/').next().unwrap().parse().unwrap()
 }
+
+impl World {
+    /// Installs a delegated IPAM plugin `fake-ipam` that answers ADD with `result` and
+    /// appends each command it gets to a log ([`World::fake_ipam_calls`]); returns the
+    /// CNI_PATH that finds it.
+    pub fn fake_ipam(&self, result: &Value) -> String {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = self.tmp.join("fake-ipam");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("result.json"), result.to_string()).unwrap();
+        let d = dir.display();
+        let script = format!(
+            "#!/bin/sh\necho \"$CNI_COMMAND\" >> {d}/calls\n\
+             if [ \"$CNI_COMMAND\" = ADD ]; then cat {d}/result.json; fi\nexit 0\n"
+        );
+        let bin = dir.join("fake-ipam");
+        std::fs::write(&bin, script).unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let _ = std::fs::remove_file(dir.join("calls"));
+        format!("{d}:{}:{REFERENCE_DIR}", self.bin.display())
+    }
+
+    /// The commands the fake IPAM plugin got, in order.
+    pub fn fake_ipam_calls(&self) -> Vec<String> {
+        std::fs::read_to_string(self.tmp.join("fake-ipam").join("calls"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The node's nftables ruleset, as `nft list ruleset` prints it.
+    pub fn ruleset(&self) -> String {
+        String::from_utf8_lossy(&self.node.run("nft", &["list", "ruleset"]).stdout).into_owned()
+    }
+
+    /// Waits (bounded) until the node has no veth: the kernel removes a dead namespace's
+    /// veth pair asynchronously.
+    pub fn wait_no_veths(&self) -> Vec<String> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !self.veths().is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        self.veths()
+    }
+}

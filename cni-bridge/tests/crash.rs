@@ -1,0 +1,182 @@
+//! Crash tests: a test build of cni-bridge killed (SIGKILL) at each named step of ADD and
+//! DEL (`cni_proto::crash_point`, env CNI_TEST_CRASH_AT), then the runtime's recovery: DEL
+//! with the same arguments, or GC with the valid attachments once the sandbox is gone.
+//! Afterwards nothing of the attachment is left (no lease, no veth, no masquerade or
+//! spoof-check entry, no chain), and the next ADD for the pod works.
+
+mod common;
+
+use cni_conformance::{require_root, Netns};
+use common::*;
+use serde_json::{json, Value};
+
+/// Every crash point of ADD, in the order ADD reaches them.
+const ADD_STEPS: [&str; 9] = [
+    "bridge-add-after-ipam",
+    "bridge-add-after-masquerade",
+    "bridge-add-after-bridge",
+    "bridge-add-after-veth",
+    "bridge-add-after-spoof-check",
+    "bridge-add-after-addresses",
+    "bridge-add-after-routes",
+    "bridge-add-after-gateway",
+    "bridge-add-before-result",
+];
+
+/// Every crash point of DEL.
+const DEL_STEPS: [&str; 3] = ["bridge-del-after-ipam", "bridge-del-after-rules", "bridge-del-after-link"];
+
+/// Every rule of the node: the nftables ruleset and both iptables nat tables (the iptables
+/// backend's per-attachment chains).
+fn rules(w: &World) -> String {
+    let mut all = w.ruleset();
+    for tool in ["iptables-save", "ip6tables-save"] {
+        let out = w.node.run(tool, &["-t", "nat"]);
+        // Drop the comment lines that carry a timestamp.
+        all.extend(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| !l.starts_with('#'))
+                .map(|l| format!("{l}\n")),
+        );
+    }
+    all
+}
+
+struct Node {
+    w: World,
+    conf: Value,
+    /// The ruleset with the tables and chains made, and no attachment.
+    baseline: String,
+}
+
+impl Node {
+    fn new(tag: &str) -> Node {
+        Node::with_backend(tag, "nftables")
+    }
+
+    fn with_backend(tag: &str, backend: &str) -> Node {
+        let w = World::new(tag);
+        let conf = w.conf(
+            "1.1.0",
+            "10.46.0.0/24",
+            json!({"ipMasq": true, "ipMasqBackend": backend, "macspoofchk": true, "isDefaultGateway": true}),
+        );
+        let warm = Netns::new("warm");
+        let path = warm.path.display().to_string();
+        assert_eq!(w.call("ADD", "warm", &path, &conf).code, 0);
+        assert_eq!(w.call("DEL", "warm", &path, &conf).code, 0);
+        let baseline = rules(&w);
+        Node { w, conf, baseline }
+    }
+
+    fn call(&self, cmd: &str, id: &str, pod: &Netns, crash_at: Option<&str>) -> cni_conformance::Out {
+        let env: Vec<(&str, &str)> = crash_at.map(|s| ("CNI_TEST_CRASH_AT", s)).into_iter().collect();
+        self.w.call_with(cmd, id, &pod.path.display().to_string(), "eth0", &env, &self.conf)
+    }
+
+    fn crash(&self, cmd: &str, id: &str, pod: &Netns, step: &str) {
+        let o = self.call(cmd, id, pod, Some(step));
+        assert_eq!(o.code, -1, "{step}: {cmd} was not killed there: {} {}", o.stdout, o.stderr);
+        assert!(o.stdout.is_empty(), "{step}: {}", o.stdout);
+    }
+
+    fn assert_clean(&self, step: &str) {
+        assert!(self.w.leases().is_empty(), "{step}: lease left: {:?}", self.w.leases());
+        assert_eq!(self.w.wait_no_veths(), Vec::<String>::new(), "{step}: veth left");
+        assert!(self.w.masq_entries().is_empty(), "{step}: masquerade entry left");
+        assert_eq!(rules(&self.w), self.baseline, "{step}: rules left");
+    }
+
+    /// The next ADD for the pod works, and its DEL cleans up.
+    fn assert_next_add_works(&self, id: &str, pod: &Netns, step: &str) {
+        let o = self.call("ADD", id, pod, None);
+        assert_eq!(o.code, 0, "{step}: ADD after recovery: {} {}", o.stdout, o.stderr);
+        assert_ne!(rules(&self.w), self.baseline, "{step}: the ADD made its rules");
+        assert_eq!(self.call("DEL", id, pod, None).code, 0, "{step}");
+        self.assert_clean(step);
+    }
+}
+
+#[test]
+fn add_killed_at_each_step_then_del_leaves_nothing() {
+    require_root("crash_add_del");
+    let node = Node::new("crashdel");
+    for step in ADD_STEPS {
+        let pod = Netns::new("pod");
+        node.crash("ADD", "c1", &pod, step);
+        let o = node.call("DEL", "c1", &pod, None);
+        assert_eq!(o.code, 0, "{step}: DEL after the crash: {} {}", o.stdout, o.stderr);
+        assert_eq!(pod.links(), ["lo"], "{step}: pod interface left");
+        node.assert_clean(step);
+        node.assert_next_add_works("c1", &pod, step);
+    }
+}
+
+#[test]
+fn add_killed_at_each_step_then_del_leaves_no_iptables_chain() {
+    require_root("crash_add_del_iptables");
+    let node = Node::with_backend("crashipt", "iptables");
+    for step in ADD_STEPS {
+        let pod = Netns::new("pod");
+        node.crash("ADD", "c1", &pod, step);
+        let o = node.call("DEL", "c1", &pod, None);
+        assert_eq!(o.code, 0, "{step}: DEL after the crash: {} {}", o.stdout, o.stderr);
+        node.assert_clean(step);
+        node.assert_next_add_works("c1", &pod, step);
+    }
+}
+
+#[test]
+fn add_killed_at_each_step_then_gc_leaves_nothing() {
+    require_root("crash_add_gc");
+    let node = Node::new("crashgc");
+    // A live pod the GCs must keep.
+    let live = Netns::new("live");
+    let o = node.call("ADD", "live", &live, None);
+    assert_eq!(o.code, 0, "{}", o.stdout);
+    let live_lease = node.w.leases();
+    let mut gc = node.conf.clone();
+    gc["cni.dev/valid-attachments"] = json!([{"containerID": "live", "ifname": "eth0"}]);
+    for step in ADD_STEPS {
+        let pod = Netns::new("pod");
+        node.crash("ADD", "c1", &pod, step);
+        // The runtime removes the dead sandbox, then collects what it no longer knows.
+        drop(pod);
+        let o = node.w.call("GC", "", "", &gc);
+        assert_eq!(o.code, 0, "{step}: GC: {} {}", o.stdout, o.stderr);
+        assert_eq!(node.w.leases(), live_lease, "{step}: lease left");
+        assert_eq!(node.w.masq_entries().len(), 1, "{step}: only the live pod's entry stays");
+        let stale_veths = node.w.veths();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut veths = stale_veths;
+        while veths.len() > 1 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            veths = node.w.veths();
+        }
+        assert_eq!(veths.len(), 1, "{step}: veth left: {veths:?}");
+        let pod = Netns::new("pod");
+        let o = node.call("ADD", "c1", &pod, None);
+        assert_eq!(o.code, 0, "{step}: ADD after GC: {} {}", o.stdout, o.stderr);
+        assert_eq!(node.call("DEL", "c1", &pod, None).code, 0, "{step}");
+    }
+    assert_eq!(node.call("DEL", "live", &live, None).code, 0);
+    node.assert_clean("end");
+}
+
+#[test]
+fn del_killed_at_each_step_then_del_again_leaves_nothing() {
+    require_root("crash_del");
+    let node = Node::new("crashdel2");
+    for step in DEL_STEPS {
+        let pod = Netns::new("pod");
+        let o = node.call("ADD", "c1", &pod, None);
+        assert_eq!(o.code, 0, "{step}: {}", o.stdout);
+        node.crash("DEL", "c1", &pod, step);
+        let o = node.call("DEL", "c1", &pod, None);
+        assert_eq!(o.code, 0, "{step}: DEL after the crash: {} {}", o.stdout, o.stderr);
+        assert_eq!(pod.links(), ["lo"], "{step}: pod interface left");
+        node.assert_clean(step);
+        node.assert_next_add_works("c1", &pod, step);
+    }
+}
