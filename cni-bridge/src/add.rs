@@ -11,11 +11,11 @@ use rtnetlink::packet_route::link::InfoKind;
 
 use crate::config::{fmt_mac, BridgeConf};
 use crate::error::BridgeError;
+use crate::firewall;
+use crate::firewall::spoof;
 use crate::ipam;
-use crate::masq;
 use crate::netlink::{Link, Nl};
 use crate::netns;
-use crate::spoof;
 
 /// How long the host veth may take to come up.
 const PORT_UP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -148,7 +148,7 @@ struct Undo<'a> {
     ipam: Option<&'a str>,
     masq: Option<String>,
     spoof: Option<String>,
-    backend: masq::Backend,
+    backend: firewall::Backend,
 }
 
 impl Undo<'_> {
@@ -237,7 +237,7 @@ fn spawn_masq<'a>(
     undo: &mut Undo<'a>,
 ) -> Option<MasqJob> {
     conf.ip_masq.then(|| {
-        let owner = masq::owner(&req.conf.name, &req.inv.container_id, &req.inv.ifname);
+        let owner = firewall::owner(&req.conf.name, &req.inv.container_id, &req.inv.ifname);
         undo.masq = Some(owner.clone());
         let addrs: Vec<IpNetwork> = ipam.ips.iter().map(|i| i.address).collect();
         let backend = conf.masq_backend;
@@ -350,7 +350,7 @@ async fn setup<'a>(
         .await?
         .ok_or_else(|| BridgeError::IfaceExists("pod interface vanished".into()))?;
     if conf.mac_spoof_check {
-        let owner = masq::owner(&req.conf.name, &req.inv.container_id, &req.inv.ifname);
+        let owner = firewall::owner(&req.conf.name, &req.inv.container_id, &req.inv.ifname);
         undo.spoof = Some(owner.clone());
         spoof::add(host_name, &pod_link.mac, &owner)?;
     }

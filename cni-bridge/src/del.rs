@@ -6,10 +6,9 @@ use cni_proto::{Command, Error as CniError, Request};
 
 use crate::config::BridgeConf;
 use crate::error::BridgeError;
-use crate::masq;
+use crate::firewall;
 use crate::netlink::Nl;
 use crate::netns;
-use crate::spoof;
 
 fn finish(errs: Vec<CniError>) -> Result<(), BridgeError> {
     if errs.is_empty() {
@@ -19,11 +18,12 @@ fn finish(errs: Vec<CniError>) -> Result<(), BridgeError> {
     }
 }
 
-/// Removes the pod interface (and so the veth pair), the lease and the masquerade entries.
+/// Removes the pod interface (and so the veth pair), the firewall entries and the lease.
 /// Succeeds when the namespace, interface or lease is already gone, and when repeated.
 ///
-/// The three are independent, so they run at once: deleting a veth waits for the kernel's
-/// RCU grace periods (~15 ms here), which covers the IPAM process and the nft calls.
+/// The interface and the rest run at once: deleting a veth waits for the kernel's RCU grace
+/// periods (~15 ms here), which covers the netlink rule removal and then the IPAM process.
+/// The lease is kept when the rules could not be removed.
 pub fn del(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
     crate::mark("start");
     let pod_ns = match req.inv.netns.as_deref() {
@@ -36,25 +36,17 @@ pub fn del(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
             Err(e) => return Err(e),
         },
     };
-    let owner = masq::owner(&req.conf.name, &req.inv.container_id, &req.inv.ifname);
+    let owner = firewall::owner(&req.conf.name, &req.inv.container_id, &req.inv.ifname);
     std::thread::scope(|s| {
-        let ipam = s.spawn(|| match conf.ipam_type.as_deref() {
-            Some(t) => crate::ipam::run(t, Command::Del, req).map(|_| ()),
-            None => Ok(()),
-        });
-        let rules = s.spawn(|| {
-            let mut errs: Vec<CniError> = Vec::new();
-            if conf.ip_masq {
-                if let Err(e) = conf.masq_backend.remove_where(|o| o == owner) {
-                    errs.push(e.into());
-                }
+        // The rules go before the lease: once released, the address can be leased to another
+        // pod, whose entry for it must not be removed as ours.
+        let ipam = s.spawn(|| {
+            firewall::teardown(conf.masq_backend, &|o| o == owner).map_err(CniError::from)?;
+            crate::mark("rules removed");
+            match conf.ipam_type.as_deref() {
+                Some(t) => crate::ipam::run(t, Command::Del, req).map(|_| ()),
+                None => Ok(()),
             }
-            if conf.mac_spoof_check {
-                if let Err(e) = spoof::remove_where(|o| o == owner) {
-                    errs.push(e.into());
-                }
-            }
-            errs
         });
         let mut errs: Vec<CniError> = Vec::new();
         if let Some(ns) = &pod_ns {
@@ -67,12 +59,10 @@ pub fn del(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
         }
         match ipam.join() {
             Ok(Err(e)) => errs.push(e),
-            Err(_) => errs.push(CniError::plugin(199, "IPAM DEL thread panicked", "")),
+            Err(_) => errs.push(CniError::plugin(199, "rules and IPAM DEL thread panicked", "")),
             Ok(Ok(())) => {}
         }
-        crate::mark("IPAM DEL joined");
-        errs.extend(rules.join().unwrap_or_default());
-        crate::mark("rules joined");
+        crate::mark("rules and IPAM DEL joined");
         finish(errs)
     })
 }
@@ -80,24 +70,17 @@ pub fn del(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
 /// Forwards GC to IPAM and removes this network's masquerade entries of attachments that are
 /// not valid any more.
 pub fn gc(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
+    // Rules first, as in DEL: a lease GC releases must not be named by a rule any more.
+    if let Some(valid) = req.conf.gc_valid_attachments() {
+        let keep: BTreeSet<String> =
+            valid.iter().map(|a| firewall::owner(&req.conf.name, &a.container_id, &a.ifname)).collect();
+        let stale = |o: &str| firewall::of_network(&req.conf.name, o) && !keep.contains(o);
+        firewall::teardown(conf.masq_backend, &stale)?;
+    }
     let mut errs: Vec<CniError> = Vec::new();
     if let Some(t) = conf.ipam_type.as_deref() {
         if let Err(e) = crate::ipam::run(t, Command::Gc, req) {
             errs.push(e);
-        }
-    }
-    if let Some(valid) = req.conf.gc_valid_attachments() {
-        let keep: BTreeSet<String> =
-            valid.iter().map(|a| masq::owner(&req.conf.name, &a.container_id, &a.ifname)).collect();
-        let prefix = format!("{}/", req.conf.name);
-        let stale = |o: &str| o.starts_with(&prefix) && !keep.contains(o);
-        if let Err(e) = conf.masq_backend.remove_where(stale) {
-            errs.push(e.into());
-        }
-        if conf.mac_spoof_check {
-            if let Err(e) = spoof::remove_where(stale) {
-                errs.push(e.into());
-            }
         }
     }
     finish(errs)

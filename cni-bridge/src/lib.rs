@@ -5,14 +5,10 @@ pub mod check;
 pub mod config;
 pub mod del;
 pub mod error;
+pub mod firewall;
 pub mod ipam;
-pub mod ipt;
-pub mod masq;
 pub mod netlink;
 pub mod netns;
-pub mod nft;
-pub mod nft_nl;
-pub mod spoof;
 
 use cni_proto::{CniResult, Error as CniError, Plugin, Request};
 
