@@ -4,6 +4,8 @@
 //! read back here.
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
 
 use netlink_wire::{
     attr, attrs, error_code, find_attr, message, nested, strz, walk, NLMSG_DONE, NLMSG_ERROR,
@@ -201,10 +203,10 @@ fn op_message(op: &Op, seq: u32, exclusive: bool) -> Vec<u8> {
     nfmsg(nft_kind(kind), NLM_F_REQUEST | NLM_F_ACK | flags, seq, set.family, 0, &a)
 }
 
-/// The batch: begin, one message per operation, end.
-pub fn batch(ops: &[Op], exclusive: bool) -> Vec<u8> {
-    let mut out = nfmsg(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, 1, 0, NFNL_SUBSYS_NFTABLES, &[]);
-    let mut seq = 2;
+/// The batch: begin (sequence number `seq`), one message per operation, end.
+pub fn batch(ops: &[Op], exclusive: bool, seq: u32) -> Vec<u8> {
+    let mut out = nfmsg(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, seq, 0, NFNL_SUBSYS_NFTABLES, &[]);
+    let mut seq = seq + 1;
     for op in ops {
         out.extend(op_message(op, seq, exclusive));
         seq += 1;
@@ -213,21 +215,41 @@ pub fn batch(ops: &[Op], exclusive: bool) -> Vec<u8> {
     out
 }
 
-fn socket() -> Result<Socket, NlError> {
-    let mut sock = Socket::new(NETLINK_NETFILTER).map_err(NlError::local)?;
-    sock.bind_auto().map_err(NlError::local)?;
-    sock.connect(&SocketAddr::new(0, 0)).map_err(NlError::local)?;
-    Ok(sock)
+/// The process's one netfilter socket, opened on first use and closed only at exit. Closing a
+/// netfilter socket makes nf_tables flush the deferred destruction of what the last commit
+/// removed, which waits for an RCU grace period (~10 ms measured here, more under load) right
+/// in DEL's critical path; at exit, after the veth delete, that work has finished on its own.
+/// Requests are serialised by the lock; replies are matched by sequence number, so what an
+/// earlier request left unread (the acks after a failure) is skipped.
+fn with_socket<T>(span: usize, f: impl FnOnce(&Socket, u32) -> Result<T, NlError>) -> Result<T, NlError> {
+    static SOCKET: Mutex<Option<Socket>> = Mutex::new(None);
+    static SEQ: AtomicU32 = AtomicU32::new(1);
+    let mut guard = SOCKET.lock().map_err(|_| NlError::Local("netfilter socket lock poisoned".into()))?;
+    if guard.is_none() {
+        let mut sock = Socket::new(NETLINK_NETFILTER).map_err(NlError::local)?;
+        sock.bind_auto().map_err(NlError::local)?;
+        sock.connect(&SocketAddr::new(0, 0)).map_err(NlError::local)?;
+        *guard = Some(sock);
+    }
+    let sock = guard.as_ref().ok_or_else(|| NlError::Local("no netfilter socket".into()))?;
+    // `span` sequence numbers: a batch's begin, messages and end.
+    let seq = SEQ.fetch_add(span as u32, Ordering::Relaxed);
+    f(sock, seq)
 }
 
-/// Receives until `done` says so, handing each message to `f`; the first error wins.
-fn receive(sock: &Socket, mut f: impl FnMut(u16, &[u8]) -> Result<bool, NlError>) -> Result<(), NlError> {
+/// Receives until `f` says done, handing it each message whose sequence number `ours`
+/// accepts; the first error wins.
+fn receive(
+    sock: &Socket,
+    ours: impl Fn(u32) -> bool,
+    mut f: impl FnMut(u16, &[u8]) -> Result<bool, NlError>,
+) -> Result<(), NlError> {
     loop {
         let mut buf: Vec<u8> = Vec::with_capacity(65536);
         let n = sock.recv(&mut buf, 0).map_err(NlError::local)?;
         let mut outcome: Result<bool, NlError> = Ok(false);
-        walk(&buf[..n], |kind, _, payload| {
-            if matches!(outcome, Ok(false)) {
+        walk(&buf[..n], |kind, seq, payload| {
+            if matches!(outcome, Ok(false)) && ours(seq) {
                 outcome = f(kind, payload);
             }
         })
@@ -244,20 +266,26 @@ pub fn apply(ops: &[Op], exclusive: bool) -> Result<(), NlError> {
     if ops.is_empty() {
         return Ok(());
     }
-    let sock = socket()?;
-    sock.send(&batch(ops, exclusive), 0).map_err(NlError::local)?;
-    let mut acked = 0;
-    receive(&sock, |kind, payload| {
-        if kind != NLMSG_ERROR {
-            return Ok(false);
-        }
-        match error_code(payload) {
-            0 => {
-                acked += 1;
-                Ok(acked == ops.len())
-            }
-            code => Err(NlError::Kernel(-code)),
-        }
+    with_socket(ops.len() + 2, |sock, seq| {
+        sock.send(&batch(ops, exclusive, seq), 0).map_err(NlError::local)?;
+        let mut acked = 0;
+        let last = seq + ops.len() as u32;
+        receive(
+            sock,
+            |s| s > seq && s <= last,
+            |kind, payload| {
+                if kind != NLMSG_ERROR {
+                    return Ok(false);
+                }
+                match error_code(payload) {
+                    0 => {
+                        acked += 1;
+                        Ok(acked == ops.len())
+                    }
+                    code => Err(NlError::Kernel(-code)),
+                }
+            },
+        )
     })
 }
 
@@ -267,61 +295,65 @@ pub fn list(set: SetRef) -> Result<Vec<Element>, NlError> {
     let mut a = Vec::new();
     attr(&mut a, NFTA_SET_ELEM_LIST_TABLE, &strz(set.table));
     attr(&mut a, NFTA_SET_ELEM_LIST_SET, &strz(set.set));
-    let sock = socket()?;
-    let req = nfmsg(nft_kind(NFT_MSG_GETSETELEM), NLM_F_REQUEST | NLM_F_DUMP, 1, set.family, 0, &a);
-    sock.send(&req, 0).map_err(NlError::local)?;
-    let mut out = Vec::new();
-    receive(&sock, |kind, payload| match kind {
-        NLMSG_DONE => Ok(true),
-        NLMSG_ERROR => match error_code(payload) {
-            0 => Ok(false),
-            code => Err(NlError::Kernel(-code)),
-        },
-        k if k == nft_kind(NFT_MSG_NEWSETELEM) => {
-            // After the 4-byte nfgenmsg: the element list.
-            let elems = payload.get(4..).and_then(|p| find_attr(p, NFTA_SET_ELEM_LIST_ELEMENTS));
-            attrs(elems.unwrap_or_default(), |k, elem| {
-                if k != NFTA_LIST_ELEM {
-                    return;
+    let req = |seq| nfmsg(nft_kind(NFT_MSG_GETSETELEM), NLM_F_REQUEST | NLM_F_DUMP, seq, set.family, 0, &a);
+    dump(req, |payload| {
+        // After the 4-byte nfgenmsg: the element list.
+        let elems = payload.get(4..).and_then(|p| find_attr(p, NFTA_SET_ELEM_LIST_ELEMENTS));
+        let mut out = Vec::new();
+        attrs(elems.unwrap_or_default(), |k, elem| {
+            if k != NFTA_LIST_ELEM {
+                return;
+            }
+            let key = find_attr(elem, NFTA_SET_ELEM_KEY).and_then(|k| find_attr(k, NFTA_DATA_VALUE));
+            let comment = find_attr(elem, NFTA_SET_ELEM_USERDATA).map(comment_of).unwrap_or_default();
+            if let Some(key) = key {
+                out.push(Element { key: key.to_vec(), comment });
+            }
+        });
+        out
+    })
+}
+
+/// Sends the dump request `req(seq)` and collects what `item` makes of each reply message.
+fn dump<T>(req: impl Fn(u32) -> Vec<u8>, mut item: impl FnMut(&[u8]) -> Vec<T>) -> Result<Vec<T>, NlError> {
+    with_socket(1, |sock, seq| {
+        sock.send(&req(seq), 0).map_err(NlError::local)?;
+        let mut out = Vec::new();
+        receive(
+            sock,
+            |s| s == seq,
+            |kind, payload| match kind {
+                NLMSG_DONE => Ok(true),
+                NLMSG_ERROR => match error_code(payload) {
+                    0 => Ok(false),
+                    code => Err(NlError::Kernel(-code)),
+                },
+                _ => {
+                    out.extend(item(payload));
+                    Ok(false)
                 }
-                let key = find_attr(elem, NFTA_SET_ELEM_KEY).and_then(|k| find_attr(k, NFTA_DATA_VALUE));
-                let comment = find_attr(elem, NFTA_SET_ELEM_USERDATA).map(comment_of).unwrap_or_default();
-                if let Some(key) = key {
-                    out.push(Element { key: key.to_vec(), comment });
-                }
-            });
-            Ok(false)
-        }
-        _ => Ok(false),
-    })?;
-    Ok(out)
+            },
+        )?;
+        Ok(out)
+    })
 }
 
 /// The names of the chains of table `family table`; empty when the table does not exist.
 pub fn chains(family: u8, table: &str) -> Result<Vec<String>, NlError> {
-    let sock = socket()?;
-    let req = nfmsg(nft_kind(NFT_MSG_GETCHAIN), NLM_F_REQUEST | NLM_F_DUMP, 1, family, 0, &[]);
-    sock.send(&req, 0).map_err(NlError::local)?;
-    let mut out = Vec::new();
     let table_z = strz(table);
-    receive(&sock, |kind, payload| match kind {
-        NLMSG_DONE => Ok(true),
-        NLMSG_ERROR => match error_code(payload) {
-            0 => Ok(false),
-            code => Err(NlError::Kernel(-code)),
-        },
-        _ => {
-            let a = payload.get(4..).unwrap_or_default();
-            if find_attr(a, NFTA_CHAIN_TABLE) == Some(&table_z[..]) {
-                if let Some(name) = find_attr(a, NFTA_CHAIN_NAME) {
-                    let name = name.split(|b| *b == 0).next().unwrap_or_default();
-                    out.push(String::from_utf8_lossy(name).into_owned());
-                }
-            }
-            Ok(false)
+    let req = |seq| nfmsg(nft_kind(NFT_MSG_GETCHAIN), NLM_F_REQUEST | NLM_F_DUMP, seq, family, 0, &[]);
+    dump(req, |payload| {
+        let a = payload.get(4..).unwrap_or_default();
+        if find_attr(a, NFTA_CHAIN_TABLE) != Some(&table_z[..]) {
+            return vec![];
         }
-    })?;
-    Ok(out)
+        find_attr(a, NFTA_CHAIN_NAME)
+            .map(|name| {
+                String::from_utf8_lossy(name.split(|b| *b == 0).next().unwrap_or_default()).into_owned()
+            })
+            .into_iter()
+            .collect()
+    })
 }
 
 #[cfg(test)]
@@ -337,7 +369,7 @@ mod tests {
             Op::Del { set: POD4, key: key.clone() },
             Op::Add { set: POD4, key, chain: Some("masq4-0a010200-24"), comment: "net/c1/eth0" },
         ];
-        let b = batch(&ops, true);
+        let b = batch(&ops, true, 1);
         let mut kinds = Vec::new();
         walk(&b, |k, _, _| kinds.push(k)).unwrap();
         assert_eq!(kinds, [NFNL_MSG_BATCH_BEGIN, 0x0a0e, 0x0a0c, NFNL_MSG_BATCH_END]);
