@@ -294,3 +294,46 @@ fn storm_of_adds_dels_and_checks_keeps_every_live_pod_whole() {
     }
     assert!(w.leases().is_empty() && w.veths().is_empty() && w.masq_entries().is_empty());
 }
+
+/// An element left for an address by another attachment (a crashed teardown, an older
+/// version) is replaced by the ADD that now holds the address's lease, not kept with the
+/// stale owner.
+#[test]
+fn add_takes_over_a_stale_element_for_its_address() {
+    require_root("add_takes_over_a_stale_element_for_its_address");
+    let w = World::new("stale");
+    let pod = Netns::new("stl");
+    let conf = w.conf("1.1.0", "10.45.0.0/30", json!({"ipMasq": true})); // one usable address
+    let first = w.call("ADD", "old", &path(&pod), &conf);
+    assert_eq!(first.code, 0, "{}", first.stdout);
+    // A stale element: as if the old attachment's lease went without its element.
+    let ip = ip_of(&first, 0);
+    let o = w.node.run("nft", &["delete", "element", "inet", "cni_bridge", "pods4", &format!("{{ {ip} }}")]);
+    assert!(o.status.success());
+    let add = format!("{{ {ip} comment \"testnet/ghost/eth0\" : jump masq4-0a2d0000-30 }}");
+    let o = w.node.run("nft", &["add", "element", "inet", "cni_bridge", "pods4", &add]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(w.call("DEL", "old", &path(&pod), &conf).code, 0);
+    assert_eq!(w.masq_entries(), [format!("{ip} testnet/ghost/eth0")], "not ours: kept by DEL");
+    let new = w.call("ADD", "new", &path(&pod), &conf);
+    assert_eq!(new.code, 0, "{}", new.stdout);
+    assert_eq!(w.masq_entries(), [format!("{ip} testnet/new/eth0")]);
+    assert_eq!(w.call("CHECK", "new", &path(&pod), &with_prev(&conf, &new)).code, 0);
+}
+
+/// A second ADD for a live attachment fails (its interface exists) and its rollback must not
+/// take the live attachment's rules or lease with it.
+#[test]
+fn failed_duplicate_add_leaves_the_live_attachment_whole() {
+    require_root("failed_duplicate_add_leaves_the_live_attachment_whole");
+    let w = World::new("dup");
+    let pod = Netns::new("dp");
+    let conf = w.conf("1.1.0", "10.46.0.0/24", json!({"ipMasq": true, "macspoofchk": true}));
+    let first = w.call("ADD", "c1", &path(&pod), &conf);
+    assert_eq!(first.code, 0, "{}", first.stdout);
+    let again = w.call("ADD", "c1", &path(&pod), &conf);
+    assert_ne!(again.code, 0, "{}", again.stdout);
+    let k = w.call("CHECK", "c1", &path(&pod), &with_prev(&conf, &first));
+    assert_eq!(k.code, 0, "the live attachment after a failed duplicate ADD: {}", k.stdout);
+    assert_eq!(w.leases().len(), 1);
+}
