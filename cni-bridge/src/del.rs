@@ -41,7 +41,7 @@ pub fn del(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
         // The rules go before the lease: once released, the address can be leased to another
         // pod, whose entry for it must not be removed as ours.
         let ipam = s.spawn(|| {
-            firewall::teardown(conf.masq_backend, &|o| o == owner).map_err(CniError::from)?;
+            firewall::remove_attachment(conf.masq_backend, &owner).map_err(CniError::from)?;
             crate::mark("rules removed");
             match conf.ipam_type.as_deref() {
                 Some(t) => crate::ipam::run(t, Command::Del, req).map(|_| ()),
@@ -75,7 +75,7 @@ pub fn gc(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
         let keep: BTreeSet<String> =
             valid.iter().map(|a| firewall::owner(&req.conf.name, &a.container_id, &a.ifname)).collect();
         let stale = |o: &str| firewall::of_network(&req.conf.name, o) && !keep.contains(o);
-        firewall::teardown(conf.masq_backend, &stale)?;
+        firewall::remove_stale(conf.masq_backend, &stale)?;
     }
     let mut errs: Vec<CniError> = Vec::new();
     if let Some(t) = conf.ipam_type.as_deref() {

@@ -111,6 +111,12 @@ fn teardown_sweeps_every_backend() {
     assert!(!cnib_chains(&w).is_empty(), "iptables was the default without nft");
     assert_eq!(w.call("DEL", "c2", &path(&pod), &base).code, 0);
     assert!(cnib_chains(&w).is_empty(), "DEL with nft on PATH left {:?}", cnib_chains(&w));
+    // And the reverse: made with nft, removed by a DEL that finds only iptables on PATH.
+    let o = w.call("ADD", "c4", &path(&pod), &base);
+    assert_eq!(o.code, 0, "{}", o.stdout);
+    assert_eq!(w.masq_entries().len(), 1);
+    assert_eq!(w.call_with("DEL", "c4", &path(&pod), "eth0", &[("PATH", &no_nft)], &base).code, 0);
+    assert!(w.masq_entries().is_empty(), "DEL without nft on PATH left {:?}", w.masq_entries());
     // GC likewise.
     let o = w.call("ADD", "c3", &path(&pod), &with("iptables"));
     assert_eq!(o.code, 0, "{}", o.stdout);

@@ -78,16 +78,20 @@ impl Family {
             .collect())
     }
 
-    /// Whether this family's `nat` table may hold our chains: iptables-nft keeps them in
-    /// nftables table `nat` (listed over netlink, no process), the legacy backend in an x_tables
-    /// `nat` table, which exists only once something used it in this namespace.
-    fn may_hold_chains(&self) -> Result<bool, BridgeError> {
+    /// Whether this family's `nat` table may hold the chain of `owner` (any of ours: `None`):
+    /// iptables-nft keeps them in nftables table `nat` (listed over netlink, no process), the
+    /// legacy backend in an x_tables `nat` table, which exists only once something used it in
+    /// this namespace (and cannot be looked into without iptables-save).
+    fn may_hold_chains(&self, owner: Option<&str>) -> Result<bool, BridgeError> {
         let legacy = std::fs::read_to_string(self.legacy_tables).unwrap_or_default();
         if legacy.lines().any(|t| t == "nat") {
             return Ok(true);
         }
         match nl::chains(self.nfproto, "nat") {
-            Ok(chains) => Ok(chains.iter().any(|c| c.starts_with(CHAIN_PREFIX))),
+            Ok(chains) => Ok(chains.iter().any(|c| match owner {
+                Some(owner) => *c == chain(owner),
+                None => c.starts_with(CHAIN_PREFIX),
+            })),
             Err(e) if e.is_missing() => Ok(false),
             Err(e) => Err(BridgeError::Masq(format!("listing the chains of table nat: {e}"))),
         }
@@ -174,9 +178,9 @@ impl Masquerade for Iptables {
         Ok(true)
     }
 
-    fn may_hold_entries(&self) -> Result<bool, BridgeError> {
+    fn may_hold_entries(&self, owner: Option<&str>) -> Result<bool, BridgeError> {
         for fam in &FAMILIES {
-            if fam.may_hold_chains()? {
+            if fam.may_hold_chains(owner)? {
                 return Ok(true);
             }
         }

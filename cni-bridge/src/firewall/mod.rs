@@ -81,9 +81,9 @@ pub trait Masquerade {
     fn remove_where(&self, stale: &dyn Fn(&str) -> bool) -> Result<(), BridgeError>;
     /// Whether traffic actually goes through the entries (the hook rules are in place).
     fn hooked(&self) -> Result<bool, BridgeError>;
-    /// Whether this backend may hold entries on this node at all: teardown skips it when
-    /// not (cheaply, without listing).
-    fn may_hold_entries(&self) -> Result<bool, BridgeError>;
+    /// Whether this backend may hold entries of `owner` (of anyone: `None`) on this node:
+    /// teardown skips it when not. Cheap, without listing.
+    fn may_hold_entries(&self, owner: Option<&str>) -> Result<bool, BridgeError>;
 }
 
 /// Which backend holds the masquerade rules (`ipMasqBackend`).
@@ -145,13 +145,18 @@ impl Backend {
     }
 }
 
-/// Removes the masquerade entries of every owner satisfying `stale` from every backend that
-/// may hold some (`chosen` always), whatever `ipMasqBackend` says now: the rules may have
-/// been made with another backend, or before a tool appeared on or vanished from PATH.
-pub fn sweep_masquerade(chosen: Backend, stale: &dyn Fn(&str) -> bool) -> Result<(), BridgeError> {
+/// Removes the masquerade entries of every owner satisfying `stale` (only `owner`, when
+/// given) from every backend that may hold some (`chosen` always), whatever `ipMasqBackend`
+/// says now: the rules may have been made with another backend, or before a tool appeared on
+/// or vanished from PATH.
+fn sweep_masquerade(
+    chosen: Backend,
+    owner: Option<&str>,
+    stale: &dyn Fn(&str) -> bool,
+) -> Result<(), BridgeError> {
     let mut errs = Vec::new();
     for b in BACKENDS {
-        let r = match b.imp().may_hold_entries() {
+        let r = match b.imp().may_hold_entries(owner) {
             Ok(false) if b != chosen => Ok(()),
             Ok(_) => b.imp().remove_where(stale),
             Err(e) => Err(e),
@@ -167,11 +172,20 @@ pub fn sweep_masquerade(chosen: Backend, stale: &dyn Fn(&str) -> bool) -> Result
     }
 }
 
-/// Removes every firewall entry (masquerade in every backend, MAC spoof check) of the
-/// owners satisfying `stale`, whatever the config says now: DEL and GC call it *before* the
-/// leases are released, and must not release them when it fails.
-pub fn teardown(chosen: Backend, stale: &dyn Fn(&str) -> bool) -> Result<(), BridgeError> {
-    let masq = sweep_masquerade(chosen, stale);
+/// Removes every firewall entry (masquerade in every backend, MAC spoof check) of one
+/// attachment, whatever the config says now. DEL calls it *before* the lease is released, and
+/// must not release it when this fails.
+pub fn remove_attachment(chosen: Backend, owner: &str) -> Result<(), BridgeError> {
+    teardown(chosen, Some(owner), &|o| o == owner)
+}
+
+/// [`remove_attachment`] for every owner satisfying `stale` (GC, before IPAM GC).
+pub fn remove_stale(chosen: Backend, stale: &dyn Fn(&str) -> bool) -> Result<(), BridgeError> {
+    teardown(chosen, None, stale)
+}
+
+fn teardown(chosen: Backend, owner: Option<&str>, stale: &dyn Fn(&str) -> bool) -> Result<(), BridgeError> {
+    let masq = sweep_masquerade(chosen, owner, stale);
     let spoof = spoof::remove_where(stale);
     match (masq, spoof) {
         (Ok(()), Ok(())) => Ok(()),

@@ -178,7 +178,7 @@ impl Masquerade for Nftables {
         }
     }
 
-    fn may_hold_entries(&self) -> Result<bool, BridgeError> {
+    fn may_hold_entries(&self, _owner: Option<&str>) -> Result<bool, BridgeError> {
         // Listing over netlink is cheaper than any test.
         Ok(true)
     }
