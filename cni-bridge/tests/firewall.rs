@@ -343,3 +343,34 @@ fn failed_duplicate_add_leaves_the_live_attachment_whole() {
     assert_eq!(k.code, 0, "the live attachment after a failed duplicate ADD: {}", k.stdout);
     assert_eq!(w.leases().len(), 1);
 }
+
+/// GC after a drain: thousands of stale entries go, in several transactions (one batch of
+/// them all would not fit the socket's send buffer), and the live one stays.
+#[test]
+fn gc_removes_thousands_of_stale_entries() {
+    require_root("gc_removes_thousands_of_stale_entries");
+    let w = World::new("many");
+    let pod = Netns::new("mn");
+    let conf = w.conf("1.1.0", "10.47.0.0/16", json!({"ipMasq": true}));
+    let live = w.call("ADD", "live", &path(&pod), &conf);
+    assert_eq!(live.code, 0, "{}", live.stdout);
+    let script: String = (0..4000)
+        .map(|i| {
+            format!(
+                "add element inet cni_bridge pods4 {{ 10.47.{}.{} comment \"testnet/gone{i}/eth0\" : jump masq4-0a2f0000-16 }}\n",
+                100 + i / 200,
+                1 + i % 200
+            )
+        })
+        .collect();
+    let file = w.tmp.join("many.nft");
+    std::fs::write(&file, script).unwrap();
+    let o = w.node.run("nft", &["-f", &file.display().to_string()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(w.masq_entries().len(), 4001);
+    let mut gc = conf.clone();
+    gc["cni.dev/valid-attachments"] = json!([{"containerID": "live", "ifname": "eth0"}]);
+    let g = w.call("GC", "", "", &gc);
+    assert_eq!(g.code, 0, "{}", g.stdout);
+    assert_eq!(w.masq_entries(), [format!("{} testnet/live/eth0", ip_of(&live, 0))]);
+}

@@ -122,12 +122,12 @@ pub enum Op<'a> {
         /// The attachment.
         comment: &'a str,
     },
-    /// Remove `key`.
+    /// Remove `keys` (all present, or the message fails with ENOENT).
     Del {
         /// The set.
         set: SetRef<'a>,
-        /// The key.
-        key: Vec<u8>,
+        /// The keys.
+        keys: Vec<Vec<u8>>,
     },
 }
 
@@ -183,22 +183,26 @@ fn op_message(op: &Op, seq: u32, exclusive: bool) -> Vec<u8> {
     let mut a = Vec::new();
     attr(&mut a, NFTA_SET_ELEM_LIST_TABLE, &strz(set.table));
     attr(&mut a, NFTA_SET_ELEM_LIST_SET, &strz(set.set));
-    nested(&mut a, NFTA_SET_ELEM_LIST_ELEMENTS, |l| {
-        nested(l, NFTA_LIST_ELEM, |e| match op {
-            Op::Add { key, chain, comment, .. } => {
-                nested(e, NFTA_SET_ELEM_KEY, |k| attr(k, NFTA_DATA_VALUE, key));
-                if let Some(chain) = chain {
-                    nested(e, NFTA_SET_ELEM_DATA, |d| {
-                        nested(d, NFTA_DATA_VERDICT, |v| {
-                            attr(v, NFTA_VERDICT_CODE, &NFT_JUMP.to_be_bytes());
-                            attr(v, NFTA_VERDICT_CHAIN, &strz(chain));
-                        })
-                    });
-                }
-                attr(e, NFTA_SET_ELEM_USERDATA, &comment_udata(comment));
+    nested(&mut a, NFTA_SET_ELEM_LIST_ELEMENTS, |l| match op {
+        Op::Add { key, chain, comment, .. } => nested(l, NFTA_LIST_ELEM, |e| {
+            nested(e, NFTA_SET_ELEM_KEY, |k| attr(k, NFTA_DATA_VALUE, key));
+            if let Some(chain) = chain {
+                nested(e, NFTA_SET_ELEM_DATA, |d| {
+                    nested(d, NFTA_DATA_VERDICT, |v| {
+                        attr(v, NFTA_VERDICT_CODE, &NFT_JUMP.to_be_bytes());
+                        attr(v, NFTA_VERDICT_CHAIN, &strz(chain));
+                    })
+                });
             }
-            Op::Del { key, .. } => nested(e, NFTA_SET_ELEM_KEY, |k| attr(k, NFTA_DATA_VALUE, key)),
-        });
+            attr(e, NFTA_SET_ELEM_USERDATA, &comment_udata(comment));
+        }),
+        Op::Del { keys, .. } => {
+            for key in keys {
+                nested(l, NFTA_LIST_ELEM, |e| {
+                    nested(e, NFTA_SET_ELEM_KEY, |k| attr(k, NFTA_DATA_VALUE, key))
+                });
+            }
+        }
     });
     nfmsg(nft_kind(kind), NLM_F_REQUEST | NLM_F_ACK | flags, seq, set.family, 0, &a)
 }
@@ -289,6 +293,17 @@ pub fn apply(ops: &[Op], exclusive: bool) -> Result<(), NlError> {
     })
 }
 
+/// Removes `keys` from `set`: 256 elements per message (one ack each: an ack per element
+/// overflows the receive buffer), 8 messages per transaction (a whole /16's elements in one
+/// would exceed the send buffer). Many keys (a GC after a drain) take several transactions.
+pub fn remove(set: SetRef, keys: Vec<Vec<u8>>) -> Result<(), NlError> {
+    for batch in keys.chunks(256 * 8) {
+        let ops: Vec<Op> = batch.chunks(256).map(|k| Op::Del { set, keys: k.to_vec() }).collect();
+        apply(&ops, false)?;
+    }
+    Ok(())
+}
+
 /// Every element of `set`; the error tells a missing table or set ([`NlError::is_missing`])
 /// from a failure.
 pub fn list(set: SetRef) -> Result<Vec<Element>, NlError> {
@@ -366,7 +381,7 @@ mod tests {
     fn batch_is_begin_one_message_per_op_end() {
         let key = ip_key("10.1.2.5".parse().unwrap());
         let ops = [
-            Op::Del { set: POD4, key: key.clone() },
+            Op::Del { set: POD4, keys: vec![key.clone()] },
             Op::Add { set: POD4, key, chain: Some("masq4-0a010200-24"), comment: "net/c1/eth0" },
         ];
         let b = batch(&ops, true, 1);

@@ -93,7 +93,7 @@ fn add_elements(addrs: &[IpNetwork], owner: &str) -> Result<(), NlError> {
             let mut ops: Vec<Op> = Vec::new();
             for (a, mine) in addrs.iter().zip(add_ops(addrs, &chains, owner)) {
                 if nl::list(map_of(a.ip()))?.iter().any(|e| e.key == ip_key(a.ip())) {
-                    ops.push(Op::Del { set: map_of(a.ip()), key: ip_key(a.ip()) });
+                    ops.push(Op::Del { set: map_of(a.ip()), keys: vec![ip_key(a.ip())] });
                 }
                 ops.push(mine);
             }
@@ -153,13 +153,13 @@ impl Masquerade for Nftables {
         // listing tells what is left.
         let mut last = None;
         for _ in 0..3 {
-            let doomed: Vec<Op> = self
-                .list()?
-                .into_iter()
-                .filter(|e| stale(&e.owner))
-                .map(|e| Op::Del { set: map_of(e.ip), key: ip_key(e.ip) })
-                .collect();
-            match nl::apply(&doomed, false) {
+            let doomed: Vec<Entry> = self.list()?.into_iter().filter(|e| stale(&e.owner)).collect();
+            let r = [POD4, POD6].into_iter().try_for_each(|map| {
+                let keys: Vec<Vec<u8>> =
+                    doomed.iter().filter(|e| map_of(e.ip).set == map.set).map(|e| ip_key(e.ip)).collect();
+                nl::remove(map, keys)
+            });
+            match r {
                 Err(e) if e.is_missing() => last = Some(e),
                 r => return r.map_err(|e| BridgeError::Masq(format!("removing from {TABLE}: {e}"))),
             }

@@ -2,7 +2,7 @@
 //! the pod's MAC. One rule for all pods in table `bridge cni_bridge`; sets `guarded` (ports)
 //! and `allowed` (port . MAC), each element commented with its attachment for DEL and GC.
 
-use super::netlink::{self as nl, Op, SetRef, NFPROTO_BRIDGE};
+use super::netlink::{self as nl, SetRef, NFPROTO_BRIDGE};
 use super::nftables::apply;
 use crate::config::fmt_mac;
 use crate::error::BridgeError;
@@ -50,13 +50,14 @@ pub fn remove_where(stale: impl Fn(&str) -> bool) -> Result<(), BridgeError> {
         let mut doomed = Vec::new();
         for set in SETS {
             match nl::list(set) {
-                Ok(v) => doomed
-                    .extend(v.into_iter().filter(|e| stale(&e.comment)).map(|e| Op::Del { set, key: e.key })),
+                Ok(v) => {
+                    doomed.push((set, v.into_iter().filter(|e| stale(&e.comment)).map(|e| e.key).collect()))
+                }
                 Err(e) if e.is_missing() => {}
                 Err(e) => return Err(BridgeError::Masq(format!("listing {TABLE} {}: {e}", set.set))),
             }
         }
-        match nl::apply(&doomed, false) {
+        match doomed.into_iter().try_for_each(|(set, keys)| nl::remove(set, keys)) {
             Err(e) if e.is_missing() => last = Some(e),
             r => return r.map_err(|e| BridgeError::Masq(format!("removing from {TABLE}: {e}"))),
         }
