@@ -14,6 +14,7 @@ use rtnetlink::sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_GETCHAIN: u16 = 4;
+const NFT_MSG_GETRULE: u16 = 7;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_GETSETELEM: u16 = 13;
 const NFT_MSG_DELSETELEM: u16 = 14;
@@ -26,6 +27,8 @@ const NLM_F_EXCL: u16 = 0x200;
 const NLM_F_CREATE: u16 = 0x400;
 const NFTA_CHAIN_TABLE: u16 = 1;
 const NFTA_CHAIN_NAME: u16 = 3;
+const NFTA_RULE_TABLE: u16 = 1;
+const NFTA_RULE_CHAIN: u16 = 2;
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
@@ -350,6 +353,27 @@ fn dump<T>(req: impl Fn(u32) -> Vec<u8>, mut item: impl FnMut(&[u8]) -> Vec<T>) 
             },
         )?;
         Ok(out)
+    })
+}
+
+/// The rules of chain `chain` in table `family table`, each as its raw attributes (for a
+/// look for the names they reference); the error tells a missing table or chain.
+pub fn rules(family: u8, table: &str, chain: &str) -> Result<Vec<Vec<u8>>, NlError> {
+    let mut a = Vec::new();
+    attr(&mut a, NFTA_RULE_TABLE, &strz(table));
+    attr(&mut a, NFTA_RULE_CHAIN, &strz(chain));
+    let req = |seq| nfmsg(nft_kind(NFT_MSG_GETRULE), NLM_F_REQUEST | NLM_F_DUMP, seq, family, 0, &a);
+    let (table_z, chain_z) = (strz(table), strz(chain));
+    dump(req, |payload| {
+        let a = payload.get(4..).unwrap_or_default();
+        // Older kernels ignore the filter and dump every rule of the family.
+        let ours = find_attr(a, NFTA_RULE_TABLE) == Some(&table_z[..])
+            && find_attr(a, NFTA_RULE_CHAIN) == Some(&chain_z[..]);
+        if ours {
+            vec![a.to_vec()]
+        } else {
+            vec![]
+        }
     })
 }
 

@@ -171,10 +171,14 @@ impl Masquerade for Nftables {
     }
 
     fn hooked(&self) -> Result<bool, BridgeError> {
-        match process::run("nft", &["-j", "list", "chain", "inet", "cni_bridge", "postrouting"], None) {
-            Ok(out) => Ok(out.contains("@pods") || out.contains("\"pods4\"")),
-            Err(e) if e.stderr().is_some_and(|s| s.contains("No such file or directory")) => Ok(false),
-            Err(e) => Err(BridgeError::Masq(e.to_string())),
+        // The hook chain's rules look the source up in the maps (`lookup` expressions naming
+        // them), as setup_script writes them.
+        let refers = |rule: &[u8], name: &[u8]| rule.windows(name.len()).any(|w| w == name);
+        match nl::rules(NFPROTO_INET, "cni_bridge", "postrouting") {
+            Ok(rules) => Ok(rules.iter().any(|r| refers(r, b"lookup\0") && refers(r, b"pods4\0"))
+                && rules.iter().any(|r| refers(r, b"lookup\0") && refers(r, b"pods6\0"))),
+            Err(e) if e.is_missing() => Ok(false),
+            Err(e) => Err(BridgeError::Masq(format!("listing {TABLE} postrouting: {e}"))),
         }
     }
 
