@@ -13,11 +13,11 @@ use rtnetlink::packet_route::link::InfoKind;
 
 use crate::config::{fmt_mac, BridgeConf};
 use crate::error::BridgeError;
+use crate::firewall;
+use crate::firewall::spoof;
 use crate::ipam;
-use crate::masq;
 use crate::netlink::{Link, Nl};
 use crate::netns;
-use crate::spoof;
 
 /// How long the host veth may take to come up.
 const PORT_UP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -243,7 +243,7 @@ struct PodSide {
 
 impl<'a> Attach<'a> {
     fn owner(&self) -> String {
-        masq::owner(&self.req.conf.name, &self.req.inv.container_id, &self.req.inv.ifname)
+        firewall::owner(&self.req.conf.name, &self.req.inv.container_id, &self.req.inv.ifname)
     }
 
     async fn run(&mut self, pending: Option<(&'a str, ipam::Pending)>) -> Result<CniResult, BridgeError> {

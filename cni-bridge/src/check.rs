@@ -5,10 +5,10 @@ use rtnetlink::packet_route::link::InfoKind;
 
 use crate::config::{fmt_mac, BridgeConf};
 use crate::error::BridgeError;
-use crate::masq;
+use crate::firewall;
+use crate::firewall::spoof;
 use crate::netlink::Nl;
 use crate::netns;
-use crate::spoof;
 
 fn fail(m: String) -> BridgeError {
     BridgeError::Check(m)
@@ -125,13 +125,13 @@ pub fn check(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
         Ok(())
     })?;
     if conf.mac_spoof_check {
-        let owner = masq::owner(&req.conf.name, &req.inv.container_id, ifname);
-        if !spoof::list()?.iter().any(|(set, _, o)| set == "allowed" && *o == owner) {
+        let owner = firewall::owner(&req.conf.name, &req.inv.container_id, ifname);
+        if !spoof::list()?.iter().any(|(set, o)| *set == "allowed" && *o == owner) {
             return Err(fail(format!("MAC spoof check entry for {owner} is missing")));
         }
     }
     if conf.ip_masq && !prev.ips.is_empty() {
-        let owner = masq::owner(&req.conf.name, &req.inv.container_id, ifname);
+        let owner = firewall::owner(&req.conf.name, &req.inv.container_id, ifname);
         let entries = conf.masq_backend.list()?;
         for ip in &prev.ips {
             if !entries.iter().any(|e| e.ip == ip.address.ip() && e.owner == owner) {

@@ -6,7 +6,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::BridgeError;
-use crate::masq::Backend;
+use crate::firewall::Backend;
 
 /// A trunk entry: one VLAN or a range.
 #[derive(Debug, Clone, Deserialize)]

@@ -5,10 +5,9 @@ use rtnetlink::packet_route::link::InfoKind;
 
 use crate::config::BridgeConf;
 use crate::error::BridgeError;
-use crate::masq;
+use crate::firewall;
 use crate::netlink::Nl;
 use crate::netns;
-use crate::spoof;
 
 /// The outcome of a best-effort teardown: every error, or success.
 pub(crate) fn finish(errs: Vec<CniError>) -> Result<(), BridgeError> {
@@ -55,30 +54,23 @@ pub fn del(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
             }
         },
     };
-    let owner = masq::owner(&req.conf.name, &req.inv.container_id, &req.inv.ifname);
+    let owner = firewall::owner(&req.conf.name, &req.inv.container_id, &req.inv.ifname);
     std::thread::scope(|s| {
-        let ipam = s.spawn(|| match conf.ipam_type.as_deref() {
-            Some(plugin) => {
-                let released = crate::ipam::run(plugin, Command::Del, req).map(|_| ());
-                crash_point("bridge-del-after-ipam");
-                released
-            }
-            None => Ok(()),
-        });
-        let rules = s.spawn(|| {
-            let mut errs: Vec<CniError> = Vec::new();
-            if conf.ip_masq {
-                if let Err(e) = conf.masq_backend.remove_where(|o| o == owner) {
-                    errs.push(e.into());
-                }
-            }
-            if conf.mac_spoof_check {
-                if let Err(e) = spoof::remove_where(|o| o == owner) {
-                    errs.push(e.into());
-                }
-            }
+        // The rules go before the lease: once released, the address can be leased to another
+        // pod, whose entry for it must not be removed as ours. The lease is kept when the
+        // rules could not be removed (the runtime retries DEL).
+        let rules_then_lease = s.spawn(|| {
+            firewall::remove_attachment(conf.masq_backend, &owner).map_err(CniError::from)?;
             crash_point("bridge-del-after-rules");
-            errs
+            crate::mark("rules removed");
+            match conf.ipam_type.as_deref() {
+                Some(plugin) => {
+                    let released = crate::ipam::run(plugin, Command::Del, req).map(|_| ());
+                    crash_point("bridge-del-after-ipam");
+                    released
+                }
+                None => Ok(()),
+            }
         });
         let mut errs: Vec<CniError> = Vec::new();
         if let Err(e) = remove_links(req, conf, &pod_ns) {
@@ -86,21 +78,16 @@ pub fn del(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
         }
         crash_point("bridge-del-after-link");
         crate::mark("pod interface deleted");
-        match ipam.join() {
+        match rules_then_lease.join() {
             Ok(Err(e)) => errs.push(e),
             Err(_) => errs.push(CniError::plugin(
                 cni_proto::delegate::DELEGATE_FAILED,
-                "IPAM DEL thread panicked",
+                "rules and IPAM DEL thread panicked",
                 "",
             )),
             Ok(Ok(())) => {}
         }
-        crate::mark("IPAM DEL joined");
-        match rules.join() {
-            Ok(rule_errs) => errs.extend(rule_errs),
-            Err(_) => errs.push(BridgeError::Masq("rule removal thread panicked".into()).into()),
-        }
-        crate::mark("rules joined");
+        crate::mark("rules and IPAM DEL joined");
         finish(errs)
     })
 }

@@ -10,7 +10,7 @@ pub const CODE_ADDRESS_CONFLICT: u32 = 111;
 pub const CODE_IFACE_EXISTS: u32 = 112;
 /// Code: a netlink request failed.
 pub const CODE_NETLINK: u32 = 113;
-/// Code: the masquerade rules could not be applied.
+/// Code: the firewall entries (masquerade, spoof check) could not be added, listed or removed.
 pub const CODE_MASQ: u32 = 114;
 /// Code: CHECK found the attachment differs from what ADD made.
 pub const CODE_CHECK_FAILED: u32 = 115;
@@ -120,7 +120,7 @@ pub enum BridgeError {
         /// The kernel's (or the socket's) error.
         source: rtnetlink::Error,
     },
-    /// nft failed.
+    /// A firewall tool or nftables netlink request failed; the message says which and why.
     #[error("{0}")]
     Masq(String),
     /// CHECK found a difference.

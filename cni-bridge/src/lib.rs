@@ -5,15 +5,11 @@ pub mod check;
 pub mod config;
 pub mod del;
 pub mod error;
+pub mod firewall;
 pub mod gc;
 pub mod ipam;
-pub mod ipt;
-pub mod masq;
 pub mod netlink;
 pub mod netns;
-pub mod nft;
-pub mod nft_nl;
-pub mod spoof;
 pub mod status;
 
 use cni_proto::{CniResult, Error as CniError, Plugin, Request};

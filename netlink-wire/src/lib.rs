@@ -1,6 +1,9 @@
 //! Netlink pieces shared by cni-bridge and cni-route-agent: reading rtnetlink's errors and
 //! attributes, and encoding/decoding raw messages for the families rtnetlink does not speak
-//! (nftables batches, nexthop objects).
+//! (nftables batches, nexthop objects); and the one runner for the command-line tools they
+//! drive ([`process`]).
+
+pub mod process;
 
 use std::net::IpAddr;
 
@@ -91,6 +94,32 @@ pub fn walk(buf: &[u8], mut f: impl FnMut(u16, u32, &[u8])) -> Result<(), String
     Ok(())
 }
 
+/// Calls `f(kind, payload)` for each attribute in `buf`, `kind` without the nested and
+/// byte-order flags. Stops at the first truncated attribute.
+pub fn attrs<'a>(buf: &'a [u8], mut f: impl FnMut(u16, &'a [u8])) {
+    let mut off = 0;
+    while off + 4 <= buf.len() {
+        let len = u16::from_ne_bytes([buf[off], buf[off + 1]]) as usize;
+        let kind = u16::from_ne_bytes([buf[off + 2], buf[off + 3]]) & 0x3fff;
+        if len < 4 || off + len > buf.len() {
+            return;
+        }
+        f(kind, &buf[off + 4..off + len]);
+        off += (len + 3) & !3;
+    }
+}
+
+/// The payload of the first attribute `kind` in `buf`.
+pub fn find_attr(buf: &[u8], kind: u16) -> Option<&[u8]> {
+    let mut found = None;
+    attrs(buf, |k, p| {
+        if k == kind && found.is_none() {
+            found = Some(p);
+        }
+    });
+    found
+}
+
 /// The (negative) errno an NLMSG_ERROR payload carries; 0 for an ack.
 pub fn error_code(payload: &[u8]) -> i32 {
     payload.get(..4).map(|b| i32::from_ne_bytes(b.try_into().expect("4 bytes"))).unwrap_or(-1)
@@ -114,5 +143,9 @@ mod tests {
         assert_eq!(seen, [(100, 7, 4 + a.len()), (NLMSG_ERROR, 8, 4)]);
         assert_eq!(error_code(&0i32.to_ne_bytes()), 0);
         assert!(walk(&two[..20], |_, _, _| {}).is_err());
+        let inner = find_attr(&a, 2).unwrap();
+        assert_eq!(find_attr(inner, 3), Some(&strz("ab")[..]));
+        assert_eq!(find_attr(&a, 1), Some(&[1, 2, 3][..]));
+        assert_eq!(find_attr(&a[..6], 1), None, "truncated");
     }
 }

@@ -3,9 +3,6 @@
 //! traffic, across nodes too, keeps its source. Table `inet cni_route_agent`, replaced
 //! atomically when its inputs change.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
-
 use ipnetwork::IpNetwork;
 
 use crate::error::AgentError;
@@ -41,24 +38,8 @@ pub fn script(own: &[IpNetwork], cluster: &[IpNetwork]) -> String {
 
 /// Applies the rule set.
 pub fn apply(own: &[IpNetwork], cluster: &[IpNetwork]) -> Result<(), AgentError> {
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| AgentError::Masq(format!("running nft: {e}")))?;
-    child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(script(own, cluster).as_bytes())
-        .map_err(|e| AgentError::Masq(e.to_string()))?;
-    let out = child.wait_with_output().map_err(|e| AgentError::Masq(e.to_string()))?;
-    if !out.status.success() {
-        return Err(AgentError::Masq(String::from_utf8_lossy(&out.stderr).trim().to_string()));
-    }
-    Ok(())
+    netlink_wire::process::pipe("nft", &["-f", "-"], &script(own, cluster))
+        .map_err(|e| AgentError::Masq(e.to_string()))
 }
 
 #[cfg(test)]

@@ -196,24 +196,9 @@ fn wait_signals(mut r: File) {
     });
 }
 
-/// Runs `prog args` with `stdin`; output discarded; Ok if it exited 0.
+/// Runs `prog args` with `stdin` through the runner the plugins use; Ok if it exited 0.
 fn pipe_to(prog: &str, args: &[&str], stdin: &[u8]) -> Result<(), String> {
-    let mut c = Command::new(prog)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("running {prog}: {e}"))?;
-    if let Some(mut i) = c.stdin.take() {
-        let _ = i.write_all(stdin);
-    }
-    let o = c.wait_with_output().map_err(|e| format!("{prog}: {e}"))?;
-    if o.status.success() {
-        Ok(())
-    } else {
-        Err(format!("{prog} {args:?}: {}", String::from_utf8_lossy(&o.stderr).trim()))
-    }
+    netlink_wire::process::run(prog, args, Some(stdin)).map(|_| ()).map_err(|e| e.to_string())
 }
 
 /// Makes the named namespaces in one `ip -batch` (registered first, so a partial failure is
@@ -225,11 +210,7 @@ fn make_netns(names: &[String]) -> Result<(), String> {
 }
 
 fn run_ok(prog: &str, args: &[&str]) -> Result<String, String> {
-    let o = Command::new(prog).args(args).output().map_err(|e| format!("running {prog}: {e}"))?;
-    if !o.status.success() {
-        return Err(format!("{prog} {args:?}: {}", String::from_utf8_lossy(&o.stderr).trim()));
-    }
-    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+    netlink_wire::process::run(prog, args, None).map_err(|e| e.to_string())
 }
 
 // ---------------------------------------------------------------------------------------------

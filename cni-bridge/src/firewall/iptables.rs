@@ -1,0 +1,202 @@
+//! `ipMasqBackend: "iptables"`: the reference's per-attachment chain (`-d <subnet> ACCEPT`,
+//! `! -d <multicast> MASQUERADE`, a commented POSTROUTING jump per address), applied in one
+//! `iptables-restore --noflush` per family instead of one `iptables` process per rule.
+
+use std::net::IpAddr;
+
+use ipnetwork::IpNetwork;
+use netlink_wire::process;
+
+use super::netlink::{self as nl, NFPROTO_IPV4, NFPROTO_IPV6};
+use super::{Entry, Masquerade};
+use crate::error::BridgeError;
+
+const COMMENT: &str = "cni-bridge";
+const CHAIN_PREFIX: &str = "CNIB-";
+
+/// The iptables backend.
+pub struct Iptables;
+
+/// FNV-1a: a stable short name for an attachment's chain (no hashing crate needed for this).
+fn fnv1a(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// The chain of an attachment.
+pub fn chain(owner: &str) -> String {
+    format!("{CHAIN_PREFIX}{:016x}", fnv1a(owner))
+}
+
+struct Family {
+    save: &'static str,
+    restore: &'static str,
+    /// The table list of the legacy (x_tables) backend in this namespace.
+    legacy_tables: &'static str,
+    nfproto: u8,
+}
+
+const FAMILIES: [Family; 2] = [
+    Family {
+        save: "iptables-save",
+        restore: "iptables-restore",
+        legacy_tables: "/proc/net/ip_tables_names",
+        nfproto: NFPROTO_IPV4,
+    },
+    Family {
+        save: "ip6tables-save",
+        restore: "ip6tables-restore",
+        legacy_tables: "/proc/net/ip6_tables_names",
+        nfproto: NFPROTO_IPV6,
+    },
+];
+
+impl Family {
+    fn v4(&self) -> bool {
+        self.nfproto == NFPROTO_IPV4
+    }
+
+    fn restore(&self, script: &str) -> Result<(), BridgeError> {
+        process::pipe(self.restore, &["--noflush", "-w"], script)
+            .map_err(|e| BridgeError::Masq(e.to_string()))
+    }
+
+    /// Every (address, owner) jump in POSTROUTING, with its saved rule text.
+    fn saved(&self) -> Result<Vec<(Entry, String)>, BridgeError> {
+        let text =
+            process::run(self.save, &["-t", "nat"], None).map_err(|e| BridgeError::Masq(e.to_string()))?;
+        let prefix = format!("--comment \"{COMMENT} ");
+        Ok(text
+            .lines()
+            .filter(|l| l.starts_with("-A POSTROUTING "))
+            .filter_map(|l| {
+                let rest = &l[l.find(&prefix)? + prefix.len()..];
+                let owner = rest[..rest.find('"')?].to_string();
+                let src = l.split_whitespace().skip_while(|w| *w != "-s").nth(1)?;
+                let ip: IpAddr = src.split('/').next()?.parse().ok()?;
+                Some((Entry { ip, owner }, l["-A ".len()..].to_string()))
+            })
+            .collect())
+    }
+
+    /// Whether this family's `nat` table may hold the chain of `owner` (any of ours: `None`):
+    /// iptables-nft keeps them in nftables table `nat` (listed over netlink, no process), the
+    /// legacy backend in an x_tables `nat` table, which exists only once something used it in
+    /// this namespace (and cannot be looked into without iptables-save).
+    fn may_hold_chains(&self, owner: Option<&str>) -> Result<bool, BridgeError> {
+        let legacy = std::fs::read_to_string(self.legacy_tables).unwrap_or_default();
+        if legacy.lines().any(|t| t == "nat") {
+            return Ok(true);
+        }
+        match nl::chains(self.nfproto, "nat") {
+            Ok(chains) => Ok(chains.iter().any(|c| match owner {
+                Some(owner) => *c == chain(owner),
+                None => c.starts_with(CHAIN_PREFIX),
+            })),
+            Err(e) if e.is_missing() => Ok(false),
+            Err(e) => Err(BridgeError::Masq(format!("listing the chains of table nat: {e}"))),
+        }
+    }
+}
+
+impl Masquerade for Iptables {
+    fn name(&self) -> &'static str {
+        "iptables"
+    }
+
+    fn add(&self, addrs: &[IpNetwork], owner: &str) -> Result<(), BridgeError> {
+        let ch = chain(owner);
+        for fam in &FAMILIES {
+            let mine: Vec<&IpNetwork> = addrs.iter().filter(|a| a.is_ipv4() == fam.v4()).collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let (mcast, host) = if fam.v4() { ("224.0.0.0/4", 32) } else { ("ff00::/8", 128) };
+            let mut s = format!("*nat\n:{ch} - [0:0]\n");
+            for a in &mine {
+                s.push_str(&format!("-A {ch} -d {}/{} -j ACCEPT\n", a.network(), a.prefix()));
+            }
+            s.push_str(&format!("-A {ch} ! -d {mcast} -j MASQUERADE\n"));
+            for a in &mine {
+                s.push_str(&format!(
+                    "-A POSTROUTING -s {}/{host} -m comment --comment \"{COMMENT} {owner}\" -j {ch}\n",
+                    a.ip()
+                ));
+            }
+            s.push_str("COMMIT\n");
+            fam.restore(&s)?;
+        }
+        Ok(())
+    }
+
+    fn list(&self) -> Result<Vec<Entry>, BridgeError> {
+        let mut out = Vec::new();
+        for fam in &FAMILIES {
+            out.extend(fam.saved()?.into_iter().map(|(e, _)| e));
+        }
+        Ok(out)
+    }
+
+    fn remove_where(&self, stale: &dyn Fn(&str) -> bool) -> Result<(), BridgeError> {
+        let mut errs = Vec::new();
+        for fam in &FAMILIES {
+            let doomed: Vec<(Entry, String)> = match fam.saved() {
+                Ok(v) => v.into_iter().filter(|(e, _)| stale(&e.owner)).collect(),
+                Err(e) => {
+                    errs.push(e.to_string());
+                    continue;
+                }
+            };
+            if doomed.is_empty() {
+                continue;
+            }
+            let mut s = String::from("*nat\n");
+            let mut chains: Vec<String> = Vec::new();
+            for (e, rule) in &doomed {
+                s.push_str(&format!("-D {rule}\n"));
+                let ch = chain(&e.owner);
+                if !chains.contains(&ch) {
+                    chains.push(ch);
+                }
+            }
+            for ch in &chains {
+                s.push_str(&format!("-F {ch}\n-X {ch}\n"));
+            }
+            s.push_str("COMMIT\n");
+            if let Err(e) = fam.restore(&s) {
+                errs.push(e.to_string());
+            }
+        }
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(BridgeError::Masq(errs.join("; ")))
+        }
+    }
+
+    fn hooked(&self) -> Result<bool, BridgeError> {
+        // Each entry is itself a POSTROUTING rule.
+        Ok(true)
+    }
+
+    fn may_hold_entries(&self, owner: Option<&str>) -> Result<bool, BridgeError> {
+        for fam in &FAMILIES {
+            if fam.may_hold_chains(owner)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_names_fit_iptables_limits_and_differ() {
+        let a = chain("net/c1/eth0");
+        assert!(a.len() <= 28 && a.starts_with("CNIB-"));
+        assert_ne!(a, chain("net/c2/eth0"));
+        assert_eq!(a, chain("net/c1/eth0"));
+    }
+}
