@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use ipnetwork::IpNetwork;
 use rtnetlink::packet_core::NetlinkPayload;
-use rtnetlink::packet_route::address::AddressMessage;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
 use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
 use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage, RouteProtocol};
 use rtnetlink::packet_route::RouteNetlinkMessage;
@@ -172,6 +172,7 @@ impl Kernel {
 
     /// Directly connected subnets (every address's network), their link and the address, for
     /// the same-L2 check, the nexthops' output interface and the underlay MTU: one dump.
+    /// Temporary and deprecated IPv6 addresses are left out (they come and go; flannel#2293).
     pub async fn connected(&self) -> Result<Vec<(IpNetwork, u32, IpAddr)>, AgentError> {
         let msgs: Vec<AddressMessage> = self
             .h
@@ -185,7 +186,7 @@ impl Kernel {
             .iter()
             .filter_map(|m| {
                 let ip = address_of(m)?;
-                if ip.is_loopback() {
+                if ip.is_loopback() || !stable(ip, flags_of(m)) {
                     return None;
                 }
                 let n = IpNetwork::new(ip, m.header.prefix_len).ok()?;
@@ -212,6 +213,23 @@ impl Kernel {
             })
         }))
     }
+}
+
+fn flags_of(m: &AddressMessage) -> AddressFlags {
+    m.attributes
+        .iter()
+        .find_map(|a| match a {
+            AddressAttribute::Flags(f) => Some(*f),
+            _ => None,
+        })
+        .unwrap_or_else(|| AddressFlags::from_bits_retain(u32::from(m.header.flags.bits())))
+}
+
+/// Whether a local address may stand for this node: not an IPv6 privacy (temporary) address,
+/// which expires, nor a deprecated one. IFA_F_TEMPORARY shares its bit with IFA_F_SECONDARY,
+/// which on IPv4 marks an ordinary second address of a subnet.
+pub fn stable(ip: IpAddr, flags: AddressFlags) -> bool {
+    ip.is_ipv4() || !flags.intersects(AddressFlags::Secondary | AddressFlags::Deprecated)
 }
 
 /// A stream of "something changed" from the kernel: one of our routes deleted, or a link
@@ -241,4 +259,19 @@ pub fn events(proto: u8) -> Result<tokio::sync::mpsc::UnboundedReceiver<()>, Age
         }
     });
     Ok(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temporary_and_deprecated_ipv6_addresses_do_not_stand_for_the_node() {
+        let v6: IpAddr = "fd00:200::11".parse().unwrap();
+        let v4: IpAddr = "10.200.0.11".parse().unwrap();
+        assert!(stable(v6, AddressFlags::Permanent));
+        assert!(!stable(v6, AddressFlags::Secondary), "IFA_F_TEMPORARY");
+        assert!(!stable(v6, AddressFlags::Deprecated | AddressFlags::Permanent));
+        assert!(stable(v4, AddressFlags::Secondary), "an IPv4 secondary is an ordinary address");
+    }
 }

@@ -4,8 +4,10 @@
 //! messages, so they are built here: RTM_NEWNEXTHOP / RTM_DELNEXTHOP / RTM_GETNEXTHOP with an
 //! `nhmsg` header and NHA_ID / NHA_OIF / NHA_GATEWAY, many requests per send.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+
+use ipnetwork::IpNetwork;
 
 use netlink_wire::{attr, error_code, message, walk, NLMSG_DONE, NLMSG_ERROR};
 use rtnetlink::sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
@@ -193,12 +195,87 @@ pub fn del(ids: &[u32]) -> (usize, Vec<String>) {
     batch(reqs)
 }
 
+/// The nexthops already in the kernel, as the plan needs them.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Existing {
+    /// Ours (marked with the agent's protocol): gateway -> id.
+    pub ours: BTreeMap<IpAddr, u32>,
+    /// Every id in use, ours or not.
+    pub used: BTreeSet<u32>,
+}
+
+impl Existing {
+    /// Sorts a dump into ours and the ids in use.
+    pub fn new(all: &[Nexthop], proto: u8) -> Existing {
+        Existing {
+            ours: all.iter().filter(|n| n.proto == proto).filter_map(|n| Some((n.gw?, n.id))).collect(),
+            used: all.iter().map(|n| n.id).collect(),
+        }
+    }
+
+    /// Id -> gateway of ours, to read routes that name a nexthop instead of a gateway.
+    pub fn gateways(&self) -> BTreeMap<u32, IpAddr> {
+        self.ours.iter().map(|(gw, id)| (*id, *gw)).collect()
+    }
+}
+
+/// What nexthops the desired routes need: created before the routes, the stale ones deleted
+/// after them.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct NexthopPlan {
+    /// Gateway -> the nexthop id its routes name.
+    pub ids: BTreeMap<IpAddr, u32>,
+    /// Nexthops to create: (id, gateway, output interface).
+    pub create: Vec<(u32, IpAddr, u32)>,
+    /// Our nexthops no route wants any more.
+    pub stale: Vec<u32>,
+}
+
+impl NexthopPlan {
+    /// One nexthop per gateway in `gateways`, on the link of the connected subnet holding it
+    /// (`connected`: subnet, link index, local address).
+    pub fn new(
+        existing: &Existing,
+        gateways: &BTreeSet<IpAddr>,
+        connected: &[(IpNetwork, u32, IpAddr)],
+    ) -> NexthopPlan {
+        let want: Vec<IpAddr> = gateways.iter().copied().collect();
+        let ids = assign(&want, &existing.ours, &existing.used);
+        let create = ids
+            .iter()
+            .filter(|(gw, _)| !existing.ours.contains_key(gw))
+            .filter_map(|(gw, id)| {
+                connected.iter().find(|(net, _, _)| net.contains(*gw)).map(|(_, oif, _)| (*id, *gw, *oif))
+            })
+            .collect();
+        let stale = existing.ours.iter().filter(|(gw, _)| !ids.contains_key(gw)).map(|(_, id)| *id).collect();
+        NexthopPlan { ids, create, stale }
+    }
+}
+
+/// Runs a blocking netlink exchange off the async threads: thousands of acks can take a
+/// while, and /healthz must keep answering meanwhile.
+async fn off_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| format!("nexthop task: {e}"))
+}
+
+/// [`dump`], without blocking the runtime.
+pub async fn dump_async() -> Result<Vec<Nexthop>, String> {
+    off_thread(dump).await?
+}
+
+/// [`add`], without blocking the runtime.
+pub async fn add_async(nhs: Vec<(u32, IpAddr, u32)>, proto: u8) -> (usize, Vec<String>) {
+    off_thread(move || add(&nhs, proto)).await.unwrap_or_else(|e| (0, vec![e]))
+}
+
+/// [`del`], without blocking the runtime.
+pub async fn del_async(ids: Vec<u32>) -> (usize, Vec<String>) {
+    off_thread(move || del(&ids)).await.unwrap_or_else(|e| (0, vec![e]))
+}
+
 /// Ids for new gateways: keeps ours, avoids every id in use, starts at a high base.
-pub fn assign(
-    want: &[IpAddr],
-    ours: &BTreeMap<IpAddr, u32>,
-    used: &std::collections::BTreeSet<u32>,
-) -> BTreeMap<IpAddr, u32> {
+pub fn assign(want: &[IpAddr], ours: &BTreeMap<IpAddr, u32>, used: &BTreeSet<u32>) -> BTreeMap<IpAddr, u32> {
     let mut next = 0x0a80_0000u32;
     let mut taken = used.clone();
     let mut out = BTreeMap::new();
@@ -225,10 +302,30 @@ mod tests {
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
         let ours = BTreeMap::from([(a, 7)]);
-        let used = std::collections::BTreeSet::from([7, 0x0a80_0000]);
+        let used = BTreeSet::from([7, 0x0a80_0000]);
         let ids = assign(&[a, b], &ours, &used);
         assert_eq!(ids[&a], 7);
         assert_eq!(ids[&b], 0x0a80_0001);
+    }
+
+    #[test]
+    fn plan_keeps_ours_creates_on_the_gateways_link_and_drops_the_unused() {
+        let (a, b, gone): (IpAddr, IpAddr, IpAddr) =
+            ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap(), "10.0.0.3".parse().unwrap());
+        let existing = Existing::new(
+            &[
+                Nexthop { id: 7, gw: Some(a), proto: 168 },
+                Nexthop { id: 8, gw: Some(gone), proto: 168 },
+                Nexthop { id: 0x0a80_0000, gw: Some(b), proto: 4 },
+            ],
+            168,
+        );
+        let connected = [("10.0.0.0/24".parse().unwrap(), 3, "10.0.0.9".parse().unwrap())];
+        let plan = NexthopPlan::new(&existing, &BTreeSet::from([a, b]), &connected);
+        assert_eq!(plan.ids, BTreeMap::from([(a, 7), (b, 0x0a80_0001)]));
+        assert_eq!(plan.create, [(0x0a80_0001, b, 3)]);
+        assert_eq!(plan.stale, [8]);
+        assert_eq!(existing.gateways(), BTreeMap::from([(7, a), (8, gone)]));
     }
 
     #[test]

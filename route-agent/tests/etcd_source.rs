@@ -87,7 +87,7 @@ impl Drop for Etcd {
 /// One source, as the agent runs it, in a task of the test's runtime.
 struct Node {
     name: String,
-    rx: watch::Receiver<Snapshot>,
+    rx: watch::Receiver<Option<Snapshot>>,
     task: JoinHandle<Result<(), AgentError>>,
 }
 
@@ -106,7 +106,7 @@ fn start(url: &str, prefix: &str, name: &str, addrs: &[&str], dual: bool) -> Nod
         node_addrs: addrs.iter().map(|a| a.parse().unwrap()).collect(),
         lease_ttl: TTL,
     };
-    let (tx, rx) = watch::channel(Snapshot::new());
+    let (tx, rx) = watch::channel(None);
     let task = tokio::spawn(run(opts, tx, Arc::new(Metrics::default())));
     Node { name: name.to_string(), rx, task }
 }
@@ -119,8 +119,10 @@ impl Node {
     }
 
     /// Its snapshot once `cond` holds (bounded).
-    async fn until(&mut self, what: &str, cond: impl FnMut(&Snapshot) -> bool) -> Snapshot {
-        let r = tokio::time::timeout(DEADLINE, self.rx.wait_for(cond)).await.map(|r| r.map(|s| s.clone()));
+    async fn until(&mut self, what: &str, mut cond: impl FnMut(&Snapshot) -> bool) -> Snapshot {
+        let published = self.rx.wait_for(|s| s.as_ref().is_some_and(&mut cond));
+        let r =
+            tokio::time::timeout(DEADLINE, published).await.map(|r| r.map(|s| s.clone().unwrap_or_default()));
         match r {
             Ok(Ok(s)) => s,
             Ok(Err(_)) => panic!("{}: source ended while waiting for {what}", self.name),
@@ -129,7 +131,12 @@ impl Node {
     }
 
     fn subnets(&self) -> Vec<IpNetwork> {
-        self.rx.borrow().get(&self.name).map(|n| n.pod_cidrs.clone()).unwrap_or_default()
+        self.rx
+            .borrow()
+            .as_ref()
+            .and_then(|s| s.get(&self.name))
+            .map(|n| n.pod_cidrs.clone())
+            .unwrap_or_default()
     }
 }
 
@@ -156,9 +163,9 @@ async fn nodes_claim_distinct_subnets_converge_and_keep_them_across_restarts() {
     for n in &mut nodes {
         n.until("all three nodes, dual-stack", complete(&names, 2)).await;
     }
-    let snap = nodes[0].rx.borrow().clone();
+    let snap = nodes[0].rx.borrow().clone().expect("published");
     for n in &nodes {
-        assert_eq!(*n.rx.borrow(), snap, "{} sees the same nodes", n.name);
+        assert_eq!(n.rx.borrow().as_ref(), Some(&snap), "{} sees the same nodes", n.name);
     }
     let (v4, v6): (IpNetwork, IpNetwork) = (V4.parse().unwrap(), V6.parse().unwrap());
     let mut seen = std::collections::HashSet::new();
@@ -188,7 +195,7 @@ async fn nodes_claim_distinct_subnets_converge_and_keep_them_across_restarts() {
     assert!(new_lease.is_some_and(|l| l != old_lease), "key survives the old lease: {new_lease:?}");
     nodes.insert(1, b);
     for n in &nodes {
-        assert_eq!(*n.rx.borrow(), snap, "{}: nothing changed for the others", n.name);
+        assert_eq!(n.rx.borrow().as_ref(), Some(&snap), "{}: nothing changed for the others", n.name);
     }
 
     // A lost lease (revoked here, as an expiry while partitioned would) is granted again and

@@ -173,9 +173,9 @@ impl Drop for TempDir {
     }
 }
 
-async fn next_snapshot(rx: &mut watch::Receiver<Snapshot>) -> Snapshot {
+async fn next_snapshot(rx: &mut watch::Receiver<Option<Snapshot>>) -> Snapshot {
     tokio::time::timeout(LIMIT, rx.changed()).await.expect("a new snapshot in time").expect("source alive");
-    rx.borrow_and_update().clone()
+    rx.borrow_and_update().clone().expect("published")
 }
 
 // Current-thread runtime on purpose: `publish` counts the event and sends the snapshot with no
@@ -203,7 +203,7 @@ async fn lists_then_follows_the_watch_and_ignores_heartbeats() {
     )
     .unwrap();
 
-    let (tx, mut rx) = watch::channel(Snapshot::new());
+    let (tx, mut rx) = watch::channel(None);
     let metrics = Arc::new(Metrics::default());
     let source = tokio::spawn(run(KubeOptions { kubeconfig: Some(kubeconfig) }, tx, metrics.clone()));
     let events = || metrics.source_events.load(Ordering::Relaxed);

@@ -327,3 +327,114 @@ fn plain_routes_when_nexthop_objects_are_off() {
     assert!(cl.nodes[0].ns.ip(&["nexthop", "show", "proto", PROTO]).trim().is_empty());
     assert!(!cl.nodes[0].ns.ip(&["route", "show", "proto", PROTO]).contains("nhid"));
 }
+
+/// The nodes file as `write_nodes` writes it, plus extra raw entries.
+fn nodes_json(cl: &Cluster, nodes: &[usize], extra: &[serde_json::Value]) -> serde_json::Value {
+    let mut list: Vec<_> = nodes
+        .iter()
+        .map(|&i| {
+            let n = &cl.nodes[i];
+            json!({"name": n.name, "podCIDRs": [n.pod_cidr], "addresses": [n.ip.to_string()]})
+        })
+        .collect();
+    list.extend(extra.iter().cloned());
+    json!({ "nodes": list })
+}
+
+fn write_json(path: &Path, v: &serde_json::Value) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(v).unwrap()).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[test]
+fn a_partially_overlapping_claim_gets_no_route_and_is_reported() {
+    require_root("route agent overlap");
+    let tmp = Tmp::new("overlap");
+    let cl = three_node_cluster("rov");
+    let file = tmp.0.join("nodes.json");
+    write_nodes(&file, &cl, &[0, 1, 2], None);
+    let _agents: Vec<Agent> = (0..3)
+        .map(|i| Agent::start(&cl.nodes[i].ns, &cl.nodes[i].name, &file, &tmp.0.join(format!("cni{i}")), &[]))
+        .collect();
+    expect_routes(&cl, 0, &[1, 2]);
+    // node-x claims the upper half of node-2's /24 (and sorts after it by name either way).
+    let x = json!({"name": "node-0x", "podCIDRs": ["10.244.2.128/25"], "addresses": ["10.200.0.99"]});
+    write_json(&file, &nodes_json(&cl, &[0, 1, 2], &[x]));
+    eventually("the conflict counted on node-1", || {
+        metric(&cl.nodes[0].ns, "pod_cidr_conflicts") == Some(1.0)
+    });
+    eventually("the conflict counted on node-2", || {
+        metric(&cl.nodes[1].ns, "pod_cidr_conflicts") == Some(1.0)
+    });
+    expect_routes(&cl, 0, &[1, 2]);
+    expect_routes(&cl, 1, &[0, 2]);
+    all_pairs(&cl).unwrap();
+}
+
+#[test]
+fn a_listed_node_without_address_keeps_its_route_until_it_leaves() {
+    require_root("route agent node without address");
+    let tmp = Tmp::new("noaddr");
+    let cl = three_node_cluster("rna");
+    let file = tmp.0.join("nodes.json");
+    write_nodes(&file, &cl, &[0, 1, 2], None);
+    let _agents: Vec<Agent> = (0..3)
+        .map(|i| Agent::start(&cl.nodes[i].ns, &cl.nodes[i].name, &file, &tmp.0.join(format!("cni{i}")), &[]))
+        .collect();
+    expect_routes(&cl, 0, &[1, 2]);
+    // A half-written file: still valid, cut before node-3's addresses.
+    let mut cut = nodes_json(&cl, &[0, 1, 2], &[]);
+    cut["nodes"][2].as_object_mut().unwrap().remove("addresses");
+    write_json(&file, &cut);
+    eventually("reported", || metric(&cl.nodes[0].ns, "nodes_without_address") == Some(1.0));
+    expect_routes(&cl, 0, &[1, 2]);
+    // `addresses: []` is the same.
+    cut["nodes"][2]["addresses"] = json!([]);
+    cut["nodes"][1]["addresses"] = json!([]);
+    write_json(&file, &cut);
+    eventually("both reported", || metric(&cl.nodes[0].ns, "nodes_without_address") == Some(2.0));
+    expect_routes(&cl, 0, &[1, 2]);
+    all_pairs(&cl).unwrap();
+    // Leaving the source is what takes a node's route away.
+    write_nodes(&file, &cl, &[0, 1], None);
+    expect_routes(&cl, 0, &[1]);
+    assert_eq!(metric(&cl.nodes[0].ns, "nodes_without_address"), Some(0.0));
+}
+
+#[test]
+fn source_failures_are_counted_keep_routes_and_fail_readiness_past_the_bound() {
+    require_root("route agent source failures");
+    let tmp = Tmp::new("srcfail");
+    let cl = Cluster::new("rsf", 2, plugins(), true);
+    let file = tmp.0.join("nodes.json");
+    write_nodes(&file, &cl, &[0, 1], None);
+    let _a = Agent::start(
+        &cl.nodes[0].ns,
+        "node-1",
+        &file,
+        &tmp.0.join("cni0"),
+        &["--max-source-failure-seconds", "1"],
+    );
+    expect_routes(&cl, 0, &[1]);
+    eventually("ready", || http_get(&cl.nodes[0].ns, "/readyz").0.contains("200"));
+    assert_eq!(metric(&cl.nodes[0].ns, "source_snapshot_age_seconds"), Some(0.0));
+    std::fs::write(&file, "nodes: [{{{ garbage").unwrap();
+    eventually("garbage counted", || {
+        metric(&cl.nodes[0].ns, "source_errors_total{kind=\"parse\"}") == Some(1.0)
+    });
+    std::fs::write(&file, "").unwrap();
+    eventually("empty counted", || {
+        metric(&cl.nodes[0].ns, "source_errors_total{kind=\"empty\"}") == Some(1.0)
+    });
+    std::fs::remove_file(&file).unwrap();
+    write_nodes(&tmp.0.join("other.json"), &cl, &[0], None);
+    std::fs::rename(tmp.0.join("other.json"), tmp.0.join("gone.json")).unwrap();
+    eventually("readiness fails once the source failed for longer than the bound", || {
+        http_get(&cl.nodes[0].ns, "/readyz").0.contains("503")
+    });
+    assert!(metric(&cl.nodes[0].ns, "source_snapshot_age_seconds").unwrap() > 1.0);
+    expect_routes(&cl, 0, &[1]);
+    write_nodes(&file, &cl, &[0, 1], None);
+    eventually("ready again", || http_get(&cl.nodes[0].ns, "/readyz").0.contains("200"));
+}
