@@ -438,3 +438,26 @@ fn source_failures_are_counted_keep_routes_and_fail_readiness_past_the_bound() {
     write_nodes(&file, &cl, &[0, 1], None);
     eventually("ready again", || http_get(&cl.nodes[0].ns, "/readyz").0.contains("200"));
 }
+
+#[test]
+fn destinations_excluded_from_masquerade_see_the_pod_address() {
+    require_root("route agent masquerade exclusions");
+    let tmp = Tmp::new("nomasq");
+    let mut cl = Cluster::new("rnm", 1, plugins(), true);
+    cl.add_pod(0, "n1p1").unwrap();
+    // Two outside hosts on the underlay; only the first one's /32 is excluded.
+    let (kept, masked) = (cl.external("exk", 100), cl.external("exm", 101));
+    for ext in [&kept, &masked] {
+        ext.ip(&["route", "add", &cl.nodes[0].pod_cidr, "via", &cl.nodes[0].ip.to_string()]);
+    }
+    let file = tmp.0.join("nodes.json");
+    write_nodes(&file, &cl, &[0], None);
+    let extra = ["--no-masquerade-cidr", "10.200.0.100/32"];
+    let _a = Agent::start(&cl.nodes[0].ns, "node-1", &file, &tmp.0.join("cni0"), &extra);
+    eventually("ready", || metric(&cl.nodes[0].ns, "ready") == Some(1.0));
+    let pod = &cl.pods[0];
+    let seen = exchange(kept.file(), "10.200.0.100:0".parse().unwrap(), pod.ns.file(), None);
+    assert_eq!(seen, Ok(pod.ip), "an excluded destination sees the pod's own address");
+    let seen = exchange(masked.file(), "10.200.0.101:0".parse().unwrap(), pod.ns.file(), None);
+    assert_eq!(seen, Ok(IpAddr::V4(cl.nodes[0].ip)), "the others still see the node address");
+}
