@@ -461,3 +461,70 @@ fn destinations_excluded_from_masquerade_see_the_pod_address() {
     let seen = exchange(masked.file(), "10.200.0.101:0".parse().unwrap(), pod.ns.file(), None);
     assert_eq!(seen, Ok(IpAddr::V4(cl.nodes[0].ip)), "the others still see the node address");
 }
+
+/// The agent's IPv6 routes, as [`agent_routes`].
+fn agent_routes6(ns: &Netns) -> Vec<String> {
+    let mut v: Vec<String> = ns
+        .ip(&["-6", "route", "show", "proto", PROTO])
+        .lines()
+        .map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            let w: Vec<&str> = match w.iter().position(|x| *x == "nhid") {
+                Some(i) => [&w[..i], &w[i + 2..]].concat(),
+                None => w,
+            };
+            // `metric 1024 pref medium` is noise here.
+            w.iter().take_while(|x| **x != "metric").copied().collect::<Vec<_>>().join(" ")
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn dual_stack_all_pairs(cl: &Cluster) -> Result<(), String> {
+    for a in &cl.pods {
+        for b in cl.pods.iter().filter(|b| b.name != a.name) {
+            let (from, to) = (a.ip6.ok_or("no IPv6")?, b.ip6.ok_or("no IPv6")?);
+            let r = exchange(b.ns.file(), SocketAddr::new(to, 0), a.ns.file(), None);
+            if r != Ok(from) {
+                return Err(format!("{} -> {} over IPv6: {r:?}", a.name, b.name));
+            }
+        }
+    }
+    all_pairs(cl)
+}
+
+#[test]
+fn dual_stack_routes_both_families_and_reports_a_node_without_an_ipv6_address() {
+    require_root("route agent dual-stack");
+    let tmp = Tmp::new("dual");
+    let mut cl = Cluster::dual_stack("rds", 3, plugins(), true);
+    for i in 0..3 {
+        cl.add_pod(i, &format!("n{}p1", i + 1)).unwrap();
+    }
+    let file = tmp.0.join("nodes.json");
+    let all: Vec<_> = cl.nodes.iter().map(|n| n.nodes_file_entry()).collect();
+    write_json(&file, &json!({ "nodes": all }));
+    let _agents: Vec<Agent> = (0..3)
+        .map(|i| Agent::start(&cl.nodes[i].ns, &cl.nodes[i].name, &file, &tmp.0.join(format!("cni{i}")), &[]))
+        .collect();
+    let v6 = |j: usize| {
+        let n = &cl.nodes[j];
+        format!("{} via {} dev eth0", n.pod_cidr6.as_ref().unwrap(), n.ip6.unwrap())
+    };
+    eventually("IPv6 routes on node-1", || agent_routes6(&cl.nodes[0].ns) == [v6(1), v6(2)]);
+    for i in 0..3 {
+        let others: Vec<usize> = (0..3).filter(|j| *j != i).collect();
+        expect_routes(&cl, i, &others);
+    }
+    eventually("IPv6 routes everywhere", || (0..3).all(|i| agent_routes6(&cl.nodes[i].ns).len() == 2));
+    dual_stack_all_pairs(&cl).unwrap();
+    // node-3 publishes only its IPv4 address: its IPv6 pods are unreachable, and said so.
+    // (It had an IPv6 route, which is kept; a node that never had one shows the same count.)
+    let mut listed = all.clone();
+    listed[2]["addresses"] = json!([cl.nodes[2].ip.to_string()]);
+    write_json(&file, &json!({ "nodes": listed }));
+    eventually("counted", || metric(&cl.nodes[0].ns, "pod_cidrs_without_address") == Some(1.0));
+    assert_eq!(metric(&cl.nodes[0].ns, "nodes_without_address"), Some(0.0), "it has an IPv4 address");
+    assert_eq!(agent_routes6(&cl.nodes[0].ns), [v6(1), v6(2)], "the last good IPv6 route stays");
+}
