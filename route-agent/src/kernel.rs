@@ -195,6 +195,49 @@ impl Kernel {
             .collect())
     }
 
+    /// This node's address per family when none is configured: see [`pick_node_addresses`].
+    pub async fn node_addresses(&self) -> Result<Vec<IpAddr>, AgentError> {
+        let mut default_links = Vec::new();
+        for q in [
+            RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
+        ] {
+            let msgs: Vec<RouteMessage> = self
+                .h
+                .route()
+                .get(q)
+                .execute()
+                .try_collect()
+                .await
+                .map_err(AgentError::netlink("dumping routes"))?;
+            default_links.extend(
+                msgs.iter()
+                    .filter(|m| m.header.destination_prefix_length == 0 && m.header.table == MAIN_TABLE)
+                    .filter_map(|m| {
+                        m.attributes.iter().find_map(|a| match a {
+                            RouteAttribute::Oif(index) => Some(*index),
+                            _ => None,
+                        })
+                    }),
+            );
+        }
+        let msgs: Vec<AddressMessage> = self
+            .h
+            .address()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(AgentError::netlink("dumping addresses"))?;
+        let local: Vec<LocalAddress> = msgs
+            .iter()
+            .filter_map(|m| {
+                Some(LocalAddress { ip: address_of(m)?, link: m.header.index, flags: flags_of(m) })
+            })
+            .collect();
+        Ok(pick_node_addresses(&local, &default_links))
+    }
+
     /// The MTU of link `index` (the underlay, found through [`Kernel::connected`]).
     pub async fn mtu_of_link(&self, index: u32) -> Result<Option<u32>, AgentError> {
         let links: Vec<LinkMessage> = self
@@ -230,6 +273,37 @@ fn flags_of(m: &AddressMessage) -> AddressFlags {
 /// which on IPv4 marks an ordinary second address of a subnet.
 pub fn stable(ip: IpAddr, flags: AddressFlags) -> bool {
     ip.is_ipv4() || !flags.intersects(AddressFlags::Secondary | AddressFlags::Deprecated)
+}
+
+/// A local address as the node-address choice sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct LocalAddress {
+    /// The address.
+    pub ip: IpAddr,
+    /// Its link's index.
+    pub link: u32,
+    /// Its IFA_F_* flags.
+    pub flags: AddressFlags,
+}
+
+/// One address per family: global (no loopback, no link-local), stable (see [`stable`]), on a
+/// link holding a default route if there is one, else the first such address.
+pub fn pick_node_addresses(local: &[LocalAddress], default_links: &[u32]) -> Vec<IpAddr> {
+    let usable = |a: &&LocalAddress| {
+        let link_local = match a.ip {
+            IpAddr::V4(v4) => v4.is_link_local(),
+            IpAddr::V6(v6) => v6.is_unicast_link_local(),
+        };
+        !a.ip.is_loopback() && !a.ip.is_multicast() && !link_local && stable(a.ip, a.flags)
+    };
+    [true, false]
+        .into_iter()
+        .filter_map(|v4| {
+            let family: Vec<&LocalAddress> =
+                local.iter().filter(|a| a.ip.is_ipv4() == v4).filter(usable).collect();
+            family.iter().find(|a| default_links.contains(&a.link)).or(family.first()).map(|a| a.ip)
+        })
+        .collect()
 }
 
 /// A stream of "something changed" from the kernel: one of our routes deleted, or a link
@@ -273,5 +347,24 @@ mod tests {
         assert!(!stable(v6, AddressFlags::Secondary), "IFA_F_TEMPORARY");
         assert!(!stable(v6, AddressFlags::Deprecated | AddressFlags::Permanent));
         assert!(stable(v4, AddressFlags::Secondary), "an IPv4 secondary is an ordinary address");
+    }
+
+    #[test]
+    fn node_address_default_one_per_family_on_the_default_route_link_never_temporary() {
+        let a =
+            |ip: &str, link: u32, flags: AddressFlags| LocalAddress { ip: ip.parse().unwrap(), link, flags };
+        let local = [
+            a("127.0.0.1", 1, AddressFlags::Permanent),
+            a("10.244.1.1", 3, AddressFlags::Permanent),
+            a("fe80::1", 2, AddressFlags::Permanent),
+            a("2001:db8::aaaa", 2, AddressFlags::Secondary),
+            a("2001:db8::bbbb", 2, AddressFlags::Deprecated),
+            a("10.200.0.11", 2, AddressFlags::Permanent),
+            a("2001:db8::11", 2, AddressFlags::empty()),
+        ];
+        let got: Vec<String> = pick_node_addresses(&local, &[2]).iter().map(|i| i.to_string()).collect();
+        assert_eq!(got, ["10.200.0.11", "2001:db8::11"]);
+        let got: Vec<String> = pick_node_addresses(&local, &[]).iter().map(|i| i.to_string()).collect();
+        assert_eq!(got, ["10.244.1.1", "2001:db8::11"], "no default route: the first usable one");
     }
 }

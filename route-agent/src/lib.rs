@@ -84,8 +84,17 @@ pub struct Options {
 
 /// Runs the agent until SIGTERM/SIGINT. Routes stay in place on exit, so pods keep working
 /// through a restart.
-pub async fn run(opts: Options) -> Result<(), AgentError> {
+pub async fn run(mut opts: Options) -> Result<(), AgentError> {
     let metrics = Arc::new(Metrics::default());
+    let kernel = Kernel::new(opts.route_protocol, opts.nexthops)?;
+    tracing::info!(nexthop_objects = kernel.nexthops, "kernel");
+    if let Source::Etcd(etcd) = &mut opts.source {
+        if etcd.node_addrs.is_empty() {
+            // Other nodes route to what this node publishes: never an empty list.
+            etcd.node_addrs = kernel.node_addresses().await?;
+            tracing::info!(addresses = ?etcd.node_addrs, "no --node-ip: publishing the default route's link's addresses");
+        }
+    }
     // `None` until the source has a complete view: until then the agent does not sync at
     // all, so a restart never deletes routes before the source has spoken.
     let (tx, mut rx) = watch::channel::<Option<Snapshot>>(None);
@@ -112,8 +121,6 @@ pub async fn run(opts: Options) -> Result<(), AgentError> {
             }
         });
     }
-    let kernel = Kernel::new(opts.route_protocol, opts.nexthops)?;
-    tracing::info!(nexthop_objects = kernel.nexthops, "kernel");
     let mut events = kernel::events(opts.route_protocol)?;
     let mut tick = tokio::time::interval(opts.resync);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

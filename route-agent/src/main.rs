@@ -115,6 +115,12 @@ fn init_logs(format: LogFormat) {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logs(cli.log_format);
+    if cli.node_ip.iter().filter(|a| a.is_ipv4()).count() > 1
+        || cli.node_ip.iter().filter(|a| a.is_ipv6()).count() > 1
+    {
+        eprintln!("--node-ip: at most one address per family");
+        return std::process::ExitCode::from(2);
+    }
     let source = match cli.source.as_str() {
         "file" => match cli.nodes_file {
             Some(p) => Source::File(p),
