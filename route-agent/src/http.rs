@@ -13,19 +13,19 @@ use hyper_util::rt::TokioIo;
 use crate::error::AgentError;
 use crate::Metrics;
 
-fn respond(m: &Metrics, path: &str, max_snapshot_age: Option<Duration>) -> Response<Full<Bytes>> {
+fn respond(metrics: &Metrics, path: &str, max_snapshot_age: Option<Duration>) -> Response<Full<Bytes>> {
     let (status, body) = match path {
         "/healthz" => (StatusCode::OK, "ok\n".to_string()),
-        "/readyz" => match m.not_ready(max_snapshot_age) {
+        "/readyz" => match metrics.not_ready(max_snapshot_age) {
             None => (StatusCode::OK, "ready\n".to_string()),
             Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
         },
-        "/metrics" => (StatusCode::OK, m.render()),
+        "/metrics" => (StatusCode::OK, metrics.render()),
         _ => (StatusCode::NOT_FOUND, "not found\n".to_string()),
     };
-    let mut r = Response::new(Full::new(Bytes::from(body)));
-    *r.status_mut() = status;
-    r
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
 }
 
 /// Serves until the process ends. `/readyz` fails once the source has failed for longer than
@@ -35,16 +35,16 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     max_snapshot_age: Option<Duration>,
 ) -> Result<(), AgentError> {
-    let l =
+    let listener =
         tokio::net::TcpListener::bind(addr).await.map_err(AgentError::io(format!("listening on {addr}")))?;
     tracing::info!(%addr, "serving /healthz /readyz /metrics");
     loop {
-        let Ok((stream, _)) = l.accept().await else { continue };
-        let m = metrics.clone();
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let r = respond(&m, req.uri().path(), max_snapshot_age);
-                async move { Ok::<_, Infallible>(r) }
+                let response = respond(&metrics, req.uri().path(), max_snapshot_age);
+                async move { Ok::<_, Infallible>(response) }
             });
             let _ =
                 hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;

@@ -26,7 +26,7 @@ const MAIN_TABLE: u8 = 254;
 /// The agent's netlink connection.
 #[derive(Clone)]
 pub struct Kernel {
-    h: Handle,
+    handle: Handle,
     proto: u8,
     /// Routes point at nexthop objects (one per node address) instead of carrying a gateway.
     pub nexthops: bool,
@@ -46,11 +46,12 @@ pub struct Applied {
 impl Kernel {
     /// Opens the connection (inside a tokio runtime).
     /// With `nexthops`, uses nexthop objects if the kernel has them.
-    pub fn new(proto: u8, nexthops: bool) -> Result<Kernel, AgentError> {
-        let (conn, h, _) = rtnetlink::new_connection().map_err(AgentError::io("opening a netlink socket"))?;
+    pub async fn new(proto: u8, nexthops: bool) -> Result<Kernel, AgentError> {
+        let (conn, handle, _) =
+            rtnetlink::new_connection().map_err(AgentError::io("opening a netlink socket"))?;
         tokio::spawn(conn);
-        let nexthops = nexthops && crate::nexthop::dump().is_ok();
-        Ok(Kernel { h, proto, nexthops })
+        let nexthops = nexthops && crate::nexthop::dump_async().await.is_ok();
+        Ok(Kernel { handle, proto, nexthops })
     }
 
     /// The protocol number marking our routes and nexthops.
@@ -74,7 +75,7 @@ impl Kernel {
             RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
         ] {
             let msgs: Vec<RouteMessage> = self
-                .h
+                .handle
                 .route()
                 .get(q)
                 .execute()
@@ -110,16 +111,18 @@ impl Kernel {
     }
 
     fn message(&self, dst: IpNetwork, gw: Option<IpAddr>, nhid: Option<u32>) -> RouteMessage {
-        let mut b = RouteMessageBuilder::<IpAddr>::new()
+        let mut builder = RouteMessageBuilder::<IpAddr>::new()
             .destination_prefix(dst.network(), dst.prefix())
             .expect("family of dst")
             .protocol(RouteProtocol::Other(self.proto));
         match (nhid, gw) {
-            (Some(id), _) => b = b.nhid(id),
-            (None, Some(g)) => b = b.gateway(g).expect("gateway of the family of dst (checked by the plan)"),
+            (Some(id), _) => builder = builder.nhid(id),
+            (None, Some(gw)) => {
+                builder = builder.gateway(gw).expect("gateway of the family of dst (checked by the plan)")
+            }
             (None, None) => {}
         }
-        b.build()
+        builder.build()
     }
 
     /// Adds/replaces and deletes routes, many requests in flight at once.
@@ -133,8 +136,8 @@ impl Kernel {
         let mut errors = Vec::new();
         let ups = stream::iter(diff.upsert.iter().map(|(d, g)| {
             let msg = self.message(*d, Some(*g), nh_ids.get(g).copied());
-            let h = self.h.clone();
-            async move { (*d, h.route().add(msg).replace().execute().await) }
+            let handle = self.handle.clone();
+            async move { (*d, handle.route().add(msg).replace().execute().await) }
         }))
         .buffer_unordered(PIPELINE)
         .collect::<Vec<_>>()
@@ -150,8 +153,8 @@ impl Kernel {
         }
         let dels = stream::iter(diff.delete.iter().map(|(d, _)| {
             let msg = self.message(*d, None, None);
-            let h = self.h.clone();
-            async move { (*d, h.route().del(msg).execute().await) }
+            let handle = self.handle.clone();
+            async move { (*d, handle.route().del(msg).execute().await) }
         }))
         .buffer_unordered(PIPELINE)
         .collect::<Vec<_>>()
@@ -175,7 +178,7 @@ impl Kernel {
     /// Temporary and deprecated IPv6 addresses are left out (they come and go; flannel#2293).
     pub async fn connected(&self) -> Result<Vec<(IpNetwork, u32, IpAddr)>, AgentError> {
         let msgs: Vec<AddressMessage> = self
-            .h
+            .handle
             .address()
             .get()
             .execute()
@@ -203,7 +206,7 @@ impl Kernel {
             RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
         ] {
             let msgs: Vec<RouteMessage> = self
-                .h
+                .handle
                 .route()
                 .get(q)
                 .execute()
@@ -222,7 +225,7 @@ impl Kernel {
             );
         }
         let msgs: Vec<AddressMessage> = self
-            .h
+            .handle
             .address()
             .get()
             .execute()
@@ -241,7 +244,7 @@ impl Kernel {
     /// The MTU of link `index` (the underlay, found through [`Kernel::connected`]).
     pub async fn mtu_of_link(&self, index: u32) -> Result<Option<u32>, AgentError> {
         let links: Vec<LinkMessage> = self
-            .h
+            .handle
             .link()
             .get()
             .match_index(index)

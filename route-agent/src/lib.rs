@@ -86,7 +86,7 @@ pub struct Options {
 /// through a restart.
 pub async fn run(mut opts: Options) -> Result<(), AgentError> {
     let metrics = Arc::new(Metrics::default());
-    let kernel = Kernel::new(opts.route_protocol, opts.nexthops)?;
+    let kernel = Kernel::new(opts.route_protocol, opts.nexthops).await?;
     tracing::info!(nexthop_objects = kernel.nexthops, "kernel");
     if let Source::Etcd(etcd) = &mut opts.source {
         if etcd.node_addrs.is_empty() {
@@ -99,24 +99,24 @@ pub async fn run(mut opts: Options) -> Result<(), AgentError> {
     // all, so a restart never deletes routes before the source has spoken.
     let (tx, mut rx) = watch::channel::<Option<Snapshot>>(None);
     {
-        let m = metrics.clone();
+        let metrics = metrics.clone();
         let (addr, max_age) = (opts.listen, opts.max_snapshot_age);
         tokio::spawn(async move {
-            if let Err(e) = http::serve(addr, m, max_age).await {
+            if let Err(e) = http::serve(addr, metrics, max_age).await {
                 tracing::error!(%e, "HTTP endpoint");
             }
         });
     }
     {
-        let m = metrics.clone();
-        let src = opts.source.clone();
+        let metrics = metrics.clone();
+        let source = opts.source.clone();
         tokio::spawn(async move {
-            let r = match src {
-                Source::File(p) => sources::file::run(p, tx, m).await,
-                Source::Kubernetes(o) => sources::kube::run(o, tx, m).await,
-                Source::Etcd(o) => sources::etcd::run(o, tx, m).await,
+            let result = match source {
+                Source::File(path) => sources::file::run(path, tx, metrics).await,
+                Source::Kubernetes(kube) => sources::kube::run(kube, tx, metrics).await,
+                Source::Etcd(etcd) => sources::etcd::run(etcd, tx, metrics).await,
             };
-            if let Err(e) = r {
+            if let Err(e) = result {
                 tracing::error!(%e, "node source stopped");
             }
         });

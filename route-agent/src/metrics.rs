@@ -61,16 +61,16 @@ impl SourceHealth {
 
     /// The source's view is complete and current.
     pub fn good(&self) {
-        let mut s = self.lock();
-        s.last_good = Some(Instant::now());
-        s.failing = false;
+        let mut state = self.lock();
+        state.last_good = Some(Instant::now());
+        state.failing = false;
     }
 
     /// The source failed (`kind` labels the counter); the agent keeps the last good view.
     pub fn error(&self, kind: &'static str) {
-        let mut s = self.lock();
-        s.failing = true;
-        *s.errors.entry(kind).or_default() += 1;
+        let mut state = self.lock();
+        state.failing = true;
+        *state.errors.entry(kind).or_default() += 1;
     }
 
     /// Errors counted for `kind`.
@@ -82,9 +82,9 @@ impl SourceHealth {
     /// is current), the time since its last good view while it fails, `None` before the
     /// first good view.
     pub fn snapshot_age(&self) -> Option<Duration> {
-        let s = self.lock();
-        let last = s.last_good?;
-        Some(if s.failing { last.elapsed() } else { Duration::ZERO })
+        let state = self.lock();
+        let last = state.last_good?;
+        Some(if state.failing { last.elapsed() } else { Duration::ZERO })
     }
 }
 

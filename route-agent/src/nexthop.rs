@@ -44,48 +44,49 @@ fn nhmsg(kind: u16, flags: u16, seq: u32, family: u8, proto: u8, attrs: &[u8]) -
 }
 
 fn socket() -> std::io::Result<Socket> {
-    let mut s = Socket::new(NETLINK_ROUTE)?;
-    s.bind_auto()?;
-    s.connect(&SocketAddr::new(0, 0))?;
+    let mut sock = Socket::new(NETLINK_ROUTE)?;
+    sock.bind_auto()?;
+    sock.connect(&SocketAddr::new(0, 0))?;
     // Thousands of acks come back at once.
-    let _ = s.set_rx_buf_sz(8 << 20);
-    Ok(s)
+    let _ = sock.set_rx_buf_sz(8 << 20);
+    Ok(sock)
 }
 
 /// Every nexthop in this namespace; an error if the kernel has no nexthop objects.
 pub fn dump() -> Result<Vec<Nexthop>, String> {
-    let s = socket().map_err(|e| e.to_string())?;
-    s.send(&nhmsg(RTM_GETNEXTHOP, NLM_F_REQUEST | NLM_F_DUMP, 1, 0, 0, &[]), 0).map_err(|e| e.to_string())?;
+    let sock = socket().map_err(|e| e.to_string())?;
+    sock.send(&nhmsg(RTM_GETNEXTHOP, NLM_F_REQUEST | NLM_F_DUMP, 1, 0, 0, &[]), 0)
+        .map_err(|e| e.to_string())?;
     let mut out = Vec::new();
     loop {
         let mut buf: Vec<u8> = Vec::with_capacity(1 << 16);
-        let n = s.recv(&mut buf, 0).map_err(|e| e.to_string())?;
+        let received = sock.recv(&mut buf, 0).map_err(|e| e.to_string())?;
         let mut done = false;
         let mut err = None;
-        walk(&buf[..n], |kind, _, p| match kind {
+        walk(&buf[..received], |kind, _, payload| match kind {
             NLMSG_DONE => done = true,
             NLMSG_ERROR => {
-                err = Some(error_code(p));
+                err = Some(error_code(payload));
                 done = true;
             }
-            RTM_NEWNEXTHOP if p.len() >= 8 => {
-                let (family, proto) = (p[0], p[2]);
+            RTM_NEWNEXTHOP if payload.len() >= 8 => {
+                let (family, proto) = (payload[0], payload[2]);
                 let mut nh = Nexthop { id: 0, gw: None, proto };
                 let mut off = 8;
-                while off + 4 <= p.len() {
-                    let len = u16::from_ne_bytes(p[off..off + 2].try_into().expect("2")) as usize;
-                    let kind = u16::from_ne_bytes(p[off + 2..off + 4].try_into().expect("2")) & 0x3fff;
-                    if len < 4 || off + len > p.len() {
+                while off + 4 <= payload.len() {
+                    let len = u16::from_ne_bytes(payload[off..off + 2].try_into().expect("2")) as usize;
+                    let kind = u16::from_ne_bytes(payload[off + 2..off + 4].try_into().expect("2")) & 0x3fff;
+                    if len < 4 || off + len > payload.len() {
                         break;
                     }
-                    let v = &p[off + 4..off + len];
-                    match (kind, family, v.len()) {
-                        (NHA_ID, _, 4) => nh.id = u32::from_ne_bytes(v.try_into().expect("4")),
+                    let value = &payload[off + 4..off + len];
+                    match (kind, family, value.len()) {
+                        (NHA_ID, _, 4) => nh.id = u32::from_ne_bytes(value.try_into().expect("4")),
                         (NHA_GATEWAY, AF_INET, 4) => {
-                            nh.gw = Some(IpAddr::from(<[u8; 4]>::try_from(v).expect("4")))
+                            nh.gw = Some(IpAddr::from(<[u8; 4]>::try_from(value).expect("4")))
                         }
                         (NHA_GATEWAY, AF_INET6, 16) => {
-                            nh.gw = Some(IpAddr::from(<[u8; 16]>::try_from(v).expect("16")))
+                            nh.gw = Some(IpAddr::from(<[u8; 16]>::try_from(value).expect("16")))
                         }
                         _ => {}
                     }
@@ -110,44 +111,44 @@ fn batch(reqs: Vec<Vec<u8>>) -> (usize, Vec<String>) {
     if total == 0 {
         return (0, vec![]);
     }
-    let s = match socket() {
-        Ok(s) => s,
+    let sock = match socket() {
+        Ok(sock) => sock,
         Err(e) => return (0, vec![e.to_string()]),
     };
     let mut errors = Vec::new();
     let mut chunk = Vec::new();
     for r in reqs {
         if chunk.len() + r.len() > 60_000 {
-            if let Err(e) = s.send(&chunk, 0) {
+            if let Err(e) = sock.send(&chunk, 0) {
                 return (0, vec![e.to_string()]);
             }
             chunk.clear();
         }
         chunk.extend(r);
     }
-    if let Err(e) = s.send(&chunk, 0) {
+    if let Err(e) = sock.send(&chunk, 0) {
         return (0, vec![e.to_string()]);
     }
     let mut acked = 0;
     while acked < total {
         let mut buf: Vec<u8> = Vec::with_capacity(1 << 16);
-        let n = match s.recv(&mut buf, 0) {
-            Ok(n) => n,
+        let received = match sock.recv(&mut buf, 0) {
+            Ok(received) => received,
             Err(e) => {
                 errors.push(e.to_string());
                 break;
             }
         };
-        let r = walk(&buf[..n], |kind, seq, p| {
+        let walked = walk(&buf[..received], |kind, seq, payload| {
             if kind == NLMSG_ERROR {
                 acked += 1;
-                let e = error_code(p);
-                if e != 0 {
-                    errors.push(format!("request {seq}: {}", std::io::Error::from_raw_os_error(-e)));
+                let code = error_code(payload);
+                if code != 0 {
+                    errors.push(format!("request {seq}: {}", std::io::Error::from_raw_os_error(-code)));
                 }
             }
         });
-        if let Err(e) = r {
+        if let Err(e) = walked {
             errors.push(e);
             break;
         }

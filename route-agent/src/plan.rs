@@ -95,7 +95,7 @@ pub fn desired(
     connected: &[IpNetwork],
     have: &BTreeMap<IpNetwork, IpAddr>,
 ) -> Desired {
-    let mut d = Desired::default();
+    let mut desired = Desired::default();
     let mut claims: Vec<(u8, &str, IpNetwork)> = nodes
         .values()
         .flat_map(|n| n.pod_cidrs.iter().map(move |c| (n, *c)))
@@ -116,7 +116,7 @@ pub fn desired(
     for (_, node, cidr) in claims {
         match owners.claim(cidr, node) {
             Ok(()) => kept.push((node, cidr)),
-            Err((owner_cidr, owner)) => d.conflicts.push(Conflict {
+            Err((owner_cidr, owner)) => desired.conflicts.push(Conflict {
                 cidr,
                 claimant: node.to_string(),
                 owner_cidr,
@@ -124,32 +124,32 @@ pub fn desired(
             }),
         }
     }
-    d.conflicts.sort();
+    desired.conflicts.sort();
     kept.sort();
     for (name, cidr) in kept.into_iter().filter(|(name, _)| *name != me) {
         let Some(n) = nodes.get(name) else { continue };
         let Some(gw) = n.addr_for(&cidr) else {
             let kept = have.get(&cidr).copied();
-            d.without_address.push(Unaddressed { node: name.to_string(), cidr, kept });
+            desired.without_address.push(Unaddressed { node: name.to_string(), cidr, kept });
             if let Some(gw) = kept {
-                d.routes.insert(cidr, gw);
+                desired.routes.insert(cidr, gw);
             }
             continue;
         };
         if !connected.iter().any(|c| c.contains(gw)) {
-            if !d.off_link.iter().any(|(off, _)| off == name) {
-                d.off_link.push((name.to_string(), gw));
+            if !desired.off_link.iter().any(|(off, _)| off == name) {
+                desired.off_link.push((name.to_string(), gw));
             }
             continue;
         }
-        d.routes.insert(cidr, gw);
+        desired.routes.insert(cidr, gw);
     }
-    d.nodes_without_address = nodes
+    desired.nodes_without_address = nodes
         .values()
         .filter(|n| n.name != me && !n.pod_cidrs.is_empty() && n.ipv4.is_none() && n.ipv6.is_none())
         .map(|n| n.name.clone())
         .collect();
-    d
+    desired
 }
 
 /// What to change in the kernel.

@@ -2,7 +2,7 @@
 //! brings the kernel to the plan for each snapshot the source publishes. The plan itself is
 //! pure ([`crate::plan`], [`crate::nexthop::NexthopPlan`]); this is where it meets the kernel.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -28,6 +28,15 @@ struct Reported {
 
 /// Inputs of the masquerade rule set: this node's pod CIDRs, and destinations kept unmasqueraded.
 type MasqInputs = (Vec<IpNetwork>, Vec<IpNetwork>);
+
+/// What applying the routes did.
+struct RouteOutcome {
+    applied: Applied,
+    /// Netlink writes, routes and nexthops.
+    writes: usize,
+    errors: Vec<String>,
+    diff_empty: bool,
+}
 
 /// Brings the kernel to the plan; one per agent.
 pub struct Reconciler {
@@ -92,27 +101,10 @@ impl Reconciler {
         if let Some(me) = &me {
             self.masquerade(snap, me)?;
         }
-        let mut errors = Vec::new();
-        let mut writes = 0;
-        let nexthops = if self.kernel.nexthops {
-            let gateways: BTreeSet<IpAddr> = desired.routes.values().copied().collect();
-            let plan = NexthopPlan::new(&existing, &gateways, &connected);
-            let (written, errs) = nexthop::add_async(plan.create.clone(), self.kernel.proto()).await;
-            writes += written;
-            errors.extend(errs);
-            plan
-        } else {
-            NexthopPlan::default()
-        };
-        let diff = plan::diff(&desired.routes, &have);
-        let (applied, route_errors) = self.kernel.apply(&diff, &nexthops.ids).await;
-        errors.extend(route_errors);
-        // Stale nexthops go after the routes that used them were moved or deleted.
-        let (deleted, errs) = nexthop::del_async(nexthops.stale.clone()).await;
-        writes += deleted + applied.upserted + applied.deleted;
-        errors.extend(errs);
+        let RouteOutcome { applied, writes, errors, diff_empty } =
+            self.apply_routes(&desired, &have, &existing, &connected).await;
         self.record(&desired, &applied, writes, start);
-        if !diff.is_empty() {
+        if !diff_empty {
             tracing::info!(
                 upserted = applied.upserted,
                 deleted = applied.deleted,
@@ -133,6 +125,35 @@ impl Reconciler {
             self.metrics.ready.store(true, Ordering::Relaxed);
         }
         Ok(())
+    }
+
+    /// Nexthops first (routes name them), then the routes, then the nexthops no route wants.
+    async fn apply_routes(
+        &self,
+        desired: &Desired,
+        have: &BTreeMap<IpNetwork, IpAddr>,
+        existing: &Existing,
+        connected: &[(IpNetwork, u32, IpAddr)],
+    ) -> RouteOutcome {
+        let mut errors = Vec::new();
+        let mut writes = 0;
+        let nexthops = if self.kernel.nexthops {
+            let gateways: BTreeSet<IpAddr> = desired.routes.values().copied().collect();
+            let plan = NexthopPlan::new(existing, &gateways, connected);
+            let (written, errs) = nexthop::add_async(plan.create.clone(), self.kernel.proto()).await;
+            writes += written;
+            errors.extend(errs);
+            plan
+        } else {
+            NexthopPlan::default()
+        };
+        let diff = plan::diff(&desired.routes, have);
+        let (applied, route_errors) = self.kernel.apply(&diff, &nexthops.ids).await;
+        errors.extend(route_errors);
+        let (deleted, errs) = nexthop::del_async(nexthops.stale).await;
+        writes += deleted + applied.upserted + applied.deleted;
+        errors.extend(errs);
+        RouteOutcome { applied, writes, errors, diff_empty: diff.is_empty() }
     }
 
     fn masquerade(&mut self, snap: &Snapshot, me: &NodeInfo) -> Result<(), AgentError> {
