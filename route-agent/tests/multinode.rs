@@ -528,3 +528,40 @@ fn dual_stack_routes_both_families_and_reports_a_node_without_an_ipv6_address() 
     assert_eq!(metric(&cl.nodes[0].ns, "nodes_without_address"), Some(0.0), "it has an IPv4 address");
     assert_eq!(agent_routes6(&cl.nodes[0].ns), [v6(1), v6(2)], "the last good IPv6 route stays");
 }
+
+/// The agent's stderr while the nodes file is missing (it logs a WARN and keeps waiting).
+fn stderr_of_agent_waiting_for_its_file(tag: &str, extra: &[&str]) -> String {
+    let tmp = Tmp::new(tag);
+    let ns = Netns::new(&format!("{tag}-n"));
+    let log = tmp.0.join("stderr");
+    let mut c = Command::new(AGENT);
+    c.args(["--node-name", "node-1", "--source", "file", "--nodes-file"])
+        .arg(tmp.0.join("absent.json"))
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    ns.enter(&mut c);
+    let agent = Agent { child: c.spawn().expect("start agent") };
+    eventually("the missing file logged", || {
+        std::fs::read_to_string(&log).unwrap_or_default().contains("nodes file not usable")
+    });
+    drop(agent);
+    std::fs::read_to_string(&log).unwrap()
+}
+
+#[test]
+fn logs_carry_no_colour_codes_off_a_terminal_and_come_as_json_on_request() {
+    require_root("route agent log format");
+    let text = stderr_of_agent_waiting_for_its_file("rlt", &[]);
+    assert!(!text.contains('\u{1b}'), "ANSI escape codes in a log file:\n{text}");
+    assert!(text.contains("WARN"), "{text}");
+    let json = stderr_of_agent_waiting_for_its_file("rlj", &["--log-format", "json"]);
+    let lines: Vec<serde_json::Value> =
+        json.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect();
+    assert!(
+        lines.iter().any(|l| l["level"] == "WARN"
+            && l["fields"]["message"].as_str().is_some_and(|m| m.contains("nodes file"))),
+        "{json}"
+    );
+}
