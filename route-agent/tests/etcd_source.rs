@@ -89,6 +89,7 @@ struct Node {
     name: String,
     rx: watch::Receiver<Option<Snapshot>>,
     task: JoinHandle<Result<(), AgentError>>,
+    metrics: Arc<Metrics>,
 }
 
 fn start(url: &str, prefix: &str, name: &str, addrs: &[&str], dual: bool) -> Node {
@@ -107,8 +108,9 @@ fn start(url: &str, prefix: &str, name: &str, addrs: &[&str], dual: bool) -> Nod
         lease_ttl: TTL,
     };
     let (tx, rx) = watch::channel(None);
-    let task = tokio::spawn(run(opts, tx, Arc::new(Metrics::default())));
-    Node { name: name.to_string(), rx, task }
+    let metrics = Arc::new(Metrics::default());
+    let task = tokio::spawn(run(opts, tx, metrics.clone()));
+    Node { name: name.to_string(), rx, task, metrics }
 }
 
 impl Node {
@@ -217,13 +219,21 @@ async fn nodes_claim_distinct_subnets_converge_and_keep_them_across_restarts() {
 async fn waits_for_etcd_and_drops_nodes_whose_lease_expired() {
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
-    // Started before etcd: the source retries instead of giving up.
+    // Started before etcd: the source retries instead of giving up, and says so.
     let mut a = start(&url, "/e", "early", &["10.200.0.1"], false);
+    let failed = tokio::time::timeout(DEADLINE, async {
+        while a.metrics.source.errors("unavailable") + a.metrics.source.errors("connect") == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    failed.await.expect("the failed connection counted");
+    assert_eq!(a.metrics.source.snapshot_age(), None, "no good view yet");
     let etcd = Etcd::spawn(port);
     let mut b = start(&etcd.url, "/e", "late", &["10.200.0.2"], false);
     a.until("both nodes", complete(&["early", "late"], 1)).await;
     b.until("both nodes", complete(&["early", "late"], 1)).await;
     assert!(!a.task.is_finished());
+    assert_eq!(a.metrics.source.snapshot_age(), Some(Duration::ZERO), "healthy once connected");
     b.kill().await;
     let s = a.until("late's lease to expire", |s| !s.contains_key("late")).await;
     assert_eq!(s.keys().collect::<Vec<_>>(), ["early"]);

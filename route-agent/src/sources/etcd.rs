@@ -129,6 +129,9 @@ pub fn start_offset(node: &str, count: u128) -> u128 {
     u128::from(h) % count.max(1)
 }
 
+/// gRPC's UNAVAILABLE status code: the server cannot be reached.
+const GRPC_UNAVAILABLE: i32 = 14;
+
 /// The label of `source_errors_total` for a failed etcd call.
 fn kind_of(what: &'static str) -> &'static str {
     match what {
@@ -141,7 +144,17 @@ fn kind_of(what: &'static str) -> &'static str {
 }
 
 fn etcd_err(what: &'static str) -> impl FnOnce(etcd_client::Error) -> AgentError {
-    move |e| AgentError::source(kind_of(what), format!("etcd {what}: {e}"))
+    move |e| {
+        // The client connects lazily: an unreachable etcd fails the first call, whatever it is.
+        let kind = match &e {
+            etcd_client::Error::TransportError(_) => "connect",
+            etcd_client::Error::GRpcStatus(status) if i32::from(status.code()) == GRPC_UNAVAILABLE => {
+                "unavailable"
+            }
+            _ => kind_of(what),
+        };
+        AgentError::source(kind, format!("etcd {what}: {e}"))
+    }
 }
 
 /// The cluster CIDRs (normalized) with their subnet lengths, checked.
