@@ -358,7 +358,10 @@ fn a_partially_overlapping_claim_gets_no_route_and_is_reported() {
         .map(|i| Agent::start(&cl.nodes[i].ns, &cl.nodes[i].name, &file, &tmp.0.join(format!("cni{i}")), &[]))
         .collect();
     expect_routes(&cl, 0, &[1, 2]);
-    // node-x claims the upper half of node-2's /24 (and sorts after it by name either way).
+    expect_routes(&cl, 1, &[0, 2]);
+    expect_routes(&cl, 2, &[0, 1]);
+    // node-0x claims the upper half of node-2's /24. It sorts before node-2 by name: node-2
+    // keeps its CIDR because its claim is the established one.
     let x = json!({"name": "node-0x", "podCIDRs": ["10.244.2.128/25"], "addresses": ["10.200.0.99"]});
     write_json(&file, &nodes_json(&cl, &[0, 1, 2], &[x]));
     eventually("the conflict counted on node-1", || {
@@ -367,8 +370,12 @@ fn a_partially_overlapping_claim_gets_no_route_and_is_reported() {
     eventually("the conflict counted on node-2", || {
         metric(&cl.nodes[1].ns, "pod_cidr_conflicts") == Some(1.0)
     });
+    eventually("the conflict counted on node-3", || {
+        metric(&cl.nodes[2].ns, "pod_cidr_conflicts") == Some(1.0)
+    });
     expect_routes(&cl, 0, &[1, 2]);
     expect_routes(&cl, 1, &[0, 2]);
+    expect_routes(&cl, 2, &[0, 1]);
     all_pairs(&cl).unwrap();
 }
 
@@ -382,7 +389,11 @@ fn a_listed_node_without_address_keeps_its_route_until_it_leaves() {
     let _agents: Vec<Agent> = (0..3)
         .map(|i| Agent::start(&cl.nodes[i].ns, &cl.nodes[i].name, &file, &tmp.0.join(format!("cni{i}")), &[]))
         .collect();
+    // Every agent has routed every node before the trouble starts (a node never routed has no
+    // last good route to keep).
     expect_routes(&cl, 0, &[1, 2]);
+    expect_routes(&cl, 1, &[0, 2]);
+    expect_routes(&cl, 2, &[0, 1]);
     // A half-written file: still valid, cut before node-3's addresses.
     let mut cut = nodes_json(&cl, &[0, 1, 2], &[]);
     cut["nodes"][2].as_object_mut().unwrap().remove("addresses");
