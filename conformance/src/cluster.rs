@@ -3,7 +3,7 @@
 //! test, routes between nodes, and kube-proxy-style Service rules. Everything is removed on
 //! drop: pods are DELeted through the plugin first, then the namespaces go.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
@@ -28,8 +28,10 @@ pub struct Pod {
     pub name: String,
     /// Its namespace.
     pub ns: Netns,
-    /// Its address.
+    /// Its address (IPv4 in a dual-stack cluster).
     pub ip: IpAddr,
+    /// Its IPv6 address in a dual-stack cluster.
+    pub ip6: Option<IpAddr>,
     /// Host end of its veth.
     pub veth: String,
     /// Index of its node.
@@ -48,8 +50,29 @@ pub struct Node {
     pub ip: Ipv4Addr,
     /// Pod CIDR, e.g. `10.244.1.0/24`.
     pub pod_cidr: String,
+    /// IPv6 address on the underlay in a dual-stack cluster, e.g. `fd00:200::11`.
+    pub ip6: Option<Ipv6Addr>,
+    /// IPv6 pod CIDR in a dual-stack cluster, e.g. `fd00:10:244:1::/64`.
+    pub pod_cidr6: Option<String>,
     /// The bridge config it uses.
     pub conf: Value,
+}
+
+impl Node {
+    /// Its pod CIDRs, IPv4 first.
+    pub fn pod_cidrs(&self) -> Vec<String> {
+        std::iter::once(self.pod_cidr.clone()).chain(self.pod_cidr6.clone()).collect()
+    }
+
+    /// Its underlay addresses, IPv4 first.
+    pub fn addresses(&self) -> Vec<String> {
+        std::iter::once(self.ip.to_string()).chain(self.ip6.map(|a| a.to_string())).collect()
+    }
+
+    /// Its entry in a route agent nodes file.
+    pub fn nodes_file_entry(&self) -> Value {
+        json!({"name": self.name, "podCIDRs": self.pod_cidrs(), "addresses": self.addresses()})
+    }
 }
 
 /// The cluster.
@@ -66,14 +89,28 @@ pub struct Cluster {
     pub state: PathBuf,
     /// Keep everything on drop (the demo's `--keep`).
     pub keep: bool,
+    /// Nodes and pods have IPv6 addresses too.
+    pub dual_stack: bool,
 }
 
 /// The underlay subnet's first node address is .11.
 pub const UNDERLAY_PREFIX: &str = "10.200.0";
+/// The IPv6 underlay subnet (a /64): node i is `fd00:200::<10+i>`.
+pub const UNDERLAY_PREFIX6: &str = "fd00:200::";
 
 impl Cluster {
     /// Makes `n` nodes on an underlay; node i gets pod CIDR 10.244.i.0/24.
     pub fn new(tag: &str, n: usize, plugins: Plugins, hairpin: bool) -> Cluster {
+        Cluster::build(tag, n, plugins, hairpin, false)
+    }
+
+    /// Like [`Cluster::new`], dual-stack: node i also gets `fd00:200::<10+i>/64` on the
+    /// underlay and pod CIDR `fd00:10:244:i::/64`, and every pod an address of each family.
+    pub fn dual_stack(tag: &str, n: usize, plugins: Plugins, hairpin: bool) -> Cluster {
+        Cluster::build(tag, n, plugins, hairpin, true)
+    }
+
+    fn build(tag: &str, n: usize, plugins: Plugins, hairpin: bool, dual_stack: bool) -> Cluster {
         let underlay = Netns::new(&format!("{tag}-ul"));
         underlay.ip(&["link", "add", "ul0", "type", "bridge"]);
         underlay.ip(&["link", "set", "ul0", "up"]);
@@ -89,6 +126,13 @@ impl Cluster {
             underlay.ip(&["link", "set", &port, "master", "ul0", "up"]);
             let ip = Ipv4Addr::new(10, 200, 0, 10 + i as u8);
             ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+            let ip6: Option<Ipv6Addr> =
+                dual_stack.then(|| format!("{UNDERLAY_PREFIX6}{}", 10 + i).parse().expect("an IPv6 address"));
+            if let Some(ip6) = ip6 {
+                // No duplicate address detection on a private underlay: usable at once.
+                ns.ip(&["addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"]);
+                ns.sysctl("net.ipv6.conf.all.forwarding", "1").expect("enable IPv6 forwarding in the node");
+            }
             ns.ip(&["link", "set", "eth0", "up"]);
             // Service traffic between pods on one bridge goes through iptables (kube-proxy's
             // requirement, and what makes hairpin matter).
@@ -97,7 +141,8 @@ impl Cluster {
             // A node forwards (kubelet/kube-proxy set this on real nodes).
             ns.sysctl("net.ipv4.ip_forward", "1").expect("enable forwarding in the node namespace");
             let pod_cidr = format!("10.244.{i}.0/24");
-            let conf = json!({
+            let pod_cidr6 = dual_stack.then(|| format!("fd00:10:244:{i:x}::/64"));
+            let mut conf = json!({
                 "cniVersion": "1.0.0",
                 "name": "podnet",
                 "type": plugins.bridge,
@@ -108,9 +153,14 @@ impl Cluster {
                 "ipam": {"type": plugins.ipam, "subnet": pod_cidr,
                          "dataDir": state.join(format!("node{i}")).display().to_string()}
             });
-            nodes.push(Node { name: format!("node-{i}"), ns, ip, pod_cidr, conf });
+            if let Some(v6) = &pod_cidr6 {
+                let ipam = &mut conf["ipam"];
+                ipam["ranges"] = json!([[{"subnet": pod_cidr}], [{"subnet": v6}]]);
+                ipam.as_object_mut().expect("an object").remove("subnet");
+            }
+            nodes.push(Node { name: format!("node-{i}"), ns, ip, pod_cidr, ip6, pod_cidr6, conf });
         }
-        Cluster { underlay, nodes, pods: Vec::new(), plugins, state, keep: false }
+        Cluster { underlay, nodes, pods: Vec::new(), plugins, state, keep: false, dual_stack }
     }
 
     /// Static routes: every node reaches every other node's pod CIDR via that node's address.
@@ -118,6 +168,9 @@ impl Cluster {
         for n in &self.nodes {
             for m in self.nodes.iter().filter(|m| m.name != n.name) {
                 n.ns.ip(&["route", "replace", &m.pod_cidr, "via", &m.ip.to_string(), "proto", "static"]);
+                if let (Some(cidr6), Some(ip6)) = (&m.pod_cidr6, m.ip6) {
+                    n.ns.ip(&["route", "replace", cidr6, "via", &ip6.to_string(), "proto", "static"]);
+                }
             }
         }
     }
@@ -141,12 +194,38 @@ impl Cluster {
         if out.code != 0 {
             return Err(format!("ADD {name}: {} {}", out.stdout, out.stderr));
         }
-        let addr = out.json["ips"][0]["address"].as_str().ok_or("no address")?;
-        let ip: IpAddr =
-            addr.split('/').next().unwrap_or("").parse().map_err(|_| format!("bad address {addr}"))?;
+        let ips: Vec<IpAddr> = out.json["ips"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i["address"].as_str()?.split('/').next()?.parse().ok())
+            .collect();
+        let ip = *ips.iter().find(|a| a.is_ipv4()).or(ips.first()).ok_or("no address")?;
+        let ip6 = ips.iter().find(|a| a.is_ipv6()).copied();
+        if self.dual_stack && ip6.is_none() {
+            return Err(format!("ADD {name}: no IPv6 address in {}", out.stdout));
+        }
         let veth = out.json["interfaces"][1]["name"].as_str().unwrap_or("").to_string();
-        self.pods.push(Pod { name: name.to_string(), ns, ip, veth, node, result: out.json });
+        if ip6.is_some() {
+            self.wait_gateway_usable(node)?;
+        }
+        self.pods.push(Pod { name: name.to_string(), ns, ip, ip6, veth, node, result: out.json });
         Ok(self.pods.last().expect("just pushed"))
+    }
+
+    /// Waits (bounded) until the bridge's IPv6 gateway address has left duplicate address
+    /// detection: a tentative gateway drops the pods' first IPv6 packets. Returns at once once
+    /// the bridge adds it without DAD.
+    fn wait_gateway_usable(&self, node: usize) -> Result<(), String> {
+        let ns = &self.nodes[node].ns;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !ns.ip(&["-6", "addr", "show", "dev", "cni0", "tentative"]).trim().is_empty() {
+            if std::time::Instant::now() > deadline {
+                return Err(format!("{}: the bridge's IPv6 address stays tentative", self.nodes[node].name));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        Ok(())
     }
 
     /// DELs a pod through the plugins and removes its namespace.
@@ -203,11 +282,7 @@ impl Cluster {
     /// One `cni-route-agent` per node namespace (file source listing every node); waits until
     /// each node has a route to every other node's pod CIDR. The caller owns the processes.
     pub fn start_route_agents(&self, bin: &Path) -> Result<Vec<std::process::Child>, String> {
-        let nodes: Vec<Value> = self
-            .nodes
-            .iter()
-            .map(|n| json!({"name": n.name, "podCIDRs": [n.pod_cidr], "addresses": [n.ip.to_string()]}))
-            .collect();
+        let nodes: Vec<Value> = self.nodes.iter().map(Node::nodes_file_entry).collect();
         let file = self.state.join("nodes.json");
         std::fs::write(&file, json!({ "nodes": nodes }).to_string()).map_err(|e| e.to_string())?;
         let mut agents = Vec::new();
@@ -222,10 +297,15 @@ impl Cluster {
             n.ns.enter(&mut cmd);
             agents.push(cmd.spawn().map_err(|e| format!("starting {}: {e}", bin.display()))?);
         }
-        let want = self.nodes.len() - 1;
+        let families = if self.dual_stack { 2 } else { 1 };
+        let want = (self.nodes.len() - 1) * families;
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
         for n in &self.nodes {
-            while n.ns.ip(&["route", "show", "proto", "168"]).lines().count() < want {
+            let count = || {
+                n.ns.ip(&["route", "show", "proto", "168"]).lines().count()
+                    + n.ns.ip(&["-6", "route", "show", "proto", "168"]).lines().count()
+            };
+            while count() < want {
                 if std::time::Instant::now() > deadline {
                     for mut a in agents {
                         let _ = a.kill();
@@ -298,9 +378,16 @@ impl Cluster {
         }
     }
 
-    /// The routes of a node (`ip route` lines).
+    /// The routes of a node (`ip route` lines; then `ip -6 route` in a dual-stack cluster).
     pub fn routes(&self, node: usize) -> Vec<String> {
-        self.nodes[node].ns.ip(&["route", "show"]).lines().map(str::to_string).collect()
+        let ns = &self.nodes[node].ns;
+        let mut out: Vec<String> = ns.ip(&["route", "show"]).lines().map(str::to_string).collect();
+        if self.dual_stack {
+            // Every link has its link-local route: noise here.
+            let v6 = ns.ip(&["-6", "route", "show"]);
+            out.extend(v6.lines().filter(|l| !l.starts_with("fe80::")).map(str::to_string));
+        }
+        out
     }
 
     /// The lease files left in every node's data dir.

@@ -25,13 +25,13 @@ pub struct Inputs {
 }
 
 /// The conflist JSON.
-pub fn render(i: &Inputs) -> Value {
-    let ranges: Vec<Value> = i.pod_cidrs.iter().map(|c| json!([{"subnet": c.to_string()}])).collect();
+pub fn render(inputs: &Inputs) -> Value {
+    let ranges: Vec<Value> = inputs.pod_cidrs.iter().map(|c| json!([{"subnet": c.to_string()}])).collect();
     let mut routes = Vec::new();
-    if i.pod_cidrs.iter().any(IpNetwork::is_ipv4) {
+    if inputs.pod_cidrs.iter().any(IpNetwork::is_ipv4) {
         routes.push(json!({"dst": "0.0.0.0/0"}));
     }
-    if i.pod_cidrs.iter().any(IpNetwork::is_ipv6) {
+    if inputs.pod_cidrs.iter().any(IpNetwork::is_ipv6) {
         routes.push(json!({"dst": "::/0"}));
     }
     let mut bridge = json!({
@@ -42,16 +42,16 @@ pub fn render(i: &Inputs) -> Value {
         "hairpinMode": true,
         // The agent masquerades for the whole node; pod-to-pod traffic keeps its source.
         "ipMasq": false,
-        "ipam": {"type": "cni-host-local", "ranges": ranges, "routes": routes, "dataDir": i.data_dir}
+        "ipam": {"type": "cni-host-local", "ranges": ranges, "routes": routes, "dataDir": inputs.data_dir}
     });
-    if let Some(m) = i.mtu {
+    if let Some(m) = inputs.mtu {
         bridge["mtu"] = json!(m);
     }
     let mut plugins = vec![bridge];
-    if i.portmap {
+    if inputs.portmap {
         plugins.push(json!({"type": "portmap", "capabilities": {"portMappings": true}}));
     }
-    json!({"cniVersion": "1.0.0", "name": i.name, "plugins": plugins})
+    json!({"cniVersion": "1.0.0", "name": inputs.name, "plugins": plugins})
 }
 
 /// Writes `content` to `dir/name` via a temp file and rename, unless it is already there.
@@ -64,9 +64,10 @@ pub fn write_if_changed(dir: &Path, name: &str, content: &str) -> Result<bool, A
     std::fs::create_dir_all(dir).map_err(AgentError::io(format!("creating {}", dir.display())))?;
     // Runtimes load only *.conf/*.conflist/*.json: the temp name is never picked up half-written.
     let tmp = dir.join(format!(".{name}.tmp"));
-    let mut f = std::fs::File::create(&tmp).map_err(AgentError::io(format!("creating {}", tmp.display())))?;
-    f.write_all(content.as_bytes())
-        .and_then(|_| f.sync_all())
+    let mut file =
+        std::fs::File::create(&tmp).map_err(AgentError::io(format!("creating {}", tmp.display())))?;
+    file.write_all(content.as_bytes())
+        .and_then(|_| file.sync_all())
         .map_err(AgentError::io(format!("writing {}", tmp.display())))?;
     std::fs::rename(&tmp, &path).map_err(AgentError::io(format!("renaming to {}", path.display())))?;
     Ok(true)

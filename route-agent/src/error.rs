@@ -20,8 +20,16 @@ pub enum AgentError {
         source: std::io::Error,
     },
     /// A node source failed or gave something unusable.
-    #[error("source: {0}")]
-    Source(String),
+    #[error("source: {message}")]
+    Source {
+        /// The kind of failure, the label of `source_errors_total`.
+        kind: &'static str,
+        /// What happened.
+        message: String,
+    },
+    /// Route or nexthop writes failed.
+    #[error("routes: {0}")]
+    Route(String),
     /// The command line or configuration is wrong.
     #[error("{0}")]
     Config(String),
@@ -35,6 +43,11 @@ impl AgentError {
     pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {
         let context = context.into();
         move |source| AgentError::Io { context, source }
+    }
+
+    /// A source failure of `kind`.
+    pub fn source(kind: &'static str, message: impl Into<String>) -> AgentError {
+        AgentError::Source { kind, message: message.into() }
     }
 
     /// Wraps a netlink error with what was being done.

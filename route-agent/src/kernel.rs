@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use ipnetwork::IpNetwork;
 use rtnetlink::packet_core::NetlinkPayload;
-use rtnetlink::packet_route::address::AddressMessage;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
 use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
 use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage, RouteProtocol};
 use rtnetlink::packet_route::RouteNetlinkMessage;
@@ -26,7 +26,7 @@ const MAIN_TABLE: u8 = 254;
 /// The agent's netlink connection.
 #[derive(Clone)]
 pub struct Kernel {
-    h: Handle,
+    handle: Handle,
     proto: u8,
     /// Routes point at nexthop objects (one per node address) instead of carrying a gateway.
     pub nexthops: bool,
@@ -46,11 +46,12 @@ pub struct Applied {
 impl Kernel {
     /// Opens the connection (inside a tokio runtime).
     /// With `nexthops`, uses nexthop objects if the kernel has them.
-    pub fn new(proto: u8, nexthops: bool) -> Result<Kernel, AgentError> {
-        let (conn, h, _) = rtnetlink::new_connection().map_err(AgentError::io("opening a netlink socket"))?;
+    pub async fn new(proto: u8, nexthops: bool) -> Result<Kernel, AgentError> {
+        let (conn, handle, _) =
+            rtnetlink::new_connection().map_err(AgentError::io("opening a netlink socket"))?;
         tokio::spawn(conn);
-        let nexthops = nexthops && crate::nexthop::dump().is_ok();
-        Ok(Kernel { h, proto, nexthops })
+        let nexthops = nexthops && crate::nexthop::dump_async().await.is_ok();
+        Ok(Kernel { handle, proto, nexthops })
     }
 
     /// The protocol number marking our routes and nexthops.
@@ -74,7 +75,7 @@ impl Kernel {
             RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
         ] {
             let msgs: Vec<RouteMessage> = self
-                .h
+                .handle
                 .route()
                 .get(q)
                 .execute()
@@ -110,16 +111,18 @@ impl Kernel {
     }
 
     fn message(&self, dst: IpNetwork, gw: Option<IpAddr>, nhid: Option<u32>) -> RouteMessage {
-        let mut b = RouteMessageBuilder::<IpAddr>::new()
+        let mut builder = RouteMessageBuilder::<IpAddr>::new()
             .destination_prefix(dst.network(), dst.prefix())
             .expect("family of dst")
             .protocol(RouteProtocol::Other(self.proto));
         match (nhid, gw) {
-            (Some(id), _) => b = b.nhid(id),
-            (None, Some(g)) => b = b.gateway(g).expect("gateway of the family of dst (checked by the plan)"),
+            (Some(id), _) => builder = builder.nhid(id),
+            (None, Some(gw)) => {
+                builder = builder.gateway(gw).expect("gateway of the family of dst (checked by the plan)")
+            }
             (None, None) => {}
         }
-        b.build()
+        builder.build()
     }
 
     /// Adds/replaces and deletes routes, many requests in flight at once.
@@ -133,8 +136,8 @@ impl Kernel {
         let mut errors = Vec::new();
         let ups = stream::iter(diff.upsert.iter().map(|(d, g)| {
             let msg = self.message(*d, Some(*g), nh_ids.get(g).copied());
-            let h = self.h.clone();
-            async move { (*d, h.route().add(msg).replace().execute().await) }
+            let handle = self.handle.clone();
+            async move { (*d, handle.route().add(msg).replace().execute().await) }
         }))
         .buffer_unordered(PIPELINE)
         .collect::<Vec<_>>()
@@ -150,8 +153,8 @@ impl Kernel {
         }
         let dels = stream::iter(diff.delete.iter().map(|(d, _)| {
             let msg = self.message(*d, None, None);
-            let h = self.h.clone();
-            async move { (*d, h.route().del(msg).execute().await) }
+            let handle = self.handle.clone();
+            async move { (*d, handle.route().del(msg).execute().await) }
         }))
         .buffer_unordered(PIPELINE)
         .collect::<Vec<_>>()
@@ -172,9 +175,10 @@ impl Kernel {
 
     /// Directly connected subnets (every address's network), their link and the address, for
     /// the same-L2 check, the nexthops' output interface and the underlay MTU: one dump.
+    /// Temporary and deprecated IPv6 addresses are left out (they come and go; flannel#2293).
     pub async fn connected(&self) -> Result<Vec<(IpNetwork, u32, IpAddr)>, AgentError> {
         let msgs: Vec<AddressMessage> = self
-            .h
+            .handle
             .address()
             .get()
             .execute()
@@ -185,7 +189,7 @@ impl Kernel {
             .iter()
             .filter_map(|m| {
                 let ip = address_of(m)?;
-                if ip.is_loopback() {
+                if ip.is_loopback() || !stable(ip, flags_of(m)) {
                     return None;
                 }
                 let n = IpNetwork::new(ip, m.header.prefix_len).ok()?;
@@ -194,10 +198,53 @@ impl Kernel {
             .collect())
     }
 
+    /// This node's address per family when none is configured: see [`pick_node_addresses`].
+    pub async fn node_addresses(&self) -> Result<Vec<IpAddr>, AgentError> {
+        let mut default_links = Vec::new();
+        for q in [
+            RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
+        ] {
+            let msgs: Vec<RouteMessage> = self
+                .handle
+                .route()
+                .get(q)
+                .execute()
+                .try_collect()
+                .await
+                .map_err(AgentError::netlink("dumping routes"))?;
+            default_links.extend(
+                msgs.iter()
+                    .filter(|m| m.header.destination_prefix_length == 0 && m.header.table == MAIN_TABLE)
+                    .filter_map(|m| {
+                        m.attributes.iter().find_map(|a| match a {
+                            RouteAttribute::Oif(index) => Some(*index),
+                            _ => None,
+                        })
+                    }),
+            );
+        }
+        let msgs: Vec<AddressMessage> = self
+            .handle
+            .address()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(AgentError::netlink("dumping addresses"))?;
+        let local: Vec<LocalAddress> = msgs
+            .iter()
+            .filter_map(|m| {
+                Some(LocalAddress { ip: address_of(m)?, link: m.header.index, flags: flags_of(m) })
+            })
+            .collect();
+        Ok(pick_node_addresses(&local, &default_links))
+    }
+
     /// The MTU of link `index` (the underlay, found through [`Kernel::connected`]).
     pub async fn mtu_of_link(&self, index: u32) -> Result<Option<u32>, AgentError> {
         let links: Vec<LinkMessage> = self
-            .h
+            .handle
             .link()
             .get()
             .match_index(index)
@@ -212,6 +259,54 @@ impl Kernel {
             })
         }))
     }
+}
+
+fn flags_of(m: &AddressMessage) -> AddressFlags {
+    m.attributes
+        .iter()
+        .find_map(|a| match a {
+            AddressAttribute::Flags(f) => Some(*f),
+            _ => None,
+        })
+        .unwrap_or_else(|| AddressFlags::from_bits_retain(u32::from(m.header.flags.bits())))
+}
+
+/// Whether a local address may stand for this node: not an IPv6 privacy (temporary) address,
+/// which expires, nor a deprecated one. IFA_F_TEMPORARY shares its bit with IFA_F_SECONDARY,
+/// which on IPv4 marks an ordinary second address of a subnet.
+pub fn stable(ip: IpAddr, flags: AddressFlags) -> bool {
+    ip.is_ipv4() || !flags.intersects(AddressFlags::Secondary | AddressFlags::Deprecated)
+}
+
+/// A local address as the node-address choice sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct LocalAddress {
+    /// The address.
+    pub ip: IpAddr,
+    /// Its link's index.
+    pub link: u32,
+    /// Its IFA_F_* flags.
+    pub flags: AddressFlags,
+}
+
+/// One address per family: global (no loopback, no link-local), stable (see [`stable`]), on a
+/// link holding a default route if there is one, else the first such address.
+pub fn pick_node_addresses(local: &[LocalAddress], default_links: &[u32]) -> Vec<IpAddr> {
+    let usable = |a: &&LocalAddress| {
+        let link_local = match a.ip {
+            IpAddr::V4(v4) => v4.is_link_local(),
+            IpAddr::V6(v6) => v6.is_unicast_link_local(),
+        };
+        !a.ip.is_loopback() && !a.ip.is_multicast() && !link_local && stable(a.ip, a.flags)
+    };
+    [true, false]
+        .into_iter()
+        .filter_map(|v4| {
+            let family: Vec<&LocalAddress> =
+                local.iter().filter(|a| a.ip.is_ipv4() == v4).filter(usable).collect();
+            family.iter().find(|a| default_links.contains(&a.link)).or(family.first()).map(|a| a.ip)
+        })
+        .collect()
 }
 
 /// A stream of "something changed" from the kernel: one of our routes deleted, or a link
@@ -241,4 +336,38 @@ pub fn events(proto: u8) -> Result<tokio::sync::mpsc::UnboundedReceiver<()>, Age
         }
     });
     Ok(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temporary_and_deprecated_ipv6_addresses_do_not_stand_for_the_node() {
+        let v6: IpAddr = "fd00:200::11".parse().unwrap();
+        let v4: IpAddr = "10.200.0.11".parse().unwrap();
+        assert!(stable(v6, AddressFlags::Permanent));
+        assert!(!stable(v6, AddressFlags::Secondary), "IFA_F_TEMPORARY");
+        assert!(!stable(v6, AddressFlags::Deprecated | AddressFlags::Permanent));
+        assert!(stable(v4, AddressFlags::Secondary), "an IPv4 secondary is an ordinary address");
+    }
+
+    #[test]
+    fn node_address_default_one_per_family_on_the_default_route_link_never_temporary() {
+        let a =
+            |ip: &str, link: u32, flags: AddressFlags| LocalAddress { ip: ip.parse().unwrap(), link, flags };
+        let local = [
+            a("127.0.0.1", 1, AddressFlags::Permanent),
+            a("10.244.1.1", 3, AddressFlags::Permanent),
+            a("fe80::1", 2, AddressFlags::Permanent),
+            a("2001:db8::aaaa", 2, AddressFlags::Secondary),
+            a("2001:db8::bbbb", 2, AddressFlags::Deprecated),
+            a("10.200.0.11", 2, AddressFlags::Permanent),
+            a("2001:db8::11", 2, AddressFlags::empty()),
+        ];
+        let got: Vec<String> = pick_node_addresses(&local, &[2]).iter().map(|i| i.to_string()).collect();
+        assert_eq!(got, ["10.200.0.11", "2001:db8::11"]);
+        let got: Vec<String> = pick_node_addresses(&local, &[]).iter().map(|i| i.to_string()).collect();
+        assert_eq!(got, ["10.244.1.1", "2001:db8::11"], "no default route: the first usable one");
+    }
 }

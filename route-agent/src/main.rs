@@ -31,7 +31,8 @@ struct Cli {
     /// Prefix length of an IPv6 node subnet (source etcd).
     #[arg(long, default_value_t = 64)]
     subnet_len_v6: u8,
-    /// This node's addresses published with its subnet (source etcd), comma-separated.
+    /// This node's address, one per family (repeat or comma-separate): published with its
+    /// subnet (source etcd); overrides the node's own addresses from the source (all sources).
     #[arg(long, value_delimiter = ',')]
     node_ip: Vec<std::net::IpAddr>,
     /// Lease TTL in seconds for this node's subnet (source etcd).
@@ -44,6 +45,10 @@ struct Cli {
     /// node's pod CIDRs.
     #[arg(long, value_delimiter = ',')]
     cluster_cidr: Vec<IpNetwork>,
+    /// More destinations pod traffic reaches with its own source, not masqueraded (repeat or
+    /// comma-separate), e.g. a corporate network routed to the pods.
+    #[arg(long, value_delimiter = ',')]
+    no_masquerade_cidr: Vec<IpNetwork>,
     /// CNI config directory.
     #[arg(long, default_value = "/etc/cni/net.d")]
     cni_conf_dir: PathBuf,
@@ -77,17 +82,45 @@ struct Cli {
     /// Plain routes with a gateway each, even where the kernel has nexthop objects.
     #[arg(long)]
     no_nexthops: bool,
+    /// /readyz fails once the node source has failed for longer than this many seconds
+    /// (0: never).
+    #[arg(long, default_value_t = 300)]
+    max_source_failure_seconds: u64,
+    /// Log format on stderr: text or json.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+/// How log lines look.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LogFormat {
+    /// Human-readable; coloured only when stderr is a terminal.
+    Text,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
+
+fn init_logs(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter);
+    match format {
+        // journald and `kubectl logs` show colour codes as garbage.
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().init(),
+    }
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
     let cli = Cli::parse();
+    init_logs(cli.log_format);
+    if cli.node_ip.iter().filter(|a| a.is_ipv4()).count() > 1
+        || cli.node_ip.iter().filter(|a| a.is_ipv6()).count() > 1
+    {
+        eprintln!("--node-ip: at most one address per family");
+        return std::process::ExitCode::from(2);
+    }
     let source = match cli.source.as_str() {
         "file" => match cli.nodes_file {
             Some(p) => Source::File(p),
@@ -106,7 +139,7 @@ fn main() -> std::process::ExitCode {
             subnet_len_v4: cli.subnet_len_v4,
             subnet_len_v6: cli.subnet_len_v6,
             node_name: cli.node_name.clone(),
-            node_addrs: cli.node_ip,
+            node_addrs: cli.node_ip.clone(),
             lease_ttl: cli.lease_ttl,
         }),
         other => {
@@ -118,6 +151,10 @@ fn main() -> std::process::ExitCode {
         node_name: cli.node_name,
         source,
         cluster_cidrs: cli.cluster_cidr,
+        no_masquerade_cidrs: cli.no_masquerade_cidr,
+        node_ips: cli.node_ip,
+        max_snapshot_age: (cli.max_source_failure_seconds > 0)
+            .then(|| Duration::from_secs(cli.max_source_failure_seconds)),
         cni_conf_dir: cli.cni_conf_dir,
         cni_conf_name: cli.cni_conf_name,
         network_name: cli.network_name,

@@ -9,7 +9,7 @@ use crate::error::AgentError;
 
 /// The nft script for `own` pod CIDRs and the `cluster` pod CIDRs.
 pub fn script(own: &[IpNetwork], cluster: &[IpNetwork]) -> String {
-    let mut s = String::from(
+    let mut script = String::from(
         "add table inet cni_route_agent\nflush table inet cni_route_agent\n\
          add chain inet cni_route_agent postrouting { type nat hook postrouting priority srcnat; policy accept; }\n",
     );
@@ -31,9 +31,9 @@ pub fn script(own: &[IpNetwork], cluster: &[IpNetwork]) -> String {
             rule.push_str(&format!(" {fam} daddr != {{ {} }}", dst.join(", ")));
         }
         rule.push_str(&format!(" {fam} daddr != {mcast} masquerade\n"));
-        s.push_str(&rule);
+        script.push_str(&rule);
     }
-    s
+    script
 }
 
 /// Applies the rule set.

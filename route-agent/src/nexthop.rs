@@ -4,8 +4,10 @@
 //! messages, so they are built here: RTM_NEWNEXTHOP / RTM_DELNEXTHOP / RTM_GETNEXTHOP with an
 //! `nhmsg` header and NHA_ID / NHA_OIF / NHA_GATEWAY, many requests per send.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+
+use ipnetwork::IpNetwork;
 
 use netlink_wire::{attr, error_code, message, walk, NLMSG_DONE, NLMSG_ERROR};
 use rtnetlink::sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
@@ -42,48 +44,49 @@ fn nhmsg(kind: u16, flags: u16, seq: u32, family: u8, proto: u8, attrs: &[u8]) -
 }
 
 fn socket() -> std::io::Result<Socket> {
-    let mut s = Socket::new(NETLINK_ROUTE)?;
-    s.bind_auto()?;
-    s.connect(&SocketAddr::new(0, 0))?;
+    let mut sock = Socket::new(NETLINK_ROUTE)?;
+    sock.bind_auto()?;
+    sock.connect(&SocketAddr::new(0, 0))?;
     // Thousands of acks come back at once.
-    let _ = s.set_rx_buf_sz(8 << 20);
-    Ok(s)
+    let _ = sock.set_rx_buf_sz(8 << 20);
+    Ok(sock)
 }
 
 /// Every nexthop in this namespace; an error if the kernel has no nexthop objects.
 pub fn dump() -> Result<Vec<Nexthop>, String> {
-    let s = socket().map_err(|e| e.to_string())?;
-    s.send(&nhmsg(RTM_GETNEXTHOP, NLM_F_REQUEST | NLM_F_DUMP, 1, 0, 0, &[]), 0).map_err(|e| e.to_string())?;
+    let sock = socket().map_err(|e| e.to_string())?;
+    sock.send(&nhmsg(RTM_GETNEXTHOP, NLM_F_REQUEST | NLM_F_DUMP, 1, 0, 0, &[]), 0)
+        .map_err(|e| e.to_string())?;
     let mut out = Vec::new();
     loop {
         let mut buf: Vec<u8> = Vec::with_capacity(1 << 16);
-        let n = s.recv(&mut buf, 0).map_err(|e| e.to_string())?;
+        let received = sock.recv(&mut buf, 0).map_err(|e| e.to_string())?;
         let mut done = false;
         let mut err = None;
-        walk(&buf[..n], |kind, _, p| match kind {
+        walk(&buf[..received], |kind, _, payload| match kind {
             NLMSG_DONE => done = true,
             NLMSG_ERROR => {
-                err = Some(error_code(p));
+                err = Some(error_code(payload));
                 done = true;
             }
-            RTM_NEWNEXTHOP if p.len() >= 8 => {
-                let (family, proto) = (p[0], p[2]);
+            RTM_NEWNEXTHOP if payload.len() >= 8 => {
+                let (family, proto) = (payload[0], payload[2]);
                 let mut nh = Nexthop { id: 0, gw: None, proto };
                 let mut off = 8;
-                while off + 4 <= p.len() {
-                    let len = u16::from_ne_bytes(p[off..off + 2].try_into().expect("2")) as usize;
-                    let kind = u16::from_ne_bytes(p[off + 2..off + 4].try_into().expect("2")) & 0x3fff;
-                    if len < 4 || off + len > p.len() {
+                while off + 4 <= payload.len() {
+                    let len = u16::from_ne_bytes(payload[off..off + 2].try_into().expect("2")) as usize;
+                    let kind = u16::from_ne_bytes(payload[off + 2..off + 4].try_into().expect("2")) & 0x3fff;
+                    if len < 4 || off + len > payload.len() {
                         break;
                     }
-                    let v = &p[off + 4..off + len];
-                    match (kind, family, v.len()) {
-                        (NHA_ID, _, 4) => nh.id = u32::from_ne_bytes(v.try_into().expect("4")),
+                    let value = &payload[off + 4..off + len];
+                    match (kind, family, value.len()) {
+                        (NHA_ID, _, 4) => nh.id = u32::from_ne_bytes(value.try_into().expect("4")),
                         (NHA_GATEWAY, AF_INET, 4) => {
-                            nh.gw = Some(IpAddr::from(<[u8; 4]>::try_from(v).expect("4")))
+                            nh.gw = Some(IpAddr::from(<[u8; 4]>::try_from(value).expect("4")))
                         }
                         (NHA_GATEWAY, AF_INET6, 16) => {
-                            nh.gw = Some(IpAddr::from(<[u8; 16]>::try_from(v).expect("16")))
+                            nh.gw = Some(IpAddr::from(<[u8; 16]>::try_from(value).expect("16")))
                         }
                         _ => {}
                     }
@@ -108,44 +111,44 @@ fn batch(reqs: Vec<Vec<u8>>) -> (usize, Vec<String>) {
     if total == 0 {
         return (0, vec![]);
     }
-    let s = match socket() {
-        Ok(s) => s,
+    let sock = match socket() {
+        Ok(sock) => sock,
         Err(e) => return (0, vec![e.to_string()]),
     };
     let mut errors = Vec::new();
     let mut chunk = Vec::new();
     for r in reqs {
         if chunk.len() + r.len() > 60_000 {
-            if let Err(e) = s.send(&chunk, 0) {
+            if let Err(e) = sock.send(&chunk, 0) {
                 return (0, vec![e.to_string()]);
             }
             chunk.clear();
         }
         chunk.extend(r);
     }
-    if let Err(e) = s.send(&chunk, 0) {
+    if let Err(e) = sock.send(&chunk, 0) {
         return (0, vec![e.to_string()]);
     }
     let mut acked = 0;
     while acked < total {
         let mut buf: Vec<u8> = Vec::with_capacity(1 << 16);
-        let n = match s.recv(&mut buf, 0) {
-            Ok(n) => n,
+        let received = match sock.recv(&mut buf, 0) {
+            Ok(received) => received,
             Err(e) => {
                 errors.push(e.to_string());
                 break;
             }
         };
-        let r = walk(&buf[..n], |kind, seq, p| {
+        let walked = walk(&buf[..received], |kind, seq, payload| {
             if kind == NLMSG_ERROR {
                 acked += 1;
-                let e = error_code(p);
-                if e != 0 {
-                    errors.push(format!("request {seq}: {}", std::io::Error::from_raw_os_error(-e)));
+                let code = error_code(payload);
+                if code != 0 {
+                    errors.push(format!("request {seq}: {}", std::io::Error::from_raw_os_error(-code)));
                 }
             }
         });
-        if let Err(e) = r {
+        if let Err(e) = walked {
             errors.push(e);
             break;
         }
@@ -193,12 +196,87 @@ pub fn del(ids: &[u32]) -> (usize, Vec<String>) {
     batch(reqs)
 }
 
+/// The nexthops already in the kernel, as the plan needs them.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Existing {
+    /// Ours (marked with the agent's protocol): gateway -> id.
+    pub ours: BTreeMap<IpAddr, u32>,
+    /// Every id in use, ours or not.
+    pub used: BTreeSet<u32>,
+}
+
+impl Existing {
+    /// Sorts a dump into ours and the ids in use.
+    pub fn new(all: &[Nexthop], proto: u8) -> Existing {
+        Existing {
+            ours: all.iter().filter(|n| n.proto == proto).filter_map(|n| Some((n.gw?, n.id))).collect(),
+            used: all.iter().map(|n| n.id).collect(),
+        }
+    }
+
+    /// Id -> gateway of ours, to read routes that name a nexthop instead of a gateway.
+    pub fn gateways(&self) -> BTreeMap<u32, IpAddr> {
+        self.ours.iter().map(|(gw, id)| (*id, *gw)).collect()
+    }
+}
+
+/// What nexthops the desired routes need: created before the routes, the stale ones deleted
+/// after them.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct NexthopPlan {
+    /// Gateway -> the nexthop id its routes name.
+    pub ids: BTreeMap<IpAddr, u32>,
+    /// Nexthops to create: (id, gateway, output interface).
+    pub create: Vec<(u32, IpAddr, u32)>,
+    /// Our nexthops no route wants any more.
+    pub stale: Vec<u32>,
+}
+
+impl NexthopPlan {
+    /// One nexthop per gateway in `gateways`, on the link of the connected subnet holding it
+    /// (`connected`: subnet, link index, local address).
+    pub fn new(
+        existing: &Existing,
+        gateways: &BTreeSet<IpAddr>,
+        connected: &[(IpNetwork, u32, IpAddr)],
+    ) -> NexthopPlan {
+        let want: Vec<IpAddr> = gateways.iter().copied().collect();
+        let ids = assign(&want, &existing.ours, &existing.used);
+        let create = ids
+            .iter()
+            .filter(|(gw, _)| !existing.ours.contains_key(gw))
+            .filter_map(|(gw, id)| {
+                connected.iter().find(|(net, _, _)| net.contains(*gw)).map(|(_, oif, _)| (*id, *gw, *oif))
+            })
+            .collect();
+        let stale = existing.ours.iter().filter(|(gw, _)| !ids.contains_key(gw)).map(|(_, id)| *id).collect();
+        NexthopPlan { ids, create, stale }
+    }
+}
+
+/// Runs a blocking netlink exchange off the async threads: thousands of acks can take a
+/// while, and /healthz must keep answering meanwhile.
+async fn off_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| format!("nexthop task: {e}"))
+}
+
+/// [`dump`], without blocking the runtime.
+pub async fn dump_async() -> Result<Vec<Nexthop>, String> {
+    off_thread(dump).await?
+}
+
+/// [`add`], without blocking the runtime.
+pub async fn add_async(nhs: Vec<(u32, IpAddr, u32)>, proto: u8) -> (usize, Vec<String>) {
+    off_thread(move || add(&nhs, proto)).await.unwrap_or_else(|e| (0, vec![e]))
+}
+
+/// [`del`], without blocking the runtime.
+pub async fn del_async(ids: Vec<u32>) -> (usize, Vec<String>) {
+    off_thread(move || del(&ids)).await.unwrap_or_else(|e| (0, vec![e]))
+}
+
 /// Ids for new gateways: keeps ours, avoids every id in use, starts at a high base.
-pub fn assign(
-    want: &[IpAddr],
-    ours: &BTreeMap<IpAddr, u32>,
-    used: &std::collections::BTreeSet<u32>,
-) -> BTreeMap<IpAddr, u32> {
+pub fn assign(want: &[IpAddr], ours: &BTreeMap<IpAddr, u32>, used: &BTreeSet<u32>) -> BTreeMap<IpAddr, u32> {
     let mut next = 0x0a80_0000u32;
     let mut taken = used.clone();
     let mut out = BTreeMap::new();
@@ -225,10 +303,30 @@ mod tests {
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
         let ours = BTreeMap::from([(a, 7)]);
-        let used = std::collections::BTreeSet::from([7, 0x0a80_0000]);
+        let used = BTreeSet::from([7, 0x0a80_0000]);
         let ids = assign(&[a, b], &ours, &used);
         assert_eq!(ids[&a], 7);
         assert_eq!(ids[&b], 0x0a80_0001);
+    }
+
+    #[test]
+    fn plan_keeps_ours_creates_on_the_gateways_link_and_drops_the_unused() {
+        let (a, b, gone): (IpAddr, IpAddr, IpAddr) =
+            ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap(), "10.0.0.3".parse().unwrap());
+        let existing = Existing::new(
+            &[
+                Nexthop { id: 7, gw: Some(a), proto: 168 },
+                Nexthop { id: 8, gw: Some(gone), proto: 168 },
+                Nexthop { id: 0x0a80_0000, gw: Some(b), proto: 4 },
+            ],
+            168,
+        );
+        let connected = [("10.0.0.0/24".parse().unwrap(), 3, "10.0.0.9".parse().unwrap())];
+        let plan = NexthopPlan::new(&existing, &BTreeSet::from([a, b]), &connected);
+        assert_eq!(plan.ids, BTreeMap::from([(a, 7), (b, 0x0a80_0001)]));
+        assert_eq!(plan.create, [(0x0a80_0001, b, 3)]);
+        assert_eq!(plan.stale, [8]);
+        assert_eq!(existing.gateways(), BTreeMap::from([(7, a), (8, gone)]));
     }
 
     #[test]

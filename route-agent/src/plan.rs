@@ -15,39 +15,141 @@ pub struct Desired {
     /// Nodes whose address is not on a directly connected subnet of this node (host-gw
     /// cannot reach their pods): (node, address).
     pub off_link: Vec<(String, IpAddr)>,
-    /// Pod CIDRs claimed by more than one node: (cidr, node kept, node ignored).
-    pub conflicts: Vec<(IpNetwork, String, String)>,
+    /// Claims ignored because they overlap an earlier one.
+    pub conflicts: Vec<Conflict>,
+    /// Other nodes listed with pod CIDRs but without any usable address.
+    pub nodes_without_address: Vec<String>,
+    /// Other nodes' pod CIDRs without a node address of their family.
+    pub without_address: Vec<Unaddressed>,
+}
+
+/// A pod CIDR claim that overlaps one kept before it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Conflict {
+    /// The ignored claim.
+    pub cidr: IpNetwork,
+    /// The node making it.
+    pub claimant: String,
+    /// The claim it overlaps, which is kept.
+    pub owner_cidr: IpNetwork,
+    /// The node holding that claim.
+    pub owner: String,
+}
+
+/// A pod CIDR of another node that has no address of the CIDR's family.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Unaddressed {
+    /// The node.
+    pub node: String,
+    /// Its pod CIDR.
+    pub cidr: IpNetwork,
+    /// The route kept from before (the kernel's gateway), if there was one.
+    pub kept: Option<IpAddr>,
+}
+
+/// A pod CIDR as an address interval, for the overlap check.
+fn span(net: &IpNetwork) -> (bool, u128, u128) {
+    let (base, bits) = match net.network() {
+        IpAddr::V4(a) => (u128::from(u32::from(a)), 32),
+        IpAddr::V6(a) => (u128::from(a), 128),
+    };
+    let size_minus_one = u128::MAX.checked_shr(u32::from(net.prefix()) + (128 - bits)).unwrap_or(0);
+    (net.is_ipv4(), base, base + size_minus_one)
+}
+
+/// Claims kept so far: disjoint intervals by start, with their claim.
+#[derive(Default)]
+struct Owners<'a> {
+    by_start: BTreeMap<(bool, u128), (u128, IpNetwork, &'a str)>,
+}
+
+impl<'a> Owners<'a> {
+    /// Keeps `cidr` for `node` unless it overlaps a kept claim; returns that claim if it does.
+    fn claim(&mut self, cidr: IpNetwork, node: &'a str) -> Result<(), (IpNetwork, &'a str)> {
+        let (v4, start, end) = span(&cidr);
+        // The kept claims are disjoint, so only the last one starting at or before our end
+        // can overlap us.
+        if let Some((&(_, other_start), &(other_end, other, owner))) =
+            self.by_start.range((v4, 0)..=(v4, end)).next_back()
+        {
+            if other_start >= start || other_end >= start {
+                return Err((other, owner));
+            }
+        }
+        self.by_start.insert((v4, start), (end, cidr, node));
+        Ok(())
+    }
 }
 
 /// Routes to every other node's pod CIDRs via that node's address of the same family, when
 /// that address is on one of `connected` (this node's directly connected subnets).
-pub fn desired(nodes: &Snapshot, me: &str, connected: &[IpNetwork]) -> Desired {
-    let mut d = Desired::default();
-    let own: Vec<IpNetwork> = nodes.get(me).map(|n| n.pod_cidrs.clone()).unwrap_or_default();
-    let mut owner: BTreeMap<IpNetwork, String> = BTreeMap::new();
-    for n in nodes.values().filter(|n| n.name != me) {
-        for cidr in &n.pod_cidrs {
-            let Some(gw) = n.addr_for(cidr) else { continue };
-            if own.iter().any(|o| o.contains(cidr.network()) || cidr.contains(o.network())) {
-                d.conflicts.push((*cidr, me.to_string(), n.name.clone()));
-                continue;
-            }
-            if !connected.iter().any(|c| c.contains(gw)) {
-                if !d.off_link.iter().any(|(name, _)| name == &n.name) {
-                    d.off_link.push((n.name.clone(), gw));
-                }
-                continue;
-            }
-            // Names are visited in order, so the first node (by name) keeps a shared CIDR.
-            if let Some(first) = owner.get(cidr) {
-                d.conflicts.push((*cidr, first.clone(), n.name.clone()));
-                continue;
-            }
-            owner.insert(*cidr, n.name.clone());
-            d.routes.insert(*cidr, gw);
+///
+/// `have` is the kernel's current routes. It decides who owns overlapping claims (this node
+/// first, then claims already routed, then by node name), and it keeps the route of a node
+/// still listed but without an address of the family: a half-written nodes file or a node
+/// whose address was cleared must not take working routes away. Only a node that leaves the
+/// source loses its routes.
+pub fn desired(
+    nodes: &Snapshot,
+    me: &str,
+    connected: &[IpNetwork],
+    have: &BTreeMap<IpNetwork, IpAddr>,
+) -> Desired {
+    let mut desired = Desired::default();
+    let mut claims: Vec<(u8, &str, IpNetwork)> = nodes
+        .values()
+        .flat_map(|n| n.pod_cidrs.iter().map(move |c| (n, *c)))
+        .map(|(n, cidr)| {
+            let rank = if n.name == me {
+                0
+            } else if have.get(&cidr).is_some_and(|gw| n.addr_for(&cidr).is_none_or(|a| a == *gw)) {
+                1
+            } else {
+                2
+            };
+            (rank, n.name.as_str(), cidr)
+        })
+        .collect();
+    claims.sort();
+    let mut owners = Owners::default();
+    let mut kept: Vec<(&str, IpNetwork)> = Vec::new();
+    for (_, node, cidr) in claims {
+        match owners.claim(cidr, node) {
+            Ok(()) => kept.push((node, cidr)),
+            Err((owner_cidr, owner)) => desired.conflicts.push(Conflict {
+                cidr,
+                claimant: node.to_string(),
+                owner_cidr,
+                owner: owner.to_string(),
+            }),
         }
     }
-    d
+    desired.conflicts.sort();
+    kept.sort();
+    for (name, cidr) in kept.into_iter().filter(|(name, _)| *name != me) {
+        let Some(n) = nodes.get(name) else { continue };
+        let Some(gw) = n.addr_for(&cidr) else {
+            let kept = have.get(&cidr).copied();
+            desired.without_address.push(Unaddressed { node: name.to_string(), cidr, kept });
+            if let Some(gw) = kept {
+                desired.routes.insert(cidr, gw);
+            }
+            continue;
+        };
+        if !connected.iter().any(|c| c.contains(gw)) {
+            if !desired.off_link.iter().any(|(off, _)| off == name) {
+                desired.off_link.push((name.to_string(), gw));
+            }
+            continue;
+        }
+        desired.routes.insert(cidr, gw);
+    }
+    desired.nodes_without_address = nodes
+        .values()
+        .filter(|n| n.name != me && !n.pod_cidrs.is_empty() && n.ipv4.is_none() && n.ipv6.is_none())
+        .map(|n| n.name.clone())
+        .collect();
+    desired
 }
 
 /// What to change in the kernel.
@@ -112,7 +214,7 @@ mod tests {
             node("b", &["10.244.2.0/24", "fd00:244:2::/64"], &["10.200.0.2", "fd00:200::2"]),
             node("c", &["10.244.3.0/24"], &["10.200.0.3"]),
         ]);
-        let d = desired(&s, "a", &connected());
+        let d = desired(&s, "a", &connected(), &BTreeMap::new());
         assert_eq!(
             d.routes,
             BTreeMap::from([
@@ -131,7 +233,7 @@ mod tests {
             node("b", &[], &["10.200.0.2"]),
             node("c", &["fd00:244:3::/64"], &["10.200.0.3"]),
         ]);
-        assert!(desired(&s, "a", &connected()).routes.is_empty());
+        assert!(desired(&s, "a", &connected(), &BTreeMap::new()).routes.is_empty());
     }
 
     #[test]
@@ -140,7 +242,7 @@ mod tests {
             node("a", &["10.244.1.0/24"], &["10.200.0.1"]),
             node("far", &["10.244.9.0/24"], &["192.0.2.9"]),
         ]);
-        let d = desired(&s, "a", &connected());
+        let d = desired(&s, "a", &connected(), &BTreeMap::new());
         assert!(d.routes.is_empty());
         assert_eq!(d.off_link, vec![("far".to_string(), ip("192.0.2.9"))]);
     }
@@ -153,9 +255,87 @@ mod tests {
             node("c", &["10.244.2.0/24"], &["10.200.0.3"]),
             node("d", &["10.244.1.0/24"], &["10.200.0.4"]),
         ]);
-        let d = desired(&s, "a", &connected());
+        let d = desired(&s, "a", &connected(), &BTreeMap::new());
         assert_eq!(d.routes, BTreeMap::from([(net("10.244.2.0/24"), ip("10.200.0.2"))]));
         assert_eq!(d.conflicts.len(), 2);
+    }
+
+    #[test]
+    fn a_partial_overlap_is_a_conflict_and_the_established_owner_keeps_its_cidr() {
+        let s = snap(vec![
+            node("node-1", &["10.245.1.0/24", "fd00:245:1::/64"], &["10.200.0.1", "fd00:200::1"]),
+            node("node-2", &["10.245.2.0/24", "fd00:245:2::/64"], &["10.200.0.2", "fd00:200::2"]),
+            node("node-x", &["10.245.2.128/25", "fd00:245:2:0:8000::/65"], &["10.200.0.9", "fd00:200::9"]),
+        ]);
+        let d = desired(&s, "node-1", &connected(), &BTreeMap::new());
+        assert_eq!(
+            d.routes,
+            BTreeMap::from([
+                (net("10.245.2.0/24"), ip("10.200.0.2")),
+                (net("fd00:245:2::/64"), ip("fd00:200::2")),
+            ]),
+            "no route for node-x's claims"
+        );
+        let named: Vec<(String, String, String)> =
+            d.conflicts.iter().map(|c| (c.cidr.to_string(), c.claimant.clone(), c.owner.clone())).collect();
+        assert_eq!(
+            named,
+            [
+                ("10.245.2.128/25".into(), "node-x".into(), "node-2".into()),
+                ("fd00:245:2:0:8000::/65".into(), "node-x".into(), "node-2".into()),
+            ]
+        );
+        // A wider claim arriving later does not take over a routed one, whatever its name.
+        let s = snap(vec![
+            node("a", &["10.244.1.0/24"], &["10.200.0.1"]),
+            node("b", &["10.245.0.0/16"], &["10.200.0.2"]),
+            node("c", &["10.245.7.0/24"], &["10.200.0.3"]),
+        ]);
+        let have = BTreeMap::from([(net("10.245.7.0/24"), ip("10.200.0.3"))]);
+        let d = desired(&s, "a", &connected(), &have);
+        assert_eq!(d.routes, have);
+        assert_eq!(d.conflicts[0].claimant, "b");
+        // Nor over this node's own, even in part.
+        let s = snap(vec![
+            node("a", &["10.244.1.0/24"], &["10.200.0.1"]),
+            node("b", &["10.244.0.0/23"], &["10.200.0.2"]),
+        ]);
+        let d = desired(&s, "a", &connected(), &BTreeMap::new());
+        assert!(d.routes.is_empty());
+        assert_eq!((d.conflicts[0].claimant.as_str(), d.conflicts[0].owner.as_str()), ("b", "a"));
+    }
+
+    #[test]
+    fn a_listed_node_without_address_keeps_its_route_a_removed_one_loses_it() {
+        let have = BTreeMap::from([
+            (net("10.244.2.0/24"), ip("10.200.0.2")),
+            (net("10.244.3.0/24"), ip("10.200.0.3")),
+        ]);
+        let s =
+            snap(vec![node("a", &["10.244.1.0/24"], &["10.200.0.1"]), node("b", &["10.244.2.0/24"], &[])]);
+        let d = desired(&s, "a", &connected(), &have);
+        assert_eq!(d.routes, BTreeMap::from([(net("10.244.2.0/24"), ip("10.200.0.2"))]));
+        assert_eq!(d.nodes_without_address, ["b"]);
+        assert_eq!(d.without_address[0].kept, Some(ip("10.200.0.2")));
+        // Never routed before: nothing to keep, still reported.
+        let d = desired(&s, "a", &connected(), &BTreeMap::new());
+        assert!(d.routes.is_empty());
+        assert_eq!(d.without_address[0].kept, None);
+    }
+
+    #[test]
+    fn a_dual_stack_node_with_only_an_ipv4_address_reports_its_ipv6_cidr() {
+        let s = snap(vec![
+            node("a", &["10.244.1.0/24", "fd00:244:1::/64"], &["10.200.0.1", "fd00:200::1"]),
+            node("b", &["10.244.2.0/24", "fd00:244:2::/64"], &["10.200.0.2"]),
+        ]);
+        let d = desired(&s, "a", &connected(), &BTreeMap::new());
+        assert_eq!(d.routes, BTreeMap::from([(net("10.244.2.0/24"), ip("10.200.0.2"))]));
+        assert!(d.nodes_without_address.is_empty(), "b has an address");
+        assert_eq!(
+            d.without_address,
+            [Unaddressed { node: "b".into(), cidr: net("fd00:244:2::/64"), kept: None }]
+        );
     }
 
     #[test]

@@ -87,8 +87,9 @@ impl Drop for Etcd {
 /// One source, as the agent runs it, in a task of the test's runtime.
 struct Node {
     name: String,
-    rx: watch::Receiver<Snapshot>,
+    rx: watch::Receiver<Option<Snapshot>>,
     task: JoinHandle<Result<(), AgentError>>,
+    metrics: Arc<Metrics>,
 }
 
 fn start(url: &str, prefix: &str, name: &str, addrs: &[&str], dual: bool) -> Node {
@@ -106,9 +107,10 @@ fn start(url: &str, prefix: &str, name: &str, addrs: &[&str], dual: bool) -> Nod
         node_addrs: addrs.iter().map(|a| a.parse().unwrap()).collect(),
         lease_ttl: TTL,
     };
-    let (tx, rx) = watch::channel(Snapshot::new());
-    let task = tokio::spawn(run(opts, tx, Arc::new(Metrics::default())));
-    Node { name: name.to_string(), rx, task }
+    let (tx, rx) = watch::channel(None);
+    let metrics = Arc::new(Metrics::default());
+    let task = tokio::spawn(run(opts, tx, metrics.clone()));
+    Node { name: name.to_string(), rx, task, metrics }
 }
 
 impl Node {
@@ -119,8 +121,10 @@ impl Node {
     }
 
     /// Its snapshot once `cond` holds (bounded).
-    async fn until(&mut self, what: &str, cond: impl FnMut(&Snapshot) -> bool) -> Snapshot {
-        let r = tokio::time::timeout(DEADLINE, self.rx.wait_for(cond)).await.map(|r| r.map(|s| s.clone()));
+    async fn until(&mut self, what: &str, mut cond: impl FnMut(&Snapshot) -> bool) -> Snapshot {
+        let published = self.rx.wait_for(|s| s.as_ref().is_some_and(&mut cond));
+        let r =
+            tokio::time::timeout(DEADLINE, published).await.map(|r| r.map(|s| s.clone().unwrap_or_default()));
         match r {
             Ok(Ok(s)) => s,
             Ok(Err(_)) => panic!("{}: source ended while waiting for {what}", self.name),
@@ -129,7 +133,12 @@ impl Node {
     }
 
     fn subnets(&self) -> Vec<IpNetwork> {
-        self.rx.borrow().get(&self.name).map(|n| n.pod_cidrs.clone()).unwrap_or_default()
+        self.rx
+            .borrow()
+            .as_ref()
+            .and_then(|s| s.get(&self.name))
+            .map(|n| n.pod_cidrs.clone())
+            .unwrap_or_default()
     }
 }
 
@@ -156,9 +165,9 @@ async fn nodes_claim_distinct_subnets_converge_and_keep_them_across_restarts() {
     for n in &mut nodes {
         n.until("all three nodes, dual-stack", complete(&names, 2)).await;
     }
-    let snap = nodes[0].rx.borrow().clone();
+    let snap = nodes[0].rx.borrow().clone().expect("published");
     for n in &nodes {
-        assert_eq!(*n.rx.borrow(), snap, "{} sees the same nodes", n.name);
+        assert_eq!(n.rx.borrow().as_ref(), Some(&snap), "{} sees the same nodes", n.name);
     }
     let (v4, v6): (IpNetwork, IpNetwork) = (V4.parse().unwrap(), V6.parse().unwrap());
     let mut seen = std::collections::HashSet::new();
@@ -188,7 +197,7 @@ async fn nodes_claim_distinct_subnets_converge_and_keep_them_across_restarts() {
     assert!(new_lease.is_some_and(|l| l != old_lease), "key survives the old lease: {new_lease:?}");
     nodes.insert(1, b);
     for n in &nodes {
-        assert_eq!(*n.rx.borrow(), snap, "{}: nothing changed for the others", n.name);
+        assert_eq!(n.rx.borrow().as_ref(), Some(&snap), "{}: nothing changed for the others", n.name);
     }
 
     // A lost lease (revoked here, as an expiry while partitioned would) is granted again and
@@ -210,13 +219,21 @@ async fn nodes_claim_distinct_subnets_converge_and_keep_them_across_restarts() {
 async fn waits_for_etcd_and_drops_nodes_whose_lease_expired() {
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
-    // Started before etcd: the source retries instead of giving up.
+    // Started before etcd: the source retries instead of giving up, and says so.
     let mut a = start(&url, "/e", "early", &["10.200.0.1"], false);
+    let failed = tokio::time::timeout(DEADLINE, async {
+        while a.metrics.source.errors("unavailable") + a.metrics.source.errors("connect") == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    failed.await.expect("the failed connection counted");
+    assert_eq!(a.metrics.source.snapshot_age(), None, "no good view yet");
     let etcd = Etcd::spawn(port);
     let mut b = start(&etcd.url, "/e", "late", &["10.200.0.2"], false);
     a.until("both nodes", complete(&["early", "late"], 1)).await;
     b.until("both nodes", complete(&["early", "late"], 1)).await;
     assert!(!a.task.is_finished());
+    assert_eq!(a.metrics.source.snapshot_age(), Some(Duration::ZERO), "healthy once connected");
     b.kill().await;
     let s = a.until("late's lease to expire", |s| !s.contains_key("late")).await;
     assert_eq!(s.keys().collect::<Vec<_>>(), ["early"]);

@@ -107,6 +107,8 @@ type Body = UnsyncBoxBody<Bytes, Infallible>;
 struct StandIn {
     port: u16,
     queries: Arc<Mutex<Vec<String>>>,
+    /// What the next list returns.
+    list: Arc<Mutex<Bytes>>,
     watches: mpsc::UnboundedReceiver<mpsc::UnboundedSender<Bytes>>,
 }
 
@@ -115,11 +117,12 @@ async fn stand_in(list: Value) -> StandIn {
     let port = listener.local_addr().unwrap().port();
     let queries = Arc::new(Mutex::new(Vec::new()));
     let (watch_tx, watches) = mpsc::unbounded();
-    let (q, list) = (queries.clone(), Bytes::from(serde_json::to_vec(&list).unwrap()));
+    let list = Arc::new(Mutex::new(Bytes::from(serde_json::to_vec(&list).unwrap())));
+    let (q, served) = (queries.clone(), list.clone());
     tokio::spawn(async move {
         loop {
             let (conn, _) = listener.accept().await.unwrap();
-            let (q, list, watch_tx) = (q.clone(), list.clone(), watch_tx.clone());
+            let (q, list, watch_tx) = (q.clone(), served.clone(), watch_tx.clone());
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let query = req.uri().query().unwrap_or_default().to_string();
                 q.lock().unwrap().push(query.clone());
@@ -133,7 +136,7 @@ async fn stand_in(list: Value) -> StandIn {
                     watch_tx.unbounded_send(tx).unwrap();
                     StreamBody::new(rx.map(|b| Ok(Frame::data(b)))).boxed_unsync()
                 } else {
-                    Full::new(list.clone()).boxed_unsync()
+                    Full::new(list.lock().unwrap().clone()).boxed_unsync()
                 };
                 let resp = Response::builder().header("content-type", "application/json").body(body).unwrap();
                 futures::future::ready(Ok(resp))
@@ -145,7 +148,7 @@ async fn stand_in(list: Value) -> StandIn {
             });
         }
     });
-    StandIn { port, queries, watches }
+    StandIn { port, queries, list, watches }
 }
 
 fn event(kind: &str, object: Value) -> Bytes {
@@ -173,9 +176,26 @@ impl Drop for TempDir {
     }
 }
 
-async fn next_snapshot(rx: &mut watch::Receiver<Snapshot>) -> Snapshot {
+/// A kubeconfig pointing at the stand-in, in a directory removed on drop.
+fn kubeconfig(tag: &str, port: u16) -> (TempDir, std::path::PathBuf) {
+    let dir = TempDir(std::env::temp_dir().join(format!("kube-source-{tag}-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let path = dir.0.join("kubeconfig");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: stand-in\n  cluster:\n    server: http://127.0.0.1:{port}\n\
+             users:\n- name: anonymous\n  user: {{}}\ncontexts:\n- name: stand-in\n  context:\n    cluster: stand-in\n    user: anonymous\n\
+             current-context: stand-in\n"
+        ),
+    )
+    .unwrap();
+    (dir, path)
+}
+
+async fn next_snapshot(rx: &mut watch::Receiver<Option<Snapshot>>) -> Snapshot {
     tokio::time::timeout(LIMIT, rx.changed()).await.expect("a new snapshot in time").expect("source alive");
-    rx.borrow_and_update().clone()
+    rx.borrow_and_update().clone().expect("published")
 }
 
 // Current-thread runtime on purpose: `publish` counts the event and sends the snapshot with no
@@ -189,21 +209,8 @@ async fn lists_then_follows_the_watch_and_ignores_heartbeats() {
         "items": [node_a(90, "2025-06-01T10:00:00Z"), node_b(91, "10.200.0.12")]
     });
     let mut api = stand_in(list).await;
-    let dir = TempDir(std::env::temp_dir().join(format!("kube-source-test-{}", std::process::id())));
-    std::fs::create_dir_all(&dir.0).unwrap();
-    let kubeconfig = dir.0.join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: stand-in\n  cluster:\n    server: http://127.0.0.1:{}\n\
-             users:\n- name: anonymous\n  user: {{}}\ncontexts:\n- name: stand-in\n  context:\n    cluster: stand-in\n    user: anonymous\n\
-             current-context: stand-in\n",
-            api.port
-        ),
-    )
-    .unwrap();
-
-    let (tx, mut rx) = watch::channel(Snapshot::new());
+    let (_dir, kubeconfig) = kubeconfig("follows", api.port);
+    let (tx, mut rx) = watch::channel(None);
     let metrics = Arc::new(Metrics::default());
     let source = tokio::spawn(run(KubeOptions { kubeconfig: Some(kubeconfig) }, tx, metrics.clone()));
     let events = || metrics.source_events.load(Ordering::Relaxed);
@@ -260,4 +267,86 @@ async fn lists_then_follows_the_watch_and_ignores_heartbeats() {
     drop(rx);
     let r = tokio::time::timeout(LIMIT, source).await.expect("the source stops once nobody listens").unwrap();
     assert!(r.is_ok(), "{r:?}");
+}
+
+fn node_list(rv: u32, items: Vec<Value>) -> Value {
+    json!({"kind": "NodeList", "apiVersion": "v1", "metadata": {"resourceVersion": rv.to_string()}, "items": items})
+}
+
+/// The watch request the source makes next, and its query.
+async fn next_watch(api: &mut StandIn) -> (mpsc::UnboundedSender<Bytes>, String) {
+    let w = tokio::time::timeout(LIMIT, api.watches.next()).await.expect("a watch in time").unwrap();
+    let q = api.queries.lock().unwrap().iter().rev().find(|q| q.contains("watch=true")).unwrap().clone();
+    (w, q)
+}
+
+fn gone() -> Bytes {
+    event(
+        "ERROR",
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "message": "too old resource version: 150 (400)", "reason": "Expired", "code": 410}),
+    )
+}
+
+// Each case ends in the snapshot the API holds, and a re-list of unchanged nodes publishes
+// nothing: a snapshot missing a node for a moment would take its routes away and back.
+#[tokio::test]
+async fn converges_through_gone_bookmarks_dropped_streams_and_deletes_while_down() {
+    let b = || node_b(91, "10.200.0.12");
+    let mut api = stand_in(node_list(100, vec![node_a(90, "2025-06-01T10:00:00Z"), b()])).await;
+    let (_dir, kubeconfig) = kubeconfig("robust", api.port);
+    let (tx, mut rx) = watch::channel(None);
+    let metrics = Arc::new(Metrics::default());
+    let _source = tokio::spawn(run(KubeOptions { kubeconfig: Some(kubeconfig) }, tx, metrics.clone()));
+    let events = || metrics.source_events.load(Ordering::Relaxed);
+    let a =
+        info("node-a", &["10.244.1.0/24", "fd00:10:244:1::/64"], Some("10.200.0.11"), Some("2001:db8::11"));
+    let both: Snapshot = [a.clone(), info("node-b", &["10.244.2.0/24"], Some("10.200.0.12"), None)].into();
+    assert_eq!(next_snapshot(&mut rx).await, both);
+
+    // A bookmark moves the resourceVersion the watch resumes from after a dropped stream.
+    let (w1, q) = next_watch(&mut api).await;
+    assert!(q.contains("allowWatchBookmarks=true"), "{q}");
+    w1.unbounded_send(event(
+        "BOOKMARK",
+        json!({"kind": "Node", "apiVersion": "v1", "metadata": {"resourceVersion": "150"}}),
+    ))
+    .unwrap();
+    drop(w1);
+    let (w2, q) = next_watch(&mut api).await;
+    assert!(q.contains("resourceVersion=150"), "resumed from the bookmark: {q}");
+    assert!(!rx.has_changed().unwrap(), "a dropped stream changes nothing");
+
+    // 410 Gone: the source lists again; the same nodes publish nothing new.
+    *api.list.lock().unwrap() = Bytes::from(
+        serde_json::to_vec(&node_list(200, vec![node_a(90, "2025-06-01T10:00:00Z"), b()])).unwrap(),
+    );
+    let before = events();
+    w2.unbounded_send(gone()).unwrap();
+    let (w3, q) = next_watch(&mut api).await;
+    assert!(q.contains("resourceVersion=200"), "watching from the new list: {q}");
+    until("the re-list to be published", || events() > before).await;
+    assert!(!rx.has_changed().unwrap(), "a re-list of the same nodes woke the agent");
+    assert_eq!(metrics.source.errors("gone"), 1);
+
+    // node-b is deleted while the watch is down; the resumed watch is too old, so the list
+    // is what tells.
+    *api.list.lock().unwrap() =
+        Bytes::from(serde_json::to_vec(&node_list(300, vec![node_a(90, "2025-06-01T10:00:00Z")])).unwrap());
+    drop(w3);
+    let (w4, _) = next_watch(&mut api).await;
+    w4.unbounded_send(gone()).unwrap();
+    assert_eq!(
+        next_snapshot(&mut rx).await,
+        Snapshot::from([a.clone()]),
+        "the node deleted meanwhile is gone"
+    );
+    assert_eq!(metrics.source.errors("gone"), 2);
+
+    // And the watch after all that still delivers.
+    let (w5, q) = next_watch(&mut api).await;
+    assert!(q.contains("resourceVersion=300"), "{q}");
+    w5.unbounded_send(event("ADDED", node_b(301, "10.200.0.12"))).unwrap();
+    assert_eq!(next_snapshot(&mut rx).await, both, "converged");
+    assert_eq!(metrics.source.snapshot_age(), Some(Duration::ZERO), "healthy again");
 }

@@ -327,3 +327,252 @@ fn plain_routes_when_nexthop_objects_are_off() {
     assert!(cl.nodes[0].ns.ip(&["nexthop", "show", "proto", PROTO]).trim().is_empty());
     assert!(!cl.nodes[0].ns.ip(&["route", "show", "proto", PROTO]).contains("nhid"));
 }
+
+/// The nodes file as `write_nodes` writes it, plus extra raw entries.
+fn nodes_json(cl: &Cluster, nodes: &[usize], extra: &[serde_json::Value]) -> serde_json::Value {
+    let mut list: Vec<_> = nodes
+        .iter()
+        .map(|&i| {
+            let n = &cl.nodes[i];
+            json!({"name": n.name, "podCIDRs": [n.pod_cidr], "addresses": [n.ip.to_string()]})
+        })
+        .collect();
+    list.extend(extra.iter().cloned());
+    json!({ "nodes": list })
+}
+
+fn write_json(path: &Path, v: &serde_json::Value) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(v).unwrap()).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[test]
+fn a_partially_overlapping_claim_gets_no_route_and_is_reported() {
+    require_root("route agent overlap");
+    let tmp = Tmp::new("overlap");
+    let cl = three_node_cluster("rov");
+    let file = tmp.0.join("nodes.json");
+    write_nodes(&file, &cl, &[0, 1, 2], None);
+    let _agents: Vec<Agent> = (0..3)
+        .map(|i| Agent::start(&cl.nodes[i].ns, &cl.nodes[i].name, &file, &tmp.0.join(format!("cni{i}")), &[]))
+        .collect();
+    expect_routes(&cl, 0, &[1, 2]);
+    expect_routes(&cl, 1, &[0, 2]);
+    expect_routes(&cl, 2, &[0, 1]);
+    // node-0x claims the upper half of node-2's /24. It sorts before node-2 by name: node-2
+    // keeps its CIDR because its claim is the established one.
+    let x = json!({"name": "node-0x", "podCIDRs": ["10.244.2.128/25"], "addresses": ["10.200.0.99"]});
+    write_json(&file, &nodes_json(&cl, &[0, 1, 2], &[x]));
+    eventually("the conflict counted on node-1", || {
+        metric(&cl.nodes[0].ns, "pod_cidr_conflicts") == Some(1.0)
+    });
+    eventually("the conflict counted on node-2", || {
+        metric(&cl.nodes[1].ns, "pod_cidr_conflicts") == Some(1.0)
+    });
+    eventually("the conflict counted on node-3", || {
+        metric(&cl.nodes[2].ns, "pod_cidr_conflicts") == Some(1.0)
+    });
+    expect_routes(&cl, 0, &[1, 2]);
+    expect_routes(&cl, 1, &[0, 2]);
+    expect_routes(&cl, 2, &[0, 1]);
+    all_pairs(&cl).unwrap();
+}
+
+#[test]
+fn a_listed_node_without_address_keeps_its_route_until_it_leaves() {
+    require_root("route agent node without address");
+    let tmp = Tmp::new("noaddr");
+    let cl = three_node_cluster("rna");
+    let file = tmp.0.join("nodes.json");
+    write_nodes(&file, &cl, &[0, 1, 2], None);
+    let _agents: Vec<Agent> = (0..3)
+        .map(|i| Agent::start(&cl.nodes[i].ns, &cl.nodes[i].name, &file, &tmp.0.join(format!("cni{i}")), &[]))
+        .collect();
+    // Every agent has routed every node before the trouble starts (a node never routed has no
+    // last good route to keep).
+    expect_routes(&cl, 0, &[1, 2]);
+    expect_routes(&cl, 1, &[0, 2]);
+    expect_routes(&cl, 2, &[0, 1]);
+    // A half-written file: still valid, cut before node-3's addresses.
+    let mut cut = nodes_json(&cl, &[0, 1, 2], &[]);
+    cut["nodes"][2].as_object_mut().unwrap().remove("addresses");
+    write_json(&file, &cut);
+    eventually("reported", || metric(&cl.nodes[0].ns, "nodes_without_address") == Some(1.0));
+    expect_routes(&cl, 0, &[1, 2]);
+    // `addresses: []` is the same.
+    cut["nodes"][2]["addresses"] = json!([]);
+    cut["nodes"][1]["addresses"] = json!([]);
+    write_json(&file, &cut);
+    eventually("both reported", || metric(&cl.nodes[0].ns, "nodes_without_address") == Some(2.0));
+    expect_routes(&cl, 0, &[1, 2]);
+    all_pairs(&cl).unwrap();
+    // Leaving the source is what takes a node's route away.
+    write_nodes(&file, &cl, &[0, 1], None);
+    expect_routes(&cl, 0, &[1]);
+    assert_eq!(metric(&cl.nodes[0].ns, "nodes_without_address"), Some(0.0));
+}
+
+#[test]
+fn source_failures_are_counted_keep_routes_and_fail_readiness_past_the_bound() {
+    require_root("route agent source failures");
+    let tmp = Tmp::new("srcfail");
+    let cl = Cluster::new("rsf", 2, plugins(), true);
+    let file = tmp.0.join("nodes.json");
+    write_nodes(&file, &cl, &[0, 1], None);
+    let _a = Agent::start(
+        &cl.nodes[0].ns,
+        "node-1",
+        &file,
+        &tmp.0.join("cni0"),
+        &["--max-source-failure-seconds", "1"],
+    );
+    expect_routes(&cl, 0, &[1]);
+    eventually("ready", || http_get(&cl.nodes[0].ns, "/readyz").0.contains("200"));
+    assert_eq!(metric(&cl.nodes[0].ns, "source_snapshot_age_seconds"), Some(0.0));
+    std::fs::write(&file, "nodes: [{{{ garbage").unwrap();
+    eventually("garbage counted", || {
+        metric(&cl.nodes[0].ns, "source_errors_total{kind=\"parse\"}") == Some(1.0)
+    });
+    std::fs::write(&file, "").unwrap();
+    eventually("empty counted", || {
+        metric(&cl.nodes[0].ns, "source_errors_total{kind=\"empty\"}") == Some(1.0)
+    });
+    std::fs::remove_file(&file).unwrap();
+    write_nodes(&tmp.0.join("other.json"), &cl, &[0], None);
+    std::fs::rename(tmp.0.join("other.json"), tmp.0.join("gone.json")).unwrap();
+    eventually("readiness fails once the source failed for longer than the bound", || {
+        http_get(&cl.nodes[0].ns, "/readyz").0.contains("503")
+    });
+    assert!(metric(&cl.nodes[0].ns, "source_snapshot_age_seconds").unwrap() > 1.0);
+    expect_routes(&cl, 0, &[1]);
+    write_nodes(&file, &cl, &[0, 1], None);
+    eventually("ready again", || http_get(&cl.nodes[0].ns, "/readyz").0.contains("200"));
+}
+
+#[test]
+fn destinations_excluded_from_masquerade_see_the_pod_address() {
+    require_root("route agent masquerade exclusions");
+    let tmp = Tmp::new("nomasq");
+    let mut cl = Cluster::new("rnm", 1, plugins(), true);
+    cl.add_pod(0, "n1p1").unwrap();
+    // Two outside hosts on the underlay; only the first one's /32 is excluded.
+    let (kept, masked) = (cl.external("exk", 100), cl.external("exm", 101));
+    for ext in [&kept, &masked] {
+        ext.ip(&["route", "add", &cl.nodes[0].pod_cidr, "via", &cl.nodes[0].ip.to_string()]);
+    }
+    let file = tmp.0.join("nodes.json");
+    write_nodes(&file, &cl, &[0], None);
+    let extra = ["--no-masquerade-cidr", "10.200.0.100/32"];
+    let _a = Agent::start(&cl.nodes[0].ns, "node-1", &file, &tmp.0.join("cni0"), &extra);
+    eventually("ready", || metric(&cl.nodes[0].ns, "ready") == Some(1.0));
+    let pod = &cl.pods[0];
+    let seen = exchange(kept.file(), "10.200.0.100:0".parse().unwrap(), pod.ns.file(), None);
+    assert_eq!(seen, Ok(pod.ip), "an excluded destination sees the pod's own address");
+    let seen = exchange(masked.file(), "10.200.0.101:0".parse().unwrap(), pod.ns.file(), None);
+    assert_eq!(seen, Ok(IpAddr::V4(cl.nodes[0].ip)), "the others still see the node address");
+}
+
+/// The agent's IPv6 routes, as [`agent_routes`].
+fn agent_routes6(ns: &Netns) -> Vec<String> {
+    let mut v: Vec<String> = ns
+        .ip(&["-6", "route", "show", "proto", PROTO])
+        .lines()
+        .map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            let w: Vec<&str> = match w.iter().position(|x| *x == "nhid") {
+                Some(i) => [&w[..i], &w[i + 2..]].concat(),
+                None => w,
+            };
+            // `metric 1024 pref medium` is noise here.
+            w.iter().take_while(|x| **x != "metric").copied().collect::<Vec<_>>().join(" ")
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn dual_stack_all_pairs(cl: &Cluster) -> Result<(), String> {
+    for a in &cl.pods {
+        for b in cl.pods.iter().filter(|b| b.name != a.name) {
+            let (from, to) = (a.ip6.ok_or("no IPv6")?, b.ip6.ok_or("no IPv6")?);
+            let r = exchange(b.ns.file(), SocketAddr::new(to, 0), a.ns.file(), None);
+            if r != Ok(from) {
+                return Err(format!("{} -> {} over IPv6: {r:?}", a.name, b.name));
+            }
+        }
+    }
+    all_pairs(cl)
+}
+
+#[test]
+fn dual_stack_routes_both_families_and_reports_a_node_without_an_ipv6_address() {
+    require_root("route agent dual-stack");
+    let tmp = Tmp::new("dual");
+    let mut cl = Cluster::dual_stack("rds", 3, plugins(), true);
+    for i in 0..3 {
+        cl.add_pod(i, &format!("n{}p1", i + 1)).unwrap();
+    }
+    let file = tmp.0.join("nodes.json");
+    let all: Vec<_> = cl.nodes.iter().map(|n| n.nodes_file_entry()).collect();
+    write_json(&file, &json!({ "nodes": all }));
+    let _agents: Vec<Agent> = (0..3)
+        .map(|i| Agent::start(&cl.nodes[i].ns, &cl.nodes[i].name, &file, &tmp.0.join(format!("cni{i}")), &[]))
+        .collect();
+    let v6 = |j: usize| {
+        let n = &cl.nodes[j];
+        format!("{} via {} dev eth0", n.pod_cidr6.as_ref().unwrap(), n.ip6.unwrap())
+    };
+    eventually("IPv6 routes on node-1", || agent_routes6(&cl.nodes[0].ns) == [v6(1), v6(2)]);
+    for i in 0..3 {
+        let others: Vec<usize> = (0..3).filter(|j| *j != i).collect();
+        expect_routes(&cl, i, &others);
+    }
+    eventually("IPv6 routes everywhere", || (0..3).all(|i| agent_routes6(&cl.nodes[i].ns).len() == 2));
+    dual_stack_all_pairs(&cl).unwrap();
+    // node-3 publishes only its IPv4 address: its IPv6 pods are unreachable, and said so.
+    // (It had an IPv6 route, which is kept; a node that never had one shows the same count.)
+    let mut listed = all.clone();
+    listed[2]["addresses"] = json!([cl.nodes[2].ip.to_string()]);
+    write_json(&file, &json!({ "nodes": listed }));
+    eventually("counted", || metric(&cl.nodes[0].ns, "pod_cidrs_without_address") == Some(1.0));
+    assert_eq!(metric(&cl.nodes[0].ns, "nodes_without_address"), Some(0.0), "it has an IPv4 address");
+    assert_eq!(agent_routes6(&cl.nodes[0].ns), [v6(1), v6(2)], "the last good IPv6 route stays");
+}
+
+/// The agent's stderr while the nodes file is missing (it logs a WARN and keeps waiting).
+fn stderr_of_agent_waiting_for_its_file(tag: &str, extra: &[&str]) -> String {
+    let tmp = Tmp::new(tag);
+    let ns = Netns::new(&format!("{tag}-n"));
+    let log = tmp.0.join("stderr");
+    let mut c = Command::new(AGENT);
+    c.args(["--node-name", "node-1", "--source", "file", "--nodes-file"])
+        .arg(tmp.0.join("absent.json"))
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    ns.enter(&mut c);
+    let agent = Agent { child: c.spawn().expect("start agent") };
+    eventually("the missing file logged", || {
+        std::fs::read_to_string(&log).unwrap_or_default().contains("nodes file not usable")
+    });
+    drop(agent);
+    std::fs::read_to_string(&log).unwrap()
+}
+
+#[test]
+fn logs_carry_no_colour_codes_off_a_terminal_and_come_as_json_on_request() {
+    require_root("route agent log format");
+    let text = stderr_of_agent_waiting_for_its_file("rlt", &[]);
+    assert!(!text.contains('\u{1b}'), "ANSI escape codes in a log file:\n{text}");
+    assert!(text.contains("WARN"), "{text}");
+    let json = stderr_of_agent_waiting_for_its_file("rlj", &["--log-format", "json"]);
+    let lines: Vec<serde_json::Value> =
+        json.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect();
+    assert!(
+        lines.iter().any(|l| l["level"] == "WARN"
+            && l["fields"]["message"].as_str().is_some_and(|m| m.contains("nodes file"))),
+        "{json}"
+    );
+}

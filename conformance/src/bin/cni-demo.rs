@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use cni_conformance::cluster::{Cluster, Plugins};
+use cni_conformance::cluster::{Cluster, Plugins, Pod};
 use cni_conformance::is_root;
 use cni_conformance::traffic::exchange;
 
@@ -14,14 +14,15 @@ struct Args {
     pods: usize,
     keep: bool,
     static_routes: bool,
+    ipv4_only: bool,
     plugins: Plugins,
 }
 
 fn usage() -> ! {
     eprintln!(
-        "usage: cni-demo [--nodes N] [--pods N] [--keep] [--static-routes] [--cni-path DIR] [--bridge-type T] [--ipam-type T]\n\
-         Brings up N nodes x N pods in network namespaces (default 2 x 3), shows pods, routes and\n\
-         an all-pairs connectivity matrix, then removes everything (unless --keep)."
+        "usage: cni-demo [--nodes N] [--pods N] [--keep] [--static-routes] [--ipv4-only] [--cni-path DIR] [--bridge-type T] [--ipam-type T]\n\
+         Brings up N nodes x N pods in network namespaces (default 2 x 3, dual-stack), shows pods,\n\
+         routes and an all-pairs connectivity matrix per family, then removes everything (unless --keep)."
     );
     std::process::exit(2)
 }
@@ -34,6 +35,7 @@ fn parse() -> Args {
         pods: 3,
         keep: false,
         static_routes: false,
+        ipv4_only: false,
         plugins: Plugins { dir: exe_dir, bridge: "cni-bridge".into(), ipam: "cni-host-local".into() },
     };
     let mut it = std::env::args().skip(1);
@@ -44,6 +46,7 @@ fn parse() -> Args {
             "--pods" => a.pods = val().parse().unwrap_or_else(|_| usage()),
             "--keep" => a.keep = true,
             "--static-routes" => a.static_routes = true,
+            "--ipv4-only" => a.ipv4_only = true,
             "--cni-path" => a.plugins.dir = PathBuf::from(val()),
             "--bridge-type" => a.plugins.bridge = val(),
             "--ipam-type" => a.plugins.ipam = val(),
@@ -60,6 +63,50 @@ fn self_vip(k: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 96, 1 + (k / 250) as u8, 1 + (k % 250) as u8)
 }
 
+/// Prints the all-pairs matrix over the addresses `addr` picks; returns (as expected, not).
+fn matrix(c: &Cluster, family: &str, addr: impl Fn(&Pod) -> Option<IpAddr>) -> (usize, usize) {
+    println!("\n  {family}");
+    print!("  {:<8}", "");
+    for p in &c.pods {
+        print!(" {:<7}", p.name);
+    }
+    println!();
+    let (mut good, mut bad) = (0, 0);
+    for (i, from) in c.pods.iter().enumerate() {
+        print!("  {:<8}", from.name);
+        for (j, to) in c.pods.iter().enumerate() {
+            let (Some(from_ip), Some(to_ip)) = (addr(from), addr(to)) else {
+                print!(" {:<7}", "-");
+                continue;
+            };
+            let cell = if i != j {
+                match exchange(to.ns.file(), SocketAddr::new(to_ip, 0), from.ns.file(), None) {
+                    Ok(src) if src == from_ip => "ok",
+                    Ok(_) => "NATed",
+                    Err(_) => "FAIL",
+                }
+            } else if to_ip.is_ipv4() {
+                let vip = SocketAddr::new(IpAddr::V4(self_vip(i)), 80);
+                match exchange(to.ns.file(), SocketAddr::new(to_ip, 8080), from.ns.file(), Some(vip)) {
+                    Ok(_) => "self",
+                    Err(_) => "FAIL",
+                }
+            } else {
+                print!(" {:<7}", "-");
+                continue;
+            };
+            if cell == "ok" || cell == "self" {
+                good += 1;
+            } else {
+                bad += 1;
+            }
+            print!(" {cell:<7}");
+        }
+        println!();
+    }
+    (good, bad)
+}
+
 fn main() -> ExitCode {
     let args = parse();
     if !is_root() {
@@ -67,14 +114,19 @@ fn main() -> ExitCode {
         return ExitCode::from(1);
     }
     println!(
-        "Bringing up {} nodes x {} pods in network namespaces (plugins: {} + {} from {})",
+        "Bringing up {} nodes x {} pods in network namespaces, {} (plugins: {} + {} from {})",
         args.nodes,
         args.pods,
+        if args.ipv4_only { "IPv4 only" } else { "dual-stack" },
         args.plugins.bridge,
         args.plugins.ipam,
         args.plugins.dir.display()
     );
-    let mut c = Cluster::new("cnidemo", args.nodes, args.plugins.clone(), true);
+    let mut c = if args.ipv4_only {
+        Cluster::new("cnidemo", args.nodes, args.plugins.clone(), true)
+    } else {
+        Cluster::dual_stack("cnidemo", args.nodes, args.plugins.clone(), true)
+    };
     c.keep = args.keep;
     let agent_bin = args.plugins.dir.join("cni-route-agent");
     let mut agents = Vec::new();
@@ -104,7 +156,7 @@ fn main() -> ExitCode {
     }
 
     println!("\nPods");
-    println!("  {:<8} {:<8} {:<15} {:<14} HAIRPIN", "NODE", "POD", "IP", "HOST VETH");
+    println!("  {:<8} {:<8} {:<15} {:<22} {:<14} HAIRPIN", "NODE", "POD", "IPv4", "IPv6", "HOST VETH");
     for p in &c.pods {
         let node = &c.nodes[p.node];
         let info = node.ns.ip_json(&["link", "show", "dev", &p.veth]);
@@ -113,12 +165,20 @@ fn main() -> ExitCode {
             Some(false) => "off",
             None => "?",
         };
-        println!("  {:<8} {:<8} {:<15} {:<14} {hairpin}", node.name, p.name, p.ip.to_string(), p.veth);
+        let ip6 = p.ip6.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
+        println!(
+            "  {:<8} {:<8} {:<15} {:<22} {:<14} {hairpin}",
+            node.name,
+            p.name,
+            p.ip.to_string(),
+            ip6,
+            p.veth
+        );
     }
 
     println!("\nRoutes");
     for (i, n) in c.nodes.iter().enumerate() {
-        println!("  {} ({}, pods {}):", n.name, n.ip, n.pod_cidr);
+        println!("  {} ({}, pods {}):", n.name, n.addresses().join(", "), n.pod_cidrs().join(", "));
         for r in c.routes(i) {
             println!("    {r}");
         }
@@ -126,37 +186,12 @@ fn main() -> ExitCode {
 
     println!("\nConnectivity: row connects to column over TCP");
     println!("  ok = reached, and the server saw the client's own pod address");
-    println!("  self = reached ITSELF through its Service VIP (hairpin), FAIL = not reached\n");
-    print!("  {:<8}", "");
-    for p in &c.pods {
-        print!(" {:<7}", p.name);
-    }
-    println!();
-    let (mut good, mut bad) = (0, 0);
-    for (i, from) in c.pods.iter().enumerate() {
-        print!("  {:<8}", from.name);
-        for (j, to) in c.pods.iter().enumerate() {
-            let cell = if i == j {
-                let vip = SocketAddr::new(IpAddr::V4(self_vip(i)), 80);
-                match exchange(to.ns.file(), SocketAddr::new(to.ip, 8080), from.ns.file(), Some(vip)) {
-                    Ok(_) => "self",
-                    Err(_) => "FAIL",
-                }
-            } else {
-                match exchange(to.ns.file(), SocketAddr::new(to.ip, 0), from.ns.file(), None) {
-                    Ok(src) if src == from.ip => "ok",
-                    Ok(_) => "NATed",
-                    Err(_) => "FAIL",
-                }
-            };
-            if cell == "ok" || cell == "self" {
-                good += 1;
-            } else {
-                bad += 1;
-            }
-            print!(" {cell:<7}");
-        }
-        println!();
+    println!("  self = reached ITSELF through its Service VIP (hairpin), FAIL = not reached");
+    let (mut good, mut bad) = matrix(&c, "IPv4", |p| Some(p.ip));
+    if c.dual_stack {
+        let (g, b) = matrix(&c, "IPv6 (no Service VIPs: the diagonal is -)", |p| p.ip6);
+        good += g;
+        bad += b;
     }
     println!("\n{good} of {} connections as expected", good + bad);
 

@@ -129,8 +129,32 @@ pub fn start_offset(node: &str, count: u128) -> u128 {
     u128::from(h) % count.max(1)
 }
 
+/// gRPC's UNAVAILABLE status code: the server cannot be reached.
+const GRPC_UNAVAILABLE: i32 = 14;
+
+/// The label of `source_errors_total` for a failed etcd call.
+fn kind_of(what: &'static str) -> &'static str {
+    match what {
+        "connect" => "connect",
+        "lease grant" | "lease keepalive" => "lease",
+        "watch" => "watch",
+        "claim" => "claim",
+        _ => "request",
+    }
+}
+
 fn etcd_err(what: &'static str) -> impl FnOnce(etcd_client::Error) -> AgentError {
-    move |e| AgentError::Source(format!("etcd {what}: {e}"))
+    move |e| {
+        // The client connects lazily: an unreachable etcd fails the first call, whatever it is.
+        let kind = match &e {
+            etcd_client::Error::TransportError(_) => "connect",
+            etcd_client::Error::GRpcStatus(status) if i32::from(status.code()) == GRPC_UNAVAILABLE => {
+                "unavailable"
+            }
+            _ => kind_of(what),
+        };
+        AgentError::source(kind, format!("etcd {what}: {e}"))
+    }
 }
 
 /// The cluster CIDRs (normalized) with their subnet lengths, checked.
@@ -157,7 +181,7 @@ fn families(opts: &EtcdOptions) -> Result<Vec<(IpNetwork, u8)>, AgentError> {
 /// Claims this node's subnets, keeps them alive, and publishes every node's.
 pub async fn run(
     opts: EtcdOptions,
-    tx: watch::Sender<Snapshot>,
+    tx: watch::Sender<Option<Snapshot>>,
     metrics: Arc<Metrics>,
 ) -> Result<(), AgentError> {
     let fams = families(&opts)?;
@@ -167,7 +191,10 @@ pub async fn run(
     loop {
         match session(&opts, &fams, &tx, &metrics, &mut mine, &mut backoff).await {
             Ok(()) => return Ok(()),
-            Err(e) => tracing::warn!(%e, retry_in = ?backoff, "etcd source"),
+            Err(e) => {
+                crate::sources::failed(&metrics, &e);
+                tracing::warn!(%e, retry_in = ?backoff, "etcd source");
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
@@ -210,7 +237,7 @@ fn snapshot(subnets: &Subnets) -> Snapshot {
 async fn session(
     opts: &EtcdOptions,
     fams: &[(IpNetwork, u8)],
-    tx: &watch::Sender<Snapshot>,
+    tx: &watch::Sender<Option<Snapshot>>,
     metrics: &Metrics,
     mine: &mut BTreeMap<&'static str, IpNetwork>,
     backoff: &mut Duration,
@@ -248,13 +275,16 @@ async fn session(
         loop {
             // Our keys gone (lease expired, or deleted by hand): claim again in a new session.
             if !held(&subnets) {
-                return Err(AgentError::Source(format!("lost this node's subnets (lease {id:x})")));
+                return Err(AgentError::source(
+                    "lease_lost",
+                    format!("lost this node's subnets (lease {id:x})"),
+                ));
             }
             tokio::select! {
                 _ = tick.tick() => keeper.keep_alive().await.map_err(etcd_err("lease keepalive"))?,
                 a = acks.message() => match a.map_err(etcd_err("lease keepalive"))? {
                     Some(a) if a.ttl() > 0 => {}
-                    _ => return Err(AgentError::Source(format!("lease {id:x} expired"))),
+                    _ => return Err(AgentError::source("lease_lost", format!("lease {id:x} expired"))),
                 },
                 m = w.message() => match m.map_err(etcd_err("watch"))? {
                     Some(r) if r.canceled() || r.compact_revision() > 0 => {
@@ -331,10 +361,13 @@ async fn claim(
         }
         conflicts += 1;
         if conflicts >= MAX_CONFLICTS {
-            return Err(AgentError::Source(format!("{conflicts} claims in {cluster} lost to other nodes")));
+            return Err(AgentError::source(
+                "claim",
+                format!("{conflicts} claims in {cluster} lost to other nodes"),
+            ));
         }
     }
-    Err(AgentError::Source(format!("no free /{len} subnet left in {cluster}")))
+    Err(AgentError::source("no_free_subnet", format!("no free /{len} subnet left in {cluster}")))
 }
 
 #[cfg(test)]

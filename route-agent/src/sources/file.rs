@@ -23,7 +23,7 @@ use tokio::sync::watch;
 
 use crate::error::AgentError;
 use crate::model::{NodeInfo, Snapshot};
-use crate::sources::publish;
+use crate::sources::{failed, publish};
 use crate::Metrics;
 
 #[derive(Debug, Deserialize)]
@@ -47,8 +47,12 @@ enum RawFile {
 
 /// Parses the file's text (JSON is YAML, so one parser reads both).
 pub fn parse(text: &str) -> Result<Snapshot, AgentError> {
+    // An empty file is what a writer truncating in place leaves for a moment: never "no nodes".
+    if text.trim().is_empty() {
+        return Err(AgentError::source("empty", "nodes file: empty"));
+    }
     let raw: RawFile =
-        serde_yaml::from_str(text).map_err(|e| AgentError::Source(format!("nodes file: {e}")))?;
+        serde_yaml::from_str(text).map_err(|e| AgentError::source("parse", format!("nodes file: {e}")))?;
     let nodes = match raw {
         RawFile::Wrapped { nodes } | RawFile::List(nodes) => nodes,
     };
@@ -63,8 +67,9 @@ pub fn parse(text: &str) -> Result<Snapshot, AgentError> {
             .map(|c| {
                 let net: IpNetwork = c
                     .parse()
-                    .map_err(|e| AgentError::Source(format!("node {}: podCIDR {c}: {e}", n.name)))?;
-                IpNetwork::new(net.network(), net.prefix()).map_err(|e| AgentError::Source(e.to_string()))
+                    .map_err(|e| AgentError::source("parse", format!("node {}: podCIDR {c}: {e}", n.name)))?;
+                IpNetwork::new(net.network(), net.prefix())
+                    .map_err(|e| AgentError::source("parse", e.to_string()))
             })
             .collect::<Result<Vec<_>, _>>()?;
         let addrs = n
@@ -72,11 +77,11 @@ pub fn parse(text: &str) -> Result<Snapshot, AgentError> {
             .iter()
             .map(|a| {
                 a.parse::<IpAddr>()
-                    .map_err(|e| AgentError::Source(format!("node {}: address {a}: {e}", n.name)))
+                    .map_err(|e| AgentError::source("parse", format!("node {}: address {a}: {e}", n.name)))
             })
             .collect::<Result<Vec<_>, _>>()?;
         if snap.contains_key(&n.name) {
-            return Err(AgentError::Source(format!("node {} listed twice", n.name)));
+            return Err(AgentError::source("parse", format!("node {} listed twice", n.name)));
         }
         snap.insert(n.name.clone(), NodeInfo::with_addresses(&n.name, cidrs, &addrs));
     }
@@ -99,7 +104,7 @@ fn load(path: &Path) -> Result<Snapshot, AgentError> {
 /// Publishes the file's nodes now and after every change; runs until the channel closes.
 pub async fn run(
     path: PathBuf,
-    tx: watch::Sender<Snapshot>,
+    tx: watch::Sender<Option<Snapshot>>,
     metrics: Arc<Metrics>,
 ) -> Result<(), AgentError> {
     let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
@@ -121,7 +126,10 @@ pub async fn run(
     let reload = |why: &str| match load(&path) {
         Ok(s) => publish(&tx, s, &metrics),
         // A missing or half-written file keeps the last good snapshot.
-        Err(e) => tracing::warn!(%e, why, "nodes file not usable; keeping the last good one"),
+        Err(e) => {
+            failed(&metrics, &e);
+            tracing::warn!(%e, why, "nodes file not usable; keeping the last good one");
+        }
     };
     reload("start");
     loop {
@@ -165,5 +173,8 @@ mod tests {
         assert!(parse("nodes: [{name: a, addresses: [nope]}]").is_err());
         assert!(parse("nodes: [{name: a}, {name: a}]").is_err());
         assert!(parse("{{{").is_err());
+        let empty = parse(" \n").unwrap_err();
+        assert!(matches!(empty, AgentError::Source { kind: "empty", .. }), "{empty}");
+        assert!(parse("nodes: []").unwrap().is_empty(), "an empty cluster is a valid list");
     }
 }

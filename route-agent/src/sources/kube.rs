@@ -92,6 +92,18 @@ fn node_info(node: &Node) -> Option<NodeInfo> {
     Some(NodeInfo::with_addresses(name, cidrs, &addrs))
 }
 
+/// The label of `source_errors_total` for a watcher error.
+fn error_kind(e: &watcher::Error) -> &'static str {
+    match e {
+        watcher::Error::InitialListFailed(_) => "list",
+        // 410 Gone: the resourceVersion is too old; the watcher lists again.
+        watcher::Error::WatchError(status) if status.code == 410 => "gone",
+        watcher::Error::WatchError(_) => "watch_error",
+        watcher::Error::WatchStartFailed(_) | watcher::Error::WatchFailed(_) => "watch",
+        watcher::Error::NoResourceVersion => "watch_error",
+    }
+}
+
 fn snapshot(store: &Store<Node>) -> Snapshot {
     store.state().iter().filter_map(|n| node_info(n)).map(|n| (n.name.clone(), n)).collect()
 }
@@ -100,7 +112,7 @@ fn snapshot(store: &Store<Node>) -> Snapshot {
 /// routing-relevant change; runs until the channel closes.
 pub async fn run(
     opts: KubeOptions,
-    tx: watch::Sender<Snapshot>,
+    tx: watch::Sender<Option<Snapshot>>,
     metrics: Arc<Metrics>,
 ) -> Result<(), AgentError> {
     let nodes: Api<Node> = Api::all(client(&opts).await?);
@@ -115,12 +127,16 @@ pub async fn run(
             ev = events.next() => ev,
         };
         match ev {
-            None => return Err(AgentError::Source("the Node watch ended".into())),
-            Some(Err(e)) => tracing::warn!(%e, "Node watch failed; retrying with backoff"),
+            None => return Err(AgentError::source("watch", "the Node watch ended")),
+            Some(Err(e)) => {
+                metrics.source.error(error_kind(&e));
+                tracing::warn!(%e, "Node watch failed; retrying with backoff");
+            }
             // Before the first InitDone the store is empty or partial, and publishing it would
             // read as "nodes deleted" and take their routes away. A re-list fills a buffer that
             // replaces the store only at InitDone, so there is nothing new to publish either.
-            Some(Ok(Event::Init | Event::InitApply(_))) => {}
+            // The API answers again, though: the source is healthy.
+            Some(Ok(Event::Init | Event::InitApply(_))) => metrics.source.good(),
             // The watcher yields Apply and Delete only after the first InitDone.
             Some(Ok(Event::InitDone | Event::Apply(_) | Event::Delete(_))) => {
                 if !std::mem::replace(&mut listed, true) {

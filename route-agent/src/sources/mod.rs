@@ -8,26 +8,34 @@ pub mod kube;
 
 use tokio::sync::watch;
 
+use crate::error::AgentError;
 use crate::model::Snapshot;
 use crate::Metrics;
 
-/// Publishes `snap` if it differs from the last one; counts the source event either way.
-/// The first publish always wakes the agent, even with an empty snapshot: until then the
-/// agent does not sync at all, so a restart never deletes routes before the source has
-/// spoken.
-pub fn publish(tx: &watch::Sender<Snapshot>, snap: Snapshot, metrics: &Metrics) {
-    use std::sync::atomic::Ordering;
-    metrics.source_events.fetch_add(1, Ordering::Relaxed);
-    if !metrics.source_ready.swap(true, Ordering::SeqCst) {
-        tx.send_replace(snap);
-        return;
-    }
+/// Publishes `snap` if it differs from the last one; counts the source event and marks the
+/// source healthy either way. The first publish always wakes the agent, even with an empty
+/// snapshot: until then the channel holds `None` and the agent does not sync at all.
+pub fn publish(tx: &watch::Sender<Option<Snapshot>>, snap: Snapshot, metrics: &Metrics) {
+    metrics.source_events.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    metrics.source.good();
     tx.send_if_modified(|cur| {
-        if *cur == snap {
+        if cur.as_ref() == Some(&snap) {
             false
         } else {
-            *cur = snap;
+            *cur = Some(snap);
             true
         }
     });
+}
+
+/// Counts a source failure; the agent keeps working from the last good snapshot.
+pub fn failed(metrics: &Metrics, error: &AgentError) {
+    let kind = match error {
+        AgentError::Source { kind, .. } => kind,
+        AgentError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => "missing",
+        AgentError::Io { .. } => "read",
+        AgentError::Config(_) => "config",
+        AgentError::Netlink { .. } | AgentError::Route(_) | AgentError::Masq(_) => "other",
+    };
+    metrics.source.error(kind);
 }

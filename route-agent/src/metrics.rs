@@ -1,0 +1,214 @@
+//! What the agent exposes on /metrics and /readyz. Metrics only observe: the reconciler and
+//! the sources record into them, nothing reads them to decide what to do.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// The agent's counters and gauges.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Ready: conflist written and a route sync succeeded.
+    pub ready: AtomicBool,
+    /// Routes wanted.
+    pub routes_desired: AtomicU64,
+    /// Routes in the kernel after the last sync.
+    pub routes_installed: AtomicU64,
+    /// Duration of the last sync in microseconds.
+    pub sync_micros: AtomicU64,
+    /// Syncs run.
+    pub syncs: AtomicU64,
+    /// Syncs that failed in part or whole.
+    pub sync_errors: AtomicU64,
+    /// Netlink route writes (adds, replaces, deletes).
+    pub netlink_writes: AtomicU64,
+    /// Events from the source.
+    pub source_events: AtomicU64,
+    /// Nodes not on this node's L2 segment.
+    pub nodes_off_link: AtomicU64,
+    /// Other nodes listed with pod CIDRs but without any usable address.
+    pub nodes_without_address: AtomicU64,
+    /// Other nodes' pod CIDRs without a node address of their family.
+    pub pod_cidrs_without_address: AtomicU64,
+    /// Pod CIDR claims ignored because they overlap an earlier claim.
+    pub pod_cidr_conflicts: AtomicU64,
+    /// The source's health: errors by kind, and when it last had a good view.
+    pub source: SourceHealth,
+}
+
+/// How the node source is doing.
+#[derive(Debug, Default)]
+pub struct SourceHealth {
+    state: Mutex<SourceState>,
+}
+
+#[derive(Debug, Default)]
+struct SourceState {
+    /// When the source last had a complete, current view of the nodes.
+    last_good: Option<Instant>,
+    /// Whether the source failed since then.
+    failing: bool,
+    errors: BTreeMap<&'static str, u64>,
+}
+
+impl SourceHealth {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SourceState> {
+        // A panic while holding this lock leaves plain numbers behind: still usable.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The source's view is complete and current.
+    pub fn good(&self) {
+        let mut state = self.lock();
+        state.last_good = Some(Instant::now());
+        state.failing = false;
+    }
+
+    /// The source failed (`kind` labels the counter); the agent keeps the last good view.
+    pub fn error(&self, kind: &'static str) {
+        let mut state = self.lock();
+        state.failing = true;
+        *state.errors.entry(kind).or_default() += 1;
+    }
+
+    /// Errors counted for `kind`.
+    pub fn errors(&self, kind: &str) -> u64 {
+        self.lock().errors.get(kind).copied().unwrap_or(0)
+    }
+
+    /// How old the view the agent works from is: zero while the source is healthy (its view
+    /// is current), the time since its last good view while it fails, `None` before the
+    /// first good view.
+    pub fn snapshot_age(&self) -> Option<Duration> {
+        let state = self.lock();
+        let last = state.last_good?;
+        Some(if state.failing { last.elapsed() } else { Duration::ZERO })
+    }
+}
+
+fn row(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+    let _ = write!(
+        out,
+        "# HELP cni_route_agent_{name} {help}\n# TYPE cni_route_agent_{name} {kind}\ncni_route_agent_{name} {value}\n"
+    );
+}
+
+impl Metrics {
+    /// Prometheus text format.
+    pub fn render(&self) -> String {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut out = String::new();
+        let gauges: [(&str, &str, &AtomicU64); 7] = [
+            ("routes_desired", "Routes to other nodes' pod CIDRs the agent wants.", &self.routes_desired),
+            (
+                "routes_installed",
+                "The agent's routes in the kernel after the last sync.",
+                &self.routes_installed,
+            ),
+            ("nodes_off_link", "Nodes whose address is not on a connected subnet.", &self.nodes_off_link),
+            (
+                "nodes_without_address",
+                "Nodes listed with pod CIDRs but no usable address (their last route is kept).",
+                &self.nodes_without_address,
+            ),
+            (
+                "pod_cidrs_without_address",
+                "Other nodes' pod CIDRs with no node address of their family.",
+                &self.pod_cidrs_without_address,
+            ),
+            (
+                "pod_cidr_conflicts",
+                "Pod CIDR claims overlapping an earlier claim, not routed.",
+                &self.pod_cidr_conflicts,
+            ),
+            ("sync_duration_seconds", "Duration of the last sync.", &self.sync_micros),
+        ];
+        for (name, help, value) in gauges {
+            if name == "sync_duration_seconds" {
+                row(&mut out, name, "gauge", help, format!("{:.6}", load(value) as f64 / 1e6));
+            } else {
+                row(&mut out, name, "gauge", help, load(value));
+            }
+        }
+        let counters: [(&str, &str, &AtomicU64); 4] = [
+            ("syncs_total", "Syncs run.", &self.syncs),
+            ("sync_errors_total", "Syncs with an error.", &self.sync_errors),
+            (
+                "netlink_writes_total",
+                "Route and nexthop adds, replaces and deletes sent.",
+                &self.netlink_writes,
+            ),
+            ("source_events_total", "Events received from the node source.", &self.source_events),
+        ];
+        for (name, help, value) in counters {
+            row(&mut out, name, "counter", help, load(value));
+        }
+        let state = self.source.lock();
+        out.push_str(
+            "# HELP cni_route_agent_source_errors_total Node source failures by kind.\n\
+             # TYPE cni_route_agent_source_errors_total counter\n",
+        );
+        for (kind, count) in &state.errors {
+            let _ = writeln!(out, "cni_route_agent_source_errors_total{{kind=\"{kind}\"}} {count}");
+        }
+        drop(state);
+        if let Some(age) = self.source.snapshot_age() {
+            row(
+                &mut out,
+                "source_snapshot_age_seconds",
+                "gauge",
+                "Age of the last good view of the nodes: 0 while the source is healthy.",
+                format!("{:.3}", age.as_secs_f64()),
+            );
+        }
+        row(
+            &mut out,
+            "ready",
+            "gauge",
+            "1 once the conflist is written and routes synced.",
+            self.ready.load(Ordering::Relaxed) as u8,
+        );
+        out
+    }
+
+    /// Why the node is not ready, if it is not: `/readyz` answers 503 with it.
+    pub fn not_ready(&self, max_snapshot_age: Option<Duration>) -> Option<String> {
+        if !self.ready.load(Ordering::Relaxed) {
+            return Some("no conflist or no route sync yet".into());
+        }
+        let age = self.source.snapshot_age()?;
+        match max_snapshot_age {
+            Some(max) if age > max => {
+                Some(format!("the node source has failed for {}s (bound {}s)", age.as_secs(), max.as_secs()))
+            }
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_errors_are_counted_by_kind_and_age_only_grows_while_failing() {
+        let m = Metrics::default();
+        assert_eq!(m.source.snapshot_age(), None);
+        m.source.good();
+        assert_eq!(m.source.snapshot_age(), Some(Duration::ZERO));
+        m.source.error("parse");
+        m.source.error("parse");
+        m.source.error("missing");
+        assert!(m.source.snapshot_age().is_some());
+        let text = m.render();
+        assert!(text.contains("cni_route_agent_source_errors_total{kind=\"parse\"} 2"), "{text}");
+        assert!(text.contains("cni_route_agent_source_errors_total{kind=\"missing\"} 1"), "{text}");
+        m.ready.store(true, Ordering::Relaxed);
+        assert_eq!(m.not_ready(Some(Duration::from_secs(3600))), None);
+        assert!(m.not_ready(Some(Duration::ZERO)).is_some(), "failing longer than the bound");
+        m.source.good();
+        assert_eq!(m.not_ready(Some(Duration::ZERO)), None, "healthy again");
+    }
+}
