@@ -16,6 +16,13 @@ use crate::Metrics;
 fn respond(m: &Metrics, path: &str) -> Response<Full<Bytes>> {
     let (status, body) = match path {
         "/healthz" => (StatusCode::OK, "ok\n".to_string()),
+        "/readyz" if m.etcd.unreachable() => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "not ready: no etcd endpoint reachable; last: {}\n",
+                m.etcd.last_error().unwrap_or_default()
+            ),
+        ),
         "/readyz" if m.ready.load(Ordering::Relaxed) => (StatusCode::OK, "ready\n".to_string()),
         "/readyz" => {
             (StatusCode::SERVICE_UNAVAILABLE, "not ready: no conflist or no route sync yet\n".to_string())

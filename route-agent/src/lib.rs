@@ -95,6 +95,8 @@ pub struct Metrics {
     pub nodes_off_link: AtomicU64,
     /// The source has published its first complete view.
     pub source_ready: AtomicBool,
+    /// The etcd source's errors by kind and reachability (rendered only when it runs).
+    pub etcd: sources::etcd_tls::EtcdStatus,
 }
 
 impl Metrics {
@@ -153,6 +155,7 @@ impl Metrics {
                 "# HELP cni_route_agent_{name} {help}\n# TYPE cni_route_agent_{name} {kind}\ncni_route_agent_{name} {v}\n"
             ));
         }
+        s.push_str(&self.etcd.render());
         s
     }
 }
