@@ -38,6 +38,8 @@ struct Etcd {
     /// How the test's own client connects.
     client_opts: Option<ConnectOptions>,
     peer: String,
+    /// Member name and `--initial-cluster`; `None`: a cluster of one.
+    member: Option<(String, String)>,
 }
 
 /// The server side of a TLS etcd: its certificate and the CA its clients' certificates must
@@ -59,6 +61,7 @@ impl Etcd {
             url: format!("http://127.0.0.1:{client_port}"),
             client_opts: None,
             peer,
+            member: None,
         };
         e.launch(None);
         e
@@ -71,7 +74,7 @@ impl Etcd {
         let _ = std::fs::remove_dir_all(&dir);
         let peer = format!("http://127.0.0.1:{}", free_port());
         let url = format!("http://127.0.0.1:{port}");
-        let mut e = Etcd { child: None, dir, url, client_opts: Some(pki.client_opts()), peer };
+        let mut e = Etcd { child: None, dir, url, client_opts: Some(pki.client_opts()), peer, member: None };
         e.launch(Some(&pki.server()));
         e
     }
@@ -89,12 +92,46 @@ impl Etcd {
         let child = cmd
             .args(["--listen-client-urls", url, "--advertise-client-urls", url])
             .args(["--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer])
-            .args(["--initial-cluster", &format!("default={peer}")])
+            .args(
+                match &self.member {
+                    Some((name, cluster)) => [name.clone(), cluster.clone()],
+                    None => ["default".to_string(), format!("default={peer}")],
+                }
+                .iter()
+                .zip(["--name", "--initial-cluster"])
+                .flat_map(|(v, flag)| [flag.to_string(), v.clone()]),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start /usr/bin/etcd");
         self.child = Some(child);
+    }
+
+    /// A cluster of three members on loopback, answering (bounded).
+    async fn cluster() -> Vec<Etcd> {
+        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        let initial: Vec<String> =
+            ports.iter().enumerate().map(|(i, (_, p))| format!("m{i}=http://127.0.0.1:{p}")).collect();
+        let mut members = vec![];
+        for (i, (client, peer)) in ports.iter().enumerate() {
+            let dir = std::env::temp_dir().join(format!("etcd-source-{}-{client}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            let mut e = Etcd {
+                child: None,
+                dir,
+                url: format!("http://127.0.0.1:{client}"),
+                client_opts: None,
+                peer: format!("http://127.0.0.1:{peer}"),
+                member: Some((format!("m{i}"), initial.join(","))),
+            };
+            e.launch(None);
+            members.push(e);
+        }
+        for m in &members {
+            m.client().await;
+        }
+        members
     }
 
     /// Kills it (by PID), data kept.
@@ -580,9 +617,11 @@ async fn user_and_password_from_a_file_with_failover_and_named_refusals() {
     c.user_add("agent", "s3cret pass", None).await.unwrap();
     c.user_grant_role("agent", "agents").await.unwrap();
     c.auth_enable().await.unwrap();
+    // Written aside and renamed over, as a Secret update is.
     let pw = |name: &str, text: &str| {
         let p = tmp.0.join(name);
-        std::fs::write(&p, text).unwrap();
+        std::fs::write(p.with_extension("new"), text).unwrap();
+        std::fs::rename(p.with_extension("new"), &p).unwrap();
         p
     };
     let auth = |file: PathBuf| EtcdTls {
@@ -625,4 +664,67 @@ async fn user_and_password_from_a_file_with_failover_and_named_refusals() {
     let err = s.metrics.etcd.last_error().unwrap();
     assert!(err.contains(&https) && err.contains("plain HTTP?"), "{err}");
     assert!(r.rx.borrow().is_empty() && s.rx.borrow().is_empty());
+
+    // A password file rotated before etcd knows the password: refused, named, and the working
+    // connection kept. Then etcd's password changes and the file again: taken up.
+    let snap = nodes[0].rx.borrow().clone();
+    pw("good", "n3w\n");
+    for n in &nodes {
+        until_metrics(n, "the new password refused", |m| m.etcd.errors(Kind::AuthRefused) >= 1).await;
+        assert!(!n.metrics.etcd.unreachable() && n.metrics.etcd.reloads() == 0);
+    }
+    let root = ConnectOptions::new().with_user("root", "rootpw");
+    let mut c = Client::connect([&etcd.url], Some(root)).await.unwrap();
+    c.user_change_password("agent", "n3w pass 2").await.unwrap();
+    pw("good", "n3w pass 2\n");
+    for n in &nodes {
+        until_metrics(n, "the new password", |m| m.etcd.reloads() == 1).await;
+    }
+    let mut t = options(&[&etcd.url], "/u", "t", &["10.200.0.5"], false);
+    t.tls = Box::new(auth(tmp.0.join("good")));
+    let _t = start_with(t);
+    for n in &mut nodes {
+        let s = n.until("a node joining", complete(&["p", "q", "t"], 1)).await;
+        assert!(s["p"] == snap["p"] && s["q"] == snap["q"]);
+    }
+}
+
+#[tokio::test]
+async fn nodes_fail_over_to_another_member_without_rewriting_their_keys() {
+    let mut members = Etcd::cluster().await;
+    let urls: Vec<String> = members.iter().map(|m| m.url.clone()).collect();
+    let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+    let mut nodes: Vec<Node> = [("x", "10.200.0.1"), ("y", "10.200.0.2")]
+        .into_iter()
+        .map(|(name, addr)| start_with(options(&urls, "/f", name, &[addr], false)))
+        .collect();
+    let mut snap = Snapshot::new();
+    for n in &mut nodes {
+        snap = n.until("both nodes", complete(&["x", "y"], 1)).await;
+    }
+    let mut c = members[1].client().await;
+    let keys: Vec<String> = ["x", "y"].iter().map(|n| subnet_key("/f", &snap[*n].pod_cidrs[0])).collect();
+    let mut before = vec![];
+    for k in &keys {
+        before.push(kv_of(&mut c, k).await);
+    }
+    // Both talk to the first member: it goes away.
+    let first = members[0].url.clone();
+    members[0].stop();
+    for n in &nodes {
+        let named = |m: &Metrics| {
+            m.etcd.last_error().is_some_and(|e| e.contains(&first) && e.contains("connection was lost"))
+        };
+        until_metrics(n, "the first member's failure, named", named).await;
+    }
+    // Still alive through the others: a new node is seen by both.
+    let _z = start_with(options(&urls[1..], "/f", "z", &["10.200.0.3"], false));
+    for n in &mut nodes {
+        let s = n.until("the new node", complete(&["x", "y", "z"], 1)).await;
+        assert!(["x", "y"].iter().all(|k| s[*k] == snap[*k]), "{}: same subnets", n.name);
+        assert!(!n.metrics.etcd.unreachable());
+    }
+    for (k, b) in keys.iter().zip(&before) {
+        assert_eq!(kv_of(&mut c, k).await, *b, "{k}: same lease, not rewritten");
+    }
 }

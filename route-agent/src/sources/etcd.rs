@@ -166,12 +166,14 @@ struct Carry {
     endpoint: usize,
     /// Credential files that failed their checks: not reported again until they change.
     rejected: Option<Material>,
+    /// New credential files and a connection of the endpoint in use made with them.
+    next: Option<(Material, Client)>,
     reporter: Reporter,
 }
 
 /// Why a session ended.
 enum End {
-    /// The credential files changed (and passed their checks): connect again with them.
+    /// The credential files changed and work: go on with `Carry::next`.
     Reload,
     /// It failed; `connected`: after an endpoint had answered.
     Failed { failures: Vec<Failure>, connected: bool },
@@ -273,26 +275,51 @@ fn credentials(tls: &EtcdTls, carry: &mut Carry) -> Result<Material, End> {
     Ok(m)
 }
 
-/// Whether the credential files changed into something usable: `Err(End::Reload)` then.
+/// New credential files, if they changed and pass their checks.
 fn poll_credentials(
     tls: &EtcdTls,
     inuse: &Material,
     carry: &mut Carry,
     metrics: &Metrics,
-) -> Result<(), End> {
+) -> Option<Material> {
     let m = match tls.read() {
-        Ok(m) if m == *inuse || carry.rejected.as_ref() == Some(&m) => return Ok(()),
+        Ok(m) if m == *inuse || carry.rejected.as_ref() == Some(&m) => return None,
         Ok(m) => m,
         Err(f) => {
             carry.reporter.fail(&metrics.etcd, f);
-            return Ok(());
+            return None;
         }
     };
     match tls.validate(&m, std::time::SystemTime::now()) {
-        Ok(()) => Err(End::Reload),
+        Ok(()) => Some(m),
         Err(f) => {
-            // Keep the connection made with the old files: it still works, routes stay.
             carry.reporter.fail(&metrics.etcd, f);
+            carry.rejected = Some(m);
+            None
+        }
+    }
+}
+
+/// Connects with new credential files while the old connection still serves; `Err(Reload)`
+/// with the new connection in `carry` if that works. If it does not (a password etcd does not
+/// know yet, a CA that is not the server's), the old connection is kept: it still works and
+/// routes stay. The endpoint in use only: this runs between keepalives.
+async fn try_credentials(
+    opts: &EtcdOptions,
+    m: Material,
+    carry: &mut Carry,
+    metrics: &Metrics,
+) -> Result<(), End> {
+    let ep = std::slice::from_ref(&opts.endpoints[carry.endpoint]);
+    match connect(ep, 0, &m).await {
+        Ok((c, _, _)) => {
+            carry.next = Some((m, c));
+            Err(End::Reload)
+        }
+        Err(failures) => {
+            for f in failures {
+                carry.reporter.fail(&metrics.etcd, f);
+            }
             carry.rejected = Some(m);
             Ok(())
         }
@@ -307,16 +334,23 @@ async fn session(
     carry: &mut Carry,
     backoff: &mut Duration,
 ) -> Result<(), End> {
-    let material = credentials(&opts.tls, carry)?;
     carry.rejected = None;
-    let n = opts.endpoints.len();
-    let (mut c, i, skipped) = connect(&opts.endpoints, carry.endpoint % n, &material)
-        .await
-        .map_err(|failures| End::Failed { failures, connected: false })?;
-    for f in skipped {
-        carry.reporter.fail(&metrics.etcd, f);
-    }
-    carry.endpoint = i;
+    let (material, mut c) = match carry.next.take() {
+        Some(next) => next,
+        None => {
+            let material = credentials(&opts.tls, carry)?;
+            let n = opts.endpoints.len();
+            let (c, i, skipped) = connect(&opts.endpoints, carry.endpoint % n, &material)
+                .await
+                .map_err(|failures| End::Failed { failures, connected: false })?;
+            for f in skipped {
+                carry.reporter.fail(&metrics.etcd, f);
+            }
+            carry.endpoint = i;
+            (material, c)
+        }
+    };
+    let i = carry.endpoint;
     let ep = opts.endpoints[i].as_str();
     carry.reporter.ok(ep);
     let err = |what: &'static str| move |e: etcd_client::Error| End::from(classify(ep, what, &e));
@@ -398,7 +432,11 @@ async fn session(
                     Some(_) => {}
                     None => break,
                 },
-                _ = reload.tick() => poll_credentials(&opts.tls, &material, carry, metrics)?,
+                _ = reload.tick() => {
+                    if let Some(m) = poll_credentials(&opts.tls, &material, carry, metrics) {
+                        try_credentials(opts, m, carry, metrics).await?;
+                    }
+                }
                 _ = tx.closed() => return Ok(()),
             }
         }

@@ -475,10 +475,13 @@ pub fn classify(endpoint: &str, what: &str, e: &etcd_client::Error) -> Failure {
         None => alert_kind(&text).unwrap_or_else(|| other_kind(e, &errs, &text)),
     };
     // A TLS etcd answers an http:// client's first bytes with a 400 and hangs up.
-    let (kind, why) = if kind == Kind::Other && what == "connect" && text.contains("broken pipe") {
-        (Kind::PlainHttp, "the endpoint hung up at once: does it expect TLS? (then use https://)")
-    } else {
-        (kind, why)
+    let lost = text.contains("broken pipe") || text.contains("connection reset");
+    let (kind, why) = match kind {
+        Kind::Other if lost && what == "connect" => {
+            (Kind::PlainHttp, "the endpoint hung up at once: does it expect TLS? (then use https://)")
+        }
+        Kind::Other if lost => (Kind::Unreachable, "the connection was lost"),
+        _ => (kind, why),
     };
     Failure { kind, at: endpoint.to_string(), message: format!("{what}: {why} ({text})") }
 }
