@@ -192,7 +192,7 @@ pub async fn run(
     metrics: Arc<Metrics>,
 ) -> Result<(), AgentError> {
     let fams = families(&opts)?;
-    opts.tls.check(&opts.endpoints)?;
+    let opts = EtcdOptions { endpoints: opts.tls.endpoints(&opts.endpoints)?, ..opts };
     metrics.etcd.activate();
     let mut carry = Carry::default();
     let mut backoff = MIN_BACKOFF;

@@ -255,8 +255,9 @@ fn read(path: &Option<PathBuf>) -> Result<Option<Vec<u8>>, Failure> {
 }
 
 impl EtcdTls {
-    /// Refuses flag combinations that cannot work, before anything is tried.
-    pub fn check(&self, endpoints: &[String]) -> Result<(), AgentError> {
+    /// The endpoints as URLs (a bare `host:port` gets `https://` when TLS files are given,
+    /// else `http://`, as etcd-client does); refuses flag combinations that cannot work.
+    pub fn endpoints(&self, given: &[String]) -> Result<Vec<String>, AgentError> {
         let bad = |m: &str| Err(AgentError::Config(format!("etcd source: {m}")));
         if self.cert_file.is_some() != self.key_file.is_some() {
             return bad("--etcd-certfile and --etcd-keyfile go together");
@@ -265,18 +266,23 @@ impl EtcdTls {
             return bad("--etcd-username and --etcd-password-file go together");
         }
         let tls = self.ca_file.is_some() || self.cert_file.is_some();
-        for e in endpoints {
-            if !(e.starts_with("http://") || e.starts_with("https://")) {
-                return bad(&format!("endpoint {e}: give http:// or https://"));
-            }
-            if tls && e.starts_with("http://") {
+        let mut out = vec![];
+        for e in given {
+            let url = match e.split_once("://") {
+                Some(("http" | "https", _)) => e.clone(),
+                Some(_) => return bad(&format!("endpoint {e}: give http:// or https://")),
+                None if tls => format!("https://{e}"),
+                None => format!("http://{e}"),
+            };
+            if tls && url.starts_with("http://") {
                 return bad(&format!("endpoint {e}: TLS files given, so the endpoint must be https://"));
             }
+            out.push(url);
         }
-        if self.username.is_some() && endpoints.iter().any(|e| e.starts_with("http://")) {
+        if self.username.is_some() && out.iter().any(|e| e.starts_with("http://")) {
             tracing::warn!("etcd source: the password goes unencrypted to http:// endpoints");
         }
-        Ok(())
+        Ok(out)
     }
 
     /// Reads the files (not checked yet).
@@ -465,7 +471,7 @@ pub fn classify(endpoint: &str, what: &str, e: &etcd_client::Error) -> Failure {
             Some(s) => s.message().to_string(),
             None => e.to_string(),
         };
-        if !m.is_empty() && !text.contains(&m) {
+        if !m.is_empty() && m != "transport error" && !text.contains(&m) {
             text = if text.is_empty() { m } else { format!("{text}: {m}") };
         }
     }
@@ -609,13 +615,17 @@ mod tests {
     fn refuses_flags_that_cannot_work() {
         let eps = |s: &[&str]| s.iter().map(|e| e.to_string()).collect::<Vec<_>>();
         let ca = EtcdTls { ca_file: Some("/ca.pem".into()), ..Default::default() };
-        assert!(ca.check(&eps(&["https://a:2379", "https://b:2379"])).is_ok());
-        assert!(ca.check(&eps(&["https://a:2379", "http://b:2379"])).is_err());
-        assert!(EtcdTls::default().check(&eps(&["a:2379"])).is_err());
+        assert_eq!(
+            ca.endpoints(&eps(&["https://a:2379", "b:2379"])).unwrap(),
+            ["https://a:2379", "https://b:2379"]
+        );
+        assert!(ca.endpoints(&eps(&["https://a:2379", "http://b:2379"])).is_err());
+        assert_eq!(EtcdTls::default().endpoints(&eps(&["a:2379"])).unwrap(), ["http://a:2379"]);
+        assert!(EtcdTls::default().endpoints(&eps(&["unix://a"])).is_err());
         let half = EtcdTls { cert_file: Some("/c.pem".into()), ..Default::default() };
-        assert!(half.check(&eps(&["https://a:2379"])).is_err());
+        assert!(half.endpoints(&eps(&["https://a:2379"])).is_err());
         let user = EtcdTls { username: Some("u".into()), ..Default::default() };
-        assert!(user.check(&eps(&["https://a:2379"])).is_err());
+        assert!(user.endpoints(&eps(&["https://a:2379"])).is_err());
     }
 
     #[test]
