@@ -236,8 +236,8 @@ impl Reporter {
     }
 }
 
-/// The contents of the credential files, as last read.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// The contents of the credential files, as last read. No `Debug`: it holds the password.
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct Material {
     ca: Option<Vec<u8>>,
     cert: Option<Vec<u8>>,
