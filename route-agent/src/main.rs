@@ -20,7 +20,7 @@ struct Cli {
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
     /// etcd client URLs (source etcd), comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    #[arg(long, env = "ETCD_ENDPOINTS", value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
     etcd_endpoints: Vec<String>,
     /// etcd key prefix (source etcd).
     #[arg(long, default_value = "/cni-route-agent")]
@@ -38,6 +38,8 @@ struct Cli {
     /// Lease TTL in seconds for this node's subnet (source etcd).
     #[arg(long, default_value_t = 30)]
     lease_ttl: i64,
+    #[command(flatten)]
+    etcd_tls: EtcdTlsArgs,
     /// The nodes file (source file): JSON or YAML.
     #[arg(long)]
     nodes_file: Option<PathBuf>,
@@ -112,6 +114,43 @@ fn init_logs(format: LogFormat) {
     }
 }
 
+/// TLS and authentication of the etcd source; the environment variables suit a DaemonSet
+/// mounting a Secret.
+#[derive(clap::Args, Debug)]
+struct EtcdTlsArgs {
+    /// CA bundle (PEM) the etcd servers' certificates must chain to (default: system roots).
+    #[arg(long, env = "ETCD_CAFILE")]
+    etcd_cafile: Option<PathBuf>,
+    /// Client certificate (PEM) presented to etcd.
+    #[arg(long, env = "ETCD_CERTFILE")]
+    etcd_certfile: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "ETCD_KEYFILE")]
+    etcd_keyfile: Option<PathBuf>,
+    /// etcd user (with --etcd-password-file).
+    #[arg(long, env = "ETCD_USERNAME")]
+    etcd_username: Option<String>,
+    /// File holding the etcd user's password; never the password itself on the command line.
+    #[arg(long, env = "ETCD_PASSWORD_FILE")]
+    etcd_password_file: Option<PathBuf>,
+    /// Seconds between checks of these files for a rotation.
+    #[arg(long, env = "ETCD_CREDENTIALS_RELOAD_SECONDS", default_value_t = 10)]
+    etcd_credentials_reload_seconds: u64,
+}
+
+impl From<EtcdTlsArgs> for cni_route_agent::sources::etcd_tls::EtcdTls {
+    fn from(a: EtcdTlsArgs) -> Self {
+        Self {
+            ca_file: a.etcd_cafile,
+            cert_file: a.etcd_certfile,
+            key_file: a.etcd_keyfile,
+            username: a.etcd_username,
+            password_file: a.etcd_password_file,
+            reload_every: Duration::from_secs(a.etcd_credentials_reload_seconds.max(1)),
+        }
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logs(cli.log_format);
@@ -141,6 +180,7 @@ fn main() -> std::process::ExitCode {
             node_name: cli.node_name.clone(),
             node_addrs: cli.node_ip.clone(),
             lease_ttl: cli.lease_ttl,
+            tls: Box::new(cli.etcd_tls.into()),
         }),
         other => {
             eprintln!("unknown --source {other}");

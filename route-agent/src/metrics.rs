@@ -36,6 +36,8 @@ pub struct Metrics {
     pub pod_cidr_conflicts: AtomicU64,
     /// The source's health: errors by kind, and when it last had a good view.
     pub source: SourceHealth,
+    /// The etcd source's connection: errors by kind and reachability (rendered only when it runs).
+    pub etcd: crate::sources::etcd_tls::EtcdStatus,
 }
 
 /// How the node source is doing.
@@ -170,11 +172,16 @@ impl Metrics {
             "1 once the conflist is written and routes synced.",
             self.ready.load(Ordering::Relaxed) as u8,
         );
+        out.push_str(&self.etcd.render());
         out
     }
 
     /// Why the node is not ready, if it is not: `/readyz` answers 503 with it.
     pub fn not_ready(&self, max_snapshot_age: Option<Duration>) -> Option<String> {
+        if self.etcd.unreachable() {
+            let last = self.etcd.last_error().unwrap_or_default();
+            return Some(format!("no etcd endpoint reachable; last: {last}"));
+        }
         if !self.ready.load(Ordering::Relaxed) {
             return Some("no conflist or no route sync yet".into());
         }

@@ -1,17 +1,21 @@
 //! The `etcd` source against a real etcd on 127.0.0.1: claims, convergence, restarts, lease
-//! expiry and racing claims. Each test runs its own etcd, killed by PID when the test ends.
+//! expiry and racing claims; TLS with client certificates (made here with rcgen, so no key
+//! material lives in the repository), user/password authentication, rotation and the named
+//! errors. Each test runs its own etcd, killed by PID when the test ends.
 
 use std::net::{IpAddr, TcpListener};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cni_route_agent::error::AgentError;
 use cni_route_agent::model::Snapshot;
 use cni_route_agent::sources::etcd::{nth_subnet, run, start_offset, subnet_key, EtcdOptions};
+use cni_route_agent::sources::etcd_tls::{EtcdTls, Kind};
 use cni_route_agent::Metrics;
-use etcd_client::{Client, GetOptions};
+use etcd_client::{Certificate, Client, ConnectOptions, GetOptions, Identity, Permission, TlsOptions};
 use ipnetwork::IpNetwork;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -31,25 +35,111 @@ struct Etcd {
     child: Option<Child>,
     dir: PathBuf,
     url: String,
+    /// How the test's own client connects.
+    client_opts: Option<ConnectOptions>,
+    peer: String,
+    /// Member name and `--initial-cluster`; `None`: a cluster of one.
+    member: Option<(String, String)>,
+}
+
+/// The server side of a TLS etcd: its certificate and the CA its clients' certificates must
+/// chain to (`--client-cert-auth`).
+struct ServerTls {
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: PathBuf,
 }
 
 impl Etcd {
     fn spawn(client_port: u16) -> Etcd {
-        let url = format!("http://127.0.0.1:{client_port}");
-        let peer = format!("http://127.0.0.1:{}", free_port());
         let dir = std::env::temp_dir().join(format!("etcd-source-{}-{client_port}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let child = Command::new("/usr/bin/etcd")
-            .arg("--data-dir")
-            .arg(&dir)
-            .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
-            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &format!("default={peer}")])
+        let peer = format!("http://127.0.0.1:{}", free_port());
+        let mut e = Etcd {
+            child: None,
+            dir,
+            url: format!("http://127.0.0.1:{client_port}"),
+            client_opts: None,
+            peer,
+            member: None,
+        };
+        e.launch(None);
+        e
+    }
+
+    /// etcd requiring TLS client certificates signed by `pki`'s CA, answering (bounded).
+    fn spawn_tls(pki: &Pki) -> Etcd {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("etcd-source-{}-{port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let peer = format!("http://127.0.0.1:{}", free_port());
+        let url = format!("http://127.0.0.1:{port}");
+        let mut e = Etcd { child: None, dir, url, client_opts: Some(pki.client_opts()), peer, member: None };
+        e.launch(Some(&pki.server()));
+        e
+    }
+
+    /// (Re)starts etcd on its data directory and URL, with TLS if given.
+    fn launch(&mut self, tls: Option<&ServerTls>) {
+        let mut cmd = Command::new("/usr/bin/etcd");
+        cmd.arg("--data-dir").arg(&self.dir);
+        if let Some(t) = tls {
+            self.url = self.url.replacen("http://", "https://", 1);
+            cmd.arg("--cert-file").arg(&t.cert).arg("--key-file").arg(&t.key);
+            cmd.arg("--trusted-ca-file").arg(&t.client_ca).arg("--client-cert-auth");
+        }
+        let (url, peer) = (&self.url, &self.peer);
+        let child = cmd
+            .args(["--listen-client-urls", url, "--advertise-client-urls", url])
+            .args(["--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer])
+            .args(
+                match &self.member {
+                    Some((name, cluster)) => [name.clone(), cluster.clone()],
+                    None => ["default".to_string(), format!("default={peer}")],
+                }
+                .iter()
+                .zip(["--name", "--initial-cluster"])
+                .flat_map(|(v, flag)| [flag.to_string(), v.clone()]),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start /usr/bin/etcd");
-        Etcd { child: Some(child), dir, url }
+        self.child = Some(child);
+    }
+
+    /// A cluster of three members on loopback, answering (bounded).
+    async fn cluster() -> Vec<Etcd> {
+        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        let initial: Vec<String> =
+            ports.iter().enumerate().map(|(i, (_, p))| format!("m{i}=http://127.0.0.1:{p}")).collect();
+        let mut members = vec![];
+        for (i, (client, peer)) in ports.iter().enumerate() {
+            let dir = std::env::temp_dir().join(format!("etcd-source-{}-{client}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            let mut e = Etcd {
+                child: None,
+                dir,
+                url: format!("http://127.0.0.1:{client}"),
+                client_opts: None,
+                peer: format!("http://127.0.0.1:{peer}"),
+                member: Some((format!("m{i}"), initial.join(","))),
+            };
+            e.launch(None);
+            members.push(e);
+        }
+        for m in &members {
+            m.client().await;
+        }
+        members
+    }
+
+    /// Kills it (by PID), data kept.
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     /// Starts etcd and waits until it answers.
@@ -63,7 +153,7 @@ impl Etcd {
     async fn client(&self) -> Client {
         let deadline = Instant::now() + DEADLINE;
         loop {
-            if let Ok(mut c) = Client::connect([&self.url], None).await {
+            if let Ok(mut c) = Client::connect([&self.url], self.client_opts.clone()).await {
                 if c.status().await.is_ok() {
                     return c;
                 }
@@ -76,10 +166,7 @@ impl Etcd {
 
 impl Drop for Etcd {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -93,12 +180,16 @@ struct Node {
 }
 
 fn start(url: &str, prefix: &str, name: &str, addrs: &[&str], dual: bool) -> Node {
+    start_with(options(&[url], prefix, name, addrs, dual))
+}
+
+fn options(urls: &[&str], prefix: &str, name: &str, addrs: &[&str], dual: bool) -> EtcdOptions {
     let mut cluster_cidrs = vec![V4.parse().unwrap()];
     if dual {
         cluster_cidrs.push(V6.parse().unwrap());
     }
-    let opts = EtcdOptions {
-        endpoints: vec![url.to_string()],
+    EtcdOptions {
+        endpoints: urls.iter().map(|u| u.to_string()).collect(),
         prefix: prefix.to_string(),
         cluster_cidrs,
         subnet_len_v4: 24,
@@ -106,11 +197,16 @@ fn start(url: &str, prefix: &str, name: &str, addrs: &[&str], dual: bool) -> Nod
         node_name: name.to_string(),
         node_addrs: addrs.iter().map(|a| a.parse().unwrap()).collect(),
         lease_ttl: TTL,
-    };
+        tls: Box::new(EtcdTls { reload_every: Duration::from_millis(100), ..Default::default() }),
+    }
+}
+
+fn start_with(opts: EtcdOptions) -> Node {
     let (tx, rx) = watch::channel(None);
     let metrics = Arc::new(Metrics::default());
+    let name = opts.node_name.clone();
     let task = tokio::spawn(run(opts, tx, metrics.clone()));
-    Node { name: name.to_string(), rx, task, metrics }
+    Node { name, rx, task, metrics }
 }
 
 impl Node {
@@ -222,7 +318,7 @@ async fn waits_for_etcd_and_drops_nodes_whose_lease_expired() {
     // Started before etcd: the source retries instead of giving up, and says so.
     let mut a = start(&url, "/e", "early", &["10.200.0.1"], false);
     let failed = tokio::time::timeout(DEADLINE, async {
-        while a.metrics.source.errors("unavailable") + a.metrics.source.errors("connect") == 0 {
+        while a.metrics.source.errors("unreachable") == 0 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     });
@@ -278,4 +374,372 @@ async fn racing_claims_end_distinct_and_a_node_reclaims_its_subnet_after_expiry(
     back.until("the racer back", |s| s.contains_key(&name) && s.len() == 2).await;
     assert_eq!(back.subnets(), had, "{name} reclaims its subnet, not its first choice {first_choice}");
     w.until("the watcher to see it", |s| s.get(&name).is_some_and(|n| n.pod_cidrs == had)).await;
+}
+
+/// A CA of the test's own, and certificates it signs for 127.0.0.1, as PEM files in `dir`.
+struct Pki {
+    dir: PathBuf,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    ca: PathBuf,
+}
+
+/// A certificate and its key, as files.
+#[derive(Clone)]
+struct Pair {
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl Pki {
+    fn new(dir: &Path, name: &str) -> Pki {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut params = rcgen::CertificateParams::new(vec![]).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, format!("{name} test CA"));
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages =
+            vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::DigitalSignature];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let ca = dir.join(format!("{name}-ca.pem"));
+        std::fs::write(&ca, cert.pem()).unwrap();
+        Pki { dir: dir.to_path_buf(), issuer: rcgen::Issuer::new(params, key), ca }
+    }
+
+    /// A certificate for 127.0.0.1, usable by a server and a client; expired if asked.
+    fn leaf(&self, name: &str, expired: bool) -> Pair {
+        let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        params.extended_key_usages =
+            vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2000, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2001, 1, 1);
+        }
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        let pair = Pair {
+            cert: self.dir.join(format!("{name}.pem")),
+            key: self.dir.join(format!("{name}-key.pem")),
+        };
+        std::fs::write(&pair.cert, cert.pem()).unwrap();
+        std::fs::write(&pair.key, key.serialize_pem()).unwrap();
+        pair
+    }
+
+    fn server(&self) -> ServerTls {
+        let p = self.leaf("server", false);
+        ServerTls { cert: p.cert, key: p.key, client_ca: self.ca.clone() }
+    }
+
+    /// Options for the test's own client.
+    fn client_opts(&self) -> ConnectOptions {
+        let p = self.leaf("test-client", false);
+        let read = |p: &Path| std::fs::read(p).unwrap();
+        let tls = TlsOptions::new()
+            .ca_certificate(Certificate::from_pem(read(&self.ca)))
+            .identity(Identity::from_pem(read(&p.cert), read(&p.key)));
+        ConnectOptions::new().with_tls(tls)
+    }
+}
+
+/// A node's credential files, at fixed paths as a mounted Secret has them.
+struct Creds {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl Creds {
+    fn new(dir: &Path, node: &str) -> Creds {
+        let d = dir.join(node);
+        std::fs::create_dir_all(&d).unwrap();
+        Creds { ca: d.join("ca.pem"), cert: d.join("cert.pem"), key: d.join("key.pem") }
+    }
+
+    /// Replaces the files the way a rotation does: each written aside and renamed over.
+    fn install(&self, ca: &Path, pair: &Pair) {
+        for (from, to) in [(ca, &self.ca), (&pair.cert, &self.cert), (&pair.key, &self.key)] {
+            let tmp = to.with_extension("new");
+            std::fs::copy(from, &tmp).unwrap();
+            std::fs::rename(&tmp, to).unwrap();
+        }
+    }
+
+    fn tls(&self) -> EtcdTls {
+        EtcdTls {
+            ca_file: Some(self.ca.clone()),
+            cert_file: Some(self.cert.clone()),
+            key_file: Some(self.key.clone()),
+            reload_every: Duration::from_millis(100),
+            ..Default::default()
+        }
+    }
+}
+
+/// A temporary directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let d = std::env::temp_dir().join(format!("etcd-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        TempDir(d)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Waits (bounded) until `cond` holds of the node's metrics.
+async fn until_metrics(n: &Node, what: &str, cond: impl Fn(&Metrics) -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !cond(&n.metrics) {
+        assert!(
+            Instant::now() < deadline,
+            "{}: timed out waiting for {what}; last error: {:?}",
+            n.name,
+            n.metrics.etcd.last_error()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn tls_node(url: &str, prefix: &str, name: &str, addr: &str, tls: EtcdTls) -> Node {
+    let mut o = options(&[url], prefix, name, &[addr], false);
+    o.tls = Box::new(tls);
+    start_with(o)
+}
+
+async fn kv_of(c: &mut Client, key: &str) -> (i64, i64) {
+    let r = c.get(key, None).await.unwrap();
+    let kv = r.kvs().first().expect("key present");
+    (kv.lease(), kv.mod_revision())
+}
+
+#[tokio::test]
+async fn client_certificates_rotate_without_touching_keys_and_a_wrong_ca_keeps_the_nodes() {
+    let tmp = TempDir::new("tls");
+    let (pki1, pki2) = (Pki::new(&tmp.0.join("pki1"), "one"), Pki::new(&tmp.0.join("pki2"), "two"));
+    let mut etcd = Etcd::spawn_tls(&pki1);
+    let mut c = etcd.client().await;
+    let (ca, cb) = (Creds::new(&tmp.0, "a"), Creds::new(&tmp.0, "b"));
+    ca.install(&pki1.ca, &pki1.leaf("a-1", false));
+    cb.install(&pki1.ca, &pki1.leaf("b-1", false));
+    let mut a = tls_node(&etcd.url, "/s", "a", "10.200.0.1", ca.tls());
+    let mut b = tls_node(&etcd.url, "/s", "b", "10.200.0.2", cb.tls());
+    let snap = a.until("both nodes over TLS", complete(&["a", "b"], 1)).await;
+    b.until("both nodes over TLS", complete(&["a", "b"], 1)).await;
+    let a_key = subnet_key("/s", &snap["a"].pod_cidrs[0]);
+    let before = kv_of(&mut c, &a_key).await;
+
+    // Rotated while connected: taken up, the key neither rewritten nor moved to another lease.
+    let events = a.metrics.source_events.load(Ordering::Relaxed);
+    ca.install(&pki1.ca, &pki1.leaf("a-2", false));
+    // The new session's first list is the only event: nothing else changes meanwhile.
+    let listed = |m: &Metrics| m.etcd.reloads() == 1 && m.source_events.load(Ordering::Relaxed) > events;
+    until_metrics(&a, "a session on the new files", listed).await;
+    assert_eq!(kv_of(&mut c, &a_key).await, before, "same lease, no write");
+    assert_eq!(*a.rx.borrow(), Some(snap.clone()));
+
+    // Rotated to an expired certificate: refused and named; the working connection stays.
+    cb.install(&pki1.ca, &pki1.leaf("b-old", true));
+    until_metrics(&b, "the expired certificate", |m| m.etcd.errors(Kind::ExpiredCert) >= 1).await;
+    let err = b.metrics.etcd.last_error().unwrap();
+    assert!(err.contains("expired at 2001-01-01") && err.contains("cert.pem"), "{err}");
+    assert_eq!(b.metrics.etcd.reloads(), 0);
+    assert!(!b.metrics.etcd.unreachable());
+    cb.install(&pki1.ca, &pki1.leaf("b-2", false));
+    until_metrics(&b, "the good certificate", |m| m.etcd.reloads() == 1).await;
+
+    // etcd now serves a certificate of another CA: both name the wrong CA, stop being ready,
+    // and publish nothing, so routes stay.
+    etcd.stop();
+    etcd.launch(Some(&pki2.server()));
+    for n in [&a, &b] {
+        until_metrics(n, "the wrong CA", |m| m.etcd.errors(Kind::WrongCa) >= 1 && m.etcd.unreachable()).await;
+        let err = n.metrics.etcd.last_error().unwrap();
+        assert!(err.contains(&etcd.url) && err.contains("not signed by the CA of --etcd-cafile"), "{err}");
+        let text = n.metrics.render();
+        assert!(text.contains("cni_route_agent_etcd_unreachable 1\n"), "{text}");
+        assert_eq!(*n.rx.borrow(), Some(snap.clone()), "{}: nothing published", n.name);
+    }
+
+    // The new CA's files arrive: a is back without a restart, on its subnet.
+    ca.install(&pki2.ca, &pki2.leaf("a-3", false));
+    until_metrics(&a, "a back", |m| !m.etcd.unreachable()).await;
+    a.until("a on its subnet", |s| s.get("a").is_some_and(|n| n.pod_cidrs == snap["a"].pod_cidrs)).await;
+    cb.install(&pki2.ca, &pki2.leaf("b-3", false));
+    until_metrics(&b, "b back", |m| !m.etcd.unreachable()).await;
+    for n in [&mut a, &mut b] {
+        n.until("both back on their subnets", |s| *s == snap).await;
+    }
+}
+
+#[tokio::test]
+async fn wrong_client_credentials_are_named_and_nothing_is_published() {
+    let tmp = TempDir::new("tls-bad");
+    let (pki1, pki2) = (Pki::new(&tmp.0.join("pki1"), "one"), Pki::new(&tmp.0.join("pki2"), "two"));
+    let etcd = Etcd::spawn_tls(&pki1);
+    etcd.client().await;
+    let good = pki1.leaf("good", false);
+    let case = |node: &str, ca: &Path, pair: &Pair| {
+        let c = Creds::new(&tmp.0, node);
+        c.install(ca, pair);
+        c
+    };
+    let expired = case("expired", &pki1.ca, &pki1.leaf("old", true));
+    let other = pki1.leaf("other", false);
+    let mismatch = case("mismatch", &pki1.ca, &Pair { cert: good.cert.clone(), key: other.key.clone() });
+    let wrong_ca = case("wrong-ca", &pki2.ca, &good);
+    let foreign = case("foreign", &pki1.ca, &pki2.leaf("foreign", false));
+    let no_cert = EtcdTls { ca_file: Some(pki1.ca.clone()), ..Default::default() };
+    let cases = [
+        (expired.tls(), Kind::ExpiredCert, "expired at 2001-01-01"),
+        (mismatch.tls(), Kind::KeyMismatch, "is not the key of the certificate"),
+        (wrong_ca.tls(), Kind::WrongCa, "not signed by the CA of --etcd-cafile"),
+        (foreign.tls(), Kind::CertRejected, "refused our client certificate"),
+        (no_cert, Kind::CertRejected, "refused our client certificate"),
+    ];
+    for (i, (tls, kind, text)) in cases.into_iter().enumerate() {
+        let n = tls_node(&etcd.url, "/w", &format!("n{i}"), "10.200.0.1", tls);
+        until_metrics(&n, kind.label(), |m| m.etcd.errors(kind) >= 1 && m.etcd.unreachable()).await;
+        let err = n.metrics.etcd.last_error().unwrap();
+        assert!(err.contains(text), "{}: {err}", kind.label());
+        assert!(n.rx.borrow().is_none(), "nothing published");
+        n.kill().await;
+    }
+    // Plain HTTP spoken to the TLS etcd.
+    let http = etcd.url.replacen("https://", "http://", 1);
+    let n = start_with(options(&[&http], "/w", "plain", &["10.200.0.1"], false));
+    until_metrics(&n, "plain_http", |m| m.etcd.errors(Kind::PlainHttp) >= 1 && m.etcd.unreachable()).await;
+    let err = n.metrics.etcd.last_error().unwrap();
+    assert!(err.contains(&http) && err.contains("expect TLS?"), "{err}");
+}
+
+#[tokio::test]
+async fn user_and_password_from_a_file_with_failover_and_named_refusals() {
+    let tmp = TempDir::new("auth");
+    let etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    c.user_add("root", "rootpw", None).await.unwrap();
+    c.user_grant_role("root", "root").await.unwrap();
+    c.role_add("agents").await.unwrap();
+    c.role_grant_permission("agents", Permission::read_write("/u/").with_prefix()).await.unwrap();
+    c.user_add("agent", "s3cret pass", None).await.unwrap();
+    c.user_grant_role("agent", "agents").await.unwrap();
+    c.auth_enable().await.unwrap();
+    // Written aside and renamed over, as a Secret update is.
+    let pw = |name: &str, text: &str| {
+        let p = tmp.0.join(name);
+        std::fs::write(p.with_extension("new"), text).unwrap();
+        std::fs::rename(p.with_extension("new"), &p).unwrap();
+        p
+    };
+    let auth = |file: PathBuf| EtcdTls {
+        username: Some("agent".into()),
+        password_file: Some(file),
+        reload_every: Duration::from_millis(100),
+        ..Default::default()
+    };
+    // The first endpoint is dead: both go on to the second.
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let mut nodes = vec![];
+    for (name, addr) in [("p", "10.200.0.1"), ("q", "10.200.0.2")] {
+        let mut o = options(&[&dead, &etcd.url], "/u", name, &[addr], false);
+        o.tls = Box::new(auth(pw("good", "s3cret pass\n")));
+        nodes.push(start_with(o));
+    }
+    for n in &mut nodes {
+        n.until("both nodes with a password", complete(&["p", "q"], 1)).await;
+        let err = n.metrics.etcd.last_error().unwrap_or_default();
+        assert!(err.contains(&dead), "the dead endpoint named: {err}");
+        assert!(!n.metrics.etcd.unreachable());
+    }
+
+    let mut wrong = options(&[&etcd.url], "/u", "r", &["10.200.0.3"], false);
+    wrong.tls = Box::new(auth(pw("wrong", "guess\n")));
+    let r = start_with(wrong);
+    until_metrics(&r, "auth refused", |m| m.etcd.errors(Kind::AuthRefused) >= 1 && m.etcd.unreachable())
+        .await;
+    let err = r.metrics.etcd.last_error().unwrap();
+    assert!(err.contains(&etcd.url) && err.contains("refused the user or password"), "{err}");
+    assert!(!err.contains("guess"), "the password is never logged: {err}");
+
+    // TLS spoken to a plain-HTTP etcd.
+    let https = etcd.url.replacen("http://", "https://", 1);
+    let mut plain = options(&[&https], "/u", "s", &["10.200.0.4"], false);
+    plain.tls =
+        Box::new(EtcdTls { ca_file: Some(Pki::new(&tmp.0, "x").ca), ..auth(pw("good", "s3cret pass\n")) });
+    let s = start_with(plain);
+    until_metrics(&s, "plain HTTP", |m| m.etcd.errors(Kind::PlainHttp) >= 1).await;
+    let err = s.metrics.etcd.last_error().unwrap();
+    assert!(err.contains(&https) && err.contains("plain HTTP?"), "{err}");
+    assert!(r.rx.borrow().is_none() && s.rx.borrow().is_none());
+
+    // A password file rotated before etcd knows the password: refused, named, and the working
+    // connection kept. Then etcd's password changes and the file again: taken up.
+    let snap = nodes[0].rx.borrow().clone().unwrap_or_default();
+    pw("good", "n3w\n");
+    for n in &nodes {
+        until_metrics(n, "the new password refused", |m| m.etcd.errors(Kind::AuthRefused) >= 1).await;
+        assert!(!n.metrics.etcd.unreachable() && n.metrics.etcd.reloads() == 0);
+    }
+    let root = ConnectOptions::new().with_user("root", "rootpw");
+    let mut c = Client::connect([&etcd.url], Some(root)).await.unwrap();
+    c.user_change_password("agent", "n3w pass 2").await.unwrap();
+    pw("good", "n3w pass 2\n");
+    for n in &nodes {
+        until_metrics(n, "the new password", |m| m.etcd.reloads() == 1).await;
+    }
+    let mut t = options(&[&etcd.url], "/u", "t", &["10.200.0.5"], false);
+    t.tls = Box::new(auth(tmp.0.join("good")));
+    let _t = start_with(t);
+    for n in &mut nodes {
+        let s = n.until("a node joining", complete(&["p", "q", "t"], 1)).await;
+        assert!(s["p"] == snap["p"] && s["q"] == snap["q"]);
+    }
+}
+
+#[tokio::test]
+async fn nodes_fail_over_to_another_member_without_rewriting_their_keys() {
+    let mut members = Etcd::cluster().await;
+    let urls: Vec<String> = members.iter().map(|m| m.url.clone()).collect();
+    let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+    let mut nodes: Vec<Node> = [("x", "10.200.0.1"), ("y", "10.200.0.2")]
+        .into_iter()
+        .map(|(name, addr)| start_with(options(&urls, "/f", name, &[addr], false)))
+        .collect();
+    let mut snap = Snapshot::new();
+    for n in &mut nodes {
+        snap = n.until("both nodes", complete(&["x", "y"], 1)).await;
+    }
+    let mut c = members[1].client().await;
+    let keys: Vec<String> = ["x", "y"].iter().map(|n| subnet_key("/f", &snap[*n].pod_cidrs[0])).collect();
+    let mut before = vec![];
+    for k in &keys {
+        before.push(kv_of(&mut c, k).await);
+    }
+    // Both talk to the first member: it goes away.
+    let first = members[0].url.clone();
+    members[0].stop();
+    for n in &nodes {
+        let named = |m: &Metrics| {
+            m.etcd.last_error().is_some_and(|e| e.contains(&first) && e.contains("connection was lost"))
+        };
+        until_metrics(n, "the first member's failure, named", named).await;
+    }
+    // Still alive through the others: a new node is seen by both.
+    let _z = start_with(options(&urls[1..], "/f", "z", &["10.200.0.3"], false));
+    for n in &mut nodes {
+        let s = n.until("the new node", complete(&["x", "y", "z"], 1)).await;
+        assert!(["x", "y"].iter().all(|k| s[*k] == snap[*k]), "{}: same subnets", n.name);
+        assert!(!n.metrics.etcd.unreachable());
+    }
+    for (k, b) in keys.iter().zip(&before) {
+        assert_eq!(kv_of(&mut c, k).await, *b, "{k}: same lease, not rewritten");
+    }
 }

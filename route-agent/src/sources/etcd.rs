@@ -22,7 +22,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
+    Client, Compare, CompareOp, EventType, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn,
+    TxnOp, WatchOptions,
 };
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
@@ -30,6 +31,7 @@ use tokio::sync::watch;
 
 use crate::error::AgentError;
 use crate::model::{NodeInfo, Snapshot};
+use crate::sources::etcd_tls::{classify, connect, EtcdTls, Failure, Kind, Material, Reporter};
 use crate::sources::publish;
 use crate::Metrics;
 
@@ -52,6 +54,8 @@ pub struct EtcdOptions {
     pub node_addrs: Vec<IpAddr>,
     /// Lease TTL in seconds.
     pub lease_ttl: i64,
+    /// TLS and authentication (boxed: it would make `Source` large).
+    pub tls: Box<EtcdTls>,
 }
 
 /// The value of a subnet key.
@@ -129,34 +133,6 @@ pub fn start_offset(node: &str, count: u128) -> u128 {
     u128::from(h) % count.max(1)
 }
 
-/// gRPC's UNAVAILABLE status code: the server cannot be reached.
-const GRPC_UNAVAILABLE: i32 = 14;
-
-/// The label of `source_errors_total` for a failed etcd call.
-fn kind_of(what: &'static str) -> &'static str {
-    match what {
-        "connect" => "connect",
-        "lease grant" | "lease keepalive" => "lease",
-        "watch" => "watch",
-        "claim" => "claim",
-        _ => "request",
-    }
-}
-
-fn etcd_err(what: &'static str) -> impl FnOnce(etcd_client::Error) -> AgentError {
-    move |e| {
-        // The client connects lazily: an unreachable etcd fails the first call, whatever it is.
-        let kind = match &e {
-            etcd_client::Error::TransportError(_) => "connect",
-            etcd_client::Error::GRpcStatus(status) if i32::from(status.code()) == GRPC_UNAVAILABLE => {
-                "unavailable"
-            }
-            _ => kind_of(what),
-        };
-        AgentError::source(kind, format!("etcd {what}: {e}"))
-    }
-}
-
 /// The cluster CIDRs (normalized) with their subnet lengths, checked.
 fn families(opts: &EtcdOptions) -> Result<Vec<(IpNetwork, u8)>, AgentError> {
     let bad = |m: String| Err(AgentError::Config(format!("etcd source: {m}")));
@@ -178,6 +154,37 @@ fn families(opts: &EtcdOptions) -> Result<Vec<(IpNetwork, u8)>, AgentError> {
     Ok(out)
 }
 
+/// What a session leaves to the next one.
+#[derive(Default)]
+struct Carry {
+    /// Subnets held in an earlier session: a lost lease must not move this node's pods.
+    mine: BTreeMap<&'static str, IpNetwork>,
+    /// The lease of the last session, taken over if still alive, so a reconnection (a
+    /// certificate rotation, a member going away) rewrites no key.
+    lease: Option<i64>,
+    /// Index of the endpoint to try first.
+    endpoint: usize,
+    /// Credential files that failed their checks: not reported again until they change.
+    rejected: Option<Material>,
+    /// New credential files and a connection of the endpoint in use made with them.
+    next: Option<(Material, Client)>,
+    reporter: Reporter,
+}
+
+/// Why a session ended.
+enum End {
+    /// The credential files changed and work: go on with `Carry::next`.
+    Reload,
+    /// It failed; `connected`: after an endpoint had answered.
+    Failed { failures: Vec<Failure>, connected: bool },
+}
+
+impl From<Failure> for End {
+    fn from(f: Failure) -> End {
+        End::Failed { failures: vec![f], connected: true }
+    }
+}
+
 /// Claims this node's subnets, keeps them alive, and publishes every node's.
 pub async fn run(
     opts: EtcdOptions,
@@ -185,15 +192,29 @@ pub async fn run(
     metrics: Arc<Metrics>,
 ) -> Result<(), AgentError> {
     let fams = families(&opts)?;
-    // Subnets held in an earlier session: a lost lease must not move this node's pods.
-    let mut mine = BTreeMap::new();
+    let opts = EtcdOptions { endpoints: opts.tls.endpoints(&opts.endpoints)?, ..opts };
+    metrics.etcd.activate();
+    let mut carry = Carry::default();
     let mut backoff = MIN_BACKOFF;
     loop {
-        match session(&opts, &fams, &tx, &metrics, &mut mine, &mut backoff).await {
+        match session(&opts, &fams, &tx, &metrics, &mut carry, &mut backoff).await {
             Ok(()) => return Ok(()),
-            Err(e) => {
-                crate::sources::failed(&metrics, &e);
-                tracing::warn!(%e, retry_in = ?backoff, "etcd source");
+            Err(End::Reload) => {
+                tracing::info!("etcd source: credential files changed; reconnecting with them");
+                metrics.etcd.reloaded();
+                continue;
+            }
+            Err(End::Failed { failures, connected }) => {
+                // Routes stay as they are; only readiness says the source is gone.
+                if !connected {
+                    metrics.etcd.set_unreachable(true);
+                } else if failures.iter().any(|f| f.kind != Kind::Claim) {
+                    carry.endpoint += 1;
+                }
+                for f in failures {
+                    metrics.source.error(f.kind.label());
+                    carry.reporter.fail(&metrics.etcd, f);
+                }
             }
         }
         tokio::select! {
@@ -234,59 +255,167 @@ fn snapshot(subnets: &Subnets) -> Snapshot {
     by_node.into_iter().map(|(n, (c, a))| (n.to_string(), NodeInfo::with_addresses(n, c, &a))).collect()
 }
 
+/// Keeps `id` alive if etcd still has it; `None` if it expired.
+async fn take_over(
+    c: &mut Client,
+    id: i64,
+) -> Result<Option<(LeaseKeeper, LeaseKeepAliveStream)>, etcd_client::Error> {
+    let (mut keeper, mut acks) = c.lease_keep_alive(id).await?;
+    keeper.keep_alive().await?;
+    Ok(acks.message().await?.is_some_and(|a| a.ttl() > 0).then_some((keeper, acks)))
+}
+
+/// The credential files, read and checked.
+fn credentials(tls: &EtcdTls, carry: &mut Carry) -> Result<Material, End> {
+    let failed = |f: Failure| End::Failed { failures: vec![f], connected: false };
+    let m = tls.read().map_err(failed)?;
+    tls.validate(&m, std::time::SystemTime::now()).map_err(failed)?;
+    for f in [&tls.ca_file, &tls.cert_file, &tls.key_file, &tls.password_file].into_iter().flatten() {
+        carry.reporter.ok(&f.display().to_string());
+    }
+    Ok(m)
+}
+
+/// New credential files, if they changed and pass their checks.
+fn poll_credentials(
+    tls: &EtcdTls,
+    inuse: &Material,
+    carry: &mut Carry,
+    metrics: &Metrics,
+) -> Option<Material> {
+    let m = match tls.read() {
+        Ok(m) if m == *inuse || carry.rejected.as_ref() == Some(&m) => return None,
+        Ok(m) => m,
+        Err(f) => {
+            carry.reporter.fail(&metrics.etcd, f);
+            return None;
+        }
+    };
+    match tls.validate(&m, std::time::SystemTime::now()) {
+        Ok(()) => Some(m),
+        Err(f) => {
+            carry.reporter.fail(&metrics.etcd, f);
+            carry.rejected = Some(m);
+            None
+        }
+    }
+}
+
+/// Connects with new credential files while the old connection still serves; `Err(Reload)`
+/// with the new connection in `carry` if that works. If it does not (a password etcd does not
+/// know yet, a CA that is not the server's), the old connection is kept: it still works and
+/// routes stay. The endpoint in use only: this runs between keepalives.
+async fn try_credentials(
+    opts: &EtcdOptions,
+    m: Material,
+    carry: &mut Carry,
+    metrics: &Metrics,
+) -> Result<(), End> {
+    let ep = std::slice::from_ref(&opts.endpoints[carry.endpoint]);
+    match connect(ep, 0, &m).await {
+        Ok((c, _, _)) => {
+            carry.next = Some((m, c));
+            Err(End::Reload)
+        }
+        Err(failures) => {
+            for f in failures {
+                carry.reporter.fail(&metrics.etcd, f);
+            }
+            carry.rejected = Some(m);
+            Ok(())
+        }
+    }
+}
+
 async fn session(
     opts: &EtcdOptions,
     fams: &[(IpNetwork, u8)],
     tx: &watch::Sender<Option<Snapshot>>,
     metrics: &Metrics,
-    mine: &mut BTreeMap<&'static str, IpNetwork>,
+    carry: &mut Carry,
     backoff: &mut Duration,
-) -> Result<(), AgentError> {
-    // HTTP/2 pings notice a dead etcd on the long-lived watch and keepalive streams.
-    let conn = ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(5))
-        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
-    let mut c = Client::connect(&opts.endpoints, Some(conn)).await.map_err(etcd_err("connect"))?;
-    let lease = c.lease_grant(opts.lease_ttl, None).await.map_err(etcd_err("lease grant"))?;
-    let (id, ttl) = (lease.id(), lease.ttl());
-    let (mut keeper, mut acks) = c.lease_keep_alive(id).await.map_err(etcd_err("lease keepalive"))?;
+) -> Result<(), End> {
+    carry.rejected = None;
+    let (material, mut c) = match carry.next.take() {
+        Some(next) => next,
+        None => {
+            let material = credentials(&opts.tls, carry)?;
+            let n = opts.endpoints.len();
+            let (c, i, skipped) = connect(&opts.endpoints, carry.endpoint % n, &material)
+                .await
+                .map_err(|failures| End::Failed { failures, connected: false })?;
+            for f in skipped {
+                carry.reporter.fail(&metrics.etcd, f);
+            }
+            carry.endpoint = i;
+            (material, c)
+        }
+    };
+    let i = carry.endpoint;
+    let ep = opts.endpoints[i].as_str();
+    carry.reporter.ok(ep);
+    let err = |what: &'static str| move |e: etcd_client::Error| End::from(classify(ep, what, &e));
+    let lost = |message: String| End::from(Failure { kind: Kind::Claim, at: ep.to_string(), message });
+    let kept = match carry.lease {
+        Some(id) => take_over(&mut c, id).await.map_err(err("lease keepalive"))?.map(|k| (id, k)),
+        None => None,
+    };
+    let (id, (mut keeper, mut acks)) = match kept {
+        Some(k) => k,
+        None => {
+            let lease = c.lease_grant(opts.lease_ttl, None).await.map_err(err("lease grant"))?;
+            (lease.id(), c.lease_keep_alive(lease.id()).await.map_err(err("lease keepalive"))?)
+        }
+    };
+    carry.lease = Some(id);
     let me = SubnetValue { node: opts.node_name.clone(), addresses: opts.node_addrs.clone() };
     let value = serde_json::to_string(&me).expect("json");
     for &(cluster, len) in fams {
-        let net = claim(&mut c, opts, cluster, len, id, &value, mine.get(tag(&cluster)).copied()).await?;
-        tracing::info!(node = %opts.node_name, subnet = %net, lease = id, "etcd source: holding subnet");
-        mine.insert(tag(&cluster), net);
+        let want = Claim {
+            cluster,
+            len,
+            lease: id,
+            value: &value,
+            remembered: carry.mine.get(tag(&cluster)).copied(),
+        };
+        let net = claim(&mut c, opts, ep, want).await?;
+        tracing::info!(node = %opts.node_name, subnet = %net, lease = id, endpoint = ep, "etcd source: holding subnet");
+        carry.mine.insert(tag(&cluster), net);
     }
     *backoff = MIN_BACKOFF;
-    let mut tick = tokio::time::interval(Duration::from_millis(ttl.max(1) as u64 * 1000 / 3));
+    let mut tick = tokio::time::interval(Duration::from_millis(opts.lease_ttl.max(1) as u64 * 1000 / 3));
+    let mut reload = tokio::time::interval(opts.tls.reload_every.max(Duration::from_millis(100)));
+    reload.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let dir = format!("{}/subnets/", root(&opts.prefix));
+    let mine = carry.mine.clone();
     let held = |s: &Subnets| {
         mine.values().all(|n| s.get(&subnet_key(&opts.prefix, n)).is_some_and(|(_, v)| *v == me))
     };
     loop {
-        let list =
-            c.get(dir.as_str(), Some(GetOptions::new().with_prefix())).await.map_err(etcd_err("list"))?;
+        let list = c.get(dir.as_str(), Some(GetOptions::new().with_prefix())).await.map_err(err("list"))?;
         let rev = list.header().map_or(0, |h| h.revision());
         let mut subnets: Subnets =
             list.kvs().iter().filter_map(|kv| decode(&opts.prefix, kv.key(), kv.value())).collect();
         publish(tx, snapshot(&subnets), metrics);
+        metrics.etcd.set_unreachable(false);
         let wopts = WatchOptions::new().with_prefix().with_start_revision(rev + 1);
-        let mut w = c.watch(dir.as_str(), Some(wopts)).await.map_err(etcd_err("watch"))?;
+        let mut w = c.watch(dir.as_str(), Some(wopts)).await.map_err(err("watch"))?;
         loop {
             // Our keys gone (lease expired, or deleted by hand): claim again in a new session.
             if !held(&subnets) {
-                return Err(AgentError::source(
-                    "lease_lost",
-                    format!("lost this node's subnets (lease {id:x})"),
-                ));
+                carry.lease = None;
+                return Err(lost(format!("lost this node's subnets (lease {id:x})")));
             }
             tokio::select! {
-                _ = tick.tick() => keeper.keep_alive().await.map_err(etcd_err("lease keepalive"))?,
-                a = acks.message() => match a.map_err(etcd_err("lease keepalive"))? {
+                _ = tick.tick() => keeper.keep_alive().await.map_err(err("lease keepalive"))?,
+                a = acks.message() => match a.map_err(err("lease keepalive"))? {
                     Some(a) if a.ttl() > 0 => {}
-                    _ => return Err(AgentError::source("lease_lost", format!("lease {id:x} expired"))),
+                    _ => {
+                        carry.lease = None;
+                        return Err(lost(format!("lease {id:x} expired")));
+                    }
                 },
-                m = w.message() => match m.map_err(etcd_err("watch"))? {
+                m = w.message() => match m.map_err(err("watch"))? {
                     Some(r) if r.canceled() || r.compact_revision() > 0 => {
                         tracing::warn!(reason = r.cancel_reason(), "etcd source: watch canceled; listing again");
                         break;
@@ -304,45 +433,57 @@ async fn session(
                     Some(_) => {}
                     None => break,
                 },
+                _ = reload.tick() => {
+                    if let Some(m) = poll_credentials(&opts.tls, &material, carry, metrics) {
+                        try_credentials(opts, m, carry, metrics).await?;
+                    }
+                }
                 _ = tx.closed() => return Ok(()),
             }
         }
     }
 }
 
-/// Takes a `/len` subnet of `cluster` for this node on `lease`: its own key if it still has one,
-/// else the first free one of `remembered`, the `last` record, and a scan from its start offset.
-async fn claim(
-    c: &mut Client,
-    opts: &EtcdOptions,
+/// What `claim` is to take.
+struct Claim<'a> {
     cluster: IpNetwork,
     len: u8,
     lease: i64,
-    value: &str,
+    value: &'a str,
     remembered: Option<IpNetwork>,
-) -> Result<IpNetwork, AgentError> {
+}
+
+/// Takes a `/len` subnet of `cluster` for this node on `lease`: its own key if it still has one,
+/// else the first free one of `remembered`, the `last` record, and a scan from its start offset.
+async fn claim(c: &mut Client, opts: &EtcdOptions, ep: &str, want: Claim<'_>) -> Result<IpNetwork, Failure> {
+    let Claim { cluster, len, lease, value, remembered } = want;
+    let err = |what: &'static str| move |e: etcd_client::Error| classify(ep, what, &e);
+    let lost = |message: String| Failure { kind: Kind::Claim, at: ep.to_string(), message };
     let last_key = format!("{}/last/{}/{}", root(&opts.prefix), tag(&cluster), opts.node_name);
     let fits = |n: &IpNetwork| n.prefix() == len && cluster.contains(n.network());
     let dir = format!("{}/subnets/{}/", root(&opts.prefix), tag(&cluster));
-    let listed =
-        c.get(dir.as_str(), Some(GetOptions::new().with_prefix())).await.map_err(etcd_err("list"))?;
+    let listed = c.get(dir.as_str(), Some(GetOptions::new().with_prefix())).await.map_err(err("list"))?;
     let mut taken = HashSet::new();
     for kv in listed.kvs() {
         let Some(net) = std::str::from_utf8(kv.key()).ok().and_then(|k| parse_key(&opts.prefix, k)) else {
             continue;
         };
         taken.insert(net);
+        if fits(&net) && kv.lease() == lease && kv.value() == value.as_bytes() {
+            // Already ours on this very lease (a reconnection): nothing to write.
+            return Ok(net);
+        }
         if fits(&net) && parse_value(kv.value()).is_some_and(|v| v.node == opts.node_name) {
             // Ours from before a restart, still on the old lease: move it (and refresh the
             // addresses) unless someone touched it since the list.
             let same = Compare::mod_revision(kv.key(), CompareOp::Equal, kv.mod_revision());
             let t = claim_txn(same, kv.key(), value, lease, &last_key, net);
-            if c.txn(t).await.map_err(etcd_err("claim"))?.succeeded() {
+            if c.txn(t).await.map_err(err("claim"))?.succeeded() {
                 return Ok(net);
             }
         }
     }
-    let last = c.get(last_key.as_str(), None).await.map_err(etcd_err("get"))?;
+    let last = c.get(last_key.as_str(), None).await.map_err(err("get"))?;
     let last = last.kvs().first().and_then(|kv| kv.value_str().ok()?.parse::<IpNetwork>().ok());
     let count = subnet_count(&cluster, len).expect("checked by families");
     let start = start_offset(&opts.node_name, count);
@@ -356,18 +497,15 @@ async fn claim(
         let key = subnet_key(&opts.prefix, &net);
         let absent = Compare::version(key.as_str(), CompareOp::Equal, 0);
         let t = claim_txn(absent, key.as_bytes(), value, lease, &last_key, net);
-        if c.txn(t).await.map_err(etcd_err("claim"))?.succeeded() {
+        if c.txn(t).await.map_err(err("claim"))?.succeeded() {
             return Ok(net);
         }
         conflicts += 1;
         if conflicts >= MAX_CONFLICTS {
-            return Err(AgentError::source(
-                "claim",
-                format!("{conflicts} claims in {cluster} lost to other nodes"),
-            ));
+            return Err(lost(format!("{conflicts} claims in {cluster} lost to other nodes")));
         }
     }
-    Err(AgentError::source("no_free_subnet", format!("no free /{len} subnet left in {cluster}")))
+    Err(lost(format!("no free /{len} subnet left in {cluster}")))
 }
 
 #[cfg(test)]

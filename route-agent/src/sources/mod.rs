@@ -3,6 +3,7 @@
 //! Node never wakes the reconcile loop.
 
 pub mod etcd;
+pub mod etcd_tls;
 pub mod file;
 pub mod kube;
 
