@@ -8,7 +8,11 @@ use ipnetwork::IpNetwork;
 
 /// Routes between nodes' pod CIDRs (host-gw), the node's CNI config, and masquerade.
 #[derive(Parser, Debug)]
-#[command(name = "cni-route-agent", version)]
+#[command(
+    name = "cni-route-agent",
+    version,
+    after_help = "Also: cni-route-agent install-cni --help, cni-route-agent uninstall --help"
+)]
 struct Cli {
     /// This node's name.
     #[arg(long, env = "NODE_NAME")]
@@ -80,6 +84,9 @@ struct Cli {
 }
 
 fn main() -> std::process::ExitCode {
+    if let Some(code) = cni_route_agent::install::dispatch(std::env::args_os()) {
+        return code;
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
