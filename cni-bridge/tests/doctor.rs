@@ -281,3 +281,48 @@ impl MetricsServer {
         MetricsServer { addr: rx.recv().unwrap() }
     }
 }
+
+#[test]
+fn masquerade_entries_of_the_iptables_backend_are_checked_too() {
+    require_root("masquerade_entries_of_the_iptables_backend_are_checked_too");
+    let w = World::new("doctor-ipt");
+    let (d, conf) = setup(&w, "10.66.0.0/24", json!({"ipMasqBackend": "iptables"}));
+    let pod = Pause::new();
+    add(&w, &pod, "pod-i", &conf);
+    assert_eq!(d.failing(&[]), Vec::<String>::new(), "the CNIB- jump matches the lease");
+    let ip = w.leases().remove(0);
+    // The jump goes (as if deleted by hand); the lease stays.
+    let saved = w.node.run("iptables-save", &["-t", "nat"]);
+    let rule = String::from_utf8_lossy(&saved.stdout)
+        .lines()
+        .find(|l| l.starts_with("-A POSTROUTING") && l.contains("CNIB-"))
+        .expect("the jump")
+        .replacen("-A ", "", 1);
+    let args: Vec<String> =
+        ["-t", "nat", "-D"].iter().map(|s| s.to_string()).chain(shell_words(&rule)).collect();
+    let del = w.node.run("iptables", &args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(del.status.success(), "{}", String::from_utf8_lossy(&del.stderr));
+    assert!(d.only_failure("masquerade entries", &[]).contains(&ip));
+}
+
+/// Splits an iptables-save rule into arguments (double quotes group words).
+fn shell_words(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    for ch in s.chars() {
+        match ch {
+            '"' => quoted = !quoted,
+            ' ' if !quoted => {
+                if !cur.is_empty() {
+                    out.push(std::mem::take(&mut cur));
+                }
+            }
+            c => cur.push(c),
+        }
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
