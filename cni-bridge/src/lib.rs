@@ -17,9 +17,10 @@ use cni_proto::{CniResult, Error as CniError, Plugin, Request};
 use crate::config::BridgeConf;
 use crate::error::BridgeError;
 
-/// With `CNI_BRIDGE_TIMING=1`, prints the time since the first mark and the step name to
+/// Logs the step (cni_proto::log, `logLevel: debug`). With `CNI_BRIDGE_TIMING=1`, also prints the time since the first mark and the step name to
 /// stderr: where an ADD spends its time, on a real node.
 pub fn mark(step: &str) {
+    cni_proto::log::step(step);
     use std::sync::OnceLock;
     use std::time::Instant;
     static START: OnceLock<Option<Instant>> = OnceLock::new();

@@ -9,6 +9,7 @@ pub mod crash;
 pub mod delegate;
 pub mod env;
 pub mod error;
+pub mod log;
 pub mod result;
 pub mod skel;
 pub mod version;

@@ -106,6 +106,7 @@ pub fn dispatch(
     match prepare(command, get_env, buf) {
         Err(e) => Outcome::err(&e, &claimed),
         Ok(req) => {
+            let call = crate::log::Call::start(&req, get_env);
             let vs = req.version.to_string();
             let res = match command {
                 Command::Add => plugin.add(&req).map(|r| Some(r.to_json(req.version))),
@@ -115,11 +116,13 @@ pub fn dispatch(
                 Command::Status => plugin.status(&req).map(|_| None),
                 Command::Version => unreachable!("handled above"),
             };
-            match res {
+            let out = match res {
                 Ok(Some(v)) => Outcome::ok(v.to_string()),
                 Ok(None) => Outcome::ok(String::new()),
                 Err(e) => Outcome::err(&e, &vs),
-            }
+            };
+            call.finish(out.exit_code, &out.stdout);
+            out
         }
     }
 }

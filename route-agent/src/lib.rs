@@ -6,6 +6,7 @@
 pub mod conflist;
 pub mod error;
 pub mod http;
+pub mod install;
 pub mod kernel;
 pub mod masq;
 pub mod metrics;

@@ -8,7 +8,11 @@ use ipnetwork::IpNetwork;
 
 /// Routes between nodes' pod CIDRs (host-gw), the node's CNI config, and masquerade.
 #[derive(Parser, Debug)]
-#[command(name = "cni-route-agent", version)]
+#[command(
+    name = "cni-route-agent",
+    version,
+    after_help = "Also: cni-route-agent install-cni --help, cni-route-agent uninstall --help"
+)]
 struct Cli {
     /// This node's name.
     #[arg(long, env = "NODE_NAME")]
@@ -152,6 +156,9 @@ impl From<EtcdTlsArgs> for cni_route_agent::sources::etcd_tls::EtcdTls {
 }
 
 fn main() -> std::process::ExitCode {
+    if let Some(code) = cni_route_agent::install::dispatch(std::env::args_os()) {
+        return code;
+    }
     let cli = Cli::parse();
     init_logs(cli.log_format);
     if cli.node_ip.iter().filter(|a| a.is_ipv4()).count() > 1
