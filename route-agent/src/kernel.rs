@@ -26,7 +26,7 @@ const MAIN_TABLE: u8 = 254;
 /// The agent's netlink connection.
 #[derive(Clone)]
 pub struct Kernel {
-    handle: Handle,
+    pub(crate) handle: Handle,
     proto: u8,
     /// Routes point at nexthop objects (one per node address) instead of carrying a gateway.
     pub nexthops: bool,
@@ -110,32 +110,48 @@ impl Kernel {
         Ok(out)
     }
 
-    fn message(&self, dst: IpNetwork, gw: Option<IpAddr>, nhid: Option<u32>) -> RouteMessage {
+    fn message(
+        &self,
+        dst: IpNetwork,
+        gw: Option<IpAddr>,
+        nhid: Option<u32>,
+        tunnel: Option<u32>,
+    ) -> RouteMessage {
         let mut builder = RouteMessageBuilder::<IpAddr>::new()
             .destination_prefix(dst.network(), dst.prefix())
             .expect("family of dst")
             .protocol(RouteProtocol::Other(self.proto));
-        match (nhid, gw) {
-            (Some(id), _) => builder = builder.nhid(id),
-            (None, Some(gw)) => {
+        match (tunnel, nhid, gw) {
+            // The gateway is on no subnet of the VXLAN device: `onlink` says it is there anyway.
+            (Some(oif), _, Some(gw)) => {
+                builder = builder
+                    .gateway(gw)
+                    .expect("gateway of the family of dst (the plan's tunnel gateway)")
+                    .output_interface(oif)
+                    .onlink()
+            }
+            (_, Some(id), _) => builder = builder.nhid(id),
+            (_, None, Some(gw)) => {
                 builder = builder.gateway(gw).expect("gateway of the family of dst (checked by the plan)")
             }
-            (None, None) => {}
+            (_, None, None) => {}
         }
         builder.build()
     }
 
     /// Adds/replaces and deletes routes, many requests in flight at once.
-    /// `nh_ids` maps gateways to their nexthop objects (empty without nexthops).
+    /// `nh_ids` maps gateways to their nexthop objects (empty without nexthops); `tunnel`
+    /// maps tunnelled destinations to the VXLAN device they go out of.
     pub async fn apply(
         &self,
         diff: &crate::plan::Diff,
         nh_ids: &BTreeMap<IpAddr, u32>,
+        tunnel: &BTreeMap<IpNetwork, u32>,
     ) -> (Applied, Vec<String>) {
         let mut applied = Applied::default();
         let mut errors = Vec::new();
         let ups = stream::iter(diff.upsert.iter().map(|(d, g)| {
-            let msg = self.message(*d, Some(*g), nh_ids.get(g).copied());
+            let msg = self.message(*d, Some(*g), nh_ids.get(g).copied(), tunnel.get(d).copied());
             let handle = self.handle.clone();
             async move { (*d, handle.route().add(msg).replace().execute().await) }
         }))
@@ -152,7 +168,7 @@ impl Kernel {
             }
         }
         let dels = stream::iter(diff.delete.iter().map(|(d, _)| {
-            let msg = self.message(*d, None, None);
+            let msg = self.message(*d, None, None, None);
             let handle = self.handle.clone();
             async move { (*d, handle.route().del(msg).execute().await) }
         }))

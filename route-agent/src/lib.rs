@@ -14,6 +14,7 @@ pub mod nexthop;
 pub mod plan;
 pub mod reconcile;
 pub mod sources;
+pub mod vxlan;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -80,6 +81,13 @@ pub struct Options {
     pub mtu: Option<u32>,
     /// Use nexthop objects where the kernel has them.
     pub nexthops: bool,
+    /// Direct routes, VXLAN, or each where it works.
+    pub backend: plan::Backend,
+    /// VNI and UDP port of the VXLAN devices.
+    pub vxlan: vxlan::VxlanConfig,
+    /// Take the VXLAN overhead off the conflist's MTU even while no peer needs the tunnel
+    /// (pods made before a peer turns off-link then fit the tunnel too).
+    pub vxlan_mtu_always: bool,
 }
 
 /// Runs the agent until SIGTERM/SIGINT. Routes stay in place on exit, so pods keep working
