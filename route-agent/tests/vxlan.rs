@@ -28,8 +28,18 @@ fn plugins() -> Plugins {
 /// An agent process we started, killed (by its PID) on drop.
 struct Agent(Child);
 
+/// How the cluster is set up and the agents started.
+#[derive(Clone, Copy, Default)]
+struct Setup {
+    dual_stack: bool,
+    /// The nodes file lists only IPv6 pod CIDRs and addresses (an IPv6-only cluster).
+    v6_only: bool,
+    /// More agent arguments.
+    args: &'static [&'static str],
+}
+
 impl Agent {
-    fn start(cl: &Cluster, node: usize, dir: &Path) -> Agent {
+    fn start(cl: &Cluster, node: usize, dir: &Path, args: &[&str]) -> Agent {
         let n = &cl.nodes[node];
         let mut c = Command::new(AGENT);
         c.args(["--node-name", &n.name, "--source", "file", "--no-portmap", "--nodes-file"])
@@ -37,6 +47,7 @@ impl Agent {
             .arg("--cni-conf-dir")
             .arg(dir.join(format!("cni{node}")))
             .args(["--resync-seconds", "3600"])
+            .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
@@ -73,8 +84,17 @@ impl Drop for Tmp {
     }
 }
 
-fn write_nodes(dir: &Path, cl: &Cluster) {
-    let nodes: Vec<Value> = cl.nodes.iter().map(|n| n.nodes_file_entry()).collect();
+fn write_nodes(dir: &Path, cl: &Cluster, v6_only: bool) {
+    let nodes: Vec<Value> = cl
+        .nodes
+        .iter()
+        .map(|n| match (v6_only, &n.pod_cidr6, n.ip6) {
+            (true, Some(cidr6), Some(ip6)) => {
+                json!({"name": n.name, "podCIDRs": [cidr6], "addresses": [ip6]})
+            }
+            _ => n.nodes_file_entry(),
+        })
+        .collect();
     let tmp = dir.join("nodes.tmp");
     std::fs::write(&tmp, json!({ "nodes": nodes }).to_string()).unwrap();
     std::fs::rename(&tmp, dir.join("nodes.json")).unwrap();
@@ -144,8 +164,8 @@ fn ready(ns: &Netns) -> bool {
 }
 
 /// Three nodes with a pod each, node-3 behind the router, one agent per node.
-fn mixed(tag: &str, dual_stack: bool, tmp: &Tmp) -> (Cluster, Vec<Agent>) {
-    let mut cl = if dual_stack {
+fn mixed(tag: &str, setup: Setup, tmp: &Tmp) -> (Cluster, Vec<Agent>) {
+    let mut cl = if setup.dual_stack {
         Cluster::dual_stack(tag, 3, plugins(), true)
     } else {
         Cluster::new(tag, 3, plugins(), true)
@@ -155,9 +175,9 @@ fn mixed(tag: &str, dual_stack: bool, tmp: &Tmp) -> (Cluster, Vec<Agent>) {
     }
     cl.add_router();
     cl.move_off_link(2);
-    write_nodes(&tmp.0, &cl);
-    let agents = (0..3).map(|i| Agent::start(&cl, i, &tmp.0)).collect();
-    let per_node = if dual_stack { 4 } else { 2 };
+    write_nodes(&tmp.0, &cl, setup.v6_only);
+    let agents = (0..3).map(|i| Agent::start(&cl, i, &tmp.0, setup.args)).collect();
+    let per_node = if setup.dual_stack && !setup.v6_only { 4 } else { 2 };
     for n in &cl.nodes {
         eventually(&format!("{}: routes to both other nodes", n.name), || {
             let count = n.ns.ip(&["route", "show", "proto", "168"]).lines().count()
@@ -172,7 +192,7 @@ fn mixed(tag: &str, dual_stack: bool, tmp: &Tmp) -> (Cluster, Vec<Agent>) {
 fn on_link_pair_routes_directly_off_link_node_goes_through_vxlan_both_families() {
     require_root("vxlan mixed topology");
     let tmp = Tmp::new("vxmix");
-    let (cl, mut agents) = mixed("vxm", true, &tmp);
+    let (cl, mut agents) = mixed("vxm", Setup { dual_stack: true, ..Setup::default() }, &tmp);
     let pod = |i: usize| -> &Pod { &cl.pods[i] };
     // Direct between the on-link pair, the tunnel to and from node-3, in both families.
     for (from, to, dev) in
@@ -237,7 +257,7 @@ fn on_link_pair_routes_directly_off_link_node_goes_through_vxlan_both_families()
         assert!(Instant::now() < deadline, "ip monitor saw nothing");
     }
     agents.remove(0).terminate();
-    let again = Agent::start(&cl, 0, &tmp.0);
+    let again = Agent::start(&cl, 0, &tmp.0, &[]);
     eventually("node-1's restarted agent is ready", || ready(ns));
     ns.ip(&["route", "del", MARK, "dev", "lo"]);
     let mut seen = Vec::new();
@@ -304,13 +324,13 @@ impl Conn {
 fn a_node_moving_on_link_switches_to_direct_routes_and_keeps_its_connections() {
     require_root("vxlan to direct");
     let tmp = Tmp::new("vxmove");
-    let (mut cl, _agents) = mixed("vxv", false, &tmp);
+    let (mut cl, _agents) = mixed("vxv", Setup::default(), &tmp);
     assert!(route_get(&cl, 0, cl.pods[2].ip).contains(&format!("dev {DEV} ")));
     let mut conn = connect(&cl.pods[2], &cl.pods[0]);
     assert_eq!(conn.server_saw, cl.pods[0].ip, "the pod keeps its source address across the tunnel");
     conn.echo(b"tun1").unwrap();
     cl.move_on_link(2);
-    write_nodes(&tmp.0, &cl);
+    write_nodes(&tmp.0, &cl, false);
     for (from, to) in [(0, 2), (1, 2), (2, 0), (2, 1)] {
         let via = format!("via {} dev eth0", cl.nodes[to].ip);
         eventually(&format!("node-{} routes to node-{} directly", from + 1, to + 1), || {
@@ -329,4 +349,49 @@ fn a_node_moving_on_link_switches_to_direct_routes_and_keeps_its_connections() {
     }
     conn.echo(b"dir2").unwrap();
     all_pairs(&cl).unwrap();
+}
+
+#[test]
+fn an_ipv6_only_cluster_tunnels_over_the_ipv6_underlay() {
+    require_root("vxlan over IPv6");
+    let tmp = Tmp::new("vx6");
+    let setup = Setup { dual_stack: true, v6_only: true, ..Setup::default() };
+    let (cl, _agents) = mixed("vx6", setup, &tmp);
+    let dev6 = "cra-vxlan6";
+    let r = route_get(&cl, 0, cl.pods[2].ip6.unwrap());
+    assert!(r.contains(&format!("dev {dev6} ")), "{r}");
+    assert!(route_get(&cl, 0, cl.pods[1].ip6.unwrap()).contains("dev eth0 "));
+    let link = cl.nodes[0].ns.ip_json(&["link", "show", "dev", dev6]);
+    assert_eq!(link[0]["mtu"], 1430, "70 bytes off for the IPv6 underlay");
+    let info = &link[0]["linkinfo"]["info_data"];
+    assert!(info["local6"] == "fd00:200::11" || info["local"] == "fd00:200::11", "{info}");
+    assert!(!cl.nodes[0].ns.links().contains(&DEV.to_string()), "no IPv4 underlay to tunnel over");
+    let fdb = String::from_utf8(cl.nodes[0].ns.run("bridge", &["fdb", "show", "dev", dev6]).stdout).unwrap();
+    assert!(fdb.contains("dst fd00:201::13"), "{fdb}");
+    eventually("conflist MTU 1430", || conflist_mtu(&tmp.0, 0) == Some(1430));
+    for a in &cl.pods {
+        for b in cl.pods.iter().filter(|b| b.name != a.name) {
+            let (from, to) = (a.ip6.unwrap(), b.ip6.unwrap());
+            let seen = exchange(b.ns.file(), SocketAddr::new(to, 0), a.ns.file(), None);
+            assert_eq!(seen, Ok(from), "{} -> {}", a.name, b.name);
+        }
+    }
+}
+
+#[test]
+fn vxlan_mtu_always_takes_the_overhead_off_while_every_node_is_on_link() {
+    require_root("vxlan MTU always");
+    let tmp = Tmp::new("vxmtu");
+    let mut cl = Cluster::new("vxa", 2, plugins(), true);
+    cl.add_pod(0, "vxan1p").unwrap();
+    write_nodes(&tmp.0, &cl, false);
+    let _agents: Vec<Agent> = (0..2)
+        .map(|i| Agent::start(&cl, i, &tmp.0, if i == 0 { &["--vxlan-mtu-always"] } else { &[] }))
+        .collect();
+    eventually("conflists written", || {
+        conflist_mtu(&tmp.0, 0).is_some() && conflist_mtu(&tmp.0, 1).is_some()
+    });
+    assert_eq!(conflist_mtu(&tmp.0, 0), Some(1450));
+    assert_eq!(conflist_mtu(&tmp.0, 1), Some(1500), "without the flag: the underlay's");
+    assert!(!cl.nodes[0].ns.links().contains(&DEV.to_string()), "no tunnel while nobody needs it");
 }
