@@ -115,14 +115,22 @@ impl Reconciler {
             }
         }
         let vtep = VtepPlan::new(&desired.tunnelled, &local, |ip| underlay_mtu.get(ip).copied());
-        let ensured = vxlan::ensure(&self.kernel, &vtep, self.opts.vxlan).await?;
+        // A tunnel that cannot be set up (no vxlan module, the port taken) fails the sync
+        // but must not keep the direct routes from being written.
+        let mut tunnel_errors = Vec::new();
+        let ensured = vxlan::ensure(&self.kernel, &vtep, self.opts.vxlan).await.unwrap_or_else(|e| {
+            tunnel_errors.push(e.to_string());
+            vxlan::Ensured::default()
+        });
         let tunnel_oif: BTreeMap<IpNetwork, u32> =
             vtep.routes.iter().filter_map(|(cidr, dev)| Some((*cidr, *ensured.index.get(dev)?))).collect();
         let RouteOutcome { applied, mut writes, mut errors, diff_empty } =
             self.apply_routes(&desired, &have, &existing, &connected, &tunnel_oif).await;
         // Stale entries and unused devices only once no route needs them.
-        let (cleaned, cleanup_errors) = vxlan::cleanup(&self.kernel, &vtep).await?;
+        let (cleaned, cleanup_errors) =
+            vxlan::cleanup(&self.kernel, &vtep).await.unwrap_or_else(|e| (0, vec![e.to_string()]));
         writes += ensured.writes + cleaned;
+        errors.extend(tunnel_errors);
         errors.extend(ensured.errors);
         errors.extend(cleanup_errors);
         self.record(&desired, &applied, writes, start);
@@ -176,7 +184,16 @@ impl Reconciler {
         } else {
             NexthopPlan::default()
         };
-        let diff = plan::diff(&desired.routes, have);
+        let mut diff = plan::diff(&desired.routes, have);
+        // Without its device a tunnelled route cannot be written; the kernel's one (if any)
+        // stays until the device is back.
+        diff.upsert.retain(|(cidr, _)| {
+            let orphan = desired.tunnelled.contains_key(cidr) && !tunnel_oif.contains_key(cidr);
+            if orphan {
+                errors.push(format!("route to {cidr}: no VXLAN device"));
+            }
+            !orphan
+        });
         let (applied, route_errors) = self.kernel.apply(&diff, &nexthops.ids, tunnel_oif).await;
         errors.extend(route_errors);
         let (deleted, errs) = nexthop::del_async(nexthops.stale).await;

@@ -349,6 +349,16 @@ fn a_node_moving_on_link_switches_to_direct_routes_and_keeps_its_connections() {
     }
     conn.echo(b"dir2").unwrap();
     all_pairs(&cl).unwrap();
+    // And off-link again: back through the tunnel, same connection.
+    cl.move_off_link(2);
+    write_nodes(&tmp.0, &cl, false);
+    for (from, to) in [(0, 2), (1, 2), (2, 0), (2, 1)] {
+        eventually(&format!("node-{} tunnels to node-{} again", from + 1, to + 1), || {
+            route_get(&cl, from, cl.pods[to].ip).contains(&format!("dev {DEV} "))
+        });
+    }
+    conn.echo(b"tun2").unwrap();
+    all_pairs(&cl).unwrap();
 }
 
 #[test]
@@ -394,4 +404,28 @@ fn vxlan_mtu_always_takes_the_overhead_off_while_every_node_is_on_link() {
     assert_eq!(conflist_mtu(&tmp.0, 0), Some(1450));
     assert_eq!(conflist_mtu(&tmp.0, 1), Some(1500), "without the flag: the underlay's");
     assert!(!cl.nodes[0].ns.links().contains(&DEV.to_string()), "no tunnel while nobody needs it");
+}
+
+#[test]
+fn a_tunnel_that_cannot_be_made_fails_the_sync_but_not_the_direct_routes() {
+    require_root("vxlan failure");
+    let tmp = Tmp::new("vxfail");
+    let mut cl = Cluster::new("vxf", 2, plugins(), true);
+    cl.add_pod(0, "vxfn1p").unwrap();
+    cl.add_pod(1, "vxfn2p").unwrap();
+    // Another VXLAN device already holds the VNI and port: ours cannot be created.
+    let ns = &cl.nodes[0].ns;
+    ns.ip(&["link", "add", "squat", "type", "vxlan", "id", "168", "dstport", "4789", "local", "10.200.0.11"]);
+    let mut nodes: Vec<Value> = cl.nodes.iter().map(|n| n.nodes_file_entry()).collect();
+    nodes.push(json!({"name": "far", "podCIDRs": ["10.244.9.0/24"], "addresses": ["192.0.2.9"]}));
+    std::fs::write(tmp.0.join("nodes.json"), json!({ "nodes": nodes }).to_string()).unwrap();
+    let _agent = Agent::start(&cl, 0, &tmp.0, &[]);
+    let direct = format!("{} nhid", cl.nodes[1].pod_cidr);
+    eventually("the direct route to node-2", || ns.ip(&["route", "show", "proto", "168"]).contains(&direct));
+    assert!(!ns.links().contains(&DEV.to_string()));
+    assert!(
+        !ns.ip(&["route", "show", "proto", "168"]).contains("10.244.9.0/24"),
+        "no route without its device"
+    );
+    assert!(!ready(ns), "the failed tunnel shows in /readyz");
 }
