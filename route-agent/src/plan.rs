@@ -451,6 +451,19 @@ mod tests {
     }
 
     #[test]
+    fn a_tunnelled_claim_in_the_kernel_stays_established_against_a_wider_newcomer() {
+        let s = snap(vec![
+            node("a", &["10.244.1.0/24"], &["10.200.0.1"]),
+            node("b", &["10.245.0.0/16"], &["10.200.0.2"]),
+            node("c", &["10.245.7.0/24"], &["192.0.2.3"]),
+        ]);
+        let have = BTreeMap::from([(net("10.245.7.0/24"), ip("10.245.7.0"))]);
+        let d = desired_with(&s, "a", &connected(), &have, &tunnelling(Backend::Auto));
+        assert_eq!(d.routes, have, "c keeps its tunnelled CIDR");
+        assert_eq!(d.conflicts[0].claimant, "b");
+    }
+
+    #[test]
     fn an_ipv6_only_underlay_carries_the_tunnel_and_no_local_address_means_off_link() {
         let s = snap(vec![
             node("a", &["fd00:244:1::/64"], &["fd00:200::1"]),
