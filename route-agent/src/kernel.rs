@@ -10,6 +10,7 @@ use ipnetwork::IpNetwork;
 use rtnetlink::packet_core::NetlinkPayload;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
 use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::packet_route::neighbour::NeighbourState;
 use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage, RouteProtocol};
 use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::{Handle, MulticastGroup, RouteMessageBuilder};
@@ -30,6 +31,8 @@ pub struct Kernel {
     proto: u8,
     /// Routes point at nexthop objects (one per node address) instead of carrying a gateway.
     pub nexthops: bool,
+    /// The VXLAN devices, for [`events`].
+    pub tunnel_links: std::sync::Arc<crate::vxlan::TunnelLinks>,
 }
 
 /// Counts of a sync's netlink writes.
@@ -51,7 +54,7 @@ impl Kernel {
             rtnetlink::new_connection().map_err(AgentError::io("opening a netlink socket"))?;
         tokio::spawn(conn);
         let nexthops = nexthops && crate::nexthop::dump_async().await.is_ok();
-        Ok(Kernel { handle, proto, nexthops })
+        Ok(Kernel { handle, proto, nexthops, tunnel_links: Default::default() })
     }
 
     /// The protocol number marking our routes and nexthops.
@@ -325,13 +328,19 @@ pub fn pick_node_addresses(local: &[LocalAddress], default_links: &[u32]) -> Vec
         .collect()
 }
 
-/// A stream of "something changed" from the kernel: one of our routes deleted, or a link
-/// changed (a link going down flushes its routes). Our own additions do not wake us.
-pub fn events(proto: u8) -> Result<tokio::sync::mpsc::UnboundedReceiver<()>, AgentError> {
+/// A stream of "something changed" from the kernel: one of our routes deleted, a link
+/// changed (a link going down flushes its routes), a permanent FDB or neighbour entry
+/// deleted (the VXLAN tunnels' FDB entries are), or any neighbour on a VXLAN device deleted.
+/// Our own additions do not wake us.
+pub fn events(
+    proto: u8,
+    tunnel_links: std::sync::Arc<crate::vxlan::TunnelLinks>,
+) -> Result<tokio::sync::mpsc::UnboundedReceiver<()>, AgentError> {
     let (conn, _h, mut msgs) = rtnetlink::new_multicast_connection(&[
         MulticastGroup::Ipv4Route,
         MulticastGroup::Ipv6Route,
         MulticastGroup::Link,
+        MulticastGroup::Neigh,
     ])
     .map_err(AgentError::io("subscribing to netlink events"))?;
     tokio::spawn(conn);
@@ -341,6 +350,9 @@ pub fn events(proto: u8) -> Result<tokio::sync::mpsc::UnboundedReceiver<()>, Age
             let wake = match m.payload {
                 NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelRoute(r)) => {
                     r.header.protocol == RouteProtocol::Other(proto)
+                }
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelNeighbour(n)) => {
+                    n.header.state == NeighbourState::Permanent || tunnel_links.contains(n.header.ifindex)
                 }
                 NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(_))
                 | NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(_)) => true,

@@ -129,7 +129,7 @@ pub async fn run(mut opts: Options) -> Result<(), AgentError> {
             }
         });
     }
-    let mut events = kernel::events(opts.route_protocol)?;
+    let mut events = kernel::events(opts.route_protocol, kernel.tunnel_links.clone())?;
     let mut tick = tokio::time::interval(opts.resync);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut term = signal(SignalKind::terminate()).map_err(AgentError::io("SIGTERM handler"))?;

@@ -122,6 +122,9 @@ impl Reconciler {
             tunnel_errors.push(e.to_string());
             vxlan::Ensured::default()
         });
+        if tunnel_errors.is_empty() {
+            self.kernel.tunnel_links.set(&ensured.index);
+        }
         let tunnel_oif: BTreeMap<IpNetwork, u32> =
             vtep.routes.iter().filter_map(|(cidr, dev)| Some((*cidr, *ensured.index.get(dev)?))).collect();
         let RouteOutcome { applied, mut writes, mut errors, diff_empty } =

@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use futures::TryStreamExt;
 use ipnetwork::IpNetwork;
@@ -72,6 +73,26 @@ pub fn vtep_mac(ip: &IpAddr) -> [u8; 6] {
     };
     let family = if ip.is_ipv4() { 0x04 } else { 0x06 };
     [0x0e, family, tail[0], tail[1], tail[2], tail[3]]
+}
+
+/// The VXLAN devices' indices (0: none), shared with the kernel event listener: deleting one
+/// of their neighbour entries wakes the agent (the kernel reports such a deletion with the
+/// entry already failed, not as the permanent entry it was).
+#[derive(Debug, Default)]
+pub struct TunnelLinks([AtomicU32; 2]);
+
+impl TunnelLinks {
+    /// Records the devices [`ensure`] found or made.
+    pub fn set(&self, index: &BTreeMap<&'static str, u32>) {
+        for (slot, name) in self.0.iter().zip([DEVICE_V4, DEVICE_V6]) {
+            slot.store(index.get(name).copied().unwrap_or(0), Ordering::Relaxed);
+        }
+    }
+
+    /// Whether link `index` is one of the VXLAN devices.
+    pub fn contains(&self, index: u32) -> bool {
+        index != 0 && self.0.iter().any(|slot| slot.load(Ordering::Relaxed) == index)
+    }
 }
 
 /// One VXLAN device as wanted.

@@ -227,6 +227,17 @@ fn on_link_pair_routes_directly_off_link_node_goes_through_vxlan_both_families()
         eventually("conflist MTU 1450", || conflist_mtu(&tmp.0, node) == Some(1450));
     }
     all_pairs(&cl).unwrap();
+    // Entries deleted by hand come back by event (the resync is an hour away).
+    let ns = &cl.nodes[0].ns;
+    ns.run("bridge", &["fdb", "del", "0e:04:0a:c9:00:0d", "dev", DEV, "dst", "10.201.0.13"]);
+    ns.ip(&["neigh", "del", "10.244.3.0", "dev", DEV]);
+    eventually("the FDB entry is back", || {
+        String::from_utf8_lossy(&ns.run("bridge", &["fdb", "show", "dev", DEV]).stdout)
+            .contains("dst 10.201.0.13")
+    });
+    eventually("the neighbour is back", || {
+        ns.ip(&["neigh", "show", "dev", DEV]).contains("10.244.3.0 lladdr")
+    });
     // The on-link pair's traffic does not touch the tunnel; node-3's does.
     let before = tx_packets(&cl.nodes[0].ns, DEV);
     exchange(pod(1).ns.file(), SocketAddr::new(pod(1).ip, 0), pod(0).ns.file(), None).unwrap();
