@@ -351,8 +351,9 @@ pub fn events(
                 NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelRoute(r)) => {
                     r.header.protocol == RouteProtocol::Other(proto)
                 }
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelNeighbour(n)) => {
-                    n.header.state == NeighbourState::Permanent || tunnel_links.contains(n.header.ifindex)
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelNeighbour(neigh)) => {
+                    neigh.header.state == NeighbourState::Permanent
+                        || tunnel_links.contains(neigh.header.ifindex)
                 }
                 NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(_))
                 | NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(_)) => true,

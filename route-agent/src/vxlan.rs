@@ -162,13 +162,13 @@ struct Present {
 
 fn present(link: &LinkMessage) -> Option<(String, Present)> {
     let name = link.attributes.iter().find_map(|a| match a {
-        LinkAttribute::IfName(n) => Some(n.clone()),
+        LinkAttribute::IfName(ifname) => Some(ifname.clone()),
         _ => None,
     })?;
     if name != DEVICE_V4 && name != DEVICE_V6 {
         return None;
     }
-    let mut p = Present {
+    let mut found = Present {
         index: link.header.index,
         vni: None,
         port: None,
@@ -178,20 +178,20 @@ fn present(link: &LinkMessage) -> Option<(String, Present)> {
         mtu: None,
         up: link.header.flags.contains(LinkFlags::Up),
     };
-    for a in &link.attributes {
-        match a {
-            LinkAttribute::Address(m) => p.mac = Some(m.clone()),
-            LinkAttribute::Mtu(m) => p.mtu = Some(*m),
+    for attr in &link.attributes {
+        match attr {
+            LinkAttribute::Address(mac) => found.mac = Some(mac.clone()),
+            LinkAttribute::Mtu(mtu) => found.mtu = Some(*mtu),
             LinkAttribute::LinkInfo(infos) => {
                 for info in infos {
                     if let LinkInfo::Data(InfoData::Vxlan(vx)) = info {
-                        for v in vx {
-                            match v {
-                                InfoVxlan::Id(id) => p.vni = Some(*id),
-                                InfoVxlan::Port(port) => p.port = Some(*port),
-                                InfoVxlan::Local(l) => p.local = Some(IpAddr::V4(*l)),
-                                InfoVxlan::Local6(l) => p.local = Some(IpAddr::V6(*l)),
-                                InfoVxlan::Learning(l) => p.learning = Some(*l),
+                        for setting in vx {
+                            match setting {
+                                InfoVxlan::Id(id) => found.vni = Some(*id),
+                                InfoVxlan::Port(port) => found.port = Some(*port),
+                                InfoVxlan::Local(local) => found.local = Some(IpAddr::V4(*local)),
+                                InfoVxlan::Local6(local) => found.local = Some(IpAddr::V6(*local)),
+                                InfoVxlan::Learning(on) => found.learning = Some(*on),
                                 _ => {}
                             }
                         }
@@ -201,7 +201,7 @@ fn present(link: &LinkMessage) -> Option<(String, Present)> {
             _ => {}
         }
     }
-    Some((name, p))
+    Some((name, found))
 }
 
 /// Our devices in the kernel by name.
@@ -233,12 +233,12 @@ async fn entries(kernel: &Kernel, index: u32) -> Result<Entries, AgentError> {
             .try_collect()
             .await
             .map_err(AgentError::netlink("dumping neighbours"))?;
-        for m in msgs.iter().filter(|m| m.header.ifindex == index && m.header.family == family) {
-            let mac = m.attributes.iter().find_map(|a| match a {
-                NeighbourAttribute::LinkLayerAddress(l) => <[u8; 6]>::try_from(l.as_slice()).ok(),
+        for msg in msgs.iter().filter(|m| m.header.ifindex == index && m.header.family == family) {
+            let mac = msg.attributes.iter().find_map(|a| match a {
+                NeighbourAttribute::LinkLayerAddress(lladdr) => <[u8; 6]>::try_from(lladdr.as_slice()).ok(),
                 _ => None,
             });
-            let dst = m.attributes.iter().find_map(|a| match a {
+            let dst = msg.attributes.iter().find_map(|a| match a {
                 NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => Some(IpAddr::V4(*v4)),
                 NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => Some(IpAddr::V6(*v6)),
                 _ => None,
@@ -246,7 +246,7 @@ async fn entries(kernel: &Kernel, index: u32) -> Result<Entries, AgentError> {
             let (Some(mac), Some(dst)) = (mac, dst) else { continue };
             if family == AddressFamily::Bridge {
                 fdb.insert((mac, dst));
-            } else if m.header.state == NeighbourState::Permanent {
+            } else if msg.header.state == NeighbourState::Permanent {
                 neigh.insert((dst, mac));
             }
         }
@@ -278,22 +278,22 @@ pub async fn ensure(kernel: &Kernel, plan: &VtepPlan, cfg: VxlanConfig) -> Resul
     let links = kernel.handle.link();
     for dev in &plan.devices {
         let current = have.get(dev.name);
-        let matches = current.is_some_and(|p| {
-            p.vni == Some(cfg.vni)
-                && p.port == Some(cfg.port)
-                && p.local == Some(dev.local)
-                && p.learning != Some(true)
-                && p.mac.as_deref() == Some(&dev.mac[..])
+        let matches = current.is_some_and(|have| {
+            have.vni == Some(cfg.vni)
+                && have.port == Some(cfg.port)
+                && have.local == Some(dev.local)
+                && have.learning != Some(true)
+                && have.mac.as_deref() == Some(&dev.mac[..])
         });
-        if let (Some(p), false) = (current, matches) {
+        if let (Some(stale), false) = (current, matches) {
             tracing::info!(device = dev.name, "VXLAN device differs from the settings: recreating it");
-            links.del(p.index).execute().await.map_err(AgentError::netlink("deleting a VXLAN device"))?;
+            links.del(stale.index).execute().await.map_err(AgentError::netlink("deleting a VXLAN device"))?;
             out.writes += 1;
         }
         if matches {
-            let p = current.expect("matches implies present");
-            if !p.up || (dev.mtu.is_some() && p.mtu != dev.mtu) {
-                let mut msg = LinkUnspec::new_with_index(p.index).up();
+            let kept = current.expect("matches implies present");
+            if !kept.up || (dev.mtu.is_some() && kept.mtu != dev.mtu) {
+                let mut msg = LinkUnspec::new_with_index(kept.index).up();
                 if let Some(mtu) = dev.mtu {
                     msg = msg.mtu(mtu);
                 }
@@ -304,7 +304,7 @@ pub async fn ensure(kernel: &Kernel, plan: &VtepPlan, cfg: VxlanConfig) -> Resul
                     .map_err(AgentError::netlink("setting up a VXLAN device"))?;
                 out.writes += 1;
             }
-            out.index.insert(dev.name, p.index);
+            out.index.insert(dev.name, kept.index);
         } else {
             let mut msg = LinkVxlan::new(dev.name, cfg.vni).port(cfg.port).learning(false);
             msg = match dev.local {
@@ -321,7 +321,7 @@ pub async fn ensure(kernel: &Kernel, plan: &VtepPlan, cfg: VxlanConfig) -> Resul
             let index = devices(kernel)
                 .await?
                 .get(dev.name)
-                .map(|p| p.index)
+                .map(|made| made.index)
                 .ok_or_else(|| AgentError::Route(format!("{} vanished after creation", dev.name)))?;
             out.index.insert(dev.name, index);
         }
@@ -332,7 +332,7 @@ pub async fn ensure(kernel: &Kernel, plan: &VtepPlan, cfg: VxlanConfig) -> Resul
             if fdb.contains(&(*mac, *remote)) {
                 continue;
             }
-            let r = kernel
+            let written = kernel
                 .handle
                 .neighbours()
                 .add_bridge(*index, mac)
@@ -342,7 +342,7 @@ pub async fn ensure(kernel: &Kernel, plan: &VtepPlan, cfg: VxlanConfig) -> Resul
                 .execute()
                 .await;
             out.writes += 1;
-            if let Err(e) = r {
+            if let Err(e) = written {
                 out.errors.push(format!("FDB entry for {remote} on {name}: {e}"));
             }
         }
@@ -350,10 +350,10 @@ pub async fn ensure(kernel: &Kernel, plan: &VtepPlan, cfg: VxlanConfig) -> Resul
             if neigh.contains(&(*gw, *mac)) {
                 continue;
             }
-            let r =
+            let written =
                 kernel.handle.neighbours().add(*index, *gw).link_layer_address(mac).replace().execute().await;
             out.writes += 1;
-            if let Err(e) = r {
+            if let Err(e) = written {
                 out.errors.push(format!("neighbour {gw} on {name}: {e}"));
             }
         }
@@ -362,21 +362,21 @@ pub async fn ensure(kernel: &Kernel, plan: &VtepPlan, cfg: VxlanConfig) -> Resul
 }
 
 fn entry(family: AddressFamily, index: u32, dst: IpAddr, mac: Option<&[u8; 6]>) -> NeighbourMessage {
-    let mut m = NeighbourMessage::default();
-    m.header.family = family;
-    m.header.ifindex = index;
-    m.header.state = NeighbourState::Permanent;
+    let mut msg = NeighbourMessage::default();
+    msg.header.family = family;
+    msg.header.ifindex = index;
+    msg.header.state = NeighbourState::Permanent;
     if family == AddressFamily::Bridge {
-        m.header.flags = NeighbourFlags::Own;
+        msg.header.flags = NeighbourFlags::Own;
     }
     if let Some(mac) = mac {
-        m.attributes.push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+        msg.attributes.push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
     }
-    m.attributes.push(NeighbourAttribute::Destination(match dst {
+    msg.attributes.push(NeighbourAttribute::Destination(match dst {
         IpAddr::V4(v4) => NeighbourAddress::Inet(v4),
         IpAddr::V6(v6) => NeighbourAddress::Inet6(v6),
     }));
-    m
+    msg
 }
 
 /// Removes what the plan no longer wants: FDB and neighbour entries of gone peers, and our
@@ -384,12 +384,12 @@ fn entry(family: AddressFamily, index: u32, dst: IpAddr, mac: Option<&[u8; 6]>) 
 pub async fn cleanup(kernel: &Kernel, plan: &VtepPlan) -> Result<(usize, Vec<String>), AgentError> {
     let mut writes = 0;
     let mut errors = Vec::new();
-    for (name, p) in devices(kernel).await? {
+    for (name, have) in devices(kernel).await? {
         let Some(dev) = plan.devices.iter().find(|d| d.name == name) else {
             kernel
                 .handle
                 .link()
-                .del(p.index)
+                .del(have.index)
                 .execute()
                 .await
                 .map_err(AgentError::netlink("deleting a VXLAN device"))?;
@@ -397,9 +397,9 @@ pub async fn cleanup(kernel: &Kernel, plan: &VtepPlan) -> Result<(usize, Vec<Str
             writes += 1;
             continue;
         };
-        let (fdb, neigh) = entries(kernel, p.index).await?;
+        let (fdb, neigh) = entries(kernel, have.index).await?;
         for (mac, remote) in fdb.iter().filter(|(m, r)| !plan.fdb.contains(&(dev.name, *m, *r))) {
-            let msg = entry(AddressFamily::Bridge, p.index, *remote, Some(mac));
+            let msg = entry(AddressFamily::Bridge, have.index, *remote, Some(mac));
             writes += 1;
             if let Err(e) = kernel.handle.neighbours().del(msg).execute().await {
                 errors.push(format!("deleting FDB entry for {remote} on {name}: {e}"));
@@ -407,7 +407,7 @@ pub async fn cleanup(kernel: &Kernel, plan: &VtepPlan) -> Result<(usize, Vec<Str
         }
         for (gw, mac) in neigh.iter().filter(|(g, m)| !plan.neighbours.contains(&(dev.name, *g, *m))) {
             let family = if gw.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
-            let msg = entry(family, p.index, *gw, Some(mac));
+            let msg = entry(family, have.index, *gw, Some(mac));
             writes += 1;
             if let Err(e) = kernel.handle.neighbours().del(msg).execute().await {
                 errors.push(format!("deleting neighbour {gw} on {name}: {e}"));
