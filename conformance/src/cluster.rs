@@ -91,12 +91,19 @@ pub struct Cluster {
     pub keep: bool,
     /// Nodes and pods have IPv6 addresses too.
     pub dual_stack: bool,
+    /// The router between the underlay and the far segment, once [`Cluster::add_router`] made it.
+    pub router: Option<Netns>,
 }
 
 /// The underlay subnet's first node address is .11.
 pub const UNDERLAY_PREFIX: &str = "10.200.0";
 /// The IPv6 underlay subnet (a /64): node i is `fd00:200::<10+i>`.
 pub const UNDERLAY_PREFIX6: &str = "fd00:200::";
+/// The far segment behind the router ([`Cluster::add_router`]): a node moved there is
+/// `10.201.0.<10+i>` (and `fd00:201::<10+i>`).
+pub const FAR_PREFIX: &str = "10.201.0";
+/// The far segment's IPv6 subnet (a /64).
+pub const FAR_PREFIX6: &str = "fd00:201::";
 
 impl Cluster {
     /// Makes `n` nodes on an underlay; node i gets pod CIDR 10.244.i.0/24.
@@ -160,7 +167,86 @@ impl Cluster {
             }
             nodes.push(Node { name: format!("node-{i}"), ns, ip, pod_cidr, ip6, pod_cidr6, conf });
         }
-        Cluster { underlay, nodes, pods: Vec::new(), plugins, state, keep: false, dual_stack }
+        Cluster { underlay, nodes, pods: Vec::new(), plugins, state, keep: false, dual_stack, router: None }
+    }
+
+    /// A second segment (bridge `ul1` in the underlay namespace) and a router namespace joining
+    /// it to the underlay (`.1` on each side); every node gets its default route via the router,
+    /// as a data centre fabric would provide. Nodes stay on the underlay until
+    /// [`Cluster::move_off_link`].
+    pub fn add_router(&mut self) {
+        let router = Netns::new(&format!("{}-rt", self.underlay.name));
+        self.underlay.ip(&["link", "add", "ul1", "type", "bridge"]);
+        self.underlay.ip(&["link", "set", "ul1", "up"]);
+        let legs =
+            [("rt0", "ul0", UNDERLAY_PREFIX, UNDERLAY_PREFIX6), ("rt1", "ul1", FAR_PREFIX, FAR_PREFIX6)];
+        for (i, (port, bridge, v4, v6)) in legs.iter().enumerate() {
+            let leg = format!("r{i}");
+            self.underlay.ip(&[
+                "link",
+                "add",
+                port,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &leg,
+                "netns",
+                &router.name,
+            ]);
+            self.underlay.ip(&["link", "set", port, "master", bridge, "up"]);
+            router.ip(&["addr", "add", &format!("{v4}.1/24"), "dev", &leg]);
+            if self.dual_stack {
+                router.ip(&["addr", "add", &format!("{v6}1/64"), "dev", &leg, "nodad"]);
+            }
+            router.ip(&["link", "set", &leg, "up"]);
+        }
+        router.sysctl("net.ipv4.ip_forward", "1").expect("enable forwarding in the router");
+        if self.dual_stack {
+            router.sysctl("net.ipv6.conf.all.forwarding", "1").expect("enable IPv6 forwarding in the router");
+        }
+        self.router = Some(router);
+        for i in 0..self.nodes.len() {
+            self.default_route(i, UNDERLAY_PREFIX, UNDERLAY_PREFIX6);
+        }
+    }
+
+    fn default_route(&self, node: usize, v4: &str, v6: &str) {
+        let ns = &self.nodes[node].ns;
+        ns.ip(&["route", "replace", "default", "via", &format!("{v4}.1")]);
+        if self.dual_stack {
+            ns.ip(&["-6", "route", "replace", "default", "via", &format!("{v6}1")]);
+        }
+    }
+
+    /// Moves node `node` (0-based) to the far segment behind the router: its underlay port
+    /// joins `ul1` and its addresses become `10.201.0.<10+i>` (`fd00:201::<10+i>`). Pods and
+    /// their bridge stay as they are; the caller tells the route agents (nodes file).
+    pub fn move_off_link(&mut self, node: usize) {
+        self.readdress(node, "ul1", FAR_PREFIX, FAR_PREFIX6);
+    }
+
+    /// Moves node `node` back onto the underlay segment, at its original addresses.
+    pub fn move_on_link(&mut self, node: usize) {
+        self.readdress(node, "ul0", UNDERLAY_PREFIX, UNDERLAY_PREFIX6);
+    }
+
+    fn readdress(&mut self, node: usize, bridge: &str, v4: &str, v6: &str) {
+        assert!(self.router.is_some(), "add_router first");
+        let host = 11 + node;
+        let n = &self.nodes[node];
+        n.ns.ip(&["addr", "flush", "dev", "eth0", "scope", "global"]);
+        self.underlay.ip(&["link", "set", &format!("n{}", node + 1), "master", bridge]);
+        let ip: Ipv4Addr = format!("{v4}.{host}").parse().expect("an IPv4 address");
+        n.ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+        let ip6: Option<Ipv6Addr> =
+            self.dual_stack.then(|| format!("{v6}{host}").parse().expect("an IPv6 address"));
+        if let Some(ip6) = ip6 {
+            n.ns.ip(&["addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"]);
+        }
+        self.nodes[node].ip = ip;
+        self.nodes[node].ip6 = ip6;
+        self.default_route(node, v4, v6);
     }
 
     /// Static routes: every node reaches every other node's pod CIDR via that node's address.
@@ -408,6 +494,7 @@ impl Cluster {
     /// The names of every namespace of the cluster (for `--keep` instructions).
     pub fn namespace_names(&self) -> Vec<String> {
         let mut v = vec![self.underlay.name.clone()];
+        v.extend(self.router.iter().map(|r| r.name.clone()));
         v.extend(self.nodes.iter().map(|n| n.ns.name.clone()));
         v.extend(self.pods.iter().map(|p| p.ns.name.clone()));
         v
@@ -442,6 +529,9 @@ impl Drop for Cluster {
             let ul =
                 std::mem::replace(&mut self.underlay, Netns { name: String::new(), path: PathBuf::new() });
             std::mem::forget(ul);
+            if let Some(router) = self.router.take() {
+                std::mem::forget(router);
+            }
             return;
         }
         while !self.pods.is_empty() {

@@ -10,6 +10,7 @@ use ipnetwork::IpNetwork;
 use rtnetlink::packet_core::NetlinkPayload;
 use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
 use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::packet_route::neighbour::NeighbourState;
 use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage, RouteProtocol};
 use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::{Handle, MulticastGroup, RouteMessageBuilder};
@@ -26,10 +27,12 @@ const MAIN_TABLE: u8 = 254;
 /// The agent's netlink connection.
 #[derive(Clone)]
 pub struct Kernel {
-    handle: Handle,
+    pub(crate) handle: Handle,
     proto: u8,
     /// Routes point at nexthop objects (one per node address) instead of carrying a gateway.
     pub nexthops: bool,
+    /// The VXLAN devices, for [`events`].
+    pub tunnel_links: std::sync::Arc<crate::vxlan::TunnelLinks>,
 }
 
 /// Counts of a sync's netlink writes.
@@ -51,7 +54,7 @@ impl Kernel {
             rtnetlink::new_connection().map_err(AgentError::io("opening a netlink socket"))?;
         tokio::spawn(conn);
         let nexthops = nexthops && crate::nexthop::dump_async().await.is_ok();
-        Ok(Kernel { handle, proto, nexthops })
+        Ok(Kernel { handle, proto, nexthops, tunnel_links: Default::default() })
     }
 
     /// The protocol number marking our routes and nexthops.
@@ -110,32 +113,48 @@ impl Kernel {
         Ok(out)
     }
 
-    fn message(&self, dst: IpNetwork, gw: Option<IpAddr>, nhid: Option<u32>) -> RouteMessage {
+    fn message(
+        &self,
+        dst: IpNetwork,
+        gw: Option<IpAddr>,
+        nhid: Option<u32>,
+        tunnel: Option<u32>,
+    ) -> RouteMessage {
         let mut builder = RouteMessageBuilder::<IpAddr>::new()
             .destination_prefix(dst.network(), dst.prefix())
             .expect("family of dst")
             .protocol(RouteProtocol::Other(self.proto));
-        match (nhid, gw) {
-            (Some(id), _) => builder = builder.nhid(id),
-            (None, Some(gw)) => {
+        match (tunnel, nhid, gw) {
+            // The gateway is on no subnet of the VXLAN device: `onlink` says it is there anyway.
+            (Some(oif), _, Some(gw)) => {
+                builder = builder
+                    .gateway(gw)
+                    .expect("gateway of the family of dst (the plan's tunnel gateway)")
+                    .output_interface(oif)
+                    .onlink()
+            }
+            (_, Some(id), _) => builder = builder.nhid(id),
+            (_, None, Some(gw)) => {
                 builder = builder.gateway(gw).expect("gateway of the family of dst (checked by the plan)")
             }
-            (None, None) => {}
+            (_, None, None) => {}
         }
         builder.build()
     }
 
     /// Adds/replaces and deletes routes, many requests in flight at once.
-    /// `nh_ids` maps gateways to their nexthop objects (empty without nexthops).
+    /// `nh_ids` maps gateways to their nexthop objects (empty without nexthops); `tunnel`
+    /// maps tunnelled destinations to the VXLAN device they go out of.
     pub async fn apply(
         &self,
         diff: &crate::plan::Diff,
         nh_ids: &BTreeMap<IpAddr, u32>,
+        tunnel: &BTreeMap<IpNetwork, u32>,
     ) -> (Applied, Vec<String>) {
         let mut applied = Applied::default();
         let mut errors = Vec::new();
         let ups = stream::iter(diff.upsert.iter().map(|(d, g)| {
-            let msg = self.message(*d, Some(*g), nh_ids.get(g).copied());
+            let msg = self.message(*d, Some(*g), nh_ids.get(g).copied(), tunnel.get(d).copied());
             let handle = self.handle.clone();
             async move { (*d, handle.route().add(msg).replace().execute().await) }
         }))
@@ -152,7 +171,7 @@ impl Kernel {
             }
         }
         let dels = stream::iter(diff.delete.iter().map(|(d, _)| {
-            let msg = self.message(*d, None, None);
+            let msg = self.message(*d, None, None, None);
             let handle = self.handle.clone();
             async move { (*d, handle.route().del(msg).execute().await) }
         }))
@@ -309,13 +328,19 @@ pub fn pick_node_addresses(local: &[LocalAddress], default_links: &[u32]) -> Vec
         .collect()
 }
 
-/// A stream of "something changed" from the kernel: one of our routes deleted, or a link
-/// changed (a link going down flushes its routes). Our own additions do not wake us.
-pub fn events(proto: u8) -> Result<tokio::sync::mpsc::UnboundedReceiver<()>, AgentError> {
+/// A stream of "something changed" from the kernel: one of our routes deleted, a link
+/// changed (a link going down flushes its routes), a permanent FDB or neighbour entry
+/// deleted (the VXLAN tunnels' FDB entries are), or any neighbour on a VXLAN device deleted.
+/// Our own additions do not wake us.
+pub fn events(
+    proto: u8,
+    tunnel_links: std::sync::Arc<crate::vxlan::TunnelLinks>,
+) -> Result<tokio::sync::mpsc::UnboundedReceiver<()>, AgentError> {
     let (conn, _h, mut msgs) = rtnetlink::new_multicast_connection(&[
         MulticastGroup::Ipv4Route,
         MulticastGroup::Ipv6Route,
         MulticastGroup::Link,
+        MulticastGroup::Neigh,
     ])
     .map_err(AgentError::io("subscribing to netlink events"))?;
     tokio::spawn(conn);
@@ -325,6 +350,10 @@ pub fn events(proto: u8) -> Result<tokio::sync::mpsc::UnboundedReceiver<()>, Age
             let wake = match m.payload {
                 NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelRoute(r)) => {
                     r.header.protocol == RouteProtocol::Other(proto)
+                }
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelNeighbour(neigh)) => {
+                    neigh.header.state == NeighbourState::Permanent
+                        || tunnel_links.contains(neigh.header.ifindex)
                 }
                 NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(_))
                 | NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(_)) => true,

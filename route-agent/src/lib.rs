@@ -15,6 +15,7 @@ pub mod nexthop;
 pub mod plan;
 pub mod reconcile;
 pub mod sources;
+pub mod vxlan;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -81,6 +82,13 @@ pub struct Options {
     pub mtu: Option<u32>,
     /// Use nexthop objects where the kernel has them.
     pub nexthops: bool,
+    /// Direct routes, VXLAN, or each where it works.
+    pub backend: plan::Backend,
+    /// VNI and UDP port of the VXLAN devices.
+    pub vxlan: vxlan::VxlanConfig,
+    /// Take the VXLAN overhead off the conflist's MTU even while no peer needs the tunnel
+    /// (pods made before a peer turns off-link then fit the tunnel too).
+    pub vxlan_mtu_always: bool,
 }
 
 /// Runs the agent until SIGTERM/SIGINT. Routes stay in place on exit, so pods keep working
@@ -122,7 +130,7 @@ pub async fn run(mut opts: Options) -> Result<(), AgentError> {
             }
         });
     }
-    let mut events = kernel::events(opts.route_protocol)?;
+    let mut events = kernel::events(opts.route_protocol, kernel.tunnel_links.clone())?;
     let mut tick = tokio::time::interval(opts.resync);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut term = signal(SignalKind::terminate()).map_err(AgentError::io("SIGTERM handler"))?;

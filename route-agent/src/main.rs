@@ -88,6 +88,21 @@ struct Cli {
     /// Plain routes with a gateway each, even where the kernel has nexthop objects.
     #[arg(long)]
     no_nexthops: bool,
+    /// How pods on other nodes are reached: host-gw (direct routes; nodes on another subnet
+    /// are reported, not routed), vxlan (every node through the VXLAN device) or auto (direct
+    /// routes where the node is on a connected subnet, VXLAN for the others).
+    #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
+    backend: BackendArg,
+    /// VXLAN network identifier; the same on every node.
+    #[arg(long, default_value_t = 168)]
+    vxlan_vni: u32,
+    /// UDP port of the VXLAN tunnel (IANA's 4789); the same on every node.
+    #[arg(long, default_value_t = 4789)]
+    vxlan_port: u16,
+    /// Take the VXLAN overhead (50 bytes, 70 over IPv6) off the conflist's MTU even while
+    /// every node is on-link, so pods made before a node turns off-link fit the tunnel too.
+    #[arg(long)]
+    vxlan_mtu_always: bool,
     /// /readyz fails once the node source has failed for longer than this many seconds
     /// (0: never).
     #[arg(long, default_value_t = 300)]
@@ -95,6 +110,17 @@ struct Cli {
     /// Log format on stderr: text or json.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+}
+
+/// `--backend`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum BackendArg {
+    /// Direct routes only.
+    HostGw,
+    /// VXLAN to every node.
+    Vxlan,
+    /// Direct routes to on-link nodes, VXLAN to the others.
+    Auto,
 }
 
 /// How log lines look.
@@ -213,6 +239,13 @@ fn main() -> std::process::ExitCode {
         route_protocol: cli.route_protocol,
         mtu: cli.mtu,
         nexthops: !cli.no_nexthops,
+        backend: match cli.backend {
+            BackendArg::HostGw => cni_route_agent::plan::Backend::HostGw,
+            BackendArg::Vxlan => cni_route_agent::plan::Backend::Vxlan,
+            BackendArg::Auto => cni_route_agent::plan::Backend::Auto,
+        },
+        vxlan: cni_route_agent::vxlan::VxlanConfig { vni: cli.vxlan_vni, port: cli.vxlan_port },
+        vxlan_mtu_always: cli.vxlan_mtu_always,
     };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     match rt.block_on(run(opts)) {

@@ -26,8 +26,10 @@ pub struct Metrics {
     pub netlink_writes: AtomicU64,
     /// Events from the source.
     pub source_events: AtomicU64,
-    /// Nodes not on this node's L2 segment.
+    /// Nodes not on this node's L2 segment that no tunnel reaches.
     pub nodes_off_link: AtomicU64,
+    /// Pod CIDRs routed through the VXLAN device.
+    pub cidrs_tunnelled: AtomicU64,
     /// Other nodes listed with pod CIDRs but without any usable address.
     pub nodes_without_address: AtomicU64,
     /// Other nodes' pod CIDRs without a node address of their family.
@@ -102,14 +104,19 @@ impl Metrics {
     pub fn render(&self) -> String {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let mut out = String::new();
-        let gauges: [(&str, &str, &AtomicU64); 7] = [
+        let gauges: [(&str, &str, &AtomicU64); 8] = [
             ("routes_desired", "Routes to other nodes' pod CIDRs the agent wants.", &self.routes_desired),
             (
                 "routes_installed",
                 "The agent's routes in the kernel after the last sync.",
                 &self.routes_installed,
             ),
-            ("nodes_off_link", "Nodes whose address is not on a connected subnet.", &self.nodes_off_link),
+            (
+                "nodes_off_link",
+                "Nodes not on a connected subnet that no tunnel reaches.",
+                &self.nodes_off_link,
+            ),
+            ("pod_cidrs_tunnelled", "Pod CIDRs routed through the VXLAN device.", &self.cidrs_tunnelled),
             (
                 "nodes_without_address",
                 "Nodes listed with pod CIDRs but no usable address (their last route is kept).",

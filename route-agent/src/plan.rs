@@ -12,15 +12,64 @@ use crate::model::Snapshot;
 pub struct Desired {
     /// Pod CIDR of another node -> that node's address.
     pub routes: BTreeMap<IpNetwork, IpAddr>,
-    /// Nodes whose address is not on a directly connected subnet of this node (host-gw
-    /// cannot reach their pods): (node, address).
+    /// Nodes whose address is not on a directly connected subnet of this node and that no
+    /// tunnel reaches (host-gw backend, or no underlay address to tunnel from): (node, address).
     pub off_link: Vec<(String, IpAddr)>,
+    /// Pod CIDRs reached through the VXLAN device (their `routes` gateway is the CIDR's own
+    /// network address, [`tunnel_gateway`], on-link on the device).
+    pub tunnelled: BTreeMap<IpNetwork, Tunnel>,
     /// Claims ignored because they overlap an earlier one.
     pub conflicts: Vec<Conflict>,
     /// Other nodes listed with pod CIDRs but without any usable address.
     pub nodes_without_address: Vec<String>,
     /// Other nodes' pod CIDRs without a node address of their family.
     pub without_address: Vec<Unaddressed>,
+}
+
+/// Which peers the agent reaches through a tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// Direct routes only; off-link peers are reported, not routed.
+    HostGw,
+    /// Every peer through the VXLAN device.
+    Vxlan,
+    /// Direct routes to on-link peers, the VXLAN device for the others.
+    #[default]
+    Auto,
+}
+
+/// How the plan may tunnel: the backend and this node's underlay addresses (the tunnel's
+/// local end; a family without one cannot carry a tunnel).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tunnelling {
+    /// The backend.
+    pub backend: Backend,
+    /// This node's addresses.
+    pub local: Vec<IpAddr>,
+}
+
+/// A pod CIDR reached through the tunnel.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Tunnel {
+    /// The node holding it.
+    pub node: String,
+    /// That node's underlay address the packets are sent to: IPv4 when both ends have one
+    /// (IPv6 pods ride it too), else IPv6.
+    pub remote: IpAddr,
+}
+
+/// The gateway of a tunnelled route: the pod CIDR's network address, as flannel does. The
+/// remote node needs no such address: the neighbour entry maps it to the remote VTEP's MAC,
+/// and the remote node forwards the inner packet by its destination.
+pub fn tunnel_gateway(cidr: &IpNetwork) -> IpAddr {
+    cidr.network()
+}
+
+/// The underlay address to reach `node` at through the tunnel, given this node's addresses.
+fn underlay(node: &crate::model::NodeInfo, local: &[IpAddr]) -> Option<IpAddr> {
+    let v4 = local.iter().any(IpAddr::is_ipv4).then_some(node.ipv4.map(IpAddr::V4)).flatten();
+    let v6 = local.iter().any(IpAddr::is_ipv6).then_some(node.ipv6.map(IpAddr::V6)).flatten();
+    v4.or(v6)
 }
 
 /// A pod CIDR claim that overlaps one kept before it.
@@ -95,6 +144,18 @@ pub fn desired(
     connected: &[IpNetwork],
     have: &BTreeMap<IpNetwork, IpAddr>,
 ) -> Desired {
+    let host_gw = Tunnelling { backend: Backend::HostGw, local: Vec::new() };
+    desired_with(nodes, me, connected, have, &host_gw)
+}
+
+/// [`desired`] with a tunnel for the peers direct routes cannot reach (see [`Backend`]).
+pub fn desired_with(
+    nodes: &Snapshot,
+    me: &str,
+    connected: &[IpNetwork],
+    have: &BTreeMap<IpNetwork, IpAddr>,
+    tunnelling: &Tunnelling,
+) -> Desired {
     let mut desired = Desired::default();
     let mut claims: Vec<(u8, &str, IpNetwork)> = nodes
         .values()
@@ -102,7 +163,10 @@ pub fn desired(
         .map(|(n, cidr)| {
             let rank = if n.name == me {
                 0
-            } else if have.get(&cidr).is_some_and(|gw| n.addr_for(&cidr).is_none_or(|a| a == *gw)) {
+            } else if have
+                .get(&cidr)
+                .is_some_and(|gw| *gw == tunnel_gateway(&cidr) || n.addr_for(&cidr).is_none_or(|a| a == *gw))
+            {
                 1
             } else {
                 2
@@ -136,7 +200,18 @@ pub fn desired(
             }
             continue;
         };
-        if !connected.iter().any(|c| c.contains(gw)) {
+        let on_link = connected.iter().any(|c| c.contains(gw));
+        let tunnel = match tunnelling.backend {
+            Backend::HostGw => None,
+            Backend::Auto if on_link => None,
+            Backend::Auto | Backend::Vxlan => underlay(n, &tunnelling.local),
+        };
+        if let Some(remote) = tunnel {
+            desired.tunnelled.insert(cidr, Tunnel { node: name.to_string(), remote });
+            desired.routes.insert(cidr, tunnel_gateway(&cidr));
+            continue;
+        }
+        if !on_link {
             if !desired.off_link.iter().any(|(off, _)| off == name) {
                 desired.off_link.push((name.to_string(), gw));
             }
@@ -336,6 +411,71 @@ mod tests {
             d.without_address,
             [Unaddressed { node: "b".into(), cidr: net("fd00:244:2::/64"), kept: None }]
         );
+    }
+
+    fn tunnelling(backend: Backend) -> Tunnelling {
+        Tunnelling { backend, local: vec![ip("10.200.0.1"), ip("fd00:200::1")] }
+    }
+
+    #[test]
+    fn auto_routes_on_link_peers_directly_and_tunnels_the_others_both_families_over_ipv4() {
+        let s = snap(vec![
+            node("a", &["10.244.1.0/24", "fd00:244:1::/64"], &["10.200.0.1", "fd00:200::1"]),
+            node("b", &["10.244.2.0/24", "fd00:244:2::/64"], &["10.200.0.2", "fd00:200::2"]),
+            node("far", &["10.244.9.0/24", "fd00:244:9::/64"], &["192.0.2.9", "2001:db8::9"]),
+        ]);
+        let d = desired_with(&s, "a", &connected(), &BTreeMap::new(), &tunnelling(Backend::Auto));
+        assert_eq!(
+            d.routes,
+            BTreeMap::from([
+                (net("10.244.2.0/24"), ip("10.200.0.2")),
+                (net("10.244.9.0/24"), ip("10.244.9.0")),
+                (net("fd00:244:2::/64"), ip("fd00:200::2")),
+                (net("fd00:244:9::/64"), ip("fd00:244:9::")),
+            ])
+        );
+        let far = Tunnel { node: "far".into(), remote: ip("192.0.2.9") };
+        assert_eq!(
+            d.tunnelled,
+            BTreeMap::from([(net("10.244.9.0/24"), far.clone()), (net("fd00:244:9::/64"), far)])
+        );
+        assert!(d.off_link.is_empty(), "a tunnelled peer is not unreachable");
+        // host-gw: today's behaviour.
+        let d = desired_with(&s, "a", &connected(), &BTreeMap::new(), &tunnelling(Backend::HostGw));
+        assert!(d.tunnelled.is_empty());
+        assert_eq!(d.off_link, vec![("far".to_string(), ip("192.0.2.9"))]);
+        // vxlan: everyone through the tunnel.
+        let d = desired_with(&s, "a", &connected(), &BTreeMap::new(), &tunnelling(Backend::Vxlan));
+        assert_eq!(d.tunnelled.len(), 4);
+        assert_eq!(d.routes[&net("10.244.2.0/24")], ip("10.244.2.0"));
+    }
+
+    #[test]
+    fn a_tunnelled_claim_in_the_kernel_stays_established_against_a_wider_newcomer() {
+        let s = snap(vec![
+            node("a", &["10.244.1.0/24"], &["10.200.0.1"]),
+            node("b", &["10.245.0.0/16"], &["10.200.0.2"]),
+            node("c", &["10.245.7.0/24"], &["192.0.2.3"]),
+        ]);
+        let have = BTreeMap::from([(net("10.245.7.0/24"), ip("10.245.7.0"))]);
+        let d = desired_with(&s, "a", &connected(), &have, &tunnelling(Backend::Auto));
+        assert_eq!(d.routes, have, "c keeps its tunnelled CIDR");
+        assert_eq!(d.conflicts[0].claimant, "b");
+    }
+
+    #[test]
+    fn an_ipv6_only_underlay_carries_the_tunnel_and_no_local_address_means_off_link() {
+        let s = snap(vec![
+            node("a", &["fd00:244:1::/64"], &["fd00:200::1"]),
+            node("far", &["fd00:244:9::/64"], &["192.0.2.9", "2001:db8::9"]),
+        ]);
+        let v6_only = Tunnelling { backend: Backend::Auto, local: vec![ip("fd00:200::1")] };
+        let d = desired_with(&s, "a", &connected(), &BTreeMap::new(), &v6_only);
+        assert_eq!(d.tunnelled[&net("fd00:244:9::/64")].remote, ip("2001:db8::9"));
+        let none = Tunnelling { backend: Backend::Auto, local: vec![] };
+        let d = desired_with(&s, "a", &connected(), &BTreeMap::new(), &none);
+        assert!(d.tunnelled.is_empty());
+        assert_eq!(d.off_link, vec![("far".to_string(), ip("2001:db8::9"))]);
     }
 
     #[test]

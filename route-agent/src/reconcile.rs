@@ -16,12 +16,14 @@ use crate::metrics::Metrics;
 use crate::model::{NodeInfo, Snapshot};
 use crate::nexthop::{Existing, NexthopPlan};
 use crate::plan::{self, Conflict, Desired, Unaddressed};
+use crate::vxlan::{self, VtepPlan};
 use crate::{conflist, masq, nexthop, Options};
 
 /// What was reported last, so each problem is logged once per change, not on every sync.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Reported {
     off_link: Vec<(String, IpAddr)>,
+    tunnelled: BTreeMap<IpNetwork, plan::Tunnel>,
     conflicts: Vec<Conflict>,
     without_address: Vec<Unaddressed>,
 }
@@ -93,16 +95,47 @@ impl Reconciler {
             Existing::default()
         };
         let have = self.kernel.routes(&existing.gateways()).await?;
-        let desired = plan::desired(snap, &self.opts.node_name, &nets, &have);
-        self.report(&desired);
         let me = self.me(snap);
+        let local: Vec<IpAddr> =
+            me.iter().flat_map(|m| [m.ipv4.map(IpAddr::V4), m.ipv6.map(IpAddr::V6)]).flatten().collect();
+        let tunnelling = plan::Tunnelling { backend: self.opts.backend, local: local.clone() };
+        let desired = plan::desired_with(snap, &self.opts.node_name, &nets, &have, &tunnelling);
+        self.report(&desired);
         // Masquerade exceptions first: a route to a new node's pods must never exist while its
         // CIDR is still outside the exceptions (its pods would see the node address).
         if let Some(me) = &me {
             self.masquerade(snap, me)?;
         }
-        let RouteOutcome { applied, writes, errors, diff_empty } =
-            self.apply_routes(&desired, &have, &existing, &connected).await;
+        let mut underlay_mtu = BTreeMap::new();
+        for ip in &local {
+            if let Some((_, index, _)) = connected.iter().find(|(_, _, a)| a == ip) {
+                if let Some(mtu) = self.kernel.mtu_of_link(*index).await? {
+                    underlay_mtu.insert(*ip, mtu);
+                }
+            }
+        }
+        let vtep = VtepPlan::new(&desired.tunnelled, &local, |ip| underlay_mtu.get(ip).copied());
+        // A tunnel that cannot be set up (no vxlan module, the port taken) fails the sync
+        // but must not keep the direct routes from being written.
+        let mut tunnel_errors = Vec::new();
+        let ensured = vxlan::ensure(&self.kernel, &vtep, self.opts.vxlan).await.unwrap_or_else(|e| {
+            tunnel_errors.push(e.to_string());
+            vxlan::Ensured::default()
+        });
+        if tunnel_errors.is_empty() {
+            self.kernel.tunnel_links.set(&ensured.index);
+        }
+        let tunnel_oif: BTreeMap<IpNetwork, u32> =
+            vtep.routes.iter().filter_map(|(cidr, dev)| Some((*cidr, *ensured.index.get(dev)?))).collect();
+        let RouteOutcome { applied, mut writes, mut errors, diff_empty } =
+            self.apply_routes(&desired, &have, &existing, &connected, &tunnel_oif).await;
+        // Stale entries and unused devices only once no route needs them.
+        let (cleaned, cleanup_errors) =
+            vxlan::cleanup(&self.kernel, &vtep).await.unwrap_or_else(|e| (0, vec![e.to_string()]));
+        writes += ensured.writes + cleaned;
+        errors.extend(tunnel_errors);
+        errors.extend(ensured.errors);
+        errors.extend(cleanup_errors);
         self.record(&desired, &applied, writes, start);
         if !diff_empty {
             tracing::info!(
@@ -121,7 +154,7 @@ impl Reconciler {
         }
         self.synced = true;
         if let Some(me) = me {
-            self.write_conflist(&me, &connected).await?;
+            self.write_conflist(&me, &connected, &desired).await?;
             self.metrics.ready.store(true, Ordering::Relaxed);
         }
         Ok(())
@@ -134,11 +167,18 @@ impl Reconciler {
         have: &BTreeMap<IpNetwork, IpAddr>,
         existing: &Existing,
         connected: &[(IpNetwork, u32, IpAddr)],
+        tunnel_oif: &BTreeMap<IpNetwork, u32>,
     ) -> RouteOutcome {
         let mut errors = Vec::new();
         let mut writes = 0;
         let nexthops = if self.kernel.nexthops {
-            let gateways: BTreeSet<IpAddr> = desired.routes.values().copied().collect();
+            // Tunnelled routes name the VXLAN device, never a nexthop object.
+            let gateways: BTreeSet<IpAddr> = desired
+                .routes
+                .iter()
+                .filter(|(cidr, gw)| **gw != plan::tunnel_gateway(cidr))
+                .map(|(_, gw)| *gw)
+                .collect();
             let plan = NexthopPlan::new(existing, &gateways, connected);
             let (written, errs) = nexthop::add_async(plan.create.clone(), self.kernel.proto()).await;
             writes += written;
@@ -147,8 +187,17 @@ impl Reconciler {
         } else {
             NexthopPlan::default()
         };
-        let diff = plan::diff(&desired.routes, have);
-        let (applied, route_errors) = self.kernel.apply(&diff, &nexthops.ids).await;
+        let mut diff = plan::diff(&desired.routes, have);
+        // Without its device a tunnelled route cannot be written; the kernel's one (if any)
+        // stays until the device is back.
+        diff.upsert.retain(|(cidr, _)| {
+            let orphan = desired.tunnelled.contains_key(cidr) && !tunnel_oif.contains_key(cidr);
+            if orphan {
+                errors.push(format!("route to {cidr}: no VXLAN device"));
+            }
+            !orphan
+        });
+        let (applied, route_errors) = self.kernel.apply(&diff, &nexthops.ids, tunnel_oif).await;
         errors.extend(route_errors);
         let (deleted, errs) = nexthop::del_async(nexthops.stale).await;
         writes += deleted + applied.upserted + applied.deleted;
@@ -178,17 +227,26 @@ impl Reconciler {
         &mut self,
         me: &NodeInfo,
         connected: &[(IpNetwork, u32, IpAddr)],
+        desired: &Desired,
     ) -> Result<(), AgentError> {
+        // The tunnel's overhead: the largest of the underlays in use, or, when the overhead
+        // is always taken, of the underlay a tunnel would use (IPv4 if the node has it).
+        let mut overhead = desired.tunnelled.values().map(|t| vxlan::overhead(&t.remote)).max();
+        if self.opts.vxlan_mtu_always && self.opts.backend != plan::Backend::HostGw {
+            let underlay = me.ipv4.map(IpAddr::V4).or(me.ipv6.map(IpAddr::V6));
+            overhead = overhead.or(underlay.map(|u| vxlan::overhead(&u)));
+        }
         let mtu = match self.opts.mtu {
             Some(mtu) => Some(mtu),
             None => {
                 let mine = |ip: &IpAddr| {
                     Some(*ip) == me.ipv4.map(IpAddr::V4) || Some(*ip) == me.ipv6.map(IpAddr::V6)
                 };
-                match connected.iter().find(|(_, _, ip)| mine(ip)) {
+                let underlay = match connected.iter().find(|(_, _, ip)| mine(ip)) {
                     Some((_, index, _)) => self.kernel.mtu_of_link(*index).await?,
                     None => None,
-                }
+                };
+                underlay.map(|m| m.saturating_sub(overhead.unwrap_or(0)))
             }
         };
         let inputs = conflist::Inputs {
@@ -216,12 +274,18 @@ impl Reconciler {
     fn report(&mut self, d: &Desired) {
         let now = Reported {
             off_link: d.off_link.clone(),
+            tunnelled: d.tunnelled.clone(),
             conflicts: d.conflicts.clone(),
             without_address: d.without_address.clone(),
         };
         if now.off_link != self.reported.off_link {
             for (node, ip) in &now.off_link {
-                tracing::warn!(%node, address = %ip, "node is not on a connected subnet: not routing to its pods");
+                tracing::warn!(%node, address = %ip, "node is not on a connected subnet and no tunnel reaches it: not routing to its pods");
+            }
+        }
+        if now.tunnelled != self.reported.tunnelled {
+            for (cidr, t) in &now.tunnelled {
+                tracing::info!(node = %t.node, %cidr, remote = %t.remote, "routing through the VXLAN tunnel");
             }
         }
         if now.conflicts != self.reported.conflicts {
@@ -257,6 +321,7 @@ impl Reconciler {
         set(&m.routes_desired, d.routes.len());
         set(&m.routes_installed, d.routes.len() - applied.failed.min(d.routes.len()));
         set(&m.nodes_off_link, d.off_link.len());
+        set(&m.cidrs_tunnelled, d.tunnelled.len());
         set(&m.nodes_without_address, d.nodes_without_address.len());
         set(&m.pod_cidrs_without_address, d.without_address.len());
         set(&m.pod_cidr_conflicts, d.conflicts.len());

@@ -293,7 +293,7 @@ fn masquerades_only_traffic_leaving_the_cluster_and_reports_off_link_nodes() {
     let ext = cl.external("ext", 100);
     let file = tmp.0.join("nodes.json");
     write_nodes(&file, &cl, &[0, 1], None);
-    // A node on another segment: reported, not routed.
+    // A node on another segment: with host-gw reported, not routed (auto would tunnel).
     let mut text: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
     text["nodes"]
         .as_array_mut()
@@ -301,12 +301,17 @@ fn masquerades_only_traffic_leaving_the_cluster_and_reports_off_link_nodes() {
         .push(json!({"name": "far", "podCIDRs": ["10.244.9.0/24"], "addresses": ["192.0.2.9"]}));
     std::fs::write(&file, text.to_string()).unwrap();
     let agents: Vec<Agent> = (0..2)
-        .map(|i| Agent::start(&cl.nodes[i].ns, &cl.nodes[i].name, &file, &tmp.0.join(format!("c{i}")), &[]))
+        .map(|i| {
+            let conf = tmp.0.join(format!("c{i}"));
+            Agent::start(&cl.nodes[i].ns, &cl.nodes[i].name, &file, &conf, &["--backend", "host-gw"])
+        })
         .collect();
     expect_routes(&cl, 0, &[1]);
     expect_routes(&cl, 1, &[0]);
     eventually("ready", || metric(&cl.nodes[0].ns, "ready") == Some(1.0));
     assert_eq!(metric(&cl.nodes[0].ns, "nodes_off_link"), Some(1.0));
+    assert_eq!(metric(&cl.nodes[0].ns, "pod_cidrs_tunnelled"), Some(0.0));
+    assert!(!cl.nodes[0].ns.links().contains(&"cra-vxlan4".to_string()), "host-gw makes no tunnel");
     let (a, b) = (&cl.pods[0], &cl.pods[1]);
     let seen = exchange(ext.file(), "10.200.0.100:0".parse().unwrap(), a.ns.file(), None);
     assert_eq!(seen, Ok(IpAddr::V4(cl.nodes[0].ip)), "outside sees the node address");

@@ -15,14 +15,17 @@ struct Args {
     keep: bool,
     static_routes: bool,
     ipv4_only: bool,
+    routed: bool,
     plugins: Plugins,
 }
 
 fn usage() -> ! {
     eprintln!(
-        "usage: cni-demo [--nodes N] [--pods N] [--keep] [--static-routes] [--ipv4-only] [--cni-path DIR] [--bridge-type T] [--ipam-type T]\n\
+        "usage: cni-demo [--nodes N] [--pods N] [--keep] [--static-routes] [--ipv4-only] [--routed] [--cni-path DIR] [--bridge-type T] [--ipam-type T]\n\
          Brings up N nodes x N pods in network namespaces (default 2 x 3, dual-stack), shows pods,\n\
-         routes and an all-pairs connectivity matrix per family, then removes everything (unless --keep)."
+         routes and an all-pairs connectivity matrix per family, then removes everything (unless --keep).\n\
+         --routed: the last node (at least 3 nodes) sits on another subnet behind a router; the\n\
+         route agents reach it through VXLAN and the others directly."
     );
     std::process::exit(2)
 }
@@ -36,6 +39,7 @@ fn parse() -> Args {
         keep: false,
         static_routes: false,
         ipv4_only: false,
+        routed: false,
         plugins: Plugins { dir: exe_dir, bridge: "cni-bridge".into(), ipam: "cni-host-local".into() },
     };
     let mut it = std::env::args().skip(1);
@@ -47,11 +51,15 @@ fn parse() -> Args {
             "--keep" => a.keep = true,
             "--static-routes" => a.static_routes = true,
             "--ipv4-only" => a.ipv4_only = true,
+            "--routed" => a.routed = true,
             "--cni-path" => a.plugins.dir = PathBuf::from(val()),
             "--bridge-type" => a.plugins.bridge = val(),
             "--ipam-type" => a.plugins.ipam = val(),
             _ => usage(),
         }
+    }
+    if a.routed {
+        a.nodes = a.nodes.max(3);
     }
     if a.nodes == 0 || a.nodes > 50 || a.pods == 0 || a.pods > 50 {
         usage();
@@ -128,8 +136,16 @@ fn main() -> ExitCode {
         Cluster::dual_stack("cnidemo", args.nodes, args.plugins.clone(), true)
     };
     c.keep = args.keep;
+    if args.routed {
+        c.add_router();
+        c.move_off_link(args.nodes - 1);
+    }
     let agent_bin = args.plugins.dir.join("cni-route-agent");
     let mut agents = Vec::new();
+    if args.routed && (args.static_routes || !agent_bin.exists()) {
+        eprintln!("--routed needs the route agent (no --static-routes)");
+        return ExitCode::from(2);
+    }
     if args.static_routes || !agent_bin.exists() {
         c.static_routes();
     } else {
@@ -180,7 +196,21 @@ fn main() -> ExitCode {
     for (i, n) in c.nodes.iter().enumerate() {
         println!("  {} ({}, pods {}):", n.name, n.addresses().join(", "), n.pod_cidrs().join(", "));
         for r in c.routes(i) {
-            println!("    {r}");
+            // The agent's routes (proto 168): through the VXLAN device or direct.
+            let mark = if r.contains("dev cra-vxlan") {
+                "   <- VXLAN tunnel"
+            } else if r.contains("proto 168") {
+                "   <- direct"
+            } else {
+                ""
+            };
+            println!("    {r}{mark}");
+        }
+        if args.routed {
+            let out = n.ns.run("bridge", &["fdb", "show", "dev", "cra-vxlan4"]);
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                println!("    fdb: {line}");
+            }
         }
     }
 
