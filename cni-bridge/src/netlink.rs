@@ -17,7 +17,8 @@ use rtnetlink::{
     RouteMessageBuilder,
 };
 
-use netlink_wire::{address_of, errno, route_addr};
+use netlink_wire::dump::{self, Family};
+use netlink_wire::{address_of, errno};
 
 use crate::error::BridgeError;
 use crate::netns;
@@ -334,13 +335,7 @@ impl Nl {
 
     /// Addresses of a link (link-local IPv6 left out).
     pub async fn addresses(&self, index: u32) -> Result<Vec<IpNetwork>, BridgeError> {
-        let msgs: Vec<AddressMessage> = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(index)
-            .execute()
-            .try_collect()
+        let msgs = dump::addresses(&self.handle, Some(index))
             .await
             .map_err(BridgeError::netlink("listing addresses"))?;
         Ok(msgs
@@ -427,35 +422,16 @@ impl Nl {
 
     /// Routes of one family out of `oif`, as (dst, gw).
     pub async fn routes(&self, oif: u32, v4: bool) -> Result<Vec<(IpNetwork, Option<IpAddr>)>, BridgeError> {
-        let q = if v4 {
-            RouteMessageBuilder::<std::net::Ipv4Addr>::new().build()
-        } else {
-            RouteMessageBuilder::<std::net::Ipv6Addr>::new().build()
-        };
-        let msgs: Vec<RouteMessage> = self
-            .handle
-            .route()
-            .get(q)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(BridgeError::netlink("listing routes"))?;
+        let family = if v4 { Family::V4 } else { Family::V6 };
+        let msgs =
+            dump::routes(&self.handle, family).await.map_err(BridgeError::netlink("listing routes"))?;
         Ok(msgs
             .iter()
-            .filter(|m| m.attributes.iter().any(|a| matches!(a, RouteAttribute::Oif(i) if *i == oif)))
+            .filter(|m| dump::output_interface(m) == Some(oif))
             .filter_map(|m| {
-                let dst = m.attributes.iter().find_map(|a| match a {
-                    RouteAttribute::Destination(d) => route_addr(d),
-                    _ => None,
-                });
-                let gw = m.attributes.iter().find_map(|a| match a {
-                    RouteAttribute::Gateway(g) => route_addr(g),
-                    _ => None,
-                });
-                let unspecified = if v4 { IpAddr::from([0u8; 4]) } else { IpAddr::from([0u16; 8]) };
-                let net =
-                    IpNetwork::new(dst.unwrap_or(unspecified), m.header.destination_prefix_length).ok()?;
-                Some((net, gw))
+                let dst = dump::destination(m).unwrap_or(family.unspecified());
+                let net = IpNetwork::new(dst, m.header.destination_prefix_length).ok()?;
+                Some((net, dump::gateway(m)))
             })
             .collect())
     }

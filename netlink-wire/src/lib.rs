@@ -1,8 +1,9 @@
 //! Netlink pieces shared by cni-bridge and cni-route-agent: reading rtnetlink's errors and
 //! attributes, and encoding/decoding raw messages for the families rtnetlink does not speak
-//! (nftables batches, nexthop objects); and the one runner for the command-line tools they
-//! drive ([`process`]).
+//! (nftables batches, nexthop objects); the rtnetlink dumps both make ([`dump`]); and the one
+//! runner for the command-line tools they drive ([`process`]).
 
+pub mod dump;
 pub mod process;
 
 use std::net::IpAddr;
