@@ -51,6 +51,11 @@ impl Plugin for Bridge {
             env!("CARGO_PKG_VERSION")
         )
     }
+    fn cni_args(&self) -> &'static [&'static str] {
+        // The bridge reads `MAC`; it hands CNI_ARGS unchanged to its IPAM plugin, so it takes
+        // exactly the keys host-local takes (which include `MAC`).
+        cni_host_local::plugin::CNI_ARGS
+    }
     fn add(&self, req: &Request) -> Result<CniResult, CniError> {
         with_conf(req, |c| add::add(req, c))
     }

@@ -30,6 +30,9 @@ pub struct Request {
 pub trait Plugin {
     /// One line naming the plugin, for the usage text.
     fn about(&self) -> String;
+    /// The CNI_ARGS keys the plugin accepts besides `IgnoreUnknown`: any other key fails the
+    /// call (code 4) unless `IgnoreUnknown=1`, so a typo is not silently ignored.
+    fn cni_args(&self) -> &'static [&'static str];
     /// ADD: attach and return the result.
     fn add(&self, req: &Request) -> Result<CniResult, Error>;
     /// DEL: detach, best-effort and idempotent.
@@ -103,7 +106,7 @@ pub fn dispatch(
         .ok()
         .and_then(|v| v.get("cniVersion").and_then(Value::as_str).map(str::to_string))
         .unwrap_or_else(|| Version::CURRENT.to_string());
-    match prepare(command, get_env, buf) {
+    match prepare(command, get_env, plugin.cni_args(), buf) {
         Err(e) => Outcome::err(&e, &claimed),
         Ok(req) => {
             let vs = req.version.to_string();
@@ -138,9 +141,10 @@ fn version_outcome(stdin: &[u8]) -> Outcome {
 fn prepare(
     command: Command,
     get_env: &dyn Fn(&str) -> Option<String>,
+    known_args: &[&str],
     stdin: Vec<u8>,
 ) -> Result<Request, Error> {
-    let inv = Invocation::from_env(command, get_env)?;
+    let inv = Invocation::from_env(command, get_env, known_args)?;
     let raw: Value = serde_json::from_slice(&stdin)
         .map_err(|e| Error::Decode { what: "network config", details: e.to_string() })?;
     if !raw.is_object() {
@@ -197,6 +201,9 @@ mod tests {
     impl Plugin for Fake {
         fn about(&self) -> String {
             "fake plugin".into()
+        }
+        fn cni_args(&self) -> &'static [&'static str] {
+            &["MAC"]
         }
         fn add(&self, req: &Request) -> Result<CniResult, Error> {
             if req.conf.rest.get("fail").is_some() {
