@@ -10,17 +10,7 @@ use serde_json::{json, Value};
 
 use crate::netns::Netns;
 use crate::plugin::{invoke, Out};
-
-/// The plugins under test.
-#[derive(Debug, Clone)]
-pub struct Plugins {
-    /// Directory holding them (CNI_PATH).
-    pub dir: PathBuf,
-    /// Main plugin type (binary name).
-    pub bridge: String,
-    /// IPAM plugin type.
-    pub ipam: String,
-}
+pub use crate::world::Plugins;
 
 /// A pod: its namespace and what ADD returned.
 pub struct Pod {

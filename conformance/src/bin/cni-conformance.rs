@@ -18,21 +18,20 @@ fn usage() -> ! {
 }
 
 fn main() -> ExitCode {
-    let mut t =
-        Target { cni_path: PathBuf::new(), bridge: "cni-bridge".into(), ipam: "cni-host-local".into() };
+    let mut t = Target { dir: PathBuf::new(), bridge: "cni-bridge".into(), ipam: "cni-host-local".into() };
     let mut filter = String::new();
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
         let mut val = || it.next().unwrap_or_else(|| usage());
         match k.as_str() {
-            "--cni-path" => t.cni_path = PathBuf::from(val()),
+            "--cni-path" => t.dir = PathBuf::from(val()),
             "--bridge-type" => t.bridge = val(),
             "--ipam-type" => t.ipam = val(),
             "--filter" => filter = val(),
             _ => usage(),
         }
     }
-    if t.cni_path.as_os_str().is_empty() {
+    if t.dir.as_os_str().is_empty() {
         usage();
     }
     if !is_root() {

@@ -6,21 +6,13 @@ mod spec;
 
 use std::path::{Path, PathBuf};
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use crate::netns::{live_namespaces, Netns};
-use crate::plugin::{invoke, Out};
+use crate::netns::live_namespaces;
+use crate::world::{Plugins, World};
 
-/// What to test.
-#[derive(Debug, Clone)]
-pub struct Target {
-    /// Directory holding the plugins (CNI_PATH).
-    pub cni_path: PathBuf,
-    /// Main plugin type.
-    pub bridge: String,
-    /// IPAM plugin type.
-    pub ipam: String,
-}
+/// What to test: the plugins' directory and their types.
+pub type Target = Plugins;
 
 /// One check's outcome.
 #[derive(Debug, Clone)]
@@ -43,85 +35,15 @@ pub struct Ctx {
     state: PathBuf,
 }
 
-/// A node namespace plus a lease directory, for one check.
-pub struct World<'a> {
-    /// The node namespace.
-    pub node: Netns,
-    ctx: &'a Ctx,
-    data: PathBuf,
-}
-
 impl Ctx {
     /// The newest version of `wanted` the plugin supports.
     pub fn newest(&self, wanted: &[&str]) -> Option<String> {
         wanted.iter().rev().find(|v| self.versions.iter().any(|s| s == *v)).map(|v| v.to_string())
     }
 
-    /// A fresh node with its own lease directory.
-    pub fn world(&self, tag: &str) -> World<'_> {
-        let node = Netns::new(tag);
-        let data = self.state.join(&node.name);
-        World { node, ctx: self, data }
-    }
-
-    fn bin(&self) -> PathBuf {
-        self.target.cni_path.join(&self.target.bridge)
-    }
-}
-
-impl World<'_> {
-    /// A bridge config over `subnet`, with `extra` fields merged in.
-    pub fn conf(&self, version: &str, subnet: &str, extra: Value) -> Value {
-        let mut c = json!({
-            "cniVersion": version,
-            "name": "conformance",
-            "type": self.ctx.target.bridge,
-            "bridge": "cni0",
-            "isGateway": true,
-            "ipam": {"type": self.ctx.target.ipam, "subnet": subnet, "dataDir": self.data.display().to_string(),
-                     "routes": [{"dst": "0.0.0.0/0"}]}
-        });
-        for (k, v) in extra.as_object().cloned().unwrap_or_default() {
-            c[k] = v;
-        }
-        c
-    }
-
-    /// Calls the main plugin in the node.
-    pub fn call(&self, cmd: &str, id: &str, netns: &str, conf: &Value) -> Out {
-        self.call_env(cmd, &[("CNI_CONTAINERID", id), ("CNI_NETNS", netns), ("CNI_IFNAME", "eth0")], conf)
-    }
-
-    /// Calls the main plugin with exactly these CNI_* variables (plus CNI_PATH).
-    pub fn call_env(&self, cmd: &str, env: &[(&str, &str)], conf: &Value) -> Out {
-        let path = self.ctx.target.cni_path.display().to_string();
-        let mut e: Vec<(&str, &str)> = env.to_vec();
-        if !e.iter().any(|(k, _)| *k == "CNI_PATH") {
-            e.push(("CNI_PATH", &path));
-        }
-        invoke(&self.node, &self.ctx.bin(), cmd, &e, conf)
-    }
-
-    /// Lease files left for network `conformance`.
-    pub fn leases(&self) -> usize {
-        std::fs::read_dir(self.data.join("conformance"))
-            .map(|rd| {
-                rd.filter_map(|e| e.ok()?.file_name().into_string().ok())
-                    .filter(|n| n.parse::<std::net::IpAddr>().is_ok())
-                    .count()
-            })
-            .unwrap_or(0)
-    }
-
-    /// veth links in the node.
-    pub fn veths(&self) -> usize {
-        self.node.links().iter().filter(|l| l.starts_with("veth")).count()
-    }
-}
-
-impl Drop for World<'_> {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.data);
+    /// A fresh node with its own lease directory, for network `conformance`.
+    pub fn world(&self, tag: &str) -> World {
+        World::new(tag, self.target.clone(), "conformance", &self.state)
     }
 }
 
@@ -210,7 +132,7 @@ fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
 }
 
 fn version_list(t: &Target) -> Vec<String> {
-    let bin: &Path = &t.cni_path.join(&t.bridge);
+    let bin: &Path = &t.dir.join(&t.bridge);
     let o = std::process::Command::new(bin)
         .env_clear()
         .env("CNI_COMMAND", "VERSION")

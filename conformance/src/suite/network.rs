@@ -4,7 +4,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use super::{ensure, Check, Ctx};
-use crate::cluster::{Cluster, Plugins};
+use crate::cluster::Cluster;
 use crate::traffic::{exchange, spread};
 
 pub(super) fn checks() -> Vec<Check> {
@@ -23,18 +23,13 @@ pub(super) fn checks() -> Vec<Check> {
 }
 
 fn cluster(c: &Ctx, tag: &str, nodes: usize, hairpin: bool) -> Cluster {
-    let p = Plugins {
-        dir: c.target.cni_path.clone(),
-        bridge: c.target.bridge.clone(),
-        ipam: c.target.ipam.clone(),
-    };
-    Cluster::new(tag, nodes, p, hairpin)
+    Cluster::new(tag, nodes, c.target.clone(), hairpin)
 }
 
 /// Routes between the nodes: from `cni-route-agent` when it sits beside the plugins, else
 /// static. The agents (ours to end) are returned.
 fn routes(c: &Ctx, cl: &Cluster) -> Result<Agents, String> {
-    let bin = c.target.cni_path.join("cni-route-agent");
+    let bin = c.target.dir.join("cni-route-agent");
     if bin.exists() {
         cl.start_route_agents(&bin).map(Agents)
     } else {

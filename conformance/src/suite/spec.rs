@@ -79,10 +79,10 @@ fn shape(c: &Ctx, v: &str) -> Result<(), String> {
         ensure(has_version == v.starts_with("0."), || format!("ips[].version presence wrong for {v}"))?;
     }
     ensure(pod.ip(&["-br", "addr"]).contains("10.61.0.2/24"), || "address not on the pod interface".into())?;
-    ensure(w.leases() == 1, || format!("{} leases after ADD", w.leases()))?;
+    ensure(w.leases().len() == 1, || format!("{} leases after ADD", w.leases().len()))?;
     let d = w.call("DEL", "c1", &path, &conf);
     ensure(d.code == 0, || format!("DEL: {}", d.stdout))?;
-    ensure(w.leases() == 0 && w.veths() == 0, || "DEL left a lease or veth".into())
+    ensure(w.leases().is_empty() && w.veths().is_empty(), || "DEL left a lease or veth".into())
 }
 
 fn pause_form(c: &Ctx) -> Result<(), String> {
@@ -132,7 +132,7 @@ fn del_empty_netns(c: &Ctx) -> Result<(), String> {
     ensure(w.call("ADD", "c1", &pod.path.display().to_string(), &conf).code == 0, || "ADD".into())?;
     let o = w.call("DEL", "c1", "", &conf);
     ensure(o.code == 0, || format!("DEL: {}", o.stdout))?;
-    ensure(w.leases() == 0, || "lease leaked".into())
+    ensure(w.leases().is_empty(), || "lease leaked".into())
 }
 
 fn del_vanished_netns(c: &Ctx) -> Result<(), String> {
@@ -145,7 +145,7 @@ fn del_vanished_netns(c: &Ctx) -> Result<(), String> {
     drop(pod);
     let o = w.call("DEL", "c1", &path, &conf);
     ensure(o.code == 0, || format!("DEL: {}", o.stdout))?;
-    ensure(w.leases() == 0, || "lease leaked".into())
+    ensure(w.leases().is_empty(), || "lease leaked".into())
 }
 
 fn del_masq_empty_netns(c: &Ctx) -> Result<(), String> {
@@ -203,12 +203,14 @@ fn gc(c: &Ctx) -> Result<(), String> {
     ensure(w.call("ADD", "b", &b.path.display().to_string(), &conf).code == 0, || "ADD b".into())?;
     let o = w.call_env("GC", &[], &conf);
     ensure(o.code == 0, || format!("GC without list: {}", o.stdout))?;
-    ensure(w.leases() == 2, || format!("GC without a list released leases ({} left)", w.leases()))?;
+    ensure(w.leases().len() == 2, || {
+        format!("GC without a list released leases ({} left)", w.leases().len())
+    })?;
     let mut g = conf.clone();
     g["cni.dev/valid-attachments"] = json!([{"containerID": "a", "ifname": "eth0"}]);
     let o = w.call_env("GC", &[], &g);
     ensure(o.code == 0, || format!("GC: {}", o.stdout))?;
-    ensure(w.leases() == 1, || format!("{} leases after GC, want 1", w.leases()))?;
+    ensure(w.leases().len() == 1, || format!("{} leases after GC, want 1", w.leases().len()))?;
     ensure(w.call("DEL", "a", &a.path.display().to_string(), &conf).code == 0, || "DEL".into())?;
     ensure(w.call("DEL", "b", &b.path.display().to_string(), &conf).code == 0, || "DEL".into())
 }
@@ -227,13 +229,13 @@ fn err_case(c: &Ctx, v: &str, raw: Option<&[u8]>, code: u64) -> Result<(), Strin
     let o = match raw {
         Some(bytes) => crate::plugin::invoke_raw(
             &w.node,
-            &c.bin(),
+            &w.main_plugin(),
             "ADD",
             &[
                 ("CNI_CONTAINERID", "c1"),
                 ("CNI_NETNS", &path),
                 ("CNI_IFNAME", "eth0"),
-                ("CNI_PATH", &c.target.cni_path.display().to_string()),
+                ("CNI_PATH", &w.cni_path),
             ],
             bytes,
             false,
@@ -241,7 +243,7 @@ fn err_case(c: &Ctx, v: &str, raw: Option<&[u8]>, code: u64) -> Result<(), Strin
         None => w.call("ADD", "c1", &path, &w.conf(v, "10.71.0.0/24", json!({}))),
     };
     ensure(o.code != 0 && o.json["code"] == code, || format!("want code {code}: {}", o.stdout))?;
-    ensure(w.veths() == 0 && w.leases() == 0, || "error left state behind".into())
+    ensure(w.veths().is_empty() && w.leases().is_empty(), || "error left state behind".into())
 }
 
 fn missing_ifname(c: &Ctx) -> Result<(), String> {
@@ -276,12 +278,12 @@ fn full_range(c: &Ctx) -> Result<(), String> {
     ensure(w.call("ADD", "c1", &p1.path.display().to_string(), &conf).code == 0, || "first ADD".into())?;
     let o = w.call("ADD", "c2", &p2.path.display().to_string(), &conf);
     ensure(o.code != 0, || "ADD into a full range succeeded".into())?;
-    let veths = w.veths();
+    let veths = w.veths().len();
     let pod_links = p2.links();
     let _ = w.call("DEL", "c1", &p1.path.display().to_string(), &conf);
     ensure(veths == 1, || format!("{veths} veths after the failed ADD, want 1 (the first pod's)"))?;
     ensure(pod_links == ["lo"], || format!("failed pod has links {pod_links:?}"))?;
-    ensure(w.leases() == 0, || "lease left".into())
+    ensure(w.leases().is_empty(), || "lease left".into())
 }
 
 fn bad_subnet(c: &Ctx) -> Result<(), String> {
@@ -292,5 +294,5 @@ fn bad_subnet(c: &Ctx) -> Result<(), String> {
     ensure(o.code != 0, || "ADD with a host-bits subnet succeeded".into())?;
     let links = w.node.links();
     ensure(links == ["lo"], || format!("node has links {links:?} after a config error"))?;
-    ensure(pod.links() == ["lo"] && w.leases() == 0, || "pod link or lease left".into())
+    ensure(pod.links() == ["lo"] && w.leases().is_empty(), || "pod link or lease left".into())
 }
