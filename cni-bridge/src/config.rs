@@ -12,7 +12,7 @@ use crate::firewall::Backend;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Trunk {
-    /// One VLAN id.
+    /// A single VLAN id (`id`); an entry has either this or `minID`/`maxID`.
     pub id: Option<i64>,
     /// Range start.
     #[serde(rename = "minID")]
@@ -46,7 +46,7 @@ struct Raw {
 /// The validated bridge config.
 #[derive(Debug, Clone)]
 pub struct BridgeConf {
-    /// Bridge name.
+    /// The bridge's interface name (`bridge`, default `cni0`), shared by every pod of the network.
     pub bridge: String,
     /// Put the gateway address on the bridge.
     pub is_gateway: bool,
@@ -60,13 +60,15 @@ pub struct BridgeConf {
     pub mtu: Option<u32>,
     /// Hairpin on the bridge port.
     pub hairpin: bool,
-    /// Promiscuous bridge.
+    /// Put the bridge in promiscuous mode (`promiscMode`): it then sees frames for any MAC,
+    /// which some hairpin setups need.
     pub promisc: bool,
     /// DAD on the pod interface.
     pub enable_dad: bool,
     /// Leave the pod interface down, without addresses.
     pub disable_container_interface: bool,
-    /// Isolated bridge port.
+    /// Mark the pod's bridge port isolated (`portIsolation`): isolated ports cannot reach
+    /// each other, only the bridge and non-isolated ports.
     pub port_isolation: bool,
     /// The IPAM plugin type, if any.
     pub ipam_type: Option<String>,

@@ -13,7 +13,7 @@ pub struct Attachment {
     /// The container id.
     #[serde(rename = "containerID")]
     pub container_id: String,
-    /// The interface name.
+    /// The interface inside the container (CNI_IFNAME of its ADD).
     pub ifname: String,
 }
 

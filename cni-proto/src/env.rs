@@ -98,7 +98,7 @@ impl CniArgs {
 /// Everything the environment says about one call.
 #[derive(Debug, Clone)]
 pub struct Invocation {
-    /// The verb.
+    /// The verb (CNI_COMMAND); it decides which other variables are required.
     pub command: Command,
     /// CNI_CONTAINERID (empty for GC, STATUS, VERSION).
     pub container_id: String,
@@ -106,11 +106,11 @@ pub struct Invocation {
     pub netns: Option<PathBuf>,
     /// CNI_IFNAME (empty for GC, STATUS, VERSION).
     pub ifname: String,
-    /// CNI_ARGS.
+    /// CNI_ARGS parsed; only keys the plugin accepts (or any, with IgnoreUnknown).
     pub args: CniArgs,
     /// The raw CNI_ARGS string, passed on unchanged to delegates.
     pub args_raw: String,
-    /// CNI_PATH, split.
+    /// CNI_PATH split at `:`: where delegated (IPAM) plugins are looked up, in order.
     pub path: Vec<PathBuf>,
 }
 

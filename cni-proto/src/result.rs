@@ -13,9 +13,9 @@ use crate::version::Version;
 /// An interface in a result.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Interface {
-    /// Interface name.
+    /// The interface's name in its namespace (the host's, or the container's: see `sandbox`).
     pub name: String,
-    /// MAC address.
+    /// Its hardware address as `aa:bb:cc:dd:ee:ff`; `None` for interfaces without one.
     pub mac: Option<String>,
     /// MTU (printed from 1.1.0).
     pub mtu: Option<u32>,
@@ -32,7 +32,7 @@ pub struct Interface {
 pub struct IpConfig {
     /// Address with prefix length, host bits kept (`10.1.2.5/24`).
     pub address: IpNetwork,
-    /// The gateway.
+    /// The gateway of the address's subnet, which routes without `gw` go through.
     pub gateway: Option<IpAddr>,
     /// Index into `interfaces` (absent in IPAM results).
     pub interface: Option<usize>,
@@ -41,19 +41,19 @@ pub struct IpConfig {
 /// A route in a result.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
-    /// Destination.
+    /// The destination network (`0.0.0.0/0` for a default route).
     pub dst: IpNetwork,
     /// Next hop; `None` means the family's gateway, as the main plugin decides.
     pub gw: Option<IpAddr>,
-    /// Route MTU (1.1.0).
+    /// The route's MTU metric, for paths narrower than the link (printed from 1.1.0).
     pub mtu: Option<u32>,
-    /// Advertised MSS (1.1.0).
+    /// The TCP MSS advertised on this route (printed from 1.1.0).
     pub advmss: Option<u32>,
-    /// Metric (1.1.0).
+    /// The route's metric: lower wins among equal prefixes (printed from 1.1.0).
     pub priority: Option<u32>,
-    /// Routing table (1.1.0).
+    /// The routing table to add it to instead of main (printed from 1.1.0).
     pub table: Option<u32>,
-    /// Scope (1.1.0).
+    /// The route scope (`RT_SCOPE_*`, 253 = link) (printed from 1.1.0).
     pub scope: Option<u8>,
 }
 
@@ -156,13 +156,14 @@ impl Dns {
 /// A plugin's result, independent of the version it is printed in.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CniResult {
-    /// Interfaces.
+    /// The interfaces the plugin made or used; `ips` and routes point into this list.
     pub interfaces: Vec<Interface>,
-    /// Addresses.
+    /// The addresses assigned, each naming its interface by index.
     pub ips: Vec<IpConfig>,
-    /// Routes.
+    /// The routes added in the container.
     pub routes: Vec<Route>,
-    /// DNS.
+    /// DNS settings for the runtime to write into the container's resolv.conf; plugins
+    /// do not apply them.
     pub dns: Dns,
 }
 

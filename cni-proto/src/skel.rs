@@ -14,7 +14,7 @@ use crate::version::Version;
 /// One call, validated: environment, config, and the raw stdin for delegation.
 #[derive(Debug, Clone)]
 pub struct Request {
-    /// The environment.
+    /// The CNI_* environment, validated for the verb.
     pub inv: Invocation,
     /// The config's common fields (plugin-specific ones in `conf.rest`).
     pub conf: NetConf,
@@ -50,9 +50,9 @@ pub trait Plugin {
 pub struct Outcome {
     /// The result or error JSON (may be empty).
     pub stdout: String,
-    /// Human-readable text.
+    /// Text for a human (usage, diagnostics): never part of the protocol.
     pub stderr: String,
-    /// 0 on success.
+    /// The process exit code: 0 on success, 1 when stdout holds an error.
     pub exit_code: i32,
 }
 

@@ -69,11 +69,11 @@ impl Node {
 pub struct Cluster {
     /// Underlay namespace holding the bridge `ul0`.
     pub underlay: Netns,
-    /// Nodes.
+    /// The nodes `node-1`, `node-2`... in order, joined by the underlay bridge.
     pub nodes: Vec<Node>,
     /// Pods, in creation order.
     pub pods: Vec<Pod>,
-    /// The plugins.
+    /// The plugins ADD and DEL run on every node.
     pub plugins: Plugins,
     /// Lease directories live here.
     pub state: PathBuf,

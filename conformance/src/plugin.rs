@@ -11,13 +11,13 @@ use crate::netns::{same_namespace, Netns};
 /// A plugin's exit code, stdout, parsed stdout and stderr.
 #[derive(Debug)]
 pub struct Out {
-    /// Exit code.
+    /// The plugin's exit code (-1 when a signal ended it).
     pub code: i32,
-    /// stdout.
+    /// What the plugin printed on stdout: the result or error JSON, nothing else.
     pub stdout: String,
     /// stdout as JSON (Null if not JSON).
     pub json: Value,
-    /// stderr.
+    /// What it printed on stderr (its logs), for failure messages.
     pub stderr: String,
 }
 

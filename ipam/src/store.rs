@@ -77,7 +77,7 @@ pub struct IndexFile {
     pub boot: String,
     /// The network directory's stamp after the writer's last change.
     pub stamp: String,
-    /// Every lease.
+    /// Every lease of the network, by address, as the index recorded it.
     pub leases: BTreeMap<IpAddr, Lease>,
 }
 

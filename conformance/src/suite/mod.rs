@@ -28,9 +28,9 @@ pub type Check = (&'static str, fn(&Ctx) -> Result<(), String>);
 
 /// What every check gets: the target and the versions it claims to support.
 pub struct Ctx {
-    /// The plugins.
+    /// The plugins under test.
     pub target: Target,
-    /// VERSION's supportedVersions.
+    /// The versions the plugin's VERSION claims: checks test each, and only those.
     pub versions: Vec<String>,
     state: PathBuf,
 }

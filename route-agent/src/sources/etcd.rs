@@ -38,9 +38,9 @@ use crate::Metrics;
 /// Settings of the `etcd` source.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EtcdOptions {
-    /// etcd client URLs.
+    /// The etcd members' client URLs; the client fails over between them.
     pub endpoints: Vec<String>,
-    /// Key prefix.
+    /// The prefix of every key the agent reads and writes (`<prefix>/subnets/...`, `<prefix>/last/...`).
     pub prefix: String,
     /// The cluster CIDRs to carve node subnets from (one per family at most).
     pub cluster_cidrs: Vec<IpNetwork>,
