@@ -39,9 +39,12 @@ pub fn runtime() -> Result<tokio::runtime::Runtime, BridgeError> {
 /// The bridge plugin.
 pub struct Bridge;
 
-fn with_conf<T>(req: &Request, f: impl FnOnce(&BridgeConf) -> Result<T, BridgeError>) -> Result<T, CniError> {
+fn with_conf<T>(
+    req: &Request,
+    verb: impl FnOnce(&BridgeConf) -> Result<T, BridgeError>,
+) -> Result<T, CniError> {
     let conf = BridgeConf::from_request(req)?;
-    f(&conf).map_err(Into::into)
+    verb(&conf).map_err(Into::into)
 }
 
 impl Plugin for Bridge {

@@ -24,8 +24,8 @@ pub enum Command {
 
 impl Command {
     /// Parses `CNI_COMMAND`.
-    pub fn parse(s: &str) -> Option<Command> {
-        Some(match s {
+    pub fn parse(text: &str) -> Option<Command> {
+        Some(match text {
             "ADD" => Command::Add,
             "DEL" => Command::Del,
             "CHECK" => Command::Check,
@@ -60,25 +60,27 @@ impl CniArgs {
     /// Parses CNI_ARGS; a key outside `known` (the plugin's own keys, see
     /// [`crate::Plugin::cni_args`]) and [`IGNORE_UNKNOWN`] is an error unless `IgnoreUnknown`
     /// is `1` or `true`.
-    pub fn parse(s: &str, known: &[&str]) -> Result<CniArgs, Error> {
+    pub fn parse(text: &str, known: &[&str]) -> Result<CniArgs, Error> {
         let invalid = |reason: String| Error::InvalidEnv { var: "CNI_ARGS", reason };
         let mut map = BTreeMap::new();
-        for pair in s.split(';').filter(|p| !p.is_empty()) {
-            let (k, v) = pair
+        for pair in text.split(';').filter(|pair| !pair.is_empty()) {
+            let (key, value) = pair
                 .split_once('=')
                 .ok_or_else(|| invalid(format!("invalid pair {pair:?}: want KEY=VALUE")))?;
-            if k.is_empty() {
+            if key.is_empty() {
                 return Err(invalid(format!("invalid pair {pair:?}: empty key")));
             }
-            map.insert(k.to_string(), v.to_string());
+            map.insert(key.to_string(), value.to_string());
         }
-        let ignore =
-            map.get(IGNORE_UNKNOWN).map(|v| v == "1" || v.eq_ignore_ascii_case("true")).unwrap_or(false);
+        let ignore = map
+            .get(IGNORE_UNKNOWN)
+            .map(|value| value == "1" || value.eq_ignore_ascii_case("true"))
+            .unwrap_or(false);
         if !ignore {
             let unknown: Vec<&str> = map
                 .keys()
                 .map(String::as_str)
-                .filter(|k| *k != IGNORE_UNKNOWN && !known.contains(k))
+                .filter(|key| *key != IGNORE_UNKNOWN && !known.contains(key))
                 .collect();
             if !unknown.is_empty() {
                 return Err(invalid(format!(
@@ -116,10 +118,10 @@ pub struct Invocation {
 
 /// Whether `id` matches the spec's container id pattern `^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$`.
 pub fn valid_container_id(id: &str) -> bool {
-    let b = id.as_bytes();
-    !b.is_empty()
-        && b[0].is_ascii_alphanumeric()
-        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+    let bytes = id.as_bytes();
+    !bytes.is_empty()
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes.iter().all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'_' | b'.' | b'-'))
 }
 
 /// Why an interface name is not valid (the kernel's rules), or `None` when it is.

@@ -99,7 +99,7 @@ impl Error {
 
     /// The CNI code of this error.
     pub fn code(&self) -> u32 {
-        let c = match self {
+        let code = match self {
             Error::IncompatibleVersion { .. } => ErrorCode::IncompatibleVersion,
             Error::UnsupportedField { .. } => ErrorCode::UnsupportedField,
             Error::UnknownContainer(_) => ErrorCode::UnknownContainer,
@@ -111,7 +111,7 @@ impl Error {
             Error::NotAvailable(_) => ErrorCode::NotAvailable,
             Error::Plugin { code, .. } => return *code,
         };
-        c as u32
+        code as u32
     }
 
     /// Details for the error JSON.
@@ -134,8 +134,8 @@ impl Error {
             #[serde(skip_serializing_if = "String::is_empty")]
             details: String,
         }
-        let w = Wire { cni_version, code: self.code(), msg: self.to_string(), details: self.details() };
-        serde_json::to_string(&w).expect("error JSON serializes")
+        let wire = Wire { cni_version, code: self.code(), msg: self.to_string(), details: self.details() };
+        serde_json::to_string(&wire).expect("error JSON serializes")
     }
 }
 

@@ -84,30 +84,30 @@ pub fn dispatch(
 ) -> Outcome {
     let cmd_str = get_env("CNI_COMMAND").unwrap_or_default();
     if cmd_str.is_empty() {
-        let e = Error::MissingEnv(vec!["CNI_COMMAND"]);
-        let mut o = Outcome::err(&e, Version::CURRENT.to_string().as_str());
-        o.stderr = usage(plugin);
-        return o;
+        let error = Error::MissingEnv(vec!["CNI_COMMAND"]);
+        let mut outcome = Outcome::err(&error, Version::CURRENT.to_string().as_str());
+        outcome.stderr = usage(plugin);
+        return outcome;
     }
     let mut buf = Vec::new();
     let read = stdin.read_to_end(&mut buf);
     let Some(command) = Command::parse(&cmd_str) else {
-        let e = Error::InvalidEnv { var: "CNI_COMMAND", reason: format!("unknown command {cmd_str:?}") };
-        return Outcome::err(&e, &Version::CURRENT.to_string());
+        let error = Error::InvalidEnv { var: "CNI_COMMAND", reason: format!("unknown command {cmd_str:?}") };
+        return Outcome::err(&error, &Version::CURRENT.to_string());
     };
     if command == Command::Version {
         return version_outcome(&buf);
     }
-    if let Err(e) = read {
-        return Outcome::err(&Error::Io(format!("reading stdin: {e}")), &Version::CURRENT.to_string());
+    if let Err(error) = read {
+        return Outcome::err(&Error::Io(format!("reading stdin: {error}")), &Version::CURRENT.to_string());
     }
     // The error JSON carries the config's version when it can be read at all.
     let claimed = serde_json::from_slice::<Value>(&buf)
         .ok()
-        .and_then(|v| v.get("cniVersion").and_then(Value::as_str).map(str::to_string))
+        .and_then(|json| json.get("cniVersion").and_then(Value::as_str).map(str::to_string))
         .unwrap_or_else(|| Version::CURRENT.to_string());
     match prepare(command, get_env, plugin.cni_args(), buf) {
-        Err(e) => Outcome::err(&e, &claimed),
+        Err(error) => Outcome::err(&error, &claimed),
         Ok(req) => {
             let vs = req.version.to_string();
             let res = match command {
@@ -119,9 +119,9 @@ pub fn dispatch(
                 Command::Version => unreachable!("handled above"),
             };
             match res {
-                Ok(Some(v)) => Outcome::ok(v.to_string()),
+                Ok(Some(json)) => Outcome::ok(json.to_string()),
                 Ok(None) => Outcome::ok(String::new()),
-                Err(e) => Outcome::err(&e, &vs),
+                Err(error) => Outcome::err(&error, &vs),
             }
         }
     }
