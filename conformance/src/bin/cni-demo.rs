@@ -30,7 +30,7 @@ fn usage() -> ! {
 fn parse() -> Args {
     let exe_dir =
         std::env::current_exe().ok().and_then(|p| p.parent().map(PathBuf::from)).unwrap_or_default();
-    let mut a = Args {
+    let mut args = Args {
         nodes: 2,
         pods: 3,
         keep: false,
@@ -38,55 +38,55 @@ fn parse() -> Args {
         ipv4_only: false,
         plugins: Plugins { dir: exe_dir, bridge: "cni-bridge".into(), ipam: "cni-host-local".into() },
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(k) = it.next() {
-        let mut val = || it.next().unwrap_or_else(|| usage());
-        match k.as_str() {
-            "--nodes" => a.nodes = val().parse().unwrap_or_else(|_| usage()),
-            "--pods" => a.pods = val().parse().unwrap_or_else(|_| usage()),
-            "--keep" => a.keep = true,
-            "--static-routes" => a.static_routes = true,
-            "--ipv4-only" => a.ipv4_only = true,
-            "--cni-path" => a.plugins.dir = PathBuf::from(val()),
-            "--bridge-type" => a.plugins.bridge = val(),
-            "--ipam-type" => a.plugins.ipam = val(),
+    let mut words = std::env::args().skip(1);
+    while let Some(flag) = words.next() {
+        let mut val = || words.next().unwrap_or_else(|| usage());
+        match flag.as_str() {
+            "--nodes" => args.nodes = val().parse().unwrap_or_else(|_| usage()),
+            "--pods" => args.pods = val().parse().unwrap_or_else(|_| usage()),
+            "--keep" => args.keep = true,
+            "--static-routes" => args.static_routes = true,
+            "--ipv4-only" => args.ipv4_only = true,
+            "--cni-path" => args.plugins.dir = PathBuf::from(val()),
+            "--bridge-type" => args.plugins.bridge = val(),
+            "--ipam-type" => args.plugins.ipam = val(),
             _ => usage(),
         }
     }
-    if a.nodes == 0 || a.nodes > 50 || a.pods == 0 || a.pods > 50 {
+    if args.nodes == 0 || args.nodes > 50 || args.pods == 0 || args.pods > 50 {
         usage();
     }
-    a
+    args
 }
 
-fn self_vip(k: usize) -> Ipv4Addr {
-    Ipv4Addr::new(10, 96, 1 + (k / 250) as u8, 1 + (k % 250) as u8)
+fn self_vip(pod_index: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 96, 1 + (pod_index / 250) as u8, 1 + (pod_index % 250) as u8)
 }
 
 /// Prints the all-pairs matrix over the addresses `addr` picks; returns (as expected, not).
-fn matrix(c: &Cluster, family: &str, addr: impl Fn(&Pod) -> Option<IpAddr>) -> (usize, usize) {
+fn matrix(cluster: &Cluster, family: &str, addr: impl Fn(&Pod) -> Option<IpAddr>) -> (usize, usize) {
     println!("\n  {family}");
     print!("  {:<8}", "");
-    for p in &c.pods {
-        print!(" {:<7}", p.name);
+    for pod in &cluster.pods {
+        print!(" {:<7}", pod.name);
     }
     println!();
     let (mut good, mut bad) = (0, 0);
-    for (i, from) in c.pods.iter().enumerate() {
+    for (from_index, from) in cluster.pods.iter().enumerate() {
         print!("  {:<8}", from.name);
-        for (j, to) in c.pods.iter().enumerate() {
+        for (to_index, to) in cluster.pods.iter().enumerate() {
             let (Some(from_ip), Some(to_ip)) = (addr(from), addr(to)) else {
                 print!(" {:<7}", "-");
                 continue;
             };
-            let cell = if i != j {
+            let cell = if from_index != to_index {
                 match exchange(to.ns.file(), SocketAddr::new(to_ip, 0), from.ns.file(), None) {
                     Ok(src) if src == from_ip => "ok",
                     Ok(_) => "NATed",
                     Err(_) => "FAIL",
                 }
             } else if to_ip.is_ipv4() {
-                let vip = SocketAddr::new(IpAddr::V4(self_vip(i)), 80);
+                let vip = SocketAddr::new(IpAddr::V4(self_vip(from_index)), 80);
                 match exchange(to.ns.file(), SocketAddr::new(to_ip, 8080), from.ns.file(), Some(vip)) {
                     Ok(_) => "self",
                     Err(_) => "FAIL",
@@ -122,107 +122,107 @@ fn main() -> ExitCode {
         args.plugins.ipam,
         args.plugins.dir.display()
     );
-    let mut c = if args.ipv4_only {
+    let mut cluster = if args.ipv4_only {
         Cluster::new("cnidemo", args.nodes, args.plugins.clone(), true)
     } else {
         Cluster::dual_stack("cnidemo", args.nodes, args.plugins.clone(), true)
     };
-    c.keep = args.keep;
+    cluster.keep = args.keep;
     let agent_bin = args.plugins.dir.join("cni-route-agent");
     let mut agents = Vec::new();
     if args.static_routes || !agent_bin.exists() {
-        c.static_routes();
+        cluster.static_routes();
     } else {
-        match c.start_route_agents(&agent_bin) {
-            Ok(a) => agents = a,
-            Err(e) => {
-                eprintln!("route agents: {e}");
+        match cluster.start_route_agents(&agent_bin) {
+            Ok(started) => agents = started,
+            Err(error) => {
+                eprintln!("route agents: {error}");
                 return ExitCode::from(1);
             }
         }
     }
-    for n in 0..args.nodes {
-        for p in 1..=args.pods {
-            if let Err(e) = c.add_pod(n, &format!("n{}-p{p}", n + 1)) {
-                eprintln!("{e}");
+    for node in 0..args.nodes {
+        for pod in 1..=args.pods {
+            if let Err(error) = cluster.add_pod(node, &format!("n{}-p{pod}", node + 1)) {
+                eprintln!("{error}");
                 return ExitCode::from(1);
             }
         }
     }
     // Every pod gets a ClusterIP Service whose only endpoint is itself, on every node, as
     // kube-proxy would install it: the diagonal of the matrix is a pod reaching itself.
-    for (k, p) in c.pods.iter().enumerate() {
-        c.service(&format!("self{k}"), self_vip(k), 80, &[SocketAddr::new(p.ip, 8080)]);
+    for (index, pod) in cluster.pods.iter().enumerate() {
+        cluster.service(&format!("self{index}"), self_vip(index), 80, &[SocketAddr::new(pod.ip, 8080)]);
     }
 
     println!("\nPods");
     println!("  {:<8} {:<8} {:<15} {:<22} {:<14} HAIRPIN", "NODE", "POD", "IPv4", "IPv6", "HOST VETH");
-    for p in &c.pods {
-        let node = &c.nodes[p.node];
-        let info = node.ns.ip_json(&["link", "show", "dev", &p.veth]);
+    for pod in &cluster.pods {
+        let node = &cluster.nodes[pod.node];
+        let info = node.ns.ip_json(&["link", "show", "dev", &pod.veth]);
         let hairpin = match info[0]["linkinfo"]["info_slave_data"]["hairpin"].as_bool() {
             Some(true) => "on",
             Some(false) => "off",
             None => "?",
         };
-        let ip6 = p.ip6.map(|a| a.to_string()).unwrap_or_else(|| "-".into());
+        let ip6 = pod.ip6.map(|ip6| ip6.to_string()).unwrap_or_else(|| "-".into());
         println!(
             "  {:<8} {:<8} {:<15} {:<22} {:<14} {hairpin}",
             node.name,
-            p.name,
-            p.ip.to_string(),
+            pod.name,
+            pod.ip.to_string(),
             ip6,
-            p.veth
+            pod.veth
         );
     }
 
     println!("\nRoutes");
-    for (i, n) in c.nodes.iter().enumerate() {
-        println!("  {} ({}, pods {}):", n.name, n.addresses().join(", "), n.pod_cidrs().join(", "));
-        for r in c.routes(i) {
-            println!("    {r}");
+    for (index, node) in cluster.nodes.iter().enumerate() {
+        println!("  {} ({}, pods {}):", node.name, node.addresses().join(", "), node.pod_cidrs().join(", "));
+        for route in cluster.routes(index) {
+            println!("    {route}");
         }
     }
 
     println!("\nConnectivity: row connects to column over TCP");
     println!("  ok = reached, and the server saw the client's own pod address");
     println!("  self = reached ITSELF through its Service VIP (hairpin), FAIL = not reached");
-    let (mut good, mut bad) = matrix(&c, "IPv4", |p| Some(p.ip));
-    if c.dual_stack {
-        let (g, b) = matrix(&c, "IPv6 (no Service VIPs: the diagonal is -)", |p| p.ip6);
-        good += g;
-        bad += b;
+    let (mut good, mut bad) = matrix(&cluster, "IPv4", |pod| Some(pod.ip));
+    if cluster.dual_stack {
+        let (good_v6, bad_v6) = matrix(&cluster, "IPv6 (no Service VIPs: the diagonal is -)", |pod| pod.ip6);
+        good += good_v6;
+        bad += bad_v6;
     }
     println!("\n{good} of {} connections as expected", good + bad);
 
     if !args.keep {
         // Processes this demo started, ended by their PIDs.
-        for mut a in agents.drain(..) {
-            let _ = a.kill();
-            let _ = a.wait();
+        for mut agent in agents.drain(..) {
+            let _ = agent.kill();
+            let _ = agent.wait();
         }
     }
     if args.keep {
-        let names = c.namespace_names();
-        let down = c.state_dir().join("down.sh");
+        let names = cluster.namespace_names();
+        let down = cluster.state_dir().join("down.sh");
         let mut script = String::from("#!/bin/sh\n# Removes exactly what this cni-demo run made.\n");
-        for n in &names {
-            script.push_str(&format!("ip netns del {n}\n"));
+        for node in &names {
+            script.push_str(&format!("ip netns del {node}\n"));
         }
-        for a in &agents {
-            script.push_str(&format!("kill {}  # cni-route-agent started by this demo\n", a.id()));
+        for agent in &agents {
+            script.push_str(&format!("kill {}  # cni-route-agent started by this demo\n", agent.id()));
         }
-        script.push_str(&format!("rm -rf {}\n", c.state_dir().display()));
+        script.push_str(&format!("rm -rf {}\n", cluster.state_dir().display()));
         let _ = std::fs::write(&down, script);
         println!("\nKept. Explore, e.g.:");
-        println!("  ip netns exec {} ip route", c.nodes[0].ns.name);
-        println!("  ip netns exec {} bridge -d link", c.nodes[0].ns.name);
-        println!("  ip netns exec {} iptables-save -t nat", c.nodes[0].ns.name);
-        println!("  ip netns exec {} ip addr", c.pods[0].ns.name);
+        println!("  ip netns exec {} ip route", cluster.nodes[0].ns.name);
+        println!("  ip netns exec {} bridge -d link", cluster.nodes[0].ns.name);
+        println!("  ip netns exec {} iptables-save -t nat", cluster.nodes[0].ns.name);
+        println!("  ip netns exec {} ip addr", cluster.pods[0].ns.name);
         println!("Remove it all with:\n  sh {}", down.display());
     } else {
-        let n_ns = c.namespace_names().len();
-        drop(c);
+        let n_ns = cluster.namespace_names().len();
+        drop(cluster);
         println!("Torn down: every pod DELeted through the plugin, {n_ns} namespaces removed.");
     }
     if bad == 0 {

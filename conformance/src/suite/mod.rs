@@ -83,9 +83,9 @@ fn root_snapshot() -> String {
 
 /// Every check, in order.
 pub fn checks() -> Vec<Check> {
-    let mut v = spec::checks();
-    v.extend(network::checks());
-    v
+    let mut all = spec::checks();
+    all.extend(network::checks());
+    all
 }
 
 /// Runs the checks whose name contains `filter` (all when empty), printing a line each.
@@ -96,53 +96,55 @@ pub fn run(target: &Target, filter: &str, print: &mut dyn FnMut(&str)) -> Vec<Ou
     let ctx = Ctx { target: target.clone(), versions, state: state.clone() };
     let before = root_snapshot();
     let mut out = Vec::new();
-    for (name, f) in checks().into_iter().filter(|(n, _)| n.contains(filter)) {
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&ctx)))
+    for (name, check) in checks().into_iter().filter(|(n, _)| n.contains(filter)) {
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(&ctx)))
             .unwrap_or_else(|p| Err(format!("panicked: {}", panic_text(&p))));
         // Nothing of the check may remain: its namespaces (and with them its links and
         // rules) and its leases.
-        let r = r.and_then(|_| {
+        let result = result.and_then(|_| {
             let left = live_namespaces();
             ensure(left.is_empty(), || format!("namespaces left behind: {left:?}"))
         });
-        print(&match &r {
+        print(&match &result {
             Ok(()) => format!("ok - {name}"),
-            Err(e) => format!("FAIL - {name}: {e}"),
+            Err(error) => format!("FAIL - {name}: {error}"),
         });
-        out.push(Outcome { name: name.to_string(), result: r });
+        out.push(Outcome { name: name.to_string(), result });
     }
     let after = root_snapshot();
-    let r = ensure(before == after, || "the root network namespace changed during the run".into());
-    print(&match &r {
+    let result = ensure(before == after, || "the root network namespace changed during the run".into());
+    print(&match &result {
         Ok(()) => "ok - root network namespace unchanged".to_string(),
-        Err(e) => format!("FAIL - root network namespace unchanged: {e}"),
+        Err(error) => format!("FAIL - root network namespace unchanged: {error}"),
     });
-    out.push(Outcome { name: "root network namespace unchanged".into(), result: r });
+    out.push(Outcome { name: "root network namespace unchanged".into(), result });
     let _ = std::fs::remove_dir_all(&state);
     let failed = out.iter().filter(|o| o.result.is_err()).count();
     print(&format!("{} passed, {failed} failed", out.len() - failed));
     out
 }
 
-fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<String>()
+fn panic_text(payload: &Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<String>()
         .cloned()
-        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .or_else(|| payload.downcast_ref::<&str>().map(|text| text.to_string()))
         .unwrap_or_default()
 }
 
-fn version_list(t: &Target) -> Vec<String> {
-    let bin: &Path = &t.dir.join(&t.bridge);
-    let o = std::process::Command::new(bin)
+fn version_list(target: &Target) -> Vec<String> {
+    let bin: &Path = &target.dir.join(&target.bridge);
+    let out = std::process::Command::new(bin)
         .env_clear()
         .env("CNI_COMMAND", "VERSION")
         .stdin(std::process::Stdio::null())
         .output();
-    let v: Value = o.ok().and_then(|o| serde_json::from_slice(&o.stdout).ok()).unwrap_or(Value::Null);
-    v["supportedVersions"]
+    let json: Value =
+        out.ok().and_then(|out| serde_json::from_slice(&out.stdout).ok()).unwrap_or(Value::Null);
+    json["supportedVersions"]
         .as_array()
         .into_iter()
         .flatten()
-        .filter_map(|s| s.as_str().map(str::to_string))
+        .filter_map(|version| version.as_str().map(str::to_string))
         .collect()
 }
