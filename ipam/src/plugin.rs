@@ -65,11 +65,11 @@ impl HostLocal {
         if let Some(e) = failure {
             // Leave the directory as it was: no lease, the cursors unmoved, the index as it was
             // (or, when the disk is full, marked so that the next call rebuilds it).
-            for c in &ips {
-                let _ = store.release(c.address.ip());
+            for assigned in &ips {
+                let _ = store.release(assigned.address.ip());
             }
-            for (i, c) in cursors.iter().enumerate() {
-                let _ = store.set_last_reserved(i, c.as_deref());
+            for (set, cursor) in cursors.iter().enumerate() {
+                let _ = store.set_last_reserved(set, cursor.as_deref());
             }
             store.abandon();
             return Err(e);
