@@ -14,10 +14,10 @@ use crate::firewall::Backend;
 pub struct Trunk {
     /// A single VLAN id (`id`); an entry has either this or `minID`/`maxID`.
     pub id: Option<i64>,
-    /// Range start.
+    /// The first VLAN id of a range (`minID`), given together with `maxID`.
     #[serde(rename = "minID")]
     pub min_id: Option<i64>,
-    /// Range end.
+    /// The last VLAN id of the range (`maxID`), inclusive.
     #[serde(rename = "maxID")]
     pub max_id: Option<i64>,
 }

@@ -131,10 +131,10 @@ impl Route {
 /// DNS settings.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Dns {
-    /// Name servers.
+    /// Name server addresses, in the order a resolver tries them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nameservers: Vec<String>,
-    /// Local domain.
+    /// The domain short names belong to (resolv.conf `domain`).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub domain: String,
     /// Search domains.

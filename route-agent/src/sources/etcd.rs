@@ -48,7 +48,7 @@ pub struct EtcdOptions {
     pub subnet_len_v4: u8,
     /// Prefix length of an IPv6 node subnet.
     pub subnet_len_v6: u8,
-    /// This node's name.
+    /// This node's name: the value its subnet claim records, and the key of its last claim.
     pub node_name: String,
     /// This node's addresses (one per family at most).
     pub node_addrs: Vec<IpAddr>,
