@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 
 use crate::netns::Netns;
 use crate::plugin::{invoke, Out};
+use crate::world::lease_files;
 pub use crate::world::Plugins;
 
 /// A pod: its namespace and what ADD returned.
@@ -181,7 +182,7 @@ impl Cluster {
             ("CNI_IFNAME", "eth0"),
             ("CNI_PATH", path.as_str()),
         ];
-        invoke(&self.nodes[node].ns, &self.plugins.dir.join(&self.plugins.bridge), cmd, &env, conf)
+        invoke(&self.nodes[node].ns, &self.plugins.main_plugin(), cmd, &env, conf)
     }
 
     /// Adds a pod on node `node` (0-based) through the plugins.
@@ -391,17 +392,9 @@ impl Cluster {
 
     /// The lease files left in every node's data dir.
     pub fn leases(&self) -> usize {
-        let mut count = 0;
-        for number in 1..=self.nodes.len() {
-            let dir = self.state.join(format!("node{number}")).join("podnet");
-            if let Ok(rd) = std::fs::read_dir(dir) {
-                count += rd
-                    .filter_map(|e| e.ok()?.file_name().into_string().ok())
-                    .filter(|f| f.parse::<IpAddr>().is_ok())
-                    .count();
-            }
-        }
-        count
+        (1..=self.nodes.len())
+            .map(|number| lease_files(&self.state.join(format!("node{number}")), "podnet").len())
+            .sum()
     }
 
     /// The names of every namespace of the cluster (for `--keep` instructions).

@@ -20,6 +20,28 @@ pub struct Plugins {
     pub ipam: String,
 }
 
+impl Plugins {
+    /// The main plugin's binary.
+    pub fn main_plugin(&self) -> PathBuf {
+        self.dir.join(&self.bridge)
+    }
+}
+
+/// The lease files (one per leased address) of `network` in a host-local style `data_dir`,
+/// sorted: what a DEL or a failed ADD must leave behind empty.
+pub fn lease_files(data_dir: &Path, network: &str) -> Vec<String> {
+    let mut leases: Vec<String> = std::fs::read_dir(data_dir.join(network))
+        .map(|entries| {
+            entries
+                .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+                .filter(|name| name.parse::<std::net::IpAddr>().is_ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    leases.sort();
+    leases
+}
+
 /// A node namespace, a scratch directory and the plugins to run there. Dropping it removes
 /// the directory, then the namespace (and with it every link and rule a plugin made).
 pub struct World {
@@ -110,22 +132,12 @@ impl World {
 
     /// The main plugin's binary.
     pub fn main_plugin(&self) -> PathBuf {
-        self.plugins.dir.join(&self.plugins.bridge)
+        self.plugins.main_plugin()
     }
 
     /// The lease files of the network (one per leased address), sorted.
     pub fn leases(&self) -> Vec<String> {
-        let dir = Path::new(&self.data_dir()).join(&self.network);
-        let mut leases: Vec<String> = std::fs::read_dir(dir)
-            .map(|entries| {
-                entries
-                    .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
-                    .filter(|name| name.parse::<std::net::IpAddr>().is_ok())
-                    .collect()
-            })
-            .unwrap_or_default();
-        leases.sort();
-        leases
+        lease_files(Path::new(&self.data_dir()), &self.network)
     }
 
     /// veth links in the node namespace.

@@ -4,7 +4,7 @@
 mod network;
 mod spec;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde_json::Value;
 
@@ -133,7 +133,7 @@ fn panic_text(payload: &Box<dyn std::any::Any + Send>) -> String {
 }
 
 fn version_list(target: &Target) -> Vec<String> {
-    let bin: &Path = &target.dir.join(&target.bridge);
+    let bin = target.main_plugin();
     let out = std::process::Command::new(bin)
         .env_clear()
         .env("CNI_COMMAND", "VERSION")
