@@ -10,8 +10,8 @@ use crate::firewall::spoof;
 use crate::netlink::Nl;
 use crate::netns;
 
-fn fail(m: String) -> BridgeError {
-    BridgeError::Check(m)
+fn fail(why: String) -> BridgeError {
+    BridgeError::Check(why)
 }
 
 /// Verifies the attachment against prevResult and the config.
@@ -20,8 +20,8 @@ pub fn check(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
         .conf
         .prev_result()?
         .ok_or_else(|| BridgeError::Config("CHECK: required prevResult missing".into()))?;
-    if let Some(t) = conf.ipam_type.as_deref() {
-        crate::ipam::run(t, Command::Check, req)?;
+    if let Some(ipam_type) = conf.ipam_type.as_deref() {
+        crate::ipam::run(ipam_type, Command::Check, req)?;
     }
     let path = req.inv.netns.as_deref().ok_or_else(|| BridgeError::Netns("CNI_NETNS is empty".into()))?;
     let pod_ns = netns::open_pod(path)?;
@@ -44,10 +44,10 @@ pub fn check(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
         }
         let want_mac =
             |name: &str| prev.interfaces.iter().find(|i| i.name == name).and_then(|i| i.mac.clone());
-        if let Some(m) = want_mac(&conf.bridge) {
-            if m != fmt_mac(&bridge.mac) {
+        if let Some(mac) = want_mac(&conf.bridge) {
+            if mac != fmt_mac(&bridge.mac) {
                 return Err(fail(format!(
-                    "bridge {} MAC is {}, prevResult says {m}",
+                    "bridge {} MAC is {}, prevResult says {mac}",
                     conf.bridge,
                     fmt_mac(&bridge.mac)
                 )));
@@ -60,15 +60,15 @@ pub fn check(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
         if pod_link.kind != Some(InfoKind::Veth) {
             return Err(fail(format!("pod interface {ifname} is not a veth")));
         }
-        if let Some(m) = prev
+        if let Some(mac) = prev
             .interfaces
             .iter()
             .find(|i| i.name == *ifname && i.sandbox.is_some())
             .and_then(|i| i.mac.clone())
         {
-            if m != fmt_mac(&pod_link.mac) {
+            if mac != fmt_mac(&pod_link.mac) {
                 return Err(fail(format!(
-                    "pod interface MAC is {}, prevResult says {m}",
+                    "pod interface MAC is {}, prevResult says {mac}",
                     fmt_mac(&pod_link.mac)
                 )));
             }
@@ -110,15 +110,20 @@ pub fn check(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
             }
         }
         for v4 in [true, false] {
-            let want: Vec<_> = prev.routes.iter().filter(|r| r.dst.is_ipv4() == v4).collect();
+            let want: Vec<_> = prev.routes.iter().filter(|route| route.dst.is_ipv4() == v4).collect();
             if want.is_empty() || conf.disable_container_interface {
                 continue;
             }
             let routes = pod.routes(pod_link.index, v4).await?;
-            for r in want {
-                let found = routes.iter().any(|(dst, gw)| *dst == r.dst && (r.gw.is_none() || *gw == r.gw));
+            for route in want {
+                let found = routes
+                    .iter()
+                    .any(|(dst, gw)| *dst == route.dst && (route.gw.is_none() || *gw == route.gw));
                 if !found {
-                    return Err(fail(format!("route to {} via {:?} is missing in the pod", r.dst, r.gw)));
+                    return Err(fail(format!(
+                        "route to {} via {:?} is missing in the pod",
+                        route.dst, route.gw
+                    )));
                 }
             }
         }

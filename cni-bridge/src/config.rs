@@ -12,12 +12,12 @@ use crate::firewall::Backend;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Trunk {
-    /// One VLAN id.
+    /// A single VLAN id (`id`); an entry has either this or `minID`/`maxID`.
     pub id: Option<i64>,
-    /// Range start.
+    /// The first VLAN id of a range (`minID`), given together with `maxID`.
     #[serde(rename = "minID")]
     pub min_id: Option<i64>,
-    /// Range end.
+    /// The last VLAN id of the range (`maxID`), inclusive.
     #[serde(rename = "maxID")]
     pub max_id: Option<i64>,
 }
@@ -46,7 +46,7 @@ struct Raw {
 /// The validated bridge config.
 #[derive(Debug, Clone)]
 pub struct BridgeConf {
-    /// Bridge name.
+    /// The bridge's interface name (`bridge`, default `cni0`), shared by every pod of the network.
     pub bridge: String,
     /// Put the gateway address on the bridge.
     pub is_gateway: bool,
@@ -60,13 +60,15 @@ pub struct BridgeConf {
     pub mtu: Option<u32>,
     /// Hairpin on the bridge port.
     pub hairpin: bool,
-    /// Promiscuous bridge.
+    /// Put the bridge in promiscuous mode (`promiscMode`): it then sees frames for any MAC,
+    /// which some hairpin setups need.
     pub promisc: bool,
     /// DAD on the pod interface.
     pub enable_dad: bool,
     /// Leave the pod interface down, without addresses.
     pub disable_container_interface: bool,
-    /// Isolated bridge port.
+    /// Mark the pod's bridge port isolated (`portIsolation`): isolated ports cannot reach
+    /// each other, only the bridge and non-isolated ports.
     pub port_isolation: bool,
     /// The IPAM plugin type, if any.
     pub ipam_type: Option<String>,
@@ -93,29 +95,29 @@ impl BridgeConf {
     }
 }
 
-fn cfg(m: impl Into<String>) -> BridgeError {
-    BridgeError::Config(m.into())
+fn cfg(why: impl Into<String>) -> BridgeError {
+    BridgeError::Config(why.into())
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff`.
-pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let parts: Vec<&str> = s.split(':').collect();
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let parts: Vec<&str> = text.split(':').collect();
     if parts.len() != 6 {
         return None;
     }
     let mut mac = [0u8; 6];
-    for (i, p) in parts.iter().enumerate() {
-        if p.len() != 2 {
+    for (index, part) in parts.iter().enumerate() {
+        if part.len() != 2 {
             return None;
         }
-        mac[i] = u8::from_str_radix(p, 16).ok()?;
+        mac[index] = u8::from_str_radix(part, 16).ok()?;
     }
     Some(mac)
 }
 
 /// Formats a MAC as the reference does (lower-case, colon-separated).
-pub fn fmt_mac(m: &[u8]) -> String {
-    m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+pub fn fmt_mac(mac: &[u8]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
 impl BridgeConf {
@@ -187,22 +189,22 @@ impl BridgeConf {
 
 /// The trunk's VLAN ids, sorted and unique, checked as the reference checks them.
 fn collect_trunk(items: &[Trunk]) -> Result<Vec<u16>, BridgeError> {
-    let ok = |v: i64, what: &str| -> Result<u16, BridgeError> {
-        if (1..=4094).contains(&v) {
-            Ok(v as u16)
+    let ok = |vid: i64, what: &str| -> Result<u16, BridgeError> {
+        if (1..=4094).contains(&vid) {
+            Ok(vid as u16)
         } else {
-            Err(cfg(format!("incorrect trunk {what} parameter {v} (must be between 1 and 4094)")))
+            Err(cfg(format!("incorrect trunk {what} parameter {vid} (must be between 1 and 4094)")))
         }
     };
     let mut ids = std::collections::BTreeSet::new();
-    for t in items {
-        match (t.min_id, t.max_id) {
-            (Some(a), Some(b)) => {
-                let (a, b) = (ok(a, "minID")?, ok(b, "maxID")?);
-                if a > b {
-                    return Err(cfg(format!("minID {a} is greater than maxID {b} in trunk parameter")));
+    for trunk in items {
+        match (trunk.min_id, trunk.max_id) {
+            (Some(min), Some(max)) => {
+                let (min, max) = (ok(min, "minID")?, ok(max, "maxID")?);
+                if min > max {
+                    return Err(cfg(format!("minID {min} is greater than maxID {max} in trunk parameter")));
                 }
-                ids.extend(a..=b);
+                ids.extend(min..=max);
             }
             (None, Some(_)) => {
                 return Err(cfg("minID and maxID should be configured simultaneously, minID is missing"))
@@ -212,7 +214,7 @@ fn collect_trunk(items: &[Trunk]) -> Result<Vec<u16>, BridgeError> {
             }
             (None, None) => {}
         }
-        if let Some(id) = t.id {
+        if let Some(id) = trunk.id {
             ids.insert(ok(id, "id")?);
         }
     }
@@ -229,13 +231,13 @@ fn mac_from(req: &Request) -> Result<Option<[u8; 6]>, BridgeError> {
         ("args.cni.mac", req.raw.pointer("/args/cni/mac").and_then(Value::as_str).map(str::to_string)),
         ("CNI_ARGS MAC", req.inv.args.get("MAC").map(str::to_string)),
     ];
-    for (src, v) in candidates {
-        if let Some(s) = v.filter(|s| !s.is_empty()) {
-            let m = parse_mac(&s).ok_or_else(|| cfg(format!("{src}: invalid MAC address {s:?}")))?;
-            if m[0] & 1 == 1 {
-                return Err(cfg(format!("{src}: {s} is a multicast MAC address")));
+    for (src, value) in candidates {
+        if let Some(text) = value.filter(|text| !text.is_empty()) {
+            let mac = parse_mac(&text).ok_or_else(|| cfg(format!("{src}: invalid MAC address {text:?}")))?;
+            if mac[0] & 1 == 1 {
+                return Err(cfg(format!("{src}: {text} is a multicast MAC address")));
             }
-            return Ok(Some(m));
+            return Ok(Some(mac));
         }
     }
     Ok(None)

@@ -16,28 +16,32 @@ pub enum Pending {
     Exec(delegate::Pending),
 }
 
-fn in_process(t: &str) -> bool {
-    t == OURS && std::env::var_os("CNI_BRIDGE_EXEC_IPAM").is_none()
+fn in_process(ipam_type: &str) -> bool {
+    ipam_type == OURS && std::env::var_os("CNI_BRIDGE_EXEC_IPAM").is_none()
 }
 
-/// Starts IPAM `t` with `command` for `req`.
-pub fn start(t: &str, command: Command, req: &Request) -> Result<Pending, CniError> {
-    if !in_process(t) {
-        return delegate::spawn(t, command, &req.inv, &req.stdin).map(Pending::Exec);
+/// Starts IPAM plugin `ipam_type` with `command` for `req`.
+pub fn start(ipam_type: &str, command: Command, req: &Request) -> Result<Pending, CniError> {
+    if !in_process(ipam_type) {
+        return delegate::spawn(ipam_type, command, &req.inv, &req.stdin).map(Pending::Exec);
     }
     let req = req.clone();
     Ok(Pending::InProcess(std::thread::spawn(move || {
-        let p = cni_host_local::HostLocal;
-        let r = match command {
-            Command::Add => p.add(&req).map(Some),
-            Command::Del => p.del(&req).map(|_| None),
-            Command::Check => p.check(&req).map(|_| None),
-            Command::Gc => p.gc(&req).map(|_| None),
-            Command::Status => p.status(&req).map(|_| None),
+        let plugin = cni_host_local::HostLocal;
+        let outcome = match command {
+            Command::Add => plugin.add(&req).map(Some),
+            Command::Del => plugin.del(&req).map(|_| None),
+            Command::Check => plugin.check(&req).map(|_| None),
+            Command::Gc => plugin.gc(&req).map(|_| None),
+            Command::Status => plugin.status(&req).map(|_| None),
             Command::Version => Ok(None),
         };
         // Errors read as a delegated plugin's do: named after the plugin, same code.
-        r.map_err(|e| CniError::Plugin { code: e.code(), msg: format!("{OURS}: {e}"), details: e.details() })
+        outcome.map_err(|e| CniError::Plugin {
+            code: e.code(),
+            msg: format!("{OURS}: {e}"),
+            details: e.details(),
+        })
     })))
 }
 
@@ -45,15 +49,15 @@ impl Pending {
     /// Waits for the answer: the result for ADD, else `None`.
     pub fn wait(self) -> Result<Option<CniResult>, CniError> {
         match self {
-            Pending::Exec(p) => p.wait(),
-            Pending::InProcess(h) => {
-                h.join().unwrap_or_else(|_| Err(CniError::plugin(199, "IPAM thread panicked", "")))
+            Pending::Exec(process) => process.wait(),
+            Pending::InProcess(thread) => {
+                thread.join().unwrap_or_else(|_| Err(CniError::plugin(199, "IPAM thread panicked", "")))
             }
         }
     }
 }
 
-/// Runs IPAM `t` with `command` to the end.
-pub fn run(t: &str, command: Command, req: &Request) -> Result<Option<CniResult>, CniError> {
-    start(t, command, req)?.wait()
+/// Runs IPAM plugin `ipam_type` with `command` to the end.
+pub fn run(ipam_type: &str, command: Command, req: &Request) -> Result<Option<CniResult>, CniError> {
+    start(ipam_type, command, req)?.wait()
 }

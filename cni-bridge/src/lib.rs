@@ -40,9 +40,12 @@ pub fn runtime() -> Result<tokio::runtime::Runtime, BridgeError> {
 /// The bridge plugin.
 pub struct Bridge;
 
-fn with_conf<T>(req: &Request, f: impl FnOnce(&BridgeConf) -> Result<T, BridgeError>) -> Result<T, CniError> {
+fn with_conf<T>(
+    req: &Request,
+    verb: impl FnOnce(&BridgeConf) -> Result<T, BridgeError>,
+) -> Result<T, CniError> {
     let conf = BridgeConf::from_request(req)?;
-    f(&conf).map_err(Into::into)
+    verb(&conf).map_err(Into::into)
 }
 
 impl Plugin for Bridge {
@@ -51,6 +54,11 @@ impl Plugin for Bridge {
             "cni-bridge {}: bridge, veth, hairpin, gateway and masquerade for pods",
             env!("CARGO_PKG_VERSION")
         )
+    }
+    fn cni_args(&self) -> &'static [&'static str] {
+        // The bridge reads `MAC`; it hands CNI_ARGS unchanged to its IPAM plugin, so it takes
+        // exactly the keys host-local takes (which include `MAC`).
+        cni_host_local::plugin::CNI_ARGS
     }
     fn add(&self, req: &Request) -> Result<CniResult, CniError> {
         with_conf(req, |c| add::add(req, c))

@@ -17,7 +17,8 @@ use rtnetlink::{
     RouteMessageBuilder,
 };
 
-use netlink_wire::{address_of, errno, route_addr};
+use netlink_wire::dump::{self, Family};
+use netlink_wire::{address_of, errno};
 
 use crate::error::BridgeError;
 use crate::netns;
@@ -166,14 +167,14 @@ impl Nl {
         mtu: Option<u32>,
         vlan_filtering: bool,
     ) -> Result<bool, BridgeError> {
-        let mut b = LinkBridge::new(name).address(mac.to_vec());
+        let mut builder = LinkBridge::new(name).address(mac.to_vec());
         if vlan_filtering {
-            b = b.vlan_filtering(true);
+            builder = builder.vlan_filtering(true);
         }
-        if let Some(m) = mtu {
-            b = b.mtu(m);
+        if let Some(mtu) = mtu {
+            builder = builder.mtu(mtu);
         }
-        match self.handle.link().add(b.build()).execute().await {
+        match self.handle.link().add(builder.build()).execute().await {
             Ok(()) => Ok(true),
             Err(e) if errno(&e) == Some(EEXIST) => Ok(false),
             Err(e) if vlan_filtering && errno(&e) == Some(EOPNOTSUPP) => Err(no_vlan_filtering()),
@@ -197,29 +198,29 @@ impl Nl {
         pvid: Option<u16>,
         tagged: &[u16],
     ) -> Result<(), BridgeError> {
-        let mut b = LinkBridgeVlan::new(port);
+        let mut builder = LinkBridgeVlan::new(port);
         // Runs of consecutive ids go as ranges: a trunk of 1-4094 is two entries, not 4094.
-        let mut i = 0;
-        while i < tagged.len() {
-            let mut j = i;
-            while j + 1 < tagged.len() && tagged[j + 1] == tagged[j] + 1 {
-                j += 1;
+        let mut run_start = 0;
+        while run_start < tagged.len() {
+            let mut run_end = run_start;
+            while run_end + 1 < tagged.len() && tagged[run_end + 1] == tagged[run_end] + 1 {
+                run_end += 1;
             }
-            if j == i {
-                b = b.vlan(tagged[i], BridgeVlanInfoFlags::empty());
+            if run_end == run_start {
+                builder = builder.vlan(tagged[run_start], BridgeVlanInfoFlags::empty());
             } else {
-                b = b
-                    .vlan_range_start(tagged[i], BridgeVlanInfoFlags::empty())
-                    .vlan_range_end(tagged[j], BridgeVlanInfoFlags::empty());
+                builder = builder
+                    .vlan_range_start(tagged[run_start], BridgeVlanInfoFlags::empty())
+                    .vlan_range_end(tagged[run_end], BridgeVlanInfoFlags::empty());
             }
-            i = j + 1;
+            run_start = run_end + 1;
         }
-        if let Some(p) = pvid {
-            b = b.vlan(p, BridgeVlanInfoFlags::Pvid | BridgeVlanInfoFlags::Untagged);
+        if let Some(pvid) = pvid {
+            builder = builder.vlan(pvid, BridgeVlanInfoFlags::Pvid | BridgeVlanInfoFlags::Untagged);
         }
         self.handle
             .link()
-            .set(b.build())
+            .set(builder.build())
             .execute()
             .await
             .map_err(BridgeError::netlink("adding VLANs to the bridge port"))
@@ -236,14 +237,14 @@ impl Nl {
         }
     }
 
-    /// RTM_SETLINK with what `f` adds to a message for `index`.
+    /// RTM_SETLINK with what `add_to` adds to a message for `index`.
     pub async fn set(
         &self,
         index: u32,
         what: &str,
-        f: impl FnOnce(LinkMessageBuilder<LinkUnspec>) -> LinkMessageBuilder<LinkUnspec>,
+        add_to: impl FnOnce(LinkMessageBuilder<LinkUnspec>) -> LinkMessageBuilder<LinkUnspec>,
     ) -> Result<(), BridgeError> {
-        let msg = f(LinkUnspec::new_with_index(index)).build();
+        let msg = add_to(LinkUnspec::new_with_index(index)).build();
         self.handle.link().set(msg).execute().await.map_err(BridgeError::netlink(what.to_string()))
     }
 
@@ -269,16 +270,16 @@ impl Nl {
         mac: Option<[u8; 6]>,
     ) -> Result<bool, BridgeError> {
         use std::os::fd::AsRawFd;
-        let mut p = LinkUnspec::new_with_name(peer).setns_by_fd(host_ns.as_raw_fd());
-        let mut v = LinkVeth::new(name, peer);
-        if let Some(m) = mtu {
-            p = p.mtu(m);
-            v = v.mtu(m);
+        let mut peer_builder = LinkUnspec::new_with_name(peer).setns_by_fd(host_ns.as_raw_fd());
+        let mut veth = LinkVeth::new(name, peer);
+        if let Some(mtu) = mtu {
+            peer_builder = peer_builder.mtu(mtu);
+            veth = veth.mtu(mtu);
         }
-        if let Some(m) = mac {
-            v = v.address(m.to_vec());
+        if let Some(mac) = mac {
+            veth = veth.address(mac.to_vec());
         }
-        let msg = v.set_info_data(InfoData::Veth(InfoVeth::Peer(p.build()))).build();
+        let msg = veth.set_info_data(InfoData::Veth(InfoVeth::Peer(peer_builder.build()))).build();
         match self.handle.link().add(msg).execute().await {
             Ok(()) => Ok(true),
             Err(e) if errno(&e) == Some(EEXIST) => Ok(false),
@@ -293,11 +294,11 @@ impl Nl {
         peer: &str,
         mtu: Option<u32>,
     ) -> Result<bool, BridgeError> {
-        let mut v = LinkVeth::new(name, peer);
-        if let Some(m) = mtu {
-            v = v.mtu(m);
+        let mut veth = LinkVeth::new(name, peer);
+        if let Some(mtu) = mtu {
+            veth = veth.mtu(mtu);
         }
-        match self.handle.link().add(v.build()).execute().await {
+        match self.handle.link().add(veth.build()).execute().await {
             Ok(()) => Ok(true),
             Err(e) if errno(&e) == Some(EEXIST) => Ok(false),
             Err(e) => Err(BridgeError::netlink(format!("creating veth {name}/{peer}"))(e)),
@@ -316,8 +317,8 @@ impl Nl {
     /// Whether any link is a port of bridge `index`.
     pub async fn has_ports(&self, index: u32) -> Result<bool, BridgeError> {
         let mut links = self.handle.link().get().execute();
-        while let Some(m) = links.try_next().await.map_err(BridgeError::netlink("listing links"))? {
-            if summarize(&m).controller == Some(index) {
+        while let Some(link) = links.try_next().await.map_err(BridgeError::netlink("listing links"))? {
+            if summarize(&link).controller == Some(index) {
                 return Ok(true);
             }
         }
@@ -334,13 +335,7 @@ impl Nl {
 
     /// Addresses of a link (link-local IPv6 left out).
     pub async fn addresses(&self, index: u32) -> Result<Vec<IpNetwork>, BridgeError> {
-        let msgs: Vec<AddressMessage> = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(index)
-            .execute()
-            .try_collect()
+        let msgs = dump::addresses(&self.handle, Some(index))
             .await
             .map_err(BridgeError::netlink("listing addresses"))?;
         Ok(msgs
@@ -358,45 +353,45 @@ impl Nl {
     }
 
     /// Adds an address; present already is fine.
-    pub async fn add_address(&self, index: u32, a: IpNetwork) -> Result<(), BridgeError> {
-        self.add_address_with(index, a, false).await
+    pub async fn add_address(&self, index: u32, address: IpNetwork) -> Result<(), BridgeError> {
+        self.add_address_with(index, address, false).await
     }
 
     /// Adds an address that skips duplicate address detection (IPv6): usable at once, where
     /// a DAD'd one stays tentative for 1-2 s (no bind, no neighbour answers meanwhile).
-    pub async fn add_address_nodad(&self, index: u32, a: IpNetwork) -> Result<(), BridgeError> {
-        self.add_address_with(index, a, true).await
+    pub async fn add_address_nodad(&self, index: u32, address: IpNetwork) -> Result<(), BridgeError> {
+        self.add_address_with(index, address, true).await
     }
 
-    async fn add_address_with(&self, index: u32, a: IpNetwork, nodad: bool) -> Result<(), BridgeError> {
-        let mut req = self.handle.address().add(index, a.ip(), a.prefix());
-        if nodad && a.is_ipv6() {
+    async fn add_address_with(&self, index: u32, address: IpNetwork, nodad: bool) -> Result<(), BridgeError> {
+        let mut req = self.handle.address().add(index, address.ip(), address.prefix());
+        if nodad && address.is_ipv6() {
             req.message_mut().header.flags = AddressHeaderFlags::Nodad;
         }
         match req.execute().await {
             Err(e) if errno(&e) != Some(EEXIST) => {
-                Err(BridgeError::netlink(format!("adding address {a}"))(e))
+                Err(BridgeError::netlink(format!("adding address {address}"))(e))
             }
             _ => Ok(()),
         }
     }
 
     /// Removes an address; absent is fine.
-    pub async fn del_address(&self, index: u32, a: IpNetwork) -> Result<(), BridgeError> {
+    pub async fn del_address(&self, index: u32, address: IpNetwork) -> Result<(), BridgeError> {
         let msgs: Vec<AddressMessage> = self
             .handle
             .address()
             .get()
             .set_link_index_filter(index)
-            .set_address_filter(a.ip())
+            .set_address_filter(address.ip())
             .execute()
             .try_collect()
             .await
             .map_err(BridgeError::netlink("listing addresses"))?;
-        for m in msgs {
-            match self.handle.address().del(m).execute().await {
+        for message in msgs {
+            match self.handle.address().del(message).execute().await {
                 Err(e) if errno(&e) != Some(EADDRNOTAVAIL) => {
-                    return Err(BridgeError::netlink(format!("removing address {a}"))(e))
+                    return Err(BridgeError::netlink(format!("removing address {address}"))(e))
                 }
                 _ => {}
             }
@@ -405,21 +400,21 @@ impl Nl {
     }
 
     /// Adds a route out of `oif`; present already is fine.
-    pub async fn add_route(&self, oif: u32, r: &cni_proto::Route) -> Result<(), BridgeError> {
-        let mut msg = route_message(oif, r)?;
-        if r.mtu.is_some() || r.advmss.is_some() {
+    pub async fn add_route(&self, oif: u32, route: &cni_proto::Route) -> Result<(), BridgeError> {
+        let mut msg = route_message(oif, route)?;
+        if route.mtu.is_some() || route.advmss.is_some() {
             let mut metrics = Vec::new();
-            if let Some(m) = r.mtu {
-                metrics.push(RouteMetric::Mtu(m));
+            if let Some(mtu) = route.mtu {
+                metrics.push(RouteMetric::Mtu(mtu));
             }
-            if let Some(m) = r.advmss {
-                metrics.push(RouteMetric::Advmss(m));
+            if let Some(advmss) = route.advmss {
+                metrics.push(RouteMetric::Advmss(advmss));
             }
             msg.attributes.push(RouteAttribute::Metrics(metrics));
         }
         match self.handle.route().add(msg).execute().await {
             Err(e) if errno(&e) != Some(EEXIST) => {
-                Err(BridgeError::netlink(format!("adding route to {} via {:?}", r.dst, r.gw))(e))
+                Err(BridgeError::netlink(format!("adding route to {} via {:?}", route.dst, route.gw))(e))
             }
             _ => Ok(()),
         }
@@ -427,60 +422,42 @@ impl Nl {
 
     /// Routes of one family out of `oif`, as (dst, gw).
     pub async fn routes(&self, oif: u32, v4: bool) -> Result<Vec<(IpNetwork, Option<IpAddr>)>, BridgeError> {
-        let q = if v4 {
-            RouteMessageBuilder::<std::net::Ipv4Addr>::new().build()
-        } else {
-            RouteMessageBuilder::<std::net::Ipv6Addr>::new().build()
-        };
-        let msgs: Vec<RouteMessage> = self
-            .handle
-            .route()
-            .get(q)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(BridgeError::netlink("listing routes"))?;
+        let family = if v4 { Family::V4 } else { Family::V6 };
+        let msgs =
+            dump::routes(&self.handle, family).await.map_err(BridgeError::netlink("listing routes"))?;
         Ok(msgs
             .iter()
-            .filter(|m| m.attributes.iter().any(|a| matches!(a, RouteAttribute::Oif(i) if *i == oif)))
+            .filter(|m| dump::output_interface(m) == Some(oif))
             .filter_map(|m| {
-                let dst = m.attributes.iter().find_map(|a| match a {
-                    RouteAttribute::Destination(d) => route_addr(d),
-                    _ => None,
-                });
-                let gw = m.attributes.iter().find_map(|a| match a {
-                    RouteAttribute::Gateway(g) => route_addr(g),
-                    _ => None,
-                });
-                let unspecified = if v4 { IpAddr::from([0u8; 4]) } else { IpAddr::from([0u16; 8]) };
-                let net =
-                    IpNetwork::new(dst.unwrap_or(unspecified), m.header.destination_prefix_length).ok()?;
-                Some((net, gw))
+                let dst = dump::destination(m).unwrap_or(family.unspecified());
+                let net = IpNetwork::new(dst, m.header.destination_prefix_length).ok()?;
+                Some((net, dump::gateway(m)))
             })
             .collect())
     }
 }
 
-fn route_message(oif: u32, r: &cni_proto::Route) -> Result<RouteMessage, BridgeError> {
+fn route_message(oif: u32, route: &cni_proto::Route) -> Result<RouteMessage, BridgeError> {
     // Both are checked when a result is parsed; refused here too rather than trusted.
-    let mismatch = || BridgeError::Config(format!("route to {} via {:?}: families differ", r.dst, r.gw));
-    let mut b = RouteMessageBuilder::<IpAddr>::new()
-        .destination_prefix(r.dst.network(), r.dst.prefix())
+    let mismatch =
+        || BridgeError::Config(format!("route to {} via {:?}: families differ", route.dst, route.gw));
+    let mut builder = RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(route.dst.network(), route.dst.prefix())
         .map_err(|_| mismatch())?
         .output_interface(oif);
-    if let Some(gw) = r.gw {
-        b = b.gateway(gw).map_err(|_| mismatch())?;
+    if let Some(gw) = route.gw {
+        builder = builder.gateway(gw).map_err(|_| mismatch())?;
     }
-    if let Some(p) = r.priority {
-        b = b.priority(p);
+    if let Some(priority) = route.priority {
+        builder = builder.priority(priority);
     }
-    if let Some(t) = r.table {
-        b = b.table_id(t);
+    if let Some(table) = route.table {
+        builder = builder.table_id(table);
     }
-    match r.scope {
-        Some(s) => b = b.scope(RouteScope::from(s)),
-        None if r.gw.is_none() => b = b.scope(RouteScope::Link),
+    match route.scope {
+        Some(scope) => builder = builder.scope(RouteScope::from(scope)),
+        None if route.gw.is_none() => builder = builder.scope(RouteScope::Link),
         None => {}
     }
-    Ok(b.build())
+    Ok(builder.build())
 }

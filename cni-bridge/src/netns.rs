@@ -21,9 +21,11 @@ pub fn current() -> std::io::Result<File> {
     File::open("/proc/thread-self/ns/net")
 }
 
-fn same(a: &File, b: &File) -> bool {
-    match (a.metadata(), b.metadata()) {
-        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+fn same(first: &File, second: &File) -> bool {
+    match (first.metadata(), second.metadata()) {
+        (Ok(first_meta), Ok(second_meta)) => {
+            first_meta.dev() == second_meta.dev() && first_meta.ino() == second_meta.ino()
+        }
         _ => false,
     }
 }
@@ -31,31 +33,31 @@ fn same(a: &File, b: &File) -> bool {
 /// Opens CNI_NETNS; it must be a network namespace other than the one the plugin runs in.
 pub fn open_pod(path: &Path) -> Result<File, BridgeError> {
     let bad = |why: String| BridgeError::Netns(format!("{}: {why}", path.display()));
-    let f = File::open(path).map_err(|e| bad(e.to_string()))?;
-    let st = fstatfs(f.as_fd()).map_err(|e| bad(e.to_string()))?;
-    if st.filesystem_type().0 as i64 != NSFS_MAGIC {
+    let file = File::open(path).map_err(|e| bad(e.to_string()))?;
+    let fs_stat = fstatfs(file.as_fd()).map_err(|e| bad(e.to_string()))?;
+    if fs_stat.filesystem_type().0 as i64 != NSFS_MAGIC {
         return Err(bad("not a network namespace".into()));
     }
     // An nsfs file can be another kind of namespace (mnt, pid...): ask the kernel which.
     // SAFETY: NS_GET_NSTYPE takes no argument and only reads the fd.
     let kind =
-        unsafe { ns_get_nstype(std::os::fd::AsRawFd::as_raw_fd(&f)) }.map_err(|e| bad(e.to_string()))?;
+        unsafe { ns_get_nstype(std::os::fd::AsRawFd::as_raw_fd(&file)) }.map_err(|e| bad(e.to_string()))?;
     if kind != CloneFlags::CLONE_NEWNET.bits() {
         return Err(bad("not a network namespace".into()));
     }
     let own = current().map_err(|e| bad(e.to_string()))?;
-    if same(&f, &own) {
+    if same(&file, &own) {
         return Err(bad("is the namespace the plugin runs in".into()));
     }
-    Ok(f)
+    Ok(file)
 }
 
-/// Runs `f` with this thread inside `ns`, then switches back. `f` must not await: on a
+/// Runs `work` with this thread inside `ns`, then switches back. `work` must not await: on a
 /// current-thread runtime nothing else runs on this thread meanwhile.
-pub fn run_in<T>(ns: &File, f: impl FnOnce() -> T) -> std::io::Result<T> {
+pub fn run_in<T>(ns: &File, work: impl FnOnce() -> T) -> std::io::Result<T> {
     let home = current()?;
     setns(ns.as_fd(), CloneFlags::CLONE_NEWNET)?;
-    let out = f();
+    let out = work();
     if let Err(e) = setns(home.as_fd(), CloneFlags::CLONE_NEWNET) {
         // Carrying on in the wrong namespace could change the pod where the host was meant.
         eprintln!("cni-bridge: cannot return to the host namespace: {e}");

@@ -234,7 +234,7 @@ fn bad_input_touches_nothing() {
     }
     let o = cni_conformance::plugin::invoke_raw(
         &w.node,
-        &w.bin.join("cni-bridge"),
+        &w.main_plugin(),
         "ADD",
         &[("CNI_CONTAINERID", "c"), ("CNI_NETNS", &path), ("CNI_IFNAME", "eth0"), ("CNI_PATH", "/x")],
         b"{\"cniVersion\":",
@@ -252,7 +252,7 @@ fn bad_input_touches_nothing() {
     let own = w.node.path.display().to_string();
     let o = cni_conformance::plugin::invoke_raw(
         &w.node,
-        &w.bin.join("cni-bridge"),
+        &w.main_plugin(),
         "ADD",
         &[("CNI_CONTAINERID", "c"), ("CNI_NETNS", &own), ("CNI_IFNAME", "eth0"), ("CNI_PATH", "/x")],
         base(json!({})).to_string().as_bytes(),
@@ -342,7 +342,7 @@ fn interop_with_the_reference_plugins_both_ways() {
         c["type"] = json!("bridge");
         c
     };
-    let env_path = format!("{}:{REFERENCE_DIR}", w.bin.display());
+    let env_path = w.cni_path.clone();
     let env = [
         ("CNI_CONTAINERID", "c2"),
         ("CNI_NETNS", p2.path.to_str().unwrap()),
@@ -623,7 +623,7 @@ fn del_releases_everything_when_netns_is_no_namespace_any_more() {
     let own = w.node.path.display().to_string();
     let o = cni_conformance::plugin::invoke_raw(
         &w.node,
-        &w.bin.join("cni-bridge"),
+        &w.main_plugin(),
         "DEL",
         &[("CNI_CONTAINERID", "c2"), ("CNI_NETNS", &own), ("CNI_IFNAME", "eth0"), ("CNI_PATH", "/x")],
         conf.to_string().as_bytes(),

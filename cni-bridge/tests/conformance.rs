@@ -10,8 +10,7 @@ use cni_conformance::suite::{run, Target};
 #[test]
 fn conformance_suite_passes_for_our_plugins() {
     require_root("conformance_suite");
-    let t =
-        Target { cni_path: common::plugin_dir(), bridge: "cni-bridge".into(), ipam: "cni-host-local".into() };
+    let t = Target { dir: common::plugin_dir(), bridge: "cni-bridge".into(), ipam: "cni-host-local".into() };
     let mut lines = Vec::new();
     let out = run(&t, "", &mut |l| lines.push(l.to_string()));
     let failed: Vec<&String> = lines.iter().filter(|l| l.starts_with("FAIL")).collect();

@@ -20,7 +20,7 @@ impl Doctor<'_> {
     fn run(&self, extra: &[&str]) -> (i32, Vec<Value>) {
         let mut c = Command::new(BRIDGE);
         c.args(["doctor", "--json", "--conf", self.conf.to_str().unwrap()])
-            .args(["--bin-dir", self.w.bin.to_str().unwrap(), "--metrics", "127.0.0.1:9"])
+            .args(["--bin-dir", self.w.plugins.dir.to_str().unwrap(), "--metrics", "127.0.0.1:9"])
             .args(extra)
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
         self.w.node.enter(&mut c);

@@ -44,7 +44,7 @@ fn log_file_from_the_config_alone_records_both_plugins_calls_and_steps() {
         ("CNI_IFNAME", "eth0"),
         ("CNI_PATH", "/nonexistent"),
     ];
-    let o = cni_conformance::invoke(&w.node, &w.bin.join("cni-host-local"), "ADD", &env, &conf);
+    let o = cni_conformance::invoke(&w.node, &w.plugins.dir.join("cni-host-local"), "ADD", &env, &conf);
     assert_eq!(o.code, 0, "{}", o.stdout);
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(

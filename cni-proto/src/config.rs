@@ -10,10 +10,10 @@ use crate::version::Version;
 /// One attachment a runtime still uses (GC's valid list).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Attachment {
-    /// The container id.
+    /// The container id (CNI_CONTAINERID of its ADD).
     #[serde(rename = "containerID")]
     pub container_id: String,
-    /// The interface name.
+    /// The interface inside the container (CNI_IFNAME of its ADD).
     pub ifname: String,
 }
 

@@ -14,8 +14,8 @@ use crate::result::CniResult;
 /// Code for a delegated plugin that could not be found or run, or printed garbage.
 pub const DELEGATE_FAILED: u32 = 199;
 
-fn verb(c: Command) -> &'static str {
-    match c {
+fn verb(command: Command) -> &'static str {
+    match command {
         Command::Add => "ADD",
         Command::Del => "DEL",
         Command::Check => "CHECK",
@@ -64,8 +64,9 @@ fn fail(msg: String) -> Error {
 /// Starts the plugin at `bin` with `command`, without waiting for it.
 pub fn spawn_path(bin: &Path, command: Command, inv: &Invocation, stdin: &[u8]) -> Result<Pending, Error> {
     let path = std::env::join_paths(&inv.path).unwrap_or_default();
-    let mut p = Proc::new(bin);
-    p.env("CNI_COMMAND", verb(command))
+    let mut process = Proc::new(bin);
+    process
+        .env("CNI_COMMAND", verb(command))
         .env("CNI_CONTAINERID", &inv.container_id)
         .env("CNI_IFNAME", &inv.ifname)
         .env("CNI_ARGS", &inv.args_raw)
@@ -74,21 +75,21 @@ pub fn spawn_path(bin: &Path, command: Command, inv: &Invocation, stdin: &[u8]) 
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
-    let mut child = p.spawn().map_err(|e| fail(format!("running {}: {e}", bin.display())))?;
-    let mut w = child.stdin.take().expect("piped stdin");
+    let mut child = process.spawn().map_err(|e| fail(format!("running {}: {e}", bin.display())))?;
+    let mut pipe = child.stdin.take().expect("piped stdin");
     // A config fits the pipe buffer and is written at once; a larger one is written from a
     // thread so that neither side can block the other. A plugin that exits without reading
     // closes the pipe; its exit status tells.
     let writer = if stdin.len() < 16 * 1024 {
-        let _ = w.write_all(stdin);
+        let _ = pipe.write_all(stdin);
         None
     } else {
         let data = stdin.to_vec();
         Some(std::thread::spawn(move || {
-            let _ = w.write_all(&data);
+            let _ = pipe.write_all(&data);
         }))
     };
-    let name = bin.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = bin.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
     Ok(Pending { child, writer, command, name })
 }
 
@@ -97,16 +98,16 @@ impl Pending {
     pub fn wait(self) -> Result<Option<CniResult>, Error> {
         let Pending { child, writer, command, name } = self;
         let out = child.wait_with_output().map_err(|e| fail(format!("waiting for {name}: {e}")))?;
-        if let Some(w) = writer {
-            let _ = w.join();
+        if let Some(thread) = writer {
+            let _ = thread.join();
         }
         if !out.status.success() {
-            let v: Option<Value> = serde_json::from_slice(&out.stdout).ok();
-            return Err(match v {
-                Some(v) if v.get("code").and_then(Value::as_u64).is_some() => Error::Plugin {
-                    code: v["code"].as_u64().unwrap_or(DELEGATE_FAILED as u64) as u32,
-                    msg: format!("{name}: {}", v.get("msg").and_then(Value::as_str).unwrap_or("failed")),
-                    details: v.get("details").and_then(Value::as_str).unwrap_or("").to_string(),
+            let json: Option<Value> = serde_json::from_slice(&out.stdout).ok();
+            return Err(match json {
+                Some(json) if json.get("code").and_then(Value::as_u64).is_some() => Error::Plugin {
+                    code: json["code"].as_u64().unwrap_or(DELEGATE_FAILED as u64) as u32,
+                    msg: format!("{name}: {}", json.get("msg").and_then(Value::as_str).unwrap_or("failed")),
+                    details: json.get("details").and_then(Value::as_str).unwrap_or("").to_string(),
                 },
                 _ => fail(format!(
                     "{name} {} failed ({}): {}",
@@ -119,10 +120,10 @@ impl Pending {
         if command != Command::Add {
             return Ok(None);
         }
-        let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| Error::Decode {
+        let json: Value = serde_json::from_slice(&out.stdout).map_err(|e| Error::Decode {
             what: "delegated plugin result",
             details: format!("{name}: {e}"),
         })?;
-        CniResult::from_json(&v, "1.1.0").map(Some)
+        CniResult::from_json(&json, "1.1.0").map(Some)
     }
 }

@@ -24,8 +24,8 @@ pub enum Command {
 
 impl Command {
     /// Parses `CNI_COMMAND`.
-    pub fn parse(s: &str) -> Option<Command> {
-        Some(match s {
+    pub fn parse(text: &str) -> Option<Command> {
+        Some(match text {
             "ADD" => Command::Add,
             "DEL" => Command::Del,
             "CHECK" => Command::Check,
@@ -48,42 +48,40 @@ impl Command {
     }
 }
 
-/// Keys of CNI_ARGS that this project's plugins know. Both plugins accept all of them,
-/// because a main plugin hands its CNI_ARGS unchanged to its IPAM plugin.
-pub const KNOWN_ARGS: [&str; 7] = [
-    "IgnoreUnknown",
-    "IP",
-    "MAC",
-    "K8S_POD_NAME",
-    "K8S_POD_NAMESPACE",
-    "K8S_POD_INFRA_CONTAINER_ID",
-    "K8S_POD_UID",
-];
+/// The one CNI_ARGS key the spec itself defines: with `1` or `true`, keys the plugin does not
+/// know are ignored rather than refused.
+pub const IGNORE_UNKNOWN: &str = "IgnoreUnknown";
 
 /// Parsed CNI_ARGS (`K=V;K=V`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CniArgs(pub BTreeMap<String, String>);
 
 impl CniArgs {
-    /// Parses CNI_ARGS; a key outside [`KNOWN_ARGS`] is an error unless `IgnoreUnknown` is
-    /// `1` or `true`.
-    pub fn parse(s: &str) -> Result<CniArgs, Error> {
+    /// Parses CNI_ARGS; a key outside `known` (the plugin's own keys, see
+    /// [`crate::Plugin::cni_args`]) and [`IGNORE_UNKNOWN`] is an error unless `IgnoreUnknown`
+    /// is `1` or `true`.
+    pub fn parse(text: &str, known: &[&str]) -> Result<CniArgs, Error> {
         let invalid = |reason: String| Error::InvalidEnv { var: "CNI_ARGS", reason };
         let mut map = BTreeMap::new();
-        for pair in s.split(';').filter(|p| !p.is_empty()) {
-            let (k, v) = pair
+        for pair in text.split(';').filter(|pair| !pair.is_empty()) {
+            let (key, value) = pair
                 .split_once('=')
                 .ok_or_else(|| invalid(format!("invalid pair {pair:?}: want KEY=VALUE")))?;
-            if k.is_empty() {
+            if key.is_empty() {
                 return Err(invalid(format!("invalid pair {pair:?}: empty key")));
             }
-            map.insert(k.to_string(), v.to_string());
+            map.insert(key.to_string(), value.to_string());
         }
-        let ignore =
-            map.get("IgnoreUnknown").map(|v| v == "1" || v.eq_ignore_ascii_case("true")).unwrap_or(false);
+        let ignore = map
+            .get(IGNORE_UNKNOWN)
+            .map(|value| value == "1" || value.eq_ignore_ascii_case("true"))
+            .unwrap_or(false);
         if !ignore {
-            let unknown: Vec<&str> =
-                map.keys().map(String::as_str).filter(|k| !KNOWN_ARGS.contains(k)).collect();
+            let unknown: Vec<&str> = map
+                .keys()
+                .map(String::as_str)
+                .filter(|key| *key != IGNORE_UNKNOWN && !known.contains(key))
+                .collect();
             if !unknown.is_empty() {
                 return Err(invalid(format!(
                     "unknown args {unknown:?} (set IgnoreUnknown=1 to ignore them)"
@@ -102,7 +100,7 @@ impl CniArgs {
 /// Everything the environment says about one call.
 #[derive(Debug, Clone)]
 pub struct Invocation {
-    /// The verb.
+    /// The verb (CNI_COMMAND); it decides which other variables are required.
     pub command: Command,
     /// CNI_CONTAINERID (empty for GC, STATUS, VERSION).
     pub container_id: String,
@@ -110,20 +108,20 @@ pub struct Invocation {
     pub netns: Option<PathBuf>,
     /// CNI_IFNAME (empty for GC, STATUS, VERSION).
     pub ifname: String,
-    /// CNI_ARGS.
+    /// CNI_ARGS parsed; only keys the plugin accepts (or any, with IgnoreUnknown).
     pub args: CniArgs,
     /// The raw CNI_ARGS string, passed on unchanged to delegates.
     pub args_raw: String,
-    /// CNI_PATH, split.
+    /// CNI_PATH split at `:`: where delegated (IPAM) plugins are looked up, in order.
     pub path: Vec<PathBuf>,
 }
 
 /// Whether `id` matches the spec's container id pattern `^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$`.
 pub fn valid_container_id(id: &str) -> bool {
-    let b = id.as_bytes();
-    !b.is_empty()
-        && b[0].is_ascii_alphanumeric()
-        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+    let bytes = id.as_bytes();
+    !bytes.is_empty()
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes.iter().all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'_' | b'.' | b'-'))
 }
 
 /// Why an interface name is not valid (the kernel's rules), or `None` when it is.
@@ -142,8 +140,13 @@ pub fn invalid_ifname(name: &str) -> Option<&'static str> {
 }
 
 impl Invocation {
-    /// Reads and validates the environment for `command`; `get` returns a variable's value.
-    pub fn from_env(command: Command, get: &dyn Fn(&str) -> Option<String>) -> Result<Invocation, Error> {
+    /// Reads and validates the environment for `command`; `get` returns a variable's value,
+    /// `known_args` are the CNI_ARGS keys the plugin accepts.
+    pub fn from_env(
+        command: Command,
+        get: &dyn Fn(&str) -> Option<String>,
+        known_args: &[&str],
+    ) -> Result<Invocation, Error> {
         let val = |k: &str| get(k).filter(|v| !v.is_empty());
         let missing: Vec<&'static str> =
             command.required().iter().copied().filter(|k| val(k).is_none()).collect();
@@ -165,7 +168,7 @@ impl Invocation {
             }
         }
         let args_raw = if uses_attachment { val("CNI_ARGS").unwrap_or_default() } else { String::new() };
-        let args = CniArgs::parse(&args_raw)?;
+        let args = CniArgs::parse(&args_raw, known_args)?;
         let path = val("CNI_PATH")
             .map(|p| p.split(':').filter(|s| !s.is_empty()).map(PathBuf::from).collect())
             .unwrap_or_default();
@@ -181,8 +184,11 @@ mod tests {
 
     fn inv(cmd: Command, vars: &[(&str, &str)]) -> Result<Invocation, Error> {
         let m: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        Invocation::from_env(cmd, &|k| m.get(k).cloned())
+        Invocation::from_env(cmd, &|k| m.get(k).cloned(), &KNOWN)
     }
+
+    /// Keys a plugin might accept, for these tests.
+    const KNOWN: [&str; 4] = ["IP", "MAC", "K8S_POD_NAME", "K8S_POD_UID"];
 
     const FULL: [(&str, &str); 5] = [
         ("CNI_CONTAINERID", "Abc-1.2_x"),
@@ -242,16 +248,18 @@ mod tests {
 
     #[test]
     fn cni_args_rules() {
-        assert!(CniArgs::parse("").unwrap().0.is_empty());
-        let a = CniArgs::parse("IP=10.0.0.5;MAC=02:00:00:00:00:01").unwrap();
+        assert!(CniArgs::parse("", &KNOWN).unwrap().0.is_empty());
+        let a = CniArgs::parse("IP=10.0.0.5;MAC=02:00:00:00:00:01", &KNOWN).unwrap();
         assert_eq!(a.get("MAC"), Some("02:00:00:00:00:01"));
-        assert!(CniArgs::parse("FOO=1").unwrap_err().to_string().contains("FOO"));
-        assert!(CniArgs::parse("FOO=1;IgnoreUnknown=true").is_ok());
-        assert!(CniArgs::parse("FOO=1;IgnoreUnknown=0").is_err());
-        assert!(CniArgs::parse("novalue").is_err());
-        assert!(CniArgs::parse("=x").is_err());
+        assert!(CniArgs::parse("FOO=1", &KNOWN).unwrap_err().to_string().contains("FOO"));
+        assert!(CniArgs::parse("FOO=1;IgnoreUnknown=true", &KNOWN).is_ok());
+        assert!(CniArgs::parse("FOO=1;IgnoreUnknown=0", &KNOWN).is_err());
+        assert!(CniArgs::parse("novalue", &KNOWN).is_err());
+        assert!(CniArgs::parse("=x", &KNOWN).is_err());
         let k8s = "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web;\
                    K8S_POD_INFRA_CONTAINER_ID=abc;K8S_POD_UID=u-1";
-        assert_eq!(CniArgs::parse(k8s).unwrap().get("K8S_POD_UID"), Some("u-1"));
+        assert!(CniArgs::parse("IgnoreUnknown=0", &[]).is_ok(), "IgnoreUnknown is always known");
+        assert!(CniArgs::parse("IP=10.0.0.5", &[]).is_err(), "a plugin knowing no keys refuses IP");
+        assert_eq!(CniArgs::parse(k8s, &KNOWN).unwrap().get("K8S_POD_UID"), Some("u-1"));
     }
 }

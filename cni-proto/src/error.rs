@@ -40,7 +40,7 @@ pub enum Error {
     /// A config field this plugin does not support.
     #[error("unsupported field {field}: {value}")]
     UnsupportedField {
-        /// The key.
+        /// The config key, as spelled in the JSON.
         field: String,
         /// Its value, as given.
         value: String,
@@ -54,7 +54,7 @@ pub enum Error {
     /// An environment variable has an invalid value.
     #[error("invalid {var}: {reason}")]
     InvalidEnv {
-        /// The variable.
+        /// The variable's name (`CNI_IFNAME`...).
         var: &'static str,
         /// Why it is invalid.
         reason: String,
@@ -82,11 +82,11 @@ pub enum Error {
     /// Any other failure, with its code (usually plugin-specific, 100 and up).
     #[error("{msg}")]
     Plugin {
-        /// The code.
+        /// The CNI error code: 100 and up are the plugin's own.
         code: u32,
-        /// The message.
+        /// The error JSON's `msg`: what failed, in one line.
         msg: String,
-        /// Details.
+        /// The error JSON's `details`: the underlying cause (a system error, a tool's output).
         details: String,
     },
 }
@@ -99,7 +99,7 @@ impl Error {
 
     /// The CNI code of this error.
     pub fn code(&self) -> u32 {
-        let c = match self {
+        let code = match self {
             Error::IncompatibleVersion { .. } => ErrorCode::IncompatibleVersion,
             Error::UnsupportedField { .. } => ErrorCode::UnsupportedField,
             Error::UnknownContainer(_) => ErrorCode::UnknownContainer,
@@ -111,7 +111,7 @@ impl Error {
             Error::NotAvailable(_) => ErrorCode::NotAvailable,
             Error::Plugin { code, .. } => return *code,
         };
-        c as u32
+        code as u32
     }
 
     /// Details for the error JSON.
@@ -134,8 +134,8 @@ impl Error {
             #[serde(skip_serializing_if = "String::is_empty")]
             details: String,
         }
-        let w = Wire { cni_version, code: self.code(), msg: self.to_string(), details: self.details() };
-        serde_json::to_string(&w).expect("error JSON serializes")
+        let wire = Wire { cni_version, code: self.code(), msg: self.to_string(), details: self.details() };
+        serde_json::to_string(&wire).expect("error JSON serializes")
     }
 }
 

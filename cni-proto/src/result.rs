@@ -13,9 +13,9 @@ use crate::version::Version;
 /// An interface in a result.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Interface {
-    /// Interface name.
+    /// The interface's name in its namespace (the host's, or the container's: see `sandbox`).
     pub name: String,
-    /// MAC address.
+    /// Its hardware address as `aa:bb:cc:dd:ee:ff`; `None` for interfaces without one.
     pub mac: Option<String>,
     /// MTU (printed from 1.1.0).
     pub mtu: Option<u32>,
@@ -32,7 +32,7 @@ pub struct Interface {
 pub struct IpConfig {
     /// Address with prefix length, host bits kept (`10.1.2.5/24`).
     pub address: IpNetwork,
-    /// The gateway.
+    /// The gateway of the address's subnet, which routes without `gw` go through.
     pub gateway: Option<IpAddr>,
     /// Index into `interfaces` (absent in IPAM results).
     pub interface: Option<usize>,
@@ -41,19 +41,19 @@ pub struct IpConfig {
 /// A route in a result.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
-    /// Destination.
+    /// The destination network (`0.0.0.0/0` for a default route).
     pub dst: IpNetwork,
     /// Next hop; `None` means the family's gateway, as the main plugin decides.
     pub gw: Option<IpAddr>,
-    /// Route MTU (1.1.0).
+    /// The route's MTU metric, for paths narrower than the link (printed from 1.1.0).
     pub mtu: Option<u32>,
-    /// Advertised MSS (1.1.0).
+    /// The TCP MSS advertised on this route (printed from 1.1.0).
     pub advmss: Option<u32>,
-    /// Metric (1.1.0).
+    /// The route's metric: lower wins among equal prefixes (printed from 1.1.0).
     pub priority: Option<u32>,
-    /// Routing table (1.1.0).
+    /// The routing table to add it to instead of main (printed from 1.1.0).
     pub table: Option<u32>,
-    /// Scope (1.1.0).
+    /// The route scope (`RT_SCOPE_*`, 253 = link) (printed from 1.1.0).
     pub scope: Option<u8>,
 }
 
@@ -64,33 +64,35 @@ impl Route {
     }
 
     /// Parses a route object (`{"dst", "gw"?, "mtu"?, ...}`), as in configs and results.
-    pub fn from_json(v: &Value) -> Result<Route, String> {
-        let dst = v.get("dst").and_then(Value::as_str).ok_or("route without dst")?;
+    pub fn from_json(json: &Value) -> Result<Route, String> {
+        let dst = json.get("dst").and_then(Value::as_str).ok_or("route without dst")?;
         let dst = IpNetwork::from_str(dst).map_err(|e| format!("route dst {dst:?}: {e}"))?;
-        let gw = match v.get("gw") {
+        let gw = match json.get("gw") {
             None | Some(Value::Null) => None,
-            Some(Value::String(s)) if s.is_empty() => None,
-            Some(Value::String(s)) => Some(IpAddr::from_str(s).map_err(|e| format!("route gw {s:?}: {e}"))?),
-            Some(o) => return Err(format!("route gw {o} is not a string")),
+            Some(Value::String(text)) if text.is_empty() => None,
+            Some(Value::String(text)) => {
+                Some(IpAddr::from_str(text).map_err(|e| format!("route gw {text:?}: {e}"))?)
+            }
+            Some(other) => return Err(format!("route gw {other} is not a string")),
         };
-        if let Some(g) = gw {
-            if g.is_ipv4() != dst.is_ipv4() {
-                return Err(format!("route gw {g} is not of the family of dst {dst}"));
+        if let Some(gw) = gw {
+            if gw.is_ipv4() != dst.is_ipv4() {
+                return Err(format!("route gw {gw} is not of the family of dst {dst}"));
             }
         }
-        let num = |k: &str| -> Result<Option<u32>, String> {
-            match v.get(k) {
+        let num = |key: &str| -> Result<Option<u32>, String> {
+            match json.get(key) {
                 None | Some(Value::Null) => Ok(None),
-                Some(n) => n
+                Some(number) => number
                     .as_u64()
-                    .and_then(|n| u32::try_from(n).ok())
+                    .and_then(|number| u32::try_from(number).ok())
                     .map(Some)
-                    .ok_or_else(|| format!("route {k} {n} is not a non-negative integer")),
+                    .ok_or_else(|| format!("route {key} {number} is not a non-negative integer")),
             }
         };
         let scope = match num("scope")? {
             None => None,
-            Some(s) => Some(u8::try_from(s).map_err(|_| format!("route scope {s} is over 255"))?),
+            Some(scope) => Some(u8::try_from(scope).map_err(|_| format!("route scope {scope} is over 255"))?),
         };
         Ok(Route {
             dst,
@@ -103,36 +105,36 @@ impl Route {
         })
     }
 
-    fn to_json(&self, v: Version) -> Value {
-        let mut m = Map::new();
-        m.insert("dst".into(), json!(self.dst.to_string()));
+    fn to_json(&self, version: Version) -> Value {
+        let mut object = Map::new();
+        object.insert("dst".into(), json!(self.dst.to_string()));
         if let Some(gw) = self.gw {
-            m.insert("gw".into(), json!(gw.to_string()));
+            object.insert("gw".into(), json!(gw.to_string()));
         }
-        if v >= Version(1, 1, 0) {
-            for (k, val) in [
+        if version >= Version(1, 1, 0) {
+            for (key, val) in [
                 ("mtu", self.mtu),
                 ("advmss", self.advmss),
                 ("priority", self.priority),
                 ("table", self.table),
                 ("scope", self.scope.map(u32::from)),
             ] {
-                if let Some(x) = val {
-                    m.insert(k.into(), json!(x));
+                if let Some(number) = val {
+                    object.insert(key.into(), json!(number));
                 }
             }
         }
-        Value::Object(m)
+        Value::Object(object)
     }
 }
 
 /// DNS settings.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Dns {
-    /// Name servers.
+    /// Name server addresses, in the order a resolver tries them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nameservers: Vec<String>,
-    /// Local domain.
+    /// The domain short names belong to (resolv.conf `domain`).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub domain: String,
     /// Search domains.
@@ -156,13 +158,14 @@ impl Dns {
 /// A plugin's result, independent of the version it is printed in.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CniResult {
-    /// Interfaces.
+    /// The interfaces the plugin made or used; `ips` and routes point into this list.
     pub interfaces: Vec<Interface>,
-    /// Addresses.
+    /// The addresses assigned, each naming its interface by index.
     pub ips: Vec<IpConfig>,
-    /// Routes.
+    /// The routes added in the container.
     pub routes: Vec<Route>,
-    /// DNS.
+    /// DNS settings for the runtime to write into the container's resolv.conf; plugins
+    /// do not apply them.
     pub dns: Dns,
 }
 
@@ -170,149 +173,158 @@ fn decode_err(details: String) -> Error {
     Error::Decode { what: "result", details }
 }
 
-fn str_field(v: &Value, k: &str) -> Option<String> {
-    v.get(k).and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_string)
+fn str_field(object: &Value, key: &str) -> Option<String> {
+    object.get(key).and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_string)
 }
 
-fn parse_ip(s: &str) -> Result<IpAddr, Error> {
-    IpAddr::from_str(s).map_err(|e| decode_err(format!("address {s:?}: {e}")))
+fn parse_ip(text: &str) -> Result<IpAddr, Error> {
+    IpAddr::from_str(text).map_err(|e| decode_err(format!("address {text:?}: {e}")))
 }
 
-fn parse_net(s: &str) -> Result<IpNetwork, Error> {
-    IpNetwork::from_str(s).map_err(|e| decode_err(format!("address {s:?}: {e}")))
+fn parse_net(text: &str) -> Result<IpNetwork, Error> {
+    IpNetwork::from_str(text).map_err(|e| decode_err(format!("address {text:?}: {e}")))
 }
 
 impl CniResult {
     /// Reads a result of any supported version; `default_version` is used when the object
     /// carries no `cniVersion` of its own.
-    pub fn from_json(v: &Value, default_version: &str) -> Result<CniResult, Error> {
-        if !v.is_object() {
-            return Err(decode_err(format!("result is not an object: {v}")));
+    pub fn from_json(json: &Value, default_version: &str) -> Result<CniResult, Error> {
+        if !json.is_object() {
+            return Err(decode_err(format!("result is not an object: {json}")));
         }
-        let ver_str = v.get("cniVersion").and_then(Value::as_str).unwrap_or(default_version);
+        let ver_str = json.get("cniVersion").and_then(Value::as_str).unwrap_or(default_version);
         let ver = Version::parse(ver_str).unwrap_or(Version::CURRENT);
-        let dns = match v.get("dns") {
+        let dns = match json.get("dns") {
             None | Some(Value::Null) => Dns::default(),
-            Some(d) => serde_json::from_value(d.clone()).map_err(|e| decode_err(format!("dns: {e}")))?,
+            Some(dns) => serde_json::from_value(dns.clone()).map_err(|e| decode_err(format!("dns: {e}")))?,
         };
-        let mut r = CniResult { dns, ..Default::default() };
-        if ver.is_legacy() || v.get("ip4").is_some() || v.get("ip6").is_some() {
+        let mut result = CniResult { dns, ..Default::default() };
+        if ver.is_legacy() || json.get("ip4").is_some() || json.get("ip6").is_some() {
             for key in ["ip4", "ip6"] {
-                let Some(ipc) = v.get(key).filter(|x| x.is_object()) else {
+                let Some(ipc) = json.get(key).filter(|x| x.is_object()) else {
                     continue;
                 };
                 let addr = str_field(ipc, "ip").ok_or_else(|| decode_err(format!("{key} without ip")))?;
-                let gateway = str_field(ipc, "gateway").map(|g| parse_ip(&g)).transpose()?;
-                r.ips.push(IpConfig { address: parse_net(&addr)?, gateway, interface: None });
+                let gateway = str_field(ipc, "gateway").map(|gateway| parse_ip(&gateway)).transpose()?;
+                result.ips.push(IpConfig { address: parse_net(&addr)?, gateway, interface: None });
                 for rt in ipc.get("routes").and_then(Value::as_array).into_iter().flatten() {
-                    r.routes.push(Route::from_json(rt).map_err(decode_err)?);
+                    result.routes.push(Route::from_json(rt).map_err(decode_err)?);
                 }
             }
-            return Ok(r);
+            return Ok(result);
         }
-        for i in v.get("interfaces").and_then(Value::as_array).into_iter().flatten() {
-            r.interfaces.push(Interface {
-                name: str_field(i, "name").unwrap_or_default(),
-                mac: str_field(i, "mac"),
-                mtu: i.get("mtu").and_then(Value::as_u64).map(|m| m as u32),
-                sandbox: str_field(i, "sandbox"),
-                socket_path: str_field(i, "socketPath"),
-                pci_id: str_field(i, "pciID"),
+        for iface in json.get("interfaces").and_then(Value::as_array).into_iter().flatten() {
+            result.interfaces.push(Interface {
+                name: str_field(iface, "name").unwrap_or_default(),
+                mac: str_field(iface, "mac"),
+                mtu: iface.get("mtu").and_then(Value::as_u64).map(|mtu| mtu as u32),
+                sandbox: str_field(iface, "sandbox"),
+                socket_path: str_field(iface, "socketPath"),
+                pci_id: str_field(iface, "pciID"),
             });
         }
-        for ip in v.get("ips").and_then(Value::as_array).into_iter().flatten() {
+        for ip in json.get("ips").and_then(Value::as_array).into_iter().flatten() {
             let addr =
                 str_field(ip, "address").ok_or_else(|| decode_err("ips entry without address".into()))?;
-            let gateway = str_field(ip, "gateway").map(|g| parse_ip(&g)).transpose()?;
+            let gateway = str_field(ip, "gateway").map(|gateway| parse_ip(&gateway)).transpose()?;
             let interface = match ip.get("interface") {
                 None | Some(Value::Null) => None,
-                Some(n) => {
-                    Some(n.as_u64().ok_or_else(|| decode_err(format!("ips interface {n} is not an index")))?
-                        as usize)
-                }
+                Some(number) => Some(
+                    number
+                        .as_u64()
+                        .ok_or_else(|| decode_err(format!("ips interface {number} is not an index")))?
+                        as usize,
+                ),
             };
-            r.ips.push(IpConfig { address: parse_net(&addr)?, gateway, interface });
+            result.ips.push(IpConfig { address: parse_net(&addr)?, gateway, interface });
         }
-        for rt in v.get("routes").and_then(Value::as_array).into_iter().flatten() {
-            r.routes.push(Route::from_json(rt).map_err(decode_err)?);
+        for rt in json.get("routes").and_then(Value::as_array).into_iter().flatten() {
+            result.routes.push(Route::from_json(rt).map_err(decode_err)?);
         }
-        Ok(r)
+        Ok(result)
     }
 
-    /// The result as JSON in the shape of `v`.
-    pub fn to_json(&self, v: Version) -> Value {
-        let mut m = Map::new();
-        m.insert("cniVersion".into(), json!(v.to_string()));
-        if v.is_legacy() {
+    /// The result as JSON in the shape of `version`.
+    pub fn to_json(&self, version: Version) -> Value {
+        let mut object = Map::new();
+        object.insert("cniVersion".into(), json!(version.to_string()));
+        if version.is_legacy() {
             // 0.1.0/0.2.0 know one address per family, and routes sit beside it.
             for (key, want_v4) in [("ip4", true), ("ip6", false)] {
-                let Some(ip) = self.ips.iter().find(|i| i.address.is_ipv4() == want_v4) else {
+                let Some(ip) = self.ips.iter().find(|ipc| ipc.address.is_ipv4() == want_v4) else {
                     continue;
                 };
-                let mut o = Map::new();
-                o.insert("ip".into(), json!(ip.address.to_string()));
-                if let Some(g) = ip.gateway {
-                    o.insert("gateway".into(), json!(g.to_string()));
+                let mut entry = Map::new();
+                entry.insert("ip".into(), json!(ip.address.to_string()));
+                if let Some(gateway) = ip.gateway {
+                    entry.insert("gateway".into(), json!(gateway.to_string()));
                 }
-                let routes: Vec<Value> =
-                    self.routes.iter().filter(|r| r.dst.is_ipv4() == want_v4).map(|r| r.to_json(v)).collect();
+                let routes: Vec<Value> = self
+                    .routes
+                    .iter()
+                    .filter(|route| route.dst.is_ipv4() == want_v4)
+                    .map(|route| route.to_json(version))
+                    .collect();
                 if !routes.is_empty() {
-                    o.insert("routes".into(), Value::Array(routes));
+                    entry.insert("routes".into(), Value::Array(routes));
                 }
-                m.insert(key.into(), Value::Object(o));
+                object.insert(key.into(), Value::Object(entry));
             }
-            m.insert("dns".into(), serde_json::to_value(&self.dns).expect("dns serializes"));
-            return Value::Object(m);
+            object.insert("dns".into(), serde_json::to_value(&self.dns).expect("dns serializes"));
+            return Value::Object(object);
         }
         if !self.interfaces.is_empty() {
-            let ifs = self.interfaces.iter().map(|i| {
-                let mut o = Map::new();
-                o.insert("name".into(), json!(i.name));
-                if let Some(mac) = &i.mac {
-                    o.insert("mac".into(), json!(mac));
+            let ifs = self.interfaces.iter().map(|iface| {
+                let mut entry = Map::new();
+                entry.insert("name".into(), json!(iface.name));
+                if let Some(mac) = &iface.mac {
+                    entry.insert("mac".into(), json!(mac));
                 }
-                if v >= Version(1, 1, 0) {
-                    if let Some(mtu) = i.mtu {
-                        o.insert("mtu".into(), json!(mtu));
+                if version >= Version(1, 1, 0) {
+                    if let Some(mtu) = iface.mtu {
+                        entry.insert("mtu".into(), json!(mtu));
                     }
                 }
-                if let Some(s) = &i.sandbox {
-                    o.insert("sandbox".into(), json!(s));
+                if let Some(text) = &iface.sandbox {
+                    entry.insert("sandbox".into(), json!(text));
                 }
-                if v >= Version(1, 1, 0) {
-                    if let Some(s) = &i.socket_path {
-                        o.insert("socketPath".into(), json!(s));
+                if version >= Version(1, 1, 0) {
+                    if let Some(text) = &iface.socket_path {
+                        entry.insert("socketPath".into(), json!(text));
                     }
-                    if let Some(s) = &i.pci_id {
-                        o.insert("pciID".into(), json!(s));
+                    if let Some(text) = &iface.pci_id {
+                        entry.insert("pciID".into(), json!(text));
                     }
                 }
-                Value::Object(o)
+                Value::Object(entry)
             });
-            m.insert("interfaces".into(), Value::Array(ifs.collect()));
+            object.insert("interfaces".into(), Value::Array(ifs.collect()));
         }
         if !self.ips.is_empty() {
             let ips = self.ips.iter().map(|ip| {
-                let mut o = Map::new();
-                if v.has_ip_version_field() {
-                    o.insert("version".into(), json!(if ip.address.is_ipv4() { "4" } else { "6" }));
+                let mut entry = Map::new();
+                if version.has_ip_version_field() {
+                    entry.insert("version".into(), json!(if ip.address.is_ipv4() { "4" } else { "6" }));
                 }
-                if let Some(i) = ip.interface {
-                    o.insert("interface".into(), json!(i));
+                if let Some(index) = ip.interface {
+                    entry.insert("interface".into(), json!(index));
                 }
-                o.insert("address".into(), json!(ip.address.to_string()));
-                if let Some(g) = ip.gateway {
-                    o.insert("gateway".into(), json!(g.to_string()));
+                entry.insert("address".into(), json!(ip.address.to_string()));
+                if let Some(gateway) = ip.gateway {
+                    entry.insert("gateway".into(), json!(gateway.to_string()));
                 }
-                Value::Object(o)
+                Value::Object(entry)
             });
-            m.insert("ips".into(), Value::Array(ips.collect()));
+            object.insert("ips".into(), Value::Array(ips.collect()));
         }
         if !self.routes.is_empty() {
-            m.insert("routes".into(), Value::Array(self.routes.iter().map(|r| r.to_json(v)).collect()));
+            object.insert(
+                "routes".into(),
+                Value::Array(self.routes.iter().map(|route| route.to_json(version)).collect()),
+            );
         }
-        m.insert("dns".into(), serde_json::to_value(&self.dns).expect("dns serializes"));
-        Value::Object(m)
+        object.insert("dns".into(), serde_json::to_value(&self.dns).expect("dns serializes"));
+        Value::Object(object)
     }
 }
 

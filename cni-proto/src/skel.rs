@@ -14,7 +14,7 @@ use crate::version::Version;
 /// One call, validated: environment, config, and the raw stdin for delegation.
 #[derive(Debug, Clone)]
 pub struct Request {
-    /// The environment.
+    /// The CNI_* environment, validated for the verb.
     pub inv: Invocation,
     /// The config's common fields (plugin-specific ones in `conf.rest`).
     pub conf: NetConf,
@@ -30,6 +30,9 @@ pub struct Request {
 pub trait Plugin {
     /// One line naming the plugin, for the usage text.
     fn about(&self) -> String;
+    /// The CNI_ARGS keys the plugin accepts besides `IgnoreUnknown`: any other key fails the
+    /// call (code 4) unless `IgnoreUnknown=1`, so a typo is not silently ignored.
+    fn cni_args(&self) -> &'static [&'static str];
     /// ADD: attach and return the result.
     fn add(&self, req: &Request) -> Result<CniResult, Error>;
     /// DEL: detach, best-effort and idempotent.
@@ -47,9 +50,9 @@ pub trait Plugin {
 pub struct Outcome {
     /// The result or error JSON (may be empty).
     pub stdout: String,
-    /// Human-readable text.
+    /// Text for a human (usage, diagnostics): never part of the protocol.
     pub stderr: String,
-    /// 0 on success.
+    /// The process exit code: 0 on success, 1 when stdout holds an error.
     pub exit_code: i32,
 }
 
@@ -81,30 +84,30 @@ pub fn dispatch(
 ) -> Outcome {
     let cmd_str = get_env("CNI_COMMAND").unwrap_or_default();
     if cmd_str.is_empty() {
-        let e = Error::MissingEnv(vec!["CNI_COMMAND"]);
-        let mut o = Outcome::err(&e, Version::CURRENT.to_string().as_str());
-        o.stderr = usage(plugin);
-        return o;
+        let error = Error::MissingEnv(vec!["CNI_COMMAND"]);
+        let mut outcome = Outcome::err(&error, Version::CURRENT.to_string().as_str());
+        outcome.stderr = usage(plugin);
+        return outcome;
     }
     let mut buf = Vec::new();
     let read = stdin.read_to_end(&mut buf);
     let Some(command) = Command::parse(&cmd_str) else {
-        let e = Error::InvalidEnv { var: "CNI_COMMAND", reason: format!("unknown command {cmd_str:?}") };
-        return Outcome::err(&e, &Version::CURRENT.to_string());
+        let error = Error::InvalidEnv { var: "CNI_COMMAND", reason: format!("unknown command {cmd_str:?}") };
+        return Outcome::err(&error, &Version::CURRENT.to_string());
     };
     if command == Command::Version {
         return version_outcome(&buf);
     }
-    if let Err(e) = read {
-        return Outcome::err(&Error::Io(format!("reading stdin: {e}")), &Version::CURRENT.to_string());
+    if let Err(error) = read {
+        return Outcome::err(&Error::Io(format!("reading stdin: {error}")), &Version::CURRENT.to_string());
     }
     // The error JSON carries the config's version when it can be read at all.
     let claimed = serde_json::from_slice::<Value>(&buf)
         .ok()
-        .and_then(|v| v.get("cniVersion").and_then(Value::as_str).map(str::to_string))
+        .and_then(|json| json.get("cniVersion").and_then(Value::as_str).map(str::to_string))
         .unwrap_or_else(|| Version::CURRENT.to_string());
-    match prepare(command, get_env, buf) {
-        Err(e) => Outcome::err(&e, &claimed),
+    match prepare(command, get_env, plugin.cni_args(), buf) {
+        Err(error) => Outcome::err(&error, &claimed),
         Ok(req) => {
             let call = crate::log::Call::start(&req, get_env);
             let vs = req.version.to_string();
@@ -117,9 +120,9 @@ pub fn dispatch(
                 Command::Version => unreachable!("handled above"),
             };
             let out = match res {
-                Ok(Some(v)) => Outcome::ok(v.to_string()),
+                Ok(Some(json)) => Outcome::ok(json.to_string()),
                 Ok(None) => Outcome::ok(String::new()),
-                Err(e) => Outcome::err(&e, &vs),
+                Err(error) => Outcome::err(&error, &vs),
             };
             call.finish(out.exit_code, &out.stdout);
             out
@@ -141,9 +144,10 @@ fn version_outcome(stdin: &[u8]) -> Outcome {
 fn prepare(
     command: Command,
     get_env: &dyn Fn(&str) -> Option<String>,
+    known_args: &[&str],
     stdin: Vec<u8>,
 ) -> Result<Request, Error> {
-    let inv = Invocation::from_env(command, get_env)?;
+    let inv = Invocation::from_env(command, get_env, known_args)?;
     let raw: Value = serde_json::from_slice(&stdin)
         .map_err(|e| Error::Decode { what: "network config", details: e.to_string() })?;
     if !raw.is_object() {
@@ -200,6 +204,9 @@ mod tests {
     impl Plugin for Fake {
         fn about(&self) -> String {
             "fake plugin".into()
+        }
+        fn cni_args(&self) -> &'static [&'static str] {
+            &["MAC"]
         }
         fn add(&self, req: &Request) -> Result<CniResult, Error> {
             if req.conf.rest.get("fail").is_some() {

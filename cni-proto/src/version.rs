@@ -29,20 +29,20 @@ impl Version {
     pub const RICH_RESULT: Version = Version(0, 3, 0);
 
     /// Parses `x.y.z`; `None` for anything else.
-    pub fn parse(s: &str) -> Option<Version> {
-        let mut it = s.split('.');
+    pub fn parse(text: &str) -> Option<Version> {
+        let mut parts = text.split('.');
         let mut next = || -> Option<u8> {
-            let p = it.next()?;
-            if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) {
+            let part = parts.next()?;
+            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
                 return None;
             }
-            p.parse().ok()
+            part.parse().ok()
         };
-        let v = Version(next()?, next()?, next()?);
-        if it.next().is_some() {
+        let version = Version(next()?, next()?, next()?);
+        if parts.next().is_some() {
             return None;
         }
-        Some(v)
+        Some(version)
     }
 
     /// Whether the plugins implement this version.

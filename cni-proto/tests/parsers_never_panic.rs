@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 use std::io::Cursor;
 
-use cni_proto::env::KNOWN_ARGS;
 use cni_proto::{dispatch, CniArgs, CniResult, Error, NetConf, Plugin, Request, Version};
 use proptest::prelude::*;
 use serde_json::{json, Value};
@@ -13,6 +12,9 @@ use serde_json::{json, Value};
 fn config() -> ProptestConfig {
     ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() }
 }
+
+/// The CNI_ARGS keys the [`Echo`] plugin accepts.
+const KNOWN_ARGS: [&str; 3] = ["IP", "MAC", "K8S_POD_NAME"];
 
 const CONF_KEYS: [&str; 14] = [
     "cniVersion",
@@ -73,6 +75,9 @@ impl Plugin for Echo {
     fn about(&self) -> String {
         "echo".into()
     }
+    fn cni_args(&self) -> &'static [&'static str] {
+        &KNOWN_ARGS
+    }
     fn add(&self, req: &Request) -> Result<CniResult, Error> {
         Ok(req.conf.prev_result()?.unwrap_or_default())
     }
@@ -121,17 +126,17 @@ proptest! {
 
     #[test]
     fn cni_args_never_panic(s in ".{0,60}") {
-        if let Ok(a) = CniArgs::parse(&s) {
+        if let Ok(a) = CniArgs::parse(&s, &KNOWN_ARGS) {
             prop_assert!(a.0.keys().all(|k| !k.is_empty()));
         }
     }
 
     #[test]
     fn cni_args_round_trip(
-        map in prop::collection::btree_map(prop::sample::select(KNOWN_ARGS.to_vec()), "[^;]{0,12}", 0..6),
+        map in prop::collection::btree_map(prop::sample::select(KNOWN_ARGS.iter().copied().chain([cni_proto::env::IGNORE_UNKNOWN]).collect::<Vec<_>>()), "[^;]{0,12}", 0..6),
     ) {
         let text: Vec<String> = map.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        let parsed = CniArgs::parse(&text.join(";")).map_err(|e| TestCaseError::fail(e.to_string()))?;
+        let parsed = CniArgs::parse(&text.join(";"), &KNOWN_ARGS).map_err(|e| TestCaseError::fail(e.to_string()))?;
         let want: BTreeMap<String, String> = map.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
         prop_assert_eq!(parsed.0, want);
     }

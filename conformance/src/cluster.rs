@@ -10,17 +10,8 @@ use serde_json::{json, Value};
 
 use crate::netns::Netns;
 use crate::plugin::{invoke, Out};
-
-/// The plugins under test.
-#[derive(Debug, Clone)]
-pub struct Plugins {
-    /// Directory holding them (CNI_PATH).
-    pub dir: PathBuf,
-    /// Main plugin type (binary name).
-    pub bridge: String,
-    /// IPAM plugin type.
-    pub ipam: String,
-}
+use crate::world::lease_files;
+pub use crate::world::Plugins;
 
 /// A pod: its namespace and what ADD returned.
 pub struct Pod {
@@ -79,11 +70,11 @@ impl Node {
 pub struct Cluster {
     /// Underlay namespace holding the bridge `ul0`.
     pub underlay: Netns,
-    /// Nodes.
+    /// The nodes `node-1`, `node-2`... in order, joined by the underlay bridge.
     pub nodes: Vec<Node>,
     /// Pods, in creation order.
     pub pods: Vec<Pod>,
-    /// The plugins.
+    /// The plugins ADD and DEL run on every node.
     pub plugins: Plugins,
     /// Lease directories live here.
     pub state: PathBuf,
@@ -106,35 +97,35 @@ pub const FAR_PREFIX: &str = "10.201.0";
 pub const FAR_PREFIX6: &str = "fd00:201::";
 
 impl Cluster {
-    /// Makes `n` nodes on an underlay; node i gets pod CIDR 10.244.i.0/24.
-    pub fn new(tag: &str, n: usize, plugins: Plugins, hairpin: bool) -> Cluster {
-        Cluster::build(tag, n, plugins, hairpin, false)
+    /// Makes `node_count` nodes on an underlay; node i gets pod CIDR 10.244.i.0/24.
+    pub fn new(tag: &str, node_count: usize, plugins: Plugins, hairpin: bool) -> Cluster {
+        Cluster::build(tag, node_count, plugins, hairpin, false)
     }
 
     /// Like [`Cluster::new`], dual-stack: node i also gets `fd00:200::<10+i>/64` on the
     /// underlay and pod CIDR `fd00:10:244:i::/64`, and every pod an address of each family.
-    pub fn dual_stack(tag: &str, n: usize, plugins: Plugins, hairpin: bool) -> Cluster {
-        Cluster::build(tag, n, plugins, hairpin, true)
+    pub fn dual_stack(tag: &str, node_count: usize, plugins: Plugins, hairpin: bool) -> Cluster {
+        Cluster::build(tag, node_count, plugins, hairpin, true)
     }
 
-    fn build(tag: &str, n: usize, plugins: Plugins, hairpin: bool, dual_stack: bool) -> Cluster {
+    fn build(tag: &str, node_count: usize, plugins: Plugins, hairpin: bool, dual_stack: bool) -> Cluster {
         let underlay = Netns::new(&format!("{tag}-ul"));
         underlay.ip(&["link", "add", "ul0", "type", "bridge"]);
         underlay.ip(&["link", "set", "ul0", "up"]);
         let state = std::env::temp_dir().join(format!("{}-{}", underlay.name, "state"));
         std::fs::create_dir_all(&state).expect("state dir");
         let mut nodes = Vec::new();
-        for i in 1..=n {
-            let ns = Netns::new(&format!("{tag}-node{i}"));
-            let port = format!("n{i}");
+        for number in 1..=node_count {
+            let ns = Netns::new(&format!("{tag}-node{number}"));
+            let port = format!("n{number}");
             // Created from inside the underlay namespace with the node end moved straight
             // into the node: never a link in the root namespace.
             underlay.ip(&["link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns.name]);
             underlay.ip(&["link", "set", &port, "master", "ul0", "up"]);
-            let ip = Ipv4Addr::new(10, 200, 0, 10 + i as u8);
+            let ip = Ipv4Addr::new(10, 200, 0, 10 + number as u8);
             ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
-            let ip6: Option<Ipv6Addr> =
-                dual_stack.then(|| format!("{UNDERLAY_PREFIX6}{}", 10 + i).parse().expect("an IPv6 address"));
+            let ip6: Option<Ipv6Addr> = dual_stack
+                .then(|| format!("{UNDERLAY_PREFIX6}{}", 10 + number).parse().expect("an IPv6 address"));
             if let Some(ip6) = ip6 {
                 // No duplicate address detection on a private underlay: usable at once.
                 ns.ip(&["addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"]);
@@ -147,8 +138,8 @@ impl Cluster {
             let _ = ns.sysctl("net.bridge.bridge-nf-call-iptables", "1");
             // A node forwards (kubelet/kube-proxy set this on real nodes).
             ns.sysctl("net.ipv4.ip_forward", "1").expect("enable forwarding in the node namespace");
-            let pod_cidr = format!("10.244.{i}.0/24");
-            let pod_cidr6 = dual_stack.then(|| format!("fd00:10:244:{i:x}::/64"));
+            let pod_cidr = format!("10.244.{number}.0/24");
+            let pod_cidr6 = dual_stack.then(|| format!("fd00:10:244:{number:x}::/64"));
             let mut conf = json!({
                 "cniVersion": "1.0.0",
                 "name": "podnet",
@@ -158,14 +149,14 @@ impl Cluster {
                 "isDefaultGateway": true,
                 "hairpinMode": hairpin,
                 "ipam": {"type": plugins.ipam, "subnet": pod_cidr,
-                         "dataDir": state.join(format!("node{i}")).display().to_string()}
+                         "dataDir": state.join(format!("node{number}")).display().to_string()}
             });
-            if let Some(v6) = &pod_cidr6 {
+            if let Some(cidr6) = &pod_cidr6 {
                 let ipam = &mut conf["ipam"];
-                ipam["ranges"] = json!([[{"subnet": pod_cidr}], [{"subnet": v6}]]);
+                ipam["ranges"] = json!([[{"subnet": pod_cidr}], [{"subnet": cidr6}]]);
                 ipam.as_object_mut().expect("an object").remove("subnet");
             }
-            nodes.push(Node { name: format!("node-{i}"), ns, ip, pod_cidr, ip6, pod_cidr6, conf });
+            nodes.push(Node { name: format!("node-{number}"), ns, ip, pod_cidr, ip6, pod_cidr6, conf });
         }
         Cluster { underlay, nodes, pods: Vec::new(), plugins, state, keep: false, dual_stack, router: None }
     }
@@ -251,11 +242,19 @@ impl Cluster {
 
     /// Static routes: every node reaches every other node's pod CIDR via that node's address.
     pub fn static_routes(&self) {
-        for n in &self.nodes {
-            for m in self.nodes.iter().filter(|m| m.name != n.name) {
-                n.ns.ip(&["route", "replace", &m.pod_cidr, "via", &m.ip.to_string(), "proto", "static"]);
-                if let (Some(cidr6), Some(ip6)) = (&m.pod_cidr6, m.ip6) {
-                    n.ns.ip(&["route", "replace", cidr6, "via", &ip6.to_string(), "proto", "static"]);
+        for node in &self.nodes {
+            for other in self.nodes.iter().filter(|other| other.name != node.name) {
+                node.ns.ip(&[
+                    "route",
+                    "replace",
+                    &other.pod_cidr,
+                    "via",
+                    &other.ip.to_string(),
+                    "proto",
+                    "static",
+                ]);
+                if let (Some(cidr6), Some(ip6)) = (&other.pod_cidr6, other.ip6) {
+                    node.ns.ip(&["route", "replace", cidr6, "via", &ip6.to_string(), "proto", "static"]);
                 }
             }
         }
@@ -269,7 +268,7 @@ impl Cluster {
             ("CNI_IFNAME", "eth0"),
             ("CNI_PATH", path.as_str()),
         ];
-        invoke(&self.nodes[node].ns, &self.plugins.dir.join(&self.plugins.bridge), cmd, &env, conf)
+        invoke(&self.nodes[node].ns, &self.plugins.main_plugin(), cmd, &env, conf)
     }
 
     /// Adds a pod on node `node` (0-based) through the plugins.
@@ -315,10 +314,10 @@ impl Cluster {
     }
 
     /// DELs a pod through the plugins and removes its namespace.
-    pub fn del_pod(&mut self, i: usize) -> Out {
-        let p = self.pods.remove(i);
-        let conf = self.nodes[p.node].conf.clone();
-        self.call(p.node, "DEL", &p.name, &p.ns.path.display().to_string(), &conf)
+    pub fn del_pod(&mut self, index: usize) -> Out {
+        let pod = self.pods.remove(index);
+        let conf = self.nodes[pod.node].conf.clone();
+        self.call(pod.node, "DEL", &pod.name, &pod.ns.path.display().to_string(), &conf)
     }
 
     /// Installs, on every node, kube-proxy-style rules for a ClusterIP `vip:port` spread over
@@ -326,42 +325,43 @@ impl Cluster {
     /// traffic and MASQUERADE in POSTROUTING for marked packets.
     pub fn service(&self, name: &str, vip: Ipv4Addr, port: u16, endpoints: &[SocketAddr]) {
         let svc = format!("KUBE-SVC-{}", name.to_uppercase());
-        for n in &self.nodes {
+        for node in &self.nodes {
             // Declaring a chain in `iptables-restore --noflush` flushes it: the shared chains
             // are declared once, with their rules; each Service only adds its own.
-            let base = n.ns.run("iptables", &["-t", "nat", "-C", "PREROUTING", "-j", "KUBE-SERVICES"]);
-            let mut s = String::from("*nat\n");
+            let base = node.ns.run("iptables", &["-t", "nat", "-C", "PREROUTING", "-j", "KUBE-SERVICES"]);
+            let mut rules = String::from("*nat\n");
             if !base.status.success() {
-                s.push_str(":KUBE-SERVICES - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n:KUBE-POSTROUTING - [0:0]\n");
+                rules
+                    .push_str(":KUBE-SERVICES - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n:KUBE-POSTROUTING - [0:0]\n");
             }
-            s.push_str(&format!(":{svc} - [0:0]\n"));
-            for (k, _) in endpoints.iter().enumerate() {
-                s.push_str(&format!(":KUBE-SEP-{}-{k} - [0:0]\n", name.to_uppercase()));
+            rules.push_str(&format!(":{svc} - [0:0]\n"));
+            for (position, _) in endpoints.iter().enumerate() {
+                rules.push_str(&format!(":KUBE-SEP-{}-{position} - [0:0]\n", name.to_uppercase()));
             }
             if !base.status.success() {
-                s.push_str("-A PREROUTING -j KUBE-SERVICES\n-A OUTPUT -j KUBE-SERVICES\n-A POSTROUTING -j KUBE-POSTROUTING\n");
-                s.push_str("-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000\n");
-                s.push_str("-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n");
-                s.push_str("-A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0\n");
-                s.push_str("-A KUBE-POSTROUTING -j MASQUERADE\n");
+                rules.push_str("-A PREROUTING -j KUBE-SERVICES\n-A OUTPUT -j KUBE-SERVICES\n-A POSTROUTING -j KUBE-POSTROUTING\n");
+                rules.push_str("-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000\n");
+                rules.push_str("-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n");
+                rules.push_str("-A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0\n");
+                rules.push_str("-A KUBE-POSTROUTING -j MASQUERADE\n");
             }
-            s.push_str(&format!("-A KUBE-SERVICES -d {vip}/32 -p tcp --dport {port} -j {svc}\n"));
+            rules.push_str(&format!("-A KUBE-SERVICES -d {vip}/32 -p tcp --dport {port} -j {svc}\n"));
             let n_ep = endpoints.len();
-            for (k, ep) in endpoints.iter().enumerate() {
-                let sep = format!("KUBE-SEP-{}-{k}", name.to_uppercase());
-                if k + 1 < n_ep {
-                    let prob = 1.0 / (n_ep - k) as f64;
-                    s.push_str(&format!(
+            for (position, ep) in endpoints.iter().enumerate() {
+                let sep = format!("KUBE-SEP-{}-{position}", name.to_uppercase());
+                if position + 1 < n_ep {
+                    let prob = 1.0 / (n_ep - position) as f64;
+                    rules.push_str(&format!(
                         "-A {svc} -m statistic --mode random --probability {prob:.5} -j {sep}\n"
                     ));
                 } else {
-                    s.push_str(&format!("-A {svc} -j {sep}\n"));
+                    rules.push_str(&format!("-A {svc} -j {sep}\n"));
                 }
-                s.push_str(&format!("-A {sep} -s {}/32 -j KUBE-MARK-MASQ\n", ep.ip()));
-                s.push_str(&format!("-A {sep} -p tcp -j DNAT --to-destination {ep}\n"));
+                rules.push_str(&format!("-A {sep} -s {}/32 -j KUBE-MARK-MASQ\n", ep.ip()));
+                rules.push_str(&format!("-A {sep} -p tcp -j DNAT --to-destination {ep}\n"));
             }
-            s.push_str("COMMIT\n");
-            restore(&n.ns, &s, &n.name);
+            rules.push_str("COMMIT\n");
+            restore(&node.ns, &rules, &node.name);
         }
     }
 
@@ -372,32 +372,32 @@ impl Cluster {
         let file = self.state.join("nodes.json");
         std::fs::write(&file, json!({ "nodes": nodes }).to_string()).map_err(|e| e.to_string())?;
         let mut agents = Vec::new();
-        for n in &self.nodes {
+        for node in &self.nodes {
             let mut cmd = std::process::Command::new(bin);
-            cmd.args(["--node-name", &n.name, "--source", "file", "--no-portmap", "--nodes-file"])
+            cmd.args(["--node-name", &node.name, "--source", "file", "--no-portmap", "--nodes-file"])
                 .arg(&file)
                 .arg("--cni-conf-dir")
-                .arg(self.state.join(format!("cni-{}", n.name)))
+                .arg(self.state.join(format!("cni-{}", node.name)))
                 .env("RUST_LOG", "warn")
                 .stdout(std::process::Stdio::null());
-            n.ns.enter(&mut cmd);
+            node.ns.enter(&mut cmd);
             agents.push(cmd.spawn().map_err(|e| format!("starting {}: {e}", bin.display()))?);
         }
         let families = if self.dual_stack { 2 } else { 1 };
         let want = (self.nodes.len() - 1) * families;
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-        for n in &self.nodes {
+        for node in &self.nodes {
             let count = || {
-                n.ns.ip(&["route", "show", "proto", "168"]).lines().count()
-                    + n.ns.ip(&["-6", "route", "show", "proto", "168"]).lines().count()
+                node.ns.ip(&["route", "show", "proto", "168"]).lines().count()
+                    + node.ns.ip(&["-6", "route", "show", "proto", "168"]).lines().count()
             };
             while count() < want {
                 if std::time::Instant::now() > deadline {
-                    for mut a in agents {
-                        let _ = a.kill();
-                        let _ = a.wait();
+                    for mut agent in agents {
+                        let _ = agent.kill();
+                        let _ = agent.wait();
                     }
-                    return Err(format!("{}: the route agent did not install the routes", n.name));
+                    return Err(format!("{}: the route agent did not install the routes", node.name));
                 }
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
@@ -422,45 +422,45 @@ impl Cluster {
     /// any endpoint, SNATed to the node's address.
     pub fn node_port(&self, name: &str, port: u16, endpoints: &[(usize, SocketAddr)], local: bool) {
         let up = name.to_uppercase();
-        for (i, n) in self.nodes.iter().enumerate() {
-            let has = n.ns.run("iptables", &["-t", "nat", "-n", "-L", "KUBE-NODEPORTS"]);
-            let mut s = String::from("*nat\n");
+        for (index, node) in self.nodes.iter().enumerate() {
+            let has = node.ns.run("iptables", &["-t", "nat", "-n", "-L", "KUBE-NODEPORTS"]);
+            let mut rules = String::from("*nat\n");
             if !has.status.success() {
-                s.push_str(":KUBE-NODEPORTS - [0:0]\n");
+                rules.push_str(":KUBE-NODEPORTS - [0:0]\n");
             }
-            s.push_str(&format!(":KUBE-EXT-{up} - [0:0]\n"));
+            rules.push_str(&format!(":KUBE-EXT-{up} - [0:0]\n"));
             if !has.status.success() {
-                s.push_str("-A KUBE-SERVICES -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n");
+                rules.push_str("-A KUBE-SERVICES -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n");
             }
-            s.push_str(&format!("-A KUBE-NODEPORTS -p tcp --dport {port} -j KUBE-EXT-{up}\n"));
+            rules.push_str(&format!("-A KUBE-NODEPORTS -p tcp --dport {port} -j KUBE-EXT-{up}\n"));
             let mine: Vec<&SocketAddr> =
-                endpoints.iter().filter(|(node, _)| *node == i).map(|(_, e)| e).collect();
+                endpoints.iter().filter(|(node, _)| *node == index).map(|(_, e)| e).collect();
             if local {
-                s.push_str(&format!(":KUBE-SVL-{up} - [0:0]\n-A KUBE-EXT-{up} -j KUBE-SVL-{up}\n"));
-                for (k, ep) in mine.iter().enumerate() {
-                    if k + 1 < mine.len() {
-                        let p = 1.0 / (mine.len() - k) as f64;
-                        s.push_str(&format!(
-                            "-A KUBE-SVL-{up} -p tcp -m statistic --mode random --probability {p:.5} -j DNAT --to-destination {ep}\n"
+                rules.push_str(&format!(":KUBE-SVL-{up} - [0:0]\n-A KUBE-EXT-{up} -j KUBE-SVL-{up}\n"));
+                for (position, ep) in mine.iter().enumerate() {
+                    if position + 1 < mine.len() {
+                        let probability = 1.0 / (mine.len() - position) as f64;
+                        rules.push_str(&format!(
+                            "-A KUBE-SVL-{up} -p tcp -m statistic --mode random --probability {probability:.5} -j DNAT --to-destination {ep}\n"
                         ));
                     } else {
-                        s.push_str(&format!("-A KUBE-SVL-{up} -p tcp -j DNAT --to-destination {ep}\n"));
+                        rules.push_str(&format!("-A KUBE-SVL-{up} -p tcp -j DNAT --to-destination {ep}\n"));
                     }
                 }
             } else {
-                s.push_str(&format!(
+                rules.push_str(&format!(
                     "-A KUBE-EXT-{up} -j KUBE-MARK-MASQ\n-A KUBE-EXT-{up} -j KUBE-SVC-{up}\n"
                 ));
             }
-            s.push_str("COMMIT\n");
+            rules.push_str("COMMIT\n");
             if local && mine.is_empty() {
                 // kube-proxy's "has no local endpoints" rule.
-                s.push_str(&format!(
+                rules.push_str(&format!(
                     "*filter\n-A INPUT -p tcp --dport {port} -m addrtype --dst-type LOCAL -j DROP\n\
                      -A FORWARD -p tcp --dport {port} -m addrtype --dst-type LOCAL -j DROP\nCOMMIT\n"
                 ));
             }
-            restore(&n.ns, &s, &n.name);
+            restore(&node.ns, &rules, &node.name);
         }
     }
 
@@ -478,26 +478,18 @@ impl Cluster {
 
     /// The lease files left in every node's data dir.
     pub fn leases(&self) -> usize {
-        let mut n = 0;
-        for i in 1..=self.nodes.len() {
-            let d = self.state.join(format!("node{i}")).join("podnet");
-            if let Ok(rd) = std::fs::read_dir(d) {
-                n += rd
-                    .filter_map(|e| e.ok()?.file_name().into_string().ok())
-                    .filter(|f| f.parse::<IpAddr>().is_ok())
-                    .count();
-            }
-        }
-        n
+        (1..=self.nodes.len())
+            .map(|number| lease_files(&self.state.join(format!("node{number}")), "podnet").len())
+            .sum()
     }
 
     /// The names of every namespace of the cluster (for `--keep` instructions).
     pub fn namespace_names(&self) -> Vec<String> {
-        let mut v = vec![self.underlay.name.clone()];
-        v.extend(self.router.iter().map(|r| r.name.clone()));
-        v.extend(self.nodes.iter().map(|n| n.ns.name.clone()));
-        v.extend(self.pods.iter().map(|p| p.ns.name.clone()));
-        v
+        let mut names = vec![self.underlay.name.clone()];
+        names.extend(self.router.iter().map(|r| r.name.clone()));
+        names.extend(self.nodes.iter().map(|n| n.ns.name.clone()));
+        names.extend(self.pods.iter().map(|p| p.ns.name.clone()));
+        names
     }
 
     /// Where the state lives.
@@ -508,10 +500,10 @@ impl Cluster {
 
 fn restore(ns: &Netns, rules: &str, who: &str) {
     use std::io::Write;
-    let mut c = std::process::Command::new("iptables-restore");
-    c.args(["--noflush", "-w"]).stdin(std::process::Stdio::piped());
-    ns.enter(&mut c);
-    let mut child = c.spawn().expect("iptables-restore");
+    let mut cmd = std::process::Command::new("iptables-restore");
+    cmd.args(["--noflush", "-w"]).stdin(std::process::Stdio::piped());
+    ns.enter(&mut cmd);
+    let mut child = cmd.spawn().expect("iptables-restore");
     child.stdin.take().expect("piped").write_all(rules.as_bytes()).expect("write rules");
     assert!(child.wait().expect("wait").success(), "iptables-restore in {who} failed:\n{rules}");
 }
@@ -520,15 +512,15 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         if self.keep {
             // Leave namespaces and leases in place: the guards must not remove them.
-            for p in self.pods.drain(..) {
-                std::mem::forget(p.ns);
+            for pod in self.pods.drain(..) {
+                std::mem::forget(pod.ns);
             }
-            for n in self.nodes.drain(..) {
-                std::mem::forget(n.ns);
+            for node in self.nodes.drain(..) {
+                std::mem::forget(node.ns);
             }
-            let ul =
+            let underlay =
                 std::mem::replace(&mut self.underlay, Netns { name: String::new(), path: PathBuf::new() });
-            std::mem::forget(ul);
+            std::mem::forget(underlay);
             if let Some(router) = self.router.take() {
                 std::mem::forget(router);
             }

@@ -8,6 +8,8 @@ pub mod netns;
 pub mod plugin;
 pub mod suite;
 pub mod traffic;
+pub mod world;
 
 pub use netns::{is_root, require_root, Netns, Pause};
 pub use plugin::{invoke, Out};
+pub use world::{Plugins, World};

@@ -38,8 +38,8 @@ pub fn live_namespaces() -> Vec<String> {
 pub fn install_signal_cleanup() {
     use nix::sys::signal::{SigSet, SigmaskHow, Signal};
     let mut set = SigSet::empty();
-    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-        set.add(s);
+    for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        set.add(signal);
     }
     if nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None).is_err() {
         return;
@@ -50,8 +50,8 @@ pub fn install_signal_cleanup() {
             for pid in pids {
                 let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
             }
-            for n in names {
-                let _ = Command::new("ip").args(["netns", "del", &n]).stderr(Stdio::null()).status();
+            for name in names {
+                let _ = Command::new("ip").args(["netns", "del", &name]).stderr(Stdio::null()).status();
             }
             eprintln!("interrupted by {sig:?}: removed every namespace this run made");
             std::process::exit(130);
@@ -103,39 +103,44 @@ impl Netns {
 
     /// Runs `ip -n <ns> args...` and returns stdout; panics on failure.
     pub fn ip(&self, args: &[&str]) -> String {
-        let o = Command::new("ip").arg("-n").arg(&self.name).args(args).output().expect("run ip");
-        assert!(o.status.success(), "ip -n {} {args:?}: {}", self.name, String::from_utf8_lossy(&o.stderr));
-        String::from_utf8_lossy(&o.stdout).into_owned()
+        let out = Command::new("ip").arg("-n").arg(&self.name).args(args).output().expect("run ip");
+        assert!(
+            out.status.success(),
+            "ip -n {} {args:?}: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// `ip -j -n <ns> args...` parsed.
     pub fn ip_json(&self, args: &[&str]) -> serde_json::Value {
-        let mut a = vec!["-j", "-d"];
-        a.extend_from_slice(args);
-        serde_json::from_str(&self.ip(&a)).unwrap_or(serde_json::Value::Null)
+        let mut full_args = vec!["-j", "-d"];
+        full_args.extend_from_slice(args);
+        serde_json::from_str(&self.ip(&full_args)).unwrap_or(serde_json::Value::Null)
     }
 
     /// Names of the links in the namespace, sorted.
     pub fn links(&self) -> Vec<String> {
-        let mut v: Vec<String> = self
+        let mut names: Vec<String> = self
             .ip_json(&["link", "show"])
             .as_array()
             .into_iter()
             .flatten()
             .filter_map(|l| l["ifname"].as_str().map(str::to_string))
             .collect();
-        v.sort();
-        v
+        names.sort();
+        names
     }
 
     /// Makes `cmd` run inside this namespace (setns in the child before exec).
     pub fn enter(&self, cmd: &mut Command) {
-        let f = self.file();
+        let ns_file = self.file();
         // SAFETY: pre_exec runs in the forked child; setns is async-signal-safe.
         unsafe {
             cmd.pre_exec(move || {
                 clear_sigmask()?;
-                setns(f.as_fd(), CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
+                setns(ns_file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
             });
         }
     }
@@ -143,11 +148,11 @@ impl Netns {
     /// Writes a sysctl (`net.ipv4.ip_forward`) inside this namespace, from a thread that
     /// enters it: /proc/sys/net is per namespace, and no sysctl binary is needed.
     pub fn sysctl(&self, key: &str, value: &str) -> std::io::Result<()> {
-        let f = self.file();
+        let ns_file = self.file();
         let path = format!("/proc/sys/{}", key.replace('.', "/"));
         let value = value.to_string();
         std::thread::spawn(move || {
-            setns(f.as_fd(), CloneFlags::CLONE_NEWNET)?;
+            setns(ns_file.as_fd(), CloneFlags::CLONE_NEWNET)?;
             std::fs::write(path, value)
         })
         .join()
@@ -156,10 +161,10 @@ impl Netns {
 
     /// Runs a command inside the namespace.
     pub fn run(&self, program: &str, args: &[&str]) -> Output {
-        let mut c = Command::new(program);
-        c.args(args);
-        self.enter(&mut c);
-        c.output().expect("run in netns")
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        self.enter(&mut cmd);
+        cmd.output().expect("run in netns")
     }
 }
 
@@ -183,13 +188,13 @@ pub struct Pause {
 impl Pause {
     /// Starts the process and waits until its namespace is its own.
     pub fn new() -> Pause {
-        let mut c = Command::new("unshare");
-        c.args(["--net", "--", "sleep", "3600"]).stdin(Stdio::null());
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--net", "--", "sleep", "3600"]).stdin(Stdio::null());
         // SAFETY: only async-signal-safe calls in the forked child.
         unsafe {
-            c.pre_exec(clear_sigmask);
+            cmd.pre_exec(clear_sigmask);
         }
-        let child = c.spawn().expect("start unshare");
+        let child = cmd.spawn().expect("start unshare");
         live().1.insert(child.id());
         let path = PathBuf::from(format!("/proc/{}/ns/net", child.id()));
         let own = std::fs::read_link("/proc/thread-self/ns/net").expect("own ns");
@@ -197,7 +202,7 @@ impl Pause {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while std::time::Instant::now() < deadline {
             match std::fs::read_link(&path) {
-                Ok(l) if l != own => return Pause { child, path },
+                Ok(target) if target != own => return Pause { child, path },
                 _ => std::thread::sleep(std::time::Duration::from_millis(1)),
             }
         }
@@ -216,17 +221,17 @@ impl Pause {
 
     /// Runs `ip args...` inside the pause namespace.
     pub fn ip(&self, args: &[&str]) -> String {
-        let mut c = Command::new("ip");
-        c.args(args);
-        let f = self.file();
+        let mut cmd = Command::new("ip");
+        cmd.args(args);
+        let ns_file = self.file();
         unsafe {
-            c.pre_exec(move || {
+            cmd.pre_exec(move || {
                 clear_sigmask()?;
-                setns(f.as_fd(), CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
+                setns(ns_file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
             });
         }
-        let o = c.output().expect("run ip");
-        String::from_utf8_lossy(&o.stdout).into_owned()
+        let out = cmd.output().expect("run ip");
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
 
@@ -244,11 +249,11 @@ impl Drop for Pause {
     }
 }
 
-/// Whether `p` names the namespace `ns` runs in (the fixture refuses such a CNI_NETNS).
-pub fn same_namespace(p: &Path, ns: &Netns) -> bool {
+/// Whether `path` names the namespace `ns` runs in (the fixture refuses such a CNI_NETNS).
+pub fn same_namespace(path: &Path, ns: &Netns) -> bool {
     use std::os::unix::fs::MetadataExt;
-    match (std::fs::metadata(p), std::fs::metadata(&ns.path)) {
-        (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+    match (std::fs::metadata(path), std::fs::metadata(&ns.path)) {
+        (Ok(first), Ok(second)) => first.ino() == second.ino() && first.dev() == second.dev(),
         _ => false,
     }
 }

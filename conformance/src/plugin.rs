@@ -11,13 +11,13 @@ use crate::netns::{same_namespace, Netns};
 /// A plugin's exit code, stdout, parsed stdout and stderr.
 #[derive(Debug)]
 pub struct Out {
-    /// Exit code.
+    /// The plugin's exit code (-1 when a signal ended it).
     pub code: i32,
-    /// stdout.
+    /// What the plugin printed on stdout: the result or error JSON, nothing else.
     pub stdout: String,
     /// stdout as JSON (Null if not JSON).
     pub json: Value,
-    /// stderr.
+    /// What it printed on stderr (its logs), for failure messages.
     pub stderr: String,
 }
 
@@ -43,26 +43,26 @@ pub fn invoke_raw(
     stdin: &[u8],
     allow_self_netns: bool,
 ) -> Out {
-    if let Some((_, ns)) = env.iter().find(|(k, _)| *k == "CNI_NETNS") {
+    if let Some((_, ns)) = env.iter().find(|(key, _)| *key == "CNI_NETNS") {
         if !allow_self_netns && !ns.is_empty() && same_namespace(Path::new(ns), node) {
             panic!("refusing to run a plugin whose CNI_NETNS {ns} is the node namespace it runs in");
         }
     }
-    let mut c = Command::new(bin);
-    c.env_clear().env("CNI_COMMAND", cmd).env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
-    for (k, v) in env {
-        c.env(k, v);
+    let mut process = Command::new(bin);
+    process.env_clear().env("CNI_COMMAND", cmd).env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+    for (key, value) in env {
+        process.env(key, value);
     }
-    c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    node.enter(&mut c);
-    let mut child = c.spawn().expect("spawn plugin");
+    process.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    node.enter(&mut process);
+    let mut child = process.spawn().expect("spawn plugin");
     child.stdin.take().expect("piped").write_all(stdin).expect("write stdin");
-    let o = child.wait_with_output().expect("wait plugin");
-    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
+    let out = child.wait_with_output().expect("wait plugin");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     Out {
-        code: o.status.code().unwrap_or(-1),
+        code: out.status.code().unwrap_or(-1),
         json: serde_json::from_str(&stdout).unwrap_or(Value::Null),
         stdout,
-        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }

@@ -10,10 +10,13 @@ use std::time::{Duration, Instant};
 
 use nix::sched::{setns, CloneFlags};
 
-fn in_ns<T: Send + 'static>(ns: File, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+fn in_ns<T: Send + 'static>(
+    ns: File,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
     std::thread::spawn(move || {
         setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).expect("setns");
-        f()
+        work()
     })
 }
 
@@ -34,13 +37,13 @@ pub fn exchange(
 ) -> Result<IpAddr, String> {
     let (tx, rx) = mpsc::channel();
     let server = in_ns(server_ns, move || -> Result<IpAddr, String> {
-        let l = TcpListener::bind(bind).map_err(|e| format!("bind {bind}: {e}"))?;
-        tx.send(l.local_addr().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+        let listener = TcpListener::bind(bind).map_err(|e| format!("bind {bind}: {e}"))?;
+        tx.send(listener.local_addr().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
         // Bounded, so a refused or dropped connection ends this thread too.
-        l.set_nonblocking(true).map_err(|e| e.to_string())?;
+        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
         let deadline = Instant::now() + Duration::from_secs(4);
-        let (mut s, peer) = loop {
-            match l.accept() {
+        let (mut stream, peer) = loop {
+            match listener.accept() {
                 Ok(x) => break x,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(5))
@@ -48,11 +51,11 @@ pub fn exchange(
                 Err(e) => return Err(format!("accept: {e}")),
             }
         };
-        s.set_nonblocking(false).map_err(|e| e.to_string())?;
-        s.set_read_timeout(Some(Duration::from_secs(3))).ok();
+        stream.set_nonblocking(false).map_err(|e| e.to_string())?;
+        stream.set_read_timeout(Some(Duration::from_secs(3))).ok();
         let mut buf = [0u8; 4];
-        s.read_exact(&mut buf).map_err(|e| e.to_string())?;
-        s.write_all(b"pong").map_err(|e| e.to_string())?;
+        stream.read_exact(&mut buf).map_err(|e| e.to_string())?;
+        stream.write_all(b"pong").map_err(|e| e.to_string())?;
         Ok(peer.ip())
     });
     let Ok(listening) = rx.recv() else {
@@ -63,20 +66,20 @@ pub fn exchange(
     };
     let addr = target.unwrap_or(listening);
     let client = in_ns(client_ns, move || -> Result<(), String> {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
             .map_err(|e| format!("connect {addr}: {e}"))?;
-        s.set_read_timeout(Some(Duration::from_secs(3))).ok();
-        s.write_all(b"ping").map_err(|e| e.to_string())?;
+        stream.set_read_timeout(Some(Duration::from_secs(3))).ok();
+        stream.write_all(b"ping").map_err(|e| e.to_string())?;
         let mut buf = [0u8; 4];
-        s.read_exact(&mut buf).map_err(|e| e.to_string())?;
+        stream.read_exact(&mut buf).map_err(|e| e.to_string())?;
         if &buf != b"pong" {
             return Err("bad reply".into());
         }
         Ok(())
     });
-    let c = client.join().map_err(|_| "client panicked".to_string())?;
+    let client_result = client.join().map_err(|_| "client panicked".to_string())?;
     let seen = server.join().map_err(|_| "server panicked".to_string())?;
-    c?;
+    client_result?;
     seen
 }
 
@@ -98,27 +101,27 @@ pub fn spread(
         .map(|(ns, bind)| {
             let (done, tx) = (done.clone(), tx.clone());
             in_ns(ns, move || -> usize {
-                let Ok(l) = TcpListener::bind(bind) else {
+                let Ok(listener) = TcpListener::bind(bind) else {
                     let _ = tx.send(());
                     return 0;
                 };
-                let _ = l.set_nonblocking(true);
+                let _ = listener.set_nonblocking(true);
                 let _ = tx.send(());
-                let mut n = 0;
+                let mut answered = 0;
                 while !done.load(Ordering::SeqCst) {
-                    match l.accept() {
-                        Ok((mut s, _)) => {
-                            let _ = s.set_nonblocking(false);
-                            s.set_read_timeout(Some(Duration::from_secs(2))).ok();
+                    match listener.accept() {
+                        Ok((mut stream, _)) => {
+                            let _ = stream.set_nonblocking(false);
+                            stream.set_read_timeout(Some(Duration::from_secs(2))).ok();
                             let mut buf = [0u8; 4];
-                            if s.read_exact(&mut buf).is_ok() && s.write_all(b"pong").is_ok() {
-                                n += 1;
+                            if stream.read_exact(&mut buf).is_ok() && stream.write_all(b"pong").is_ok() {
+                                answered += 1;
                             }
                         }
                         Err(_) => std::thread::sleep(Duration::from_millis(2)),
                     }
                 }
-                n
+                answered
             })
         })
         .collect();
@@ -128,10 +131,10 @@ pub fn spread(
     }
     let client = in_ns(client_ns, move || {
         for _ in 0..tries {
-            if let Ok(mut s) = TcpStream::connect_timeout(&target, Duration::from_secs(2)) {
-                s.set_read_timeout(Some(Duration::from_secs(2))).ok();
+            if let Ok(mut stream) = TcpStream::connect_timeout(&target, Duration::from_secs(2)) {
+                stream.set_read_timeout(Some(Duration::from_secs(2))).ok();
                 let mut buf = [0u8; 4];
-                let _ = s.write_all(b"ping").and_then(|_| s.read_exact(&mut buf));
+                let _ = stream.write_all(b"ping").and_then(|_| stream.read_exact(&mut buf));
             }
         }
     });

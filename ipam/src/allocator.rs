@@ -10,28 +10,28 @@ use crate::error::IpamError;
 use crate::range::{from_u128, to_u128, Range, RangeSet};
 use crate::store::Store;
 
-/// The number of addresses in `r`, saturated: `::/0` holds 2^128, one more than a u128.
-fn size(r: &Range) -> u128 {
-    (to_u128(r.end) - to_u128(r.start)).saturating_add(1)
+/// The number of addresses in `range`, saturated: `::/0` holds 2^128, one more than a u128.
+fn size(range: &Range) -> u128 {
+    (to_u128(range.end) - to_u128(range.start)).saturating_add(1)
 }
 
-/// `(first + k) % total` for `first, k < total`, without overflowing near 2^128.
-fn advance(first: u128, k: u128, total: u128) -> u128 {
-    if k >= total - first {
-        k - (total - first)
+/// `(first + step) % total` for `first, step < total`, without overflowing near 2^128.
+fn advance(first: u128, step: u128, total: u128) -> u128 {
+    if step >= total - first {
+        step - (total - first)
     } else {
-        first + k
+        first + step
     }
 }
 
-/// The address at flat position `p` across the set's ranges.
-fn at(set: &RangeSet, mut p: u128) -> (&Range, IpAddr) {
-    for r in &set.0 {
-        let n = size(r);
-        if p < n {
-            return (r, from_u128(to_u128(r.start) + p, r.start));
+/// The address at flat position `position` across the set's ranges.
+fn at(set: &RangeSet, mut position: u128) -> (&Range, IpAddr) {
+    for range in &set.0 {
+        let len = size(range);
+        if position < len {
+            return (range, from_u128(to_u128(range.start) + position, range.start));
         }
-        p -= n;
+        position -= len;
     }
     unreachable!("position within the set's size")
 }
@@ -39,18 +39,18 @@ fn at(set: &RangeSet, mut p: u128) -> (&Range, IpAddr) {
 /// The flat position of `ip` in the set, if it is in it.
 fn position(set: &RangeSet, ip: IpAddr) -> Option<u128> {
     let mut base = 0u128;
-    for r in &set.0 {
-        if r.contains(ip) {
-            return Some(base + to_u128(ip) - to_u128(r.start));
+    for range in &set.0 {
+        if range.contains(ip) {
+            return Some(base + to_u128(ip) - to_u128(range.start));
         }
-        base = base.saturating_add(size(r));
+        base = base.saturating_add(size(range));
     }
     None
 }
 
-fn config(r: &Range, ip: IpAddr) -> IpConfig {
-    let address = IpNetwork::new(ip, r.subnet.prefix()).expect("prefix of a valid subnet");
-    IpConfig { address, gateway: Some(r.gateway), interface: None }
+fn config(range: &Range, ip: IpAddr) -> IpConfig {
+    let address = IpNetwork::new(ip, range.subnet.prefix()).expect("prefix of a valid subnet");
+    IpConfig { address, gateway: Some(range.gateway), interface: None }
 }
 
 /// Moves the cursor to the address just reserved; if that fails (a full disk), the lease goes
@@ -74,16 +74,16 @@ pub fn allocate(
         return Err(IpamError::Duplicate { ip: held, id: id.to_string() });
     }
     if let Some(ip) = requested {
-        let r = set.range_for(ip).ok_or_else(|| {
+        let range = set.range_for(ip).ok_or_else(|| {
             IpamError::RequestedUnavailable(format!("requested IP address {ip} is not in range set {set}"))
         })?;
-        if ip == r.gateway {
+        if ip == range.gateway {
             return Err(IpamError::RequestedUnavailable(format!("requested ip {ip} is subnet's gateway")));
         }
-        if !r.assignable(ip) {
+        if !range.assignable(ip) {
             return Err(IpamError::RequestedUnavailable(format!(
                 "requested ip {ip} is the network or broadcast address of {}",
-                r.subnet
+                range.subnet
             )));
         }
         if !store.reserve(ip, id, ifname)? {
@@ -92,23 +92,23 @@ pub fn allocate(
             )));
         }
         set_cursor(store, idx, ip)?;
-        return Ok(config(r, ip));
+        return Ok(config(range, ip));
     }
     let total: u128 = set.0.iter().map(size).fold(0, u128::saturating_add);
     let first = store
         .last_reserved(idx)?
         .and_then(|ip| position(set, ip))
-        .map(|p| p.saturating_add(1) % total)
+        .map(|pos| pos.saturating_add(1) % total)
         .unwrap_or(0);
     // Lazily: a /64 has 2^64 candidates and the first free one is usually near.
-    for k in 0..total {
-        let (r, ip) = at(set, advance(first, k, total));
-        if !r.assignable(ip) || store.is_leased(ip) {
+    for step in 0..total {
+        let (range, ip) = at(set, advance(first, step, total));
+        if !range.assignable(ip) || store.is_leased(ip) {
             continue;
         }
         if store.reserve(ip, id, ifname)? {
             set_cursor(store, idx, ip)?;
-            return Ok(config(r, ip));
+            return Ok(config(range, ip));
         }
     }
     Err(IpamError::Exhausted(set.to_string()))

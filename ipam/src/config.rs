@@ -54,8 +54,8 @@ pub struct IpamConfig {
     pub requested: Vec<IpAddr>,
 }
 
-fn cfg_err(m: impl Into<String>) -> IpamError {
-    IpamError::Config(m.into())
+fn cfg_err(why: impl Into<String>) -> IpamError {
+    IpamError::Config(why.into())
 }
 
 fn to_set(raw: Vec<RawRange>, what: &str) -> Result<RangeSet, IpamError> {
@@ -72,16 +72,16 @@ fn to_set(raw: Vec<RawRange>, what: &str) -> Result<RangeSet, IpamError> {
 }
 
 /// Parses `10.1.2.3` or `10.1.2.3/24` (the prefix is dropped, as the reference does).
-fn parse_requested(s: &str) -> Option<IpAddr> {
-    let addr = s.split_once('/').map(|(a, _)| a).unwrap_or(s);
+fn parse_requested(text: &str) -> Option<IpAddr> {
+    let addr = text.split_once('/').map(|(a, _)| a).unwrap_or(text);
     addr.trim().parse().ok().map(canonical)
 }
 
-fn requested_list(v: Option<&Value>, what: &str) -> Result<Vec<IpAddr>, IpamError> {
-    let Some(v) = v.filter(|v| !v.is_null()) else {
+fn requested_list(value: Option<&Value>, what: &str) -> Result<Vec<IpAddr>, IpamError> {
+    let Some(value) = value.filter(|value| !value.is_null()) else {
         return Ok(vec![]);
     };
-    let arr = v.as_array().ok_or_else(|| cfg_err(format!("{what} is not a list")))?;
+    let arr = value.as_array().ok_or_else(|| cfg_err(format!("{what} is not a list")))?;
     arr.iter()
         .map(|x| {
             x.as_str()
@@ -111,30 +111,30 @@ impl IpamConfig {
         requested.extend(requested_list(req.raw.pointer("/runtimeConfig/ips"), "runtimeConfig.ips")?);
 
         let mut ranges = Vec::new();
-        if let Some(v) = req.raw.pointer("/runtimeConfig/ipRanges").filter(|v| !v.is_null()) {
-            let sets: Vec<Vec<RawRange>> = serde_json::from_value(v.clone())
+        if let Some(value) = req.raw.pointer("/runtimeConfig/ipRanges").filter(|value| !value.is_null()) {
+            let sets: Vec<Vec<RawRange>> = serde_json::from_value(value.clone())
                 .map_err(|e| cfg_err(format!("invalid runtimeConfig.ipRanges: {e}")))?;
-            for (i, s) in sets.into_iter().enumerate() {
-                ranges.push(to_set(s, &format!("runtimeConfig.ipRanges set {i}"))?);
+            for (index, set) in sets.into_iter().enumerate() {
+                ranges.push(to_set(set, &format!("runtimeConfig.ipRanges set {index}"))?);
             }
         }
         if !raw.legacy.subnet.is_empty() {
             ranges.push(to_set(vec![raw.legacy], "subnet")?);
         }
-        for (i, s) in raw.ranges.into_iter().enumerate() {
-            ranges.push(to_set(s, &format!("range set {i}"))?);
+        for (index, set) in raw.ranges.into_iter().enumerate() {
+            ranges.push(to_set(set, &format!("range set {index}"))?);
         }
         if ranges.is_empty() {
             return Err(cfg_err("no IP ranges specified"));
         }
-        for (i, a) in ranges.iter().enumerate() {
-            for (j, b) in ranges.iter().enumerate().skip(i + 1) {
-                if a.overlaps(b) {
-                    return Err(cfg_err(format!("range set {i} overlaps with {j}")));
+        for (index, first) in ranges.iter().enumerate() {
+            for (other, second) in ranges.iter().enumerate().skip(index + 1) {
+                if first.overlaps(second) {
+                    return Err(cfg_err(format!("range set {index} overlaps with {other}")));
                 }
             }
         }
-        let v4 = ranges.iter().filter(|s| s.is_ipv4()).count();
+        let v4 = ranges.iter().filter(|set| set.is_ipv4()).count();
         if (v4 > 1 || ranges.len() - v4 > 1) && req.version < Version(0, 3, 0) {
             return Err(IpamError::TooManyForVersion(req.version.to_string()));
         }

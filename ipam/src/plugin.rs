@@ -17,6 +17,13 @@ use crate::store::Store;
 /// The host-local IPAM plugin.
 pub struct HostLocal;
 
+/// The CNI_ARGS keys host-local accepts. `IP` asks for an address and is its own; `MAC` is the
+/// bridge plugin's, accepted because a main plugin hands its CNI_ARGS unchanged to its IPAM
+/// plugin; the `K8S_POD_*` keys are what Kubernetes runtimes (containerd, CRI-O) pass every
+/// plugin, so a kubelet-driven call needs no `IgnoreUnknown`.
+pub const CNI_ARGS: &[&str] =
+    &["IP", "MAC", "K8S_POD_NAME", "K8S_POD_NAMESPACE", "K8S_POD_INFRA_CONTAINER_ID", "K8S_POD_UID"];
+
 impl HostLocal {
     fn add(&self, req: &Request) -> Result<CniResult, IpamError> {
         let cfg = IpamConfig::from_request(req)?;
@@ -58,11 +65,11 @@ impl HostLocal {
         if let Some(e) = failure {
             // Leave the directory as it was: no lease, the cursors unmoved, the index as it was
             // (or, when the disk is full, marked so that the next call rebuilds it).
-            for c in &ips {
-                let _ = store.release(c.address.ip());
+            for assigned in &ips {
+                let _ = store.release(assigned.address.ip());
             }
-            for (i, c) in cursors.iter().enumerate() {
-                let _ = store.set_last_reserved(i, c.as_deref());
+            for (set, cursor) in cursors.iter().enumerate() {
+                let _ = store.set_last_reserved(set, cursor.as_deref());
             }
             store.abandon();
             return Err(e);
@@ -183,6 +190,9 @@ impl Plugin for HostLocal {
             env!("CARGO_PKG_VERSION")
         )
     }
+    fn cni_args(&self) -> &'static [&'static str] {
+        CNI_ARGS
+    }
     fn add(&self, req: &Request) -> Result<CniResult, CniError> {
         HostLocal::add(self, req).map_err(Into::into)
     }
@@ -197,5 +207,36 @@ impl Plugin for HostLocal {
     }
     fn status(&self, req: &Request) -> Result<(), CniError> {
         HostLocal::status(self, req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use cni_proto::{Command, Invocation};
+
+    use super::*;
+
+    fn add_with_args(args: &str) -> Result<Invocation, CniError> {
+        let env = |key: &str| {
+            let value = match key {
+                "CNI_CONTAINERID" => "c1",
+                "CNI_NETNS" => "/run/netns/pod",
+                "CNI_IFNAME" => "eth0",
+                "CNI_ARGS" => args,
+                _ => return None,
+            };
+            Some(value.to_string())
+        };
+        Invocation::from_env(Command::Add, &env, HostLocal.cni_args())
+    }
+
+    #[test]
+    fn kubelet_and_bridge_cni_args_need_no_ignore_unknown_and_a_typo_is_refused() {
+        let kubelet = "K8S_POD_NAMESPACE=default;K8S_POD_NAME=web;K8S_POD_INFRA_CONTAINER_ID=abc;\
+                       K8S_POD_UID=u-1;MAC=02:00:00:00:00:01;IP=10.1.2.50";
+        assert_eq!(add_with_args(kubelet).unwrap().args.get("IP"), Some("10.1.2.50"));
+        let typo = add_with_args("IPP=10.1.2.50").unwrap_err();
+        assert_eq!((typo.code(), typo.to_string().contains("IPP")), (4, true), "{typo}");
+        assert!(add_with_args("IPP=10.1.2.50;IgnoreUnknown=1").is_ok());
     }
 }

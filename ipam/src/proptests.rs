@@ -110,7 +110,7 @@ fn request(conf: &Value, args: &str, cmd: Command) -> Option<Request> {
     ]
     .into_iter()
     .collect();
-    let inv = Invocation::from_env(cmd, &|k| env.get(k).cloned()).ok()?;
+    let inv = Invocation::from_env(cmd, &|k| env.get(k).cloned(), crate::plugin::CNI_ARGS).ok()?;
     let stdin = conf.to_string().into_bytes();
     let parsed = NetConf::from_slice(&stdin).ok()?;
     let version = parsed.version().ok()?;

@@ -13,11 +13,11 @@ pub fn to_u128(ip: IpAddr) -> u128 {
     }
 }
 
-/// The address `n` in the family of `like`.
-pub fn from_u128(n: u128, like: IpAddr) -> IpAddr {
+/// The address numbered `number` in the family of `like`.
+pub fn from_u128(number: u128, like: IpAddr) -> IpAddr {
     match like {
-        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::from(n as u32)),
-        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::from(n)),
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::from(number as u32)),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::from(number)),
     }
 }
 
@@ -108,8 +108,11 @@ impl Range {
             && !(self.subnet.is_ipv4() && ip == self.subnet.broadcast())
     }
 
-    fn overlaps(&self, o: &Range) -> bool {
-        self.contains(o.start) || self.contains(o.end) || o.contains(self.start) || o.contains(self.end)
+    fn overlaps(&self, other: &Range) -> bool {
+        self.contains(other.start)
+            || self.contains(other.end)
+            || other.contains(self.start)
+            || other.contains(self.end)
     }
 }
 
@@ -130,10 +133,10 @@ impl RangeSet {
         if self.0.iter().any(|r| r.start.is_ipv4() != first.start.is_ipv4()) {
             return Err("mixed address families".into());
         }
-        for (i, a) in self.0.iter().enumerate() {
-            for b in &self.0[i + 1..] {
-                if a.overlaps(b) {
-                    return Err(format!("subnets {a} and {b} overlap"));
+        for (index, first_range) in self.0.iter().enumerate() {
+            for later in &self.0[index + 1..] {
+                if first_range.overlaps(later) {
+                    return Err(format!("subnets {first_range} and {later} overlap"));
                 }
             }
         }
@@ -146,8 +149,8 @@ impl RangeSet {
     }
 
     /// Whether any pool of the two sets overlaps.
-    pub fn overlaps(&self, o: &RangeSet) -> bool {
-        self.0.iter().any(|a| o.0.iter().any(|b| a.overlaps(b)))
+    pub fn overlaps(&self, other: &RangeSet) -> bool {
+        self.0.iter().any(|a| other.0.iter().any(|b| a.overlaps(b)))
     }
 
     /// Whether the set is IPv4.

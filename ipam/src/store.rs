@@ -54,13 +54,13 @@ impl Lease {
             return None;
         }
         let text = String::from_utf8_lossy(content);
-        let t = text.trim();
-        if t.is_empty() {
+        let trimmed = text.trim();
+        if trimmed.is_empty() {
             return None;
         }
-        Some(match t.split_once("\r\n") {
+        Some(match trimmed.split_once("\r\n") {
             Some((id, ifname)) => Lease { id: id.trim().to_string(), ifname: ifname.trim().to_string() },
-            None => Lease { id: t.to_string(), ifname: String::new() },
+            None => Lease { id: trimmed.to_string(), ifname: String::new() },
         })
     }
 
@@ -77,7 +77,7 @@ pub struct IndexFile {
     pub boot: String,
     /// The network directory's stamp after the writer's last change.
     pub stamp: String,
-    /// Every lease.
+    /// Every lease of the network, by address, as the index recorded it.
     pub leases: BTreeMap<IpAddr, Lease>,
 }
 
@@ -89,36 +89,36 @@ fn fnv1a64(data: &[u8]) -> u64 {
 
 /// Field encoding for index lines: ids and interface names of foreign leases may hold spaces
 /// or be empty, which would shift the fields of a space-separated line.
-fn encode_field(s: &str) -> String {
-    if s.is_empty() {
+fn encode_field(field: &str) -> String {
+    if field.is_empty() {
         return "%".into();
     }
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b <= b' ' || b >= 0x7f || b == b'%' {
-            out.push_str(&format!("%{b:02x}"));
+    let mut out = String::with_capacity(field.len());
+    for byte in field.bytes() {
+        if byte <= b' ' || byte >= 0x7f || byte == b'%' {
+            out.push_str(&format!("%{byte:02x}"));
         } else {
-            out.push(b as char);
+            out.push(byte as char);
         }
     }
     out
 }
 
-fn decode_field(s: &str) -> Option<String> {
-    if s == "%" {
+fn decode_field(field: &str) -> Option<String> {
+    if field == "%" {
         return Some(String::new());
     }
-    let bytes = s.as_bytes();
+    let bytes = field.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = s.get(i + 1..i + 3)?;
+    let mut pos = 0;
+    while pos < bytes.len() {
+        if bytes[pos] == b'%' {
+            let hex = field.get(pos + 1..pos + 3)?;
             out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
+            pos += 3;
         } else {
-            out.push(bytes[i]);
-            i += 1;
+            out.push(bytes[pos]);
+            pos += 1;
         }
     }
     String::from_utf8(out).ok()
@@ -158,14 +158,14 @@ pub fn parse_index(text: &str) -> Option<IndexFile> {
     let stamp = decode_field(lines.next()?.strip_prefix("stamp ")?)?;
     let mut leases = BTreeMap::new();
     for line in lines {
-        let mut f = line.split(' ');
-        if f.next()? != "lease" {
+        let mut fields = line.split(' ');
+        if fields.next()? != "lease" {
             return None;
         }
-        let ip: IpAddr = f.next()?.parse().ok()?;
-        let id = decode_field(f.next()?)?;
-        let ifname = decode_field(f.next()?)?;
-        if f.next().is_some() || leases.insert(ip, Lease { id, ifname }).is_some() {
+        let ip: IpAddr = fields.next()?.parse().ok()?;
+        let id = decode_field(fields.next()?)?;
+        let ifname = decode_field(fields.next()?)?;
+        if fields.next().is_some() || leases.insert(ip, Lease { id, ifname }).is_some() {
             return None;
         }
     }
@@ -173,26 +173,33 @@ pub fn parse_index(text: &str) -> Option<IndexFile> {
 }
 
 /// What `openat` did not open, said so that an operator knows what to fix.
-fn open_err(what: &str, p: &Path, e: Errno) -> IpamError {
+fn open_err(what: &str, path: &Path, errno: Errno) -> IpamError {
     // O_NOFOLLOW with O_DIRECTORY reports a link as ENOTDIR.
-    let is_link = || fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink());
-    if e == Errno::ELOOP || (e == Errno::ENOTDIR && is_link()) {
+    let is_link = || fs::symlink_metadata(path).is_ok_and(|meta| meta.file_type().is_symlink());
+    if errno == Errno::ELOOP || (errno == Errno::ENOTDIR && is_link()) {
         return IpamError::store(
-            format!("{what} {}: it is a symbolic link; refusing to follow it", p.display()),
-            e.into(),
+            format!("{what} {}: it is a symbolic link; refusing to follow it", path.display()),
+            errno.into(),
         );
     }
-    IpamError::store(format!("{what} {}", p.display()), e.into())
+    IpamError::store(format!("{what} {}", path.display()), errno.into())
 }
 
-fn io_ctx(what: &str, p: &Path) -> impl FnOnce(std::io::Error) -> IpamError {
-    let ctx = format!("{what} {}", p.display());
+fn io_ctx(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> IpamError {
+    let ctx = format!("{what} {}", path.display());
     move |e| IpamError::store(ctx, e)
 }
 
 fn stamp_of(dir: &File) -> std::io::Result<String> {
-    let m = dir.metadata()?;
-    Ok(format!("{} {}.{} {}.{}", m.ino(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()))
+    let meta = dir.metadata()?;
+    Ok(format!(
+        "{} {}.{} {}.{}",
+        meta.ino(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        meta.ctime(),
+        meta.ctime_nsec()
+    ))
 }
 
 /// The kernel's boot id; empty where it cannot be read.
@@ -212,26 +219,26 @@ fn open_at(dir: impl AsFd, name: &str, flags: OFlag, mode: u32) -> Result<File, 
 
 /// Reads a regular file opened without following links; `Ok(None)` when it is absent.
 fn read_regular(dir: impl AsFd, name: &str) -> Result<Option<Vec<u8>>, Errno> {
-    let mut f = match open_at(dir, name, OFlag::O_RDONLY, 0) {
-        Ok(f) => f,
+    let mut file = match open_at(dir, name, OFlag::O_RDONLY, 0) {
+        Ok(file) => file,
         Err(Errno::ENOENT) => return Ok(None),
         Err(e) => return Err(e),
     };
-    let is_file = f.metadata().map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(0)))?.is_file();
+    let is_file = file.metadata().map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(0)))?.is_file();
     if !is_file {
         return Err(Errno::EINVAL);
     }
     let mut buf = Vec::new();
-    f.read_to_end(&mut buf).map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(0)))?;
+    file.read_to_end(&mut buf).map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(0)))?;
     Ok(Some(buf))
 }
 
 /// Writes `data` over the file's start and cuts it to that length. Unlike truncate-then-write
 /// or temp-then-rename, this does not make ext4 force block allocation (auto_da_alloc) on
 /// every call; the contents are the same.
-fn overwrite(f: &File, data: &[u8]) -> std::io::Result<()> {
-    f.write_all_at(data, 0)?;
-    f.set_len(data.len() as u64)
+fn overwrite(file: &File, data: &[u8]) -> std::io::Result<()> {
+    file.write_all_at(data, 0)?;
+    file.set_len(data.len() as u64)
 }
 
 /// One network's leases, locked for as long as this value lives.
@@ -272,11 +279,11 @@ impl Store {
         let dir = open_at(&top, network, OFlag::O_RDONLY | OFlag::O_DIRECTORY, 0)
             .map_err(|e| open_err("opening", &path, e))?;
         let lock_path = path.join("lock");
-        let f = open_at(&dir, "lock", OFlag::O_RDWR | OFlag::O_CREAT, 0o644)
+        let lock_file = open_at(&dir, "lock", OFlag::O_RDWR | OFlag::O_CREAT, 0o644)
             .map_err(|e| open_err("opening", &lock_path, e))?;
-        let lock = Flock::lock(f, FlockArg::LockExclusive)
+        let lock = Flock::lock(lock_file, FlockArg::LockExclusive)
             .map_err(|(_, e)| IpamError::store(format!("locking {}", lock_path.display()), e.into()))?;
-        let mut s = Store {
+        let mut store = Store {
             path,
             dir,
             _lock: lock,
@@ -287,8 +294,8 @@ impl Store {
             stale: false,
             boot_id: boot_id(),
         };
-        s.load()?;
-        Ok(s)
+        store.load()?;
+        Ok(store)
     }
 
     fn index_path(&self) -> PathBuf {
@@ -301,15 +308,15 @@ impl Store {
         let idx_dir = open_at(&self.dir, INDEX_DIR, OFlag::O_RDONLY | OFlag::O_DIRECTORY, 0).ok()?;
         // Read-only where it cannot be written (CHECK on a read-only filesystem still works;
         // a change then fails when marking the index).
-        let mut f = open_at(&idx_dir, INDEX_FILE, OFlag::O_RDWR, 0)
+        let mut file = open_at(&idx_dir, INDEX_FILE, OFlag::O_RDWR, 0)
             .or_else(|_| open_at(&idx_dir, INDEX_FILE, OFlag::O_RDONLY, 0))
             .ok()?;
-        if !f.metadata().ok()?.is_file() {
+        if !file.metadata().ok()?.is_file() {
             return None;
         }
         let mut buf = Vec::new();
-        f.read_to_end(&mut buf).ok()?;
-        Some((f, buf))
+        file.read_to_end(&mut buf).ok()?;
+        Some((file, buf))
     }
 
     fn load(&mut self) -> Result<(), IpamError> {
@@ -468,10 +475,10 @@ impl Store {
         }
         self.before_change()?;
         let name = ip.to_string();
-        let p = self.path.join(&name);
+        let path = self.path.join(&name);
         let create = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL;
-        let f = match open_at(&self.dir, &name, create, 0o600) {
-            Ok(f) => f,
+        let file = match open_at(&self.dir, &name, create, 0o600) {
+            Ok(file) => file,
             Err(Errno::EEXIST) => {
                 // A file the index did not list: learn it, or reclaim it when torn.
                 match self.read_lease(&name) {
@@ -486,17 +493,17 @@ impl Store {
                     Err(_) => return Ok(false),
                 }
                 match open_at(&self.dir, &name, create, 0o600) {
-                    Ok(f) => f,
+                    Ok(file) => file,
                     Err(Errno::EEXIST) => return Ok(false),
-                    Err(e) => return Err(open_err("creating", &p, e)),
+                    Err(e) => return Err(open_err("creating", &path, e)),
                 }
             }
-            Err(e) => return Err(open_err("creating", &p, e)),
+            Err(e) => return Err(open_err("creating", &path, e)),
         };
         cni_proto::crash_point("ipam-lease-created");
-        if let Err(e) = f.write_all_at(Lease::render(id, ifname).as_bytes(), 0) {
+        if let Err(e) = file.write_all_at(Lease::render(id, ifname).as_bytes(), 0) {
             let _ = unlinkat(&self.dir, name.as_str(), UnlinkatFlags::NoRemoveDir);
-            return Err(io_ctx("writing", &p)(e));
+            return Err(io_ctx("writing", &path)(e));
         }
         cni_proto::crash_point("ipam-lease-written");
         self.leases.insert(ip, Lease { id: id.trim().to_string(), ifname: ifname.to_string() });
@@ -551,18 +558,18 @@ impl Store {
     /// Sets (or with `None` removes) the cursor of range set `set`.
     pub fn set_last_reserved(&mut self, set: usize, value: Option<&str>) -> Result<(), IpamError> {
         let name = format!("{LAST_PREFIX}{set}");
-        let p = self.path.join(&name);
+        let path = self.path.join(&name);
         match value {
             Some(v) => {
-                let f = open_at(&self.dir, &name, OFlag::O_WRONLY | OFlag::O_CREAT, 0o600)
-                    .map_err(|e| open_err("opening", &p, e))?;
-                overwrite(&f, v.as_bytes()).map_err(io_ctx("writing", &p))?;
+                let file = open_at(&self.dir, &name, OFlag::O_WRONLY | OFlag::O_CREAT, 0o600)
+                    .map_err(|e| open_err("opening", &path, e))?;
+                overwrite(&file, v.as_bytes()).map_err(io_ctx("writing", &path))?;
                 cni_proto::crash_point("ipam-cursor-written");
                 Ok(())
             }
             None => match unlinkat(&self.dir, name.as_str(), UnlinkatFlags::NoRemoveDir) {
                 Ok(()) | Err(Errno::ENOENT) => Ok(()),
-                Err(e) => Err(open_err("removing", &p, e)),
+                Err(e) => Err(open_err("removing", &path, e)),
             },
         }
     }
@@ -570,43 +577,43 @@ impl Store {
     /// The index directory, replacing whatever else (a file, a link) holds its name: the
     /// index is a cache, so a damaged one is repaired rather than refused.
     fn index_dir(&self) -> Result<File, IpamError> {
-        let p = self.path.join(INDEX_DIR);
+        let path = self.path.join(INDEX_DIR);
         for _ in 0..2 {
             match mkdirat(&self.dir, INDEX_DIR, Mode::from_bits_truncate(0o700)) {
                 Ok(()) | Err(Errno::EEXIST) => {}
-                Err(e) => return Err(open_err("creating", &p, e)),
+                Err(e) => return Err(open_err("creating", &path, e)),
             }
             match open_at(&self.dir, INDEX_DIR, OFlag::O_RDONLY | OFlag::O_DIRECTORY, 0) {
                 Ok(f) => return Ok(f),
                 Err(Errno::ELOOP | Errno::ENOTDIR) => {
-                    eprintln!("cni-host-local: {} is not a directory; replacing it", p.display());
+                    eprintln!("cni-host-local: {} is not a directory; replacing it", path.display());
                     unlinkat(&self.dir, INDEX_DIR, UnlinkatFlags::NoRemoveDir)
-                        .map_err(|e| open_err("removing", &p, e))?;
+                        .map_err(|e| open_err("removing", &path, e))?;
                 }
-                Err(e) => return Err(open_err("opening", &p, e)),
+                Err(e) => return Err(open_err("opening", &path, e)),
             }
         }
-        Err(IpamError::store(format!("creating {}", p.display()), ErrorKind::AlreadyExists.into()))
+        Err(IpamError::store(format!("creating {}", path.display()), ErrorKind::AlreadyExists.into()))
     }
 
     fn index_file(&self) -> Result<File, IpamError> {
-        let p = self.index_path();
+        let path = self.index_path();
         let idx_dir = self.index_dir()?;
         for _ in 0..2 {
             match open_at(&idx_dir, INDEX_FILE, OFlag::O_RDWR | OFlag::O_CREAT, 0o600) {
                 Ok(f) if f.metadata().map(|m| m.is_file()).unwrap_or(false) => return Ok(f),
                 Ok(_) | Err(Errno::ELOOP | Errno::EISDIR) => {
-                    eprintln!("cni-host-local: {} is not a regular file; replacing it", p.display());
+                    eprintln!("cni-host-local: {} is not a regular file; replacing it", path.display());
                     let gone = match unlinkat(&idx_dir, INDEX_FILE, UnlinkatFlags::NoRemoveDir) {
-                        Err(Errno::EISDIR) => fs::remove_dir_all(&p),
+                        Err(Errno::EISDIR) => fs::remove_dir_all(&path),
                         other => other.map_err(std::io::Error::from),
                     };
-                    gone.map_err(io_ctx("removing", &p))?;
+                    gone.map_err(io_ctx("removing", &path))?;
                 }
-                Err(e) => return Err(open_err("opening", &p, e)),
+                Err(e) => return Err(open_err("opening", &path, e)),
             }
         }
-        Err(IpamError::store(format!("creating {}", p.display()), ErrorKind::AlreadyExists.into()))
+        Err(IpamError::store(format!("creating {}", path.display()), ErrorKind::AlreadyExists.into()))
     }
 
     /// Writes the index back if it changed (the lock is still held).
@@ -616,8 +623,8 @@ impl Store {
         }
         // The index read at open is written in place; otherwise opening may create
         // `.cni-index`, which changes the network directory: stamp after.
-        let f = match self.index.take() {
-            Some(f) => f,
+        let file = match self.index.take() {
+            Some(file) => file,
             None => self.index_file()?,
         };
         let stamp = stamp_of(&self.dir).map_err(io_ctx("reading", &self.path))?;
@@ -625,10 +632,10 @@ impl Store {
             render_index(&IndexFile { boot: self.boot_id.clone(), stamp, leases: self.leases.clone() });
         // In place, not temp-and-rename: a torn write fails the checksum and is rebuilt from
         // the lease files on the next call.
-        overwrite(&f, text.as_bytes()).map_err(io_ctx("writing", &self.index_path()))?;
+        overwrite(&file, text.as_bytes()).map_err(io_ctx("writing", &self.index_path()))?;
         cni_proto::crash_point("ipam-index-written");
         self.on_disk = Some(self.leases.clone());
-        self.index = Some(f);
+        self.index = Some(file);
         self.marked = false;
         self.stale = false;
         Ok(())

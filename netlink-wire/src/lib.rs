@@ -1,8 +1,9 @@
 //! Netlink pieces shared by cni-bridge and cni-route-agent: reading rtnetlink's errors and
 //! attributes, and encoding/decoding raw messages for the families rtnetlink does not speak
-//! (nftables batches, nexthop objects); and the one runner for the command-line tools they
-//! drive ([`process`]).
+//! (nftables batches, nexthop objects); the rtnetlink dumps both make ([`dump`]); and the one
+//! runner for the command-line tools they drive ([`process`]).
 
+pub mod dump;
 pub mod process;
 
 use std::net::IpAddr;
@@ -11,25 +12,25 @@ use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
 use rtnetlink::packet_route::route::RouteAddress;
 
 /// The errno of a kernel NACK (positive).
-pub fn errno(e: &rtnetlink::Error) -> Option<i32> {
-    match e {
-        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()),
+pub fn errno(error: &rtnetlink::Error) -> Option<i32> {
+    match error {
+        rtnetlink::Error::NetlinkError(message) => message.code.map(|code| -code.get()),
         _ => None,
     }
 }
 
 /// An IPv4/IPv6 route address.
-pub fn route_addr(a: &RouteAddress) -> Option<IpAddr> {
-    match a {
-        RouteAddress::Inet(x) => Some(IpAddr::V4(*x)),
-        RouteAddress::Inet6(x) => Some(IpAddr::V6(*x)),
+pub fn route_addr(address: &RouteAddress) -> Option<IpAddr> {
+    match address {
+        RouteAddress::Inet(ip) => Some(IpAddr::V4(*ip)),
+        RouteAddress::Inet6(ip) => Some(IpAddr::V6(*ip)),
         _ => None,
     }
 }
 
 /// The address of an address message.
-pub fn address_of(m: &AddressMessage) -> Option<IpAddr> {
-    m.attributes.iter().find_map(|a| match a {
+pub fn address_of(message: &AddressMessage) -> Option<IpAddr> {
+    message.attributes.iter().find_map(|attr| match attr {
         AddressAttribute::Address(ip) => Some(*ip),
         _ => None,
     })
@@ -44,33 +45,33 @@ pub fn attr(buf: &mut Vec<u8>, kind: u16, payload: &[u8]) {
     buf.resize(buf.len() + (4 - len % 4) % 4, 0);
 }
 
-/// Appends a nested attribute whose contents `f` writes.
-pub fn nested(buf: &mut Vec<u8>, kind: u16, f: impl FnOnce(&mut Vec<u8>)) {
+/// Appends a nested attribute whose contents `write_inner` writes.
+pub fn nested(buf: &mut Vec<u8>, kind: u16, write_inner: impl FnOnce(&mut Vec<u8>)) {
     const NLA_F_NESTED: u16 = 0x8000;
     let mut inner = Vec::new();
-    f(&mut inner);
+    write_inner(&mut inner);
     attr(buf, kind | NLA_F_NESTED, &inner);
 }
 
 /// A NUL-terminated string payload.
-pub fn strz(s: &str) -> Vec<u8> {
-    let mut v = s.as_bytes().to_vec();
-    v.push(0);
-    v
+pub fn strz(text: &str) -> Vec<u8> {
+    let mut bytes = text.as_bytes().to_vec();
+    bytes.push(0);
+    bytes
 }
 
-/// A message: netlink header, the family's own header (`fam`), attributes.
-pub fn message(kind: u16, flags: u16, seq: u32, fam: &[u8], attrs: &[u8]) -> Vec<u8> {
-    let len = 16 + fam.len() + attrs.len();
-    let mut m = Vec::with_capacity(len);
-    m.extend_from_slice(&(len as u32).to_ne_bytes());
-    m.extend_from_slice(&kind.to_ne_bytes());
-    m.extend_from_slice(&flags.to_ne_bytes());
-    m.extend_from_slice(&seq.to_ne_bytes());
-    m.extend_from_slice(&0u32.to_ne_bytes());
-    m.extend_from_slice(fam);
-    m.extend_from_slice(attrs);
-    m
+/// A message: netlink header, the family's own header (`family_header`), attributes.
+pub fn message(kind: u16, flags: u16, seq: u32, family_header: &[u8], attrs: &[u8]) -> Vec<u8> {
+    let len = 16 + family_header.len() + attrs.len();
+    let mut msg = Vec::with_capacity(len);
+    msg.extend_from_slice(&(len as u32).to_ne_bytes());
+    msg.extend_from_slice(&kind.to_ne_bytes());
+    msg.extend_from_slice(&flags.to_ne_bytes());
+    msg.extend_from_slice(&seq.to_ne_bytes());
+    msg.extend_from_slice(&0u32.to_ne_bytes());
+    msg.extend_from_slice(family_header);
+    msg.extend_from_slice(attrs);
+    msg
 }
 
 /// NLMSG_ERROR (an ack when its errno is 0).
@@ -78,8 +79,8 @@ pub const NLMSG_ERROR: u16 = 2;
 /// NLMSG_DONE (end of a dump).
 pub const NLMSG_DONE: u16 = 3;
 
-/// Calls `f(type, seq, payload after the header)` for each message in `buf`.
-pub fn walk(buf: &[u8], mut f: impl FnMut(u16, u32, &[u8])) -> Result<(), String> {
+/// Calls `visit(type, seq, payload after the header)` for each message in `buf`.
+pub fn walk(buf: &[u8], mut visit: impl FnMut(u16, u32, &[u8])) -> Result<(), String> {
     let mut off = 0;
     while off + 16 <= buf.len() {
         let len = u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4 bytes")) as usize;
@@ -88,15 +89,15 @@ pub fn walk(buf: &[u8], mut f: impl FnMut(u16, u32, &[u8])) -> Result<(), String
         }
         let kind = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().expect("2 bytes"));
         let seq = u32::from_ne_bytes(buf[off + 8..off + 12].try_into().expect("4 bytes"));
-        f(kind, seq, &buf[off + 16..off + len]);
+        visit(kind, seq, &buf[off + 16..off + len]);
         off += (len + 3) & !3;
     }
     Ok(())
 }
 
-/// Calls `f(kind, payload)` for each attribute in `buf`, `kind` without the nested and
+/// Calls `visit(kind, payload)` for each attribute in `buf`, `kind` without the nested and
 /// byte-order flags. Stops at the first truncated attribute.
-pub fn attrs<'a>(buf: &'a [u8], mut f: impl FnMut(u16, &'a [u8])) {
+pub fn attrs<'a>(buf: &'a [u8], mut visit: impl FnMut(u16, &'a [u8])) {
     let mut off = 0;
     while off + 4 <= buf.len() {
         let len = u16::from_ne_bytes([buf[off], buf[off + 1]]) as usize;
@@ -104,7 +105,7 @@ pub fn attrs<'a>(buf: &'a [u8], mut f: impl FnMut(u16, &'a [u8])) {
         if len < 4 || off + len > buf.len() {
             return;
         }
-        f(kind, &buf[off + 4..off + len]);
+        visit(kind, &buf[off + 4..off + len]);
         off += (len + 3) & !3;
     }
 }
@@ -112,9 +113,9 @@ pub fn attrs<'a>(buf: &'a [u8], mut f: impl FnMut(u16, &'a [u8])) {
 /// The payload of the first attribute `kind` in `buf`.
 pub fn find_attr(buf: &[u8], kind: u16) -> Option<&[u8]> {
     let mut found = None;
-    attrs(buf, |k, p| {
-        if k == kind && found.is_none() {
-            found = Some(p);
+    attrs(buf, |this_kind, payload| {
+        if this_kind == kind && found.is_none() {
+            found = Some(payload);
         }
     });
     found
@@ -122,7 +123,7 @@ pub fn find_attr(buf: &[u8], kind: u16) -> Option<&[u8]> {
 
 /// The (negative) errno an NLMSG_ERROR payload carries; 0 for an ack.
 pub fn error_code(payload: &[u8]) -> i32 {
-    payload.get(..4).map(|b| i32::from_ne_bytes(b.try_into().expect("4 bytes"))).unwrap_or(-1)
+    payload.get(..4).map(|bytes| i32::from_ne_bytes(bytes.try_into().expect("4 bytes"))).unwrap_or(-1)
 }
 
 #[cfg(test)]

@@ -31,7 +31,7 @@ pub enum RunError {
     Io {
         /// The program.
         tool: String,
-        /// The error.
+        /// The I/O error writing its stdin or reading its output.
         source: std::io::Error,
     },
 }

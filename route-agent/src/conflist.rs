@@ -12,11 +12,12 @@ use crate::error::AgentError;
 /// What the conflist depends on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Inputs {
-    /// Network name.
+    /// The network name (`name`): host-local's leases live in a directory of this name.
     pub name: String,
     /// The node's pod CIDRs.
     pub pod_cidrs: Vec<IpNetwork>,
-    /// Underlay MTU.
+    /// The MTU the bridge plugin gives bridge and veths (`mtu`); `None` leaves the kernel's
+    /// default.
     pub mtu: Option<u32>,
     /// host-local's data directory.
     pub data_dir: String,

@@ -15,7 +15,8 @@ use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage, RouteProtocol
 use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::{Handle, MulticastGroup, RouteMessageBuilder};
 
-use netlink_wire::{address_of, errno, route_addr as addr};
+use netlink_wire::dump::{self, Family};
+use netlink_wire::{address_of, errno};
 
 use crate::error::AgentError;
 
@@ -73,36 +74,17 @@ impl Kernel {
         nh_gw: &BTreeMap<u32, IpAddr>,
     ) -> Result<BTreeMap<IpNetwork, IpAddr>, AgentError> {
         let mut out = BTreeMap::new();
-        for q in [
-            RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
-            RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
-        ] {
-            let msgs: Vec<RouteMessage> = self
-                .handle
-                .route()
-                .get(q)
-                .execute()
-                .try_collect()
-                .await
-                .map_err(AgentError::netlink("dumping routes"))?;
+        for family in Family::BOTH {
+            let msgs =
+                dump::routes(&self.handle, family).await.map_err(AgentError::netlink("dumping routes"))?;
             for m in msgs.iter().filter(|m| self.ours(m)) {
-                let dst = m.attributes.iter().find_map(|a| match a {
-                    RouteAttribute::Destination(d) => addr(d),
-                    _ => None,
-                });
-                let gw = m
-                    .attributes
-                    .iter()
-                    .find_map(|a| match a {
-                        RouteAttribute::Gateway(g) => addr(g),
+                let dst = dump::destination(m);
+                let gw = dump::gateway(m).or_else(|| {
+                    m.attributes.iter().find_map(|a| match a {
+                        RouteAttribute::NhId(id) => nh_gw.get(id).copied(),
                         _ => None,
                     })
-                    .or_else(|| {
-                        m.attributes.iter().find_map(|a| match a {
-                            RouteAttribute::NhId(id) => nh_gw.get(id).copied(),
-                            _ => None,
-                        })
-                    });
+                });
                 if let (Some(d), Some(g)) = (dst, gw) {
                     if let Ok(n) = IpNetwork::new(d, m.header.destination_prefix_length) {
                         out.insert(n, g);
@@ -196,14 +178,8 @@ impl Kernel {
     /// the same-L2 check, the nexthops' output interface and the underlay MTU: one dump.
     /// Temporary and deprecated IPv6 addresses are left out (they come and go; flannel#2293).
     pub async fn connected(&self) -> Result<Vec<(IpNetwork, u32, IpAddr)>, AgentError> {
-        let msgs: Vec<AddressMessage> = self
-            .handle
-            .address()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(AgentError::netlink("dumping addresses"))?;
+        let msgs =
+            dump::addresses(&self.handle, None).await.map_err(AgentError::netlink("dumping addresses"))?;
         Ok(msgs
             .iter()
             .filter_map(|m| {
@@ -220,37 +196,17 @@ impl Kernel {
     /// This node's address per family when none is configured: see [`pick_node_addresses`].
     pub async fn node_addresses(&self) -> Result<Vec<IpAddr>, AgentError> {
         let mut default_links = Vec::new();
-        for q in [
-            RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
-            RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
-        ] {
-            let msgs: Vec<RouteMessage> = self
-                .handle
-                .route()
-                .get(q)
-                .execute()
-                .try_collect()
-                .await
-                .map_err(AgentError::netlink("dumping routes"))?;
+        for family in Family::BOTH {
+            let msgs =
+                dump::routes(&self.handle, family).await.map_err(AgentError::netlink("dumping routes"))?;
             default_links.extend(
                 msgs.iter()
                     .filter(|m| m.header.destination_prefix_length == 0 && m.header.table == MAIN_TABLE)
-                    .filter_map(|m| {
-                        m.attributes.iter().find_map(|a| match a {
-                            RouteAttribute::Oif(index) => Some(*index),
-                            _ => None,
-                        })
-                    }),
+                    .filter_map(dump::output_interface),
             );
         }
-        let msgs: Vec<AddressMessage> = self
-            .handle
-            .address()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(AgentError::netlink("dumping addresses"))?;
+        let msgs =
+            dump::addresses(&self.handle, None).await.map_err(AgentError::netlink("dumping addresses"))?;
         let local: Vec<LocalAddress> = msgs
             .iter()
             .filter_map(|m| {

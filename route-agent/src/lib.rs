@@ -47,7 +47,8 @@ pub enum Source {
 /// The agent's settings.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// This node's name.
+    /// This node's name: its own entry in the source gives the pod CIDR of the conflist and
+    /// is never routed to.
     pub node_name: String,
     /// Where nodes come from.
     pub source: Source,

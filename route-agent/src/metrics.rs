@@ -12,13 +12,13 @@ use std::time::{Duration, Instant};
 pub struct Metrics {
     /// Ready: conflist written and a route sync succeeded.
     pub ready: AtomicBool,
-    /// Routes wanted.
+    /// Routes the last sync wanted (one per other node's pod CIDR).
     pub routes_desired: AtomicU64,
     /// Routes in the kernel after the last sync.
     pub routes_installed: AtomicU64,
     /// Duration of the last sync in microseconds.
     pub sync_micros: AtomicU64,
-    /// Syncs run.
+    /// Syncs run since start: a stuck agent stops counting.
     pub syncs: AtomicU64,
     /// Syncs that failed in part or whole.
     pub sync_errors: AtomicU64,

@@ -29,6 +29,17 @@ struct Agent {
 }
 
 impl Agent {
+    /// One agent per node of `cl`, all reading `nodes_file`, node i writing its conflist to
+    /// `dir/cni{i}`.
+    fn on_every_node(cl: &Cluster, nodes_file: &Path, dir: &Path) -> Vec<Agent> {
+        (0..cl.nodes.len())
+            .map(|i| {
+                let node = &cl.nodes[i];
+                Agent::start(&node.ns, &node.name, nodes_file, &dir.join(format!("cni{i}")), &[])
+            })
+            .collect()
+    }
+
     fn start(node: &Netns, name: &str, nodes_file: &Path, conf_dir: &Path, extra: &[&str]) -> Agent {
         let mut c = Command::new(AGENT);
         c.args(["--node-name", name, "--source", "file", "--nodes-file"])
@@ -160,6 +171,14 @@ fn metric(ns: &Netns, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(&format!("cni_route_agent_{name} ")).and_then(|v| v.parse().ok()))
 }
 
+/// Waits until each node of a three-node cluster routes to the other two: before that, a
+/// node never routed has no last good route to keep, and a test of what stays would be moot.
+fn expect_full_mesh(cl: &Cluster) {
+    expect_routes(cl, 0, &[1, 2]);
+    expect_routes(cl, 1, &[0, 2]);
+    expect_routes(cl, 2, &[0, 1]);
+}
+
 fn three_node_cluster(tag: &str) -> Cluster {
     let mut cl = Cluster::new(tag, 3, plugins(), true);
     for i in 0..3 {
@@ -187,12 +206,8 @@ fn routes_follow_nodes_leaving_and_joining_and_pods_talk_with_real_sources() {
     let cl = three_node_cluster("ra");
     let file = tmp.0.join("nodes.json");
     write_nodes(&file, &cl, &[0, 1, 2], None);
-    let _agents: Vec<Agent> = (0..3)
-        .map(|i| Agent::start(&cl.nodes[i].ns, &cl.nodes[i].name, &file, &tmp.0.join(format!("cni{i}")), &[]))
-        .collect();
-    expect_routes(&cl, 0, &[1, 2]);
-    expect_routes(&cl, 1, &[0, 2]);
-    expect_routes(&cl, 2, &[0, 1]);
+    let _agents = Agent::on_every_node(&cl, &file, &tmp.0);
+    expect_full_mesh(&cl);
     // This kernel has nexthop objects: one per other node, and the routes use them.
     assert_eq!(cl.nodes[0].ns.ip(&["nexthop", "show", "proto", PROTO]).lines().count(), 2);
     assert!(cl.nodes[0].ns.ip(&["route", "show", "proto", PROTO]).contains("nhid"));
@@ -359,12 +374,8 @@ fn a_partially_overlapping_claim_gets_no_route_and_is_reported() {
     let cl = three_node_cluster("rov");
     let file = tmp.0.join("nodes.json");
     write_nodes(&file, &cl, &[0, 1, 2], None);
-    let _agents: Vec<Agent> = (0..3)
-        .map(|i| Agent::start(&cl.nodes[i].ns, &cl.nodes[i].name, &file, &tmp.0.join(format!("cni{i}")), &[]))
-        .collect();
-    expect_routes(&cl, 0, &[1, 2]);
-    expect_routes(&cl, 1, &[0, 2]);
-    expect_routes(&cl, 2, &[0, 1]);
+    let _agents = Agent::on_every_node(&cl, &file, &tmp.0);
+    expect_full_mesh(&cl);
     // node-0x claims the upper half of node-2's /24. It sorts before node-2 by name: node-2
     // keeps its CIDR because its claim is the established one.
     let x = json!({"name": "node-0x", "podCIDRs": ["10.244.2.128/25"], "addresses": ["10.200.0.99"]});
@@ -378,9 +389,7 @@ fn a_partially_overlapping_claim_gets_no_route_and_is_reported() {
     eventually("the conflict counted on node-3", || {
         metric(&cl.nodes[2].ns, "pod_cidr_conflicts") == Some(1.0)
     });
-    expect_routes(&cl, 0, &[1, 2]);
-    expect_routes(&cl, 1, &[0, 2]);
-    expect_routes(&cl, 2, &[0, 1]);
+    expect_full_mesh(&cl);
     all_pairs(&cl).unwrap();
 }
 
@@ -391,14 +400,10 @@ fn a_listed_node_without_address_keeps_its_route_until_it_leaves() {
     let cl = three_node_cluster("rna");
     let file = tmp.0.join("nodes.json");
     write_nodes(&file, &cl, &[0, 1, 2], None);
-    let _agents: Vec<Agent> = (0..3)
-        .map(|i| Agent::start(&cl.nodes[i].ns, &cl.nodes[i].name, &file, &tmp.0.join(format!("cni{i}")), &[]))
-        .collect();
+    let _agents = Agent::on_every_node(&cl, &file, &tmp.0);
     // Every agent has routed every node before the trouble starts (a node never routed has no
     // last good route to keep).
-    expect_routes(&cl, 0, &[1, 2]);
-    expect_routes(&cl, 1, &[0, 2]);
-    expect_routes(&cl, 2, &[0, 1]);
+    expect_full_mesh(&cl);
     // A half-written file: still valid, cut before node-3's addresses.
     let mut cut = nodes_json(&cl, &[0, 1, 2], &[]);
     cut["nodes"][2].as_object_mut().unwrap().remove("addresses");
@@ -521,9 +526,7 @@ fn dual_stack_routes_both_families_and_reports_a_node_without_an_ipv6_address() 
     let file = tmp.0.join("nodes.json");
     let all: Vec<_> = cl.nodes.iter().map(|n| n.nodes_file_entry()).collect();
     write_json(&file, &json!({ "nodes": all }));
-    let _agents: Vec<Agent> = (0..3)
-        .map(|i| Agent::start(&cl.nodes[i].ns, &cl.nodes[i].name, &file, &tmp.0.join(format!("cni{i}")), &[]))
-        .collect();
+    let _agents = Agent::on_every_node(&cl, &file, &tmp.0);
     let v6 = |j: usize| {
         let n = &cl.nodes[j];
         format!("{} via {} dev eth0", n.pod_cidr6.as_ref().unwrap(), n.ip6.unwrap())

@@ -5,8 +5,8 @@
 
 use std::path::{Path, PathBuf};
 
-use cni_conformance::{invoke, Netns, Out};
-use serde_json::{json, Value};
+use cni_conformance::{Out, Plugins};
+use serde_json::Value;
 
 pub const BRIDGE: &str = env!("CARGO_BIN_EXE_cni-bridge");
 pub const REFERENCE_DIR: &str = "/usr/lib/cni";
@@ -41,86 +41,27 @@ pub fn require_reference() {
     }
 }
 
-/// One test's world: a node namespace and a data dir.
-pub struct World {
-    pub node: Netns,
-    pub tmp: PathBuf,
-    pub bin: PathBuf,
-    _guard: TmpDir,
-}
+/// One test's world: [`cni_conformance::World`] (a node namespace and a data dir) running our
+/// bridge with our host-local, for network `testnet`, and the reference plugins on CNI_PATH.
+/// A wrapper rather than a constructor function: the bridge tests find the binaries through
+/// `CARGO_BIN_EXE_*`, which only a test crate sees, and keep calling `World::new(tag)`.
+pub struct World(cni_conformance::World);
 
-pub struct TmpDir(PathBuf);
-impl Drop for TmpDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+impl std::ops::Deref for World {
+    type Target = cni_conformance::World;
+    fn deref(&self) -> &cni_conformance::World {
+        &self.0
     }
 }
 
 impl World {
     pub fn new(tag: &str) -> World {
-        let tmp = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("w-{}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).unwrap();
-        World { node: Netns::new(tag), bin: plugin_dir(), _guard: TmpDir(tmp.clone()), tmp }
-    }
-
-    pub fn data_dir(&self) -> String {
-        self.tmp.join("ipam").display().to_string()
-    }
-
-    /// A bridge config with host-local over `subnet`, plus `extra` fields.
-    pub fn conf(&self, version: &str, subnet: &str, extra: Value) -> Value {
-        let mut c = json!({
-            "cniVersion": version,
-            "name": "testnet",
-            "type": "cni-bridge",
-            "bridge": "cni0",
-            "isGateway": true,
-            "ipam": {"type": "cni-host-local", "dataDir": self.data_dir(), "subnet": subnet,
-                     "routes": [{"dst": "0.0.0.0/0"}]}
-        });
-        for (k, v) in extra.as_object().cloned().unwrap_or_default() {
-            c[k] = v;
-        }
-        c
-    }
-
-    pub fn call(&self, cmd: &str, id: &str, netns: &str, conf: &Value) -> Out {
-        self.call_with(cmd, id, netns, "eth0", &[], conf)
-    }
-
-    pub fn call_with(
-        &self,
-        cmd: &str,
-        id: &str,
-        netns: &str,
-        ifname: &str,
-        extra: &[(&str, &str)],
-        conf: &Value,
-    ) -> Out {
-        let path = format!("{}:{REFERENCE_DIR}", self.bin.display());
-        let mut env = vec![
-            ("CNI_CONTAINERID", id),
-            ("CNI_NETNS", netns),
-            ("CNI_IFNAME", ifname),
-            ("CNI_PATH", path.as_str()),
-        ];
-        env.extend_from_slice(extra);
-        invoke(&self.node, Path::new(&format!("{}/{}", self.bin.display(), "cni-bridge")), cmd, &env, conf)
-    }
-
-    /// Lease files in the data dir of network `testnet`.
-    pub fn leases(&self) -> Vec<String> {
-        let d = Path::new(&self.data_dir()).join("testnet");
-        let mut v: Vec<String> = std::fs::read_dir(d)
-            .map(|rd| {
-                rd.filter_map(|e| e.ok()?.file_name().into_string().ok())
-                    .filter(|n| n.parse::<std::net::IpAddr>().is_ok())
-                    .collect()
-            })
-            .unwrap_or_default();
-        v.sort();
-        v
+        let plugins =
+            Plugins { dir: plugin_dir(), bridge: "cni-bridge".into(), ipam: "cni-host-local".into() };
+        let mut world =
+            cni_conformance::World::new(tag, plugins, "testnet", Path::new(env!("CARGO_TARGET_TMPDIR")));
+        world.cni_path = format!("{}:{REFERENCE_DIR}", world.plugins.dir.display());
+        World(world)
     }
 
     /// The masquerade map entries in the node namespace (`ip owner` strings).
@@ -139,60 +80,9 @@ impl World {
         }
         out
     }
-
-    /// veth links in the node namespace.
-    pub fn veths(&self) -> Vec<String> {
-        self.node.links().into_iter().filter(|l| l.starts_with("veth")).collect()
-    }
 }
 
 pub fn ip_of(out: &Out, i: usize) -> std::net::IpAddr {
     let a = out.json["ips"][i]["address"].as_str().unwrap_or_else(|| panic!("no ips[{i}] in {}", out.stdout));
     a.split('/').next().unwrap().parse().unwrap()
-}
-
-impl World {
-    /// Installs a delegated IPAM plugin `fake-ipam` that answers ADD with `result` and
-    /// appends each command it gets to a log ([`World::fake_ipam_calls`]); returns the
-    /// CNI_PATH that finds it.
-    pub fn fake_ipam(&self, result: &Value) -> String {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = self.tmp.join("fake-ipam");
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("result.json"), result.to_string()).unwrap();
-        let d = dir.display();
-        let script = format!(
-            "#!/bin/sh\necho \"$CNI_COMMAND\" >> {d}/calls\n\
-             if [ \"$CNI_COMMAND\" = ADD ]; then cat {d}/result.json; fi\nexit 0\n"
-        );
-        let bin = dir.join("fake-ipam");
-        std::fs::write(&bin, script).unwrap();
-        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let _ = std::fs::remove_file(dir.join("calls"));
-        format!("{d}:{}:{REFERENCE_DIR}", self.bin.display())
-    }
-
-    /// The commands the fake IPAM plugin got, in order.
-    pub fn fake_ipam_calls(&self) -> Vec<String> {
-        std::fs::read_to_string(self.tmp.join("fake-ipam").join("calls"))
-            .unwrap_or_default()
-            .lines()
-            .map(str::to_string)
-            .collect()
-    }
-
-    /// The node's nftables ruleset, as `nft list ruleset` prints it.
-    pub fn ruleset(&self) -> String {
-        String::from_utf8_lossy(&self.node.run("nft", &["list", "ruleset"]).stdout).into_owned()
-    }
-
-    /// Waits (bounded) until the node has no veth: the kernel removes a dead namespace's
-    /// veth pair asynchronously.
-    pub fn wait_no_veths(&self) -> Vec<String> {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while !self.veths().is_empty() && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        self.veths()
-    }
 }

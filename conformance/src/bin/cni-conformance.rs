@@ -18,21 +18,21 @@ fn usage() -> ! {
 }
 
 fn main() -> ExitCode {
-    let mut t =
-        Target { cni_path: PathBuf::new(), bridge: "cni-bridge".into(), ipam: "cni-host-local".into() };
+    let mut target =
+        Target { dir: PathBuf::new(), bridge: "cni-bridge".into(), ipam: "cni-host-local".into() };
     let mut filter = String::new();
-    let mut it = std::env::args().skip(1);
-    while let Some(k) = it.next() {
-        let mut val = || it.next().unwrap_or_else(|| usage());
-        match k.as_str() {
-            "--cni-path" => t.cni_path = PathBuf::from(val()),
-            "--bridge-type" => t.bridge = val(),
-            "--ipam-type" => t.ipam = val(),
+    let mut words = std::env::args().skip(1);
+    while let Some(flag) = words.next() {
+        let mut val = || words.next().unwrap_or_else(|| usage());
+        match flag.as_str() {
+            "--cni-path" => target.dir = PathBuf::from(val()),
+            "--bridge-type" => target.bridge = val(),
+            "--ipam-type" => target.ipam = val(),
             "--filter" => filter = val(),
             _ => usage(),
         }
     }
-    if t.cni_path.as_os_str().is_empty() {
+    if target.dir.as_os_str().is_empty() {
         usage();
     }
     if !is_root() {
@@ -40,7 +40,7 @@ fn main() -> ExitCode {
         return ExitCode::from(1);
     }
     install_signal_cleanup();
-    let out = run(&t, &filter, &mut |l| println!("{l}"));
+    let out = run(&target, &filter, &mut |l| println!("{l}"));
     if out.iter().all(|o| o.result.is_ok()) {
         ExitCode::SUCCESS
     } else {

@@ -4,23 +4,15 @@
 mod network;
 mod spec;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use crate::netns::{live_namespaces, Netns};
-use crate::plugin::{invoke, Out};
+use crate::netns::live_namespaces;
+use crate::world::{Plugins, World};
 
-/// What to test.
-#[derive(Debug, Clone)]
-pub struct Target {
-    /// Directory holding the plugins (CNI_PATH).
-    pub cni_path: PathBuf,
-    /// Main plugin type.
-    pub bridge: String,
-    /// IPAM plugin type.
-    pub ipam: String,
-}
+/// What to test: the plugins' directory and their types.
+pub type Target = Plugins;
 
 /// One check's outcome.
 #[derive(Debug, Clone)]
@@ -36,19 +28,11 @@ pub type Check = (&'static str, fn(&Ctx) -> Result<(), String>);
 
 /// What every check gets: the target and the versions it claims to support.
 pub struct Ctx {
-    /// The plugins.
+    /// The plugins under test.
     pub target: Target,
-    /// VERSION's supportedVersions.
+    /// The versions the plugin's VERSION claims: checks test each, and only those.
     pub versions: Vec<String>,
     state: PathBuf,
-}
-
-/// A node namespace plus a lease directory, for one check.
-pub struct World<'a> {
-    /// The node namespace.
-    pub node: Netns,
-    ctx: &'a Ctx,
-    data: PathBuf,
 }
 
 impl Ctx {
@@ -57,71 +41,9 @@ impl Ctx {
         wanted.iter().rev().find(|v| self.versions.iter().any(|s| s == *v)).map(|v| v.to_string())
     }
 
-    /// A fresh node with its own lease directory.
-    pub fn world(&self, tag: &str) -> World<'_> {
-        let node = Netns::new(tag);
-        let data = self.state.join(&node.name);
-        World { node, ctx: self, data }
-    }
-
-    fn bin(&self) -> PathBuf {
-        self.target.cni_path.join(&self.target.bridge)
-    }
-}
-
-impl World<'_> {
-    /// A bridge config over `subnet`, with `extra` fields merged in.
-    pub fn conf(&self, version: &str, subnet: &str, extra: Value) -> Value {
-        let mut c = json!({
-            "cniVersion": version,
-            "name": "conformance",
-            "type": self.ctx.target.bridge,
-            "bridge": "cni0",
-            "isGateway": true,
-            "ipam": {"type": self.ctx.target.ipam, "subnet": subnet, "dataDir": self.data.display().to_string(),
-                     "routes": [{"dst": "0.0.0.0/0"}]}
-        });
-        for (k, v) in extra.as_object().cloned().unwrap_or_default() {
-            c[k] = v;
-        }
-        c
-    }
-
-    /// Calls the main plugin in the node.
-    pub fn call(&self, cmd: &str, id: &str, netns: &str, conf: &Value) -> Out {
-        self.call_env(cmd, &[("CNI_CONTAINERID", id), ("CNI_NETNS", netns), ("CNI_IFNAME", "eth0")], conf)
-    }
-
-    /// Calls the main plugin with exactly these CNI_* variables (plus CNI_PATH).
-    pub fn call_env(&self, cmd: &str, env: &[(&str, &str)], conf: &Value) -> Out {
-        let path = self.ctx.target.cni_path.display().to_string();
-        let mut e: Vec<(&str, &str)> = env.to_vec();
-        if !e.iter().any(|(k, _)| *k == "CNI_PATH") {
-            e.push(("CNI_PATH", &path));
-        }
-        invoke(&self.node, &self.ctx.bin(), cmd, &e, conf)
-    }
-
-    /// Lease files left for network `conformance`.
-    pub fn leases(&self) -> usize {
-        std::fs::read_dir(self.data.join("conformance"))
-            .map(|rd| {
-                rd.filter_map(|e| e.ok()?.file_name().into_string().ok())
-                    .filter(|n| n.parse::<std::net::IpAddr>().is_ok())
-                    .count()
-            })
-            .unwrap_or(0)
-    }
-
-    /// veth links in the node.
-    pub fn veths(&self) -> usize {
-        self.node.links().iter().filter(|l| l.starts_with("veth")).count()
-    }
-}
-
-impl Drop for World<'_> {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.data);
+    /// A fresh node with its own lease directory, for network `conformance`.
+    pub fn world(&self, tag: &str) -> World {
+        World::new(tag, self.target.clone(), "conformance", &self.state)
     }
 }
 
@@ -161,9 +83,9 @@ fn root_snapshot() -> String {
 
 /// Every check, in order.
 pub fn checks() -> Vec<Check> {
-    let mut v = spec::checks();
-    v.extend(network::checks());
-    v
+    let mut all = spec::checks();
+    all.extend(network::checks());
+    all
 }
 
 /// Runs the checks whose name contains `filter` (all when empty), printing a line each.
@@ -174,53 +96,55 @@ pub fn run(target: &Target, filter: &str, print: &mut dyn FnMut(&str)) -> Vec<Ou
     let ctx = Ctx { target: target.clone(), versions, state: state.clone() };
     let before = root_snapshot();
     let mut out = Vec::new();
-    for (name, f) in checks().into_iter().filter(|(n, _)| n.contains(filter)) {
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&ctx)))
+    for (name, check) in checks().into_iter().filter(|(n, _)| n.contains(filter)) {
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(&ctx)))
             .unwrap_or_else(|p| Err(format!("panicked: {}", panic_text(&p))));
         // Nothing of the check may remain: its namespaces (and with them its links and
         // rules) and its leases.
-        let r = r.and_then(|_| {
+        let result = result.and_then(|_| {
             let left = live_namespaces();
             ensure(left.is_empty(), || format!("namespaces left behind: {left:?}"))
         });
-        print(&match &r {
+        print(&match &result {
             Ok(()) => format!("ok - {name}"),
-            Err(e) => format!("FAIL - {name}: {e}"),
+            Err(error) => format!("FAIL - {name}: {error}"),
         });
-        out.push(Outcome { name: name.to_string(), result: r });
+        out.push(Outcome { name: name.to_string(), result });
     }
     let after = root_snapshot();
-    let r = ensure(before == after, || "the root network namespace changed during the run".into());
-    print(&match &r {
+    let result = ensure(before == after, || "the root network namespace changed during the run".into());
+    print(&match &result {
         Ok(()) => "ok - root network namespace unchanged".to_string(),
-        Err(e) => format!("FAIL - root network namespace unchanged: {e}"),
+        Err(error) => format!("FAIL - root network namespace unchanged: {error}"),
     });
-    out.push(Outcome { name: "root network namespace unchanged".into(), result: r });
+    out.push(Outcome { name: "root network namespace unchanged".into(), result });
     let _ = std::fs::remove_dir_all(&state);
     let failed = out.iter().filter(|o| o.result.is_err()).count();
     print(&format!("{} passed, {failed} failed", out.len() - failed));
     out
 }
 
-fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
-    p.downcast_ref::<String>()
+fn panic_text(payload: &Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<String>()
         .cloned()
-        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .or_else(|| payload.downcast_ref::<&str>().map(|text| text.to_string()))
         .unwrap_or_default()
 }
 
-fn version_list(t: &Target) -> Vec<String> {
-    let bin: &Path = &t.cni_path.join(&t.bridge);
-    let o = std::process::Command::new(bin)
+fn version_list(target: &Target) -> Vec<String> {
+    let bin = target.main_plugin();
+    let out = std::process::Command::new(bin)
         .env_clear()
         .env("CNI_COMMAND", "VERSION")
         .stdin(std::process::Stdio::null())
         .output();
-    let v: Value = o.ok().and_then(|o| serde_json::from_slice(&o.stdout).ok()).unwrap_or(Value::Null);
-    v["supportedVersions"]
+    let json: Value =
+        out.ok().and_then(|out| serde_json::from_slice(&out.stdout).ok()).unwrap_or(Value::Null);
+    json["supportedVersions"]
         .as_array()
         .into_iter()
         .flatten()
-        .filter_map(|s| s.as_str().map(str::to_string))
+        .filter_map(|version| version.as_str().map(str::to_string))
         .collect()
 }

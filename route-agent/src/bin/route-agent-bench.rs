@@ -27,21 +27,21 @@ impl Drop for Proc {
 }
 
 fn ip(ns: &str, args: &[&str]) -> String {
-    let o = Command::new("ip").arg("-n").arg(ns).args(args).output().expect("ip");
-    assert!(o.status.success(), "ip -n {ns} {args:?}: {}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout).into_owned()
+    let out = Command::new("ip").arg("-n").arg(ns).args(args).output().expect("ip");
+    assert!(out.status.success(), "ip -n {ns} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn metric(ns: &str, name: &str) -> Option<f64> {
-    let f = std::fs::File::open(format!("/run/netns/{ns}")).ok()?;
+    let ns_file = std::fs::File::open(format!("/run/netns/{ns}")).ok()?;
     let body = std::thread::spawn(move || -> Option<String> {
-        nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
-        let mut s =
+        nix::sched::setns(ns_file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
+        let mut stream =
             TcpStream::connect_timeout(&"127.0.0.1:9645".parse().ok()?, Duration::from_millis(500)).ok()?;
-        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
-        let mut r = String::new();
-        s.read_to_string(&mut r).ok()?;
-        Some(r)
+        stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        Some(response)
     })
     .join()
     .ok()??;
@@ -49,62 +49,67 @@ fn metric(ns: &str, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(&format!("cni_route_agent_{name} ")).and_then(|v| v.parse().ok()))
 }
 
-fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
-    let t = Instant::now();
-    while t.elapsed() < limit {
-        if f() {
-            return t.elapsed();
+fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if done() {
+            return started.elapsed();
         }
         std::thread::sleep(Duration::from_millis(2));
     }
     panic!("timed out: {what}");
 }
 
-fn node_addr(i: u32) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 200, 0, 0)) + 2 + i)
+fn node_addr(number: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 200, 0, 0)) + 2 + number)
 }
 
-fn pod_cidr(i: u32) -> String {
-    format!("{}/24", Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 64, 0, 0)) + (i << 8)))
+fn pod_cidr(number: u32) -> String {
+    format!("{}/24", Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 64, 0, 0)) + (number << 8)))
 }
 
-fn write_nodes(path: &Path, n: u32, moved: Option<u32>) {
-    let mut s = String::from("nodes:\n");
-    for i in 0..=n {
-        let addr = if Some(i) == moved { node_addr(n + 10) } else { node_addr(i) };
-        s.push_str(&format!("- {{name: node-{i}, podCIDRs: [{}], addresses: [{addr}]}}\n", pod_cidr(i)));
+fn write_nodes(path: &Path, last: u32, moved: Option<u32>) {
+    let mut yaml = String::from("nodes:\n");
+    for number in 0..=last {
+        let addr = if Some(number) == moved { node_addr(last + 10) } else { node_addr(number) };
+        yaml.push_str(&format!(
+            "- {{name: node-{number}, podCIDRs: [{}], addresses: [{addr}]}}\n",
+            pod_cidr(number)
+        ));
     }
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, s).expect("write nodes");
+    std::fs::write(&tmp, yaml).expect("write nodes");
     std::fs::rename(&tmp, path).expect("rename nodes");
 }
 
 fn status_kb(pid: u32, key: &str) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
         .find_map(|l| l.strip_prefix(key))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }
 
 fn main() {
-    let n: u32 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(5000);
+    // The other nodes: node-0 is the agent's own, node-1..=node-N each want a route.
+    let nodes: u32 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(5000);
     let agent = std::env::current_exe().expect("exe").with_file_name("cni-route-agent");
     let ns = Ns(format!("rab-{}", std::process::id()));
     assert!(Command::new("ip").args(["netns", "add", &ns.0]).status().expect("ip").success());
     // An underlay wide enough for every node address, on a veth pair inside the namespace.
     ip(&ns.0, &["link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"]);
     ip(&ns.0, &["addr", "add", "10.200.0.1/16", "dev", "eth0"]);
-    for l in ["lo", "eth0", "eth0p"] {
-        ip(&ns.0, &["link", "set", l, "up"]);
+    for link in ["lo", "eth0", "eth0p"] {
+        ip(&ns.0, &["link", "set", link, "up"]);
     }
     let dir = std::env::temp_dir().join(&ns.0);
     std::fs::create_dir_all(&dir).expect("dir");
     let file = dir.join("nodes.yaml");
-    write_nodes(&file, n, None);
-    let f = std::fs::File::open(format!("/run/netns/{}", ns.0)).expect("netns");
-    let mut c = Command::new(&agent);
-    c.args([
+    write_nodes(&file, nodes, None);
+    let ns_file = std::fs::File::open(format!("/run/netns/{}", ns.0)).expect("netns");
+    let mut cmd = Command::new(&agent);
+    cmd.args([
         "--node-name",
         "node-0",
         "--source",
@@ -121,15 +126,15 @@ fn main() {
     .stdout(Stdio::null());
     // SAFETY: setns in the forked child before exec.
     unsafe {
-        c.pre_exec(move || {
-            nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(Into::into)
+        cmd.pre_exec(move || {
+            nix::sched::setns(ns_file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(Into::into)
         });
     }
     let start = Instant::now();
-    let child = Proc(c.spawn().expect("start agent"));
+    let child = Proc(cmd.spawn().expect("start agent"));
     let pid = child.0.id();
     wait_for("all routes installed", Duration::from_secs(60), || {
-        metric(&ns.0, "routes_installed") == Some(n as f64) && metric(&ns.0, "ready") == Some(1.0)
+        metric(&ns.0, "routes_installed") == Some(nodes as f64) && metric(&ns.0, "ready") == Some(1.0)
     });
     let to_ready = start.elapsed();
     let first_sync = metric(&ns.0, "sync_duration_seconds").unwrap_or(f64::NAN);
@@ -142,26 +147,29 @@ fn main() {
     let noop_writes = metric(&ns.0, "netlink_writes_total").unwrap_or(0.0) - writes;
     let noop_sync = metric(&ns.0, "sync_duration_seconds").unwrap_or(f64::NAN);
     // One node moves to a new address: time from the file change to the route in the kernel.
-    let moved = n / 2;
-    let want = format!("via {}", node_addr(n + 10));
+    let moved = nodes / 2;
+    let want = format!("via {}", node_addr(nodes + 10));
     let cidr = pod_cidr(moved);
-    let t = Instant::now();
-    write_nodes(&file, n, Some(moved));
+    let changed_at = Instant::now();
+    write_nodes(&file, nodes, Some(moved));
     wait_for("the moved node's route", Duration::from_secs(10), || {
         ip(&ns.0, &["route", "show", &cidr]).contains(&want)
     });
-    let change = t.elapsed();
+    let change = changed_at.elapsed();
     let rss = status_kb(pid, "VmRSS:");
     let hwm = status_kb(pid, "VmHWM:");
     drop(child);
     let _ = std::fs::remove_dir_all(&dir);
     let pass = |ok: bool| if ok { "PASS" } else { "FAIL" };
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    println!("cni-route-agent scale benchmark: {n} nodes (file source), one node namespace");
-    println!("command: target/release/route-agent-bench {n}   (kernel {})", kernel.trim());
+    println!("cni-route-agent scale benchmark: {nodes} nodes (file source), one node namespace");
+    println!("command: target/release/route-agent-bench {nodes}   (kernel {})", kernel.trim());
     println!("| metric | value | target | |");
     println!("|---|---|---|---|");
-    println!("| routes in the kernel (proto 168) | {in_kernel} | {n} | {} |", pass(in_kernel == n as usize));
+    println!(
+        "| routes in the kernel (proto 168) | {in_kernel} | {nodes} | {} |",
+        pass(in_kernel == nodes as usize)
+    );
     println!(
         "| first sync (agent's own timing) | {:.0} ms | < 1000 ms | {} |",
         first_sync * 1e3,

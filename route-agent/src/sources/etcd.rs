@@ -38,9 +38,9 @@ use crate::Metrics;
 /// Settings of the `etcd` source.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EtcdOptions {
-    /// etcd client URLs.
+    /// The etcd members' client URLs; the client fails over between them.
     pub endpoints: Vec<String>,
-    /// Key prefix.
+    /// The prefix of every key the agent reads and writes (`<prefix>/subnets/...`, `<prefix>/last/...`).
     pub prefix: String,
     /// The cluster CIDRs to carve node subnets from (one per family at most).
     pub cluster_cidrs: Vec<IpNetwork>,
@@ -48,7 +48,7 @@ pub struct EtcdOptions {
     pub subnet_len_v4: u8,
     /// Prefix length of an IPv6 node subnet.
     pub subnet_len_v6: u8,
-    /// This node's name.
+    /// This node's name: the value its subnet claim records, and the key of its last claim.
     pub node_name: String,
     /// This node's addresses (one per family at most).
     pub node_addrs: Vec<IpAddr>,

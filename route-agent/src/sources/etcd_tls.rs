@@ -145,12 +145,12 @@ impl EtcdStatus {
         self.active.store(true, Ordering::Relaxed);
     }
 
-    /// Counts `f`.
-    pub fn count(&self, f: &Failure) {
-        let i = KINDS.iter().position(|k| *k == f.kind).unwrap_or(KINDS.len() - 1);
-        self.errors[i].fetch_add(1, Ordering::Relaxed);
+    /// Counts `failure`.
+    pub fn count(&self, failure: &Failure) {
+        let slot = KINDS.iter().position(|k| *k == failure.kind).unwrap_or(KINDS.len() - 1);
+        self.errors[slot].fetch_add(1, Ordering::Relaxed);
         if let Ok(mut last) = self.last.lock() {
-            *last = Some(f.to_string());
+            *last = Some(failure.to_string());
         }
     }
 
@@ -170,8 +170,8 @@ impl EtcdStatus {
     }
 
     /// Sets the reachability.
-    pub fn set_unreachable(&self, v: bool) {
-        self.unreachable.store(v, Ordering::Relaxed);
+    pub fn set_unreachable(&self, unreachable: bool) {
+        self.unreachable.store(unreachable, Ordering::Relaxed);
     }
 
     /// Rotations taken up.
@@ -188,15 +188,18 @@ impl EtcdStatus {
         if !self.active.load(Ordering::Relaxed) {
             return String::new();
         }
-        let mut s = String::from(
+        let mut text = String::from(
             "# HELP cni_route_agent_etcd_errors_total Errors of the etcd source by kind.\n\
              # TYPE cni_route_agent_etcd_errors_total counter\n",
         );
-        for (k, n) in KINDS.iter().zip(&self.errors) {
-            let n = n.load(Ordering::Relaxed);
-            s.push_str(&format!("cni_route_agent_etcd_errors_total{{kind=\"{}\"}} {n}\n", k.label()));
+        for (kind, count) in KINDS.iter().zip(&self.errors) {
+            let count = count.load(Ordering::Relaxed);
+            text.push_str(&format!(
+                "cni_route_agent_etcd_errors_total{{kind=\"{}\"}} {count}\n",
+                kind.label()
+            ));
         }
-        s.push_str(&format!(
+        text.push_str(&format!(
             "# HELP cni_route_agent_etcd_unreachable 1 while the etcd source reaches no endpoint.\n\
              # TYPE cni_route_agent_etcd_unreachable gauge\ncni_route_agent_etcd_unreachable {}\n\
              # HELP cni_route_agent_etcd_credential_reloads_total Certificate or password changes taken up.\n\
@@ -205,7 +208,7 @@ impl EtcdStatus {
             self.unreachable() as u8,
             self.reloads()
         ));
-        s
+        text
     }
 }
 
@@ -217,14 +220,14 @@ pub struct Reporter {
 }
 
 impl Reporter {
-    /// Counts `f` and logs it if it is new for its place.
-    pub fn fail(&mut self, status: &EtcdStatus, f: Failure) {
-        status.count(&f);
-        if self.last.get(&f.at) != Some(&f) {
-            tracing::error!(endpoint = %f.at, kind = f.kind.label(), "{f}");
-            self.last.insert(f.at.clone(), f);
+    /// Counts `failure` and logs it if it is new for its place.
+    pub fn fail(&mut self, status: &EtcdStatus, failure: Failure) {
+        status.count(&failure);
+        if self.last.get(&failure.at) != Some(&failure) {
+            tracing::error!(endpoint = %failure.at, kind = failure.kind.label(), "{failure}");
+            self.last.insert(failure.at.clone(), failure);
         } else {
-            tracing::debug!(endpoint = %f.at, "{f}");
+            tracing::debug!(endpoint = %failure.at, "{failure}");
         }
     }
 
@@ -246,10 +249,10 @@ pub struct Material {
 }
 
 fn read(path: &Option<PathBuf>) -> Result<Option<Vec<u8>>, Failure> {
-    let Some(p) = path else { return Ok(None) };
-    std::fs::read(p).map(Some).map_err(|e| Failure {
+    let Some(path) = path else { return Ok(None) };
+    std::fs::read(path).map(Some).map_err(|e| Failure {
         kind: Kind::BadFiles,
-        at: p.display().to_string(),
+        at: path.display().to_string(),
         message: format!("cannot read: {e}"),
     })
 }
@@ -258,7 +261,7 @@ impl EtcdTls {
     /// The endpoints as URLs (a bare `host:port` gets `https://` when TLS files are given,
     /// else `http://`, as etcd-client does); refuses flag combinations that cannot work.
     pub fn endpoints(&self, given: &[String]) -> Result<Vec<String>, AgentError> {
-        let bad = |m: &str| Err(AgentError::Config(format!("etcd source: {m}")));
+        let bad = |why: &str| Err(AgentError::Config(format!("etcd source: {why}")));
         if self.cert_file.is_some() != self.key_file.is_some() {
             return bad("--etcd-certfile and --etcd-keyfile go together");
         }
@@ -267,19 +270,21 @@ impl EtcdTls {
         }
         let tls = self.ca_file.is_some() || self.cert_file.is_some();
         let mut out = vec![];
-        for e in given {
-            let url = match e.split_once("://") {
-                Some(("http" | "https", _)) => e.clone(),
-                Some(_) => return bad(&format!("endpoint {e}: give http:// or https://")),
-                None if tls => format!("https://{e}"),
-                None => format!("http://{e}"),
+        for endpoint in given {
+            let url = match endpoint.split_once("://") {
+                Some(("http" | "https", _)) => endpoint.clone(),
+                Some(_) => return bad(&format!("endpoint {endpoint}: give http:// or https://")),
+                None if tls => format!("https://{endpoint}"),
+                None => format!("http://{endpoint}"),
             };
             if tls && url.starts_with("http://") {
-                return bad(&format!("endpoint {e}: TLS files given, so the endpoint must be https://"));
+                return bad(&format!(
+                    "endpoint {endpoint}: TLS files given, so the endpoint must be https://"
+                ));
             }
             out.push(url);
         }
-        if self.username.is_some() && out.iter().any(|e| e.starts_with("http://")) {
+        if self.username.is_some() && out.iter().any(|endpoint| endpoint.starts_with("http://")) {
             tracing::warn!("etcd source: the password goes unencrypted to http:// endpoints");
         }
         Ok(out)
@@ -288,10 +293,10 @@ impl EtcdTls {
     /// Reads the files (not checked yet).
     pub fn read(&self) -> Result<Material, Failure> {
         let user = match (&self.username, read(&self.password_file)?) {
-            (Some(u), Some(p)) => {
+            (Some(username), Some(password)) => {
                 // A trailing newline is how every editor and `kubectl create secret` leave it.
-                let p = String::from_utf8_lossy(&p).trim_end_matches(['\n', '\r']).to_string();
-                Some((u.clone(), p))
+                let password = String::from_utf8_lossy(&password).trim_end_matches(['\n', '\r']).to_string();
+                Some((username.clone(), password))
             }
             _ => None,
         };
@@ -303,22 +308,25 @@ impl EtcdTls {
         })
     }
 
-    fn file(&self, p: &Option<PathBuf>) -> String {
-        p.as_ref().map_or_else(String::new, |p| p.display().to_string())
+    fn file(&self, path: &Option<PathBuf>) -> String {
+        path.as_ref().map_or_else(String::new, |path| path.display().to_string())
     }
 
     /// Checks what `read` returned: parseable, the key belongs to the certificate, the
     /// certificate valid now and usable by a client.
-    pub fn validate(&self, m: &Material, now: SystemTime) -> Result<(), Failure> {
-        let bad =
-            |kind: Kind, p: &Option<PathBuf>, message: String| Failure { kind, at: self.file(p), message };
-        if let Some(ca) = &m.ca {
-            let n = CertificateDer::pem_slice_iter(ca).filter(|c| c.is_ok()).count();
-            if n == 0 {
+    pub fn validate(&self, material: &Material, now: SystemTime) -> Result<(), Failure> {
+        let bad = |kind: Kind, path: &Option<PathBuf>, message: String| Failure {
+            kind,
+            at: self.file(path),
+            message,
+        };
+        if let Some(ca) = &material.ca {
+            let certificates = CertificateDer::pem_slice_iter(ca).filter(|c| c.is_ok()).count();
+            if certificates == 0 {
                 return Err(bad(Kind::BadFiles, &self.ca_file, "no PEM certificate in the CA file".into()));
             }
         }
-        let (Some(cert), Some(key)) = (&m.cert, &m.key) else { return Ok(()) };
+        let (Some(cert), Some(key)) = (&material.cert, &material.key) else { return Ok(()) };
         let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert)
             .collect::<Result<_, _>>()
             .map_err(|e| bad(Kind::BadFiles, &self.cert_file, format!("not a PEM certificate: {e}")))?;
@@ -338,14 +346,14 @@ impl EtcdTls {
             };
             return Err(bad(kind, &self.key_file, message));
         }
-        let ee = webpki::EndEntityCert::try_from(&leaf)
+        let leaf_cert = webpki::EndEntityCert::try_from(&leaf)
             .map_err(|e| bad(Kind::BadFiles, &self.cert_file, format!("unparseable certificate: {e}")))?;
         let now = UnixTime::since_unix_epoch(now.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default());
         // No trust anchors: the chain to etcd's CA is etcd's to judge. webpki checks validity
         // and usage before it looks for an issuer, so those errors come out first.
         let algs = provider.signature_verification_algorithms.all;
         let usage = webpki::KeyUsage::client_auth();
-        match ee.verify_for_usage(algs, &[], &[], now, usage, None, None) {
+        match leaf_cert.verify_for_usage(algs, &[], &[], now, usage, None, None) {
             Err(webpki::Error::CertExpired { not_after, .. }) => Err(bad(
                 Kind::ExpiredCert,
                 &self.cert_file,
@@ -366,13 +374,13 @@ impl EtcdTls {
     }
 }
 
-/// `t` as `YYYY-MM-DD HH:MM:SS UTC` (days to civil date: Howard Hinnant's algorithm).
-fn date(t: UnixTime) -> String {
-    let secs = t.as_secs();
+/// `time` as `YYYY-MM-DD HH:MM:SS UTC` (days to civil date: Howard Hinnant's algorithm).
+fn date(time: UnixTime) -> String {
+    let secs = time.as_secs();
     let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
+    let days_since_0000 = days + 719_468;
+    let era = days_since_0000.div_euclid(146_097);
+    let doe = days_since_0000 - era * 146_097;
     let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
     let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
     let mp = (5 * doy + 2) / 153;
@@ -386,7 +394,7 @@ impl Material {
     /// Client options for `endpoint`.
     pub fn options(&self, endpoint: &str) -> ConnectOptions {
         // HTTP/2 pings notice a dead etcd on the long-lived watch and keepalive streams.
-        let mut o = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(5))
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
         if endpoint.starts_with("https://") {
@@ -395,15 +403,15 @@ impl Material {
                 Some(ca) => tls.ca_certificate(Certificate::from_pem(ca)),
                 None => tls.with_native_roots(),
             };
-            if let (Some(c), Some(k)) = (&self.cert, &self.key) {
-                tls = tls.identity(Identity::from_pem(c, k));
+            if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
+                tls = tls.identity(Identity::from_pem(cert, key));
             }
-            o = o.with_tls(tls);
+            options = options.with_tls(tls);
         }
-        if let Some((u, p)) = &self.user {
-            o = o.with_user(u.clone(), p.clone());
+        if let Some((username, password)) = &self.user {
+            options = options.with_user(username.clone(), password.clone());
         }
-        o
+        options
     }
 }
 
@@ -418,21 +426,21 @@ pub async fn connect(
     material: &Material,
 ) -> Result<Connected, Vec<Failure>> {
     let mut failures = vec![];
-    for k in 0..endpoints.len() {
-        let i = (start + k) % endpoints.len();
-        let ep = &endpoints[i];
+    for step in 0..endpoints.len() {
+        let index = (start + step) % endpoints.len();
+        let endpoint = &endpoints[index];
         let attempt = async {
-            let mut c = Client::connect([ep], Some(material.options(ep))).await?;
+            let mut client = Client::connect([endpoint], Some(material.options(endpoint))).await?;
             // Connecting is lazy: a round trip shows the TLS handshake and the credentials work.
-            c.status().await?;
-            Ok::<_, etcd_client::Error>(c)
+            client.status().await?;
+            Ok::<_, etcd_client::Error>(client)
         };
         match tokio::time::timeout(Duration::from_secs(10), attempt).await {
-            Ok(Ok(c)) => return Ok((c, i, failures)),
-            Ok(Err(e)) => failures.push(classify(ep, "connect", &e)),
+            Ok(Ok(client)) => return Ok((client, index, failures)),
+            Ok(Err(e)) => failures.push(classify(endpoint, "connect", &e)),
             Err(_) => failures.push(Failure {
                 kind: Kind::Unreachable,
-                at: ep.clone(),
+                at: endpoint.clone(),
                 message: "connect: no answer within 10s".into(),
             }),
         }
@@ -458,8 +466,8 @@ fn chain<'a>(e: &'a (dyn std::error::Error + 'static)) -> Vec<&'a (dyn std::erro
 /// Names the mistake behind `e`, met at `endpoint` while doing `what`.
 pub fn classify(endpoint: &str, what: &str, e: &etcd_client::Error) -> Failure {
     let root: Option<&(dyn std::error::Error + 'static)> = match e {
-        etcd_client::Error::TransportError(t) => Some(t),
-        etcd_client::Error::GRpcStatus(s) => Some(s),
+        etcd_client::Error::TransportError(transport) => Some(transport),
+        etcd_client::Error::GRpcStatus(status) => Some(status),
         etcd_client::Error::IoError(io) => Some(io),
         _ => None,
     };
@@ -467,17 +475,17 @@ pub fn classify(endpoint: &str, what: &str, e: &etcd_client::Error) -> Failure {
     // Each layer tends to repeat the one below: keep what is new.
     let mut text = String::new();
     for e in &errs {
-        let m = match e.downcast_ref::<tonic::Status>() {
-            Some(s) => s.message().to_string(),
+        let message = match e.downcast_ref::<tonic::Status>() {
+            Some(status) => status.message().to_string(),
             None => e.to_string(),
         };
-        if !m.is_empty() && m != "transport error" && !text.contains(&m) {
-            text = if text.is_empty() { m } else { format!("{text}: {m}") };
+        if !message.is_empty() && message != "transport error" && !text.contains(&message) {
+            text = if text.is_empty() { message } else { format!("{text}: {message}") };
         }
     }
     let text = if text.is_empty() { e.to_string() } else { text };
     let (kind, why) = match errs.iter().find_map(|e| e.downcast_ref::<rustls::Error>()) {
-        Some(r) => tls_kind(r),
+        Some(tls_error) => tls_kind(tls_error),
         None => alert_kind(&text).unwrap_or_else(|| other_kind(e, &errs, &text)),
     };
     // A TLS etcd answers an http:// client's first bytes with a 400 and hangs up.
@@ -492,9 +500,9 @@ pub fn classify(endpoint: &str, what: &str, e: &etcd_client::Error) -> Failure {
     Failure { kind, at: endpoint.to_string(), message: format!("{what}: {why} ({text})") }
 }
 
-fn tls_kind(e: &rustls::Error) -> (Kind, &'static str) {
+fn tls_kind(error: &rustls::Error) -> (Kind, &'static str) {
     use rustls::Error as E;
-    match e {
+    match error {
         E::InvalidCertificate(CertificateError::UnknownIssuer | CertificateError::BadSignature) => {
             (Kind::WrongCa, "the server's certificate is not signed by the CA of --etcd-cafile")
         }
@@ -542,8 +550,8 @@ fn alert_kind(text: &str) -> Option<(Kind, &'static str)> {
         AlertDescription::UnsupportedCertificate,
         AlertDescription::AccessDenied,
     ];
-    let a = all.into_iter().find(|a| format!("{a:?}") == name)?;
-    Some(tls_kind(&rustls::Error::AlertReceived(a)))
+    let alert = all.into_iter().find(|alert| format!("{alert:?}") == name)?;
+    Some(tls_kind(&rustls::Error::AlertReceived(alert)))
 }
 
 fn other_kind(
