@@ -417,6 +417,8 @@ struct Round {
     conc_del: [Duration; 2],
     /// ADDs (and so DELs) per implementation in the throughput figures.
     conc_calls: usize,
+    /// [`VethFloor::parallel`] of `conc_calls` pairs (in `CONC_RUNS` runs).
+    conc_floor: Duration,
 }
 
 /// Sequential ADD/DEL, ours and reference alternating (and swapping who goes first) each
@@ -553,7 +555,18 @@ impl VethFloor {
     /// One delete; with `on_bridge`, one end is an up port of a bridge first, as a pod's host
     /// veth is: removing a bridge port costs the kernel another synchronize_net().
     fn sample(&self, on_bridge: bool) -> Result<Duration, String> {
-        let (a, b, h) = (Self::A, Self::B, &self.h);
+        let idx = self.make_pair(Self::A, Self::B, on_bridge)?;
+        self.rt.block_on(async {
+            let t = Instant::now();
+            self.h.link().del(idx).execute().await.map_err(|e| format!("deleting {}: {e}", Self::A))?;
+            Ok(t.elapsed())
+        })
+    }
+
+    /// Makes veth pair `a`/`b` in the node namespace (with `on_bridge`, `a` an up port of the
+    /// floor bridge); the index of `a`.
+    fn make_pair(&self, a: &str, b: &str, on_bridge: bool) -> Result<u32, String> {
+        let h = &self.h;
         self.rt.block_on(async {
             let br = if on_bridge {
                 let _ = h.link().add(rtnetlink::LinkBridge::new(Self::BR).build()).execute().await;
@@ -575,7 +588,7 @@ impl VethFloor {
             let idx = h
                 .link()
                 .get()
-                .match_name(a)
+                .match_name(a.to_string())
                 .execute()
                 .try_next()
                 .await
@@ -587,9 +600,27 @@ impl VethFloor {
                 let up = rtnetlink::LinkUnspec::new_with_index(idx).controller(br).up().build();
                 h.link().set(up).execute().await.map_err(|e| format!("attaching {a}: {e}"))?;
             }
-            let t = Instant::now();
-            h.link().del(idx).execute().await.map_err(|e| format!("deleting {a}: {e}"))?;
-            Ok(t.elapsed())
+            Ok(idx)
+        })
+    }
+
+    /// The kernel's own parallel rate, the ceiling for any plugin's DEL throughput: `n` pairs,
+    /// one end of each an up bridge port, deleted by `workers` threads over netlink (a socket
+    /// per delete, as each plugin process has), no process started; the wall time.
+    fn parallel(&self, n: usize, workers: usize) -> Result<Duration, String> {
+        let idx: Vec<u32> = (0..n)
+            .map(|k| self.make_pair(&format!("cnibpf{k}a"), &format!("cnibpf{k}b"), true))
+            .collect::<Result<_, _>>()?;
+        parallel(n, workers, &|k| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| format!("tokio runtime: {e}"))?;
+            rt.block_on(async {
+                let (conn, h, _) = rtnetlink::new_connection().map_err(|e| format!("netlink socket: {e}"))?;
+                tokio::spawn(conn);
+                h.link().del(idx[k]).execute().await.map_err(|e| format!("deleting cnibpf{k}a: {e}"))
+            })
         })
     }
 }
@@ -899,6 +930,16 @@ fn run(args: &Args) -> Result<(), String> {
             rd.conc_add[k] += a;
             rd.conc_del[k] += d;
         }
+        let floor = VethFloor::new()?;
+        for _ in 0..CONC_RUNS {
+            rd.conc_floor += floor.parallel(args.concurrency_adds, args.workers)?;
+        }
+        eprintln!(
+            "  round {round}: floor: {} bridge-port veth deletes at concurrency {} in {:.2} s",
+            rd.conc_calls,
+            args.workers,
+            rd.conc_floor.as_secs_f64()
+        );
         rounds.push(rd);
     }
     let elapsed = t0.elapsed();
@@ -909,6 +950,7 @@ fn run(args: &Args) -> Result<(), String> {
             all.conc_add[k] += rd.conc_add[k];
             all.conc_del[k] += rd.conc_del[k];
         }
+        all.conc_floor += rd.conc_floor;
         all.conc_calls += rd.conc_calls;
     }
 
@@ -954,6 +996,13 @@ fn run(args: &Args) -> Result<(), String> {
             per_s(true),
             true,
             ratio_check(false, 2.0),
+        ),
+        def(
+            &format!("floor: bridge-port veth deletes/s at concurrency {c} (netlink)"),
+            "dels/s",
+            Box::new(|rd: &Round, _| Some(rd.conc_calls as f64 / rd.conc_floor.as_secs_f64())),
+            false,
+            None,
         ),
         def(
             "floor: VERSION call p50 (process start)",
