@@ -57,9 +57,18 @@ pub fn del(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
             }
         },
     };
-    // Forked before any thread of this process exists.
+    // Forked before any thread of this process exists. The child is given the netfilter
+    // socket too: closing it after removing entries waits for an RCU grace period (~10 ms),
+    // which would otherwise come at this process's exit, now that it no longer waits for
+    // the veth delete's end.
+    let detach = matches!(pod_ns, PodNs::Open(_)) && detach_delete();
+    if detach {
+        if let Err(e) = firewall::netlink::open() {
+            eprintln!("cni-bridge: DEL: opening the netfilter socket early: {e}");
+        }
+    }
     let unlinking = match &pod_ns {
-        PodNs::Open(ns) if detach_delete() => Some(Unlinking::start(ns, &req.inv.ifname)),
+        PodNs::Open(ns) if detach => Some(Unlinking::start(ns, &req.inv.ifname)),
         _ => None,
     };
     let owner = firewall::owner(&req.conf.name, &req.inv.container_id, &req.inv.ifname);
