@@ -721,3 +721,32 @@ fn ipv6_gateway_works_the_moment_add_returns() {
     let (_, peer) = listener.accept().unwrap();
     assert_eq!(peer.ip(), ip_of(&o, 0));
 }
+
+#[test]
+fn del_reports_a_pod_interface_the_kernel_refuses_to_delete_and_both_delete_paths_clean_up() {
+    require_root("del_paths");
+    let w = World::new("delp");
+    let conf = w.conf("1.0.0", "10.26.0.0/24", json!({}));
+    let pod = Netns::new("pod");
+    let path = pod.path.display().to_string();
+    assert_eq!(w.call("ADD", "c1", &path, &conf).code, 0);
+    // The kernel will not delete a namespace's loopback: the error comes back as the CNI
+    // error JSON, from this process (default) and from the child that sends the delete with
+    // CNI_BRIDGE_DEL_DETACH=1.
+    for detach in [&[][..], &[("CNI_BRIDGE_DEL_DETACH", "1")][..]] {
+        let o = w.call_with("DEL", "c1", &path, "lo", detach, &conf);
+        assert_ne!(o.code, 0, "{detach:?}: {}", o.stdout);
+        let err: Value = serde_json::from_str(&o.stdout).unwrap();
+        let msg = err["msg"].as_str().unwrap_or_default();
+        assert!(msg.contains("deleting") && msg.contains("not supported"), "{detach:?}: {}", o.stdout);
+        assert_eq!(w.veths().len(), 1, "eth0's pair untouched");
+    }
+    // Both delete paths release everything.
+    let o = w.call("DEL", "c1", &path, &conf);
+    assert_eq!(o.code, 0, "{}", o.stdout);
+    assert!(w.veths().is_empty() && w.leases().is_empty(), "released");
+    assert_eq!(w.call("ADD", "c2", &path, &conf).code, 0);
+    let o = w.call_with("DEL", "c2", &path, "eth0", &[("CNI_BRIDGE_DEL_DETACH", "1")], &conf);
+    assert_eq!(o.code, 0, "{}", o.stdout);
+    assert!(w.veths().is_empty() && w.leases().is_empty(), "released, CNI_BRIDGE_DEL_DETACH=1");
+}

@@ -244,6 +244,12 @@ fn with_socket<T>(span: usize, f: impl FnOnce(&Socket, u32) -> Result<T, NlError
     f(sock, seq)
 }
 
+/// Opens the process's netfilter socket now: a child forked afterwards shares it, so that
+/// when this process exits first, the close (and the wait it brings) is the child's.
+pub fn open() -> Result<(), NlError> {
+    with_socket(0, |_, _| Ok(()))
+}
+
 /// Receives until `f` says done, handing it each message whose sequence number `ours`
 /// accepts; the first error wins.
 fn receive(

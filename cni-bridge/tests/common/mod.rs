@@ -26,7 +26,9 @@ pub fn plugin_dir() -> PathBuf {
             continue;
         }
         let dst = dir.join(name);
-        if !dst.exists() {
+        // A target dir copied from another checkout keeps links to that checkout's binaries.
+        if std::fs::read_link(&dst).ok().as_deref() != Some(src.as_path()) {
+            let _ = std::fs::remove_file(&dst);
             let _ = std::os::unix::fs::symlink(&src, &dst);
         }
     }
