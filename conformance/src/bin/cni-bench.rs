@@ -358,6 +358,8 @@ fn spawn_plugin(
         .env("CNI_COMMAND", cmd)
         .env("PATH", PLUGIN_PATH)
         .envs(env.iter().copied())
+        // cni-bridge's opt-in detached delete, measured when the bench is run with it.
+        .envs(std::env::var_os("CNI_BRIDGE_DEL_DETACH").map(|v| ("CNI_BRIDGE_DEL_DETACH", v)))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
