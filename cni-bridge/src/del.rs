@@ -31,11 +31,12 @@ enum PodNs {
 /// Removes the pod interface (and so the veth pair), the lease and the masquerade entries.
 /// Succeeds when the namespace, interface or lease is already gone, and when repeated.
 ///
-/// The three are independent, so they run at once. The pod interface's delete is sent by a
-/// child process (see [`Unlinking`]) and DEL goes on once the kernel has unlisted the pair,
-/// not when the kernel's request returns: measured here, the pair is gone 1-7 ms into the
-/// request, which then waits 15-35 ms more for an RCU barrier (longer under concurrency,
-/// as the kernel runs those barriers one at a time).
+/// The rules and the pod interface go at once; the lease after both. With
+/// `CNI_BRIDGE_DEL_DETACH=1` the pod interface's delete is sent by a child process (see
+/// [`Unlinking`]) and DEL goes on once the kernel has unlisted the pair, not when the kernel's
+/// request returns: measured here, the pair is gone 1-7 ms into the request, which then waits
+/// 15-35 ms more for an RCU barrier (longer under concurrency, as the kernel runs those
+/// barriers one at a time).
 pub fn del(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
     crate::mark("start");
     let pod_ns = match req.inv.netns.as_deref() {
@@ -73,21 +74,11 @@ pub fn del(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
     };
     let owner = firewall::owner(&req.conf.name, &req.inv.container_id, &req.inv.ifname);
     std::thread::scope(|s| {
-        // The rules go before the lease: once released, the address can be leased to another
-        // pod, whose entry for it must not be removed as ours. The lease is kept when the
-        // rules could not be removed (the runtime retries DEL).
-        let rules_then_lease = s.spawn(|| {
-            firewall::remove_attachment(conf.masq_backend, &owner).map_err(CniError::from)?;
+        let rules = s.spawn(|| {
+            let removed = firewall::remove_attachment(conf.masq_backend, &owner).map_err(CniError::from);
             crash_point("bridge-del-after-rules");
             crate::mark("rules removed");
-            match conf.ipam_type.as_deref() {
-                Some(plugin) => {
-                    let released = crate::ipam::run(plugin, Command::Del, req).map(|_| ());
-                    crash_point("bridge-del-after-ipam");
-                    released
-                }
-                None => Ok(()),
-            }
+            removed
         });
         let mut errs: Vec<CniError> = Vec::new();
         let removed = match unlinking {
@@ -99,16 +90,24 @@ pub fn del(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
         }
         crash_point("bridge-del-after-link");
         crate::mark("pod interface deleted");
-        match rules_then_lease.join() {
+        match rules.join() {
             Ok(Err(e)) => errs.push(e),
-            Err(_) => errs.push(CniError::plugin(
-                cni_proto::delegate::DELEGATE_FAILED,
-                "rules and IPAM DEL thread panicked",
-                "",
-            )),
+            Err(_) => errs.push(BridgeError::Masq("rule removal thread panicked".into()).into()),
             Ok(Ok(())) => {}
         }
-        crate::mark("rules and IPAM DEL joined");
+        // The lease goes last, and only once the rules and the pod interface are gone: a
+        // released address can be leased to another pod at once, whose masquerade entry must
+        // not be removed as ours and whose address must not still sit on our old interface.
+        // When either failed the lease is kept and DEL fails, so the runtime retries.
+        if errs.is_empty() {
+            if let Some(plugin) = conf.ipam_type.as_deref() {
+                if let Err(e) = crate::ipam::run(plugin, Command::Del, req) {
+                    errs.push(e);
+                }
+                crash_point("bridge-del-after-ipam");
+            }
+            crate::mark("IPAM DEL done");
+        }
         finish(errs)
     })
 }

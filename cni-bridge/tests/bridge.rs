@@ -750,3 +750,28 @@ fn del_reports_a_pod_interface_the_kernel_refuses_to_delete_and_both_delete_path
     assert_eq!(o.code, 0, "{}", o.stdout);
     assert!(w.veths().is_empty() && w.leases().is_empty(), "released, CNI_BRIDGE_DEL_DETACH=1");
 }
+
+#[test]
+fn del_keeps_the_lease_while_the_pod_interface_cannot_be_deleted() {
+    require_root("del_keeps_lease");
+    let w = World::new("delkeep");
+    let conf = w.conf("1.0.0", "10.27.0.0/24", json!({"ipMasq": true}));
+    let pod = Netns::new("pod");
+    let path = pod.path.display().to_string();
+    assert_eq!(w.call("ADD", "c1", &path, &conf).code, 0);
+    // The kernel refuses to delete a loopback device: named eth0, it stands for a pod
+    // interface whose delete fails. Releasing the lease now would hand the address to the
+    // next pod while the old interface may still hold it.
+    pod.ip(&["link", "set", "eth0", "name", "eth9"]);
+    pod.ip(&["link", "set", "lo", "down"]);
+    pod.ip(&["link", "set", "lo", "name", "eth0"]);
+    let o = w.call("DEL", "c1", &path, &conf);
+    assert_ne!(o.code, 0, "DEL must fail: {}", o.stdout);
+    assert_eq!(w.leases().len(), 1, "the lease is kept while the interface is not deleted");
+    // Once the interface can go, a retried DEL releases everything.
+    pod.ip(&["link", "set", "eth0", "name", "lo"]);
+    pod.ip(&["link", "set", "eth9", "name", "eth0"]);
+    let o = w.call("DEL", "c1", &path, &conf);
+    assert_eq!(o.code, 0, "{}", o.stdout);
+    assert!(w.leases().is_empty() && w.veths().is_empty());
+}
