@@ -30,10 +30,17 @@ fn same(first: &File, second: &File) -> bool {
     }
 }
 
+/// Opens a path a runtime named as a namespace without blocking: a FIFO planted there would
+/// otherwise hang ADD and DEL for ever (the checks after the open then refuse it).
+fn open_nonblocking(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new().read(true).custom_flags(nix::libc::O_NONBLOCK).open(path)
+}
+
 /// Opens CNI_NETNS; it must be a network namespace other than the one the plugin runs in.
 pub fn open_pod(path: &Path) -> Result<File, BridgeError> {
     let bad = |why: String| BridgeError::Netns(format!("{}: {why}", path.display()));
-    let file = File::open(path).map_err(|e| bad(e.to_string()))?;
+    let file = open_nonblocking(path).map_err(|e| bad(e.to_string()))?;
     let fs_stat = fstatfs(file.as_fd()).map_err(|e| bad(e.to_string()))?;
     if fs_stat.filesystem_type().0 as i64 != NSFS_MAGIC {
         return Err(bad("not a network namespace".into()));
@@ -78,7 +85,7 @@ pub fn sysctl(key: &str, value: &str) -> Result<(), BridgeError> {
 /// Whether `path` is the network namespace this thread runs in (a DEL must never remove
 /// CNI_IFNAME there).
 pub fn names_own_namespace(path: &Path) -> bool {
-    match (File::open(path), current()) {
+    match (open_nonblocking(path), current()) {
         (Ok(f), Ok(own)) => same(&f, &own),
         _ => false,
     }

@@ -775,3 +775,35 @@ fn del_keeps_the_lease_while_the_pod_interface_cannot_be_deleted() {
     assert_eq!(o.code, 0, "{}", o.stdout);
     assert!(w.leases().is_empty() && w.veths().is_empty());
 }
+
+#[test]
+fn a_fifo_as_cni_netns_is_refused_by_add_and_released_by_del_without_hanging() {
+    require_root("fifo_netns");
+    let w = World::new("fifo");
+    let conf = w.conf("1.0.0", "10.28.0.0/24", json!({}));
+    let fifo = w.tmp.join("netns-fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let path = fifo.display().to_string();
+    // Run in a thread with a deadline: an open that blocks on the FIFO must fail the test,
+    // not hang the suite.
+    let (done, finished) = std::sync::mpsc::channel();
+    let (conf2, path2) = (conf.clone(), path.clone());
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let add = w.call("ADD", "c1", &path2, &conf2);
+            let del = w.call("DEL", "c1", &path2, &conf2);
+            let _ = done.send((add, del));
+        });
+        let got = finished.recv_timeout(std::time::Duration::from_secs(20));
+        if got.is_err() {
+            // Unblock the plugin stuck on the FIFO so the scope can end, then fail.
+            let _ = std::fs::OpenOptions::new().write(true).open(&fifo);
+            let _ = std::fs::OpenOptions::new().write(true).open(&fifo);
+            panic!("ADD or DEL blocked on a FIFO given as CNI_NETNS");
+        }
+        let (add, del) = got.unwrap();
+        assert_eq!(add.err_code(), Some(4), "{}", add.stdout);
+        assert_eq!(del.code, 0, "{}", del.stdout);
+    });
+    assert!(w.leases().is_empty() && w.veths().is_empty());
+}
