@@ -187,7 +187,7 @@ impl Unlinking {
             request.bind_auto()?;
             Ok((events, request))
         })
-        .map_err(|e| BridgeError::Netns(format!("entering the pod namespace: {e}")))?
+        .map_err(BridgeError::io("entering the pod namespace"))?
         .map_err(io("opening a netlink socket in the pod namespace"))?;
         let mut attrs = Vec::new();
         netlink_wire::attr(&mut attrs, IFLA_IFNAME, &netlink_wire::strz(ifname));
@@ -233,8 +233,8 @@ impl Unlinking {
                             std::io::Error::from_raw_os_error(errno),
                         )),
                     },
-                    Ok(_) => Err(BridgeError::Netns(format!(
-                        "deleting {ifname}: the process sending the delete ended without an answer"
+                    Ok(_) => Err(BridgeError::io("deleting the pod interface")(std::io::Error::other(
+                        format!("{ifname}: the process sending the delete ended without an answer"),
                     ))),
                     Err(e) => Err(BridgeError::io("reading the pod interface's delete answer")(e)),
                 };
