@@ -20,6 +20,9 @@ use ipnetwork::IpNetwork;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+mod common;
+use common::Tmp;
+
 /// The smallest TTL etcd grants with its default election timeout.
 const TTL: i64 = 2;
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -476,24 +479,6 @@ impl Creds {
     }
 }
 
-/// A temporary directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let d = std::env::temp_dir().join(format!("etcd-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        TempDir(d)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Waits (bounded) until `cond` holds of the node's metrics.
 async fn until_metrics(n: &Node, what: &str, cond: impl Fn(&Metrics) -> bool) {
     let deadline = Instant::now() + DEADLINE;
@@ -522,7 +507,7 @@ async fn kv_of(c: &mut Client, key: &str) -> (i64, i64) {
 
 #[tokio::test]
 async fn client_certificates_rotate_without_touching_keys_and_a_wrong_ca_keeps_the_nodes() {
-    let tmp = TempDir::new("tls");
+    let tmp = Tmp::new("tls");
     let (pki1, pki2) = (Pki::new(&tmp.0.join("pki1"), "one"), Pki::new(&tmp.0.join("pki2"), "two"));
     let mut etcd = Etcd::spawn_tls(&pki1);
     let mut c = etcd.client().await;
@@ -581,7 +566,7 @@ async fn client_certificates_rotate_without_touching_keys_and_a_wrong_ca_keeps_t
 
 #[tokio::test]
 async fn wrong_client_credentials_are_named_and_nothing_is_published() {
-    let tmp = TempDir::new("tls-bad");
+    let tmp = Tmp::new("tls-bad");
     let (pki1, pki2) = (Pki::new(&tmp.0.join("pki1"), "one"), Pki::new(&tmp.0.join("pki2"), "two"));
     let etcd = Etcd::spawn_tls(&pki1);
     etcd.client().await;
@@ -622,7 +607,7 @@ async fn wrong_client_credentials_are_named_and_nothing_is_published() {
 
 #[tokio::test]
 async fn user_and_password_from_a_file_with_failover_and_named_refusals() {
-    let tmp = TempDir::new("auth");
+    let tmp = Tmp::new("auth");
     let etcd = Etcd::start().await;
     let mut c = etcd.client().await;
     c.user_add("root", "rootpw", None).await.unwrap();

@@ -8,22 +8,10 @@ use cni_conformance::netns::{Netns, Pause};
 use cni_conformance::{invoke, require_root};
 use serde_json::json;
 
-const AGENT: &str = env!("CARGO_BIN_EXE_cni-route-agent");
+mod common;
+use common::Tmp;
 
-struct Tmp(PathBuf);
-impl Tmp {
-    fn new(tag: &str) -> Tmp {
-        let p = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("install-{}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Tmp(p)
-    }
-}
-impl Drop for Tmp {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+const AGENT: &str = env!("CARGO_BIN_EXE_cni-route-agent");
 
 fn built_plugins() -> PathBuf {
     let dir = Path::new(AGENT).parent().unwrap().to_path_buf();
