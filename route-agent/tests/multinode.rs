@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::os::fd::AsFd;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cni_conformance::cluster::{Cluster, Plugins};
 use cni_conformance::netns::Netns;
@@ -15,7 +15,7 @@ use cni_conformance::traffic::exchange;
 use serde_json::json;
 
 mod common;
-use common::Tmp;
+use common::{eventually, Tmp};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_cni-route-agent");
 const PROTO: &str = "168";
@@ -107,18 +107,6 @@ fn agent_routes(ns: &Netns) -> Vec<String> {
         .collect();
     v.sort();
     v
-}
-
-/// Waits (bounded) until `f` holds; the agent converges asynchronously.
-fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("timed out waiting for: {what}");
 }
 
 fn expect_routes(cl: &Cluster, node: usize, want: &[usize]) {

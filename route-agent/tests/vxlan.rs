@@ -8,7 +8,7 @@ use std::os::fd::AsFd;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cni_conformance::cluster::{Cluster, Plugins, Pod};
 use cni_conformance::netns::Netns;
@@ -17,7 +17,7 @@ use cni_conformance::traffic::exchange;
 use serde_json::{json, Value};
 
 mod common;
-use common::Tmp;
+use common::{eventually, Tmp};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_cni-route-agent");
 const DEV: &str = "cra-vxlan4";
@@ -86,18 +86,6 @@ fn write_nodes(dir: &Path, cl: &Cluster, v6_only: bool) {
     let tmp = dir.join("nodes.tmp");
     std::fs::write(&tmp, json!({ "nodes": nodes }).to_string()).unwrap();
     std::fs::rename(&tmp, dir.join("nodes.json")).unwrap();
-}
-
-/// Waits (bounded) until `f` holds; the agents converge asynchronously.
-fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("timed out waiting for: {what}");
 }
 
 /// `ip route get` of `dst` in node `node`.

@@ -1,6 +1,7 @@
 //! What the route agent's integration tests share.
 
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 /// A scratch directory under the target dir, unique per test process and tag, removed on
 /// drop (also when the test panics).
@@ -19,4 +20,17 @@ impl Drop for Tmp {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// Waits (bounded, 10 s) until `f` holds: the agents converge asynchronously.
+#[allow(dead_code)] // not every test crate that includes this module polls
+pub fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("timed out waiting for: {what}");
 }
