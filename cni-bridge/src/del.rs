@@ -41,15 +41,13 @@ pub fn del(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
     crate::mark("start");
     let pod_ns = match req.inv.netns.as_deref() {
         None => PodNs::NotGiven,
-        // Never delete CNI_IFNAME from the namespace the plugin runs in.
-        Some(path) if netns::names_own_namespace(path) => {
-            return Err(BridgeError::Netns(format!(
-                "{}: is the namespace the plugin runs in",
-                path.display()
-            )))
-        }
-        Some(path) => match netns::open_pod(path) {
-            Ok(ns) => PodNs::Open(ns),
+        // Opened once: a namespace that is gone in any form still lets DEL release the rest,
+        // but the plugin's own namespace is refused (CNI_IFNAME is never deleted there).
+        Some(path) => match netns::open_netns(path) {
+            Ok(ns) => {
+                netns::refuse_own(path, &ns)?;
+                PodNs::Open(ns)
+            }
             // The pod was torn down first, in whatever form: the lease, the rules and the
             // host veth must still go, or kubelet retries forever and the address leaks.
             Err(e) => {

@@ -39,6 +39,13 @@ fn open_nonblocking(path: &Path) -> std::io::Result<File> {
 
 /// Opens CNI_NETNS; it must be a network namespace other than the one the plugin runs in.
 pub fn open_pod(path: &Path) -> Result<File, BridgeError> {
+    let file = open_netns(path)?;
+    refuse_own(path, &file)?;
+    Ok(file)
+}
+
+/// Opens `path` if it is a network namespace (of any process, this one's included).
+pub fn open_netns(path: &Path) -> Result<File, BridgeError> {
     let bad = |why: String| BridgeError::Netns(format!("{}: {why}", path.display()));
     let file = open_nonblocking(path).map_err(|e| bad(e.to_string()))?;
     let fs_stat = fstatfs(file.as_fd()).map_err(|e| bad(e.to_string()))?;
@@ -52,11 +59,18 @@ pub fn open_pod(path: &Path) -> Result<File, BridgeError> {
     if kind != CloneFlags::CLONE_NEWNET.bits() {
         return Err(bad("not a network namespace".into()));
     }
+    Ok(file)
+}
+
+/// Error 4 when `ns` (opened from `path`) is the namespace the plugin runs in: CNI_IFNAME
+/// must never be created in or deleted from the host.
+pub fn refuse_own(path: &Path, ns: &File) -> Result<(), BridgeError> {
+    let bad = |why: String| BridgeError::Netns(format!("{}: {why}", path.display()));
     let own = current().map_err(|e| bad(e.to_string()))?;
-    if same(&file, &own) {
+    if same(ns, &own) {
         return Err(bad("is the namespace the plugin runs in".into()));
     }
-    Ok(file)
+    Ok(())
 }
 
 /// Runs `work` with this thread inside `ns`, then switches back. `work` must not await: on a
@@ -80,13 +94,4 @@ pub fn sysctl(key: &str, value: &str) -> Result<(), BridgeError> {
         return Ok(());
     }
     std::fs::write(&path, value).map_err(|e| BridgeError::Sysctl(format!("writing {value} to {path}: {e}")))
-}
-
-/// Whether `path` is the network namespace this thread runs in (a DEL must never remove
-/// CNI_IFNAME there).
-pub fn names_own_namespace(path: &Path) -> bool {
-    match (open_nonblocking(path), current()) {
-        (Ok(f), Ok(own)) => same(&f, &own),
-        _ => false,
-    }
 }
