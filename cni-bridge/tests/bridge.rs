@@ -260,6 +260,17 @@ fn bad_input_touches_nothing() {
     );
     assert_eq!(o.err_code(), Some(4), "{}", o.stdout);
     assert!(o.stdout.contains("namespace the plugin runs in"), "{}", o.stdout);
+    // DEL with the plugin's own namespace is refused too: CNI_IFNAME is never deleted there.
+    let o = cni_conformance::plugin::invoke_raw(
+        &w.node,
+        &w.main_plugin(),
+        "DEL",
+        &[("CNI_CONTAINERID", "c"), ("CNI_NETNS", &own), ("CNI_IFNAME", "lo"), ("CNI_PATH", "/x")],
+        base(json!({})).to_string().as_bytes(),
+        true,
+    );
+    assert_eq!(o.err_code(), Some(4), "{}", o.stdout);
+    assert!(o.stdout.contains("namespace the plugin runs in"), "{}", o.stdout);
     assert_eq!(w.node.links(), ["lo"], "bad input created links");
     assert_eq!(pod.links(), ["lo"]);
     assert!(w.leases().is_empty());
