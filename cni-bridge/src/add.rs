@@ -4,7 +4,7 @@
 //! nothing behind (IPAM released, veth gone, rules removed, and a bridge it created deleted).
 
 use std::fs::File;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
 use cni_proto::{crash_point, CniResult, Command, Interface, IpConfig, Request, Route};
@@ -19,8 +19,9 @@ use crate::ipam;
 use crate::netlink::{Link, Nl};
 use crate::netns;
 
-/// How long the host veth may take to come up.
-const PORT_UP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the datapath may take to become ready (port forwarding, IPv6 addresses usable;
+/// with `enabledad`, duplicate address detection takes 1-2 s of that).
+const READY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How many random host veth names are tried before giving up.
 const VETH_NAME_TRIES: usize = 10;
@@ -67,6 +68,10 @@ pub async fn ensure_bridge(host: &Nl, conf: &BridgeConf) -> Result<(Link, bool),
     }
     if conf.vlan_filtering() && !bridge.vlan_filtering {
         host.enable_vlan_filtering(&conf.bridge).await?;
+    }
+    // A bridge someone set down keeps every port disabled: the pod would get no traffic.
+    if !bridge.up {
+        host.set(bridge.index, "setting the bridge up", |l| l.up()).await?;
     }
     if conf.promisc && !bridge.promisc {
         host.set(bridge.index, "setting the bridge promiscuous", |l| l.promiscuous(true)).await?;
@@ -235,6 +240,35 @@ struct Attached {
     vlan_gateway: Option<(String, Link)>,
 }
 
+/// The IPv6 addresses ADD waits for: gateways on the bridge (or the VLAN gateway link) and
+/// the pod's own.
+struct Readiness {
+    gateways: Vec<Ipv6Addr>,
+    gateway_index: u32,
+    pod_addresses: Vec<Ipv6Addr>,
+}
+
+impl Readiness {
+    fn of(conf: &BridgeConf, ipam: &CniResult, bridge: &Link, vlan_gateway: Option<&(String, Link)>) -> Self {
+        let v6 = |ip: IpAddr| match ip {
+            IpAddr::V6(v6) => Some(v6),
+            IpAddr::V4(_) => None,
+        };
+        let mut gateways: Vec<Ipv6Addr> = match conf.is_gateway {
+            true => ipam.ips.iter().filter_map(gateway_of).filter_map(v6).collect(),
+            false => Vec::new(),
+        };
+        gateways.sort();
+        gateways.dedup();
+        let pod_addresses = match conf.disable_container_interface {
+            true => Vec::new(),
+            false => ipam.ips.iter().filter_map(|ip| v6(ip.address.ip())).collect(),
+        };
+        let gateway_index = vlan_gateway.map_or(bridge.index, |(_, link)| link.index);
+        Readiness { gateways, gateway_index, pod_addresses }
+    }
+}
+
 /// What the pod got: its interface and the routes set in it.
 struct PodSide {
     link: Link,
@@ -264,7 +298,8 @@ impl<'a> Attach<'a> {
         let ipam = ipam.unwrap_or_default();
         let pod = self.configure_pod(&port, &ipam).await?;
         let vlan_gateway = self.configure_gateway(&bridge, &ipam).await?;
-        let port_link = self.wait_for_port(&port).await?;
+        let ready = Readiness::of(self.conf, &ipam, &bridge, vlan_gateway.as_ref());
+        let port_link = self.wait_until_ready(&port, &pod, ready).await?;
         let attached = Attached { bridge, port, port_link, pod, vlan_gateway };
         let result = self.build_result(attached, ipam).await;
         crash_point("bridge-add-before-result");
@@ -514,25 +549,63 @@ impl<'a> Attach<'a> {
         Ok((name, gateway))
     }
 
-    /// The port forwards only once the veth's carrier is up; report success only then.
-    async fn wait_for_port(&self, port: &Port) -> Result<Link, BridgeError> {
+    /// Waits until the pod's first packet will be answered, and reports success only then:
+    /// the host veth up and its bridge port out of the disabled state; every IPv6 gateway
+    /// address on the node, and every IPv6 address of the pod, member of its solicited-node
+    /// group (the kernel joins it on a work queue, so a neighbour solicitation sent the moment
+    /// ADD returns could otherwise go unanswered and cost the pod a 1 s retransmit); with
+    /// `enabledad`, the pod's addresses through duplicate address detection (the reference's
+    /// settle step), a duplicate failing ADD.
+    async fn wait_until_ready(
+        &self,
+        port: &Port,
+        pod: &PodSide,
+        ready: Readiness,
+    ) -> Result<Link, BridgeError> {
+        let Readiness { mut gateways, gateway_index, mut pod_addresses } = ready;
         let vanished = || BridgeError::LinkVanished(port.name.clone());
-        let mut link = self.host.link_by_index(port.index).await?.ok_or_else(vanished)?;
-        if !self.conf.disable_container_interface {
-            let start = Instant::now();
-            while !link.oper_up {
-                if start.elapsed() > PORT_UP_TIMEOUT {
-                    return Err(BridgeError::PortNotUp {
-                        port: port.name.clone(),
-                        seconds: PORT_UP_TIMEOUT.as_secs(),
-                    });
-                }
-                tokio::time::sleep(Duration::from_millis(1)).await;
-                link = self.host.link_by_index(port.index).await?.ok_or_else(vanished)?;
+        let ifname = &self.req.inv.ifname;
+        let start = Instant::now();
+        loop {
+            let link = self.host.link_by_index(port.index).await?.ok_or_else(vanished)?;
+            let port_ready = self.conf.disable_container_interface || (link.oper_up && !link.port_disabled);
+            if !gateways.is_empty() {
+                let groups = netns::ipv6_groups().map_err(BridgeError::io("reading IPv6 groups"))?;
+                gateways.retain(|gw| !groups.contains(&(gateway_index, netns::solicited_node(*gw))));
             }
+            if !pod_addresses.is_empty() {
+                let unsettled = if self.conf.enable_dad {
+                    self.pod.unsettled_ipv6(pod.link.index).await?
+                } else {
+                    vec![]
+                };
+                if let Some((address, _)) = unsettled.iter().find(|(_, failed)| *failed) {
+                    return Err(BridgeError::DadFailed { address: *address, ifname: ifname.clone() });
+                }
+                let groups = netns::run_in(&self.pod_ns, netns::ipv6_groups)
+                    .map_err(|e| BridgeError::Netns(format!("entering the pod namespace: {e}")))?
+                    .map_err(BridgeError::io("reading IPv6 groups in the pod"))?;
+                pod_addresses.retain(|a| {
+                    unsettled.iter().any(|(u, _)| *u == IpAddr::V6(*a))
+                        || !groups.contains(&(pod.link.index, netns::solicited_node(*a)))
+                });
+            }
+            if port_ready && gateways.is_empty() && pod_addresses.is_empty() {
+                crate::mark("datapath ready");
+                return Ok(link);
+            }
+            if start.elapsed() > READY_TIMEOUT {
+                let what = if !port_ready {
+                    format!("bridge port {} did not start forwarding", port.name)
+                } else if let Some(gw) = gateways.first() {
+                    format!("gateway {gw} on {} did not join its solicited-node group", self.conf.bridge)
+                } else {
+                    format!("pod address {} on {ifname} did not become usable", pod_addresses[0])
+                };
+                return Err(BridgeError::NotReady { what, seconds: READY_TIMEOUT.as_secs() });
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        crate::mark("port up");
-        Ok(link)
     }
 
     /// The result: interfaces `[bridge, host veth, pod veth (, VLAN gateway)]`, IPAM's

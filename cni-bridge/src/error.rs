@@ -1,6 +1,7 @@
 //! The bridge plugin's errors, and their CNI codes in one place.
 
 use cni_proto::{Error as CniError, ErrorCode};
+use std::net::IpAddr;
 
 /// Code: a link named like the bridge exists and is not a bridge.
 pub const CODE_NOT_A_BRIDGE: u32 = 110;
@@ -14,8 +15,8 @@ pub const CODE_NETLINK: u32 = 113;
 pub const CODE_MASQ: u32 = 114;
 /// Code: CHECK found the attachment differs from what ADD made.
 pub const CODE_CHECK_FAILED: u32 = 115;
-/// Code: the host veth did not come up.
-pub const CODE_PORT_DOWN: u32 = 116;
+/// Code: the datapath did not become ready (port, IPv6 addresses), or DAD found a duplicate.
+pub const CODE_NOT_READY: u32 = 116;
 /// Code: a sysctl could not be written.
 pub const CODE_SYSCTL: u32 = 117;
 /// Code: the IPAM plugin answered with a result that cannot be applied as it is.
@@ -64,7 +65,7 @@ pub const CODE_TABLE: &[(u32, Reporter)] = &[
     (CODE_NETLINK, Reporter::Bridge),
     (CODE_MASQ, Reporter::Bridge),
     (CODE_CHECK_FAILED, Reporter::Bridge),
-    (CODE_PORT_DOWN, Reporter::Bridge),
+    (CODE_NOT_READY, Reporter::Bridge),
     (CODE_SYSCTL, Reporter::Bridge),
     (CODE_BAD_IPAM_RESULT, Reporter::Bridge),
     (cni_proto::delegate::DELEGATE_FAILED, Reporter::Bridge),
@@ -126,13 +127,22 @@ pub enum BridgeError {
     /// CHECK found a difference.
     #[error("{0}")]
     Check(String),
-    /// The host veth never reached operational state up.
-    #[error("bridge port {port} did not come up within {seconds} s")]
-    PortNotUp {
-        /// The host veth's name.
-        port: String,
+    /// Part of the datapath never became ready: the host veth up and forwarding, an IPv6
+    /// address answering its neighbours.
+    #[error("{what} within {seconds} s")]
+    NotReady {
+        /// What was still missing, e.g. "bridge port veth1234abcd did not start forwarding".
+        what: String,
         /// How long ADD waited.
         seconds: u64,
+    },
+    /// With `enabledad`, duplicate address detection found the address in use on the link.
+    #[error("duplicate address detection failed for {address} on {ifname}: another host uses it")]
+    DadFailed {
+        /// The address another host answered for.
+        address: IpAddr,
+        /// The pod interface.
+        ifname: String,
     },
     /// A sysctl write failed.
     #[error("{0}")]
@@ -184,7 +194,9 @@ impl From<BridgeError> for CniError {
             BridgeError::Netlink { .. } => CniError::plugin(CODE_NETLINK, msg, ""),
             BridgeError::Masq(_) => CniError::plugin(CODE_MASQ, msg, ""),
             BridgeError::Check(_) => CniError::plugin(CODE_CHECK_FAILED, msg, ""),
-            BridgeError::PortNotUp { .. } => CniError::plugin(CODE_PORT_DOWN, msg, ""),
+            BridgeError::NotReady { .. } | BridgeError::DadFailed { .. } => {
+                CniError::plugin(CODE_NOT_READY, msg, "")
+            }
             BridgeError::Sysctl(_) => CniError::plugin(CODE_SYSCTL, msg, ""),
             BridgeError::BadIpamResult { .. } => CniError::plugin(CODE_BAD_IPAM_RESULT, msg, ""),
             BridgeError::Many(mut v) if v.len() == 1 => v.remove(0),
@@ -218,7 +230,8 @@ mod tests {
             BridgeError::Netlink { context: "x".into(), source: rtnetlink::Error::RequestFailed },
             BridgeError::Masq("x".into()),
             BridgeError::Check("x".into()),
-            BridgeError::PortNotUp { port: "x".into(), seconds: 5 },
+            BridgeError::NotReady { what: "x".into(), seconds: 5 },
+            BridgeError::DadFailed { address: [0u16; 8].into(), ifname: "x".into() },
             BridgeError::Sysctl("x".into()),
             BridgeError::BadIpamResult { plugin: "x".into(), reason: "y".into() },
             BridgeError::Many(vec![CniError::Io("x".into()), CniError::Io("y".into())]),
@@ -238,7 +251,8 @@ mod tests {
                 | BridgeError::Netlink { .. }
                 | BridgeError::Masq(_)
                 | BridgeError::Check(_)
-                | BridgeError::PortNotUp { .. }
+                | BridgeError::NotReady { .. }
+                | BridgeError::DadFailed { .. }
                 | BridgeError::Sysctl(_)
                 | BridgeError::BadIpamResult { .. }
                 | BridgeError::Many(_)

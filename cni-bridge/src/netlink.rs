@@ -8,8 +8,8 @@ use ipnetwork::IpNetwork;
 use rtnetlink::packet_route::address::{AddressHeaderFlags, AddressMessage};
 use rtnetlink::packet_route::link::BridgeVlanInfoFlags;
 use rtnetlink::packet_route::link::{
-    InfoBridge, InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoVeth, LinkAttribute, LinkFlags,
-    LinkInfo, LinkMessage, State,
+    BridgePortState, InfoBridge, InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoVeth, LinkAttribute,
+    LinkFlags, LinkInfo, LinkMessage, State,
 };
 use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage, RouteMetric, RouteScope};
 use rtnetlink::{
@@ -50,8 +50,13 @@ pub struct Link {
     pub kind: Option<InfoKind>,
     /// The index of the bridge this link is a port of, if any.
     pub controller: Option<u32>,
+    /// Administratively up (IFF_UP): a bridge that is down keeps every port disabled.
+    pub up: bool,
     /// Operational state up: for a bridge port, it forwards only then.
     pub oper_up: bool,
+    /// For a bridge port, whether it is still disabled: the kernel enables it when it
+    /// handles the carrier change, a moment after the veth reports operational state up.
+    pub port_disabled: bool,
     /// IFF_PROMISC (`promiscMode`).
     pub promisc: bool,
     /// The bridge port's hairpin mode, `None` when the link is no bridge port.
@@ -68,6 +73,7 @@ fn summarize(msg: &LinkMessage) -> Link {
     let mut link = Link {
         index: msg.header.index,
         promisc: msg.header.flags.contains(LinkFlags::Promisc),
+        up: msg.header.flags.contains(LinkFlags::Up),
         ..Default::default()
     };
     for attr in &msg.attributes {
@@ -90,6 +96,9 @@ fn summarize(msg: &LinkMessage) -> Link {
                                 match port_attr {
                                     InfoBridgePort::HairpinMode(on) => link.hairpin = Some(*on),
                                     InfoBridgePort::Isolated(on) => link.isolated = Some(*on),
+                                    InfoBridgePort::State(state) => {
+                                        link.port_disabled = *state == BridgePortState::Disabled
+                                    }
                                     _ => {}
                                 }
                             }
@@ -348,6 +357,22 @@ impl Nl {
                     }
                 }
                 IpNetwork::new(ip, m.header.prefix_len).ok()
+            })
+            .collect())
+    }
+
+    /// The IPv6 addresses on a link that duplicate address detection has not cleared yet:
+    /// `(address, failed)`, `failed` when another host answered for it.
+    pub async fn unsettled_ipv6(&self, index: u32) -> Result<Vec<(IpAddr, bool)>, BridgeError> {
+        let msgs = dump::addresses(&self.handle, Some(index))
+            .await
+            .map_err(BridgeError::netlink("listing addresses"))?;
+        Ok(msgs
+            .iter()
+            .filter_map(|m| {
+                let ip = address_of(m).filter(IpAddr::is_ipv6)?;
+                let failed = m.header.flags.contains(AddressHeaderFlags::Dadfailed);
+                (failed || m.header.flags.contains(AddressHeaderFlags::Tentative)).then_some((ip, failed))
             })
             .collect())
     }

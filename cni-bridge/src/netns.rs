@@ -95,3 +95,45 @@ pub fn sysctl(key: &str, value: &str) -> Result<(), BridgeError> {
     }
     std::fs::write(&path, value).map_err(|e| BridgeError::Sysctl(format!("writing {value} to {path}: {e}")))
 }
+
+/// The IPv6 multicast groups joined in the current thread's namespace, as `(ifindex, group)`.
+/// The kernel joins an address's solicited-node group on a work queue after the address is
+/// added; until then neighbour solicitations for the address go unanswered. Netlink has no
+/// message for this table in the crates we use, so it is read where `ip maddr` reads it.
+pub fn ipv6_groups() -> std::io::Result<Vec<(u32, std::net::Ipv6Addr)>> {
+    let table = std::fs::read_to_string("/proc/thread-self/net/igmp6")?;
+    Ok(table.lines().filter_map(parse_igmp6_line).collect())
+}
+
+/// One line of igmp6: `index name group-in-32-hex-digits users flags timer`.
+fn parse_igmp6_line(line: &str) -> Option<(u32, std::net::Ipv6Addr)> {
+    let mut fields = line.split_whitespace();
+    let index = fields.next()?.parse().ok()?;
+    let group = fields.nth(1)?;
+    let bits = u128::from_str_radix(group, 16).ok().filter(|_| group.len() == 32)?;
+    Some((index, bits.into()))
+}
+
+/// The solicited-node multicast group of `address` (RFC 4291 2.7.1): where neighbours ask
+/// for it.
+pub fn solicited_node(address: std::net::Ipv6Addr) -> std::net::Ipv6Addr {
+    let low = u128::from(address) & 0xff_ffff;
+    (0xff02_0000_0000_0000_0000_0001_ff00_0000u128 | low).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn igmp6_lines_and_solicited_node_groups() {
+        let line = "5    cni0            ff0200000000000000000001ff000001     1 04 0";
+        let want: std::net::Ipv6Addr = "ff02::1:ff00:1".parse().unwrap();
+        assert_eq!(parse_igmp6_line(line), Some((5, want)));
+        assert_eq!(parse_igmp6_line("5 cni0 ff02 1 04 0"), None, "a group is 32 hex digits");
+        assert_eq!(parse_igmp6_line(""), None);
+        assert_eq!(solicited_node("fd00:44::1".parse().unwrap()), want);
+        let far: std::net::Ipv6Addr = "2001:db8::ab:cdef:1234".parse().unwrap();
+        assert_eq!(solicited_node(far), "ff02::1:ffef:1234".parse::<std::net::Ipv6Addr>().unwrap());
+    }
+}
