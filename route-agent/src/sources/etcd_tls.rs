@@ -488,9 +488,18 @@ pub fn classify(endpoint: &str, what: &str, e: &etcd_client::Error) -> Failure {
         Some(tls_error) => tls_kind(tls_error),
         None => alert_kind(&text).unwrap_or_else(|| other_kind(e, &errs, &text)),
     };
-    // A TLS etcd answers an http:// client's first bytes with a 400 and hangs up.
     let lost = text.contains("broken pipe") || text.contains("connection reset");
     let (kind, why) = match kind {
+        // In TLS 1.3 the client's handshake ends before the server has checked the client's
+        // certificate; etcd's refusal (an alert, then the close) races the client's first
+        // request, which then often meets a broken pipe instead of the alert. Over https://
+        // that is the refusal, not plain HTTP.
+        Kind::Other if lost && what == "connect" && endpoint.starts_with("https://") => (
+            Kind::CertRejected,
+            "etcd hung up right after the TLS handshake: it refused our client certificate \
+             (none given, or not from a CA etcd trusts)",
+        ),
+        // A TLS etcd answers an http:// client's first bytes with a 400 and hangs up.
         Kind::Other if lost && what == "connect" => {
             (Kind::PlainHttp, "the endpoint hung up at once: does it expect TLS? (then use https://)")
         }
@@ -617,6 +626,18 @@ mod tests {
         assert_eq!(alert_kind(t).map(|k| k.0), Some(Kind::ExpiredCert));
         assert_eq!(alert_kind("received fatal alert: DecodeError"), None);
         assert_eq!(alert_kind("connection refused"), None);
+    }
+
+    #[test]
+    fn a_hang_up_at_connect_is_a_refused_certificate_over_tls_and_plain_http_otherwise() {
+        let pipe =
+            || etcd_client::Error::IoError(std::io::Error::other("stream closed because of a broken pipe"));
+        // Seen in CI: TLS 1.3 and no client certificate, the refusal lost to the first write.
+        let f = classify("https://127.0.0.1:2379", "connect", &pipe());
+        assert_eq!(f.kind, Kind::CertRejected, "{}", f.message);
+        assert!(f.message.contains("refused our client certificate"), "{}", f.message);
+        assert_eq!(classify("http://127.0.0.1:2379", "connect", &pipe()).kind, Kind::PlainHttp);
+        assert_eq!(classify("https://127.0.0.1:2379", "watch", &pipe()).kind, Kind::Unreachable);
     }
 
     #[test]
