@@ -31,12 +31,12 @@ enum PodNs {
 /// Removes the pod interface (and so the veth pair), the lease and the masquerade entries.
 /// Succeeds when the namespace, interface or lease is already gone, and when repeated.
 ///
-/// The rules and the pod interface go at once; the lease after both. With
-/// `CNI_BRIDGE_DEL_DETACH=1` the pod interface's delete is sent by a child process (see
-/// [`Unlinking`]) and DEL goes on once the kernel has unlisted the pair, not when the kernel's
-/// request returns: measured here, the pair is gone 1-7 ms into the request, which then waits
-/// 15-35 ms more for an RCU barrier (longer under concurrency, as the kernel runs those
-/// barriers one at a time).
+/// The rules and the pod interface go at once; the lease after both. The pod interface's
+/// delete is sent by a child process (see [`Unlinking`]; not where children are left unreaped,
+/// see [`detach_delete`]) and DEL goes on once the kernel has unlisted the pair, not when the
+/// kernel's request returns: measured here, the pair is gone 1-7 ms into the request, which
+/// then waits 15-35 ms more for an RCU barrier (longer under concurrency, as the kernel runs
+/// those barriers one at a time).
 pub fn del(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
     crate::mark("start");
     let pod_ns = match req.inv.netns.as_deref() {
@@ -144,12 +144,25 @@ fn remove_links(req: &Request, conf: &BridgeConf, pod_ns: &PodNs) -> Result<(), 
     })
 }
 
-/// Whether the pod interface is deleted by a child process ([`Unlinking`]), opt-in with
-/// `CNI_BRIDGE_DEL_DETACH=1`. Not the default: the child outlives DEL by the kernel's RCU
-/// barrier (15-40 ms) and is reparented to the runtime when the runtime is a child subreaper;
-/// a runtime that never reaps children it did not start would collect one zombie per DEL.
+/// Whether the pod interface is deleted by a child process ([`Unlinking`]): by default yes,
+/// unless a child of an earlier DEL was found unreaped or children cannot be recorded (see
+/// [`crate::reaping`]); `CNI_BRIDGE_DEL_DETACH=0` never, `=1` always.
 fn detach_delete() -> bool {
-    std::env::var_os("CNI_BRIDGE_DEL_DETACH").is_some_and(|v| v == "1")
+    match std::env::var("CNI_BRIDGE_DEL_DETACH").as_deref() {
+        Ok("0") => false,
+        Ok("1") => true,
+        _ => match crate::reaping::unreaped() {
+            None => crate::reaping::can_record(),
+            Some((pid, parent)) => {
+                eprintln!(
+                    "cni-bridge: DEL: waiting for the kernel's delete: process {pid}, left by an \
+                     earlier DEL, is still a zombie of {parent}, which does not reap the \
+                     children it did not start"
+                );
+                false
+            }
+        },
+    }
 }
 
 /// The pod interface's delete (RTM_DELLINK by name, in the pod namespace), sent by a forked
@@ -197,7 +210,12 @@ impl Unlinking {
         // _exit) on memory prepared here, so it is sound even if this process had threads.
         match unsafe { fork() } {
             Ok(ForkResult::Child) => unlink_child(request.as_raw_fd(), &msg, answer_w.as_raw_fd()),
-            Ok(ForkResult::Parent { child }) => Ok(Unlinking { child, answer: answer.into(), events }),
+            Ok(ForkResult::Parent { child }) => {
+                if !crate::reaping::record(child.as_raw()) {
+                    eprintln!("cni-bridge: DEL: could not record process {child} for the reaping check");
+                }
+                Ok(Unlinking { child, answer: answer.into(), events })
+            }
             Err(e) => Err(io("forking the pod interface's delete")(std::io::Error::from(e))),
         }
     }

@@ -10,6 +10,7 @@ pub mod gc;
 pub mod ipam;
 pub mod netlink;
 pub mod netns;
+pub mod reaping;
 pub mod status;
 
 use cni_proto::{CniResult, Error as CniError, Plugin, Request};

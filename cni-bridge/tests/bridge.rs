@@ -4,7 +4,7 @@
 mod common;
 
 use cni_conformance::traffic::tcp_exchange;
-use cni_conformance::{require_root, Netns, Pause};
+use cni_conformance::{require_root, Netns, Out, Pause};
 use common::*;
 use serde_json::{json, Value};
 
@@ -744,9 +744,9 @@ fn del_reports_a_pod_interface_the_kernel_refuses_to_delete_and_both_delete_path
     let path = pod.path.display().to_string();
     assert_eq!(w.call("ADD", "c1", &path, &conf).code, 0);
     // The kernel will not delete a namespace's loopback: the error comes back as the CNI
-    // error JSON, from this process (default) and from the child that sends the delete with
-    // CNI_BRIDGE_DEL_DETACH=1.
-    for detach in [&[][..], &[("CNI_BRIDGE_DEL_DETACH", "1")][..]] {
+    // error JSON, from this process (CNI_BRIDGE_DEL_DETACH=0) and from the child that sends
+    // the delete (the default).
+    for detach in [&[("CNI_BRIDGE_DEL_DETACH", "0")][..], &[][..]] {
         let o = w.call_with("DEL", "c1", &path, "lo", detach, &conf);
         assert_ne!(o.code, 0, "{detach:?}: {}", o.stdout);
         let err: Value = serde_json::from_str(&o.stdout).unwrap();
@@ -759,9 +759,9 @@ fn del_reports_a_pod_interface_the_kernel_refuses_to_delete_and_both_delete_path
     assert_eq!(o.code, 0, "{}", o.stdout);
     assert!(w.veths().is_empty() && w.leases().is_empty(), "released");
     assert_eq!(w.call("ADD", "c2", &path, &conf).code, 0);
-    let o = w.call_with("DEL", "c2", &path, "eth0", &[("CNI_BRIDGE_DEL_DETACH", "1")], &conf);
+    let o = w.call_with("DEL", "c2", &path, "eth0", &[("CNI_BRIDGE_DEL_DETACH", "0")], &conf);
     assert_eq!(o.code, 0, "{}", o.stdout);
-    assert!(w.veths().is_empty() && w.leases().is_empty(), "released, CNI_BRIDGE_DEL_DETACH=1");
+    assert!(w.veths().is_empty() && w.leases().is_empty(), "released, CNI_BRIDGE_DEL_DETACH=0");
 }
 
 #[test]
@@ -918,4 +918,124 @@ fn a_bridge_someone_set_down_is_set_up_again_by_add() {
     let flags = w.node.ip_json(&["link", "show", "dev", "cni0"]);
     assert!(flags[0]["flags"].as_array().unwrap().contains(&json!("UP")), "{flags}");
     tcp_exchange(a.file(), ip_of(&oa, 0), b.file()).expect("pod b reaches pod a");
+}
+
+/// A pid namespace whose init (`sleep`) never reaps: what a plugin's orphans meet under a
+/// runtime that is a child subreaper and reaps only the children it started. Killed on drop.
+struct NoReaper {
+    unshare: std::process::Child,
+    init: i32,
+}
+
+impl NoReaper {
+    fn new() -> NoReaper {
+        let unshare = std::process::Command::new("unshare")
+            .args(["--pid", "--fork", "--mount-proc", "--kill-child", "sleep", "infinity"])
+            .spawn()
+            .expect("unshare (util-linux)");
+        let children = format!("/proc/{0}/task/{0}/children", unshare.id());
+        let mut sandbox = NoReaper { unshare, init: 0 };
+        let start = std::time::Instant::now();
+        while sandbox.init == 0 {
+            let listed = std::fs::read_to_string(&children).unwrap_or_default();
+            sandbox.init = listed.split_whitespace().next().and_then(|p| p.parse().ok()).unwrap_or(0);
+            assert!(start.elapsed().as_secs() < 10, "the sandbox's init did not start");
+            std::thread::yield_now();
+        }
+        sandbox
+    }
+
+    /// The init's children and their states (`Z` for a zombie).
+    fn children(&self) -> Vec<(i32, char)> {
+        let listed = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.init)).unwrap();
+        let state = |pid: i32| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            stat.rsplit(')').next().and_then(|rest| rest.trim().chars().next()).unwrap_or('?')
+        };
+        listed.split_whitespace().filter_map(|p| p.parse().ok()).map(|p| (p, state(p))).collect()
+    }
+
+    /// Runs the plugin in the node namespace and in this pid namespace, as a runtime there.
+    fn call(&self, w: &World, cmd: &str, id: &str, pod: &Netns, env: &[(&str, &str)], conf: &Value) -> Out {
+        use std::io::Write;
+        let target = self.init.to_string();
+        let mut p = std::process::Command::new("nsenter");
+        p.args(["--target", &target, "--pid", "--mount", "--"]).arg(w.main_plugin());
+        p.env_clear().env("CNI_COMMAND", cmd).env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+        let netns = pod.path.display().to_string();
+        let vars = [
+            ("CNI_CONTAINERID", id),
+            ("CNI_NETNS", &netns),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_PATH", &w.cni_path),
+        ];
+        p.envs(vars.iter().chain(env).copied());
+        p.stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        w.node.enter(&mut p);
+        let mut child = p.spawn().expect("nsenter");
+        child.stdin.take().unwrap().write_all(conf.to_string().as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        Out {
+            code: out.status.code().unwrap_or(-1),
+            json: serde_json::from_str(&stdout).unwrap_or(Value::Null),
+            stdout,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
+impl Drop for NoReaper {
+    fn drop(&mut self) {
+        // --kill-child: the init (and with it the namespace's zombies) goes with unshare.
+        let _ = self.unshare.kill();
+        let _ = self.unshare.wait();
+    }
+}
+
+/// Seconds since `pid` started, from /proc (start time in clock ticks of 1/100 s).
+fn age_seconds(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let start: f64 = stat.rsplit(')').next().unwrap().split_whitespace().nth(19).unwrap().parse().unwrap();
+    let uptime: f64 =
+        std::fs::read_to_string("/proc/uptime").unwrap().split_whitespace().next().unwrap().parse().unwrap();
+    uptime - start / 100.0
+}
+
+#[test]
+fn del_waits_for_the_kernel_itself_where_its_children_are_not_reaped() {
+    require_root("no_reaper");
+    let w = World::new("noreap");
+    let conf = w.conf("1.0.0", "10.48.0.0/24", json!({}));
+    let pods = [Netns::new("pod"), Netns::new("pod")];
+    for (i, pod) in pods.iter().enumerate() {
+        assert_eq!(w.call("ADD", &format!("c{i}"), &pod.path.display().to_string(), &conf).code, 0);
+    }
+    let sandbox = NoReaper::new();
+    // A detached DEL: its child finishes the kernel's delete after DEL and is reparented to
+    // the sandbox's init, which leaves it a zombie.
+    let o = sandbox.call(&w, "DEL", "c0", &pods[0], &[("CNI_BRIDGE_DEL_DETACH", "1")], &conf);
+    assert_eq!(o.code, 0, "{} {}", o.stdout, o.stderr);
+    let start = std::time::Instant::now();
+    let zombie = loop {
+        if let Some((pid, _)) = sandbox.children().into_iter().find(|(_, state)| *state == 'Z') {
+            break pid;
+        }
+        assert!(start.elapsed().as_secs() < 10, "no zombie under the sandbox: {:?}", sandbox.children());
+        std::thread::yield_now();
+    };
+    // The plugin gives a zombie 2 s to be reaped before it counts its parent as one that
+    // never reaps: wait for that age, not a fixed time.
+    while age_seconds(zombie) < 2.5 {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // The next DEL (default mode) finds it and deletes in its own process: no new child.
+    let o = sandbox.call(&w, "DEL", "c1", &pods[1], &[], &conf);
+    assert_eq!(o.code, 0, "{} {}", o.stdout, o.stderr);
+    assert!(o.stderr.contains("still a zombie"), "says why it waits: {}", o.stderr);
+    assert_eq!(sandbox.children(), [(zombie, 'Z')], "the second DEL left no process behind");
+    assert!(w.veths().is_empty() && w.leases().is_empty(), "{:?} {:?}", w.veths(), w.leases());
+    assert_eq!(pods[1].links(), ["lo"]);
 }
