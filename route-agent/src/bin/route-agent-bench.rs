@@ -131,7 +131,9 @@ fn main() {
         });
     }
     let start = Instant::now();
-    let child = Proc(cmd.spawn().expect("start agent"));
+    let child = Proc(cmd.spawn().unwrap_or_else(|e| {
+        panic!("start {}: {e} (cargo build --release -p cni-route-agent)", agent.display())
+    }));
     let pid = child.0.id();
     wait_for("all routes installed", Duration::from_secs(60), || {
         metric(&ns.0, "routes_installed") == Some(nodes as f64) && metric(&ns.0, "ready") == Some(1.0)
