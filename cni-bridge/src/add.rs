@@ -7,7 +7,7 @@ use std::fs::File;
 use std::net::{IpAddr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
-use cni_proto::{crash_point, CniResult, Command, Interface, IpConfig, Request, Route};
+use cni_proto::{CniResult, Command, Interface, IpConfig, Request, Route};
 use ipnetwork::IpNetwork;
 use rtnetlink::packet_route::link::InfoKind;
 
@@ -22,6 +22,12 @@ use crate::netns;
 /// How long the datapath may take to become ready (port forwarding, IPv6 addresses usable;
 /// with `enabledad`, duplicate address detection takes 1-2 s of that).
 const READY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A crash point of the test build, where a test build can also be made to fail
+/// ([`cni_proto::checkpoint`]); nothing in a release build.
+fn checkpoint(step: &str) -> Result<(), BridgeError> {
+    cni_proto::checkpoint(step).map_err(BridgeError::io("test checkpoint"))
+}
 
 /// How many random host veth names are tried before giving up.
 const VETH_NAME_TRIES: usize = 10;
@@ -45,38 +51,6 @@ fn bridge_mac() -> [u8; 6] {
     // Clear the multicast bit, set the locally administered one.
     mac[0] = (mac[0] & 0xfe) | 0x02;
     mac
-}
-
-/// Finds or creates the bridge, up, promiscuous if asked; `true` with it when this call
-/// created it.
-pub async fn ensure_bridge(host: &Nl, conf: &BridgeConf) -> Result<(Link, bool), BridgeError> {
-    let (bridge, created) = match host.link(&conf.bridge).await? {
-        Some(existing) => (existing, false),
-        None => {
-            // A parallel ADD may create it first: EEXIST is fine, the kind is checked below.
-            let created =
-                host.create_bridge(&conf.bridge, bridge_mac(), conf.mtu, conf.vlan_filtering()).await?;
-            let made = host
-                .link(&conf.bridge)
-                .await?
-                .ok_or_else(|| BridgeError::LinkVanished(conf.bridge.clone()))?;
-            (made, created)
-        }
-    };
-    if bridge.kind != Some(InfoKind::Bridge) {
-        return Err(BridgeError::NotABridge(conf.bridge.clone()));
-    }
-    if conf.vlan_filtering() && !bridge.vlan_filtering {
-        host.enable_vlan_filtering(&conf.bridge).await?;
-    }
-    // A bridge someone set down keeps every port disabled: the pod would get no traffic.
-    if !bridge.up {
-        host.set(bridge.index, "setting the bridge up", |l| l.up()).await?;
-    }
-    if conf.promisc && !bridge.promisc {
-        host.set(bridge.index, "setting the bridge promiscuous", |l| l.promiscuous(true)).await?;
-    }
-    Ok((bridge, created))
 }
 
 /// Puts a bridge port on its VLANs: `vlan` as PVID/untagged (1 for a trunk without one),
@@ -165,8 +139,9 @@ enum Made {
     Masquerade(String),
     /// The bridge, created by this ADD (deleted only while it has no ports).
     Bridge(u32),
-    /// The host end of the veth pair (deleting it deletes the pod end too).
-    HostVeth(u32),
+    /// The veth pair, deleted through its pod end, CNI_IFNAME in the pod namespace (known
+    /// from the moment it exists; the host end goes with it).
+    Veth,
     /// MAC spoof-check entries of this attachment.
     SpoofCheck(String),
 }
@@ -282,11 +257,8 @@ impl<'a> Attach<'a> {
 
     async fn run(&mut self, pending: Option<(&'a str, ipam::Pending)>) -> Result<CniResult, BridgeError> {
         let mut ipam = self.allocate(pending).await?;
-        let (bridge, created) = ensure_bridge(&self.host, self.conf).await?;
-        if created {
-            self.made.push(Made::Bridge(bridge.index));
-        }
-        crash_point("bridge-add-after-bridge");
+        let bridge = self.ensure_bridge().await?;
+        checkpoint("bridge-add-after-bridge")?;
         crate::mark("bridge ensured");
         let port = self.plumb_veth(&bridge).await?;
         if let Some(plugin) = self.conf.ipam_type.as_deref().filter(|t| ipam_needs_interface(t)) {
@@ -301,9 +273,45 @@ impl<'a> Attach<'a> {
         let ready = Readiness::of(self.conf, &ipam, &bridge, vlan_gateway.as_ref());
         let port_link = self.wait_until_ready(&port, &pod, ready).await?;
         let attached = Attached { bridge, port, port_link, pod, vlan_gateway };
-        let result = self.build_result(attached, ipam).await;
-        crash_point("bridge-add-before-result");
-        result
+        let result = self.build_result(attached, ipam).await?;
+        checkpoint("bridge-add-before-result")?;
+        Ok(result)
+    }
+
+    /// Finds or creates the bridge, up, promiscuous if asked. One this call creates is
+    /// recorded for rollback at once, before anything else about it can fail.
+    async fn ensure_bridge(&mut self) -> Result<Link, BridgeError> {
+        let (host, conf) = (&self.host, self.conf);
+        let bridge = match host.link(&conf.bridge).await? {
+            Some(existing) => existing,
+            None => {
+                // A parallel ADD may create it first: EEXIST is fine, the kind is checked below.
+                let created =
+                    host.create_bridge(&conf.bridge, bridge_mac(), conf.mtu, conf.vlan_filtering()).await?;
+                let made = host.link(&conf.bridge).await?;
+                let made = made.ok_or_else(|| BridgeError::LinkVanished(conf.bridge.clone()))?;
+                if created {
+                    self.made.push(Made::Bridge(made.index));
+                }
+                checkpoint("bridge-add-bridge-created")?;
+                made
+            }
+        };
+        let host = &self.host;
+        if bridge.kind != Some(InfoKind::Bridge) {
+            return Err(BridgeError::NotABridge(conf.bridge.clone()));
+        }
+        if conf.vlan_filtering() && !bridge.vlan_filtering {
+            host.enable_vlan_filtering(&conf.bridge).await?;
+        }
+        // A bridge someone set down keeps every port disabled: the pod would get no traffic.
+        if !bridge.up {
+            host.set(bridge.index, "setting the bridge up", |l| l.up()).await?;
+        }
+        if conf.promisc && !bridge.promisc {
+            host.set(bridge.index, "setting the bridge promiscuous", |l| l.promiscuous(true)).await?;
+        }
+        Ok(bridge)
     }
 
     /// Waits for IPAM and starts the masquerade rules for its addresses. Nothing is created
@@ -334,9 +342,13 @@ impl<'a> Attach<'a> {
         plugin: &'a str,
         pending: ipam::Pending,
     ) -> Result<CniResult, BridgeError> {
-        let answer = pending.wait()?;
-        self.made.push(Made::Lease(plugin.to_string()));
-        crash_point("bridge-add-after-ipam");
+        // An exec'd IPAM that exited 0 holds a lease even if its output is unusable.
+        let (held, answer) = pending.wait_add();
+        if held {
+            self.made.push(Made::Lease(plugin.to_string()));
+        }
+        let answer = answer?;
+        checkpoint("bridge-add-after-ipam")?;
         let result = answer.unwrap_or_default();
         validate_ipam_result(plugin, &result, self.conf)?;
         Ok(result)
@@ -354,8 +366,7 @@ impl<'a> Attach<'a> {
         let backend = self.conf.masq_backend;
         self.masq_job = Some(std::thread::spawn(move || {
             let added = backend.add(&addrs, &owner);
-            crash_point("bridge-add-after-masquerade");
-            added
+            added.and_then(|()| checkpoint("bridge-add-after-masquerade"))
         }));
     }
 
@@ -376,6 +387,8 @@ impl<'a> Attach<'a> {
         for _ in 0..VETH_NAME_TRIES {
             let candidate = random_veth_name();
             if self.pod.create_veth(ifname, &candidate, &host_ns, conf.mtu, conf.mac).await? {
+                // Recorded before anything else about it can fail.
+                self.made.push(Made::Veth);
                 name = Some(candidate);
                 break;
             }
@@ -385,9 +398,9 @@ impl<'a> Attach<'a> {
             }
         }
         let name = name.ok_or(BridgeError::VethNamesTaken(VETH_NAME_TRIES))?;
+        checkpoint("bridge-add-veth-created")?;
         let link = host.link(&name).await?.ok_or_else(|| BridgeError::LinkVanished(name.clone()))?;
-        self.made.push(Made::HostVeth(link.index));
-        crash_point("bridge-add-after-veth");
+        checkpoint("bridge-add-after-veth")?;
         crate::mark("veth created");
         host.set(link.index, "attaching the host veth to the bridge", |l| l.controller(bridge.index).up())
             .await?;
@@ -405,7 +418,7 @@ impl<'a> Attach<'a> {
             let owner = self.owner();
             self.made.push(Made::SpoofCheck(owner.clone()));
             spoof::add(&port.name, &link.mac, &owner)?;
-            crash_point("bridge-add-after-spoof-check");
+            checkpoint("bridge-add-after-spoof-check")?;
         }
         let mut routes = ipam.routes.clone();
         if conf.disable_container_interface {
@@ -430,7 +443,7 @@ impl<'a> Attach<'a> {
         for added in futures::future::join_all(adds).await {
             added?;
         }
-        crash_point("bridge-add-after-addresses");
+        checkpoint("bridge-add-after-addresses")?;
         self.pod.set(link.index, "setting the pod interface up", |l| l.up()).await?;
         let family_gateway =
             |v4: bool| ipam.ips.iter().filter(|i| i.address.is_ipv4() == v4).find_map(gateway_of);
@@ -452,7 +465,7 @@ impl<'a> Attach<'a> {
             }
             self.pod.add_route(link.index, &via).await?;
         }
-        crash_point("bridge-add-after-routes");
+        checkpoint("bridge-add-after-routes")?;
         crate::mark("pod addresses, routes, link up");
         Ok(PodSide { link, routes })
     }
@@ -495,7 +508,7 @@ impl<'a> Attach<'a> {
         if seen.iter().any(IpNetwork::is_ipv6) {
             netns::sysctl("net/ipv6/conf/all/forwarding", "1")?;
         }
-        crash_point("bridge-add-after-gateway");
+        checkpoint("bridge-add-after-gateway")?;
         crate::mark("gateway and forwarding");
         Ok(vlan_gateway)
     }
@@ -650,7 +663,7 @@ impl<'a> Attach<'a> {
                 }
                 Made::Masquerade(owner) => self.conf.masq_backend.remove_where(|o| o == owner),
                 Made::SpoofCheck(owner) => spoof::remove_where(|o| o == owner),
-                Made::HostVeth(index) => self.host.del_link(*index).await,
+                Made::Veth => self.pod.del_link_named(&self.req.inv.ifname).await,
                 // A parallel ADD may have attached its pod meanwhile: keep the bridge then.
                 Made::Bridge(index) => match self.host.has_ports(*index).await {
                     Ok(false) => self.host.del_link(*index).await,

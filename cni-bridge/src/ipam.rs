@@ -57,6 +57,20 @@ impl Pending {
     }
 }
 
+impl Pending {
+    /// Waits for an ADD's answer, with whether the plugin may now hold a lease: it answered,
+    /// or (exec'd) it exited 0 even if what it printed is unusable.
+    pub fn wait_add(self) -> (bool, Result<Option<CniResult>, CniError>) {
+        match self {
+            Pending::Exec(process) => process.wait_status(),
+            in_process => {
+                let answer = in_process.wait();
+                (answer.is_ok(), answer)
+            }
+        }
+    }
+}
+
 /// Runs IPAM plugin `ipam_type` with `command` to the end.
 pub fn run(ipam_type: &str, command: Command, req: &Request) -> Result<Option<CniResult>, CniError> {
     start(ipam_type, command, req)?.wait()

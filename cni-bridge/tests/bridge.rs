@@ -591,6 +591,25 @@ fn bad_delegated_ipam_results_are_refused_and_rolled_back() {
 }
 
 #[test]
+fn a_delegated_ipam_that_exits_0_with_an_unusable_result_is_asked_to_release_it() {
+    require_root("garbage_ipam_result");
+    let w = World::new("garbage");
+    let pod = Netns::new("pod");
+    let path = pod.path.display().to_string();
+    // Exit 0 means the plugin allocated, whatever it printed: the lease must be released.
+    for result in [json!("garbage"), json!([1, 2]), json!({"cniVersion": "1.0.0", "ips": "x"})] {
+        let cni_path = w.fake_ipam(&result);
+        let mut conf = w.conf("1.0.0", "10.40.0.0/24", json!({"ipMasq": true}));
+        conf["ipam"] = json!({"type": "fake-ipam"});
+        let o = w.call_with("ADD", "c1", &path, "eth0", &[("CNI_PATH", &cni_path)], &conf);
+        assert!(o.err_code().is_some(), "{result}: a CNI error: {} {}", o.stdout, o.stderr);
+        assert_eq!(w.fake_ipam_calls(), ["ADD", "DEL"], "{result}: the lease is released");
+        assert_eq!(w.node.links(), ["lo"], "{result}: links left on the node");
+        assert_eq!(pod.links(), ["lo"], "{result}: links left in the pod");
+    }
+}
+
+#[test]
 fn del_releases_everything_when_netns_is_no_namespace_any_more() {
     require_root("del_stale_netns");
     let w = World::new("stale");

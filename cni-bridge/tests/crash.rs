@@ -23,6 +23,22 @@ const ADD_STEPS: [&str; 9] = [
     "bridge-add-before-result",
 ];
 
+/// Every step at which a test build's ADD can be made to fail (CNI_TEST_FAIL_AT): the crash
+/// points, and the moments right after the bridge and the veth pair are created.
+const FAIL_STEPS: [&str; 11] = [
+    "bridge-add-after-ipam",
+    "bridge-add-after-masquerade",
+    "bridge-add-bridge-created",
+    "bridge-add-after-bridge",
+    "bridge-add-veth-created",
+    "bridge-add-after-veth",
+    "bridge-add-after-spoof-check",
+    "bridge-add-after-addresses",
+    "bridge-add-after-routes",
+    "bridge-add-after-gateway",
+    "bridge-add-before-result",
+];
+
 /// Every crash point of DEL.
 const DEL_STEPS: [&str; 3] = ["bridge-del-after-ipam", "bridge-del-after-rules", "bridge-del-after-link"];
 
@@ -178,5 +194,34 @@ fn del_killed_at_each_step_then_del_again_leaves_nothing() {
         assert_eq!(pod.links(), ["lo"], "{step}: pod interface left");
         node.assert_clean(step);
         node.assert_next_add_works("c1", &pod, step);
+    }
+}
+
+#[test]
+fn add_failing_at_each_step_undoes_everything_by_itself() {
+    require_root("fail_add");
+    let id = "failing-attachment";
+    for step in FAIL_STEPS {
+        // A node of its own each time: the failing ADD is its first, so it made the bridge.
+        let w = World::new("failadd");
+        let conf = w.conf(
+            "1.1.0",
+            "10.49.0.0/24",
+            json!({"ipMasq": true, "macspoofchk": true, "isDefaultGateway": true}),
+        );
+        let pod = Netns::new("pod");
+        let path = pod.path.display().to_string();
+        let o = w.call_with("ADD", id, &path, "eth0", &[("CNI_TEST_FAIL_AT", step)], &conf);
+        assert_eq!(o.err_code(), Some(5), "{step}: {} {}", o.stdout, o.stderr);
+        assert!(o.stdout.contains(step), "{step}: {}", o.stdout);
+        // No DEL: a failed ADD leaves nothing by itself.
+        assert_eq!(pod.links(), ["lo"], "{step}: pod interface left");
+        assert_eq!(w.node.links(), ["lo"], "{step}: the bridge this ADD made, or a veth, left");
+        assert!(w.leases().is_empty(), "{step}: lease left: {:?}", w.leases());
+        assert!(w.masq_entries().is_empty(), "{step}: masquerade entry left");
+        assert!(!rules(&w).contains(id), "{step}: a rule of the attachment left: {}", rules(&w));
+        let o = w.call("ADD", id, &path, &conf);
+        assert_eq!(o.code, 0, "{step}: the next ADD: {} {}", o.stdout, o.stderr);
+        assert_eq!(w.call("DEL", id, &path, &conf).code, 0, "{step}");
     }
 }

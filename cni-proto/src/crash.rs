@@ -16,3 +16,18 @@ pub fn crash_point(step: &str) {
     #[cfg(not(feature = "crash-points"))]
     let _ = step;
 }
+
+/// The variable naming the step at which a test build fails with an I/O error instead.
+pub const FAIL_AT_ENV: &str = "CNI_TEST_FAIL_AT";
+
+/// [`crash_point`]; and in a test build an error here when `CNI_TEST_FAIL_AT` equals `step`,
+/// so that the rollback of everything made before each step is tested at every one.
+#[inline(always)]
+pub fn checkpoint(step: &str) -> std::io::Result<()> {
+    crash_point(step);
+    #[cfg(feature = "crash-points")]
+    if std::env::var_os(FAIL_AT_ENV).is_some_and(|v| v == step) {
+        return Err(std::io::Error::other(format!("failure injected at {step}")));
+    }
+    Ok(())
+}

@@ -96,31 +96,56 @@ pub fn spawn_path(bin: &Path, command: Command, inv: &Invocation, stdin: &[u8]) 
 impl Pending {
     /// Waits for the plugin: its result for ADD, `None` otherwise, or its error.
     pub fn wait(self) -> Result<Option<CniResult>, Error> {
+        self.wait_status().1
+    }
+
+    /// [`Pending::wait`], with whether the plugin exited 0: an IPAM plugin that did may hold
+    /// a lease even when what it printed is unusable, and must then be asked to release it.
+    pub fn wait_status(self) -> (bool, Result<Option<CniResult>, Error>) {
+        let command = self.command;
+        match self.wait_exit() {
+            Ok((stdout, name)) => (true, Self::parse(command, &stdout, &name)),
+            Err((exited_ok, e)) => (exited_ok, Err(e)),
+        }
+    }
+
+    /// Waits for the exit: stdout and the plugin's name if it was 0, else the plugin's error.
+    fn wait_exit(self) -> Result<(Vec<u8>, String), (bool, Error)> {
         let Pending { child, writer, command, name } = self;
-        let out = child.wait_with_output().map_err(|e| fail(format!("waiting for {name}: {e}")))?;
+        let out = child.wait_with_output().map_err(|e| (false, fail(format!("waiting for {name}: {e}"))))?;
         if let Some(thread) = writer {
             let _ = thread.join();
         }
         if !out.status.success() {
             let json: Option<Value> = serde_json::from_slice(&out.stdout).ok();
-            return Err(match json {
-                Some(json) if json.get("code").and_then(Value::as_u64).is_some() => Error::Plugin {
-                    code: json["code"].as_u64().unwrap_or(DELEGATE_FAILED as u64) as u32,
-                    msg: format!("{name}: {}", json.get("msg").and_then(Value::as_str).unwrap_or("failed")),
-                    details: json.get("details").and_then(Value::as_str).unwrap_or("").to_string(),
+            return Err((
+                false,
+                match json {
+                    Some(json) if json.get("code").and_then(Value::as_u64).is_some() => Error::Plugin {
+                        code: json["code"].as_u64().unwrap_or(DELEGATE_FAILED as u64) as u32,
+                        msg: format!(
+                            "{name}: {}",
+                            json.get("msg").and_then(Value::as_str).unwrap_or("failed")
+                        ),
+                        details: json.get("details").and_then(Value::as_str).unwrap_or("").to_string(),
+                    },
+                    _ => fail(format!(
+                        "{name} {} failed ({}): {}",
+                        verb(command),
+                        out.status,
+                        String::from_utf8_lossy(&out.stdout).trim()
+                    )),
                 },
-                _ => fail(format!(
-                    "{name} {} failed ({}): {}",
-                    verb(command),
-                    out.status,
-                    String::from_utf8_lossy(&out.stdout).trim()
-                )),
-            });
+            ));
         }
+        Ok((out.stdout, name))
+    }
+
+    fn parse(command: Command, stdout: &[u8], name: &str) -> Result<Option<CniResult>, Error> {
         if command != Command::Add {
             return Ok(None);
         }
-        let json: Value = serde_json::from_slice(&out.stdout).map_err(|e| Error::Decode {
+        let json: Value = serde_json::from_slice(stdout).map_err(|e| Error::Decode {
             what: "delegated plugin result",
             details: format!("{name}: {e}"),
         })?;
