@@ -139,9 +139,11 @@ enum Made {
     Masquerade(String),
     /// The bridge, created by this ADD (deleted only while it has no ports).
     Bridge(u32),
-    /// The veth pair, deleted through its pod end, CNI_IFNAME in the pod namespace (known
-    /// from the moment it exists; the host end goes with it).
-    Veth,
+    /// The veth pair, deleted through its host end: its random name is known from the
+    /// moment the pair exists and is this ADD's alone (a later ADD for the same pod, after
+    /// a runtime gave up on this one, has a pod end of the same name; the pod end goes with
+    /// the host end).
+    Veth(String),
     /// MAC spoof-check entries of this attachment.
     SpoofCheck(String),
 }
@@ -184,7 +186,7 @@ pub fn add(req: &Request, conf: &BridgeConf) -> Result<CniResult, BridgeError> {
         Err(e) => {
             // Whatever IPAM allocated must not outlive this failed ADD.
             if let Some((plugin, started)) = pending {
-                if started.wait().is_ok() {
+                if started.wait_add().0 {
                     let _ = ipam::run(plugin, Command::Del, req);
                 }
             }
@@ -388,7 +390,7 @@ impl<'a> Attach<'a> {
             let candidate = random_veth_name();
             if self.pod.create_veth(ifname, &candidate, &host_ns, conf.mtu, conf.mac).await? {
                 // Recorded before anything else about it can fail.
-                self.made.push(Made::Veth);
+                self.made.push(Made::Veth(candidate.clone()));
                 name = Some(candidate);
                 break;
             }
@@ -579,12 +581,24 @@ impl<'a> Attach<'a> {
         let vanished = || BridgeError::LinkVanished(port.name.clone());
         let ifname = &self.req.inv.ifname;
         let start = Instant::now();
+        let mut pause = Duration::from_millis(1);
         loop {
             let link = self.host.link_by_index(port.index).await?.ok_or_else(vanished)?;
             let port_ready = self.conf.disable_container_interface || (link.oper_up && !link.port_disabled);
             if !gateways.is_empty() {
+                // One someone else added with DAD may still be tentative, or found a duplicate.
+                let unsettled = self.host.unsettled_ipv6(gateway_index).await?;
+                if let Some((address, _)) = unsettled.iter().find(|(_, failed)| *failed) {
+                    return Err(BridgeError::DadFailed {
+                        address: *address,
+                        ifname: self.conf.bridge.clone(),
+                    });
+                }
                 let groups = netns::ipv6_groups().map_err(BridgeError::io("reading IPv6 groups"))?;
-                gateways.retain(|gw| !groups.contains(&(gateway_index, netns::solicited_node(*gw))));
+                gateways.retain(|gw| {
+                    unsettled.iter().any(|(u, _)| *u == IpAddr::V6(*gw))
+                        || !groups.contains(&(gateway_index, netns::solicited_node(*gw)))
+                });
             }
             if !pod_addresses.is_empty() {
                 let unsettled = if self.conf.enable_dad {
@@ -617,7 +631,9 @@ impl<'a> Attach<'a> {
                 };
                 return Err(BridgeError::NotReady { what, seconds: READY_TIMEOUT.as_secs() });
             }
-            tokio::time::sleep(Duration::from_millis(1)).await;
+            // Usually ready within a pass or two; DAD (`enabledad`) takes 1-2 s.
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(20));
         }
     }
 
@@ -663,7 +679,7 @@ impl<'a> Attach<'a> {
                 }
                 Made::Masquerade(owner) => self.conf.masq_backend.remove_where(|o| o == owner),
                 Made::SpoofCheck(owner) => spoof::remove_where(|o| o == owner),
-                Made::Veth => self.pod.del_link_named(&self.req.inv.ifname).await,
+                Made::Veth(host_end) => self.host.del_link_named(host_end).await,
                 // A parallel ADD may have attached its pod meanwhile: keep the bridge then.
                 Made::Bridge(index) => match self.host.has_ports(*index).await {
                     Ok(false) => self.host.del_link(*index).await,

@@ -8,6 +8,7 @@ use crate::error::BridgeError;
 use crate::firewall;
 use crate::netlink::Nl;
 use crate::netns;
+use crate::reaping::Recorder;
 
 /// The outcome of a best-effort teardown: every error, or success.
 pub(crate) fn finish(errs: Vec<CniError>) -> Result<(), BridgeError> {
@@ -60,14 +61,14 @@ pub fn del(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
     // socket too: closing it after removing entries waits for an RCU grace period (~10 ms),
     // which would otherwise come at this process's exit, now that it no longer waits for
     // the veth delete's end.
-    let detach = matches!(pod_ns, PodNs::Open(_)) && detach_delete();
-    if detach {
+    let detach = if matches!(pod_ns, PodNs::Open(_)) { detach_delete() } else { None };
+    if detach.is_some() {
         if let Err(e) = firewall::netlink::open() {
             eprintln!("cni-bridge: DEL: opening the netfilter socket early: {e}");
         }
     }
-    let unlinking = match &pod_ns {
-        PodNs::Open(ns) if detach => Some(Unlinking::start(ns, &req.inv.ifname)),
+    let unlinking = match (&pod_ns, detach) {
+        (PodNs::Open(ns), Some(recorder)) => Some(Unlinking::start(ns, &req.inv.ifname, recorder)),
         _ => None,
     };
     let owner = firewall::owner(&req.conf.name, &req.inv.container_id, &req.inv.ifname);
@@ -79,8 +80,13 @@ pub fn del(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
             removed
         });
         let mut errs: Vec<CniError> = Vec::new();
+        let mut detached_child = None;
         let removed = match unlinking {
-            Some(started) => started.and_then(|u| u.wait(&req.inv.ifname)),
+            Some(Ok(started)) => {
+                detached_child = Some(started.child);
+                started.wait(&req.inv.ifname)
+            }
+            Some(Err(e)) => Err(e),
             None => remove_links(req, conf, &pod_ns),
         };
         if let Err(e) = removed {
@@ -105,6 +111,10 @@ pub fn del(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
                 crash_point("bridge-del-after-ipam");
             }
             crate::mark("IPAM DEL done");
+        }
+        // Reaped if it is done by now (a slow IPAM DEL); otherwise it exits after this process.
+        if let Some(child) = detached_child {
+            let _ = nix::sys::wait::waitpid(child, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
         }
         finish(errs)
     })
@@ -144,25 +154,29 @@ fn remove_links(req: &Request, conf: &BridgeConf, pod_ns: &PodNs) -> Result<(), 
     })
 }
 
-/// Whether the pod interface is deleted by a child process ([`Unlinking`]): by default yes,
-/// unless a child of an earlier DEL was found unreaped or children cannot be recorded (see
-/// [`crate::reaping`]); `CNI_BRIDGE_DEL_DETACH=0` never, `=1` always.
-fn detach_delete() -> bool {
-    match std::env::var("CNI_BRIDGE_DEL_DETACH").as_deref() {
-        Ok("0") => false,
+/// Whether the pod interface is deleted by a child process ([`Unlinking`]), and where that
+/// child is recorded. By default yes, unless children cannot be recorded and checked here, or
+/// a child of an earlier DEL was found unreaped (see [`crate::reaping`]);
+/// `CNI_BRIDGE_DEL_DETACH=0` never, `=1` always.
+fn detach_delete() -> Option<Option<Recorder>> {
+    let forced = match std::env::var("CNI_BRIDGE_DEL_DETACH").as_deref() {
+        Ok("0") => return None,
         Ok("1") => true,
-        _ => match crate::reaping::unreaped() {
-            None => crate::reaping::can_record(),
-            Some((pid, parent)) => {
-                eprintln!(
-                    "cni-bridge: DEL: waiting for the kernel's delete: process {pid}, left by an \
-                     earlier DEL, is still a zombie of {parent}, which does not reap the \
-                     children it did not start"
-                );
-                false
-            }
-        },
+        _ => false,
+    };
+    let recorder = Recorder::open();
+    if forced {
+        return Some(recorder);
     }
+    let mut recorder = recorder?;
+    if let Some((pid, parent)) = recorder.unreaped() {
+        eprintln!(
+            "cni-bridge: DEL: waiting for the kernel's delete: process {pid}, left by an earlier \
+             DEL, is still a zombie of {parent}, which does not reap the children it did not start"
+        );
+        return None;
+    }
+    Some(Some(recorder))
 }
 
 /// The pod interface's delete (RTM_DELLINK by name, in the pod namespace), sent by a forked
@@ -185,7 +199,7 @@ const AF_BRIDGE: u8 = 7;
 const RTNLGRP_LINK: u32 = 1;
 
 impl Unlinking {
-    fn start(ns: &std::fs::File, ifname: &str) -> Result<Unlinking, BridgeError> {
+    fn start(ns: &std::fs::File, ifname: &str, recorder: Option<Recorder>) -> Result<Unlinking, BridgeError> {
         use nix::unistd::{fork, ForkResult};
         use rtnetlink::sys::{protocols::NETLINK_ROUTE, Socket};
         use std::os::fd::AsRawFd;
@@ -211,8 +225,10 @@ impl Unlinking {
         match unsafe { fork() } {
             Ok(ForkResult::Child) => unlink_child(request.as_raw_fd(), &msg, answer_w.as_raw_fd()),
             Ok(ForkResult::Parent { child }) => {
-                if !crate::reaping::record(child.as_raw()) {
-                    eprintln!("cni-bridge: DEL: could not record process {child} for the reaping check");
+                if let Some(mut recorder) = recorder {
+                    if !recorder.record(child.as_raw()) {
+                        eprintln!("cni-bridge: DEL: could not record process {child} for the reaping check");
+                    }
                 }
                 Ok(Unlinking { child, answer: answer.into(), events })
             }

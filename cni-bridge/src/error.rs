@@ -136,12 +136,13 @@ pub enum BridgeError {
         /// How long ADD waited.
         seconds: u64,
     },
-    /// With `enabledad`, duplicate address detection found the address in use on the link.
+    /// Duplicate address detection found an IPv6 address in use on its link: the pod's (with
+    /// `enabledad`), or a gateway address someone else put on the bridge with DAD.
     #[error("duplicate address detection failed for {address} on {ifname}: another host uses it")]
     DadFailed {
         /// The address another host answered for.
         address: IpAddr,
-        /// The pod interface.
+        /// The pod interface or the gateway link.
         ifname: String,
     },
     /// A sysctl write failed.

@@ -5,32 +5,35 @@
 //! subreaper (containerd, a container's init), which must reap it. One that never does (a
 //! `sleep` as a pid namespace's init, a subreaper that reaps only what it started) would
 //! collect one zombie per DEL until the PID table is full. So each detached child is
-//! recorded here, and DEL detaches only while none recorded has stayed a zombie: the first
-//! unreaped child turns every later DEL back to waiting for the kernel itself.
+//! recorded here, and DEL detaches only while none recorded has stayed a zombie of another
+//! process for 2 s: the first unreaped child turns every later DEL back to waiting for the
+//! kernel itself. Where children cannot be recorded and checked, DEL does not detach.
 
-use std::io::Write;
+use std::fs::File;
+use std::io::{Read, Seek, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 /// Where the children are recorded: per boot (PIDs are), per mount namespace.
 const RECORD: &str = "/run/cni-bridge/detached-children";
 
-/// Records past this size start over: only the latest children matter.
-const RECORD_MAX: u64 = 4096;
+/// Past this size the record keeps only the lines of processes that still exist.
+const RECORD_MAX: u64 = 16 * 1024;
 
 /// How long a child may stay a zombie before its new parent counts as one that never
 /// reaps: the kernel's delete ends 15-40 ms after DEL, a busy reaper may take a while more.
 const GRACE_SECONDS: u64 = 2;
 
-/// A process as `/proc/<pid>/stat` shows it: state, parent, start time in clock ticks.
+/// A process as `/proc/<pid>/stat` shows it: state, parent, start time in clock ticks
+/// since boot.
+#[derive(Debug, PartialEq)]
 struct Stat {
     state: char,
     ppid: i32,
     start: u64,
 }
 
-fn stat(pid: i32) -> Option<Stat> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+fn parse_stat(text: &str) -> Option<Stat> {
     // The command name is in parentheses and may hold spaces or ')': fields follow the last.
     let mut rest = text.get(text.rfind(')')? + 1..)?.split_whitespace();
     let state = rest.next()?.chars().next()?;
@@ -40,73 +43,115 @@ fn stat(pid: i32) -> Option<Stat> {
     Some(Stat { state, ppid, start })
 }
 
+fn stat(pid: i32) -> Option<Stat> {
+    parse_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
 fn ticks_per_second() -> u64 {
     // SAFETY: sysconf only reads a system constant.
     let ticks = unsafe { nix::libc::sysconf(nix::libc::_SC_CLK_TCK) };
     u64::try_from(ticks).ok().filter(|t| *t > 0).unwrap_or(100)
 }
 
-/// Seconds since boot, in clock ticks, as the start times in `/proc/<pid>/stat` count.
-fn now_ticks() -> Option<u64> {
-    let uptime = std::fs::read_to_string("/proc/uptime").ok()?;
-    let seconds: f64 = uptime.split_whitespace().next()?.parse().ok()?;
-    Some((seconds * ticks_per_second() as f64) as u64)
+/// One line of the record: the child, its start time, and the DEL that forked it (while
+/// that DEL lives, a zombie child is its own, not a sign of a parent that never reaps).
+#[derive(Debug, PartialEq)]
+struct Entry {
+    pid: i32,
+    start: u64,
+    del: i32,
 }
 
-/// Whether children can be recorded (the record's directory exists or can be made).
-pub fn can_record() -> bool {
-    Path::new(RECORD).parent().is_some_and(|dir| std::fs::create_dir_all(dir).is_ok())
+fn parse_entry(line: &str) -> Option<Entry> {
+    let mut fields = line.split(' ');
+    let entry = Entry {
+        pid: fields.next()?.parse().ok()?,
+        start: fields.next()?.parse().ok()?,
+        del: fields.next()?.parse().ok()?,
+    };
+    fields.next().is_none().then_some(entry)
 }
 
-/// Records the detached child `pid`. `false` when it cannot be recorded (then it could not
-/// be checked either, and the caller does not detach).
-pub fn record(pid: i32) -> bool {
-    record_in(Path::new(RECORD), pid)
-}
-
-fn record_in(path: &Path, pid: i32) -> bool {
-    let Some(child) = stat(pid) else { return false };
-    if let Some(dir) = path.parent() {
-        if std::fs::create_dir_all(dir).is_err() {
-            return false;
-        }
+impl Entry {
+    /// The process, if it is still the one recorded (not a later one given its PID).
+    fn alive(&self) -> Option<Stat> {
+        stat(self.pid).filter(|s| s.start == self.start)
     }
-    let opened = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .custom_flags(nix::libc::O_NOFOLLOW)
-        .open(path);
-    let Ok(mut file) = opened else { return false };
-    if file.metadata().is_ok_and(|m| m.len() > RECORD_MAX) {
-        // Parallel DELs may lose a line here; the next unreaped child is found all the same.
-        let _ = file.set_len(0);
+}
+
+/// The record, open for appending, and this process as /proc shows it. Opened before the
+/// fork, so that a DEL that could not record its child does not detach at all.
+pub struct Recorder {
+    file: File,
+    me: Stat,
+}
+
+impl Recorder {
+    /// Opens the record; `None` when children cannot be recorded and checked here.
+    pub fn open() -> Option<Recorder> {
+        Recorder::open_at(Path::new(RECORD))
     }
-    // One short append per child: concurrent DELs do not interleave within a line.
-    file.write_all(format!("{pid} {}\n", child.start).as_bytes()).is_ok()
-}
 
-/// A child of an earlier DEL that its new parent has not reaped within the grace period:
-/// `(pid, its parent's name)`. `None` when every recorded child was reaped (or is young).
-pub fn unreaped() -> Option<(i32, String)> {
-    unreaped_in(Path::new(RECORD))
-}
-
-fn unreaped_in(path: &Path) -> Option<(i32, String)> {
-    let record = std::fs::read_to_string(path).ok()?;
-    let now = now_ticks()?;
-    let grace = GRACE_SECONDS * ticks_per_second();
-    record.lines().find_map(|line| {
-        let (pid, start) = line.split_once(' ')?;
-        let (pid, start): (i32, u64) = (pid.parse().ok()?, start.parse().ok()?);
-        // The same start time: still that child, not a later process given its PID.
-        let child = stat(pid).filter(|s| s.start == start && s.state == 'Z')?;
-        if now.saturating_sub(start) < grace {
+    fn open_at(path: &Path) -> Option<Recorder> {
+        // PIDs from fork() must be the ones /proc shows (not so under another pid
+        // namespace's /proc): then /proc/self is this process.
+        let own = std::fs::read_link("/proc/self").ok()?;
+        if own.to_str()?.parse::<u32>().ok()? != std::process::id() {
             return None;
         }
-        let parent = std::fs::read_to_string(format!("/proc/{}/comm", child.ppid)).unwrap_or_default();
-        Some((pid, format!("{} (pid {})", parent.trim(), child.ppid)))
-    })
+        let me = stat(std::process::id() as i32)?;
+        std::fs::create_dir_all(path.parent()?).ok()?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(path)
+            .ok()?;
+        Some(Recorder { file, me })
+    }
+
+    /// A child of an earlier DEL that has stayed a zombie for the grace period while the DEL
+    /// that forked it is gone: `(pid, its parent's name and pid)`. Ages are counted from this
+    /// DEL's start, from the same /proc clock as the children's.
+    pub fn unreaped(&mut self) -> Option<(i32, String)> {
+        let grace = GRACE_SECONDS * ticks_per_second();
+        self.entries().into_iter().find_map(|entry| {
+            let child = entry.alive().filter(|s| s.state == 'Z' && s.ppid != entry.del)?;
+            if self.me.start.saturating_sub(entry.start) < grace {
+                return None;
+            }
+            let parent = std::fs::read_to_string(format!("/proc/{}/comm", child.ppid)).unwrap_or_default();
+            Some((entry.pid, format!("{} (pid {})", parent.trim(), child.ppid)))
+        })
+    }
+
+    fn entries(&mut self) -> Vec<Entry> {
+        let mut text = String::new();
+        let _ = self.file.rewind().and_then(|()| self.file.read_to_string(&mut text));
+        text.lines().filter_map(parse_entry).collect()
+    }
+
+    /// Records the detached child `pid`; `false` if it could not be.
+    pub fn record(&mut self, pid: i32) -> bool {
+        let Some(child) = stat(pid) else { return false };
+        if self.file.metadata().is_ok_and(|m| m.len() > RECORD_MAX) {
+            // Only the lines of processes that still exist matter. A parallel DEL's line
+            // may be lost here; the next unreaped child is found all the same.
+            let kept: String = self
+                .entries()
+                .iter()
+                .filter(|e| e.alive().is_some())
+                .map(|e| format!("{} {} {}\n", e.pid, e.start, e.del))
+                .collect();
+            let _ = self.file.set_len(0);
+            let _ = self.file.write_all(kept.as_bytes());
+        }
+        // One short append per child: concurrent DELs do not interleave within a line.
+        let line = format!("{pid} {} {}\n", child.start, std::process::id());
+        self.file.write_all(line.as_bytes()).is_ok()
+    }
 }
 
 #[cfg(test)]
@@ -114,20 +159,37 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reads_its_own_stat_and_finds_no_zombie_in_a_record_of_live_processes() {
+    fn stat_and_record_lines_parse() {
+        let line = "42 (a b) c)) Z 7 42 42 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 1 0 12345 0 0";
+        assert_eq!(parse_stat(line), Some(Stat { state: 'Z', ppid: 7, start: 12345 }));
+        assert_eq!(parse_stat("42 (x) R"), None);
+        assert_eq!(parse_entry("3 845455 77"), Some(Entry { pid: 3, start: 845455, del: 77 }));
+        assert_eq!(parse_entry("3 845455"), None, "a torn line");
+        assert_eq!(parse_entry("3 845455 77 9"), None);
+        assert_eq!(parse_entry("not a line"), None);
+    }
+
+    #[test]
+    fn a_record_of_live_processes_names_no_zombie_and_is_kept_short() {
         let me = std::process::id() as i32;
-        let mine = stat(me).expect("own stat");
-        assert!("RS".contains(mine.state), "a live process: {}", mine.state);
         let dir = std::env::temp_dir().join(format!("cni-reaping-{me}"));
         let path = dir.join("record");
-        assert!(record_in(&path, me));
-        assert!(record_in(&path, me));
+        let mut r = Recorder::open_at(&path).expect("this process can record");
+        assert!(r.record(me));
+        assert!(r.record(me));
         assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 2);
-        assert_eq!(unreaped_in(&path), None, "a live process is no zombie");
+        assert_eq!(r.unreaped(), None, "a live process is no zombie");
+        assert!(!r.record(i32::MAX), "no such process");
         // A PID reused by another process (a different start time) is not the child.
-        std::fs::write(&path, format!("{me} {}\n1 0\nnot a line\n", mine.start + 1)).unwrap();
-        assert_eq!(unreaped_in(&path), None);
-        assert_eq!(unreaped_in(&dir.join("missing")), None);
+        let start = stat(me).unwrap().start;
+        std::fs::write(&path, format!("{me} {} 1\n1 0 1\nnot a line\n", start + 1)).unwrap();
+        assert_eq!(r.unreaped(), None);
+        // Past the cap, the lines of processes that are gone go.
+        let gone: String = (0..2000).map(|i| format!("{} 1 1\n", 4_000_000 + i)).collect();
+        std::fs::write(&path, format!("{gone}{me} {start} 1\n")).unwrap();
+        assert!(r.record(me));
+        let kept = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(kept.lines().count(), 2, "{kept}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

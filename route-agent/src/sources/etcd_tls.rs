@@ -496,8 +496,8 @@ pub fn classify(endpoint: &str, what: &str, e: &etcd_client::Error) -> Failure {
         // that is the refusal, not plain HTTP.
         Kind::Other if lost && what == "connect" && endpoint.starts_with("https://") => (
             Kind::CertRejected,
-            "etcd hung up right after the TLS handshake: it refused our client certificate \
-             (none given, or not from a CA etcd trusts)",
+            "etcd hung up right after the TLS handshake: most likely it refused our client \
+             certificate (none given, or not from a CA etcd trusts)",
         ),
         // A TLS etcd answers an http:// client's first bytes with a 400 and hangs up.
         Kind::Other if lost && what == "connect" => {
