@@ -20,6 +20,9 @@ const RECORD: &str = "/run/cni-bridge/detached-children";
 /// Past this size the record keeps only the lines of processes that still exist.
 const RECORD_MAX: u64 = 16 * 1024;
 
+/// How many of the recorded children old enough to tell are looked at, latest first.
+const CHECKED: usize = 16;
+
 /// How long a child may stay a zombie before its new parent counts as one that never
 /// reaps: the kernel's delete ends 15-40 ms after DEL, a busy reaper may take a while more.
 const GRACE_SECONDS: u64 = 2;
@@ -117,11 +120,13 @@ impl Recorder {
     /// DEL's start, from the same /proc clock as the children's.
     pub fn unreaped(&mut self) -> Option<(i32, String)> {
         let grace = GRACE_SECONDS * ticks_per_second();
-        self.entries().into_iter().find_map(|entry| {
+        let now = self.me.start;
+        let old_enough: Vec<Entry> =
+            self.entries().into_iter().filter(|e| now.saturating_sub(e.start) >= grace).collect();
+        // The latest few: where children are not reaped every one stays a zombie, so these
+        // tell as well as all would, at a bounded cost (a /proc read each).
+        old_enough.into_iter().rev().take(CHECKED).find_map(|entry| {
             let child = entry.alive().filter(|s| s.state == 'Z' && s.ppid != entry.del)?;
-            if self.me.start.saturating_sub(entry.start) < grace {
-                return None;
-            }
             let parent = std::fs::read_to_string(format!("/proc/{}/comm", child.ppid)).unwrap_or_default();
             Some((entry.pid, format!("{} (pid {})", parent.trim(), child.ppid)))
         })
