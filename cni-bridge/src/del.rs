@@ -172,7 +172,8 @@ fn detach_delete() -> Option<Option<Recorder>> {
     if let Some((pid, parent)) = recorder.unreaped() {
         eprintln!(
             "cni-bridge: DEL: waiting for the kernel's delete: process {pid}, left by an earlier \
-             DEL, is still a zombie of {parent}, which does not reap the children it did not start"
+             DEL, is still a zombie of {parent}, which has not reaped it (a parent that does not \
+             reap the children it did not start keeps every DEL waiting)"
         );
         return None;
     }

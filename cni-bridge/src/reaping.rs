@@ -6,8 +6,8 @@
 //! `sleep` as a pid namespace's init, a subreaper that reaps only what it started) would
 //! collect one zombie per DEL until the PID table is full. So each detached child is
 //! recorded here, and DEL detaches only while none recorded has stayed a zombie of another
-//! process for 2 s: the first unreaped child turns every later DEL back to waiting for the
-//! kernel itself. Where children cannot be recorded and checked, DEL does not detach.
+//! process for 2 s (from its start): while one is, DEL waits for the kernel itself. A reaper
+//! that is only slow costs a few DELs their speed; one that never reaps keeps them all waiting. Where children cannot be recorded and checked, DEL does not detach.
 
 use std::fs::File;
 use std::io::{Read, Seek, Write};
