@@ -342,12 +342,15 @@ impl Nl {
         }
     }
 
+    async fn address_messages(&self, index: u32) -> Result<Vec<AddressMessage>, BridgeError> {
+        dump::addresses(&self.handle, Some(index)).await.map_err(BridgeError::netlink("listing addresses"))
+    }
+
     /// Addresses of a link (link-local IPv6 left out).
     pub async fn addresses(&self, index: u32) -> Result<Vec<IpNetwork>, BridgeError> {
-        let msgs = dump::addresses(&self.handle, Some(index))
-            .await
-            .map_err(BridgeError::netlink("listing addresses"))?;
-        Ok(msgs
+        Ok(self
+            .address_messages(index)
+            .await?
             .iter()
             .filter_map(|m| {
                 let ip = address_of(m)?;
@@ -364,10 +367,9 @@ impl Nl {
     /// The IPv6 addresses on a link that duplicate address detection has not cleared yet:
     /// `(address, failed)`, `failed` when another host answered for it.
     pub async fn unsettled_ipv6(&self, index: u32) -> Result<Vec<(IpAddr, bool)>, BridgeError> {
-        let msgs = dump::addresses(&self.handle, Some(index))
-            .await
-            .map_err(BridgeError::netlink("listing addresses"))?;
-        Ok(msgs
+        Ok(self
+            .address_messages(index)
+            .await?
             .iter()
             .filter_map(|m| {
                 let ip = address_of(m).filter(IpAddr::is_ipv6)?;

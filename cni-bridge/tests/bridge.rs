@@ -987,11 +987,8 @@ impl NoReaper {
 
     /// Runs the plugin in the node namespace and in this pid namespace, as a runtime there.
     fn call(&self, w: &World, cmd: &str, id: &str, pod: &Netns, env: &[(&str, &str)], conf: &Value) -> Out {
-        use std::io::Write;
-        let target = self.init.to_string();
-        let mut p = std::process::Command::new("nsenter");
-        p.args(["--target", &target, "--pid", "--mount", "--"]).arg(w.main_plugin());
-        p.env_clear().env("CNI_COMMAND", cmd).env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+        let mut nsenter = std::process::Command::new("nsenter");
+        nsenter.args(["--target", &self.init.to_string(), "--pid", "--mount", "--"]).arg(w.main_plugin());
         let netns = pod.path.display().to_string();
         let vars = [
             ("CNI_CONTAINERID", id),
@@ -999,21 +996,8 @@ impl NoReaper {
             ("CNI_IFNAME", "eth0"),
             ("CNI_PATH", &w.cni_path),
         ];
-        p.envs(vars.iter().chain(env).copied());
-        p.stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        w.node.enter(&mut p);
-        let mut child = p.spawn().expect("nsenter");
-        child.stdin.take().unwrap().write_all(conf.to_string().as_bytes()).unwrap();
-        let out = child.wait_with_output().unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        Out {
-            code: out.status.code().unwrap_or(-1),
-            json: serde_json::from_str(&stdout).unwrap_or(Value::Null),
-            stdout,
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        let vars: Vec<(&str, &str)> = vars.iter().chain(env).copied().collect();
+        cni_conformance::plugin::invoke_through(&w.node, nsenter, cmd, &vars, conf.to_string().as_bytes())
     }
 }
 

@@ -48,7 +48,18 @@ pub fn invoke_raw(
             panic!("refusing to run a plugin whose CNI_NETNS {ns} is the node namespace it runs in");
         }
     }
-    let mut process = Command::new(bin);
+    invoke_through(node, Command::new(bin), cmd, env, stdin)
+}
+
+/// Runs `process` (a plugin, or a wrapper that ends in one, such as `nsenter ... plugin`) as
+/// [`invoke_raw`] runs a plugin, without its CNI_NETNS check.
+pub fn invoke_through(
+    node: &Netns,
+    mut process: Command,
+    cmd: &str,
+    env: &[(&str, &str)],
+    stdin: &[u8],
+) -> Out {
     process.env_clear().env("CNI_COMMAND", cmd).env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
     for (key, value) in env {
         process.env(key, value);
