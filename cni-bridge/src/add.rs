@@ -137,8 +137,9 @@ enum Made {
     Lease(String),
     /// Masquerade entries of this attachment.
     Masquerade(String),
-    /// The bridge, created by this ADD (deleted only while it has no ports).
-    Bridge(u32),
+    /// The bridge, created by this ADD (deleted only while it has no ports), by name: it is
+    /// recorded before it is looked up.
+    Bridge(String),
     /// The veth pair, deleted through its host end: its random name is known from the
     /// moment the pair exists and is this ADD's alone (a later ADD for the same pod, after
     /// a runtime gave up on this one, has a pod end of the same name; the pod end goes with
@@ -288,15 +289,12 @@ impl<'a> Attach<'a> {
             Some(existing) => existing,
             None => {
                 // A parallel ADD may create it first: EEXIST is fine, the kind is checked below.
-                let created =
-                    host.create_bridge(&conf.bridge, bridge_mac(), conf.mtu, conf.vlan_filtering()).await?;
-                let made = host.link(&conf.bridge).await?;
-                let made = made.ok_or_else(|| BridgeError::LinkVanished(conf.bridge.clone()))?;
-                if created {
-                    self.made.push(Made::Bridge(made.index));
+                if host.create_bridge(&conf.bridge, bridge_mac(), conf.mtu, conf.vlan_filtering()).await? {
+                    self.made.push(Made::Bridge(conf.bridge.clone()));
                 }
                 checkpoint("bridge-add-bridge-created")?;
-                made
+                let made = self.host.link(&conf.bridge).await?;
+                made.ok_or_else(|| BridgeError::LinkVanished(conf.bridge.clone()))?
             }
         };
         let host = &self.host;
@@ -587,7 +585,8 @@ impl<'a> Attach<'a> {
             let port_ready = self.conf.disable_container_interface || (link.oper_up && !link.port_disabled);
             if !gateways.is_empty() {
                 // One someone else added with DAD may still be tentative, or found a duplicate.
-                let unsettled = self.host.unsettled_ipv6(gateway_index).await?;
+                let mut unsettled = self.host.unsettled_ipv6(gateway_index).await?;
+                unsettled.retain(|(address, _)| gateways.iter().any(|gw| IpAddr::V6(*gw) == *address));
                 if let Some((address, _)) = unsettled.iter().find(|(_, failed)| *failed) {
                     return Err(BridgeError::DadFailed {
                         address: *address,
@@ -681,8 +680,13 @@ impl<'a> Attach<'a> {
                 Made::SpoofCheck(owner) => spoof::remove_where(|o| o == owner),
                 Made::Veth(host_end) => self.host.del_link_named(host_end).await,
                 // A parallel ADD may have attached its pod meanwhile: keep the bridge then.
-                Made::Bridge(index) => match self.host.has_ports(*index).await {
-                    Ok(false) => self.host.del_link(*index).await,
+                Made::Bridge(name) => match self.host.link(name).await {
+                    Ok(Some(bridge)) if bridge.kind == Some(InfoKind::Bridge) => {
+                        match self.host.has_ports(bridge.index).await {
+                            Ok(false) => self.host.del_link(bridge.index).await,
+                            other => other.map(|_| ()),
+                        }
+                    }
                     other => other.map(|_| ()),
                 },
             };

@@ -83,10 +83,14 @@ pub fn del(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
         let mut detached_child = None;
         let removed = match unlinking {
             Some(Ok(started)) => {
-                detached_child = Some(started.child);
+                detached_child = Some((started.child, started.recorded));
                 started.wait(&req.inv.ifname)
             }
-            Some(Err(e)) => Err(e),
+            Some(Err(e)) => {
+                // No child (fork refused: the pids cgroup full?): delete from here.
+                eprintln!("cni-bridge: DEL: {e}; deleting the pod interface from this process");
+                remove_links(req, conf, &pod_ns)
+            }
             None => remove_links(req, conf, &pod_ns),
         };
         if let Err(e) = removed {
@@ -112,9 +116,11 @@ pub fn del(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
             }
             crate::mark("IPAM DEL done");
         }
-        // Reaped if it is done by now (a slow IPAM DEL); otherwise it exits after this process.
-        if let Some(child) = detached_child {
-            let _ = nix::sys::wait::waitpid(child, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+        // Reaped if it is done by now (a slow IPAM DEL); otherwise it exits after this
+        // process. A child that could not be recorded is waited for: it could not be checked.
+        if let Some((child, recorded)) = detached_child {
+            let flags = if recorded { Some(nix::sys::wait::WaitPidFlag::WNOHANG) } else { None };
+            let _ = nix::sys::wait::waitpid(child, flags);
         }
         finish(errs)
     })
@@ -188,6 +194,8 @@ fn detach_delete() -> Option<Option<Recorder>> {
 /// for the ack and exit on its own, holding none of the runtime's pipes.
 struct Unlinking {
     child: nix::unistd::Pid,
+    /// Whether the child is in the reaping record; if not, DEL waits for it before exiting.
+    recorded: bool,
     /// The child's answer: the request's errno as 4 bytes (0 for the ack).
     answer: std::fs::File,
     /// Subscribed to link notifications in the pod namespace before the request is sent.
@@ -226,12 +234,11 @@ impl Unlinking {
         match unsafe { fork() } {
             Ok(ForkResult::Child) => unlink_child(request.as_raw_fd(), &msg, answer_w.as_raw_fd()),
             Ok(ForkResult::Parent { child }) => {
-                if let Some(mut recorder) = recorder {
-                    if !recorder.record(child.as_raw()) {
-                        eprintln!("cni-bridge: DEL: could not record process {child} for the reaping check");
-                    }
+                let recorded = recorder.is_some_and(|mut r| r.record(child.as_raw()));
+                if !recorded {
+                    eprintln!("cni-bridge: DEL: could not record process {child}; waiting for it");
                 }
-                Ok(Unlinking { child, answer: answer.into(), events })
+                Ok(Unlinking { child, recorded, answer: answer.into(), events })
             }
             Err(e) => Err(io("forking the pod interface's delete")(std::io::Error::from(e))),
         }

@@ -11,17 +11,15 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
-/// Where the children are recorded: per boot (PIDs are), per mount namespace.
-const RECORD: &str = "/run/cni-bridge/detached-children";
+/// Where the children are recorded: per boot, one file per pid namespace (PIDs are), named
+/// `detached-children-<pid namespace inode>`.
+const RECORD_DIR: &str = "/run/cni-bridge";
 
 /// Past this size the record keeps only the lines of processes that still exist.
-const RECORD_MAX: u64 = 16 * 1024;
-
-/// How many of the recorded children old enough to tell are looked at, latest first.
-const CHECKED: usize = 16;
+const RECORD_MAX: u64 = 4096;
 
 /// How long a child may stay a zombie before its new parent counts as one that never
 /// reaps: the kernel's delete ends 15-40 ms after DEL, a busy reaper may take a while more.
@@ -92,7 +90,8 @@ pub struct Recorder {
 impl Recorder {
     /// Opens the record; `None` when children cannot be recorded and checked here.
     pub fn open() -> Option<Recorder> {
-        Recorder::open_at(Path::new(RECORD))
+        let pid_ns = std::fs::metadata("/proc/self/ns/pid").ok()?;
+        Recorder::open_at(&Path::new(RECORD_DIR).join(format!("detached-children-{}", pid_ns.ino())))
     }
 
     fn open_at(path: &Path) -> Option<Recorder> {
@@ -121,11 +120,10 @@ impl Recorder {
     pub fn unreaped(&mut self) -> Option<(i32, String)> {
         let grace = GRACE_SECONDS * ticks_per_second();
         let now = self.me.start;
-        let old_enough: Vec<Entry> =
-            self.entries().into_iter().filter(|e| now.saturating_sub(e.start) >= grace).collect();
-        // The latest few: where children are not reaped every one stays a zombie, so these
-        // tell as well as all would, at a bounded cost (a /proc read each).
-        old_enough.into_iter().rev().take(CHECKED).find_map(|entry| {
+        // A /proc read per line old enough to tell (the record is trimmed to a few KB; the
+        // read of a process that is gone fails at once).
+        let old_enough = self.entries().into_iter().filter(|e| now.saturating_sub(e.start) >= grace);
+        old_enough.rev().find_map(|entry| {
             let child = entry.alive().filter(|s| s.state == 'Z' && s.ppid != entry.del)?;
             let parent = std::fs::read_to_string(format!("/proc/{}/comm", child.ppid)).unwrap_or_default();
             Some((entry.pid, format!("{} (pid {})", parent.trim(), child.ppid)))
@@ -133,9 +131,9 @@ impl Recorder {
     }
 
     fn entries(&mut self) -> Vec<Entry> {
-        let mut text = String::new();
-        let _ = self.file.rewind().and_then(|()| self.file.read_to_string(&mut text));
-        text.lines().filter_map(parse_entry).collect()
+        let mut bytes = Vec::new();
+        let _ = self.file.rewind().and_then(|()| self.file.read_to_end(&mut bytes));
+        String::from_utf8_lossy(&bytes).lines().filter_map(parse_entry).collect()
     }
 
     /// Records the detached child `pid`; `false` if it could not be.
@@ -190,7 +188,7 @@ mod tests {
         std::fs::write(&path, format!("{me} {} 1\n1 0 1\nnot a line\n", start + 1)).unwrap();
         assert_eq!(r.unreaped(), None);
         // Past the cap, the lines of processes that are gone go.
-        let gone: String = (0..2000).map(|i| format!("{} 1 1\n", 4_000_000 + i)).collect();
+        let gone: String = (0..400).map(|i| format!("{} 1 1\n", 4_000_000 + i)).collect();
         std::fs::write(&path, format!("{gone}{me} {start} 1\n")).unwrap();
         assert!(r.record(me));
         let kept = std::fs::read_to_string(&path).unwrap();

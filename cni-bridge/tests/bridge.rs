@@ -1009,15 +1009,6 @@ impl Drop for NoReaper {
     }
 }
 
-/// Seconds since `pid` started, from /proc (start time in clock ticks of 1/100 s).
-fn age_seconds(pid: i32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let start: f64 = stat.rsplit(')').next().unwrap().split_whitespace().nth(19).unwrap().parse().unwrap();
-    let uptime: f64 =
-        std::fs::read_to_string("/proc/uptime").unwrap().split_whitespace().next().unwrap().parse().unwrap();
-    uptime - start / 100.0
-}
-
 #[test]
 fn del_waits_for_the_kernel_itself_where_its_children_are_not_reaped() {
     require_root("no_reaper");
@@ -1029,7 +1020,8 @@ fn del_waits_for_the_kernel_itself_where_its_children_are_not_reaped() {
     // An orphan that ended there: a zombie of the sandbox's init, as a detached DEL's child
     // becomes when it outlives its DEL. (A DEL's own child usually does, but not always: a
     // DEL that finishes after it reaps it. So the test makes its own.)
-    sandbox.run(&["sh", "-c", "sh -c 'exit 0' & exit 0"]);
+    // The orphan outlives the shell that started it, whatever that shell reaps.
+    sandbox.run(&["sh", "-c", "sleep 0.1 & exit 0"]);
     let start = std::time::Instant::now();
     let zombie = loop {
         if let Some((pid, _)) = sandbox.children().into_iter().find(|(_, state)| *state == 'Z') {
@@ -1038,11 +1030,9 @@ fn del_waits_for_the_kernel_itself_where_its_children_are_not_reaped() {
         assert!(start.elapsed().as_secs() < 10, "no zombie under the sandbox: {:?}", sandbox.children());
         std::thread::yield_now();
     };
-    // The plugin gives a zombie 2 s to be reaped before it counts its parent as one that
-    // never reaps: wait for that age, not a fixed time.
-    while age_seconds(zombie) < 2.5 {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    // The plugin gives a child 2 s from its start to be reaped: the zombie started before it
+    // was seen, so 2.5 s from then is old enough.
+    std::thread::sleep(std::time::Duration::from_millis(2500).saturating_sub(start.elapsed()));
     // Recorded as a detached DEL records its child: PID as the sandbox sees it, start time,
     // and the DEL that forked it (long gone).
     let status = std::fs::read_to_string(format!("/proc/{zombie}/status")).unwrap();
@@ -1050,18 +1040,20 @@ fn del_waits_for_the_kernel_itself_where_its_children_are_not_reaped() {
         status.lines().find_map(|l| l.strip_prefix("NSpid:")).unwrap().split_whitespace().last().unwrap();
     let stat = std::fs::read_to_string(format!("/proc/{zombie}/stat")).unwrap();
     let started = stat.rsplit(')').next().unwrap().split_whitespace().nth(19).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    let pid_ns = std::fs::metadata(format!("/proc/{}/ns/pid", sandbox.init)).unwrap().ino();
     std::fs::create_dir_all("/run/cni-bridge").unwrap();
     let mut record = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open("/run/cni-bridge/detached-children")
+        .open(format!("/run/cni-bridge/detached-children-{pid_ns}"))
         .unwrap();
     std::io::Write::write_all(&mut record, format!("{nspid} {started} 0\n").as_bytes()).unwrap();
     // The next DEL (default mode) finds it and deletes in its own process: no new child.
     let o = sandbox.call(&w, "DEL", "c1", &last, &[], &conf);
     assert_eq!(o.code, 0, "{} {}", o.stdout, o.stderr);
     assert!(o.stderr.contains("still a zombie"), "says why it waits: {}", o.stderr);
-    assert_eq!(sandbox.children(), [(zombie, 'Z')], "the second DEL left no process behind");
+    assert_eq!(sandbox.children(), [(zombie, 'Z')], "the DEL left no process behind");
     assert!(w.veths().is_empty() && w.leases().is_empty(), "{:?} {:?}", w.veths(), w.leases());
     assert_eq!(last.links(), ["lo"]);
 }

@@ -52,7 +52,8 @@ pub fn invoke_raw(
 }
 
 /// Runs `process` (a plugin, or a wrapper that ends in one, such as `nsenter ... plugin`) as
-/// [`invoke_raw`] runs a plugin, without its CNI_NETNS check.
+/// [`invoke_raw`] runs a plugin, without its CNI_NETNS check. Its environment is cleared
+/// first: it gets PATH, CNI_COMMAND and `env` only.
 pub fn invoke_through(
     node: &Netns,
     mut process: Command,
