@@ -488,13 +488,18 @@ pub fn classify(endpoint: &str, what: &str, e: &etcd_client::Error) -> Failure {
         Some(tls_error) => tls_kind(tls_error),
         None => alert_kind(&text).unwrap_or_else(|| other_kind(e, &errs, &text)),
     };
-    let lost = text.contains("broken pipe") || text.contains("connection reset");
+    // The peer went away after the connection was made, in whichever words the layer that
+    // noticed first uses (seen: all four).
+    let lost = ["broken pipe", "connection reset", "connection closed", "operation was canceled"]
+        .iter()
+        .any(|words| text.to_lowercase().contains(words));
+    let after_connect = matches!(kind, Kind::Other) || (matches!(kind, Kind::Unreachable) && lost);
     let (kind, why) = match kind {
         // In TLS 1.3 the client's handshake ends before the server has checked the client's
         // certificate; etcd's refusal (an alert, then the close) races the client's first
-        // request, which then often meets a broken pipe instead of the alert. Over https://
-        // that is the refusal, not plain HTTP.
-        Kind::Other if lost && what == "connect" && endpoint.starts_with("https://") => (
+        // request, which then often meets a broken pipe, a reset or a closed connection
+        // instead of the alert. Over https:// that is the refusal, not plain HTTP.
+        _ if after_connect && lost && what == "connect" && endpoint.starts_with("https://") => (
             Kind::CertRejected,
             "etcd hung up right after the TLS handshake: most likely it refused our client \
              certificate (none given, or not from a CA etcd trusts)",
@@ -632,10 +637,19 @@ mod tests {
     fn a_hang_up_at_connect_is_a_refused_certificate_over_tls_and_plain_http_otherwise() {
         let pipe =
             || etcd_client::Error::IoError(std::io::Error::other("stream closed because of a broken pipe"));
-        // Seen in CI: TLS 1.3 and no client certificate, the refusal lost to the first write.
-        let f = classify("https://127.0.0.1:2379", "connect", &pipe());
-        assert_eq!(f.kind, Kind::CertRejected, "{}", f.message);
-        assert!(f.message.contains("refused our client certificate"), "{}", f.message);
+        // Seen in CI: TLS 1.3 and no client certificate, the refusal lost to the first write,
+        // or to the read of a connection hyper found closed, or reset.
+        let closed =
+            etcd_client::Error::IoError(std::io::Error::other("operation was canceled: connection closed"));
+        let reset = etcd_client::Error::IoError(std::io::Error::from_raw_os_error(104));
+        for e in [pipe(), closed, reset] {
+            let f = classify("https://127.0.0.1:2379", "connect", &e);
+            assert_eq!(f.kind, Kind::CertRejected, "{}", f.message);
+            assert!(f.message.contains("refused our client certificate"), "{}", f.message);
+        }
+        let refused =
+            etcd_client::Error::IoError(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert_eq!(classify("https://127.0.0.1:2379", "connect", &refused).kind, Kind::Unreachable);
         assert_eq!(classify("http://127.0.0.1:2379", "connect", &pipe()).kind, Kind::PlainHttp);
         assert_eq!(classify("https://127.0.0.1:2379", "watch", &pipe()).kind, Kind::Unreachable);
     }
