@@ -91,7 +91,22 @@ fn status_kb(pid: u32, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The agent started, for the panic hook (0: none yet).
+static AGENT_PID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
 fn main() {
+    // The release profile aborts on panic, so no Drop runs: the hook stops the agent and
+    // removes the namespace.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        let pid = AGENT_PID.load(std::sync::atomic::Ordering::SeqCst);
+        if pid != 0 {
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        }
+        let ns = format!("rab-{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+    }));
     // The other nodes: node-0 is the agent's own, node-1..=node-N each want a route.
     let nodes: u32 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(5000);
     let agent = std::env::current_exe().expect("exe").with_file_name("cni-route-agent");
@@ -135,6 +150,7 @@ fn main() {
         panic!("start {}: {e} (cargo build --release -p cni-route-agent)", agent.display())
     }));
     let pid = child.0.id();
+    AGENT_PID.store(pid, std::sync::atomic::Ordering::SeqCst);
     wait_for("all routes installed", Duration::from_secs(60), || {
         metric(&ns.0, "routes_installed") == Some(nodes as f64) && metric(&ns.0, "ready") == Some(1.0)
     });
