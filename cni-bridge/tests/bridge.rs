@@ -1001,8 +1001,20 @@ impl NoReaper {
     }
 }
 
+impl NoReaper {
+    /// The plugin's record of detached children for this pid namespace.
+    fn record_path(&self) -> String {
+        use std::os::unix::fs::MetadataExt;
+        let pid_ns = std::fs::metadata(format!("/proc/{}/ns/pid", self.init)).unwrap().ino();
+        format!("/run/cni-bridge/detached-children-{pid_ns}")
+    }
+}
+
 impl Drop for NoReaper {
     fn drop(&mut self) {
+        if self.init != 0 {
+            let _ = std::fs::remove_file(self.record_path());
+        }
         // --kill-child: the init (and with it the namespace's zombies) goes with unshare.
         let _ = self.unshare.kill();
         let _ = self.unshare.wait();
@@ -1040,14 +1052,9 @@ fn del_waits_for_the_kernel_itself_where_its_children_are_not_reaped() {
         status.lines().find_map(|l| l.strip_prefix("NSpid:")).unwrap().split_whitespace().last().unwrap();
     let stat = std::fs::read_to_string(format!("/proc/{zombie}/stat")).unwrap();
     let started = stat.rsplit(')').next().unwrap().split_whitespace().nth(19).unwrap();
-    use std::os::unix::fs::MetadataExt;
-    let pid_ns = std::fs::metadata(format!("/proc/{}/ns/pid", sandbox.init)).unwrap().ino();
     std::fs::create_dir_all("/run/cni-bridge").unwrap();
-    let mut record = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(format!("/run/cni-bridge/detached-children-{pid_ns}"))
-        .unwrap();
+    let mut record =
+        std::fs::OpenOptions::new().create(true).append(true).open(sandbox.record_path()).unwrap();
     std::io::Write::write_all(&mut record, format!("{nspid} {started} 0\n").as_bytes()).unwrap();
     // The next DEL (default mode) finds it and deletes in its own process: no new child.
     let o = sandbox.call(&w, "DEL", "c1", &last, &[], &conf);
