@@ -145,9 +145,11 @@ pub fn parse_index(text: &str) -> Option<IndexFile> {
     if end_fields.next()? != "end" {
         return None;
     }
-    let count: usize = end_fields.next()?.parse().ok()?;
-    let sum = u64::from_str_radix(end_fields.next()?, 16).ok()?;
-    if end_fields.next().is_some() || sum != fnv1a64(body.as_bytes()) {
+    // Exactly as rendered: `F` for `f` or `01` for `1` would parse to the same numbers.
+    let (count_field, sum_field) = (end_fields.next()?, end_fields.next()?);
+    let count: usize = count_field.parse().ok()?;
+    let sum = fnv1a64(body.as_bytes());
+    if end_fields.next().is_some() || count_field != count.to_string() || sum_field != format!("{sum:016x}") {
         return None;
     }
     let mut lines = body.lines();
@@ -715,6 +717,13 @@ mod tests {
         let dropped = text.replace("lease 10.0.0.3 b eth0\n", "").replace("end 2 ", "end 1 ");
         assert_ne!(dropped, text);
         assert!(parse_index(&dropped).is_none());
+        // The end line exactly as rendered (found by the property test: a checksum digit
+        // changed from `f` to `F` parsed to the same number).
+        let (body, end) = text.split_at(text.rfind("end ").unwrap());
+        let sum = end.split(' ').nth(2).unwrap().trim_end();
+        assert!(parse_index(&format!("{body}end 2 {}\n", sum.to_uppercase())).is_none());
+        assert!(parse_index(&format!("{body}end 02 {sum}\n")).is_none());
+        assert!(parse_index(&format!("{body}end +2 {sum}\n")).is_none());
     }
 
     #[test]
