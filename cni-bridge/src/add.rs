@@ -1,5 +1,5 @@
 //! ADD: one [`Attach`] value goes through its phases (allocate, bridge, veth, pod, gateway,
-//! port, result). Each phase records what it created right where it creates it; on any
+//! ready, result). Each phase records what it created right where it creates it; on any
 //! failure [`Attach::roll_back`] undoes those records in reverse, so a failed ADD leaves
 //! nothing behind (IPAM released, veth gone, rules removed, and a bridge it created deleted).
 
@@ -218,32 +218,36 @@ struct Attached {
     vlan_gateway: Option<(String, Link)>,
 }
 
-/// The IPv6 addresses ADD waits for: gateways on the bridge (or the VLAN gateway link) and
-/// the pod's own.
-struct Readiness {
+/// Where the gateway addresses went: the bridge, or `<bridge>.<vlan>` (then reported too).
+struct Gateway {
+    name: String,
+    index: u32,
+    /// The IPv6 ones, which ADD waits for.
+    v6: Vec<Ipv6Addr>,
+    vlan: Option<(String, Link)>,
+}
+
+/// The IPv6 addresses ADD waits for: the gateways and the pod's own.
+struct Readiness<'g> {
+    gateway: &'g Gateway,
     gateways: Vec<Ipv6Addr>,
-    gateway_index: u32,
     pod_addresses: Vec<Ipv6Addr>,
 }
 
-impl Readiness {
-    fn of(conf: &BridgeConf, ipam: &CniResult, bridge: &Link, vlan_gateway: Option<&(String, Link)>) -> Self {
-        let v6 = |ip: IpAddr| match ip {
-            IpAddr::V6(v6) => Some(v6),
-            IpAddr::V4(_) => None,
-        };
-        let mut gateways: Vec<Ipv6Addr> = match conf.is_gateway {
-            true => ipam.ips.iter().filter_map(gateway_of).filter_map(v6).collect(),
-            false => Vec::new(),
-        };
-        gateways.sort();
-        gateways.dedup();
+impl<'g> Readiness<'g> {
+    fn of(conf: &BridgeConf, ipam: &CniResult, gateway: &'g Gateway) -> Self {
         let pod_addresses = match conf.disable_container_interface {
             true => Vec::new(),
-            false => ipam.ips.iter().filter_map(|ip| v6(ip.address.ip())).collect(),
+            false => ipam.ips.iter().filter_map(|ip| v6_of(ip.address.ip())).collect(),
         };
-        let gateway_index = vlan_gateway.map_or(bridge.index, |(_, link)| link.index);
-        Readiness { gateways, gateway_index, pod_addresses }
+        Readiness { gateway, gateways: gateway.v6.clone(), pod_addresses }
+    }
+}
+
+fn v6_of(ip: IpAddr) -> Option<Ipv6Addr> {
+    match ip {
+        IpAddr::V6(v6) => Some(v6),
+        IpAddr::V4(_) => None,
     }
 }
 
@@ -272,10 +276,9 @@ impl<'a> Attach<'a> {
         }
         let ipam = ipam.unwrap_or_default();
         let pod = self.configure_pod(&port, &ipam).await?;
-        let vlan_gateway = self.configure_gateway(&bridge, &ipam).await?;
-        let ready = Readiness::of(self.conf, &ipam, &bridge, vlan_gateway.as_ref());
-        let port_link = self.wait_until_ready(&port, &pod, ready).await?;
-        let attached = Attached { bridge, port, port_link, pod, vlan_gateway };
+        let gateway = self.configure_gateway(&bridge, &ipam).await?;
+        let port_link = self.wait_until_ready(&port, &pod, Readiness::of(self.conf, &ipam, &gateway)).await?;
+        let attached = Attached { bridge, port, port_link, pod, vlan_gateway: gateway.vlan };
         let result = self.build_result(attached, ipam).await?;
         checkpoint("bridge-add-before-result")?;
         Ok(result)
@@ -472,15 +475,16 @@ impl<'a> Attach<'a> {
 
     /// With isGateway: the gateway addresses (without DAD, so IPv6 works the moment ADD
     /// returns) on the bridge, or on `<bridge>.<vlan>` with a VLAN, and forwarding on.
-    /// Returns the VLAN gateway interface when there is one.
-    async fn configure_gateway(
-        &mut self,
-        bridge: &Link,
-        ipam: &CniResult,
-    ) -> Result<Option<(String, Link)>, BridgeError> {
+    /// Returns where they went.
+    async fn configure_gateway(&mut self, bridge: &Link, ipam: &CniResult) -> Result<Gateway, BridgeError> {
         let conf = self.conf;
         if !conf.is_gateway {
-            return Ok(None);
+            return Ok(Gateway {
+                name: conf.bridge.clone(),
+                index: bridge.index,
+                v6: Vec::new(),
+                vlan: None,
+            });
         }
         let (gw_name, gw_link, vlan_gateway) = match conf.vlan {
             0 => (conf.bridge.clone(), bridge.clone(), None),
@@ -510,7 +514,8 @@ impl<'a> Attach<'a> {
         }
         checkpoint("bridge-add-after-gateway")?;
         crate::mark("gateway and forwarding");
-        Ok(vlan_gateway)
+        let v6 = seen.iter().filter_map(|gw| v6_of(gw.ip())).collect();
+        Ok(Gateway { name: gw_name, index: gw_link.index, v6, vlan: vlan_gateway })
     }
 
     /// Puts `want` on the gateway link, replacing a different address only with forceAddress.
@@ -573,9 +578,10 @@ impl<'a> Attach<'a> {
         &self,
         port: &Port,
         pod: &PodSide,
-        ready: Readiness,
+        ready: Readiness<'_>,
     ) -> Result<Link, BridgeError> {
-        let Readiness { mut gateways, gateway_index, mut pod_addresses } = ready;
+        let Readiness { gateway, mut gateways, mut pod_addresses } = ready;
+        let gateway_index = gateway.index;
         let vanished = || BridgeError::LinkVanished(port.name.clone());
         let ifname = &self.req.inv.ifname;
         let start = Instant::now();
@@ -588,10 +594,7 @@ impl<'a> Attach<'a> {
                 let mut unsettled = self.host.unsettled_ipv6(gateway_index).await?;
                 unsettled.retain(|(address, _)| gateways.iter().any(|gw| IpAddr::V6(*gw) == *address));
                 if let Some((address, _)) = unsettled.iter().find(|(_, failed)| *failed) {
-                    return Err(BridgeError::DadFailed {
-                        address: *address,
-                        ifname: self.conf.bridge.clone(),
-                    });
+                    return Err(BridgeError::DadFailed { address: *address, ifname: gateway.name.clone() });
                 }
                 let groups = netns::ipv6_groups().map_err(BridgeError::io("reading IPv6 groups"))?;
                 gateways.retain(|gw| {
@@ -624,7 +627,7 @@ impl<'a> Attach<'a> {
                 let what = if !port_ready {
                     format!("bridge port {} did not start forwarding", port.name)
                 } else if let Some(gw) = gateways.first() {
-                    format!("gateway {gw} on {} did not join its solicited-node group", self.conf.bridge)
+                    format!("gateway {gw} on {} did not join its solicited-node group", gateway.name)
                 } else {
                     format!("pod address {} on {ifname} did not become usable", pod_addresses[0])
                 };

@@ -289,8 +289,6 @@ impl Unlinking {
                 }
             }
         };
-        // Reaped if it is done already; otherwise it exits on its own after this process.
-        let _ = nix::sys::wait::waitpid(self.child, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
         result
     }
 }

@@ -96,6 +96,16 @@ impl Node {
         assert_eq!(rules(&self.w), self.baseline, "{step}: rules left");
     }
 
+    /// The runtime's recovery by DEL with the same arguments: it succeeds and leaves nothing,
+    /// and the next ADD for the pod works.
+    fn assert_del_recovers(&self, pod: &Netns, step: &str) {
+        let o = self.call("DEL", "c1", pod, None);
+        assert_eq!(o.code, 0, "{step}: DEL after the crash: {} {}", o.stdout, o.stderr);
+        assert_eq!(pod.links(), ["lo"], "{step}: pod interface left");
+        self.assert_clean(step);
+        self.assert_next_add_works("c1", pod, step);
+    }
+
     /// The next ADD for the pod works, and its DEL cleans up.
     fn assert_next_add_works(&self, id: &str, pod: &Netns, step: &str) {
         let o = self.call("ADD", id, pod, None);
@@ -113,11 +123,7 @@ fn add_killed_at_each_step_then_del_leaves_nothing() {
     for step in ADD_STEPS {
         let pod = Netns::new("pod");
         node.crash("ADD", "c1", &pod, step);
-        let o = node.call("DEL", "c1", &pod, None);
-        assert_eq!(o.code, 0, "{step}: DEL after the crash: {} {}", o.stdout, o.stderr);
-        assert_eq!(pod.links(), ["lo"], "{step}: pod interface left");
-        node.assert_clean(step);
-        node.assert_next_add_works("c1", &pod, step);
+        node.assert_del_recovers(&pod, step);
     }
 }
 
@@ -128,10 +134,7 @@ fn add_killed_at_each_step_then_del_leaves_no_iptables_chain() {
     for step in ADD_STEPS {
         let pod = Netns::new("pod");
         node.crash("ADD", "c1", &pod, step);
-        let o = node.call("DEL", "c1", &pod, None);
-        assert_eq!(o.code, 0, "{step}: DEL after the crash: {} {}", o.stdout, o.stderr);
-        node.assert_clean(step);
-        node.assert_next_add_works("c1", &pod, step);
+        node.assert_del_recovers(&pod, step);
     }
 }
 
@@ -181,11 +184,7 @@ fn del_killed_at_each_step_then_del_again_leaves_nothing() {
         let o = node.call("ADD", "c1", &pod, None);
         assert_eq!(o.code, 0, "{step}: {}", o.stdout);
         node.crash("DEL", "c1", &pod, step);
-        let o = node.call("DEL", "c1", &pod, None);
-        assert_eq!(o.code, 0, "{step}: DEL after the crash: {} {}", o.stdout, o.stderr);
-        assert_eq!(pod.links(), ["lo"], "{step}: pod interface left");
-        node.assert_clean(step);
-        node.assert_next_add_works("c1", &pod, step);
+        node.assert_del_recovers(&pod, step);
     }
 }
 
