@@ -36,6 +36,9 @@ pub enum AgentError {
     /// nft failed.
     #[error("masquerade: {0}")]
     Masq(String),
+    /// The NetworkPolicy table could not be written.
+    #[error("network policy: {0}")]
+    Policy(String),
 }
 
 impl AgentError {

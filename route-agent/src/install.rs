@@ -22,8 +22,12 @@ pub const PLUGINS: [&str; 2] = ["cni-bridge", "cni-host-local"];
 /// The record of an install, in the bin directory.
 pub const RECORD: &str = ".cni-route-agent.installed";
 /// nft tables the plugins and the agent create (family, name).
-pub const NFT_TABLES: [(&str, &str); 3] =
-    [("inet", "cni_bridge"), ("bridge", "cni_bridge"), ("inet", "cni_route_agent")];
+pub const NFT_TABLES: [(&str, &str); 4] = [
+    ("inet", "cni_bridge"),
+    ("bridge", "cni_bridge"),
+    ("inet", "cni_route_agent"),
+    ("inet", crate::policy::TABLE),
+];
 /// Prefix of the per-attachment iptables chains of `ipMasqBackend: "iptables"`.
 pub const IPT_CHAIN_PREFIX: &str = "CNIB-";
 /// The index cni-host-local keeps beside the leases of each network.

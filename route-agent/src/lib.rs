@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod model;
 pub mod nexthop;
 pub mod plan;
+pub mod policy;
 pub mod reconcile;
 pub mod sources;
 pub mod vxlan;
@@ -90,6 +91,48 @@ pub struct Options {
     /// Take the VXLAN overhead off the conflist's MTU even while no peer needs the tunnel
     /// (pods made before a peer turns off-link then fit the tunnel too).
     pub vxlan_mtu_always: bool,
+    /// NetworkPolicy enforcement.
+    pub policy: PolicyOptions,
+}
+
+/// Where NetworkPolicy objects come from, if policies are enforced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicyOptions {
+    /// Not enforced: the agent removes its policy table at start.
+    Off,
+    /// Pods, Namespaces and NetworkPolicies from manifests (a file or a directory).
+    Manifests(PathBuf),
+    /// Watched on the API server of the kubernetes source.
+    Kubernetes(sources::kube::KubeOptions),
+}
+
+/// Starts NetworkPolicy enforcement, or removes what an earlier agent enforced.
+fn start_policy(opts: &Options, metrics: &Arc<Metrics>) {
+    let (tx, rx) = watch::channel(None);
+    let source = match opts.policy.clone() {
+        PolicyOptions::Off => {
+            match policy::remove(policy::TABLE) {
+                Ok(()) => tracing::info!("network policy off: no policy table"),
+                Err(e) => tracing::warn!(%e, "network policy off: could not remove the policy table"),
+            }
+            return;
+        }
+        PolicyOptions::Manifests(path) => {
+            let metrics = metrics.clone();
+            tokio::spawn(async move { policy::objects::run(path, tx, metrics).await })
+        }
+        PolicyOptions::Kubernetes(kube) => {
+            let metrics = metrics.clone();
+            tokio::spawn(async move { sources::kube_policy::run(kube, tx, metrics).await })
+        }
+    };
+    metrics.policy.enabled.store(true, Ordering::Relaxed);
+    tokio::spawn(async move {
+        if let Ok(Err(e)) = source.await {
+            tracing::error!(%e, "policy source stopped; enforcing its last view");
+        }
+    });
+    tokio::spawn(policy::run(opts.node_name.clone(), rx, metrics.clone()));
 }
 
 /// Runs the agent until SIGTERM/SIGINT. Routes stay in place on exit, so pods keep working
@@ -131,6 +174,7 @@ pub async fn run(mut opts: Options) -> Result<(), AgentError> {
             }
         });
     }
+    start_policy(&opts, &metrics);
     let mut events = kernel::events(opts.route_protocol, kernel.tunnel_links.clone())?;
     let mut tick = tokio::time::interval(opts.resync);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

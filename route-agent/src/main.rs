@@ -107,6 +107,14 @@ struct Cli {
     /// (0: never).
     #[arg(long, default_value_t = 300)]
     max_source_failure_seconds: u64,
+    /// Enforce NetworkPolicy (default: on with the kubernetes source or --policy-path, off
+    /// otherwise); false also removes the policy table an earlier run made.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    network_policy: Option<bool>,
+    /// Pods, Namespaces and NetworkPolicies from manifests (a YAML/JSON file or a directory of
+    /// them, re-read on change) instead of the API server.
+    #[arg(long)]
+    policy_path: Option<PathBuf>,
     /// Log format on stderr: text or json.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -220,6 +228,19 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
+    let policy = match (cli.network_policy, &cli.policy_path, &source) {
+        (Some(false), _, _) => cni_route_agent::PolicyOptions::Off,
+        (_, Some(path), _) => cni_route_agent::PolicyOptions::Manifests(path.clone()),
+        (_, None, Source::Kubernetes(kube)) => cni_route_agent::PolicyOptions::Kubernetes(kube.clone()),
+        (Some(true), None, _) => {
+            eprintln!(
+                "--network-policy with --source {}: needs --policy-path (no API server to watch)",
+                cli.source
+            );
+            return std::process::ExitCode::from(2);
+        }
+        (None, None, _) => cni_route_agent::PolicyOptions::Off,
+    };
     let opts = Options {
         node_name: cli.node_name,
         source,
@@ -246,6 +267,7 @@ fn main() -> std::process::ExitCode {
         },
         vxlan: cni_route_agent::vxlan::VxlanConfig { vni: cli.vxlan_vni, port: cli.vxlan_port },
         vxlan_mtu_always: cli.vxlan_mtu_always,
+        policy,
     };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     match rt.block_on(run(opts)) {

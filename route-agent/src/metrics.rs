@@ -40,6 +40,90 @@ pub struct Metrics {
     pub source: SourceHealth,
     /// The etcd source's connection: errors by kind and reachability (rendered only when it runs).
     pub etcd: crate::sources::etcd_tls::EtcdStatus,
+    /// NetworkPolicy enforcement (rendered only when it runs).
+    pub policy: PolicyStatus,
+}
+
+/// What the NetworkPolicy engine reports.
+#[derive(Debug, Default)]
+pub struct PolicyStatus {
+    /// The engine runs.
+    pub enabled: AtomicBool,
+    /// Policies known.
+    pub policies: AtomicU64,
+    /// Local pods selected by at least one policy.
+    pub selected_pods: AtomicU64,
+    /// Packets dropped by policy: ingress, egress.
+    pub dropped: [AtomicU64; 2],
+    /// Malformed objects (or parts) skipped.
+    pub malformed: AtomicU64,
+    /// Failed syncs and other enforcement errors.
+    pub errors: AtomicU64,
+    /// Syncs into the kernel.
+    pub syncs: AtomicU64,
+    /// Duration of the last sync, in microseconds.
+    pub sync_micros: AtomicU64,
+    /// When the last sync succeeded, seconds since the epoch.
+    pub last_sync_unix: AtomicU64,
+}
+
+impl PolicyStatus {
+    /// A sync succeeded after `took`.
+    pub fn synced(&self, took: Duration) {
+        self.syncs.fetch_add(1, Ordering::Relaxed);
+        self.sync_micros.store(took.as_micros() as u64, Ordering::Relaxed);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        self.last_sync_unix.store(now.as_secs(), Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String) {
+        if !self.enabled.load(Ordering::Relaxed) {
+            return;
+        }
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        row(out, "policies", "gauge", "NetworkPolicies enforced.", load(&self.policies));
+        row(
+            out,
+            "policy_selected_pods",
+            "gauge",
+            "This node's pods selected by a NetworkPolicy.",
+            load(&self.selected_pods),
+        );
+        out.push_str(
+            "# HELP cni_route_agent_policy_dropped_packets_total Packets dropped by NetworkPolicy.\n\
+             # TYPE cni_route_agent_policy_dropped_packets_total counter\n",
+        );
+        for (dir, v) in ["ingress", "egress"].iter().zip(&self.dropped) {
+            let _ = writeln!(
+                out,
+                "cni_route_agent_policy_dropped_packets_total{{direction=\"{dir}\"}} {}",
+                load(v)
+            );
+        }
+        row(
+            out,
+            "policy_malformed_total",
+            "counter",
+            "Malformed policy objects or parts skipped.",
+            load(&self.malformed),
+        );
+        row(out, "policy_errors_total", "counter", "NetworkPolicy syncs that failed.", load(&self.errors));
+        row(out, "policy_syncs_total", "counter", "NetworkPolicy syncs into the kernel.", load(&self.syncs));
+        row(
+            out,
+            "policy_sync_duration_seconds",
+            "gauge",
+            "Duration of the last NetworkPolicy sync.",
+            format!("{:.6}", load(&self.sync_micros) as f64 / 1e6),
+        );
+        row(
+            out,
+            "policy_last_sync_timestamp_seconds",
+            "gauge",
+            "When the last NetworkPolicy sync succeeded (Unix time).",
+            load(&self.last_sync_unix),
+        );
+    }
 }
 
 /// How the node source is doing.
@@ -180,6 +264,7 @@ impl Metrics {
             self.ready.load(Ordering::Relaxed) as u8,
         );
         out.push_str(&self.etcd.render());
+        self.policy.render(&mut out);
         out
     }
 

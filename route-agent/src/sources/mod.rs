@@ -6,6 +6,7 @@ pub mod etcd;
 pub mod etcd_tls;
 pub mod file;
 pub mod kube;
+pub mod kube_policy;
 
 use tokio::sync::watch;
 
@@ -36,7 +37,9 @@ pub fn failed(metrics: &Metrics, error: &AgentError) {
         AgentError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => "missing",
         AgentError::Io { .. } => "read",
         AgentError::Config(_) => "config",
-        AgentError::Netlink { .. } | AgentError::Route(_) | AgentError::Masq(_) => "other",
+        AgentError::Netlink { .. } | AgentError::Route(_) | AgentError::Masq(_) | AgentError::Policy(_) => {
+            "other"
+        }
     };
     metrics.source.error(kind);
 }

@@ -1,0 +1,240 @@
+//! NetworkPolicy (networking.k8s.io/v1) enforcement with nftables: [`model`] (the fields the
+//! engine needs), [`compile`] (pure: cluster to nft state), [`objects`] (reading manifests),
+//! and [`Engine`], which puts the state into the kernel, each change as one transaction.
+
+pub mod compile;
+pub mod model;
+pub mod objects;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+pub use compile::{compile, Cluster, Desired};
+
+use crate::error::AgentError;
+use crate::Metrics;
+
+/// The table the agent owns for policy (the masquerade table is separate: it is replaced on
+/// its own schedule and must not take policy state with it).
+pub const TABLE: &str = "cni_route_agent_policy";
+
+/// What a sync put into the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// Nothing changed.
+    Nothing,
+    /// Only pod set elements changed.
+    Elements,
+    /// The rule set was replaced (a policy changed, or the first sync after start).
+    Table,
+}
+
+/// Keeps the policy table in the kernel equal to what the cluster's policies say.
+#[derive(Debug)]
+pub struct Engine {
+    table: String,
+    node: String,
+    /// What the kernel holds since our last successful sync; `None` after start, so the
+    /// first sync replaces whatever a previous agent left, atomically.
+    applied: Option<Desired>,
+    /// Drop counters of tables this engine replaced (a replaced table's counters restart).
+    dropped_before: [u64; 2],
+}
+
+impl Engine {
+    /// An engine for `node`'s pods.
+    pub fn new(node: &str) -> Engine {
+        Engine::with_table(node, TABLE)
+    }
+
+    /// The same with another table name (tests).
+    pub fn with_table(node: &str, table: &str) -> Engine {
+        Engine { table: table.into(), node: node.into(), applied: None, dropped_before: [0; 2] }
+    }
+
+    /// The nft script that takes the kernel from what we applied last to `want`, and what
+    /// kind of change it is.
+    pub fn script(&self, want: &Desired) -> (String, Applied) {
+        let t = &self.table;
+        match &self.applied {
+            Some(have) if have.skeleton == want.skeleton => {
+                let mut s = String::new();
+                for (set, items) in &want.elements {
+                    let empty = BTreeSet::new();
+                    let old = have.elements.get(set).unwrap_or(&empty);
+                    let gone: Vec<&String> = old.difference(items).collect();
+                    if !gone.is_empty() {
+                        let _ = writeln!(s, "delete element inet {t} {set} {{ {} }}", join(&gone));
+                    }
+                }
+                for (set, items) in &want.elements {
+                    let empty = BTreeSet::new();
+                    let old = have.elements.get(set).unwrap_or(&empty);
+                    let new: Vec<&String> = items.difference(old).collect();
+                    if !new.is_empty() {
+                        let _ = writeln!(s, "add element inet {t} {set} {{ {} }}", join(&new));
+                    }
+                }
+                let kind = if s.is_empty() { Applied::Nothing } else { Applied::Elements };
+                (s, kind)
+            }
+            _ => {
+                // Created, emptied and refilled in one transaction: no packet sees a half
+                // table, and whatever an earlier agent left is replaced, not merged.
+                let mut s = format!("add table inet {t}\ndelete table inet {t}\nadd table inet {t}\n");
+                s.push_str(&want.skeleton);
+                for (set, items) in &want.elements {
+                    if !items.is_empty() {
+                        let all: Vec<&String> = items.iter().collect();
+                        let _ = writeln!(s, "add element inet {t} {set} {{ {} }}", join(&all));
+                    }
+                }
+                (s, Applied::Table)
+            }
+        }
+    }
+
+    /// Records that `want` is in the kernel (tests that apply a script themselves).
+    pub fn mark_applied(&mut self, want: Desired) {
+        self.applied = Some(want);
+    }
+
+    /// Brings the kernel to what `cluster` says.
+    pub fn sync(&mut self, cluster: &Cluster) -> Result<(Applied, Desired), AgentError> {
+        let want = compile(cluster, &self.node, &self.table);
+        let (script, kind) = self.script(&want);
+        if kind == Applied::Table && self.applied.is_some() {
+            let now = self.dropped();
+            self.dropped_before[0] += now[0];
+            self.dropped_before[1] += now[1];
+        }
+        if kind != Applied::Nothing {
+            if let Err(e) = apply(&script) {
+                // Unknown kernel state: the next sync replaces the table whole.
+                self.applied = None;
+                return Err(e);
+            }
+        }
+        self.applied = Some(want.clone());
+        Ok((kind, want))
+    }
+
+    /// Packets dropped by policy since the agent started: (ingress, egress).
+    pub fn dropped(&self) -> [u64; 2] {
+        let now = read_counters(&self.table).unwrap_or_default();
+        [self.dropped_before[0] + now[0], self.dropped_before[1] + now[1]]
+    }
+}
+
+fn join(items: &[&String]) -> String {
+    items.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+}
+
+fn apply(script: &str) -> Result<(), AgentError> {
+    netlink_wire::process::pipe("nft", &["-f", "-"], script).map_err(|e| AgentError::Policy(e.to_string()))
+}
+
+/// The `ingress_denied` and `egress_denied` packet counters of `table`.
+fn read_counters(table: &str) -> Option<[u64; 2]> {
+    let out = netlink_wire::process::run("nft", &["list", "counters", "table", "inet", table], None).ok()?;
+    let mut result = [0u64; 2];
+    let mut current = None;
+    for line in out.lines() {
+        let line = line.trim();
+        if let Some(name) = line.strip_prefix("counter ") {
+            current = match name.trim_end_matches(" {").trim() {
+                "ingress_denied" => Some(0),
+                "egress_denied" => Some(1),
+                _ => None,
+            };
+        } else if let (Some(i), Some(rest)) = (current, line.strip_prefix("packets ")) {
+            result[i] = rest.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(0);
+        }
+    }
+    Some(result)
+}
+
+/// Removes the policy table (`--network-policy=false`, uninstall). Absent is fine.
+pub fn remove(table: &str) -> Result<(), AgentError> {
+    apply(&format!("add table inet {table}\ndelete table inet {table}\n"))
+}
+
+/// Same-node pod traffic crosses the bridge at layer 2; only `br_netfilter` with these
+/// switches on (per network namespace) shows it to the inet forward hook.
+pub fn enable_bridge_netfilter() -> Result<(), AgentError> {
+    for key in ["bridge-nf-call-iptables", "bridge-nf-call-ip6tables"] {
+        let path = format!("/proc/sys/net/bridge/{key}");
+        if !std::path::Path::new(&path).exists() {
+            // Best effort: a privileged DaemonSet can load it; a test namespace already has it.
+            let _ = netlink_wire::process::run("modprobe", &["br_netfilter"], None);
+        }
+        std::fs::write(&path, "1").map_err(AgentError::io(format!(
+            "enabling {path} (br_netfilter: without it pods on one node reach each other unfiltered)"
+        )))?;
+    }
+    Ok(())
+}
+
+/// Runs the engine: applies every cluster view the source publishes until the channel
+/// closes. Nothing is touched before the first complete view, so a restarted agent keeps
+/// enforcing the previous agent's table until it can replace it whole.
+pub async fn run(node: String, mut rx: watch::Receiver<Option<Arc<Cluster>>>, metrics: Arc<Metrics>) {
+    let mut engine = Engine::new(&node);
+    let mut retry = tokio::time::interval(std::time::Duration::from_secs(5));
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failed = false;
+    loop {
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { return },
+            _ = retry.tick(), if failed => {},
+        }
+        let Some(cluster) = rx.borrow_and_update().clone() else { continue };
+        if let Err(e) = enable_bridge_netfilter() {
+            tracing::error!(%e, "network policy: same-node traffic is not filtered");
+            metrics.policy.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        let started = std::time::Instant::now();
+        match engine.sync(&cluster) {
+            Ok((kind, want)) => {
+                failed = false;
+                let p = &metrics.policy;
+                p.policies.store(cluster.policies.len() as u64, Ordering::Relaxed);
+                p.selected_pods.store(want.selected_pods as u64, Ordering::Relaxed);
+                p.synced(started.elapsed());
+                if kind != Applied::Nothing {
+                    tracing::debug!(
+                        ?kind,
+                        micros = started.elapsed().as_micros() as u64,
+                        "network policy synced"
+                    );
+                }
+            }
+            Err(e) => {
+                failed = true;
+                metrics.policy.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(%e, "network policy sync failed; retrying");
+            }
+        }
+        let d = engine.dropped();
+        metrics.policy.dropped[0].store(d[0], Ordering::Relaxed);
+        metrics.policy.dropped[1].store(d[1], Ordering::Relaxed);
+    }
+}
+
+/// Counts and logs the malformed parts of objects, once per distinct defect.
+pub fn report(defects: &[model::Defect], seen: &mut BTreeMap<String, String>, metrics: &Metrics) {
+    let mut now = BTreeMap::new();
+    for d in defects {
+        let key = format!("{}: {}", d.object, d.message);
+        if !seen.contains_key(&key) {
+            tracing::warn!(object = %d.object, problem = %d.message, "malformed object; enforcing the rest");
+            metrics.policy.malformed.fetch_add(1, Ordering::Relaxed);
+        }
+        now.insert(key, String::new());
+    }
+    *seen = now;
+}

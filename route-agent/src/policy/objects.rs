@@ -1,0 +1,248 @@
+//! Kubernetes objects from manifests: a YAML or JSON file, or a directory of them (as
+//! `kubectl apply -f DIR` takes), several documents per file and `kind: List` allowed. Pods,
+//! Namespaces and NetworkPolicies are kept; other kinds are ignored. The `file` policy source
+//! re-reads the path on every change.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Namespace as ApiNamespace, Pod as ApiPod};
+use k8s_openapi::api::networking::v1::NetworkPolicy as ApiPolicy;
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+use serde::Deserialize;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::sync::watch;
+
+use super::compile::Cluster;
+use super::model::{Defect, Namespace, Pod, Policy};
+use crate::error::AgentError;
+use crate::Metrics;
+
+/// Adds the objects of one manifest text to `cluster`; what is malformed goes to `defects`
+/// (a document that is not YAML makes the whole text an error: a half-written file is not a
+/// cluster with fewer policies).
+pub fn parse_into(
+    text: &str,
+    origin: &str,
+    cluster: &mut Cluster,
+    defects: &mut Vec<Defect>,
+) -> Result<(), String> {
+    for doc in serde_yaml::Deserializer::from_str(text) {
+        let value = serde_yaml::Value::deserialize(doc).map_err(|e| format!("{origin}: {e}"))?;
+        add_value(value, origin, cluster, defects);
+    }
+    Ok(())
+}
+
+fn add_value(value: serde_yaml::Value, origin: &str, cluster: &mut Cluster, defects: &mut Vec<Defect>) {
+    if value.is_null() {
+        return;
+    }
+    let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_string();
+    let mut bad = |message: String| defects.push(Defect { object: origin.to_string(), message });
+    match kind.as_str() {
+        "List" | "PodList" | "NamespaceList" | "NetworkPolicyList" => {
+            let items = value.get("items").and_then(|i| i.as_sequence()).cloned().unwrap_or_default();
+            for item in items {
+                let mut item = item;
+                // Typed lists may leave `kind` off their items.
+                if item.get("kind").is_none() {
+                    if let (Some(map), Some(k)) = (item.as_mapping_mut(), kind.strip_suffix("List")) {
+                        if !k.is_empty() {
+                            map.insert("kind".into(), k.into());
+                        }
+                    }
+                }
+                add_value(item, origin, cluster, defects);
+            }
+        }
+        "Pod" => match serde_yaml::from_value::<ApiPod>(value) {
+            Ok(p) => {
+                if let Some(pod) = Pod::from_api(&p) {
+                    cluster.pods.insert(pod.key(), pod);
+                }
+            }
+            Err(e) => bad(format!("Pod: {e}")),
+        },
+        "Namespace" => match serde_yaml::from_value::<ApiNamespace>(value) {
+            Ok(n) => {
+                if let Some(ns) = Namespace::from_api(&n) {
+                    cluster.namespaces.insert(ns.name.clone(), ns);
+                }
+            }
+            Err(e) => bad(format!("Namespace: {e}")),
+        },
+        "NetworkPolicy" => match serde_yaml::from_value::<ApiPolicy>(value) {
+            Ok(p) => {
+                let (policy, found) = Policy::from_api(&p);
+                defects.extend(found);
+                if let Some(policy) = policy {
+                    cluster.policies.insert(policy.key(), policy);
+                }
+            }
+            // Unparseable as a NetworkPolicy at all (a CIDR is a number, say): nothing of it
+            // can be enforced, and nothing it would deny is known; counted and skipped.
+            Err(e) => bad(format!("NetworkPolicy: {e}")),
+        },
+        _ => {}
+    }
+}
+
+/// Reads `path` (a file, or every `.yaml`, `.yml` and `.json` file of a directory, in name
+/// order).
+pub fn load(path: &Path) -> Result<(Cluster, Vec<Defect>), AgentError> {
+    let mut cluster = Cluster::default();
+    let mut defects = Vec::new();
+    let meta = std::fs::metadata(path).map_err(AgentError::io(format!("reading {}", path.display())))?;
+    let files: Vec<PathBuf> = if meta.is_dir() {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(AgentError::io(format!("listing {}", path.display())))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json"))
+                    && !p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'))
+            })
+            .collect();
+        v.sort();
+        v
+    } else {
+        vec![path.to_path_buf()]
+    };
+    for file in files {
+        let text =
+            std::fs::read_to_string(&file).map_err(AgentError::io(format!("reading {}", file.display())))?;
+        parse_into(&text, &file.display().to_string(), &mut cluster, &mut defects)
+            .map_err(|e| AgentError::source("parse", e))?;
+    }
+    // Namespaces named only by pods or policies still carry their name label.
+    let named: Vec<String> = cluster
+        .pods
+        .values()
+        .map(|p| p.namespace.clone())
+        .chain(cluster.policies.values().map(|p| p.namespace.clone()))
+        .collect();
+    for ns in named {
+        cluster.namespaces.entry(ns.clone()).or_insert_with(|| Namespace::new(&ns, BTreeMap::new()));
+    }
+    Ok((cluster, defects))
+}
+
+struct Fd(RawFd);
+impl AsRawFd for Fd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// The `file` policy source: publishes what `path` holds now and after every change, until
+/// the channel closes. An unreadable or half-written manifest keeps the last good view.
+pub async fn run(
+    path: PathBuf,
+    tx: watch::Sender<Option<Arc<Cluster>>>,
+    metrics: Arc<Metrics>,
+) -> Result<(), AgentError> {
+    let path = std::path::absolute(&path).map_err(AgentError::io(format!("resolving {}", path.display())))?;
+    let is_dir = path.is_dir();
+    let dir = if is_dir {
+        path.clone()
+    } else {
+        path.parent().map(Path::to_path_buf).unwrap_or_else(|| "/".into())
+    };
+    let name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let ino = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
+        .map_err(|e| AgentError::io("inotify")(e.into()))?;
+    ino.add_watch(
+        &dir,
+        AddWatchFlags::IN_CLOSE_WRITE
+            | AddWatchFlags::IN_MOVED_TO
+            | AddWatchFlags::IN_MOVED_FROM
+            | AddWatchFlags::IN_DELETE,
+    )
+    .map_err(|e| AgentError::io(format!("watching {}", dir.display()))(e.into()))?;
+    // SAFETY: `ino` owns the fd and outlives `afd`, which is dropped (deregistered) first.
+    let afd = unsafe { AsyncFd::register_with_interest(Fd(ino.as_fd().as_raw_fd()), Interest::READABLE) }
+        .map_err(|e| AgentError::io("inotify fd")(e.into()))?;
+    let mut seen = BTreeMap::new();
+    let mut reload = || match load(&path) {
+        Ok((cluster, defects)) => {
+            super::report(&defects, &mut seen, &metrics);
+            let cluster = Arc::new(cluster);
+            tx.send_if_modified(|cur| {
+                if cur.as_deref() == Some(&*cluster) {
+                    false
+                } else {
+                    *cur = Some(cluster);
+                    true
+                }
+            });
+        }
+        Err(e) => tracing::warn!(%e, "policy manifests not usable; keeping the last good view"),
+    };
+    reload();
+    loop {
+        let mut guard = afd.readable().await.map_err(AgentError::io("inotify"))?;
+        let events = match ino.read_events() {
+            Ok(ev) => ev,
+            Err(nix::errno::Errno::EAGAIN) => {
+                guard.clear_ready();
+                continue;
+            }
+            Err(e) => return Err(AgentError::io("reading inotify")(e.into())),
+        };
+        if is_dir || events.iter().any(|e| e.name.as_deref() == Some(name.as_os_str())) {
+            reload();
+        }
+        if tx.is_closed() {
+            return Ok(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_documents_lists_and_skips_what_is_malformed() {
+        let text = "\
+apiVersion: v1
+kind: Namespace
+metadata: {name: x, labels: {team: a}}
+---
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Pod
+  metadata: {name: a, namespace: x, labels: {pod: a}}
+  spec: {nodeName: n1, containers: [{name: c, ports: [{name: serve-80-tcp, containerPort: 80}]}]}
+  status: {podIPs: [{ip: 10.244.1.5}, {ip: 'fd00::5'}]}
+- apiVersion: networking.k8s.io/v1
+  kind: NetworkPolicy
+  metadata: {name: deny, namespace: x}
+  spec: {podSelector: {}, ingress: [{from: [{ipBlock: {cidr: not-a-cidr}}]}]}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: ignored}
+";
+        let mut cluster = Cluster::default();
+        let mut defects = Vec::new();
+        parse_into(text, "t.yaml", &mut cluster, &mut defects).unwrap();
+        assert_eq!(cluster.namespaces["x"].labels["team"], "a");
+        assert_eq!(cluster.namespaces["x"].labels["kubernetes.io/metadata.name"], "x");
+        let pod = &cluster.pods["x/a"];
+        assert_eq!(pod.ips.len(), 2);
+        assert_eq!(pod.ports[0].name, "serve-80-tcp");
+        assert_eq!(
+            cluster.policies["x/deny"].ingress,
+            Some(vec![]),
+            "the bad rule is left out, the policy still isolates"
+        );
+        assert_eq!(defects.len(), 1, "{defects:?}");
+        assert!(parse_into("a: [", "bad.yaml", &mut cluster, &mut defects).is_err());
+    }
+}

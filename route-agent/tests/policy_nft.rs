@@ -1,0 +1,54 @@
+//! The policy engine's nft scripts are accepted by the kernel, whole and as element updates.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use cni_conformance::netns::Netns;
+use cni_conformance::require_root;
+use cni_route_agent::policy::objects::parse_into;
+use cni_route_agent::policy::{Cluster, Engine};
+
+fn nft(ns: &Netns, script: &str) -> Result<(), String> {
+    let mut c = Command::new("nft");
+    c.args(["-f", "-"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    ns.enter(&mut c);
+    let mut child = c.spawn().map_err(|e| e.to_string())?;
+    child.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("{}\n--- script ---\n{script}", String::from_utf8_lossy(&out.stderr)))
+    }
+}
+
+const OBJECTS: &str = include_str!("policy_nft.yaml");
+
+#[test]
+fn every_kind_of_rule_loads_and_pod_churn_is_element_updates() {
+    require_root("every_kind_of_rule_loads_and_pod_churn_is_element_updates");
+    let ns = Netns::new("polnft");
+    let mut cluster = Cluster::default();
+    let mut defects = Vec::new();
+    parse_into(OBJECTS, "t", &mut cluster, &mut defects).unwrap();
+    assert!(defects.is_empty(), "{defects:?}");
+    let mut engine = Engine::with_table("n1", "polt");
+    let want = cni_route_agent::policy::compile(&cluster, "n1", "polt");
+    let (script, kind) = engine.script(&want);
+    assert_eq!(kind, cni_route_agent::policy::Applied::Table);
+    if std::env::var_os("SHOW_SCRIPT").is_some() {
+        eprintln!("{script}");
+    }
+    nft(&ns, &script).unwrap();
+    engine.mark_applied(want);
+    // A pod's labels change and another pod appears: elements only.
+    cluster.pods.get_mut("x/b").unwrap().labels.insert("pod".into(), "a".into());
+    let mut c2 = cluster.pods["x/c"].clone();
+    c2.name = "d".into();
+    c2.ips = vec!["10.244.1.9".parse().unwrap(), "fd00:244:1::9".parse().unwrap()];
+    cluster.pods.insert("x/d".into(), c2);
+    let want = cni_route_agent::policy::compile(&cluster, "n1", "polt");
+    let (script, kind) = engine.script(&want);
+    assert_eq!(kind, cni_route_agent::policy::Applied::Elements, "{script}");
+    nft(&ns, &script).unwrap();
+}
