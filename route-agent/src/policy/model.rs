@@ -329,7 +329,7 @@ impl Policy {
                 defect(format!("policyTypes: unknown type {t:?}, ignored"));
             }
         }
-        let mut rules = |dir: &str, raw: Vec<(Option<Vec<ApiPeer>>, Option<Vec<ApiPort>>)>| -> Vec<Rule> {
+        let mut rules = |dir: &str, raw: Vec<RawRule>| -> Vec<Rule> {
             let mut out = Vec::new();
             for (i, (peers, ports)) in raw.into_iter().enumerate() {
                 match convert_rule(peers, ports) {
@@ -356,6 +356,9 @@ impl Policy {
         format!("{}/{}", self.namespace, self.name)
     }
 }
+
+/// A rule as the API has it: its peers and its ports.
+type RawRule = (Option<Vec<ApiPeer>>, Option<Vec<ApiPort>>);
 
 fn convert_rule(peers: Option<Vec<ApiPeer>>, ports: Option<Vec<ApiPort>>) -> Result<Rule, String> {
     let peers = match peers {
