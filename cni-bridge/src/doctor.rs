@@ -735,6 +735,53 @@ fn check_routes(o: &Opts) -> Check {
     }
 }
 
+/// NetworkPolicy enforcement by the route agent: its table in the kernel and its figures.
+fn check_policy(o: &Opts) -> Check {
+    const C: &str = "network policy";
+    const TABLE: &str = "cni_route_agent_policy";
+    let table = output(None, "nft", &["list", "table", "inet", TABLE]);
+    let m = metrics(&o.metrics);
+    let get = |k: &str| m.as_ref().and_then(|m| m.get(&format!("cni_route_agent_{k}")).copied());
+    match (table, get("policies")) {
+        (None, None) => skip(C, "not enforced (no policy table, no policy figures from the agent)"),
+        (Some(_), None) if m.is_none() => fail(
+            C,
+            format!("table inet {TABLE} exists but no cni-route-agent answers at {}", o.metrics),
+            "the last agent's policies stay enforced but no longer follow changes: kubectl -n kube-system get pods -l app=cni-route-agent",
+        ),
+        (Some(_), None) => fail(
+            C,
+            format!("table inet {TABLE} exists but the agent at {} does not enforce policies", o.metrics),
+            "left by an earlier run with policies on: cni-route-agent uninstall, or start the agent without --network-policy=false",
+        ),
+        (None, Some(_)) => fail(
+            C,
+            format!("the agent enforces policies but table inet {TABLE} is missing"),
+            "kubectl -n kube-system logs ds/cni-route-agent (nft errors); it retries every 5 s",
+        ),
+        (Some(_), Some(policies)) => {
+            let dropped: f64 = m
+                .iter()
+                .flatten()
+                .filter(|(k, _)| k.starts_with("cni_route_agent_policy_dropped_packets_total"))
+                .map(|(_, v)| v)
+                .sum();
+            let errors = get("policy_errors_total").unwrap_or(0.0);
+            let malformed = get("policy_malformed_total").unwrap_or(0.0);
+            let detail = format!(
+                "{policies} policies, {} pods of this node selected, {dropped} packets dropped, {malformed} malformed objects skipped, last sync at {} (Unix)",
+                get("policy_selected_pods").unwrap_or(f64::NAN),
+                get("policy_last_sync_timestamp_seconds").unwrap_or(f64::NAN),
+            );
+            if errors > 0.0 && get("policy_last_sync_timestamp_seconds").unwrap_or(0.0) == 0.0 {
+                fail(C, detail, "no sync succeeded yet: kubectl -n kube-system logs ds/cni-route-agent")
+            } else {
+                pass(C, detail)
+            }
+        }
+    }
+}
+
 fn check_mtu(node: &Node, net: &Net) -> Check {
     const C: &str = "MTU";
     let Some(br) = node.link(&net.bridge) else { return skip(C, "no bridge") };
@@ -875,6 +922,7 @@ fn run_checks(o: &Opts) -> Vec<Check> {
     out.push(leases_check);
     out.push(check_masq(&net, &leased));
     out.push(check_routes(o));
+    out.push(check_policy(o));
     out.push(check_mtu(&node, &net));
     if let Some(ns) = &o.netns {
         out.extend(check_pod(ns, &net));

@@ -148,6 +148,12 @@ fn a_healthy_node_passes_and_each_broken_thing_fails_its_own_check() {
     add(&w, &pa, "pod-a", &conf);
     assert_eq!(d.failing(&[]), Vec::<String>::new(), "healthy again");
 
+    // A NetworkPolicy table left with no agent to keep it current.
+    let t = node.run("nft", &["add", "table", "inet", "cni_route_agent_policy"]);
+    assert!(t.status.success(), "{}", String::from_utf8_lossy(&t.stderr));
+    assert!(d.only_failure("network policy", &[]).contains("no cni-route-agent answers"));
+    assert!(node.run("nft", &["delete", "table", "inet", "cni_route_agent_policy"]).status.success());
+
     // kube-proxy's iptables mode present: bridged traffic must pass iptables.
     assert!(node.run("iptables", &["-t", "nat", "-N", "KUBE-SERVICES"]).status.success());
     if Path::new("/proc/sys/net/bridge").exists() {

@@ -80,12 +80,14 @@ const ICMPV6_LINK: &str = "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert
 
 /// Indexes of the cluster the compiler asks many times.
 struct View<'a> {
-    cluster: &'a Cluster,
     node: &'a str,
-    /// Each pod's addresses that it owns (a reused address belongs to the newest pod).
-    ips: HashMap<&'a str, Vec<IpAddr>>,
+    /// Each pod's addresses that it owns (a reused address belongs to the newest pod), by
+    /// the pod's address in memory: asked for in every rule, so no key is built per call.
+    ips: HashMap<*const Pod, Vec<IpAddr>>,
     /// Pods by namespace, only those that can be a policy's subject or peer.
     by_ns: BTreeMap<&'a str, Vec<&'a Pod>>,
+    /// Labels of the namespaces pods live in (the name label alone for one not listed).
+    ns_labels: HashMap<&'a str, std::borrow::Cow<'a, Labels>>,
 }
 
 impl<'a> View<'a> {
@@ -100,9 +102,9 @@ impl<'a> View<'a> {
                 }
             }
         }
-        let mut ips: HashMap<&str, Vec<IpAddr>> = HashMap::new();
+        let mut ips: HashMap<*const Pod, Vec<IpAddr>> = HashMap::new();
         let mut by_ns: BTreeMap<&str, Vec<&Pod>> = BTreeMap::new();
-        for (key, pod) in &cluster.pods {
+        for pod in cluster.pods.values() {
             if pod.host_network {
                 continue;
             }
@@ -112,21 +114,24 @@ impl<'a> View<'a> {
                 .copied()
                 .filter(|ip| owner.get(ip).is_some_and(|o| std::ptr::eq(*o, pod)))
                 .collect();
-            ips.insert(key.as_str(), own);
+            ips.insert(pod as *const Pod, own);
             by_ns.entry(pod.namespace.as_str()).or_default().push(pod);
         }
-        View { cluster, node, ips, by_ns }
-    }
-
-    fn ns_labels(&self, ns: &str) -> Labels {
-        match self.cluster.namespaces.get(ns) {
-            Some(n) => n.labels.clone(),
-            None => Namespace::new(ns, Labels::new()).labels,
-        }
+        let ns_labels = by_ns
+            .keys()
+            .map(|ns| {
+                let labels = match cluster.namespaces.get(*ns) {
+                    Some(n) => std::borrow::Cow::Borrowed(&n.labels),
+                    None => std::borrow::Cow::Owned(Namespace::new(ns, Labels::new()).labels),
+                };
+                (*ns, labels)
+            })
+            .collect();
+        View { node, ips, by_ns, ns_labels }
     }
 
     fn ips_of(&self, pod: &Pod) -> &[IpAddr] {
-        self.ips.get(pod.key().as_str()).map(Vec::as_slice).unwrap_or(&[])
+        self.ips.get(&(pod as *const Pod)).map(Vec::as_slice).unwrap_or(&[])
     }
 
     /// The local pods a policy selects.
@@ -147,9 +152,12 @@ impl<'a> View<'a> {
             let Peer::Pods { namespaces, pods } = peer else { continue };
             let spaces: Vec<&str> = match namespaces {
                 None => vec![policy_ns],
-                Some(sel) => {
-                    self.by_ns.keys().copied().filter(|ns| sel.matches(&self.ns_labels(ns))).collect()
-                }
+                Some(sel) => self
+                    .by_ns
+                    .keys()
+                    .copied()
+                    .filter(|ns| self.ns_labels.get(ns).is_some_and(|l| sel.matches(l)))
+                    .collect(),
             };
             for ns in spaces {
                 for pod in self.by_ns.get(ns).into_iter().flatten() {

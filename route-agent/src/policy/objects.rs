@@ -91,43 +91,86 @@ fn add_value(value: serde_yaml::Value, origin: &str, cluster: &mut Cluster, defe
     }
 }
 
-/// Reads `path` (a file, or every `.yaml`, `.yml` and `.json` file of a directory, in name
-/// order).
-pub fn load(path: &Path) -> Result<(Cluster, Vec<Defect>), AgentError> {
-    let mut cluster = Cluster::default();
-    let mut defects = Vec::new();
-    let meta = std::fs::metadata(path).map_err(AgentError::io(format!("reading {}", path.display())))?;
-    let files: Vec<PathBuf> = if meta.is_dir() {
-        let mut v: Vec<PathBuf> = std::fs::read_dir(path)
-            .map_err(AgentError::io(format!("listing {}", path.display())))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json"))
-                    && !p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'))
-            })
+/// One manifest file as last read: what identifies its content on disk, and its objects.
+#[derive(Debug)]
+struct Parsed {
+    stamp: (u64, u64, i64, i64, u64),
+    objects: Cluster,
+    defects: Vec<Defect>,
+}
+
+/// Manifests under a path, each file parsed again only when it changed on disk: on a big
+/// cluster kept as one file per namespace, a change costs one small file's parse.
+#[derive(Debug, Default)]
+pub struct Manifests {
+    files: BTreeMap<PathBuf, Parsed>,
+}
+
+impl Manifests {
+    /// Reads `path` (a file, or every `.yaml`, `.yml` and `.json` file of a directory, in
+    /// name order; later files win on the same object).
+    pub fn load(&mut self, path: &Path) -> Result<(Cluster, Vec<Defect>), AgentError> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path).map_err(AgentError::io(format!("reading {}", path.display())))?;
+        let files: Vec<PathBuf> = if meta.is_dir() {
+            let mut v: Vec<PathBuf> = std::fs::read_dir(path)
+                .map_err(AgentError::io(format!("listing {}", path.display())))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json"))
+                        && !p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'))
+                })
+                .collect();
+            v.sort();
+            v
+        } else {
+            vec![path.to_path_buf()]
+        };
+        let mut fresh = BTreeMap::new();
+        for file in files {
+            let m =
+                std::fs::metadata(&file).map_err(AgentError::io(format!("reading {}", file.display())))?;
+            let stamp = (m.ino(), m.len(), m.mtime(), m.mtime_nsec(), m.ctime() as u64);
+            let parsed = match self.files.remove(&file) {
+                Some(p) if p.stamp == stamp => p,
+                _ => {
+                    let text = std::fs::read_to_string(&file)
+                        .map_err(AgentError::io(format!("reading {}", file.display())))?;
+                    let mut objects = Cluster::default();
+                    let mut defects = Vec::new();
+                    parse_into(&text, &file.display().to_string(), &mut objects, &mut defects)
+                        .map_err(|e| AgentError::source("parse", e))?;
+                    Parsed { stamp, objects, defects }
+                }
+            };
+            fresh.insert(file, parsed);
+        }
+        self.files = fresh;
+        let mut cluster = Cluster::default();
+        let mut defects = Vec::new();
+        for p in self.files.values() {
+            cluster.pods.extend(p.objects.pods.iter().map(|(k, v)| (k.clone(), v.clone())));
+            cluster.namespaces.extend(p.objects.namespaces.iter().map(|(k, v)| (k.clone(), v.clone())));
+            cluster.policies.extend(p.objects.policies.iter().map(|(k, v)| (k.clone(), v.clone())));
+            defects.extend(p.defects.iter().cloned());
+        }
+        // Namespaces named only by pods or policies still carry their name label.
+        let named: Vec<String> = cluster
+            .pods
+            .values()
+            .map(|p| p.namespace.clone())
+            .chain(cluster.policies.values().map(|p| p.namespace.clone()))
             .collect();
-        v.sort();
-        v
-    } else {
-        vec![path.to_path_buf()]
-    };
-    for file in files {
-        let text =
-            std::fs::read_to_string(&file).map_err(AgentError::io(format!("reading {}", file.display())))?;
-        parse_into(&text, &file.display().to_string(), &mut cluster, &mut defects)
-            .map_err(|e| AgentError::source("parse", e))?;
+        for ns in named {
+            cluster.namespaces.entry(ns.clone()).or_insert_with(|| Namespace::new(&ns, BTreeMap::new()));
+        }
+        Ok((cluster, defects))
     }
-    // Namespaces named only by pods or policies still carry their name label.
-    let named: Vec<String> = cluster
-        .pods
-        .values()
-        .map(|p| p.namespace.clone())
-        .chain(cluster.policies.values().map(|p| p.namespace.clone()))
-        .collect();
-    for ns in named {
-        cluster.namespaces.entry(ns.clone()).or_insert_with(|| Namespace::new(&ns, BTreeMap::new()));
-    }
-    Ok((cluster, defects))
+}
+
+/// Reads `path` once (see [`Manifests::load`]).
+pub fn load(path: &Path) -> Result<(Cluster, Vec<Defect>), AgentError> {
+    Manifests::default().load(path)
 }
 
 struct Fd(RawFd);
@@ -166,7 +209,8 @@ pub async fn run(
     let afd = unsafe { AsyncFd::register_with_interest(Fd(ino.as_fd().as_raw_fd()), Interest::READABLE) }
         .map_err(|e| AgentError::io("inotify fd")(e.into()))?;
     let mut seen = BTreeMap::new();
-    let mut reload = || match load(&path) {
+    let mut manifests = Manifests::default();
+    let mut reload = || match manifests.load(&path) {
         Ok((cluster, defects)) => {
             super::report(&defects, &mut seen, &metrics);
             let cluster = Arc::new(cluster);

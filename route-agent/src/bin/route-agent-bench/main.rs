@@ -1,7 +1,10 @@
 //! Scale benchmark of cni-route-agent: N nodes through the file source into one node
 //! namespace. Reports the first sync, a no-op resync's netlink writes, the agent's memory,
-//! and how long one node's change takes to reach the kernel. Root; touches only the
-//! namespace it makes.
+//! and how long one node's change takes to reach the kernel. `route-agent-bench policy`:
+//! NetworkPolicy at scale and on the datapath (policy.rs). Root; touches only the
+//! namespaces it makes.
+
+mod policy;
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpStream};
@@ -95,6 +98,10 @@ fn status_kb(pid: u32, key: &str) -> u64 {
 static AGENT_PID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("policy") {
+        policy::main();
+        return;
+    }
     // The release profile aborts on panic, so no Drop runs: the hook stops the agent and
     // removes the namespace.
     let default_hook = std::panic::take_hook();
