@@ -556,6 +556,25 @@ mod tests {
     }
 
     #[test]
+    fn a_burst_is_due_after_quiet_or_at_most_max_delay_after_its_first_change() {
+        let mut s = State::default();
+        for c in [
+            Change::Pod(Ok(Event::InitDone)),
+            Change::Namespace(Ok(Event::InitDone)),
+            Change::Policy(Ok(Event::InitDone)),
+        ] {
+            s.handle(c);
+        }
+        s.published = true;
+        let t0 = Instant::now();
+        s.pending = Some((t0, t0));
+        assert_eq!(s.due(), Some(t0 + QUIET));
+        let late = t0 + MAX_DELAY;
+        s.pending = Some((t0, late));
+        assert_eq!(s.due(), Some(t0 + MAX_DELAY), "a steady stream still publishes");
+    }
+
+    #[test]
     fn resources_are_what_the_views_ask_for() {
         let asked = [
             (PodView::group(&()), PodView::plural(&())),
