@@ -1,25 +1,19 @@
 //! The `kubernetes` source against a stand-in for the API server on 127.0.0.1 (no
-//! kube-apiserver can be installed here): it serves a Node list, then a watch stream whose
-//! events the test sends one by one.
+//! kube-apiserver can be installed here, see `kube_api/`): it serves a Node list, then a
+//! watch stream whose events the test sends one by one.
 
-use std::convert::Infallible;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use cni_route_agent::model::{NodeInfo, Snapshot};
 use cni_route_agent::sources::kube::{run, KubeOptions};
 use cni_route_agent::Metrics;
-use futures::channel::mpsc;
-use futures::StreamExt;
-use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full, StreamBody};
-use hyper::body::{Bytes, Frame, Incoming};
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
-const LIMIT: Duration = Duration::from_secs(20);
+mod kube_api;
+use kube_api::{kubeconfig, StandIn, Watch, LIMIT, NODES};
 
 /// Real-looking Node JSON, bulky fields included, as a kubelet would leave it.
 fn node(name: &str, rv: u32, cidrs: &[&str], addrs: &[(&str, &str)], heartbeat: &str) -> Value {
@@ -100,63 +94,6 @@ fn info(name: &str, cidrs: &[&str], v4: Option<&str>, v6: Option<&str>) -> (Stri
     (name.into(), n)
 }
 
-type Body = UnsyncBoxBody<Bytes, Infallible>;
-
-/// What the test sees of the stand-in: the query of every request, and one sender per
-/// watch request for the events of that stream.
-struct StandIn {
-    port: u16,
-    queries: Arc<Mutex<Vec<String>>>,
-    /// What the next list returns.
-    list: Arc<Mutex<Bytes>>,
-    watches: mpsc::UnboundedReceiver<mpsc::UnboundedSender<Bytes>>,
-}
-
-async fn stand_in(list: Value) -> StandIn {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let queries = Arc::new(Mutex::new(Vec::new()));
-    let (watch_tx, watches) = mpsc::unbounded();
-    let list = Arc::new(Mutex::new(Bytes::from(serde_json::to_vec(&list).unwrap())));
-    let (q, served) = (queries.clone(), list.clone());
-    tokio::spawn(async move {
-        loop {
-            let (conn, _) = listener.accept().await.unwrap();
-            let (q, list, watch_tx) = (q.clone(), served.clone(), watch_tx.clone());
-            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let query = req.uri().query().unwrap_or_default().to_string();
-                q.lock().unwrap().push(query.clone());
-                let body: Body = if req.uri().path() != "/api/v1/nodes" {
-                    return futures::future::ready(Ok::<_, Infallible>(
-                        Response::builder().status(404).body(Full::new(Bytes::new()).boxed_unsync()).unwrap(),
-                    ));
-                } else if query.split('&').any(|p| p == "watch=true") {
-                    // No content length: hyper sends the events as they come, chunked.
-                    let (tx, rx) = mpsc::unbounded::<Bytes>();
-                    watch_tx.unbounded_send(tx).unwrap();
-                    StreamBody::new(rx.map(|b| Ok(Frame::data(b)))).boxed_unsync()
-                } else {
-                    Full::new(list.lock().unwrap().clone()).boxed_unsync()
-                };
-                let resp = Response::builder().header("content-type", "application/json").body(body).unwrap();
-                futures::future::ready(Ok(resp))
-            });
-            tokio::spawn(async move {
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(conn), svc)
-                    .await;
-            });
-        }
-    });
-    StandIn { port, queries, list, watches }
-}
-
-fn event(kind: &str, object: Value) -> Bytes {
-    let mut line = serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap();
-    line.push(b'\n');
-    Bytes::from(line)
-}
-
 /// A bounded wait for a condition another task makes true.
 async fn until(what: &str, cond: impl Fn() -> bool) {
     tokio::time::timeout(LIMIT, async {
@@ -166,31 +103,6 @@ async fn until(what: &str, cond: impl Fn() -> bool) {
     })
     .await
     .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
-}
-
-/// Removed on drop, so a failed assertion leaves nothing behind either.
-struct TempDir(std::path::PathBuf);
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A kubeconfig pointing at the stand-in, in a directory removed on drop.
-fn kubeconfig(tag: &str, port: u16) -> (TempDir, std::path::PathBuf) {
-    let dir = TempDir(std::env::temp_dir().join(format!("kube-source-{tag}-{}", std::process::id())));
-    std::fs::create_dir_all(&dir.0).unwrap();
-    let path = dir.0.join("kubeconfig");
-    std::fs::write(
-        &path,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: stand-in\n  cluster:\n    server: http://127.0.0.1:{port}\n\
-             users:\n- name: anonymous\n  user: {{}}\ncontexts:\n- name: stand-in\n  context:\n    cluster: stand-in\n    user: anonymous\n\
-             current-context: stand-in\n"
-        ),
-    )
-    .unwrap();
-    (dir, path)
 }
 
 async fn next_snapshot(rx: &mut watch::Receiver<Option<Snapshot>>) -> Snapshot {
@@ -208,7 +120,7 @@ async fn lists_then_follows_the_watch_and_ignores_heartbeats() {
         "metadata": {"resourceVersion": "100"},
         "items": [node_a(90, "2025-06-01T10:00:00Z"), node_b(91, "10.200.0.12")]
     });
-    let mut api = stand_in(list).await;
+    let mut api = StandIn::on_loopback(&[(NODES, list)]);
     let (_dir, kubeconfig) = kubeconfig("follows", api.port);
     let (tx, mut rx) = watch::channel(None);
     let metrics = Arc::new(Metrics::default());
@@ -222,26 +134,24 @@ async fn lists_then_follows_the_watch_and_ignores_heartbeats() {
     assert_eq!(next_snapshot(&mut rx).await, want, "the initial list, in one snapshot");
     assert_eq!(events(), 1, "nothing published before the list was complete");
 
-    let watch = tokio::time::timeout(LIMIT, api.watches.next()).await.unwrap().unwrap();
+    let (watch, _) = api.next_watch(NODES).await;
     {
-        let q = api.queries.lock().unwrap();
+        let q = api.queries_of(NODES);
         assert!(q[0].contains("limit=500") && !q[0].contains("watch"), "a plain list first: {q:?}");
         let w = q.iter().find(|q| q.contains("watch=true")).unwrap();
         assert!(w.contains("resourceVersion=100") && !w.contains("sendInitialEvents"), "{w}");
     }
 
     // A bookmark is no Node event; a heartbeat is one, but changes nothing routing reads.
-    watch
-        .unbounded_send(event(
-            "BOOKMARK",
-            json!({"kind": "Node", "apiVersion": "v1", "metadata": {"resourceVersion": "101"}}),
-        ))
-        .unwrap();
-    watch.unbounded_send(event("MODIFIED", node_a(102, "2025-06-01T10:05:00Z"))).unwrap();
+    watch.send(
+        "BOOKMARK",
+        json!({"kind": "Node", "apiVersion": "v1", "metadata": {"resourceVersion": "101"}}),
+    );
+    watch.send("MODIFIED", node_a(102, "2025-06-01T10:05:00Z"));
     until("the heartbeat to be counted", || events() == 2).await;
     assert!(!rx.has_changed().unwrap(), "a heartbeat-only update woke the agent");
 
-    watch.unbounded_send(event("MODIFIED", node_b(103, "10.200.0.22"))).unwrap();
+    watch.send("MODIFIED", node_b(103, "10.200.0.22"));
     want.insert("node-b".into(), info("node-b", &["10.244.2.0/24"], Some("10.200.0.22"), None).1);
     assert_eq!(next_snapshot(&mut rx).await, want, "the address change is the next snapshot");
     assert_eq!(events(), 3);
@@ -253,13 +163,13 @@ async fn lists_then_follows_the_watch_and_ignores_heartbeats() {
         &[("InternalIP", "fd00:200::13"), ("InternalIP", "10.200.0.13")],
         "2025-06-01T10:06:00Z",
     );
-    watch.unbounded_send(event("ADDED", c)).unwrap();
+    watch.send("ADDED", c);
     let c =
         info("node-c", &["10.244.3.0/24", "fd00:10:244:3::/64"], Some("10.200.0.13"), Some("fd00:200::13"));
     want.insert(c.0, c.1);
     assert_eq!(next_snapshot(&mut rx).await, want, "an added node appears");
 
-    watch.unbounded_send(event("DELETED", node_a(105, "2025-06-01T10:05:00Z"))).unwrap();
+    watch.send("DELETED", node_a(105, "2025-06-01T10:05:00Z"));
     want.remove("node-a");
     assert_eq!(next_snapshot(&mut rx).await, want, "a deleted node disappears");
     assert_eq!(events(), 5);
@@ -274,18 +184,8 @@ fn node_list(rv: u32, items: Vec<Value>) -> Value {
 }
 
 /// The watch request the source makes next, and its query.
-async fn next_watch(api: &mut StandIn) -> (mpsc::UnboundedSender<Bytes>, String) {
-    let w = tokio::time::timeout(LIMIT, api.watches.next()).await.expect("a watch in time").unwrap();
-    let q = api.queries.lock().unwrap().iter().rev().find(|q| q.contains("watch=true")).unwrap().clone();
-    (w, q)
-}
-
-fn gone() -> Bytes {
-    event(
-        "ERROR",
-        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-               "message": "too old resource version: 150 (400)", "reason": "Expired", "code": 410}),
-    )
+async fn next_watch(api: &mut StandIn) -> (Watch, String) {
+    api.next_watch(NODES).await
 }
 
 // Each case ends in the snapshot the API holds, and a re-list of unchanged nodes publishes
@@ -293,7 +193,8 @@ fn gone() -> Bytes {
 #[tokio::test]
 async fn converges_through_gone_bookmarks_dropped_streams_and_deletes_while_down() {
     let b = || node_b(91, "10.200.0.12");
-    let mut api = stand_in(node_list(100, vec![node_a(90, "2025-06-01T10:00:00Z"), b()])).await;
+    let mut api =
+        StandIn::on_loopback(&[(NODES, node_list(100, vec![node_a(90, "2025-06-01T10:00:00Z"), b()]))]);
     let (_dir, kubeconfig) = kubeconfig("robust", api.port);
     let (tx, mut rx) = watch::channel(None);
     let metrics = Arc::new(Metrics::default());
@@ -307,22 +208,16 @@ async fn converges_through_gone_bookmarks_dropped_streams_and_deletes_while_down
     // A bookmark moves the resourceVersion the watch resumes from after a dropped stream.
     let (w1, q) = next_watch(&mut api).await;
     assert!(q.contains("allowWatchBookmarks=true"), "{q}");
-    w1.unbounded_send(event(
-        "BOOKMARK",
-        json!({"kind": "Node", "apiVersion": "v1", "metadata": {"resourceVersion": "150"}}),
-    ))
-    .unwrap();
+    w1.send("BOOKMARK", json!({"kind": "Node", "apiVersion": "v1", "metadata": {"resourceVersion": "150"}}));
     drop(w1);
     let (w2, q) = next_watch(&mut api).await;
     assert!(q.contains("resourceVersion=150"), "resumed from the bookmark: {q}");
     assert!(!rx.has_changed().unwrap(), "a dropped stream changes nothing");
 
     // 410 Gone: the source lists again; the same nodes publish nothing new.
-    *api.list.lock().unwrap() = Bytes::from(
-        serde_json::to_vec(&node_list(200, vec![node_a(90, "2025-06-01T10:00:00Z"), b()])).unwrap(),
-    );
+    api.set_list(NODES, node_list(200, vec![node_a(90, "2025-06-01T10:00:00Z"), b()]));
     let before = events();
-    w2.unbounded_send(gone()).unwrap();
+    w2.gone();
     let (w3, q) = next_watch(&mut api).await;
     assert!(q.contains("resourceVersion=200"), "watching from the new list: {q}");
     until("the re-list to be published", || events() > before).await;
@@ -331,11 +226,10 @@ async fn converges_through_gone_bookmarks_dropped_streams_and_deletes_while_down
 
     // node-b is deleted while the watch is down; the resumed watch is too old, so the list
     // is what tells.
-    *api.list.lock().unwrap() =
-        Bytes::from(serde_json::to_vec(&node_list(300, vec![node_a(90, "2025-06-01T10:00:00Z")])).unwrap());
+    api.set_list(NODES, node_list(300, vec![node_a(90, "2025-06-01T10:00:00Z")]));
     drop(w3);
     let (w4, _) = next_watch(&mut api).await;
-    w4.unbounded_send(gone()).unwrap();
+    w4.gone();
     assert_eq!(
         next_snapshot(&mut rx).await,
         Snapshot::from([a.clone()]),
@@ -346,7 +240,7 @@ async fn converges_through_gone_bookmarks_dropped_streams_and_deletes_while_down
     // And the watch after all that still delivers.
     let (w5, q) = next_watch(&mut api).await;
     assert!(q.contains("resourceVersion=300"), "{q}");
-    w5.unbounded_send(event("ADDED", node_b(301, "10.200.0.12"))).unwrap();
+    w5.send("ADDED", node_b(301, "10.200.0.12"));
     assert_eq!(next_snapshot(&mut rx).await, both, "converged");
     assert_eq!(metrics.source.snapshot_age(), Some(Duration::ZERO), "healthy again");
 }

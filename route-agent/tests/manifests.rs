@@ -1,6 +1,7 @@
 //! deploy/: every manifest parses as its Kubernetes type with no field dropped (a typo'd or
 //! misplaced field would be), the DaemonSet has what a CNI DaemonSet needs, the RBAC is
-//! exactly what the code uses, and every flag, binary, path and image it names exists.
+//! exactly read access to what the sources watch, and every flag, binary, path and image it
+//! names exists.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -194,7 +195,7 @@ fn probes_reach_the_agent_on_the_nodes_loopback() {
 }
 
 #[test]
-fn rbac_is_exactly_nodes_get_list_watch_for_the_daemonsets_account() {
+fn rbac_is_exactly_read_access_to_what_the_sources_watch_for_the_daemonsets_account() {
     let o = objects();
     let pod = o.daemonsets[0].spec.as_ref().unwrap().template.spec.clone().unwrap();
     let sa_name = pod.service_account_name.expect("serviceAccountName");
@@ -202,11 +203,25 @@ fn rbac_is_exactly_nodes_get_list_watch_for_the_daemonsets_account() {
         o.accounts.iter().find(|a| a.metadata.name.as_deref() == Some(&sa_name)).expect("the ServiceAccount");
     assert_eq!(sa.metadata.namespace.as_deref(), Some("kube-system"));
     assert_eq!(o.roles.len(), 1);
-    let rules = serde_json::to_value(o.roles[0].rules.clone().unwrap_or_default()).unwrap();
-    assert_eq!(
-        rules,
-        serde_json::json!([{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]}])
-    );
+    // Every (group, resource, verb) the ClusterRole grants.
+    let mut granted = BTreeSet::new();
+    for rule in o.roles[0].rules.clone().unwrap_or_default() {
+        assert!(rule.resource_names.is_none() && rule.non_resource_urls.is_none(), "{rule:?}");
+        for g in rule.api_groups.clone().unwrap_or_default() {
+            for r in rule.resources.clone().unwrap_or_default() {
+                for v in &rule.verbs {
+                    granted.insert((g.clone(), r.clone(), v.clone()));
+                }
+            }
+        }
+    }
+    // What the sources watch: Nodes (kube.rs) and the policy source's resources; get, list
+    // and watch each (list + watch by the watcher; get is the usual read triple).
+    let watched = [("", "nodes")].into_iter().chain(cni_route_agent::sources::kube_policy::RESOURCES);
+    let want: BTreeSet<(String, String, String)> = watched
+        .flat_map(|(g, r)| ["get", "list", "watch"].map(|v| (g.to_string(), r.to_string(), v.to_string())))
+        .collect();
+    assert_eq!(granted, want, "the ClusterRole grants exactly read access to what the sources watch");
     let b = &o.bindings[0];
     assert_eq!(
         (b.role_ref.kind.as_str(), b.role_ref.name.as_str()),
@@ -215,11 +230,22 @@ fn rbac_is_exactly_nodes_get_list_watch_for_the_daemonsets_account() {
     let subject = &b.subjects.as_ref().unwrap()[0];
     assert_eq!((subject.kind.as_str(), subject.name.as_str()), ("ServiceAccount", sa_name.as_str()));
     assert_eq!(subject.namespace.as_deref(), Some("kube-system"));
-    // What the code asks the API server for: Node objects only (list + watch via the watcher).
-    let kube = read("route-agent/src/sources/kube.rs");
-    let apis: BTreeSet<&str> =
-        kube.match_indices("Api<").map(|(i, _)| &kube[i..i + kube[i..].find('>').unwrap() + 1]).collect();
-    assert_eq!(apis, BTreeSet::from(["Api<Node>"]), "the RBAC covers every resource the source reads");
+    // What the code asks the API server for: Node objects (kube.rs), and the policy source's
+    // three views, whose resources its unit tests tie to `RESOURCES`.
+    let apis = |file: &str, open: &str| -> BTreeSet<String> {
+        let text = read(file);
+        text.match_indices(open)
+            .map(|(i, _)| text[i..i + text[i..].find('>').unwrap() + 1].to_string())
+            .collect()
+    };
+    assert_eq!(apis("route-agent/src/sources/kube.rs", "Api<"), BTreeSet::from(["Api<Node>".to_string()]));
+    assert_eq!(
+        apis("route-agent/src/sources/kube_policy.rs", "Api::<"),
+        ["Api::<PodView>", "Api::<NamespaceView>", "Api::<PolicyView>"].map(String::from).into(),
+        "the RBAC covers every resource the policy source reads"
+    );
+    let policy_src = read("route-agent/src/sources/kube_policy.rs");
+    assert!(!policy_src.contains("Api<"), "the policy source names its APIs as Api::<View>");
 }
 
 #[test]

@@ -30,7 +30,7 @@ pub struct KubeOptions {
     pub kubeconfig: Option<PathBuf>,
 }
 
-async fn client(opts: &KubeOptions) -> Result<Client, AgentError> {
+pub(crate) async fn client(opts: &KubeOptions) -> Result<Client, AgentError> {
     let config = match &opts.kubeconfig {
         Some(path) => {
             let kc = Kubeconfig::read_from(path)
