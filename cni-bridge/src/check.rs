@@ -135,6 +135,13 @@ pub fn check(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
             return Err(fail(format!("MAC spoof check entry for {owner} is missing")));
         }
     }
+    if conf.ip_spoof_check {
+        // The port is guarded last in ADD's transaction: its element stands for all of them.
+        let owner = firewall::owner(&req.conf.name, &req.inv.container_id, ifname);
+        if !spoof::list()?.iter().any(|(set, o)| *set == "ipguarded" && *o == owner) {
+            return Err(fail(format!("IP spoof check entry for {owner} is missing")));
+        }
+    }
     if conf.ip_masq && !prev.ips.is_empty() {
         let owner = firewall::owner(&req.conf.name, &req.inv.container_id, ifname);
         let entries = conf.masq_backend.list()?;
