@@ -144,6 +144,43 @@ fn arp(mac: [u8; 6], op: u8, spa: IpAddr, tpa: IpAddr) -> Vec<u8> {
     f
 }
 
+/// A UDP datagram from `src` to `dst` in a priority-tagged frame (`tags` 802.1Q headers of
+/// VLAN 0), which a receiver without VLAN devices takes as untagged.
+fn tagged_udp(
+    mac: [u8; 6],
+    to_mac: [u8; 6],
+    tags: usize,
+    src: IpAddr,
+    dst: SocketAddr,
+    payload: &str,
+) -> Vec<u8> {
+    let (IpAddr::V4(src), IpAddr::V4(dst_ip)) = (src, dst.ip()) else { panic!("IPv4 only") };
+    let udp_len = 8 + payload.len() as u16;
+    let mut ip = vec![0x45, 0];
+    ip.extend((20 + udp_len).to_be_bytes());
+    ip.extend([0, 0, 0x40, 0, 64, 17, 0, 0]);
+    ip.extend(src.octets());
+    ip.extend(dst_ip.octets());
+    let mut sum: u32 = ip.chunks(2).map(|w| u32::from(u16::from_be_bytes([w[0], w[1]]))).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    ip[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    let mut f = to_mac.to_vec();
+    f.extend(mac);
+    for _ in 0..tags {
+        f.extend([0x81, 0, 0, 0]);
+    }
+    f.extend([0x08, 0]);
+    f.extend(ip);
+    f.extend(40000u16.to_be_bytes());
+    f.extend(dst.port().to_be_bytes());
+    f.extend(udp_len.to_be_bytes());
+    f.extend([0, 0]); // no UDP checksum (IPv4 allows it)
+    f.extend(payload.as_bytes());
+    f
+}
+
 fn link_local(mac: [u8; 6]) -> Ipv6Addr {
     let [a, b, c, d, e, f] = mac;
     Ipv6Addr::from([0xfe, 0x80, 0, 0, 0, 0, 0, 0, a ^ 2, b, c, 0xff, 0xfe, d, e, f])
@@ -238,7 +275,7 @@ fn ip_spoof_check_keeps_each_pod_to_its_own_addresses() {
         })
         .collect();
     let ((a4, a6), (b4, b6), (c4, c6)) = (addrs(&outs[0]), addrs(&outs[1]), addrs(&outs[2]));
-    let mac_a = mac_of(&outs[0]);
+    let (mac_a, mac_c) = (mac_of(&outs[0]), mac_of(&outs[2]));
     let (gw4, gw6): (IpAddr, IpAddr) = ("10.48.0.1".parse().unwrap(), "fd00:48::1".parse().unwrap());
 
     // Genuine traffic in both families, which needs ARP and ND for the pods' own addresses;
@@ -267,6 +304,18 @@ fn ip_spoof_check_keeps_each_pod_to_its_own_addresses() {
     pinned(&a, move || send_frames("eth0", &frames).and_then(|()| send_udp(a4, to, "after-arp")))
         .expect("sending from A");
     assert_eq!(got.join().expect("receiver"), Ok(vec![]));
+    // (e) Datagrams from B's IPv4 address in priority-tagged frames, one and two tags: the
+    // check must see through the VLAN headers as C's stack does.
+    let (to, got) = receiver(&c, c4, "after-tagged");
+    let frames =
+        vec![tagged_udp(mac_a, mac_c, 1, b4, to, "one tag"), tagged_udp(mac_a, mac_c, 2, b4, to, "two tags")];
+    pinned(&a, move || send_frames("eth0", &frames).and_then(|()| send_udp(a4, to, "after-tagged")))
+        .expect("sending from A");
+    match got.join().expect("receiver") {
+        Ok(before) if before.is_empty() => {}
+        Ok(before) => failures.push(format!("C got {before:?} from B's {b4} in a VLAN 0 frame, sent by A")),
+        Err(e) => failures.push(e),
+    }
     // (d) An unsolicited neighbour advertisement for B's IPv6 address.
     let (to, got) = receiver(&c, c6, "after-na");
     let frames = vec![unsolicited_na(

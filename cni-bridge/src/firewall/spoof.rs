@@ -28,6 +28,8 @@ const SETS: [SetRef; 6] =
     [set("guarded"), set("allowed"), set("ipguarded"), set("allowed4"), set("allowed6"), set("ndtarget6")];
 
 /// The IP check's chain. Frames from ports not in `ipguarded` leave it at once. In order:
+/// - a frame still VLAN-tagged once the kernel has taken its outer tag off drops: a receiver
+///   strips priority tags (VLAN 0) again, so the packet inside would reach it unchecked;
 /// - ARP whose sender address is not the port's drops (0.0.0.0, an ARP probe, passes);
 /// - IPv4 from 0.0.0.0 passes only as a DHCP client's request (a pod renewing a lost lease);
 /// - any other IPv4 whose source is not the port's drops;
@@ -35,14 +37,19 @@ const SETS: [SetRef; 6] =
 /// - neighbour advertisements for an address not the port's, link-local excepted, drop
 ///   (the target is at byte 8 of the ICMPv6 header: `@th,64,128`; fe80::/10 is its first 10 bits);
 /// - IPv6 whose source is not the port's drops, but for link-local and :: (DAD, ND, MLD).
-const IP_RULES: [&str; 7] = [
+///
+/// The family is matched with `meta protocol` (the packet's, after the outer tag is taken
+/// off), not `ether type`, which nft reads with the tag put back: a priority-tagged frame
+/// would not match `ether type ip` and pass.
+const IP_RULES: [&str; 8] = [
     "iifname != @ipguarded accept",
-    "ether type arp iifname . arp saddr ip != @allowed4 arp saddr ip != 0.0.0.0 drop",
-    "ether type ip ip saddr 0.0.0.0 udp sport 68 udp dport 67 accept",
-    "ether type ip iifname . ip saddr != @allowed4 drop",
-    "ether type ip6 icmpv6 type { nd-router-advert, nd-redirect } drop",
-    "ether type ip6 icmpv6 type nd-neighbor-advert iifname . @th,64,128 != @ndtarget6 @th,64,10 != 0x3fa drop",
-    "ether type ip6 iifname . ip6 saddr != @allowed6 ip6 saddr != { ::, fe80::/10 } drop",
+    "meta protocol { 8021q, 8021ad } drop",
+    "meta protocol arp iifname . arp saddr ip != @allowed4 arp saddr ip != 0.0.0.0 drop",
+    "meta protocol ip ip saddr 0.0.0.0 udp sport 68 udp dport 67 accept",
+    "meta protocol ip iifname . ip saddr != @allowed4 drop",
+    "meta protocol ip6 icmpv6 type { nd-router-advert, nd-redirect } drop",
+    "meta protocol ip6 icmpv6 type nd-neighbor-advert iifname . @th,64,128 != @ndtarget6 @th,64,10 != 0x3fa drop",
+    "meta protocol ip6 iifname . ip6 saddr != @allowed6 ip6 saddr != { ::, fe80::/10 } drop",
 ];
 
 /// The script that guards `port`: lets it send only frames from `mac` (when given) and only
