@@ -166,6 +166,11 @@ impl BridgeConf {
                 "cannot use IPAM when the container interface is disabled (disableContainerInterface)",
             ));
         }
+        // The check allows the IPAM result's addresses: without IPAM it would silently cut
+        // the pod off every IP packet but link-local IPv6.
+        if raw.ipspoofchk && ipam_type.is_none() {
+            return Err(cfg("ipspoofchk needs ipam: it lets the pod send from its IPAM addresses only"));
+        }
         let mac = mac_from(req)?;
         Ok(BridgeConf {
             bridge,
