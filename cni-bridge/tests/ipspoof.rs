@@ -377,6 +377,18 @@ fn ip_spoof_check_keeps_each_pod_to_its_own_addresses() {
     assert_eq!(tcp_exchange(c.file(), c6, a.file()), Ok(a6));
     assert!(failures.is_empty(), "spoofing got through:\n{}", failures.join("\n"));
 
+    // CHECK sees every element; without B's IPv4 one (B cut off IPv4) it fails.
+    let mut with_prev = conf.clone();
+    with_prev["prevResult"] = outs[1].json.clone();
+    let k = w.call("CHECK", "cb", &path(&b), &with_prev);
+    assert_eq!(k.code, 0, "{}", k.stdout);
+    let port = outs[1].json["interfaces"][1]["name"].as_str().expect("host veth").to_string();
+    let element = format!("{{ \"{port}\" . {b4} }}");
+    let o = w.node.run("nft", &["delete", "element", "bridge", "cni_bridge", "allowed4", &element]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let k = w.call("CHECK", "cb", &path(&b), &with_prev);
+    assert!(k.code != 0 && k.stdout.contains("IP spoof check"), "{}", k.stdout);
+
     for (id, ns) in [("ca", &a), ("cb", &b), ("cc", &c)] {
         assert_eq!(w.call("DEL", id, &path(ns), &conf).code, 0);
     }
