@@ -95,8 +95,7 @@ fn script(port: &str, mac: Option<&[u8]>, ips: Option<&[IpAddr]>, owner: &str) -
                 }
             }
         }
-        // The port is guarded last: in one transaction it makes no difference, but it reads
-        // as "allowed, then enforced".
+        // In the same transaction as its addresses: a port is never guarded without them.
         s.push_str(&format!("add element {TABLE} ipguarded {{ \"{port}\" comment \"{owner}\" }}\n"));
     }
     s
