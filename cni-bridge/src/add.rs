@@ -417,10 +417,13 @@ impl<'a> Attach<'a> {
     async fn configure_pod(&mut self, port: &Port, ipam: &CniResult) -> Result<PodSide, BridgeError> {
         let (conf, ifname) = (self.conf, &self.req.inv.ifname);
         let link = self.pod.link(ifname).await?.ok_or_else(|| BridgeError::LinkVanished(ifname.clone()))?;
-        if conf.mac_spoof_check {
+        if conf.mac_spoof_check || conf.ip_spoof_check {
             let owner = self.owner();
             self.made.push(Made::SpoofCheck(owner.clone()));
-            spoof::add(&port.name, &link.mac, &owner)?;
+            // Before the addresses go on the pod interface, so its first packet is checked.
+            let ips: Vec<IpAddr> = ipam.ips.iter().map(|i| i.address.ip()).collect();
+            let mac = conf.mac_spoof_check.then_some(&link.mac[..]);
+            spoof::add(&port.name, mac, conf.ip_spoof_check.then_some(&ips[..]), &owner)?;
             checkpoint("bridge-add-after-spoof-check")?;
         }
         let mut routes = ipam.routes.clone();

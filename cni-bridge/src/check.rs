@@ -135,6 +135,24 @@ pub fn check(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
             return Err(fail(format!("MAC spoof check entry for {owner} is missing")));
         }
     }
+    if conf.ip_spoof_check {
+        // The port and each of the pod's addresses: a missing address cuts the pod off it.
+        let owner = firewall::owner(&req.conf.name, &req.inv.container_id, ifname);
+        let listed = spoof::list()?;
+        let count = |name: &str| listed.iter().filter(|(set, o)| *set == name && *o == owner).count();
+        let mut ips: Vec<std::net::IpAddr> = prev.ips.iter().map(|i| i.address.ip()).collect();
+        ips.sort();
+        ips.dedup();
+        let v4 = ips.iter().filter(|ip| ip.is_ipv4()).count();
+        let v6 = ips.len() - v4;
+        if count("ipguarded") == 0
+            || count("allowed4") < v4
+            || count("allowed6") < v6
+            || count("ndtarget6") < v6
+        {
+            return Err(fail(format!("IP spoof check entries for {owner} are missing")));
+        }
+    }
     if conf.ip_masq && !prev.ips.is_empty() {
         let owner = firewall::owner(&req.conf.name, &req.inv.container_id, ifname);
         let entries = conf.masq_backend.list()?;

@@ -38,6 +38,7 @@ struct Raw {
     vlan_trunk: Vec<Trunk>,
     preserve_default_vlan: bool,
     macspoofchk: bool,
+    ipspoofchk: bool,
     enabledad: bool,
     disable_container_interface: bool,
     port_isolation: bool,
@@ -84,6 +85,9 @@ pub struct BridgeConf {
     pub preserve_default_vlan: bool,
     /// Drop frames from the pod whose source MAC is not the pod's.
     pub mac_spoof_check: bool,
+    /// Drop packets, ARP and neighbour advertisements from the pod that claim an address
+    /// other than the pod's own (`ipspoofchk`, ours: the reference has no such field).
+    pub ip_spoof_check: bool,
     /// Where the masquerade rules go.
     pub masq_backend: Backend,
 }
@@ -162,6 +166,11 @@ impl BridgeConf {
                 "cannot use IPAM when the container interface is disabled (disableContainerInterface)",
             ));
         }
+        // The check allows the IPAM result's addresses: without IPAM it would silently cut
+        // the pod off every IP packet but link-local IPv6.
+        if raw.ipspoofchk && ipam_type.is_none() {
+            return Err(cfg("ipspoofchk needs ipam: it lets the pod send from its IPAM addresses only"));
+        }
         let mac = mac_from(req)?;
         Ok(BridgeConf {
             bridge,
@@ -182,6 +191,7 @@ impl BridgeConf {
             trunk,
             preserve_default_vlan: raw.preserve_default_vlan,
             mac_spoof_check: raw.macspoofchk,
+            ip_spoof_check: raw.ipspoofchk,
             masq_backend,
         })
     }

@@ -224,6 +224,8 @@ fn bad_input_touches_nothing() {
         (base(json!({"bridge": "this-name-is-too-long"})), 7, "bridge name"),
         (base(json!({"runtimeConfig": {"mac": "zz"}})), 7, "MAC"),
         (base(json!({"disableContainerInterface": true})), 7, "IPAM"),
+        (base(json!({"ipspoofchk": true, "ipam": {}})), 7, "ipspoofchk needs ipam"),
+        (base(json!({"ipspoofchk": "yes"})), 7, "boolean"),
         (w.conf("1.0.0", "10.28.0.5/24", json!({})), 7, "host bits"),
         (w.conf("4.0.0", "10.28.0.0/24", json!({})), 1, "incompatible"),
     ];

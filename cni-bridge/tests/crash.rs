@@ -68,7 +68,7 @@ impl Node {
         let conf = w.conf(
             "1.1.0",
             "10.46.0.0/24",
-            json!({"ipMasq": true, "ipMasqBackend": backend, "macspoofchk": true, "isDefaultGateway": true}),
+            json!({"ipMasq": true, "ipMasqBackend": backend, "macspoofchk": true, "ipspoofchk": true, "isDefaultGateway": true}),
         );
         let warm = Netns::new("warm");
         let path = warm.path.display().to_string();

@@ -179,8 +179,25 @@ fn listing_failures_are_errors_not_nothing_there() {
     assert!(cnib_chains(&w).is_empty() && w.masq_entries().is_empty() && w.leases().is_empty());
 }
 
-/// The longest valid names and ids with ipMasq, in both backends: ADD, CHECK, GC keeping it,
-/// DEL removing it.
+/// The elements of the spoof checks' sets (`bridge cni_bridge`), as `set owner` strings.
+fn spoof_entries(w: &World) -> Vec<String> {
+    let o = w.node.run("nft", &["-j", "list", "table", "bridge", "cni_bridge"]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+    let mut out = Vec::new();
+    for item in v["nftables"].as_array().into_iter().flatten() {
+        for e in item["set"]["elem"].as_array().into_iter().flatten() {
+            out.push(format!(
+                "{} {}",
+                item["set"]["name"].as_str().unwrap_or(""),
+                e["elem"]["comment"].as_str().unwrap_or("")
+            ));
+        }
+    }
+    out
+}
+
+/// The longest valid names and ids with ipMasq, in both backends, and both spoof checks:
+/// ADD, CHECK, GC keeping it, GC and DEL removing it.
 #[test]
 fn longest_names_fit_the_rule_comments() {
     require_root("longest_names_fit_the_rule_comments");
@@ -188,7 +205,9 @@ fn longest_names_fit_the_rule_comments() {
     let pod = Netns::new("lg");
     let id = "0123456789abcdef".repeat(4);
     for backend in ["nftables", "iptables"] {
-        let mut conf = w.conf("1.1.0", "10.43.0.0/24", json!({"ipMasq": true, "ipMasqBackend": backend}));
+        let extra =
+            json!({"ipMasq": true, "ipMasqBackend": backend, "macspoofchk": true, "ipspoofchk": true});
+        let mut conf = w.conf("1.1.0", "10.43.0.0/24", extra);
         conf["name"] = json!("n".repeat(59));
         let o = w.call("ADD", &id, &path(&pod), &conf);
         assert_eq!(o.code, 0, "{backend}: {}", o.stdout);
@@ -198,9 +217,12 @@ fn longest_names_fit_the_rule_comments() {
         gc["cni.dev/valid-attachments"] = json!([{"containerID": id, "ifname": "eth0"}]);
         assert_eq!(w.call("GC", "", "", &gc).code, 0);
         assert_eq!(w.call("CHECK", &id, &path(&pod), &with_prev(&conf, &o)).code, 0, "{backend}: GC kept it");
+        // guarded, allowed, ipguarded, allowed4: one each.
+        assert_eq!(spoof_entries(&w).len(), 4, "{backend}: {:?}", spoof_entries(&w));
         gc["cni.dev/valid-attachments"] = json!([]);
         assert_eq!(w.call("GC", "", "", &gc).code, 0);
         assert!(w.masq_entries().is_empty() && cnib_chains(&w).is_empty(), "{backend}: GC removed it");
+        assert_eq!(spoof_entries(&w), Vec::<String>::new(), "{backend}: GC removed the spoof elements");
         assert_ne!(w.call("CHECK", &id, &path(&pod), &with_prev(&conf, &o)).code, 0);
         assert_eq!(w.call("DEL", &id, &path(&pod), &conf).code, 0);
     }

@@ -23,6 +23,9 @@ pub struct Inputs {
     pub data_dir: String,
     /// Chain Debian's/the reference `portmap`.
     pub portmap: bool,
+    /// Turn on the bridge plugin's MAC and IP spoof checks (`macspoofchk`, `ipspoofchk`):
+    /// NetworkPolicy is enforced on pod source addresses, which a pod must not borrow.
+    pub spoof_checks: bool,
 }
 
 /// The conflist JSON.
@@ -47,6 +50,10 @@ pub fn render(inputs: &Inputs) -> Value {
     });
     if let Some(m) = inputs.mtu {
         bridge["mtu"] = json!(m);
+    }
+    if inputs.spoof_checks {
+        bridge["macspoofchk"] = json!(true);
+        bridge["ipspoofchk"] = json!(true);
     }
     let mut plugins = vec![bridge];
     if inputs.portmap {
@@ -86,14 +93,32 @@ mod tests {
             mtu: Some(1400),
             data_dir: "/var/lib/cni/networks".into(),
             portmap: true,
+            spoof_checks: false,
         });
         let b = &c["plugins"][0];
+        assert!(b.get("macspoofchk").is_none() && b.get("ipspoofchk").is_none(), "{b}");
         assert_eq!(b["type"], "cni-bridge");
         assert_eq!(b["mtu"], 1400);
         assert_eq!(b["ipMasq"], false);
         assert_eq!(b["ipam"]["ranges"][1][0]["subnet"], "fd00:244:1::/64");
         assert_eq!(b["ipam"]["routes"].as_array().unwrap().len(), 2);
         assert_eq!(c["plugins"][1]["type"], "portmap");
+    }
+
+    #[test]
+    fn policy_enforcement_turns_on_both_spoof_checks() {
+        let c = render(&Inputs {
+            name: "podnet".into(),
+            pod_cidrs: vec!["10.244.1.0/24".parse().unwrap()],
+            mtu: None,
+            data_dir: "/var/lib/cni/networks".into(),
+            portmap: false,
+            spoof_checks: true,
+        });
+        assert_eq!(
+            (&c["plugins"][0]["macspoofchk"], &c["plugins"][0]["ipspoofchk"]),
+            (&json!(true), &json!(true))
+        );
     }
 
     #[test]

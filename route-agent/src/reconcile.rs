@@ -255,6 +255,8 @@ impl Reconciler {
             mtu,
             data_dir: self.opts.ipam_data_dir.clone(),
             portmap: self.opts.portmap,
+            // Policies trust pod source addresses: pods may send only from their own.
+            spoof_checks: self.opts.policy != crate::PolicyOptions::Off,
         };
         if self.conflist.as_ref() == Some(&inputs) {
             return Ok(());

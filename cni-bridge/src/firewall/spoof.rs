@@ -1,6 +1,17 @@
-//! MAC spoof check (`macspoofchk`): frames entering the bridge from a pod's port must carry
-//! the pod's MAC. One rule for all pods in table `bridge cni_bridge`; sets `guarded` (ports)
-//! and `allowed` (port . MAC), each element commented with its attachment for DEL and GC.
+//! Spoof checks on the frames entering the bridge from a pod's port, in table
+//! `bridge cni_bridge`, each element commented with its attachment for DEL and GC:
+//!
+//! - MAC (`macspoofchk`): the frame's source MAC must be the pod's. Chain `prerouting`, one
+//!   rule for all pods; sets `guarded` (ports) and `allowed` (port . MAC).
+//! - IP (`ipspoofchk`, ours): the pod sends only from its own addresses and claims only them
+//!   in ARP and neighbour advertisements, so that no pod passes a NetworkPolicy rule, or takes
+//!   another pod's traffic, with another pod's address. Chain `ipspoof`, its own base chain so
+//!   that the MAC check's flush (also by older versions) never drops its rules; sets
+//!   `ipguarded` (ports), `allowed4`, `allowed6` (port . address) and `ndtarget6` (the same
+//!   IPv6 pairs, typed as the raw payload a neighbour advertisement's target is matched
+//!   with: nft 1.0.6 has no `icmpv6 taddr`).
+
+use std::net::IpAddr;
 
 use super::netlink::{self as nl, SetRef, NFPROTO_BRIDGE};
 use super::nftables::apply;
@@ -8,24 +19,92 @@ use crate::config::fmt_mac;
 use crate::error::BridgeError;
 
 const TABLE: &str = "bridge cni_bridge";
-const SETS: [SetRef; 2] = [
-    SetRef { family: NFPROTO_BRIDGE, table: "cni_bridge", set: "guarded" },
-    SetRef { family: NFPROTO_BRIDGE, table: "cni_bridge", set: "allowed" },
+const fn set(name: &'static str) -> SetRef<'static> {
+    SetRef { family: NFPROTO_BRIDGE, table: "cni_bridge", set: name }
+}
+/// Every set holding per-attachment elements: teardown looks in all of them, whatever the
+/// config says now.
+const SETS: [SetRef; 6] =
+    [set("guarded"), set("allowed"), set("ipguarded"), set("allowed4"), set("allowed6"), set("ndtarget6")];
+
+/// The IP check's chain. Frames from ports not in `ipguarded` leave it at once. In order:
+/// - a frame still VLAN-tagged once the kernel has taken its outer tag off drops: a receiver
+///   strips priority tags (VLAN 0) again, so the packet inside would reach it unchecked;
+/// - ARP whose sender address is not the port's drops (0.0.0.0, an ARP probe, passes);
+/// - IPv4 from 0.0.0.0 passes only as a DHCP client's request (a pod renewing a lost lease);
+/// - any other IPv4 whose source is not the port's drops;
+/// - router advertisements and redirects drop: a pod is no router of its neighbours;
+/// - neighbour advertisements for an address not the port's, link-local excepted, drop
+///   (the target is at byte 8 of the ICMPv6 header: `@th,64,128`; fe80::/10 is its first 10 bits);
+/// - IPv6 whose source is not the port's drops, but for link-local and :: (DAD, ND, MLD).
+///
+/// The family is matched with `meta protocol` (the packet's, after the outer tag is taken
+/// off), not `ether type`, which nft reads with the tag put back: a priority-tagged frame
+/// would not match `ether type ip` and pass.
+const IP_RULES: [&str; 8] = [
+    "iifname != @ipguarded accept",
+    "meta protocol { 8021q, 8021ad } drop",
+    "meta protocol arp iifname . arp saddr ip != @allowed4 arp saddr ip != 0.0.0.0 drop",
+    "meta protocol ip ip saddr 0.0.0.0 udp sport 68 udp dport 67 accept",
+    "meta protocol ip iifname . ip saddr != @allowed4 drop",
+    "meta protocol ip6 icmpv6 type { nd-router-advert, nd-redirect } drop",
+    "meta protocol ip6 icmpv6 type nd-neighbor-advert iifname . @th,64,128 != @ndtarget6 @th,64,10 != 0x3fa drop",
+    "meta protocol ip6 iifname . ip6 saddr != @allowed6 ip6 saddr != { ::, fe80::/10 } drop",
 ];
 
-/// Lets `port` send only frames from `mac`.
-pub fn add(port: &str, mac: &[u8], owner: &str) -> Result<(), BridgeError> {
-    let mac = fmt_mac(mac);
-    apply(&format!(
-        "add table {TABLE}\n\
-         add set {TABLE} guarded {{ type ifname; }}\n\
-         add set {TABLE} allowed {{ type ifname . ether_addr; }}\n\
-         add chain {TABLE} prerouting {{ type filter hook prerouting priority -300; policy accept; }}\n\
-         flush chain {TABLE} prerouting\n\
-         add rule {TABLE} prerouting iifname @guarded iifname . ether saddr != @allowed drop\n\
-         add element {TABLE} guarded {{ \"{port}\" comment \"{owner}\" }}\n\
-         add element {TABLE} allowed {{ \"{port}\" . {mac} comment \"{owner}\" }}\n"
-    ))
+/// The script that guards `port`: lets it send only frames from `mac` (when given) and only
+/// from, and for, `ips` (when given). One transaction.
+fn script(port: &str, mac: Option<&[u8]>, ips: Option<&[IpAddr]>, owner: &str) -> String {
+    let mut s = format!("add table {TABLE}\n");
+    if let Some(mac) = mac {
+        let mac = fmt_mac(mac);
+        s.push_str(&format!(
+            "add set {TABLE} guarded {{ type ifname; }}\n\
+             add set {TABLE} allowed {{ type ifname . ether_addr; }}\n\
+             add chain {TABLE} prerouting {{ type filter hook prerouting priority -300; policy accept; }}\n\
+             flush chain {TABLE} prerouting\n\
+             add rule {TABLE} prerouting iifname @guarded iifname . ether saddr != @allowed drop\n\
+             add element {TABLE} guarded {{ \"{port}\" comment \"{owner}\" }}\n\
+             add element {TABLE} allowed {{ \"{port}\" . {mac} comment \"{owner}\" }}\n"
+        ));
+    }
+    if let Some(ips) = ips {
+        s.push_str(&format!(
+            "add set {TABLE} ipguarded {{ type ifname; }}\n\
+             add set {TABLE} allowed4 {{ type ifname . ipv4_addr; }}\n\
+             add set {TABLE} allowed6 {{ type ifname . ipv6_addr; }}\n\
+             add set {TABLE} ndtarget6 {{ typeof iifname . @th,64,128; }}\n\
+             add chain {TABLE} ipspoof {{ type filter hook prerouting priority -300; policy accept; }}\n\
+             flush chain {TABLE} ipspoof\n"
+        ));
+        for rule in IP_RULES {
+            s.push_str(&format!("add rule {TABLE} ipspoof {rule}\n"));
+        }
+        let mut ips = ips.to_vec();
+        ips.sort();
+        ips.dedup();
+        for ip in ips {
+            let element = |set: &str, key: String| {
+                format!("add element {TABLE} {set} {{ \"{port}\" . {key} comment \"{owner}\" }}\n")
+            };
+            match ip {
+                IpAddr::V4(v4) => s.push_str(&element("allowed4", v4.to_string())),
+                IpAddr::V6(v6) => {
+                    s.push_str(&element("allowed6", v6.to_string()));
+                    s.push_str(&element("ndtarget6", format!("0x{:032x}", u128::from(v6))));
+                }
+            }
+        }
+        // In the same transaction as its addresses: a port is never guarded without them.
+        s.push_str(&format!("add element {TABLE} ipguarded {{ \"{port}\" comment \"{owner}\" }}\n"));
+    }
+    s
+}
+
+/// Guards `port`: only frames from `mac` (`macspoofchk`, when given), only packets from and
+/// ARP/ND claims for `ips` (`ipspoofchk`, when given), in one transaction.
+pub fn add(port: &str, mac: Option<&[u8]>, ips: Option<&[IpAddr]>, owner: &str) -> Result<(), BridgeError> {
+    apply(&script(port, mac, ips, owner))
 }
 
 /// The elements of the table: the set each is in and its owner. None when the table does
@@ -66,4 +145,30 @@ pub fn remove_where(stale: impl Fn(&str) -> bool) -> Result<(), BridgeError> {
         "removing from {TABLE}: {}",
         last.map(|e| e.to_string()).unwrap_or_default()
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ip_check_allows_each_address_once_and_guards_the_port() {
+        let ips: Vec<IpAddr> =
+            ["10.1.0.5", "fd00::5", "10.1.0.5"].iter().map(|a| a.parse().expect("test address")).collect();
+        let s = script("veth1", None, Some(&ips), "n/c/eth0");
+        assert!(
+            !s.contains("chain bridge cni_bridge prerouting") && !s.contains(" guarded {"),
+            "no MAC check unless asked: {s}"
+        );
+        assert_eq!(s.matches("allowed4 { \"veth1\" . 10.1.0.5 comment \"n/c/eth0\" }").count(), 1, "{s}");
+        assert!(s.contains("allowed6 { \"veth1\" . fd00::5 comment"), "{s}");
+        assert!(s.contains("ndtarget6 { \"veth1\" . 0xfd000000000000000000000000000005 comment"), "{s}");
+        assert!(s.contains("ipguarded { \"veth1\" comment \"n/c/eth0\" }"), "{s}");
+        let both = script("veth1", Some(&[2, 0, 0, 0, 0, 1]), Some(&[]), "n/c/eth0");
+        assert!(
+            both.contains("allowed { \"veth1\" . 02:00:00:00:00:01") && both.contains("ipguarded"),
+            "{both}"
+        );
+        assert!(!script("veth1", Some(&[2, 0, 0, 0, 0, 1]), None, "o").contains("ipspoof"));
+    }
 }
