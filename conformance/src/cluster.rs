@@ -368,6 +368,15 @@ impl Cluster {
     /// One `cni-route-agent` per node namespace (file source listing every node); waits until
     /// each node has a route to every other node's pod CIDR. The caller owns the processes.
     pub fn start_route_agents(&self, bin: &Path) -> Result<Vec<std::process::Child>, String> {
+        self.start_route_agents_with(bin, &[])
+    }
+
+    /// [`Cluster::start_route_agents`] with more arguments for every agent.
+    pub fn start_route_agents_with(
+        &self,
+        bin: &Path,
+        extra: &[String],
+    ) -> Result<Vec<std::process::Child>, String> {
         let nodes: Vec<Value> = self.nodes.iter().map(Node::nodes_file_entry).collect();
         let file = self.state.join("nodes.json");
         std::fs::write(&file, json!({ "nodes": nodes }).to_string()).map_err(|e| e.to_string())?;
@@ -378,6 +387,7 @@ impl Cluster {
                 .arg(&file)
                 .arg("--cni-conf-dir")
                 .arg(self.state.join(format!("cni-{}", node.name)))
+                .args(extra)
                 .env("RUST_LOG", "warn")
                 .stdout(std::process::Stdio::null());
             node.ns.enter(&mut cmd);

@@ -35,13 +35,25 @@ pub fn exchange(
     client_ns: File,
     target: Option<SocketAddr>,
 ) -> Result<IpAddr, String> {
+    exchange_within(server_ns, bind, client_ns, target, Duration::from_secs(3))
+}
+
+/// [`exchange`] where a connection not made within `timeout` counts as not made: for traffic a
+/// firewall drops silently (a policy's deny), where only a timeout can tell.
+pub fn exchange_within(
+    server_ns: File,
+    bind: SocketAddr,
+    client_ns: File,
+    target: Option<SocketAddr>,
+    timeout: Duration,
+) -> Result<IpAddr, String> {
     let (tx, rx) = mpsc::channel();
     let server = in_ns(server_ns, move || -> Result<IpAddr, String> {
         let listener = TcpListener::bind(bind).map_err(|e| format!("bind {bind}: {e}"))?;
         tx.send(listener.local_addr().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
         // Bounded, so a refused or dropped connection ends this thread too.
         listener.set_nonblocking(true).map_err(|e| e.to_string())?;
-        let deadline = Instant::now() + Duration::from_secs(4);
+        let deadline = Instant::now() + timeout + Duration::from_secs(1);
         let (mut stream, peer) = loop {
             match listener.accept() {
                 Ok(x) => break x,
@@ -66,8 +78,8 @@ pub fn exchange(
     };
     let addr = target.unwrap_or(listening);
     let client = in_ns(client_ns, move || -> Result<(), String> {
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
-            .map_err(|e| format!("connect {addr}: {e}"))?;
+        let mut stream =
+            TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect {addr}: {e}"))?;
         stream.set_read_timeout(Some(Duration::from_secs(3))).ok();
         stream.write_all(b"ping").map_err(|e| e.to_string())?;
         let mut buf = [0u8; 4];

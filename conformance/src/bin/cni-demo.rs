@@ -7,7 +7,8 @@ use std::process::ExitCode;
 
 use cni_conformance::cluster::{Cluster, Plugins, Pod};
 use cni_conformance::is_root;
-use cni_conformance::traffic::exchange;
+use cni_conformance::traffic::exchange_within;
+use std::time::Duration;
 
 struct Args {
     nodes: usize,
@@ -16,16 +17,19 @@ struct Args {
     static_routes: bool,
     ipv4_only: bool,
     routed: bool,
+    policy: bool,
     plugins: Plugins,
 }
 
 fn usage() -> ! {
     eprintln!(
-        "usage: cni-demo [--nodes N] [--pods N] [--keep] [--static-routes] [--ipv4-only] [--routed] [--cni-path DIR] [--bridge-type T] [--ipam-type T]\n\
+        "usage: cni-demo [--nodes N] [--pods N] [--keep] [--static-routes] [--ipv4-only] [--routed] [--policy] [--cni-path DIR] [--bridge-type T] [--ipam-type T]\n\
          Brings up N nodes x N pods in network namespaces (default 2 x 3, dual-stack), shows pods,\n\
          routes and an all-pairs connectivity matrix per family, then removes everything (unless --keep).\n\
          --routed: the last node (at least 3 nodes) sits on another subnet behind a router; the\n\
-         route agents reach it through VXLAN and the others directly."
+         route agents reach it through VXLAN and the others directly.\n\
+         --policy: pods are frontend, backend and db on every node; the matrix is shown again after\n\
+         a default-deny ingress NetworkPolicy plus one rule letting frontends reach backends."
     );
     std::process::exit(2)
 }
@@ -40,6 +44,7 @@ fn parse() -> Args {
         static_routes: false,
         ipv4_only: false,
         routed: false,
+        policy: false,
         plugins: Plugins { dir: exe_dir, bridge: "cni-bridge".into(), ipam: "cni-host-local".into() },
     };
     let mut it = std::env::args().skip(1);
@@ -52,6 +57,7 @@ fn parse() -> Args {
             "--static-routes" => a.static_routes = true,
             "--ipv4-only" => a.ipv4_only = true,
             "--routed" => a.routed = true,
+            "--policy" => a.policy = true,
             "--cni-path" => a.plugins.dir = PathBuf::from(val()),
             "--bridge-type" => a.plugins.bridge = val(),
             "--ipam-type" => a.plugins.ipam = val(),
@@ -71,8 +77,25 @@ fn self_vip(k: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 96, 1 + (k / 250) as u8, 1 + (k % 250) as u8)
 }
 
-/// Prints the all-pairs matrix over the addresses `addr` picks; returns (as expected, not).
-fn matrix(c: &Cluster, family: &str, addr: impl Fn(&Pod) -> Option<IpAddr>) -> (usize, usize) {
+/// The role of pod `p` of a node under `--policy`.
+fn role(pod: &Pod) -> &'static str {
+    match pod.name.rsplit_once("-p").and_then(|(_, n)| n.parse::<usize>().ok()).unwrap_or(1) % 3 {
+        1 => "frontend",
+        2 => "backend",
+        _ => "db",
+    }
+}
+
+/// Prints the all-pairs matrix over the addresses `addr` picks, each cell judged against
+/// `allowed(from, to)`; returns (as expected, not).
+fn matrix(
+    c: &Cluster,
+    family: &str,
+    addr: impl Fn(&Pod) -> Option<IpAddr>,
+    allowed: impl Fn(&Pod, &Pod) -> bool,
+) -> (usize, usize) {
+    // A denied connection shows only as no answer: wait less for it than for a slow one.
+    let timeout = Duration::from_millis(700);
     println!("\n  {family}");
     print!("  {:<8}", "");
     for p in &c.pods {
@@ -87,15 +110,25 @@ fn matrix(c: &Cluster, family: &str, addr: impl Fn(&Pod) -> Option<IpAddr>) -> (
                 print!(" {:<7}", "-");
                 continue;
             };
+            let want = allowed(from, to);
             let cell = if i != j {
-                match exchange(to.ns.file(), SocketAddr::new(to_ip, 0), from.ns.file(), None) {
-                    Ok(src) if src == from_ip => "ok",
+                match exchange_within(to.ns.file(), SocketAddr::new(to_ip, 0), from.ns.file(), None, timeout)
+                {
+                    Ok(src) if src == from_ip && want => "ok",
+                    Ok(_) if !want => "LEAK",
                     Ok(_) => "NATed",
+                    Err(_) if !want => "deny",
                     Err(_) => "FAIL",
                 }
             } else if to_ip.is_ipv4() {
                 let vip = SocketAddr::new(IpAddr::V4(self_vip(i)), 80);
-                match exchange(to.ns.file(), SocketAddr::new(to_ip, 8080), from.ns.file(), Some(vip)) {
+                match exchange_within(
+                    to.ns.file(),
+                    SocketAddr::new(to_ip, 8080),
+                    from.ns.file(),
+                    Some(vip),
+                    timeout,
+                ) {
                     Ok(_) => "self",
                     Err(_) => "FAIL",
                 }
@@ -103,7 +136,7 @@ fn matrix(c: &Cluster, family: &str, addr: impl Fn(&Pod) -> Option<IpAddr>) -> (
                 print!(" {:<7}", "-");
                 continue;
             };
-            if cell == "ok" || cell == "self" {
+            if matches!(cell, "ok" | "self" | "deny") {
                 good += 1;
             } else {
                 bad += 1;
@@ -113,6 +146,68 @@ fn matrix(c: &Cluster, family: &str, addr: impl Fn(&Pod) -> Option<IpAddr>) -> (
         println!();
     }
     (good, bad)
+}
+
+/// The demo's objects for the policy engine: namespace `demo`, every pod with its role label
+/// and addresses, and `policies` (YAML documents).
+fn manifests(c: &Cluster, policies: &str) -> String {
+    let mut y = String::from("apiVersion: v1\nkind: Namespace\nmetadata: {name: demo}\n");
+    for p in &c.pods {
+        let ips: Vec<String> =
+            std::iter::once(p.ip).chain(p.ip6).map(|ip| format!("{{ip: '{ip}'}}")).collect();
+        y.push_str(&format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {}, namespace: demo, labels: {{app: {}}}}}\n\
+             spec: {{nodeName: {}, containers: [{{name: c}}]}}\nstatus: {{phase: Running, podIPs: [{}]}}\n",
+            p.name,
+            role(p),
+            c.nodes[p.node].name,
+            ips.join(", ")
+        ));
+    }
+    y.push_str(policies);
+    y
+}
+
+const DEMO_POLICIES: &str = "---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: default-deny, namespace: demo}
+spec: {podSelector: {}, policyTypes: [Ingress]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: frontend-to-backend, namespace: demo}
+spec:
+  podSelector: {matchLabels: {app: backend}}
+  ingress: [{from: [{podSelector: {matchLabels: {app: frontend}}}]}]
+";
+
+/// Writes the manifests atomically (the agents re-read on rename).
+fn write_manifests(dir: &std::path::Path, text: &str) -> std::io::Result<()> {
+    let tmp = dir.join(".objects.tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, dir.join("objects.yaml"))
+}
+
+/// Waits (bounded) until every node's policy table holds `comment` or, with `None`, holds no
+/// policy rule.
+fn wait_for_policy(c: &Cluster, comment: Option<&str>) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    c.nodes.iter().all(|n| loop {
+        let out = n.ns.run("nft", &["list", "table", "inet", "cni_route_agent_policy"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let done = match comment {
+            Some(want) => text.contains(want),
+            None => out.status.success() && !text.contains("comment \""),
+        };
+        if done {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    })
 }
 
 fn main() -> ExitCode {
@@ -146,10 +241,23 @@ fn main() -> ExitCode {
         eprintln!("--routed needs the route agent (no --static-routes)");
         return ExitCode::from(2);
     }
+    if args.policy && (args.static_routes || !agent_bin.exists()) {
+        eprintln!("--policy needs the route agent (no --static-routes)");
+        return ExitCode::from(2);
+    }
+    let policy_dir = c.state_dir().join("policy");
+    let mut agent_args = Vec::new();
+    if args.policy {
+        if let Err(e) = std::fs::create_dir_all(&policy_dir).and_then(|_| write_manifests(&policy_dir, "")) {
+            eprintln!("{}: {e}", policy_dir.display());
+            return ExitCode::from(1);
+        }
+        agent_args = vec!["--policy-path".to_string(), policy_dir.display().to_string()];
+    }
     if args.static_routes || !agent_bin.exists() {
         c.static_routes();
     } else {
-        match c.start_route_agents(&agent_bin) {
+        match c.start_route_agents_with(&agent_bin, &agent_args) {
             Ok(a) => agents = a,
             Err(e) => {
                 eprintln!("route agents: {e}");
@@ -214,14 +322,52 @@ fn main() -> ExitCode {
         }
     }
 
+    if args.policy {
+        // The pods as the policy engine sees them, with no policy yet.
+        if let Err(e) = write_manifests(&policy_dir, &manifests(&c, "")) {
+            eprintln!("{e}");
+            return ExitCode::from(1);
+        }
+        if !wait_for_policy(&c, None) {
+            eprintln!("the route agents did not create their policy tables");
+            return ExitCode::from(1);
+        }
+    }
     println!("\nConnectivity: row connects to column over TCP");
     println!("  ok = reached, and the server saw the client's own pod address");
     println!("  self = reached ITSELF through its Service VIP (hairpin), FAIL = not reached");
-    let (mut good, mut bad) = matrix(&c, "IPv4", |p| Some(p.ip));
+    let all = |_: &Pod, _: &Pod| true;
+    let (mut good, mut bad) = matrix(&c, "IPv4", |p| Some(p.ip), all);
     if c.dual_stack {
-        let (g, b) = matrix(&c, "IPv6 (no Service VIPs: the diagonal is -)", |p| p.ip6);
+        let (g, b) = matrix(&c, "IPv6 (no Service VIPs: the diagonal is -)", |p| p.ip6, all);
         good += g;
         bad += b;
+    }
+    if args.policy {
+        println!("\nNetworkPolicy (namespace demo): pods by role");
+        for p in &c.pods {
+            println!("  {:<8} {}", p.name, role(p));
+        }
+        println!("{}", DEMO_POLICIES.trim_start_matches("---\n"));
+        if let Err(e) = write_manifests(&policy_dir, &manifests(&c, DEMO_POLICIES)) {
+            eprintln!("{e}");
+            return ExitCode::from(1);
+        }
+        if !wait_for_policy(&c, Some("demo/frontend-to-backend")) {
+            eprintln!("the route agents did not apply the policies");
+            return ExitCode::from(1);
+        }
+        println!("Connectivity under the policies: only frontends reach backends");
+        println!("  deny = dropped by policy as expected, LEAK = reached though denied");
+        let rule = |from: &Pod, to: &Pod| role(to) == "backend" && role(from) == "frontend";
+        let (g, b) = matrix(&c, "IPv4", |p| Some(p.ip), rule);
+        good += g;
+        bad += b;
+        if c.dual_stack {
+            let (g, b) = matrix(&c, "IPv6", |p| p.ip6, rule);
+            good += g;
+            bad += b;
+        }
     }
     println!("\n{good} of {} connections as expected", good + bad);
 
