@@ -560,3 +560,27 @@ fn logs_carry_no_colour_codes_off_a_terminal_and_come_as_json_on_request() {
         "{json}"
     );
 }
+
+#[test]
+fn a_relative_nodes_file_is_read_and_watched() {
+    require_root("route agent relative nodes file");
+    let tmp = Tmp::new("relative");
+    let cl = three_node_cluster("rrel");
+    write_nodes(&tmp.0.join("nodes.json"), &cl, &[0, 1], None);
+    let mut c = Command::new(AGENT);
+    // As an operator types it: a bare file name, relative to the agent's working directory.
+    c.args(["--node-name", "node-1", "--source", "file", "--nodes-file", "nodes.json"])
+        .arg("--cni-conf-dir")
+        .arg(tmp.0.join("cni0"))
+        .args(["--resync-seconds", "3600"])
+        .current_dir(&tmp.0)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    cl.nodes[0].ns.enter(&mut c);
+    let _a = Agent { child: c.spawn().expect("start agent") };
+    expect_routes(&cl, 0, &[1]);
+    // A change is seen: the watch is on the file's real directory.
+    write_nodes(&tmp.0.join("nodes.json"), &cl, &[0, 1, 2], None);
+    expect_routes(&cl, 0, &[1, 2]);
+}
