@@ -53,6 +53,20 @@ fn bridge_mac() -> [u8; 6] {
     mac
 }
 
+/// Turns duplicate address detection off on a link this ADD made for the gateway (the
+/// bridge, or `<bridge>.<vlan>`), before it gets its link-local address. The kernel solicits
+/// a forwarded packet's next hop only from a non-tentative link-local address of the outgoing
+/// link, so with DAD a fresh node could not reach its first pod from another node for the
+/// 1-2 s DAD takes. DAD can find nothing here: the link-local address comes from the random
+/// locally administered MAC this plugin gave the link, and the gateway addresses are added
+/// without DAD already. A link without IPv6 (an MTU below 1280) has no such setting.
+fn no_dad(link: &str) -> Result<(), BridgeError> {
+    if !std::path::Path::new(&format!("/proc/sys/net/ipv6/conf/{link}")).exists() {
+        return Ok(());
+    }
+    netns::sysctl(&format!("net/ipv6/conf/{link}/accept_dad"), "0")
+}
+
 /// Puts a bridge port on its VLANs: `vlan` as PVID/untagged (1 for a trunk without one),
 /// the trunk tagged, and VLAN 1 removed unless preserved.
 async fn port_vlans(
@@ -294,6 +308,7 @@ impl<'a> Attach<'a> {
                 // A parallel ADD may create it first: EEXIST is fine, the kind is checked below.
                 if host.create_bridge(&conf.bridge, bridge_mac(), conf.mtu, conf.vlan_filtering()).await? {
                     self.made.push(Made::Bridge(conf.bridge.clone()));
+                    no_dad(&conf.bridge)?;
                 }
                 checkpoint("bridge-add-bridge-created")?;
                 let made = self.host.link(&conf.bridge).await?;
@@ -557,6 +572,8 @@ impl<'a> Attach<'a> {
         }
         let peer = random_veth_name();
         if host.create_local_veth(&name, &peer, conf.mtu).await? {
+            // Before its peer is up: no carrier yet, so no link-local address yet either.
+            no_dad(&name)?;
             let port = host.link(&peer).await?.ok_or_else(|| BridgeError::LinkVanished(peer.clone()))?;
             host.set(port.index, "attaching the VLAN gateway port", |l| l.controller(bridge.index).up())
                 .await?;
@@ -573,7 +590,8 @@ impl<'a> Attach<'a> {
     /// group (the kernel joins it on a work queue, so a neighbour solicitation sent the moment
     /// ADD returns could otherwise go unanswered and cost the pod a 1 s retransmit); with
     /// `enabledad`, the pod's addresses through duplicate address detection (the reference's
-    /// settle step), a duplicate failing ADD.
+    /// settle step), a duplicate failing ADD; with an IPv6 gateway, a non-tentative link-local
+    /// address on the gateway link, so that traffic from other nodes is forwarded to the pod.
     async fn wait_until_ready(
         &self,
         port: &Port,
@@ -586,6 +604,7 @@ impl<'a> Attach<'a> {
         let ifname = &self.req.inv.ifname;
         let start = Instant::now();
         let mut pause = Duration::from_millis(1);
+        let mut link_local_ready = gateway.v6.is_empty();
         loop {
             let link = self.host.link_by_index(port.index).await?.ok_or_else(vanished)?;
             let port_ready = self.conf.disable_container_interface || (link.oper_up && !link.port_disabled);
@@ -601,6 +620,12 @@ impl<'a> Attach<'a> {
                     unsettled.iter().any(|(u, _)| *u == IpAddr::V6(*gw))
                         || !groups.contains(&(gateway_index, netns::solicited_node(*gw)))
                 });
+            }
+            // Also on a bridge someone else made (with DAD): ADD's promise is a pod reachable
+            // in both directions, and another node's packet to it is forwarded only once
+            // the node can solicit the pod's address from here.
+            if !link_local_ready && !gateway.v6.is_empty() {
+                link_local_ready = self.host.link_local_usable(gateway_index, &gateway.name).await?;
             }
             if !pod_addresses.is_empty() {
                 let unsettled = if self.conf.enable_dad {
@@ -619,7 +644,7 @@ impl<'a> Attach<'a> {
                         || !groups.contains(&(pod.link.index, netns::solicited_node(*a)))
                 });
             }
-            if port_ready && gateways.is_empty() && pod_addresses.is_empty() {
+            if port_ready && gateways.is_empty() && pod_addresses.is_empty() && link_local_ready {
                 crate::mark("datapath ready");
                 return Ok(link);
             }
@@ -628,6 +653,8 @@ impl<'a> Attach<'a> {
                     format!("bridge port {} did not start forwarding", port.name)
                 } else if let Some(gw) = gateways.first() {
                     format!("gateway {gw} on {} did not join its solicited-node group", gateway.name)
+                } else if !link_local_ready {
+                    format!("{} has no usable IPv6 link-local address to solicit the pod from", gateway.name)
                 } else {
                     format!("pod address {} on {ifname} did not become usable", pod_addresses[0])
                 };
