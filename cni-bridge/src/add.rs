@@ -16,6 +16,7 @@ use crate::error::BridgeError;
 use crate::firewall;
 use crate::firewall::spoof;
 use crate::ipam;
+use crate::lock;
 use crate::netlink::{Link, Nl};
 use crate::netns;
 
@@ -183,6 +184,8 @@ struct Attach<'a> {
     made: Vec<Made>,
     /// The masquerade call runs on a thread while the links are set up.
     masq_job: Option<MasqJob>,
+    /// Held from finding (or making) the bridge until the port is attached ([`lock`]).
+    bridge_lock: Option<lock::BridgeLock>,
 }
 
 /// Runs ADD for a validated request.
@@ -210,7 +213,8 @@ pub fn add(req: &Request, conf: &BridgeConf) -> Result<CniResult, BridgeError> {
     };
     rt.block_on(async {
         crate::mark("netlink sockets open");
-        let mut attach = Attach { req, conf, host, pod, pod_ns, made: Vec::new(), masq_job: None };
+        let mut attach =
+            Attach { req, conf, host, pod, pod_ns, made: Vec::new(), masq_job: None, bridge_lock: None };
         let result = attach.run(pending).await;
         let masq = attach.join_masquerade();
         match result.and_then(|done| masq.map(|()| done)) {
@@ -282,6 +286,8 @@ impl<'a> Attach<'a> {
         checkpoint("bridge-add-after-bridge")?;
         crate::mark("bridge ensured");
         let port = self.plumb_veth(&bridge).await?;
+        // Attached: from now on a rollback of the ADD that made the bridge sees our port.
+        self.bridge_lock = None;
         if let Some(plugin) = self.conf.ipam_type.as_deref().filter(|t| ipam_needs_interface(t)) {
             let pending = ipam::start(plugin, Command::Add, self.req)?;
             let allocated = self.collect_allocation(plugin, pending)?;
@@ -301,6 +307,7 @@ impl<'a> Attach<'a> {
     /// Finds or creates the bridge, up, promiscuous if asked. One this call creates is
     /// recorded for rollback at once, before anything else about it can fail.
     async fn ensure_bridge(&mut self) -> Result<Link, BridgeError> {
+        self.bridge_lock = Some(lock::bridge(&self.conf.bridge)?);
         let (host, conf) = (&self.host, self.conf);
         let bridge = match host.link(&conf.bridge).await? {
             Some(existing) => existing,
@@ -710,19 +717,37 @@ impl<'a> Attach<'a> {
                 Made::SpoofCheck(owner) => spoof::remove_where(|o| o == owner),
                 Made::Veth(host_end) => self.host.del_link_named(host_end).await,
                 // A parallel ADD may have attached its pod meanwhile: keep the bridge then.
-                Made::Bridge(name) => match self.host.link(name).await {
-                    Ok(Some(bridge)) if bridge.kind == Some(InfoKind::Bridge) => {
-                        match self.host.has_ports(bridge.index).await {
-                            Ok(false) => self.host.del_link(bridge.index).await,
-                            other => other.map(|_| ()),
-                        }
+                // Under the bridge lock (still held when this ADD failed before its port was
+                // attached), so that no ADD attaches between the check and the delete.
+                Made::Bridge(name) => match self.bridge_lock.take().map_or_else(|| lock::bridge(name), Ok) {
+                    Err(e) => Err(e),
+                    Ok(held) => {
+                        let undone = self.remove_bridge_if_unused(name).await;
+                        drop(held);
+                        undone
                     }
-                    other => other.map(|_| ()),
                 },
             };
             if let Err(e) = undone {
                 eprintln!("cni-bridge: rollback: {e}");
             }
+        }
+    }
+
+    /// Deletes the bridge `name` if it is still a bridge and has no ports. The caller holds
+    /// the bridge lock.
+    async fn remove_bridge_if_unused(&self, name: &str) -> Result<(), BridgeError> {
+        match self.host.link(name).await {
+            Ok(Some(bridge)) if bridge.kind == Some(InfoKind::Bridge) => {
+                match self.host.has_ports(bridge.index).await {
+                    Ok(false) => {
+                        cni_proto::pause_point("bridge-rollback-before-delete");
+                        self.host.del_link(bridge.index).await
+                    }
+                    other => other.map(|_| ()),
+                }
+            }
+            other => other.map(|_| ()),
         }
     }
 }

@@ -216,3 +216,95 @@ fn add_failing_at_each_step_undoes_everything_by_itself() {
         assert_eq!(w.call("DEL", id, &path, &conf).code, 0, "{step}");
     }
 }
+
+/// The bridge lock's waiters in /proc/locks (lines `N: -> FLOCK ... <dev>:<inode> ...`).
+fn lock_waiters(lock: &std::path::Path) -> usize {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(ino) = std::fs::metadata(lock).map(|m| m.ino()) else { return 0 };
+    let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+    locks
+        .lines()
+        .filter(|l| {
+            l.contains("->") && l.split_whitespace().any(|w| w.rsplit(':').next() == Some(&ino.to_string()))
+        })
+        .count()
+}
+
+/// Hostile: the ADD that made the bridge fails and, in its rollback, has found the bridge
+/// without ports; many ADDs for other pods run at that moment. Before: they attached to the
+/// bridge, then the rollback deleted it under them. Each round stops the rollback right
+/// between its check and its delete (a rendezvous, not a delay), lets the others run until
+/// each has attached a port or waits for the bridge lock, then lets the rollback go on.
+#[test]
+fn many_adds_racing_the_rollback_of_the_add_that_made_the_bridge_all_keep_their_bridge() {
+    require_root("rollback_race");
+    use std::os::unix::fs::MetadataExt;
+    const RACERS: usize = 6;
+    for round in 0..3 {
+        let w = World::new("rbrace");
+        let conf = w.conf("1.1.0", "10.51.0.0/24", json!({}));
+        let fifo = std::env::temp_dir().join(format!("cni-rbrace-{}-{round}", std::process::id()));
+        let reached = fifo.with_extension("reached");
+        let _ = std::fs::remove_file(&fifo);
+        let _ = std::fs::remove_file(&reached);
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let node_ino = std::fs::metadata(&w.node.path).unwrap().ino();
+        let lock = std::path::PathBuf::from(format!("/run/cni-bridge/locks/bridge-{node_ino}-cni0"));
+        let maker = Netns::new("maker");
+        let pods: Vec<Netns> = (0..RACERS).map(|_| Netns::new("racer")).collect();
+        let fifo_s = fifo.display().to_string();
+        let added = std::thread::scope(|s| {
+            let env = [
+                ("CNI_TEST_FAIL_AT", "bridge-add-bridge-created"),
+                ("CNI_TEST_PAUSE_AT", "bridge-rollback-before-delete"),
+                ("CNI_TEST_PAUSE_FIFO", fifo_s.as_str()),
+            ];
+            let maker_path = maker.path.display().to_string();
+            let (w, conf) = (&w, &conf);
+            let failing = s.spawn(move || w.call_with("ADD", "maker", &maker_path, "eth0", &env, conf));
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while !reached.exists() {
+                assert!(std::time::Instant::now() < deadline, "round {round}: the rollback never paused");
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            let racers: Vec<_> = pods
+                .iter()
+                .enumerate()
+                .map(|(i, pod)| {
+                    let path = pod.path.display().to_string();
+                    s.spawn(move || w.call("ADD", &format!("racer{i}"), &path, conf))
+                })
+                .collect();
+            let ports = || {
+                w.node.ip(&["link", "show", "master", "cni0"]).lines().filter(|l| l.contains("veth")).count()
+            };
+            while ports() == 0 && lock_waiters(&lock) < RACERS {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "round {round}: racers neither attached nor wait"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            // Release the rollback.
+            std::fs::write(&fifo, b"go").unwrap();
+            let o = failing.join().unwrap();
+            assert_eq!(o.err_code(), Some(5), "round {round}: {} {}", o.stdout, o.stderr);
+            racers.into_iter().map(|r| r.join().unwrap()).collect::<Vec<_>>()
+        });
+        for (i, (pod, o)) in pods.iter().zip(&added).enumerate() {
+            assert_eq!(o.code, 0, "round {round}: racer {i}: {} {}", o.stdout, o.stderr);
+            let path = pod.path.display().to_string();
+            let mut check = conf.clone();
+            check["prevResult"] = o.json.clone();
+            let o = w.call("CHECK", &format!("racer{i}"), &path, &check);
+            assert_eq!(o.code, 0, "round {round}: racer {i} lost its bridge: {} {}", o.stdout, o.stderr);
+        }
+        let ports = w.node.ip(&["link", "show", "master", "cni0"]);
+        assert_eq!(ports.lines().filter(|l| l.contains("veth")).count(), RACERS, "round {round}: {ports}");
+        for (i, pod) in pods.iter().enumerate() {
+            assert_eq!(w.call("DEL", &format!("racer{i}"), &pod.path.display().to_string(), &conf).code, 0);
+        }
+        let _ = std::fs::remove_file(&fifo);
+        let _ = std::fs::remove_file(&reached);
+    }
+}
