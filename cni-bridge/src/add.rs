@@ -68,6 +68,12 @@ fn no_dad(link: &str) -> Result<(), BridgeError> {
     netns::sysctl(&format!("net/ipv6/conf/{link}/accept_dad"), "0")
 }
 
+/// Whether the bridge filters by VLAN. A test build can be told to leave the filtering out
+/// (a kernel without it still runs every other step of a `vlan` ADD, rollback included).
+fn vlan_filtering(conf: &BridgeConf) -> bool {
+    conf.vlan_filtering() && !cni_proto::test_switch("VLAN_WITHOUT_FILTERING")
+}
+
 /// Puts a bridge port on its VLANs: `vlan` as PVID/untagged (1 for a trunk without one),
 /// the trunk tagged, and VLAN 1 removed unless preserved.
 async fn port_vlans(
@@ -77,7 +83,7 @@ async fn port_vlans(
     vlan: u16,
     trunk: &[u16],
 ) -> Result<(), BridgeError> {
-    if vlan == 0 && trunk.is_empty() {
+    if vlan == 0 && trunk.is_empty() || !vlan_filtering(conf) {
         return Ok(());
     }
     if !conf.preserve_default_vlan {
@@ -313,7 +319,7 @@ impl<'a> Attach<'a> {
             Some(existing) => existing,
             None => {
                 // A parallel ADD may create it first: EEXIST is fine, the kind is checked below.
-                if host.create_bridge(&conf.bridge, bridge_mac(), conf.mtu, conf.vlan_filtering()).await? {
+                if host.create_bridge(&conf.bridge, bridge_mac(), conf.mtu, vlan_filtering(conf)).await? {
                     self.made.push(Made::Bridge(conf.bridge.clone()));
                     no_dad(&conf.bridge)?;
                 }
@@ -326,7 +332,7 @@ impl<'a> Attach<'a> {
         if bridge.kind != Some(InfoKind::Bridge) {
             return Err(BridgeError::NotABridge(conf.bridge.clone()));
         }
-        if conf.vlan_filtering() && !bridge.vlan_filtering {
+        if vlan_filtering(conf) && !bridge.vlan_filtering {
             host.enable_vlan_filtering(&conf.bridge).await?;
         }
         // A bridge someone set down keeps every port disabled: the pod would get no traffic.
@@ -734,21 +740,30 @@ impl<'a> Attach<'a> {
         }
     }
 
-    /// Deletes the bridge `name` if it is still a bridge and has no ports. The caller holds
-    /// the bridge lock.
+    /// Deletes the bridge `name` if it is still a bridge and has no ports, but for the
+    /// `<bridge>.<vlan>` gateway pair of this ADD's VLAN: shared by the pods of that VLAN, it
+    /// serves none when the bridge has no other port, and it alone would keep the bridge this
+    /// ADD made. The caller holds the bridge lock.
     async fn remove_bridge_if_unused(&self, name: &str) -> Result<(), BridgeError> {
-        match self.host.link(name).await {
-            Ok(Some(bridge)) if bridge.kind == Some(InfoKind::Bridge) => {
-                match self.host.has_ports(bridge.index).await {
-                    Ok(false) => {
-                        cni_proto::pause_point("bridge-rollback-before-delete");
-                        self.host.del_link(bridge.index).await
-                    }
-                    other => other.map(|_| ()),
-                }
-            }
-            other => other.map(|_| ()),
+        let bridge = match self.host.link(name).await? {
+            Some(bridge) if bridge.kind == Some(InfoKind::Bridge) => bridge,
+            _ => return Ok(()),
+        };
+        let vlan_gateway = match self.conf.vlan {
+            0 => None,
+            vlan => self.host.link(&format!("{name}.{vlan}")).await?,
+        };
+        // Its peer is the bridge port (same namespace: IFLA_LINK is the peer's index here).
+        let gateway_port = vlan_gateway.as_ref().and_then(|g| g.peer_index);
+        let ports = self.host.ports(bridge.index).await?;
+        if ports.iter().any(|p| Some(*p) != gateway_port) {
+            return Ok(());
         }
+        cni_proto::pause_point("bridge-rollback-before-delete");
+        if let (Some(gateway), false) = (&vlan_gateway, ports.is_empty()) {
+            self.host.del_link(gateway.index).await?;
+        }
+        self.host.del_link(bridge.index).await
     }
 }
 

@@ -325,15 +325,16 @@ impl Nl {
         }
     }
 
-    /// Whether any link is a port of bridge `index`.
-    pub async fn has_ports(&self, index: u32) -> Result<bool, BridgeError> {
+    /// The indexes of the ports of bridge `index`.
+    pub async fn ports(&self, index: u32) -> Result<Vec<u32>, BridgeError> {
+        let mut ports = Vec::new();
         let mut links = self.handle.link().get().execute();
         while let Some(link) = links.try_next().await.map_err(BridgeError::netlink("listing links"))? {
             if summarize(&link).controller == Some(index) {
-                return Ok(true);
+                ports.push(link.header.index);
             }
         }
-        Ok(false)
+        Ok(ports)
     }
 
     /// Deletes a link; gone already is fine.

@@ -308,3 +308,35 @@ fn many_adds_racing_the_rollback_of_the_add_that_made_the_bridge_all_keep_their_
         let _ = std::fs::remove_file(&reached);
     }
 }
+
+/// With `vlan` and isGateway, ADD also makes the shared `<bridge>.<vlan>` pair, one end a port
+/// of the bridge. A failure after that must still remove the bridge this ADD made (before: the
+/// pair's port kept it). This kernel has no bridge VLAN filtering, so the test build is told to
+/// skip the filtering itself (CNI_TEST_VLAN_WITHOUT_FILTERING): the rollback path is the same.
+#[test]
+fn add_with_vlan_failing_after_the_vlan_gateway_exists_removes_the_bridge_it_made() {
+    require_root("fail_add_vlan");
+    for step in ["bridge-add-after-gateway", "bridge-add-before-result"] {
+        let w = World::new("failvlan");
+        let conf = w.conf("1.1.0", "10.52.0.0/24", json!({"vlan": 100, "isDefaultGateway": true}));
+        let pod = Netns::new("pod");
+        let path = pod.path.display().to_string();
+        let env = [("CNI_TEST_FAIL_AT", step), ("CNI_TEST_VLAN_WITHOUT_FILTERING", "1")];
+        let o = w.call_with("ADD", "vlan-c1", &path, "eth0", &env, &conf);
+        assert_eq!(o.err_code(), Some(5), "{step}: {} {}", o.stdout, o.stderr);
+        assert_eq!(pod.links(), ["lo"], "{step}: pod interface left");
+        assert_eq!(w.node.links(), ["lo"], "{step}: the bridge this ADD made, or its VLAN gateway, left");
+        assert!(w.leases().is_empty(), "{step}: lease left");
+        // A bridge that existed before, with another pod on the VLAN, keeps both.
+        let other = Netns::new("other");
+        let env = [("CNI_TEST_VLAN_WITHOUT_FILTERING", "1")];
+        let first = w.call_with("ADD", "vlan-c0", &other.path.display().to_string(), "eth0", &env, &conf);
+        assert_eq!(first.code, 0, "{step}: {} {}", first.stdout, first.stderr);
+        let env = [("CNI_TEST_FAIL_AT", step), ("CNI_TEST_VLAN_WITHOUT_FILTERING", "1")];
+        let o = w.call_with("ADD", "vlan-c1", &path, "eth0", &env, &conf);
+        assert_eq!(o.err_code(), Some(5), "{step}: {} {}", o.stdout, o.stderr);
+        let links = w.node.links();
+        assert!(links.contains(&"cni0".to_string()) && links.contains(&"cni0.100".to_string()), "{step}: {links:?}");
+        assert_eq!(w.veths().len(), 2, "{step}: the other pod's port and the VLAN gateway's");
+    }
+}
