@@ -336,7 +336,10 @@ fn add_with_vlan_failing_after_the_vlan_gateway_exists_removes_the_bridge_it_mad
         let o = w.call_with("ADD", "vlan-c1", &path, "eth0", &env, &conf);
         assert_eq!(o.err_code(), Some(5), "{step}: {} {}", o.stdout, o.stderr);
         let links = w.node.links();
-        assert!(links.contains(&"cni0".to_string()) && links.contains(&"cni0.100".to_string()), "{step}: {links:?}");
+        assert!(
+            links.contains(&"cni0".to_string()) && links.contains(&"cni0.100".to_string()),
+            "{step}: {links:?}"
+        );
         assert_eq!(w.veths().len(), 2, "{step}: the other pod's port and the VLAN gateway's");
     }
 }

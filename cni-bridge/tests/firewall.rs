@@ -377,3 +377,50 @@ fn gc_removes_thousands_of_stale_entries() {
     assert_eq!(g.code, 0, "{}", g.stdout);
     assert_eq!(w.masq_entries(), [format!("{} testnet/live/eth0", ip_of(&live, 0))]);
 }
+
+/// `CNIB-` chain names are a 64-bit hash of the attachment: a runtime choosing ids on purpose
+/// can make two collide. A test build forced to give every attachment the same chain
+/// (CNI_TEST_CHAIN_HASH_COLLIDE) shows that the chain of one is never touched by the other:
+/// the second ADD is refused (before: it flushed the first's chain and wrote its own subnet
+/// there), and its DEL leaves the first's chain and jump.
+#[test]
+fn a_chain_name_collision_never_touches_the_other_attachments_chain() {
+    require_root("chain_collision");
+    let w = World::new("collide");
+    let collide = [("CNI_TEST_CHAIN_HASH_COLLIDE", "1")];
+    let first = w.conf("1.1.0", "10.53.0.0/24", json!({"ipMasq": true, "ipMasqBackend": "iptables"}));
+    let mut second = w.conf("1.1.0", "10.54.0.0/24", json!({"ipMasq": true, "ipMasqBackend": "iptables"}));
+    second["name"] = json!("othernet");
+    second["bridge"] = json!("cni1");
+    let (p1, p2) = (Netns::new("p1"), Netns::new("p2"));
+    let o = w.call_with("ADD", "c1", &path(&p1), "eth0", &collide, &first);
+    assert_eq!(o.code, 0, "{} {}", o.stdout, o.stderr);
+    let before = nat_rules(&w);
+    assert!(before.contains("-A CNIB-") && before.contains("10.53.0.0/24"), "{before}");
+    let o = w.call_with("ADD", "c2", &path(&p2), "eth0", &collide, &second);
+    assert_eq!(o.err_code(), Some(114), "a colliding chain must be refused: {} {}", o.stdout, o.stderr);
+    assert!(o.stdout.contains("testnet/c1/eth0"), "names the chain's owner: {}", o.stdout);
+    assert_eq!(nat_rules(&w), before, "the first attachment's chain and jump untouched");
+    // The runtime's cleanup DEL of the refused ADD.
+    let o = w.call_with("DEL", "c2", &path(&p2), "eth0", &collide, &second);
+    assert_eq!(o.code, 0, "{} {}", o.stdout, o.stderr);
+    assert_eq!(nat_rules(&w), before, "DEL of the other attachment leaves the chain");
+    let o = w.call_with("DEL", "c1", &path(&p1), "eth0", &collide, &first);
+    assert_eq!(o.code, 0, "{} {}", o.stdout, o.stderr);
+    assert!(!nat_rules(&w).contains("CNIB-"), "{}", nat_rules(&w));
+}
+
+/// Both nat tables' rules (no counters, no comment lines).
+fn nat_rules(w: &World) -> String {
+    let mut all = String::new();
+    for tool in ["iptables-save", "ip6tables-save"] {
+        let out = w.node.run(tool, &["-t", "nat"]);
+        for l in
+            String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with('-') || l.starts_with(':'))
+        {
+            all.push_str(l.split(" [").next().unwrap_or(l));
+            all.push('\n');
+        }
+    }
+    all
+}
