@@ -1,4 +1,4 @@
-//! The per-bridge lock. An ADD that made the bridge and then fails deletes it only while it
+//! The per-bridge lock (and the masquerade maps' lock, [`masquerade`]). An ADD that made the bridge and then fails deletes it only while it
 //! has no ports; a parallel ADD between finding the bridge and attaching its veth has no port
 //! on it yet. So ADD holds this lock from looking the bridge up (or creating it) until its
 //! port is attached, and a rollback holds it across its "no ports?" check and the delete.
@@ -22,16 +22,34 @@ const LOCK_DIR: &str = "/run/cni-bridge/locks";
 /// The lock of one bridge, held until dropped.
 pub type BridgeLock = Flock<File>;
 
+/// The inode of the calling thread's network namespace: locks are per namespace.
+fn namespace() -> Result<u64, BridgeError> {
+    std::fs::metadata("/proc/thread-self/ns/net")
+        .map(|m| m.ino())
+        .map_err(BridgeError::io("reading this network namespace's identity"))
+}
+
 /// The lock file of bridge `name` in the calling thread's network namespace.
 pub fn path(name: &str) -> Result<PathBuf, BridgeError> {
-    let ns = std::fs::metadata("/proc/thread-self/ns/net")
-        .map_err(BridgeError::io("reading this network namespace's identity"))?;
-    Ok(PathBuf::from(LOCK_DIR).join(format!("bridge-{}-{name}", ns.ino())))
+    Ok(PathBuf::from(LOCK_DIR).join(format!("bridge-{}-{name}", namespace()?)))
 }
 
 /// Takes the lock of bridge `name`, waiting for it.
 pub fn bridge(name: &str) -> Result<BridgeLock, BridgeError> {
-    let path = path(name)?;
+    take(path(name)?)
+}
+
+/// Takes the lock of the namespace's masquerade maps, waiting for it. Their elements are keyed
+/// by address and shared by every network of the node: a removal lists the elements of an
+/// owner, then deletes by key, and an ADD of another network may take over a key in between
+/// (the same address in an overlapping subnet). Held across a removal's listing and delete and
+/// across an ADD's replacement of an element, never on an ADD's plain insert (which cannot
+/// take over a key).
+pub fn masquerade() -> Result<BridgeLock, BridgeError> {
+    take(PathBuf::from(LOCK_DIR).join(format!("masquerade-{}", namespace()?)))
+}
+
+fn take(path: PathBuf) -> Result<BridgeLock, BridgeError> {
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -44,7 +62,6 @@ pub fn bridge(name: &str) -> Result<BridgeLock, BridgeError> {
         .mode(0o600)
         .custom_flags(nix::libc::O_NOFOLLOW)
         .open(&path)
-        .map_err(BridgeError::io("opening the bridge lock"))?;
-    Flock::lock(file, FlockArg::LockExclusive)
-        .map_err(|(_, e)| BridgeError::io("taking the bridge lock")(e.into()))
+        .map_err(BridgeError::io("opening a lock under /run/cni-bridge/locks"))?;
+    Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| BridgeError::io("taking a lock")(e.into()))
 }

@@ -424,3 +424,85 @@ fn nat_rules(w: &World) -> String {
     }
     all
 }
+
+/// The masquerade maps are keyed by address and shared by every network on the node: two
+/// networks with the same subnet give the same address to two attachments. A DEL of X stopped
+/// between listing its entries and removing them (a rendezvous, not a delay) while an ADD of Y
+/// in the other network takes over the same key: before, the DEL removed Y's entry by key.
+/// Rounds of DEL racing ADD, and of GC racing ADD.
+#[test]
+fn del_and_gc_racing_an_add_of_the_same_address_in_another_network_keep_its_entry() {
+    require_root("nft_key_race");
+    use std::os::unix::fs::MetadataExt;
+    for (round, verb) in ["DEL", "GC", "DEL"].into_iter().enumerate() {
+        let w = World::new("nftrace");
+        let a = w.conf("1.1.0", "10.56.0.0/24", json!({"ipMasq": true, "ipMasqBackend": "nftables"}));
+        let mut b = a.clone();
+        b["name"] = json!("othernet");
+        b["bridge"] = json!("cni1");
+        let (px, py) = (Netns::new("px"), Netns::new("py"));
+        let x = w.call("ADD", "x", &path(&px), &a);
+        assert_eq!(x.code, 0, "{} {}", x.stdout, x.stderr);
+        let fifo = std::env::temp_dir().join(format!("cni-nftrace-{}-{round}", std::process::id()));
+        let reached = fifo.with_extension("reached");
+        let _ = std::fs::remove_file(&fifo);
+        let _ = std::fs::remove_file(&reached);
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let node_ino = std::fs::metadata(&w.node.path).unwrap().ino();
+        let lock = std::path::PathBuf::from(format!("/run/cni-bridge/locks/masquerade-{node_ino}"));
+        let fifo_s = fifo.display().to_string();
+        let y_owner = format!("{} othernet/y/eth0", ip_of(&x, 0));
+        let (removed, y) = std::thread::scope(|s| {
+            let env =
+                [("CNI_TEST_PAUSE_AT", "masq-remove-after-list"), ("CNI_TEST_PAUSE_FIFO", fifo_s.as_str())];
+            let (w, a, b, px, py) = (&w, &a, &b, &px, &py);
+            let remover = s.spawn(move || match verb {
+                "DEL" => w.call_with("DEL", "x", &path(px), "eth0", &env, a),
+                _ => {
+                    // x's sandbox is gone: GC with no valid attachment collects it.
+                    let mut gc = a.clone();
+                    gc["cni.dev/valid-attachments"] = json!([]);
+                    w.call_with("GC", "", "", "eth0", &env, &gc)
+                }
+            });
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while !reached.exists() {
+                assert!(std::time::Instant::now() < deadline, "round {round}: the {verb} never paused");
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            let adder = s.spawn(move || w.call("ADD", "y", &path(py), b));
+            while !w.masq_entries().contains(&y_owner) && lock_waiters(&lock) == 0 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "round {round}: the ADD neither added nor waits"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            std::fs::write(&fifo, b"go").unwrap();
+            (remover.join().unwrap(), adder.join().unwrap())
+        });
+        assert_eq!(removed.code, 0, "round {round}: {verb}: {} {}", removed.stdout, removed.stderr);
+        assert_eq!(y.code, 0, "round {round}: ADD y: {} {}", y.stdout, y.stderr);
+        assert_eq!(ip_of(&y, 0), ip_of(&x, 0), "the same address in both networks");
+        assert_eq!(w.masq_entries(), [y_owner.clone()], "round {round}: y's entry survives the {verb} of x");
+        let mut check = b.clone();
+        check["prevResult"] = y.json.clone();
+        let o = w.call("CHECK", "y", &path(&py), &check);
+        assert_eq!(o.code, 0, "round {round}: {} {}", o.stdout, o.stderr);
+        assert_eq!(w.call("DEL", "y", &path(&py), &b).code, 0);
+        let _ = std::fs::remove_file(&fifo);
+        let _ = std::fs::remove_file(&reached);
+    }
+}
+
+/// Waiters on a lock file in /proc/locks (lines `N: -> FLOCK ... <dev>:<inode> ...`).
+fn lock_waiters(lock: &std::path::Path) -> usize {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(ino) = std::fs::metadata(lock).map(|m| m.ino()) else { return 0 };
+    let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+    let ino = ino.to_string();
+    locks
+        .lines()
+        .filter(|l| l.contains("->") && l.split_whitespace().any(|w| w.rsplit(':').next() == Some(&ino)))
+        .count()
+}
