@@ -127,7 +127,13 @@ fn execs_during_many_installs_never_get_text_file_busy() {
         failures.extend(f);
     }
     assert!(runs > 0, "no exec ran during the installs");
-    assert!(failures.is_empty(), "{} of {} execs failed, first: {}", failures.len(), runs + failures.len() as u32, failures[0]);
+    assert!(
+        failures.is_empty(),
+        "{} of {} execs failed, first: {}",
+        failures.len(),
+        runs + failures.len() as u32,
+        failures[0]
+    );
 }
 
 #[test]

@@ -591,7 +591,8 @@ fn one_datagram(from: std::fs::File, to_ns: std::fs::File, to: IpAddr) -> Result
     let (tx, rx) = std::sync::mpsc::channel();
     let receiver = std::thread::spawn(move || -> Result<(), String> {
         nix::sched::setns(to_ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| e.to_string())?;
-        let socket = std::net::UdpSocket::bind(SocketAddr::new(to, 0)).map_err(|e| format!("bind {to}: {e}"))?;
+        let socket =
+            std::net::UdpSocket::bind(SocketAddr::new(to, 0)).map_err(|e| format!("bind {to}: {e}"))?;
         tx.send(socket.local_addr().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
         socket.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
         let mut buf = [0u8; 8];

@@ -355,7 +355,8 @@ async fn session(
     let ep = opts.endpoints[i].as_str();
     carry.reporter.ok(&At::Endpoint(ep.to_string()));
     let err = |what: &'static str| move |e: etcd_client::Error| End::from(classify(ep, what, &e));
-    let lost = |message: String| End::from(Failure { kind: Kind::Claim, at: At::Endpoint(ep.to_string()), message });
+    let lost =
+        |message: String| End::from(Failure { kind: Kind::Claim, at: At::Endpoint(ep.to_string()), message });
     let kept = match carry.lease {
         Some(id) => take_over(&mut c, id).await.map_err(err("lease keepalive"))?.map(|k| (id, k)),
         None => None,

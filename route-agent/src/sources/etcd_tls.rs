@@ -738,11 +738,8 @@ mod tests {
         let (cert_file, key_file) = (dir.join("client.crt"), dir.join("client.key"));
         std::fs::write(&cert_file, cert.pem()).unwrap();
         std::fs::write(&key_file, key.serialize_pem()).unwrap();
-        let tls = EtcdTls {
-            cert_file: Some(cert_file.clone()),
-            key_file: Some(key_file),
-            ..Default::default()
-        };
+        let tls =
+            EtcdTls { cert_file: Some(cert_file.clone()), key_file: Some(key_file), ..Default::default() };
         let failure = tls.validate(&tls.read().unwrap(), SystemTime::now()).unwrap_err();
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(failure.kind, Kind::ExpiredCert);
@@ -760,7 +757,8 @@ mod tests {
             assert!(line.contains(&format!("file={cert_file}")), "the file named as such: {line}");
             assert!(!line.contains("endpoint="), "a file path is no endpoint: {line}");
         }
-        let connect = classify("https://127.0.0.1:1", "connect", &etcd_client::Error::InvalidArgs("x".into()));
+        let connect =
+            classify("https://127.0.0.1:1", "connect", &etcd_client::Error::InvalidArgs("x".into()));
         let text = logged(|| Reporter::default().fail(&EtcdStatus::default(), connect));
         assert!(text.contains("endpoint=https://127.0.0.1:1") && !text.contains("file="), "{text}");
     }
