@@ -484,7 +484,11 @@ fn del_and_gc_racing_an_add_of_the_same_address_in_another_network_keep_its_entr
         assert_eq!(removed.code, 0, "round {round}: {verb}: {} {}", removed.stdout, removed.stderr);
         assert_eq!(y.code, 0, "round {round}: ADD y: {} {}", y.stdout, y.stderr);
         assert_eq!(ip_of(&y, 0), ip_of(&x, 0), "the same address in both networks");
-        assert_eq!(w.masq_entries(), [y_owner.clone()], "round {round}: y's entry survives the {verb} of x");
+        assert_eq!(
+            w.masq_entries(),
+            std::slice::from_ref(&y_owner),
+            "round {round}: y's entry survives the {verb} of x"
+        );
         let mut check = b.clone();
         check["prevResult"] = y.json.clone();
         let o = w.call("CHECK", "y", &path(&py), &check);
