@@ -243,17 +243,15 @@ fn many_adds_racing_the_rollback_of_the_add_that_made_the_bridge_all_keep_their_
     for round in 0..3 {
         let w = World::new("rbrace");
         let conf = w.conf("1.1.0", "10.51.0.0/24", json!({}));
-        let fifo = std::env::temp_dir().join(format!("cni-rbrace-{}-{round}", std::process::id()));
-        let reached = fifo.with_extension("reached");
-        let _ = std::fs::remove_file(&fifo);
-        let _ = std::fs::remove_file(&reached);
-        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let pause = Pause::new(&format!("cni-rbrace-{}-{round}", std::process::id()));
+        let (fifo, reached) = (pause.fifo.clone(), pause.reached.clone());
         let node_ino = std::fs::metadata(&w.node.path).unwrap().ino();
         let lock = std::path::PathBuf::from(format!("/run/cni-bridge/locks/bridge-{node_ino}-cni0"));
         let maker = Netns::new("maker");
         let pods: Vec<Netns> = (0..RACERS).map(|_| Netns::new("racer")).collect();
         let fifo_s = fifo.display().to_string();
         let added = std::thread::scope(|s| {
+            let _release = ReleaseOnDrop(&pause);
             let env = [
                 ("CNI_TEST_FAIL_AT", "bridge-add-bridge-created"),
                 ("CNI_TEST_PAUSE_AT", "bridge-rollback-before-delete"),
@@ -304,8 +302,6 @@ fn many_adds_racing_the_rollback_of_the_add_that_made_the_bridge_all_keep_their_
         for (i, pod) in pods.iter().enumerate() {
             assert_eq!(w.call("DEL", &format!("racer{i}"), &pod.path.display().to_string(), &conf).code, 0);
         }
-        let _ = std::fs::remove_file(&fifo);
-        let _ = std::fs::remove_file(&reached);
     }
 }
 
@@ -341,5 +337,53 @@ fn add_with_vlan_failing_after_the_vlan_gateway_exists_removes_the_bridge_it_mad
             "{step}: {links:?}"
         );
         assert_eq!(w.veths().len(), 2, "{step}: the other pod's port and the VLAN gateway's");
+    }
+}
+
+/// The FIFO a test build's pause point waits on, and the file it creates when it gets there;
+/// both removed on drop, also when the test fails.
+struct Pause {
+    fifo: std::path::PathBuf,
+    reached: std::path::PathBuf,
+}
+
+impl Pause {
+    fn new(name: &str) -> Pause {
+        let fifo = std::env::temp_dir().join(name);
+        let pause = Pause { reached: fifo.with_extension("reached"), fifo };
+        let _ = std::fs::remove_file(&pause.fifo);
+        let _ = std::fs::remove_file(&pause.reached);
+        nix::unistd::mkfifo(&pause.fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        pause
+    }
+}
+
+impl Pause {
+    /// Lets a paused plugin go on, if one waits (never blocks).
+    fn release(&self) {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let open =
+            std::fs::OpenOptions::new().write(true).custom_flags(nix::libc::O_NONBLOCK).open(&self.fifo);
+        if let Ok(mut writer) = open {
+            let _ = writer.write_all(b"go");
+        }
+    }
+}
+
+/// Releases the paused plugin when dropped: also when the test fails while it waits, so that
+/// the threads running it end and the failure is reported instead of a hang.
+struct ReleaseOnDrop<'a>(&'a Pause);
+
+impl Drop for ReleaseOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
+impl Drop for Pause {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.fifo);
+        let _ = std::fs::remove_file(&self.reached);
     }
 }

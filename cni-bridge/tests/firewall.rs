@@ -443,16 +443,14 @@ fn del_and_gc_racing_an_add_of_the_same_address_in_another_network_keep_its_entr
         let (px, py) = (Netns::new("px"), Netns::new("py"));
         let x = w.call("ADD", "x", &path(&px), &a);
         assert_eq!(x.code, 0, "{} {}", x.stdout, x.stderr);
-        let fifo = std::env::temp_dir().join(format!("cni-nftrace-{}-{round}", std::process::id()));
-        let reached = fifo.with_extension("reached");
-        let _ = std::fs::remove_file(&fifo);
-        let _ = std::fs::remove_file(&reached);
-        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let pause = Pause::new(&format!("cni-nftrace-{}-{round}", std::process::id()));
+        let (fifo, reached) = (pause.fifo.clone(), pause.reached.clone());
         let node_ino = std::fs::metadata(&w.node.path).unwrap().ino();
         let lock = std::path::PathBuf::from(format!("/run/cni-bridge/locks/masquerade-{node_ino}"));
         let fifo_s = fifo.display().to_string();
         let y_owner = format!("{} othernet/y/eth0", ip_of(&x, 0));
         let (removed, y) = std::thread::scope(|s| {
+            let _release = ReleaseOnDrop(&pause);
             let env =
                 [("CNI_TEST_PAUSE_AT", "masq-remove-after-list"), ("CNI_TEST_PAUSE_FIFO", fifo_s.as_str())];
             let (w, a, b, px, py) = (&w, &a, &b, &px, &py);
@@ -494,8 +492,6 @@ fn del_and_gc_racing_an_add_of_the_same_address_in_another_network_keep_its_entr
         let o = w.call("CHECK", "y", &path(&py), &check);
         assert_eq!(o.code, 0, "round {round}: {} {}", o.stdout, o.stderr);
         assert_eq!(w.call("DEL", "y", &path(&py), &b).code, 0);
-        let _ = std::fs::remove_file(&fifo);
-        let _ = std::fs::remove_file(&reached);
     }
 }
 
@@ -509,4 +505,52 @@ fn lock_waiters(lock: &std::path::Path) -> usize {
         .lines()
         .filter(|l| l.contains("->") && l.split_whitespace().any(|w| w.rsplit(':').next() == Some(&ino)))
         .count()
+}
+
+/// The FIFO a test build's pause point waits on, and the file it creates when it gets there;
+/// both removed on drop, also when the test fails.
+struct Pause {
+    fifo: std::path::PathBuf,
+    reached: std::path::PathBuf,
+}
+
+impl Pause {
+    fn new(name: &str) -> Pause {
+        let fifo = std::env::temp_dir().join(name);
+        let pause = Pause { reached: fifo.with_extension("reached"), fifo };
+        let _ = std::fs::remove_file(&pause.fifo);
+        let _ = std::fs::remove_file(&pause.reached);
+        nix::unistd::mkfifo(&pause.fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        pause
+    }
+}
+
+impl Pause {
+    /// Lets a paused plugin go on, if one waits (never blocks).
+    fn release(&self) {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let open =
+            std::fs::OpenOptions::new().write(true).custom_flags(nix::libc::O_NONBLOCK).open(&self.fifo);
+        if let Ok(mut writer) = open {
+            let _ = writer.write_all(b"go");
+        }
+    }
+}
+
+/// Releases the paused plugin when dropped: also when the test fails while it waits, so that
+/// the threads running it end and the failure is reported instead of a hang.
+struct ReleaseOnDrop<'a>(&'a Pause);
+
+impl Drop for ReleaseOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
+impl Drop for Pause {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.fifo);
+        let _ = std::fs::remove_file(&self.reached);
+    }
 }
