@@ -16,6 +16,7 @@ use crate::error::BridgeError;
 use crate::firewall;
 use crate::firewall::spoof;
 use crate::ipam;
+use crate::lock;
 use crate::netlink::{Link, Nl};
 use crate::netns;
 
@@ -53,6 +54,26 @@ fn bridge_mac() -> [u8; 6] {
     mac
 }
 
+/// Turns duplicate address detection off on a link this ADD made for the gateway (the
+/// bridge, or `<bridge>.<vlan>`), before it gets its link-local address. The kernel solicits
+/// a forwarded packet's next hop only from a non-tentative link-local address of the outgoing
+/// link, so with DAD a fresh node could not reach its first pod from another node for the
+/// 1-2 s DAD takes. DAD can find nothing here: the link-local address comes from the random
+/// locally administered MAC this plugin gave the link, and the gateway addresses are added
+/// without DAD already. A link without IPv6 (an MTU below 1280) has no such setting.
+fn no_dad(link: &str) -> Result<(), BridgeError> {
+    if !std::path::Path::new(&format!("/proc/sys/net/ipv6/conf/{link}")).exists() {
+        return Ok(());
+    }
+    netns::sysctl(&format!("net/ipv6/conf/{link}/accept_dad"), "0")
+}
+
+/// Whether the bridge filters by VLAN. A test build can be told to leave the filtering out
+/// (a kernel without it still runs every other step of a `vlan` ADD, rollback included).
+fn vlan_filtering(conf: &BridgeConf) -> bool {
+    conf.vlan_filtering() && !cni_proto::test_switch("VLAN_WITHOUT_FILTERING")
+}
+
 /// Puts a bridge port on its VLANs: `vlan` as PVID/untagged (1 for a trunk without one),
 /// the trunk tagged, and VLAN 1 removed unless preserved.
 async fn port_vlans(
@@ -62,7 +83,7 @@ async fn port_vlans(
     vlan: u16,
     trunk: &[u16],
 ) -> Result<(), BridgeError> {
-    if vlan == 0 && trunk.is_empty() {
+    if vlan == 0 && trunk.is_empty() || !vlan_filtering(conf) {
         return Ok(());
     }
     if !conf.preserve_default_vlan {
@@ -169,6 +190,8 @@ struct Attach<'a> {
     made: Vec<Made>,
     /// The masquerade call runs on a thread while the links are set up.
     masq_job: Option<MasqJob>,
+    /// Held from finding (or making) the bridge until the port is attached ([`lock`]).
+    bridge_lock: Option<lock::BridgeLock>,
 }
 
 /// Runs ADD for a validated request.
@@ -196,7 +219,8 @@ pub fn add(req: &Request, conf: &BridgeConf) -> Result<CniResult, BridgeError> {
     };
     rt.block_on(async {
         crate::mark("netlink sockets open");
-        let mut attach = Attach { req, conf, host, pod, pod_ns, made: Vec::new(), masq_job: None };
+        let mut attach =
+            Attach { req, conf, host, pod, pod_ns, made: Vec::new(), masq_job: None, bridge_lock: None };
         let result = attach.run(pending).await;
         let masq = attach.join_masquerade();
         match result.and_then(|done| masq.map(|()| done)) {
@@ -268,6 +292,8 @@ impl<'a> Attach<'a> {
         checkpoint("bridge-add-after-bridge")?;
         crate::mark("bridge ensured");
         let port = self.plumb_veth(&bridge).await?;
+        // Attached: from now on a rollback of the ADD that made the bridge sees our port.
+        self.bridge_lock = None;
         if let Some(plugin) = self.conf.ipam_type.as_deref().filter(|t| ipam_needs_interface(t)) {
             let pending = ipam::start(plugin, Command::Add, self.req)?;
             let allocated = self.collect_allocation(plugin, pending)?;
@@ -287,13 +313,15 @@ impl<'a> Attach<'a> {
     /// Finds or creates the bridge, up, promiscuous if asked. One this call creates is
     /// recorded for rollback at once, before anything else about it can fail.
     async fn ensure_bridge(&mut self) -> Result<Link, BridgeError> {
+        self.bridge_lock = Some(lock::bridge(&self.conf.bridge)?);
         let (host, conf) = (&self.host, self.conf);
         let bridge = match host.link(&conf.bridge).await? {
             Some(existing) => existing,
             None => {
                 // A parallel ADD may create it first: EEXIST is fine, the kind is checked below.
-                if host.create_bridge(&conf.bridge, bridge_mac(), conf.mtu, conf.vlan_filtering()).await? {
+                if host.create_bridge(&conf.bridge, bridge_mac(), conf.mtu, vlan_filtering(conf)).await? {
                     self.made.push(Made::Bridge(conf.bridge.clone()));
+                    no_dad(&conf.bridge)?;
                 }
                 checkpoint("bridge-add-bridge-created")?;
                 let made = self.host.link(&conf.bridge).await?;
@@ -304,7 +332,7 @@ impl<'a> Attach<'a> {
         if bridge.kind != Some(InfoKind::Bridge) {
             return Err(BridgeError::NotABridge(conf.bridge.clone()));
         }
-        if conf.vlan_filtering() && !bridge.vlan_filtering {
+        if vlan_filtering(conf) && !bridge.vlan_filtering {
             host.enable_vlan_filtering(&conf.bridge).await?;
         }
         // A bridge someone set down keeps every port disabled: the pod would get no traffic.
@@ -560,6 +588,8 @@ impl<'a> Attach<'a> {
         }
         let peer = random_veth_name();
         if host.create_local_veth(&name, &peer, conf.mtu).await? {
+            // Before its peer is up: no carrier yet, so no link-local address yet either.
+            no_dad(&name)?;
             let port = host.link(&peer).await?.ok_or_else(|| BridgeError::LinkVanished(peer.clone()))?;
             host.set(port.index, "attaching the VLAN gateway port", |l| l.controller(bridge.index).up())
                 .await?;
@@ -576,7 +606,8 @@ impl<'a> Attach<'a> {
     /// group (the kernel joins it on a work queue, so a neighbour solicitation sent the moment
     /// ADD returns could otherwise go unanswered and cost the pod a 1 s retransmit); with
     /// `enabledad`, the pod's addresses through duplicate address detection (the reference's
-    /// settle step), a duplicate failing ADD.
+    /// settle step), a duplicate failing ADD; with an IPv6 gateway, a non-tentative link-local
+    /// address on the gateway link, so that traffic from other nodes is forwarded to the pod.
     async fn wait_until_ready(
         &self,
         port: &Port,
@@ -589,6 +620,7 @@ impl<'a> Attach<'a> {
         let ifname = &self.req.inv.ifname;
         let start = Instant::now();
         let mut pause = Duration::from_millis(1);
+        let mut link_local_ready = gateway.v6.is_empty();
         loop {
             let link = self.host.link_by_index(port.index).await?.ok_or_else(vanished)?;
             let port_ready = self.conf.disable_container_interface || (link.oper_up && !link.port_disabled);
@@ -604,6 +636,12 @@ impl<'a> Attach<'a> {
                     unsettled.iter().any(|(u, _)| *u == IpAddr::V6(*gw))
                         || !groups.contains(&(gateway_index, netns::solicited_node(*gw)))
                 });
+            }
+            // Also on a bridge someone else made (with DAD): ADD's promise is a pod reachable
+            // in both directions, and another node's packet to it is forwarded only once
+            // the node can solicit the pod's address from here.
+            if !link_local_ready && !gateway.v6.is_empty() {
+                link_local_ready = self.host.link_local_usable(gateway_index, &gateway.name).await?;
             }
             if !pod_addresses.is_empty() {
                 let unsettled = if self.conf.enable_dad {
@@ -622,7 +660,7 @@ impl<'a> Attach<'a> {
                         || !groups.contains(&(pod.link.index, netns::solicited_node(*a)))
                 });
             }
-            if port_ready && gateways.is_empty() && pod_addresses.is_empty() {
+            if port_ready && gateways.is_empty() && pod_addresses.is_empty() && link_local_ready {
                 crate::mark("datapath ready");
                 return Ok(link);
             }
@@ -631,6 +669,8 @@ impl<'a> Attach<'a> {
                     format!("bridge port {} did not start forwarding", port.name)
                 } else if let Some(gw) = gateways.first() {
                     format!("gateway {gw} on {} did not join its solicited-node group", gateway.name)
+                } else if !link_local_ready {
+                    format!("{} has no usable IPv6 link-local address to solicit the pod from", gateway.name)
                 } else {
                     format!("pod address {} on {ifname} did not become usable", pod_addresses[0])
                 };
@@ -686,20 +726,47 @@ impl<'a> Attach<'a> {
                 Made::SpoofCheck(owner) => spoof::remove_where(|o| o == owner),
                 Made::Veth(host_end) => self.host.del_link_named(host_end).await,
                 // A parallel ADD may have attached its pod meanwhile: keep the bridge then.
-                Made::Bridge(name) => match self.host.link(name).await {
-                    Ok(Some(bridge)) if bridge.kind == Some(InfoKind::Bridge) => {
-                        match self.host.has_ports(bridge.index).await {
-                            Ok(false) => self.host.del_link(bridge.index).await,
-                            other => other.map(|_| ()),
-                        }
+                // Under the bridge lock (still held when this ADD failed before its port was
+                // attached), so that no ADD attaches between the check and the delete.
+                Made::Bridge(name) => match self.bridge_lock.take().map_or_else(|| lock::bridge(name), Ok) {
+                    Err(e) => Err(e),
+                    Ok(held) => {
+                        let undone = self.remove_bridge_if_unused(name).await;
+                        drop(held);
+                        undone
                     }
-                    other => other.map(|_| ()),
                 },
             };
             if let Err(e) = undone {
                 eprintln!("cni-bridge: rollback: {e}");
             }
         }
+    }
+
+    /// Deletes the bridge `name` if it is still a bridge and has no ports, but for the
+    /// `<bridge>.<vlan>` gateway pair of this ADD's VLAN: shared by the pods of that VLAN, it
+    /// serves none when the bridge has no other port, and it alone would keep the bridge this
+    /// ADD made. The caller holds the bridge lock.
+    async fn remove_bridge_if_unused(&self, name: &str) -> Result<(), BridgeError> {
+        let bridge = match self.host.link(name).await? {
+            Some(bridge) if bridge.kind == Some(InfoKind::Bridge) => bridge,
+            _ => return Ok(()),
+        };
+        let vlan_gateway = match self.conf.vlan {
+            0 => None,
+            vlan => self.host.link(&format!("{name}.{vlan}")).await?,
+        };
+        // Its peer is the bridge port (same namespace: IFLA_LINK is the peer's index here).
+        let gateway_port = vlan_gateway.as_ref().and_then(|g| g.peer_index);
+        let ports = self.host.ports(bridge.index).await?;
+        if ports.iter().any(|p| Some(*p) != gateway_port) {
+            return Ok(());
+        }
+        cni_proto::pause_point("bridge-rollback-before-delete");
+        if let (Some(gateway), false) = (&vlan_gateway, ports.is_empty()) {
+            self.host.del_link(gateway.index).await?;
+        }
+        self.host.del_link(bridge.index).await
     }
 }
 

@@ -8,6 +8,7 @@ pub mod error;
 pub mod firewall;
 pub mod gc;
 pub mod ipam;
+pub mod lock;
 pub mod netlink;
 pub mod netns;
 pub mod reaping;

@@ -176,7 +176,9 @@ impl Nl {
         mtu: Option<u32>,
         vlan_filtering: bool,
     ) -> Result<bool, BridgeError> {
-        let mut builder = LinkBridge::new(name).address(mac.to_vec());
+        // Down: the caller turns duplicate address detection off before the bridge can get
+        // its link-local address, which happens once it is up with a port.
+        let mut builder = LinkMessageBuilder::<LinkBridge>::new(name).address(mac.to_vec());
         if vlan_filtering {
             builder = builder.vlan_filtering(true);
         }
@@ -323,15 +325,16 @@ impl Nl {
         }
     }
 
-    /// Whether any link is a port of bridge `index`.
-    pub async fn has_ports(&self, index: u32) -> Result<bool, BridgeError> {
+    /// The indexes of the ports of bridge `index`.
+    pub async fn ports(&self, index: u32) -> Result<Vec<u32>, BridgeError> {
+        let mut ports = Vec::new();
         let mut links = self.handle.link().get().execute();
         while let Some(link) = links.try_next().await.map_err(BridgeError::netlink("listing links"))? {
             if summarize(&link).controller == Some(index) {
-                return Ok(true);
+                ports.push(link.header.index);
             }
         }
-        Ok(false)
+        Ok(ports)
     }
 
     /// Deletes a link; gone already is fine.
@@ -377,6 +380,28 @@ impl Nl {
                 (failed || m.header.flags.contains(AddressHeaderFlags::Tentative)).then_some((ip, failed))
             })
             .collect())
+    }
+
+    /// Whether the link can send neighbour solicitations for packets it forwards: the kernel
+    /// sends them only from a link-local address that is not tentative, so until then a
+    /// packet forwarded to a pod that has not spoken yet waits (1-2 s of DAD) or is lost.
+    /// `Err` names a link-local address found duplicate. A link that never gets one
+    /// (`addr_gen_mode` none, set by its owner) counts as usable: there is nothing to wait for.
+    pub async fn link_local_usable(&self, index: u32, name: &str) -> Result<bool, BridgeError> {
+        let mut usable = false;
+        for m in self.address_messages(index).await? {
+            let Some(IpAddr::V6(v6)) = address_of(&m) else { continue };
+            if v6.segments()[0] & 0xffc0 != 0xfe80 {
+                continue;
+            }
+            if m.header.flags.contains(AddressHeaderFlags::Dadfailed) {
+                return Err(BridgeError::DadFailed { address: IpAddr::V6(v6), ifname: name.to_string() });
+            }
+            usable |= !m.header.flags.contains(AddressHeaderFlags::Tentative);
+        }
+        let no_link_local = std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{name}/addr_gen_mode"))
+            .is_ok_and(|mode| mode.trim() == "1");
+        Ok(usable || no_link_local)
     }
 
     /// Adds an address; present already is fine.

@@ -1066,3 +1066,23 @@ fn del_waits_for_the_kernel_itself_where_its_children_are_not_reaped() {
     assert!(w.veths().is_empty() && w.leases().is_empty(), "{:?} {:?}", w.veths(), w.leases());
     assert_eq!(last.links(), ["lo"]);
 }
+
+#[test]
+fn a_bridge_someone_made_with_dad_can_solicit_for_its_pods_when_add_returns() {
+    require_root("foreign_bridge_dad");
+    let w = World::new("fdad");
+    // Made by someone else, with the namespace's defaults: its link-local address goes
+    // through duplicate address detection once the first port brings its carrier up.
+    w.node.ip(&["link", "add", "cni0", "type", "bridge"]);
+    w.node.ip(&["link", "set", "cni0", "up"]);
+    let pod = Netns::new("pod");
+    let mut conf = w.conf("1.0.0", "fd00:45::/64", json!({}));
+    conf["ipam"]["routes"] = json!([]);
+    let o = w.call("ADD", "c1", &pod.path.display().to_string(), &conf);
+    assert_eq!(o.code, 0, "{} {}", o.stdout, o.stderr);
+    // The kernel solicits a forwarded packet's next hop only from a non-tentative link-local
+    // address: checked through the kernel's state the moment ADD returns, not a timer.
+    let link_local = w.node.ip(&["-6", "addr", "show", "dev", "cni0", "scope", "link"]);
+    assert!(link_local.contains("fe80:"), "no link-local address: {link_local}");
+    assert!(!link_local.contains("tentative"), "still tentative: {link_local}");
+}

@@ -399,3 +399,180 @@ fn gc_removes_thousands_of_stale_entries() {
     assert_eq!(g.code, 0, "{}", g.stdout);
     assert_eq!(w.masq_entries(), [format!("{} testnet/live/eth0", ip_of(&live, 0))]);
 }
+
+/// `CNIB-` chain names are a 64-bit hash of the attachment: a runtime choosing ids on purpose
+/// can make two collide. A test build forced to give every attachment the same chain
+/// (CNI_TEST_CHAIN_HASH_COLLIDE) shows that the chain of one is never touched by the other:
+/// the second ADD is refused (before: it flushed the first's chain and wrote its own subnet
+/// there), and its DEL leaves the first's chain and jump.
+#[test]
+fn a_chain_name_collision_never_touches_the_other_attachments_chain() {
+    require_root("chain_collision");
+    let w = World::new("collide");
+    let collide = [("CNI_TEST_CHAIN_HASH_COLLIDE", "1")];
+    let first = w.conf("1.1.0", "10.53.0.0/24", json!({"ipMasq": true, "ipMasqBackend": "iptables"}));
+    let mut second = w.conf("1.1.0", "10.54.0.0/24", json!({"ipMasq": true, "ipMasqBackend": "iptables"}));
+    second["name"] = json!("othernet");
+    second["bridge"] = json!("cni1");
+    let (p1, p2) = (Netns::new("p1"), Netns::new("p2"));
+    let o = w.call_with("ADD", "c1", &path(&p1), "eth0", &collide, &first);
+    assert_eq!(o.code, 0, "{} {}", o.stdout, o.stderr);
+    let before = nat_rules(&w);
+    assert!(before.contains("-A CNIB-") && before.contains("10.53.0.0/24"), "{before}");
+    let o = w.call_with("ADD", "c2", &path(&p2), "eth0", &collide, &second);
+    assert_eq!(o.err_code(), Some(114), "a colliding chain must be refused: {} {}", o.stdout, o.stderr);
+    assert!(o.stdout.contains("testnet/c1/eth0"), "names the chain's owner: {}", o.stdout);
+    assert_eq!(nat_rules(&w), before, "the first attachment's chain and jump untouched");
+    // The runtime's cleanup DEL of the refused ADD.
+    let o = w.call_with("DEL", "c2", &path(&p2), "eth0", &collide, &second);
+    assert_eq!(o.code, 0, "{} {}", o.stdout, o.stderr);
+    assert_eq!(nat_rules(&w), before, "DEL of the other attachment leaves the chain");
+    let o = w.call_with("DEL", "c1", &path(&p1), "eth0", &collide, &first);
+    assert_eq!(o.code, 0, "{} {}", o.stdout, o.stderr);
+    assert!(!nat_rules(&w).contains("CNIB-"), "{}", nat_rules(&w));
+}
+
+/// Both nat tables' rules (no counters, no comment lines).
+fn nat_rules(w: &World) -> String {
+    let mut all = String::new();
+    for tool in ["iptables-save", "ip6tables-save"] {
+        let out = w.node.run(tool, &["-t", "nat"]);
+        for l in
+            String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with('-') || l.starts_with(':'))
+        {
+            all.push_str(l.split(" [").next().unwrap_or(l));
+            all.push('\n');
+        }
+    }
+    all
+}
+
+/// The masquerade maps are keyed by address and shared by every network on the node: two
+/// networks with the same subnet give the same address to two attachments. A DEL of X stopped
+/// between listing its entries and removing them (a rendezvous, not a delay) while an ADD of Y
+/// in the other network takes over the same key: before, the DEL removed Y's entry by key.
+/// Rounds of DEL racing ADD, and of GC racing ADD.
+#[test]
+fn del_and_gc_racing_an_add_of_the_same_address_in_another_network_keep_its_entry() {
+    require_root("nft_key_race");
+    use std::os::unix::fs::MetadataExt;
+    for (round, verb) in ["DEL", "GC", "DEL"].into_iter().enumerate() {
+        let w = World::new("nftrace");
+        let a = w.conf("1.1.0", "10.56.0.0/24", json!({"ipMasq": true, "ipMasqBackend": "nftables"}));
+        let mut b = a.clone();
+        b["name"] = json!("othernet");
+        b["bridge"] = json!("cni1");
+        let (px, py) = (Netns::new("px"), Netns::new("py"));
+        let x = w.call("ADD", "x", &path(&px), &a);
+        assert_eq!(x.code, 0, "{} {}", x.stdout, x.stderr);
+        let pause = Pause::new(&format!("cni-nftrace-{}-{round}", std::process::id()));
+        let (fifo, reached) = (pause.fifo.clone(), pause.reached.clone());
+        let node_ino = std::fs::metadata(&w.node.path).unwrap().ino();
+        let lock = std::path::PathBuf::from(format!("/run/cni-bridge/locks/masquerade-{node_ino}"));
+        let fifo_s = fifo.display().to_string();
+        let y_owner = format!("{} othernet/y/eth0", ip_of(&x, 0));
+        let (removed, y) = std::thread::scope(|s| {
+            let _release = ReleaseOnDrop(&pause);
+            let env =
+                [("CNI_TEST_PAUSE_AT", "masq-remove-after-list"), ("CNI_TEST_PAUSE_FIFO", fifo_s.as_str())];
+            let (w, a, b, px, py) = (&w, &a, &b, &px, &py);
+            let remover = s.spawn(move || match verb {
+                "DEL" => w.call_with("DEL", "x", &path(px), "eth0", &env, a),
+                _ => {
+                    // x's sandbox is gone: GC with no valid attachment collects it.
+                    let mut gc = a.clone();
+                    gc["cni.dev/valid-attachments"] = json!([]);
+                    w.call_with("GC", "", "", "eth0", &env, &gc)
+                }
+            });
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while !reached.exists() {
+                assert!(std::time::Instant::now() < deadline, "round {round}: the {verb} never paused");
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            let adder = s.spawn(move || w.call("ADD", "y", &path(py), b));
+            while !w.masq_entries().contains(&y_owner) && lock_waiters(&lock) == 0 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "round {round}: the ADD neither added nor waits"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            std::fs::write(&fifo, b"go").unwrap();
+            (remover.join().unwrap(), adder.join().unwrap())
+        });
+        assert_eq!(removed.code, 0, "round {round}: {verb}: {} {}", removed.stdout, removed.stderr);
+        assert_eq!(y.code, 0, "round {round}: ADD y: {} {}", y.stdout, y.stderr);
+        assert_eq!(ip_of(&y, 0), ip_of(&x, 0), "the same address in both networks");
+        assert_eq!(
+            w.masq_entries(),
+            std::slice::from_ref(&y_owner),
+            "round {round}: y's entry survives the {verb} of x"
+        );
+        let mut check = b.clone();
+        check["prevResult"] = y.json.clone();
+        let o = w.call("CHECK", "y", &path(&py), &check);
+        assert_eq!(o.code, 0, "round {round}: {} {}", o.stdout, o.stderr);
+        assert_eq!(w.call("DEL", "y", &path(&py), &b).code, 0);
+    }
+}
+
+/// Waiters on a lock file in /proc/locks (lines `N: -> FLOCK ... <dev>:<inode> ...`).
+fn lock_waiters(lock: &std::path::Path) -> usize {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(ino) = std::fs::metadata(lock).map(|m| m.ino()) else { return 0 };
+    let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+    let ino = ino.to_string();
+    locks
+        .lines()
+        .filter(|l| l.contains("->") && l.split_whitespace().any(|w| w.rsplit(':').next() == Some(&ino)))
+        .count()
+}
+
+/// The FIFO a test build's pause point waits on, and the file it creates when it gets there;
+/// both removed on drop, also when the test fails.
+struct Pause {
+    fifo: std::path::PathBuf,
+    reached: std::path::PathBuf,
+}
+
+impl Pause {
+    fn new(name: &str) -> Pause {
+        let fifo = std::env::temp_dir().join(name);
+        let pause = Pause { reached: fifo.with_extension("reached"), fifo };
+        let _ = std::fs::remove_file(&pause.fifo);
+        let _ = std::fs::remove_file(&pause.reached);
+        nix::unistd::mkfifo(&pause.fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        pause
+    }
+}
+
+impl Pause {
+    /// Lets a paused plugin go on, if one waits (never blocks).
+    fn release(&self) {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let open =
+            std::fs::OpenOptions::new().write(true).custom_flags(nix::libc::O_NONBLOCK).open(&self.fifo);
+        if let Ok(mut writer) = open {
+            let _ = writer.write_all(b"go");
+        }
+    }
+}
+
+/// Releases the paused plugin when dropped: also when the test fails while it waits, so that
+/// the threads running it end and the failure is reported instead of a hang.
+struct ReleaseOnDrop<'a>(&'a Pause);
+
+impl Drop for ReleaseOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
+impl Drop for Pause {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.fifo);
+        let _ = std::fs::remove_file(&self.reached);
+    }
+}

@@ -31,3 +31,40 @@ pub fn checkpoint(step: &str) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// The variable naming the step at which a test build stops until released.
+pub const PAUSE_AT_ENV: &str = "CNI_TEST_PAUSE_AT";
+/// The FIFO a paused test build waits on; `<fifo>.reached` is created when it gets there.
+pub const PAUSE_FIFO_ENV: &str = "CNI_TEST_PAUSE_FIFO";
+
+/// In a test build, when `CNI_TEST_PAUSE_AT` equals `step`: creates `<CNI_TEST_PAUSE_FIFO>.reached`
+/// and waits until the test writes to the FIFO and closes it. A rendezvous, not a delay: a
+/// test holds the plugin between two steps and runs its race exactly there. Nothing in a
+/// release build.
+#[inline(always)]
+pub fn pause_point(step: &str) {
+    #[cfg(feature = "crash-points")]
+    if std::env::var_os(PAUSE_AT_ENV).is_some_and(|v| v == step) {
+        if let Some(fifo) = std::env::var_os(PAUSE_FIFO_ENV) {
+            let mut reached = fifo.clone();
+            reached.push(".reached");
+            let _ = std::fs::write(&reached, step);
+            let _ = std::fs::read(&fifo);
+        }
+    }
+    #[cfg(not(feature = "crash-points"))]
+    let _ = step;
+}
+
+/// Whether a test build was asked to behave as named by `CNI_TEST_<name>=1`; always false in
+/// a release build.
+#[inline(always)]
+pub fn test_switch(name: &str) -> bool {
+    #[cfg(feature = "crash-points")]
+    return std::env::var_os(format!("CNI_TEST_{name}")).is_some_and(|v| v == "1");
+    #[cfg(not(feature = "crash-points"))]
+    {
+        let _ = name;
+        false
+    }
+}

@@ -15,7 +15,7 @@ pub mod skel;
 pub mod version;
 
 pub use config::{Attachment, NetConf};
-pub use crash::{checkpoint, crash_point};
+pub use crash::{checkpoint, crash_point, pause_point, test_switch};
 pub use env::{CniArgs, Command, Invocation};
 pub use error::{Error, ErrorCode};
 pub use result::{CniResult, Dns, Interface, IpConfig, Route};

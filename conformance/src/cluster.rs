@@ -273,6 +273,16 @@ impl Cluster {
 
     /// Adds a pod on node `node` (0-based) through the plugins.
     pub fn add_pod(&mut self, node: usize, name: &str) -> Result<&Pod, String> {
+        self.add_pod_with(node, name, true)
+    }
+
+    /// Like [`Cluster::add_pod`], but the pod is handed back the moment ADD returns, with no
+    /// wait for the bridge's IPv6 addresses: for tests of what ADD itself promises.
+    pub fn add_pod_as_added(&mut self, node: usize, name: &str) -> Result<&Pod, String> {
+        self.add_pod_with(node, name, false)
+    }
+
+    fn add_pod_with(&mut self, node: usize, name: &str, settle: bool) -> Result<&Pod, String> {
         let ns = Netns::new(name);
         let conf = self.nodes[node].conf.clone();
         let out = self.call(node, "ADD", name, &ns.path.display().to_string(), &conf);
@@ -291,7 +301,7 @@ impl Cluster {
             return Err(format!("ADD {name}: no IPv6 address in {}", out.stdout));
         }
         let veth = out.json["interfaces"][1]["name"].as_str().unwrap_or("").to_string();
-        if ip6.is_some() {
+        if ip6.is_some() && settle {
             self.wait_gateway_usable(node)?;
         }
         self.pods.push(Pod { name: name.to_string(), ns, ip, ip6, veth, node, result: out.json });

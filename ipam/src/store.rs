@@ -6,7 +6,8 @@
 //! read one file instead of every lease. The index records the network directory's
 //! inode/mtime/ctime as it was after our last change: any other writer (the reference
 //! plugin) creating or removing a lease changes them, and the index is rebuilt from the
-//! lease files. It also records the kernel's boot id: leases it lists from an earlier boot
+//! lease files. A change in the same clock tick as our commit leaves them unchanged, so the
+//! index is trusted only when it was written in a later tick than the directory's last change. It also records the kernel's boot id: leases it lists from an earlier boot
 //! belong to namespaces that no longer exist and are reclaimed.
 //!
 //! Everything inside the network directory is opened relative to the directory's descriptor
@@ -340,11 +341,22 @@ impl Store {
             self.reclaim_earlier_boot(&idx.leases)?;
             return self.rescan();
         }
-        if stamp_of(&self.dir).ok().as_deref() != Some(idx.stamp.as_str()) {
+        if stamp_of(&self.dir).ok().as_deref() != Some(idx.stamp.as_str()) || !self.index_postdates_dir() {
             return self.rescan();
         }
         self.leases = idx.leases;
         Ok(())
+    }
+
+    /// Whether the index was written in a later clock tick than the directory's last change.
+    /// Another writer's change in the very tick of our commit leaves the directory's stamp as
+    /// the index recorded it; only an index written in a later tick proves that the stamp
+    /// covers every change since. Equal times count as not covered: a rescan, which rewrites
+    /// the index at the next commit (usually in a later tick).
+    fn index_postdates_dir(&self) -> bool {
+        let (Some(index), Ok(dir)) = (&self.index, self.dir.metadata()) else { return false };
+        let Ok(index) = index.metadata() else { return false };
+        (index.mtime(), index.mtime_nsec()) > (dir.ctime(), dir.ctime_nsec())
     }
 
     /// Makes the on-disk index fail its checksum before the first change of this call, so a
@@ -650,6 +662,33 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    /// Another writer (the reference host-local) adds a lease in the same clock tick as our
+    /// last index commit: the directory's stamp is then the one the index recorded. Made
+    /// deterministic by hand: the index rewritten with the directory's stamp after the foreign
+    /// lease, and its own time set to the directory's change time (the same tick).
+    #[test]
+    fn a_foreign_lease_written_in_the_tick_of_our_commit_is_seen() {
+        let t = tempfile::tempdir().unwrap();
+        let mut s = Store::open(t.path(), "net").unwrap();
+        assert!(s.reserve(ip("10.0.0.2"), "ours", "eth0").unwrap());
+        s.commit().unwrap();
+        drop(s);
+        let net = t.path().join("net");
+        fs::write(net.join("10.0.0.3"), Lease::render("theirs", "eth0")).unwrap();
+        let dir = File::open(&net).unwrap();
+        let index_path = net.join(INDEX_DIR).join(INDEX_FILE);
+        let mut idx = parse_index(&fs::read_to_string(&index_path).unwrap()).unwrap();
+        idx.stamp = stamp_of(&dir).unwrap();
+        fs::write(&index_path, render_index(&idx)).unwrap();
+        let meta = dir.metadata().unwrap();
+        let ctime =
+            std::time::UNIX_EPOCH + std::time::Duration::new(meta.ctime() as u64, meta.ctime_nsec() as u32);
+        File::options().write(true).open(&index_path).unwrap().set_modified(ctime).unwrap();
+        let s = Store::open(t.path(), "net").unwrap();
+        assert_eq!(s.lookup("theirs", "eth0"), [ip("10.0.0.3")], "the foreign lease, for DEL and CHECK");
+        assert_eq!(s.lookup("ours", "eth0"), [ip("10.0.0.2")]);
     }
 
     #[test]

@@ -72,12 +72,23 @@ pub fn write_if_changed(dir: &Path, name: &str, content: &str) -> Result<bool, A
     std::fs::create_dir_all(dir).map_err(AgentError::io(format!("creating {}", dir.display())))?;
     // Runtimes load only *.conf/*.conflist/*.json: the temp name is never picked up half-written.
     let tmp = dir.join(format!(".{name}.tmp"));
-    let mut file =
-        std::fs::File::create(&tmp).map_err(AgentError::io(format!("creating {}", tmp.display())))?;
-    file.write_all(content.as_bytes())
-        .and_then(|_| file.sync_all())
-        .map_err(AgentError::io(format!("writing {}", tmp.display())))?;
-    std::fs::rename(&tmp, &path).map_err(AgentError::io(format!("renaming to {}", path.display())))?;
+    let written = (|| -> std::io::Result<()> {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(content.as_bytes())?;
+        file.sync_all()
+        // Closed here, before the rename: the name a runtime reads never refers to a file
+        // still open for writing.
+    })();
+    let renamed = written.and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = renamed {
+        // A temp file left by a failed write would be stale content for the next one.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(AgentError::io(format!("writing {}", path.display()))(e));
+    }
+    // The rename is durable only once the directory is synced; the config is written anyway.
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
     Ok(true)
 }
 

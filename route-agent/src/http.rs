@@ -17,7 +17,13 @@ fn respond(metrics: &Metrics, path: &str, max_snapshot_age: Option<Duration>) ->
     let (status, body) = match path {
         "/healthz" => (StatusCode::OK, "ok\n".to_string()),
         "/readyz" => match metrics.not_ready(max_snapshot_age) {
-            None => (StatusCode::OK, "ready\n".to_string()),
+            None => {
+                let warnings = metrics.warnings.lock().map(|w| w.clone()).unwrap_or_default();
+                (
+                    StatusCode::OK,
+                    warnings.iter().fold("ready\n".to_string(), |b, w| b + "warning: " + w + "\n"),
+                )
+            }
             Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
         },
         "/metrics" => (StatusCode::OK, metrics.render()),

@@ -5,6 +5,8 @@
 //! over the old one. A runtime exec'ing the plugin meanwhile runs either the old or the new
 //! file, never a half-written one; and since the old inode is never opened for writing, a
 //! plugin running during an upgrade cannot make install fail with "text file busy" (ETXTBSY).
+//! The temp file is closed before the rename: a runtime exec'ing the new name while install
+//! still held it open for writing would get ETXTBSY itself.
 //! A record of what was installed (names and content hashes) lets uninstall remove exactly
 //! those files, and only if nobody replaced them since.
 
@@ -118,6 +120,9 @@ pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> Result<(
         let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
+        // Closed before the rename: an inode open for writing cannot be exec'd (ETXTBSY), and
+        // from the rename on it is the plugin a runtime execs.
+        drop(f);
         fs::rename(&tmp, dir.join(name))?;
         // The rename itself is durable only once the directory is synced.
         File::open(dir)?.sync_all()

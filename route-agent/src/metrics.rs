@@ -34,6 +34,11 @@ pub struct Metrics {
     pub nodes_without_address: AtomicU64,
     /// Other nodes' pod CIDRs without a node address of their family.
     pub pod_cidrs_without_address: AtomicU64,
+    /// Of those, the ones no route reaches: none kept, or one kept through the VXLAN device.
+    pub pod_cidrs_unreachable: AtomicU64,
+    /// What `/readyz` adds to its answer without failing: trouble with other nodes, which
+    /// must not take this node out of service.
+    pub warnings: Mutex<Vec<String>>,
     /// Pod CIDR claims ignored because they overlap an earlier claim.
     pub pod_cidr_conflicts: AtomicU64,
     /// The source's health: errors by kind, and when it last had a good view.
@@ -188,7 +193,7 @@ impl Metrics {
     pub fn render(&self) -> String {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let mut out = String::new();
-        let gauges: [(&str, &str, &AtomicU64); 8] = [
+        let gauges: [(&str, &str, &AtomicU64); 9] = [
             ("routes_desired", "Routes to other nodes' pod CIDRs the agent wants.", &self.routes_desired),
             (
                 "routes_installed",
@@ -210,6 +215,11 @@ impl Metrics {
                 "pod_cidrs_without_address",
                 "Other nodes' pod CIDRs with no node address of their family.",
                 &self.pod_cidrs_without_address,
+            ),
+            (
+                "pod_cidrs_unreachable",
+                "Other nodes' pod CIDRs without a node address of their family that no route reaches: none kept, or one kept through the VXLAN device (the tunnel's entries for the node went with its address).",
+                &self.pod_cidrs_unreachable,
             ),
             (
                 "pod_cidr_conflicts",

@@ -94,6 +94,9 @@ pub struct Unaddressed {
     pub cidr: IpNetwork,
     /// The route kept from before (the kernel's gateway), if there was one.
     pub kept: Option<IpAddr>,
+    /// The kept route goes through the VXLAN device. It leads nowhere: the node's VTEP
+    /// entries (FDB, neighbour) are made from its address and went with it.
+    pub tunnel: bool,
 }
 
 /// A pod CIDR as an address interval, for the overlap check.
@@ -194,7 +197,8 @@ pub fn desired_with(
         let Some(n) = nodes.get(name) else { continue };
         let Some(gw) = n.addr_for(&cidr) else {
             let kept = have.get(&cidr).copied();
-            desired.without_address.push(Unaddressed { node: name.to_string(), cidr, kept });
+            let tunnel = kept == Some(tunnel_gateway(&cidr));
+            desired.without_address.push(Unaddressed { node: name.to_string(), cidr, kept, tunnel });
             if let Some(gw) = kept {
                 desired.routes.insert(cidr, gw);
             }
@@ -381,6 +385,21 @@ mod tests {
     }
 
     #[test]
+    fn a_kept_route_through_the_tunnel_is_marked_as_such() {
+        let cidr = net("10.244.3.0/24");
+        let have = BTreeMap::from([(cidr, tunnel_gateway(&cidr)), (net("10.244.2.0/24"), ip("10.200.0.2"))]);
+        let s = snap(vec![
+            node("a", &["10.244.1.0/24"], &["10.200.0.1"]),
+            node("b", &["10.244.2.0/24"], &[]),
+            node("c", &["10.244.3.0/24"], &[]),
+        ]);
+        let d = desired(&s, "a", &connected(), &have);
+        let tunnel: Vec<(&str, bool)> =
+            d.without_address.iter().map(|u| (u.node.as_str(), u.tunnel)).collect();
+        assert_eq!(tunnel, [("b", false), ("c", true)]);
+    }
+
+    #[test]
     fn a_listed_node_without_address_keeps_its_route_a_removed_one_loses_it() {
         let have = BTreeMap::from([
             (net("10.244.2.0/24"), ip("10.200.0.2")),
@@ -409,7 +428,7 @@ mod tests {
         assert!(d.nodes_without_address.is_empty(), "b has an address");
         assert_eq!(
             d.without_address,
-            [Unaddressed { node: "b".into(), cidr: net("fd00:244:2::/64"), kept: None }]
+            [Unaddressed { node: "b".into(), cidr: net("fd00:244:2::/64"), kept: None, tunnel: false }]
         );
     }
 

@@ -301,6 +301,10 @@ impl Reconciler {
         if now.without_address != self.reported.without_address {
             for u in &now.without_address {
                 match u.kept {
+                    Some(_) if u.tunnel => tracing::warn!(
+                        node = %u.node, cidr = %u.cidr,
+                        "node has no address of the pod CIDR's family: its tunnelled route is kept but leads nowhere (no VTEP to send to); its pods there are unreachable"
+                    ),
                     Some(gw) => tracing::warn!(
                         node = %u.node, cidr = %u.cidr, via = %gw,
                         "node has no address of the pod CIDR's family: keeping its last route"
@@ -326,6 +330,21 @@ impl Reconciler {
         set(&m.cidrs_tunnelled, d.tunnelled.len());
         set(&m.nodes_without_address, d.nodes_without_address.len());
         set(&m.pod_cidrs_without_address, d.without_address.len());
+        let unreachable: Vec<String> = d
+            .without_address
+            .iter()
+            .filter(|u| u.kept.is_none() || u.tunnel)
+            .map(|u| {
+                format!(
+                    "pod CIDR {} of node {}: the node has no address of its family: unreachable",
+                    u.cidr, u.node
+                )
+            })
+            .collect();
+        set(&m.pod_cidrs_unreachable, unreachable.len());
+        if let Ok(mut warnings) = m.warnings.lock() {
+            *warnings = unreachable;
+        }
         set(&m.pod_cidr_conflicts, d.conflicts.len());
         m.sync_micros.store(start.elapsed().as_micros() as u64, Ordering::Relaxed);
     }

@@ -88,6 +88,54 @@ fn a_reader_during_repeated_installs_sees_only_whole_files() {
     assert!(reader.join().expect("reader saw only whole files") > 0);
 }
 
+/// Hostile: runtimes exec the plugin while `install-cni` replaces it again and again. The
+/// installs run as separate processes (as the init container does), so no fork of this test
+/// process can inherit an install's write descriptor and make the ETXTBSY itself.
+#[test]
+fn execs_during_many_installs_never_get_text_file_busy() {
+    let t = Tmp::new("exec-busy");
+    let (a, b, bin) = (t.0.join("a"), t.0.join("b"), t.0.join("bin"));
+    fake_plugins(&a, "/bin/true");
+    fake_plugins(&b, "/bin/false");
+    cni_route_agent::install::install(&a, &bin).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let execers: Vec<_> = (0..2)
+        .map(|_| {
+            let (stop, path) = (stop.clone(), bin.join("cni-bridge"));
+            std::thread::spawn(move || {
+                let (mut runs, mut failures) = (0u32, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match Command::new(&path).stdin(Stdio::null()).status() {
+                        Ok(_) => runs += 1,
+                        Err(e) => failures.push(e.to_string()),
+                    }
+                }
+                (runs, failures)
+            })
+        })
+        .collect();
+    for i in 0..60 {
+        let from = if i % 2 == 0 { &b } else { &a };
+        let o = agent(&["install-cni", "--bin-dir", bin.to_str().unwrap(), "--from", from.to_str().unwrap()]);
+        assert!(o.status.success(), "install {i}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut runs, mut failures) = (0, Vec::new());
+    for e in execers {
+        let (r, f) = e.join().unwrap();
+        runs += r;
+        failures.extend(f);
+    }
+    assert!(runs > 0, "no exec ran during the installs");
+    assert!(
+        failures.is_empty(),
+        "{} of {} execs failed, first: {}",
+        failures.len(),
+        runs + failures.len() as u32,
+        failures[0]
+    );
+}
+
 #[test]
 fn install_fails_cleanly_when_a_plugin_is_missing() {
     let t = Tmp::new("missing");

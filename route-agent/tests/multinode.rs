@@ -560,3 +560,114 @@ fn logs_carry_no_colour_codes_off_a_terminal_and_come_as_json_on_request() {
         "{json}"
     );
 }
+
+#[test]
+fn a_relative_nodes_file_is_read_and_watched() {
+    require_root("route agent relative nodes file");
+    let tmp = Tmp::new("relative");
+    let cl = three_node_cluster("rrel");
+    write_nodes(&tmp.0.join("nodes.json"), &cl, &[0, 1], None);
+    let mut c = Command::new(AGENT);
+    // As an operator types it: a bare file name, relative to the agent's working directory.
+    c.args(["--node-name", "node-1", "--source", "file", "--nodes-file", "nodes.json"])
+        .arg("--cni-conf-dir")
+        .arg(tmp.0.join("cni0"))
+        .args(["--resync-seconds", "3600"])
+        .current_dir(&tmp.0)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    cl.nodes[0].ns.enter(&mut c);
+    let _a = Agent { child: c.spawn().expect("start agent") };
+    expect_routes(&cl, 0, &[1]);
+    // A change is seen: the watch is on the file's real directory.
+    write_nodes(&tmp.0.join("nodes.json"), &cl, &[0, 1, 2], None);
+    expect_routes(&cl, 0, &[1, 2]);
+}
+
+/// Sends one UDP datagram from `from` to `to` (bound in `to_ns`); whether it arrived, within a
+/// bounded wait. One datagram, no retransmission: a packet the network drops stays dropped.
+fn one_datagram(from: std::fs::File, to_ns: std::fs::File, to: IpAddr) -> Result<(), String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let receiver = std::thread::spawn(move || -> Result<(), String> {
+        nix::sched::setns(to_ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| e.to_string())?;
+        let socket =
+            std::net::UdpSocket::bind(SocketAddr::new(to, 0)).map_err(|e| format!("bind {to}: {e}"))?;
+        tx.send(socket.local_addr().map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+        socket.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 8];
+        socket.recv_from(&mut buf).map(|_| ()).map_err(|e| format!("no datagram reached {to}: {e}"))
+    });
+    let Ok(target) = rx.recv() else {
+        return Err(match receiver.join() {
+            Ok(Err(e)) => e,
+            _ => "the receiver did not start".into(),
+        });
+    };
+    let sent = std::thread::spawn(move || -> Result<(), String> {
+        nix::sched::setns(from.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| e.to_string())?;
+        let any: SocketAddr = if target.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().unwrap();
+        let socket = std::net::UdpSocket::bind(any).map_err(|e| e.to_string())?;
+        socket.send_to(b"hello", target).map(|_| ()).map_err(|e| format!("send to {target}: {e}"))
+    })
+    .join()
+    .map_err(|_| "sender panicked".to_string())?;
+    sent?;
+    receiver.join().map_err(|_| "receiver panicked".to_string())?
+}
+
+/// Hostile: a node's first pod, on a bridge its ADD has just made, is reached over IPv6 from
+/// another node before it has sent anything, round after round on a fresh bridge each time.
+fn a_fresh_bridge_forwards_ipv6_to_its_first_pod_at_once(tag: &str, ipv6_only: bool) {
+    let mut cl = Cluster::dual_stack(tag, 2, plugins(), true);
+    if ipv6_only {
+        for n in cl.nodes.iter_mut() {
+            let cidr6 = n.pod_cidr6.clone().unwrap();
+            n.conf["ipam"]["ranges"] = json!([[{ "subnet": cidr6 }]]);
+        }
+    }
+    cl.static_routes();
+    cl.add_pod(1, &format!("{tag}-far")).unwrap();
+    // The uplinks have long been up, as on a real node: only the new bridge is fresh.
+    for n in &cl.nodes {
+        eventually("the uplink's addresses settled", || {
+            n.ns.ip(&["-6", "addr", "show", "dev", "eth0", "tentative"]).trim().is_empty()
+        });
+    }
+    for round in 0..6 {
+        assert!(!cl.nodes[0].ns.links().contains(&"cni0".to_string()), "round {round}: a fresh node");
+        let pod = cl.add_pod_as_added(0, &format!("{tag}-new{round}")).unwrap();
+        let (new_ns, new_ip, new_ip6) = (pod.ns.file(), pod.ip, pod.ip6.unwrap());
+        // One solicitation per packet: one the node could not send (no usable link-local on
+        // the bridge) then drops the packet instead of delivering it a second later, so the
+        // defect shows as a loss rather than a delay a test would have to time.
+        cl.nodes[0].ns.sysctl("net.ipv6.neigh.cni0.mcast_solicit", "1").unwrap();
+        let far = &cl.pods[0];
+        one_datagram(far.ns.file(), new_ns, new_ip6).unwrap_or_else(|e| panic!("round {round}: {e}"));
+        let pod = cl.pods.last().unwrap();
+        let far_ip6 = far.ip6.unwrap();
+        let seen = exchange(pod.ns.file(), SocketAddr::new(new_ip6, 0), far.ns.file(), None);
+        assert_eq!(seen, Ok(far_ip6), "round {round}: TCP over IPv6 from the other node");
+        let seen = exchange(far.ns.file(), SocketAddr::new(far_ip6, 0), pod.ns.file(), None);
+        assert_eq!(seen, Ok(new_ip6), "round {round}: TCP over IPv6 to the other node");
+        if !ipv6_only {
+            let seen = exchange(pod.ns.file(), SocketAddr::new(new_ip, 0), far.ns.file(), None);
+            assert_eq!(seen, Ok(far.ip), "round {round}: TCP over IPv4 from the other node");
+        }
+        let out = cl.del_pod(cl.pods.len() - 1);
+        assert_eq!(out.code, 0, "round {round}: DEL: {}", out.stdout);
+        cl.nodes[0].ns.ip(&["link", "del", "cni0"]);
+    }
+}
+
+#[test]
+fn a_fresh_bridge_forwards_ipv6_to_its_first_pod_at_once_dual_stack() {
+    require_root("fresh bridge dual-stack");
+    a_fresh_bridge_forwards_ipv6_to_its_first_pod_at_once("rfd", false);
+}
+
+#[test]
+fn a_fresh_bridge_forwards_ipv6_to_its_first_pod_at_once_ipv6_only() {
+    require_root("fresh bridge IPv6-only");
+    a_fresh_bridge_forwards_ipv6_to_its_first_pod_at_once("rf6", true);
+}

@@ -422,3 +422,56 @@ fn a_tunnel_that_cannot_be_made_fails_the_sync_but_not_the_direct_routes() {
     );
     assert!(!ready(ns), "the failed tunnel shows in /readyz");
 }
+
+/// GET `path` on the agent in `ns`: the whole response.
+fn get(ns: &Netns, path: &str) -> String {
+    let f = ns.file();
+    let path = path.to_string();
+    std::thread::spawn(move || {
+        nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let Ok(mut s) =
+            TcpStream::connect_timeout(&"127.0.0.1:9645".parse().unwrap(), Duration::from_secs(1))
+        else {
+            return String::new();
+        };
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+        let mut r = String::new();
+        let _ = s.read_to_string(&mut r);
+        r
+    })
+    .join()
+    .unwrap()
+}
+
+fn metric(ns: &Netns, name: &str) -> Option<f64> {
+    get(ns, "/metrics")
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("cni_route_agent_{name} ")).and_then(|v| v.parse().ok()))
+}
+
+/// A tunnelled node that loses its address: unlike a direct route, its route cannot be kept
+/// usefully (its VTEP entries go with the address, and the device with its last peer). It is
+/// reported as unreachable, as a direct route's loss is: a metric, a line on /readyz (which
+/// stays 200: a peer's trouble must not take this node out of service), and the log.
+#[test]
+fn a_tunnelled_node_losing_its_address_is_reported_as_unreachable() {
+    require_root("vxlan node without address");
+    let tmp = Tmp::new("vxna");
+    let (cl, _agents) = mixed("vxna", Setup::default(), &tmp);
+    eventually("ready", || ready(&cl.nodes[0].ns));
+    assert_eq!(metric(&cl.nodes[0].ns, "pod_cidrs_unreachable"), Some(0.0));
+    let mut nodes: Vec<Value> = cl.nodes.iter().map(|n| n.nodes_file_entry()).collect();
+    nodes[2]["addresses"] = json!([]);
+    let file = tmp.0.join("nodes.tmp");
+    std::fs::write(&file, json!({ "nodes": nodes }).to_string()).unwrap();
+    std::fs::rename(&file, tmp.0.join("nodes.json")).unwrap();
+    eventually("reported in the metrics", || metric(&cl.nodes[0].ns, "pod_cidrs_unreachable") == Some(1.0));
+    assert_eq!(metric(&cl.nodes[0].ns, "pod_cidrs_without_address"), Some(1.0));
+    let readyz = get(&cl.nodes[0].ns, "/readyz");
+    assert!(readyz.starts_with("HTTP/1.1 200") || readyz.starts_with("HTTP/1.0 200"), "{readyz}");
+    assert!(
+        readyz.contains("10.244.3.0/24") && readyz.contains("node-3") && readyz.contains("unreachable"),
+        "{readyz}"
+    );
+}

@@ -22,9 +22,12 @@ fn fnv1a(s: &str) -> u64 {
     s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 
-/// The chain of an attachment.
+/// The chain of an attachment. A 64-bit hash: ids chosen on purpose can collide, which is
+/// why a chain is only ever changed for the owner its jumps and rules name. A test build can
+/// be told to collide every name (CNI_TEST_CHAIN_HASH_COLLIDE=1).
 pub fn chain(owner: &str) -> String {
-    format!("{CHAIN_PREFIX}{:016x}", fnv1a(owner))
+    let hash = if cni_proto::test_switch("CHAIN_HASH_COLLIDE") { 0 } else { fnv1a(owner) };
+    format!("{CHAIN_PREFIX}{hash:016x}")
 }
 
 struct Family {
@@ -50,6 +53,46 @@ const FAMILIES: [Family; 2] = [
     },
 ];
 
+/// The owner in a rule's `cni-bridge <owner>` comment.
+fn comment_owner(rule: &str) -> Option<String> {
+    let prefix = format!("--comment \"{COMMENT} ");
+    let rest = &rule[rule.find(&prefix)? + prefix.len()..];
+    Some(rest[..rest.find('"')?].to_string())
+}
+
+/// Every (address, owner) jump in POSTROUTING of a saved `nat` table, with its rule text.
+fn jumps(saved: &str) -> Vec<(Entry, String)> {
+    saved
+        .lines()
+        .filter(|l| l.starts_with("-A POSTROUTING "))
+        .filter_map(|l| {
+            let owner = comment_owner(l)?;
+            let src = l.split_whitespace().skip_while(|w| *w != "-s").nth(1)?;
+            let ip: IpAddr = src.split('/').next()?.parse().ok()?;
+            Some((Entry { ip, owner }, l["-A ".len()..].to_string()))
+        })
+        .collect()
+}
+
+/// The target of a saved rule (`-j X`).
+fn target(rule: &str) -> Option<&str> {
+    rule.split_whitespace().skip_while(|w| *w != "-j").nth(1)
+}
+
+/// Everyone the saved table names as an owner of chain `ch`: the owners of the jumps to it
+/// and of its own rules (each carries the full owner: the chain's name is only a hash).
+fn chain_owners(saved: &str, ch: &str) -> Vec<String> {
+    let in_chain = format!("-A {ch} ");
+    let mut owners: Vec<String> = saved
+        .lines()
+        .filter(|l| l.starts_with(&in_chain) || (l.starts_with("-A POSTROUTING ") && target(l) == Some(ch)))
+        .filter_map(comment_owner)
+        .collect();
+    owners.sort();
+    owners.dedup();
+    owners
+}
+
 impl Family {
     fn v4(&self) -> bool {
         self.nfproto == NFPROTO_IPV4
@@ -60,22 +103,14 @@ impl Family {
             .map_err(|e| BridgeError::Masq(e.to_string()))
     }
 
+    /// The `nat` table as `iptables-save` prints it.
+    fn dump(&self) -> Result<String, BridgeError> {
+        process::run(self.save, &["-t", "nat"], None).map_err(|e| BridgeError::Masq(e.to_string()))
+    }
+
     /// Every (address, owner) jump in POSTROUTING, with its saved rule text.
     fn saved(&self) -> Result<Vec<(Entry, String)>, BridgeError> {
-        let text =
-            process::run(self.save, &["-t", "nat"], None).map_err(|e| BridgeError::Masq(e.to_string()))?;
-        let prefix = format!("--comment \"{COMMENT} ");
-        Ok(text
-            .lines()
-            .filter(|l| l.starts_with("-A POSTROUTING "))
-            .filter_map(|l| {
-                let rest = &l[l.find(&prefix)? + prefix.len()..];
-                let owner = rest[..rest.find('"')?].to_string();
-                let src = l.split_whitespace().skip_while(|w| *w != "-s").nth(1)?;
-                let ip: IpAddr = src.split('/').next()?.parse().ok()?;
-                Some((Entry { ip, owner }, l["-A ".len()..].to_string()))
-            })
-            .collect())
+        Ok(jumps(&self.dump()?))
     }
 
     /// Whether this family's `nat` table may hold the chain of `owner` (any of ours: `None`):
@@ -110,12 +145,26 @@ impl Masquerade for Iptables {
             if mine.is_empty() {
                 continue;
             }
+            // Declaring the chain below flushes it: never one another attachment owns (its
+            // name is the same hash). Looked into only where it may exist (iptables-nft: a
+            // netlink listing, no process).
+            if fam.may_hold_chains(Some(owner))? {
+                let others: Vec<String> =
+                    chain_owners(&fam.dump()?, &ch).into_iter().filter(|o| o != owner).collect();
+                if !others.is_empty() {
+                    return Err(BridgeError::Masq(format!(
+                        "chain {ch} (the hash of {owner}) belongs to {}: refusing to touch it",
+                        others.join(", ")
+                    )));
+                }
+            }
             let (mcast, host) = if fam.v4() { ("224.0.0.0/4", 32) } else { ("ff00::/8", 128) };
+            let comment = format!("-m comment --comment \"{COMMENT} {owner}\"");
             let mut s = format!("*nat\n:{ch} - [0:0]\n");
             for a in &mine {
-                s.push_str(&format!("-A {ch} -d {}/{} -j ACCEPT\n", a.network(), a.prefix()));
+                s.push_str(&format!("-A {ch} -d {}/{} {comment} -j ACCEPT\n", a.network(), a.prefix()));
             }
-            s.push_str(&format!("-A {ch} ! -d {mcast} -j MASQUERADE\n"));
+            s.push_str(&format!("-A {ch} ! -d {mcast} {comment} -j MASQUERADE\n"));
             for a in &mine {
                 s.push_str(&format!(
                     "-A POSTROUTING -s {}/{host} -m comment --comment \"{COMMENT} {owner}\" -j {ch}\n",
@@ -139,13 +188,15 @@ impl Masquerade for Iptables {
     fn remove_where(&self, stale: &dyn Fn(&str) -> bool) -> Result<(), BridgeError> {
         let mut errs = Vec::new();
         for fam in &FAMILIES {
-            let doomed: Vec<(Entry, String)> = match fam.saved() {
-                Ok(v) => v.into_iter().filter(|(e, _)| stale(&e.owner)).collect(),
+            let saved = match fam.dump() {
+                Ok(saved) => saved,
                 Err(e) => {
                     errs.push(e.to_string());
                     continue;
                 }
             };
+            let doomed: Vec<(Entry, String)> =
+                jumps(&saved).into_iter().filter(|(e, _)| stale(&e.owner)).collect();
             if doomed.is_empty() {
                 continue;
             }
@@ -154,7 +205,8 @@ impl Masquerade for Iptables {
             for (e, rule) in &doomed {
                 s.push_str(&format!("-D {rule}\n"));
                 let ch = chain(&e.owner);
-                if !chains.contains(&ch) {
+                // Only a chain nobody else owns: a colliding attachment keeps its chain.
+                if !chains.contains(&ch) && chain_owners(&saved, &ch).iter().all(|o| stale(o)) {
                     chains.push(ch);
                 }
             }

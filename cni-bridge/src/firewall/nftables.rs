@@ -90,6 +90,8 @@ fn add_elements(addrs: &[IpNetwork], owner: &str) -> Result<(), NlError> {
     let chains: Vec<String> = addrs.iter().map(subnet_chain).collect();
     match nl::apply(&add_ops(addrs, &chains, owner), true) {
         Err(e) if e.is_exists() => {
+            // Replacing takes over a key a removal may have listed: under the maps' lock.
+            let _held = crate::lock::masquerade().map_err(|e| NlError::Local(e.to_string()))?;
             let mut ops: Vec<Op> = Vec::new();
             for (a, mine) in addrs.iter().zip(add_ops(addrs, &chains, owner)) {
                 if nl::list(map_of(a.ip()))?.iter().any(|e| e.key == ip_key(a.ip())) {
@@ -151,9 +153,13 @@ impl Masquerade for Nftables {
         // An element can vanish between the listing and the removal (a concurrent DEL of the
         // same attachment, or GC): the batch then fails as a whole with ENOENT, and a fresh
         // listing tells what is left.
+        // Listing then deleting by key: under the maps' lock, so that no ADD of another
+        // network takes over a listed key in between (crate::lock::masquerade).
+        let _held = crate::lock::masquerade()?;
         let mut last = None;
         for _ in 0..3 {
             let doomed: Vec<Entry> = self.list()?.into_iter().filter(|e| stale(&e.owner)).collect();
+            cni_proto::pause_point("masq-remove-after-list");
             let r = [POD4, POD6].into_iter().try_for_each(|map| {
                 let keys: Vec<Vec<u8>> =
                     doomed.iter().filter(|e| map_of(e.ip).set == map.set).map(|e| ip_key(e.ip)).collect();

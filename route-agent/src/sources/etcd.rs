@@ -31,7 +31,7 @@ use tokio::sync::watch;
 
 use crate::error::AgentError;
 use crate::model::{NodeInfo, Snapshot};
-use crate::sources::etcd_tls::{classify, connect, EtcdTls, Failure, Kind, Material, Reporter};
+use crate::sources::etcd_tls::{classify, connect, At, EtcdTls, Failure, Kind, Material, Reporter};
 use crate::sources::publish;
 use crate::Metrics;
 
@@ -271,7 +271,7 @@ fn credentials(tls: &EtcdTls, carry: &mut Carry) -> Result<Material, End> {
     let m = tls.read().map_err(failed)?;
     tls.validate(&m, std::time::SystemTime::now()).map_err(failed)?;
     for f in [&tls.ca_file, &tls.cert_file, &tls.key_file, &tls.password_file].into_iter().flatten() {
-        carry.reporter.ok(&f.display().to_string());
+        carry.reporter.ok(&At::File(f.display().to_string()));
     }
     Ok(m)
 }
@@ -353,9 +353,10 @@ async fn session(
     };
     let i = carry.endpoint;
     let ep = opts.endpoints[i].as_str();
-    carry.reporter.ok(ep);
+    carry.reporter.ok(&At::Endpoint(ep.to_string()));
     let err = |what: &'static str| move |e: etcd_client::Error| End::from(classify(ep, what, &e));
-    let lost = |message: String| End::from(Failure { kind: Kind::Claim, at: ep.to_string(), message });
+    let lost =
+        |message: String| End::from(Failure { kind: Kind::Claim, at: At::Endpoint(ep.to_string()), message });
     let kept = match carry.lease {
         Some(id) => take_over(&mut c, id).await.map_err(err("lease keepalive"))?.map(|k| (id, k)),
         None => None,
@@ -458,7 +459,7 @@ struct Claim<'a> {
 async fn claim(c: &mut Client, opts: &EtcdOptions, ep: &str, want: Claim<'_>) -> Result<IpNetwork, Failure> {
     let Claim { cluster, len, lease, value, remembered } = want;
     let err = |what: &'static str| move |e: etcd_client::Error| classify(ep, what, &e);
-    let lost = |message: String| Failure { kind: Kind::Claim, at: ep.to_string(), message };
+    let lost = |message: String| Failure { kind: Kind::Claim, at: At::Endpoint(ep.to_string()), message };
     let last_key = format!("{}/last/{}/{}", root(&opts.prefix), tag(&cluster), opts.node_name);
     let fits = |n: &IpNetwork| n.prefix() == len && cluster.contains(n.network());
     let dir = format!("{}/subnets/{}/", root(&opts.prefix), tag(&cluster));

@@ -109,20 +109,39 @@ impl Kind {
     }
 }
 
+/// Where a failure happened. Kept apart so that the log field is named after what it holds:
+/// a credential file is no endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum At {
+    /// An etcd endpoint (URL).
+    Endpoint(String),
+    /// A credential file (CA, certificate, key, password).
+    File(String),
+}
+
+impl std::fmt::Display for At {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            At::Endpoint(url) => write!(f, "etcd {url}"),
+            At::File(path) => write!(f, "etcd credential file {path}"),
+        }
+    }
+}
+
 /// One failure, with where it happened (an endpoint, or the files when none was tried).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {
     /// What kind.
     pub kind: Kind,
     /// The endpoint, or the file concerned.
-    pub at: String,
+    pub at: At,
     /// What to tell the operator.
     pub message: String,
 }
 
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "etcd {}: {} [{}]", self.at, self.message, self.kind.label())
+        write!(f, "{}: {} [{}]", self.at, self.message, self.kind.label())
     }
 }
 
@@ -216,25 +235,35 @@ impl EtcdStatus {
 /// nothing new. Keyed by where it happened, so one endpoint's recovery is told too.
 #[derive(Debug, Default)]
 pub struct Reporter {
-    last: BTreeMap<String, Failure>,
+    last: BTreeMap<At, Failure>,
 }
 
 impl Reporter {
     /// Counts `failure` and logs it if it is new for its place.
     pub fn fail(&mut self, status: &EtcdStatus, failure: Failure) {
         status.count(&failure);
+        let kind = failure.kind.label();
         if self.last.get(&failure.at) != Some(&failure) {
-            tracing::error!(endpoint = %failure.at, kind = failure.kind.label(), "{failure}");
+            match &failure.at {
+                At::Endpoint(endpoint) => tracing::error!(%endpoint, kind, "{failure}"),
+                At::File(file) => tracing::error!(%file, kind, "{failure}"),
+            }
             self.last.insert(failure.at.clone(), failure);
         } else {
-            tracing::debug!(endpoint = %failure.at, "{failure}");
+            match &failure.at {
+                At::Endpoint(endpoint) => tracing::debug!(%endpoint, kind, "{failure}"),
+                At::File(file) => tracing::debug!(%file, kind, "{failure}"),
+            }
         }
     }
 
     /// `at` works again.
-    pub fn ok(&mut self, at: &str) {
+    pub fn ok(&mut self, at: &At) {
         if self.last.remove(at).is_some() {
-            tracing::info!(endpoint = %at, "etcd {at}: working again");
+            match at {
+                At::Endpoint(endpoint) => tracing::info!(%endpoint, "{at}: working again"),
+                At::File(file) => tracing::info!(%file, "{at}: working again"),
+            }
         }
     }
 }
@@ -252,7 +281,7 @@ fn read(path: &Option<PathBuf>) -> Result<Option<Vec<u8>>, Failure> {
     let Some(path) = path else { return Ok(None) };
     std::fs::read(path).map(Some).map_err(|e| Failure {
         kind: Kind::BadFiles,
-        at: path.display().to_string(),
+        at: At::File(path.display().to_string()),
         message: format!("cannot read: {e}"),
     })
 }
@@ -317,7 +346,7 @@ impl EtcdTls {
     pub fn validate(&self, material: &Material, now: SystemTime) -> Result<(), Failure> {
         let bad = |kind: Kind, path: &Option<PathBuf>, message: String| Failure {
             kind,
-            at: self.file(path),
+            at: At::File(self.file(path)),
             message,
         };
         if let Some(ca) = &material.ca {
@@ -440,7 +469,7 @@ pub async fn connect(
             Ok(Err(e)) => failures.push(classify(endpoint, "connect", &e)),
             Err(_) => failures.push(Failure {
                 kind: Kind::Unreachable,
-                at: endpoint.clone(),
+                at: At::Endpoint(endpoint.clone()),
                 message: "connect: no answer within 10s".into(),
             }),
         }
@@ -511,7 +540,7 @@ pub fn classify(endpoint: &str, what: &str, e: &etcd_client::Error) -> Failure {
         Kind::Other if lost => (Kind::Unreachable, "the connection was lost"),
         _ => (kind, why),
     };
-    Failure { kind, at: endpoint.to_string(), message: format!("{what}: {why} ({text})") }
+    Failure { kind, at: At::Endpoint(endpoint.to_string()), message: format!("{what}: {why} ({text})") }
 }
 
 fn tls_kind(error: &rustls::Error) -> (Kind, &'static str) {
@@ -671,12 +700,76 @@ mod tests {
         assert!(user.endpoints(&eps(&["https://a:2379"])).is_err());
     }
 
+    /// Runs `f` with the log lines it writes captured (no colours).
+    fn logged(f: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Buf(std::sync::Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().map_err(|_| std::io::Error::other("poisoned"))?.extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let bytes = buf.0.lock().map(|b| b.clone()).unwrap_or_default();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    #[test]
+    fn an_expired_client_certificate_is_logged_under_the_file_not_an_endpoint() {
+        let dir = std::env::temp_dir().join(format!("etcd-expired-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        params.not_before = rcgen::date_time_ymd(2000, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2001, 1, 1);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let (cert_file, key_file) = (dir.join("client.crt"), dir.join("client.key"));
+        std::fs::write(&cert_file, cert.pem()).unwrap();
+        std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        let tls =
+            EtcdTls { cert_file: Some(cert_file.clone()), key_file: Some(key_file), ..Default::default() };
+        let failure = tls.validate(&tls.read().unwrap(), SystemTime::now()).unwrap_err();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(failure.kind, Kind::ExpiredCert);
+        let text = logged(|| {
+            let mut reporter = Reporter::default();
+            let at = failure.at.clone();
+            reporter.fail(&EtcdStatus::default(), failure);
+            // Its recovery is told under the same field.
+            reporter.ok(&at);
+        });
+        let cert_file = cert_file.display().to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        for line in lines {
+            assert!(line.contains(&format!("file={cert_file}")), "the file named as such: {line}");
+            assert!(!line.contains("endpoint="), "a file path is no endpoint: {line}");
+        }
+        let connect =
+            classify("https://127.0.0.1:1", "connect", &etcd_client::Error::InvalidArgs("x".into()));
+        let text = logged(|| Reporter::default().fail(&EtcdStatus::default(), connect));
+        assert!(text.contains("endpoint=https://127.0.0.1:1") && !text.contains("file="), "{text}");
+    }
+
     #[test]
     fn counts_every_failure_and_renders_them() {
         let s = EtcdStatus::default();
         assert_eq!(s.render(), "");
         s.activate();
-        let f = Failure { kind: Kind::WrongCa, at: "https://a:2379".into(), message: "x".into() };
+        let at = At::Endpoint("https://a:2379".into());
+        let f = Failure { kind: Kind::WrongCa, at: at.clone(), message: "x".into() };
         let mut r = Reporter::default();
         r.fail(&s, f.clone());
         r.fail(&s, f);
@@ -686,7 +779,7 @@ mod tests {
         assert!(text.contains("cni_route_agent_etcd_errors_total{kind=\"wrong_ca\"} 2\n"), "{text}");
         assert!(text.contains("cni_route_agent_etcd_unreachable 1\n"), "{text}");
         assert_eq!(r.last.len(), 1);
-        r.ok("https://a:2379");
+        r.ok(&at);
         assert!(r.last.is_empty());
     }
 }

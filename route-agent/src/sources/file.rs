@@ -107,7 +107,15 @@ pub async fn run(
     tx: watch::Sender<Option<Snapshot>>,
     metrics: Arc<Metrics>,
 ) -> Result<(), AgentError> {
-    let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+    // Absolute against the working directory at start: a bare `nodes.yaml` has the parent
+    // "", which inotify cannot watch, and the agent must keep watching the directory the
+    // operator meant. Not canonicalized: the file may not exist yet, and a symlinked
+    // directory (a mounted ConfigMap's `..data`) is re-resolved on every read.
+    let path = std::path::absolute(&path).map_err(AgentError::io(format!("resolving {}", path.display())))?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("/"),
+    };
     let name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
     let ino = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
         .map_err(|e| AgentError::io("inotify")(e.into()))?;
