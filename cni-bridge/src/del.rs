@@ -32,12 +32,14 @@ enum PodNs {
 /// Removes the pod interface (and so the veth pair), the lease and the masquerade entries.
 /// Succeeds when the namespace, interface or lease is already gone, and when repeated.
 ///
-/// The rules and the pod interface go at once; the lease after both. The pod interface's
-/// delete is sent by a child process (see [`Unlinking`]; not where children are left unreaped,
-/// see [`detach_delete`]) and DEL goes on once the kernel has unlisted the pair, not when the
-/// kernel's request returns: measured here, the pair is gone 1-7 ms into the request, which
-/// then waits 15-35 ms more for an RCU barrier (longer under concurrency, as the kernel runs
-/// those barriers one at a time).
+/// The rules and the pod interface go at once; the lease after both. By default DEL returns
+/// once the kernel has acked the pod interface's delete, as a runtime expects of a plugin that
+/// has returned: nothing of the delete is left running. With `CNI_BRIDGE_DEL_DETACH=1` the
+/// delete is sent by a child process (see [`Unlinking`], [`detach_delete`]) and DEL goes on
+/// once the kernel has unlisted the pair: the pair is gone 1-7 ms into the request, which then
+/// waits 15-35 ms more for an RCU barrier (longer under concurrency, as the kernel runs those
+/// barriers one at a time). That saves a DEL 15-20 ms of a pod teardown that takes seconds,
+/// but not the kernel's work, and leaves a child for someone else to reap.
 pub fn del(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
     crate::mark("start");
     let pod_ns = match req.inv.netns.as_deref() {
@@ -161,29 +163,22 @@ fn remove_links(req: &Request, conf: &BridgeConf, pod_ns: &PodNs) -> Result<(), 
 }
 
 /// Whether the pod interface is deleted by a child process ([`Unlinking`]), and where that
-/// child is recorded. By default yes, unless children cannot be recorded and checked here, or
-/// a child of an earlier DEL was found unreaped (see [`crate::reaping`]);
-/// `CNI_BRIDGE_DEL_DETACH=0` never, `=1` always.
-fn detach_delete() -> Option<Option<Recorder>> {
-    let forced = match std::env::var("CNI_BRIDGE_DEL_DETACH").as_deref() {
-        Ok("0") => return None,
-        Ok("1") => true,
-        _ => false,
-    };
-    let recorder = Recorder::open();
-    if forced {
-        return Some(recorder);
-    }
-    let mut recorder = recorder?;
-    if let Some((pid, parent)) = recorder.unreaped() {
-        eprintln!(
-            "cni-bridge: DEL: waiting for the kernel's delete: process {pid}, left by an earlier \
-             DEL, is still a zombie of {parent}, which has not reaped it (a parent that does not \
-             reap the children it did not start keeps every DEL waiting)"
-        );
+/// child is recorded: only with `CNI_BRIDGE_DEL_DETACH=1` (an environment switch, so that a
+/// runtime that scrubs its plugins' environment gets the waiting DEL), and then only while
+/// children can be recorded and checked here and none recorded holds it back (a zombie, a
+/// delete stuck in the kernel, too many alive: see [`crate::reaping`]).
+fn detach_delete() -> Option<Recorder> {
+    if std::env::var_os("CNI_BRIDGE_DEL_DETACH").is_none_or(|v| v != "1") {
         return None;
     }
-    Some(Some(recorder))
+    let mut recorder = Recorder::open()?;
+    if let Some(hold) = recorder.hold() {
+        if let Some(why) = hold.explain() {
+            eprintln!("cni-bridge: DEL: waiting for the kernel's delete: {why}");
+        }
+        return None;
+    }
+    Some(recorder)
 }
 
 /// The pod interface's delete (RTM_DELLINK by name, in the pod namespace), sent by a forked
@@ -208,7 +203,7 @@ const AF_BRIDGE: u8 = 7;
 const RTNLGRP_LINK: u32 = 1;
 
 impl Unlinking {
-    fn start(ns: &std::fs::File, ifname: &str, recorder: Option<Recorder>) -> Result<Unlinking, BridgeError> {
+    fn start(ns: &std::fs::File, ifname: &str, mut recorder: Recorder) -> Result<Unlinking, BridgeError> {
         use nix::unistd::{fork, ForkResult};
         use rtnetlink::sys::{protocols::NETLINK_ROUTE, Socket};
         use std::os::fd::AsRawFd;
@@ -234,7 +229,7 @@ impl Unlinking {
         match unsafe { fork() } {
             Ok(ForkResult::Child) => unlink_child(request.as_raw_fd(), &msg, answer_w.as_raw_fd()),
             Ok(ForkResult::Parent { child }) => {
-                let recorded = recorder.is_some_and(|mut r| r.record(child.as_raw()));
+                let recorded = recorder.record(child.as_raw());
                 if !recorded {
                     eprintln!("cni-bridge: DEL: could not record process {child}; waiting for it");
                 }
