@@ -268,6 +268,8 @@ mod tests {
         assert_eq!(hold(&live[1..], now, ticks), None);
         assert_eq!(hold(&live, now, ticks), Some(Hold::Busy));
         assert_eq!(Hold::Busy.explain(), None, "a burst is no fault to report");
-        assert!(Hold::Stuck { pid: 8, ms: 200 }.explain().is_some_and(|m| m.contains("blocked in the kernel")));
+        assert!(Hold::Stuck { pid: 8, ms: 200 }
+            .explain()
+            .is_some_and(|m| m.contains("blocked in the kernel")));
     }
 }
