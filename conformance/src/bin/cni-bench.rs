@@ -635,14 +635,15 @@ impl VethFloor {
         })
     }
 
-    /// Makes veth pair `a`/`b` in one request as a pod's is: `a` an up port of the floor
-    /// bridge in the node namespace, `b` up in the pod namespace `pod`.
-    fn make_pod_pair(&self, a: &str, b: &str, pod: &File) -> Result<(), String> {
+    /// Makes veth pair `a`/`b` as a pod's is: `a` an up port of the floor bridge in the node
+    /// namespace, `b` up in the pod namespace `pod` (`in_pod`: a socket there). `b` is set up
+    /// apart: a veth end set up before its peer exists is refused (ENOTCONN).
+    fn make_pod_pair(&self, a: &str, b: &str, pod: &File, in_pod: &rtnetlink::Handle) -> Result<(), String> {
         use rtnetlink::packet_route::link::{InfoData, InfoVeth};
         use std::os::fd::AsRawFd;
         self.rt.block_on(async {
             let br = self.bridge().await?;
-            let peer = rtnetlink::LinkUnspec::new_with_name(b).setns_by_fd(pod.as_raw_fd()).up().build();
+            let peer = rtnetlink::LinkUnspec::new_with_name(b).setns_by_fd(pod.as_raw_fd()).build();
             let pair =
                 LinkVeth::new(a, b).set_info_data(InfoData::Veth(InfoVeth::Peer(peer))).controller(br).up();
             self.h
@@ -650,7 +651,9 @@ impl VethFloor {
                 .add(pair.build())
                 .execute()
                 .await
-                .map_err(|e| format!("creating veth {a}/{b}, {b} in a pod: {e}"))
+                .map_err(|e| format!("creating veth {a}/{b}, {b} in a pod: {e}"))?;
+            let up = rtnetlink::LinkUnspec::new_with_name(b).up().build();
+            in_pod.link().set(up).execute().await.map_err(|e| format!("setting {b} up in a pod: {e}"))
         })
     }
 
@@ -659,7 +662,7 @@ impl VethFloor {
     fn sample_in_pod(&self, pod: &File, in_pod: &rtnetlink::Handle) -> Result<Duration, String> {
         const A: &str = "cnibpodf0";
         const B: &str = "cnibpodf1";
-        self.make_pod_pair(A, B, pod)?;
+        self.make_pod_pair(A, B, pod, in_pod)?;
         self.rt.block_on(async {
             let t = Instant::now();
             del_named(in_pod, B).await?;
@@ -675,7 +678,8 @@ impl VethFloor {
         let name = |k: usize, end: char| format!("cnibpp{k}{end}");
         for (k, pod) in pods.iter().enumerate() {
             let f = File::open(netns_path(pod)).map_err(|e| format!("opening {pod}: {e}"))?;
-            self.make_pod_pair(&name(k, 'a'), &name(k, 'b'), &f)?;
+            let in_pod = self.handle_in(&f)?;
+            self.make_pod_pair(&name(k, 'a'), &name(k, 'b'), &f, &in_pod)?;
         }
         parallel(pods.len(), workers, &|k| {
             let pod = &pods[k];
