@@ -69,8 +69,12 @@ pub fn del(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
             eprintln!("cni-bridge: DEL: opening the netfilter socket early: {e}");
         }
     }
+    // The waiting DEL sends the delete from a thread of its own, so that the lease is
+    // released while the kernel finishes the request (the RCU barrier that follows the
+    // unlisting, 10-30 ms), and returns once both are done.
     let unlinking = match (&pod_ns, detach) {
-        (PodNs::Open(ns), Some(recorder)) => Some(Unlinking::start(ns, &req.inv.ifname, recorder)),
+        (PodNs::Open(ns), Some(recorder)) => Some(Unlinking::start(ns, &req.inv.ifname, Some(recorder))),
+        (PodNs::Open(ns), None) => Some(Unlinking::start(ns, &req.inv.ifname, None)),
         _ => None,
     };
     let owner = firewall::owner(&req.conf.name, &req.inv.container_id, &req.inv.ifname);
@@ -82,15 +86,16 @@ pub fn del(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
             removed
         });
         let mut errs: Vec<CniError> = Vec::new();
-        let mut detached_child = None;
+        let mut sender = None;
         let removed = match unlinking {
-            Some(Ok(started)) => {
-                detached_child = Some((started.child, started.recorded));
-                started.wait(&req.inv.ifname)
+            Some(Ok(mut started)) => {
+                let unlisted = started.wait(&req.inv.ifname);
+                sender = Some(started.sender);
+                unlisted
             }
             Some(Err(e)) => {
-                // No child (fork refused: the pids cgroup full?): delete from here.
-                eprintln!("cni-bridge: DEL: {e}; deleting the pod interface from this process");
+                // No child or thread (the pids cgroup full?): delete from here.
+                eprintln!("cni-bridge: DEL: {e}; deleting the pod interface from this thread");
                 remove_links(req, conf, &pod_ns)
             }
             None => remove_links(req, conf, &pod_ns),
@@ -118,11 +123,8 @@ pub fn del(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
             }
             crate::mark("IPAM DEL done");
         }
-        // Reaped if it is done by now (a slow IPAM DEL); otherwise it exits after this
-        // process. A child that could not be recorded is waited for: it could not be checked.
-        if let Some((child, recorded)) = detached_child {
-            let flags = if recorded { Some(nix::sys::wait::WaitPidFlag::WNOHANG) } else { None };
-            let _ = nix::sys::wait::waitpid(child, flags);
+        if let Some(sender) = sender {
+            sender.finish();
         }
         finish(errs)
     })
@@ -181,20 +183,46 @@ fn detach_delete() -> Option<Recorder> {
     Some(recorder)
 }
 
-/// The pod interface's delete (RTM_DELLINK by name, in the pod namespace), sent by a forked
-/// child. The kernel unlists the pair (addresses, routes and the bridge port gone, the names
-/// free) and announces it with an RTM_DELLINK notification, then, still inside the request,
-/// waits for an RCU barrier and the last references before it acks. DEL waits for the
-/// notification (or the child's answer, whichever comes first) and leaves the child to wait
-/// for the ack and exit on its own, holding none of the runtime's pipes.
+/// The pod interface's delete (RTM_DELLINK by name, in the pod namespace), sent by a thread
+/// of DEL's own or, opted in, by a forked child. The kernel unlists the pair (addresses,
+/// routes and the bridge port gone, the names free) and announces it with an RTM_DELLINK
+/// notification, then, still inside the request, waits for an RCU barrier and the last
+/// references before it acks. DEL goes on at the notification (or the sender's answer,
+/// whichever comes first): the address is on no interface any more, so the lease may go.
+/// Then it joins the thread (the ack), or leaves the child to wait for the ack and exit on
+/// its own, holding none of the runtime's pipes.
 struct Unlinking {
-    child: nix::unistd::Pid,
-    /// Whether the child is in the reaping record; if not, DEL waits for it before exiting.
-    recorded: bool,
-    /// The child's answer: the request's errno as 4 bytes (0 for the ack).
+    sender: Sender,
+    /// The sender's answer: the request's errno as 4 bytes (0 for the ack).
     answer: std::fs::File,
     /// Subscribed to link notifications in the pod namespace before the request is sent.
     events: rtnetlink::sys::Socket,
+}
+
+/// Who sends the delete and waits for its ack.
+enum Sender {
+    /// A detached child; `recorded`: whether it is in the reaping record (if not, DEL waits
+    /// for it before exiting: it could not be checked).
+    Child { pid: nix::unistd::Pid, recorded: bool },
+    /// A thread of this process, joined before DEL returns.
+    Thread(std::thread::JoinHandle<()>),
+}
+
+impl Sender {
+    /// Waits for the kernel's ack (a thread), or reaps the child if it is done by now (a slow
+    /// IPAM DEL), else leaves it to exit after this process.
+    fn finish(self) {
+        match self {
+            Sender::Child { pid, recorded } => {
+                let flags = if recorded { Some(nix::sys::wait::WaitPidFlag::WNOHANG) } else { None };
+                let _ = nix::sys::wait::waitpid(pid, flags);
+            }
+            Sender::Thread(thread) => {
+                let _ = thread.join();
+                crate::mark("kernel's delete acked");
+            }
+        }
+    }
 }
 
 const RTM_DELLINK: u16 = 17;
@@ -203,7 +231,9 @@ const AF_BRIDGE: u8 = 7;
 const RTNLGRP_LINK: u32 = 1;
 
 impl Unlinking {
-    fn start(ns: &std::fs::File, ifname: &str, mut recorder: Recorder) -> Result<Unlinking, BridgeError> {
+    /// Sends the delete from a detached child recorded in `recorder`, or without one from a
+    /// thread of this process.
+    fn start(ns: &std::fs::File, ifname: &str, recorder: Option<Recorder>) -> Result<Unlinking, BridgeError> {
         use nix::unistd::{fork, ForkResult};
         use rtnetlink::sys::{protocols::NETLINK_ROUTE, Socket};
         use std::os::fd::AsRawFd;
@@ -224,6 +254,17 @@ impl Unlinking {
         let msg = netlink_wire::message(RTM_DELLINK, NLM_F_REQUEST_ACK, 1, &[0u8; 16], &attrs);
         let (answer, answer_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| io("making a pipe")(std::io::Error::from(e)))?;
+        let Some(mut recorder) = recorder else {
+            let thread = std::thread::Builder::new()
+                .name("unlink".into())
+                .spawn(move || {
+                    let code = request_delete(request.as_raw_fd(), &msg);
+                    let _ =
+                        std::io::Write::write_all(&mut std::fs::File::from(answer_w), &code.to_ne_bytes());
+                })
+                .map_err(io("starting the pod interface's delete"))?;
+            return Ok(Unlinking { sender: Sender::Thread(thread), answer: answer.into(), events });
+        };
         // SAFETY: the child makes only async-signal-safe calls (send, recv, write, close,
         // _exit) on memory prepared here, so it is sound even if this process had threads.
         match unsafe { fork() } {
@@ -233,14 +274,18 @@ impl Unlinking {
                 if !recorded {
                     eprintln!("cni-bridge: DEL: could not record process {child}; waiting for it");
                 }
-                Ok(Unlinking { child, recorded, answer: answer.into(), events })
+                Ok(Unlinking {
+                    sender: Sender::Child { pid: child, recorded },
+                    answer: answer.into(),
+                    events,
+                })
             }
             Err(e) => Err(io("forking the pod interface's delete")(std::io::Error::from(e))),
         }
     }
 
     /// Until the kernel has unlisted `ifname` or the request failed.
-    fn wait(mut self, ifname: &str) -> Result<(), BridgeError> {
+    fn wait(&mut self, ifname: &str) -> Result<(), BridgeError> {
         use std::io::Read;
         use std::os::fd::AsRawFd;
         let gone = netlink_wire::strz(ifname);
@@ -300,6 +345,33 @@ fn unlisted(buf: &[u8], name: &[u8]) -> bool {
     found
 }
 
+/// Sends `msg` on `sock` and waits for its answer: the request's errno (0 for the ack).
+/// Only async-signal-safe calls, no allocation: the forked child runs it too.
+fn request_delete(sock: std::os::fd::RawFd, msg: &[u8]) -> i32 {
+    use nix::libc;
+    // SAFETY: plain syscalls on a descriptor this process owns and on local buffers.
+    unsafe {
+        if libc::send(sock, msg.as_ptr().cast(), msg.len(), 0) < 0 {
+            return nix::errno::Errno::last_raw();
+        }
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = libc::recv(sock, buf.as_mut_ptr().cast(), buf.len(), 0);
+            if n < 0 {
+                let e = nix::errno::Errno::last_raw();
+                if e == libc::EINTR {
+                    continue;
+                }
+                return e;
+            }
+            // NLMSG_ERROR: header (16 bytes), then the negative errno.
+            if n >= 20 && u16::from_ne_bytes([buf[4], buf[5]]) == netlink_wire::NLMSG_ERROR {
+                return -i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
+            }
+        }
+    }
+}
+
 /// The forked child: sends `msg` on `sock`, writes the request's errno (0 for the ack) to
 /// `answer` and exits. Only async-signal-safe calls, no allocation.
 fn unlink_child(sock: std::os::fd::RawFd, msg: &[u8], answer: std::os::fd::RawFd) -> ! {
@@ -310,25 +382,7 @@ fn unlink_child(sock: std::os::fd::RawFd, msg: &[u8], answer: std::os::fd::RawFd
         for fd in 0..3 {
             libc::close(fd);
         }
-        let code: i32 = if libc::send(sock, msg.as_ptr().cast(), msg.len(), 0) < 0 {
-            nix::errno::Errno::last_raw()
-        } else {
-            let mut buf = [0u8; 4096];
-            loop {
-                let n = libc::recv(sock, buf.as_mut_ptr().cast(), buf.len(), 0);
-                if n < 0 {
-                    let e = nix::errno::Errno::last_raw();
-                    if e == libc::EINTR {
-                        continue;
-                    }
-                    break e;
-                }
-                // NLMSG_ERROR: header (16 bytes), then the negative errno.
-                if n >= 20 && u16::from_ne_bytes([buf[4], buf[5]]) == netlink_wire::NLMSG_ERROR {
-                    break -i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
-                }
-            }
-        };
+        let code = request_delete(sock, msg);
         libc::write(answer, (&code as *const i32).cast(), 4);
         libc::_exit(0)
     }
