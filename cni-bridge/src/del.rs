@@ -69,15 +69,13 @@ pub fn del(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
             eprintln!("cni-bridge: DEL: opening the netfilter socket early: {e}");
         }
     }
-    // The waiting DEL sends the delete from a thread of its own, so that the lease is
-    // released while the kernel finishes the request (the RCU barrier that follows the
-    // unlisting, 10-30 ms), and returns once both are done.
     let unlinking = match (&pod_ns, detach) {
         (PodNs::Open(ns), Some(recorder)) => Some(Unlinking::start(ns, &req.inv.ifname, Some(recorder))),
         (PodNs::Open(ns), None) => Some(Unlinking::start(ns, &req.inv.ifname, None)),
         _ => None,
     };
     let owner = firewall::owner(&req.conf.name, &req.inv.container_id, &req.inv.ifname);
+    let ifname = req.inv.ifname.as_str();
     std::thread::scope(|s| {
         let rules = s.spawn(|| {
             let removed = firewall::remove_attachment(conf.masq_backend, &owner).map_err(CniError::from);
@@ -85,48 +83,62 @@ pub fn del(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
             crate::mark("rules removed");
             removed
         });
-        let mut errs: Vec<CniError> = Vec::new();
-        let mut sender = None;
-        let removed = match unlinking {
-            Some(Ok(mut started)) => {
-                let unlisted = started.wait(&req.inv.ifname);
-                sender = Some(started.sender);
-                unlisted
+        // Once the pod interface is gone (or could not be deleted): the rules' outcome, then
+        // the lease.
+        let after_link = |removed: Result<(), BridgeError>| -> Vec<CniError> {
+            let mut errs: Vec<CniError> = Vec::new();
+            if let Err(e) = removed {
+                errs.push(e.into());
+            }
+            crash_point("bridge-del-after-link");
+            crate::mark("pod interface deleted");
+            match rules.join() {
+                Ok(Err(e)) => errs.push(e),
+                Err(_) => errs.push(BridgeError::Masq("rule removal thread panicked".into()).into()),
+                Ok(Ok(())) => {}
+            }
+            // The lease goes last, and only once the rules and the pod interface are gone: a
+            // released address can be leased to another pod at once, whose masquerade entry
+            // must not be removed as ours and whose address must not still sit on our old
+            // interface. When either failed the lease is kept and DEL fails, so the runtime
+            // retries.
+            if errs.is_empty() {
+                if let Some(plugin) = conf.ipam_type.as_deref() {
+                    if let Err(e) = crate::ipam::run(plugin, Command::Del, req) {
+                        errs.push(e);
+                    }
+                    crash_point("bridge-del-after-ipam");
+                }
+                crate::mark("IPAM DEL done");
+            }
+            errs
+        };
+        match unlinking {
+            // The waiting DEL: the lease is released on a thread once the kernel has unlisted
+            // the pair, while this thread is still inside the request (the RCU barrier that
+            // follows the unlisting, 10-30 ms); the kernel's work runs in the sending thread,
+            // so this one returns at the ack without another wake-up.
+            Some(Ok((mut unlinking, Sender::Inline(send)))) => {
+                let lease = s.spawn(move || after_link(unlinking.wait(ifname)));
+                send.run();
+                let errs = lease.join().unwrap_or_else(|_| {
+                    vec![BridgeError::io("releasing the lease")(std::io::Error::other("thread panicked"))
+                        .into()]
+                });
+                finish(errs)
+            }
+            Some(Ok((mut unlinking, child))) => {
+                let errs = after_link(unlinking.wait(ifname));
+                child.finish();
+                finish(errs)
             }
             Some(Err(e)) => {
-                // No child or thread (the pids cgroup full?): delete from here.
+                // No child (the pids cgroup full?) or no socket: delete from here.
                 eprintln!("cni-bridge: DEL: {e}; deleting the pod interface from this thread");
-                remove_links(req, conf, &pod_ns)
+                finish(after_link(remove_links(req, conf, &pod_ns)))
             }
-            None => remove_links(req, conf, &pod_ns),
-        };
-        if let Err(e) = removed {
-            errs.push(e.into());
+            None => finish(after_link(remove_links(req, conf, &pod_ns))),
         }
-        crash_point("bridge-del-after-link");
-        crate::mark("pod interface deleted");
-        match rules.join() {
-            Ok(Err(e)) => errs.push(e),
-            Err(_) => errs.push(BridgeError::Masq("rule removal thread panicked".into()).into()),
-            Ok(Ok(())) => {}
-        }
-        // The lease goes last, and only once the rules and the pod interface are gone: a
-        // released address can be leased to another pod at once, whose masquerade entry must
-        // not be removed as ours and whose address must not still sit on our old interface.
-        // When either failed the lease is kept and DEL fails, so the runtime retries.
-        if errs.is_empty() {
-            if let Some(plugin) = conf.ipam_type.as_deref() {
-                if let Err(e) = crate::ipam::run(plugin, Command::Del, req) {
-                    errs.push(e);
-                }
-                crash_point("bridge-del-after-ipam");
-            }
-            crate::mark("IPAM DEL done");
-        }
-        if let Some(sender) = sender {
-            sender.finish();
-        }
-        finish(errs)
     })
 }
 
@@ -183,16 +195,15 @@ fn detach_delete() -> Option<Recorder> {
     Some(recorder)
 }
 
-/// The pod interface's delete (RTM_DELLINK by name, in the pod namespace), sent by a thread
-/// of DEL's own or, opted in, by a forked child. The kernel unlists the pair (addresses,
+/// The pod interface's delete (RTM_DELLINK by name, in the pod namespace), sent by DEL
+/// itself or, opted in, by a forked child. The kernel unlists the pair (addresses,
 /// routes and the bridge port gone, the names free) and announces it with an RTM_DELLINK
 /// notification, then, still inside the request, waits for an RCU barrier and the last
 /// references before it acks. DEL goes on at the notification (or the sender's answer,
 /// whichever comes first): the address is on no interface any more, so the lease may go.
-/// Then it joins the thread (the ack), or leaves the child to wait for the ack and exit on
-/// its own, holding none of the runtime's pipes.
+/// DEL itself returns at the ack; a child is left to wait for the ack and exit on its own,
+/// holding none of the runtime's pipes.
 struct Unlinking {
-    sender: Sender,
     /// The sender's answer: the request's errno as 4 bytes (0 for the ack).
     answer: std::fs::File,
     /// Subscribed to link notifications in the pod namespace before the request is sent.
@@ -204,23 +215,34 @@ enum Sender {
     /// A detached child; `recorded`: whether it is in the reaping record (if not, DEL waits
     /// for it before exiting: it could not be checked).
     Child { pid: nix::unistd::Pid, recorded: bool },
-    /// A thread of this process, joined before DEL returns.
-    Thread(std::thread::JoinHandle<()>),
+    /// This process, by [`Inline::run`], before DEL returns.
+    Inline(Inline),
+}
+
+/// The request ready to be sent from this process.
+struct Inline {
+    request: rtnetlink::sys::Socket,
+    msg: Vec<u8>,
+    answer: std::os::fd::OwnedFd,
+}
+
+impl Inline {
+    /// Sends the delete and waits for the kernel's ack; the answer goes to the pipe.
+    fn run(self) {
+        use std::os::fd::AsRawFd;
+        let code = request_delete(self.request.as_raw_fd(), &self.msg);
+        let _ = std::io::Write::write_all(&mut std::fs::File::from(self.answer), &code.to_ne_bytes());
+        crate::mark("kernel's delete acked");
+    }
 }
 
 impl Sender {
-    /// Waits for the kernel's ack (a thread), or reaps the child if it is done by now (a slow
-    /// IPAM DEL), else leaves it to exit after this process.
+    /// Reaps the child if it is done by now (a slow IPAM DEL), else leaves it to exit after
+    /// this process; one that could not be recorded is waited for.
     fn finish(self) {
-        match self {
-            Sender::Child { pid, recorded } => {
-                let flags = if recorded { Some(nix::sys::wait::WaitPidFlag::WNOHANG) } else { None };
-                let _ = nix::sys::wait::waitpid(pid, flags);
-            }
-            Sender::Thread(thread) => {
-                let _ = thread.join();
-                crate::mark("kernel's delete acked");
-            }
+        if let Sender::Child { pid, recorded } = self {
+            let flags = if recorded { Some(nix::sys::wait::WaitPidFlag::WNOHANG) } else { None };
+            let _ = nix::sys::wait::waitpid(pid, flags);
         }
     }
 }
@@ -231,9 +253,13 @@ const AF_BRIDGE: u8 = 7;
 const RTNLGRP_LINK: u32 = 1;
 
 impl Unlinking {
-    /// Sends the delete from a detached child recorded in `recorder`, or without one from a
-    /// thread of this process.
-    fn start(ns: &std::fs::File, ifname: &str, recorder: Option<Recorder>) -> Result<Unlinking, BridgeError> {
+    /// Sends the delete from a detached child recorded in `recorder`, or without one prepares
+    /// it to be sent from this process ([`Sender::Inline`]).
+    fn start(
+        ns: &std::fs::File,
+        ifname: &str,
+        recorder: Option<Recorder>,
+    ) -> Result<(Unlinking, Sender), BridgeError> {
         use nix::unistd::{fork, ForkResult};
         use rtnetlink::sys::{protocols::NETLINK_ROUTE, Socket};
         use std::os::fd::AsRawFd;
@@ -255,15 +281,8 @@ impl Unlinking {
         let (answer, answer_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| io("making a pipe")(std::io::Error::from(e)))?;
         let Some(mut recorder) = recorder else {
-            let thread = std::thread::Builder::new()
-                .name("unlink".into())
-                .spawn(move || {
-                    let code = request_delete(request.as_raw_fd(), &msg);
-                    let _ =
-                        std::io::Write::write_all(&mut std::fs::File::from(answer_w), &code.to_ne_bytes());
-                })
-                .map_err(io("starting the pod interface's delete"))?;
-            return Ok(Unlinking { sender: Sender::Thread(thread), answer: answer.into(), events });
+            let send = Inline { request, msg, answer: answer_w };
+            return Ok((Unlinking { answer: answer.into(), events }, Sender::Inline(send)));
         };
         // SAFETY: the child makes only async-signal-safe calls (send, recv, write, close,
         // _exit) on memory prepared here, so it is sound even if this process had threads.
@@ -274,11 +293,7 @@ impl Unlinking {
                 if !recorded {
                     eprintln!("cni-bridge: DEL: could not record process {child}; waiting for it");
                 }
-                Ok(Unlinking {
-                    sender: Sender::Child { pid: child, recorded },
-                    answer: answer.into(),
-                    events,
-                })
+                Ok((Unlinking { answer: answer.into(), events }, Sender::Child { pid: child, recorded }))
             }
             Err(e) => Err(io("forking the pod interface's delete")(std::io::Error::from(e))),
         }
