@@ -32,12 +32,14 @@ enum PodNs {
 /// Removes the pod interface (and so the veth pair), the lease and the masquerade entries.
 /// Succeeds when the namespace, interface or lease is already gone, and when repeated.
 ///
-/// The rules and the pod interface go at once; the lease after both. The pod interface's
-/// delete is sent by a child process (see [`Unlinking`]; not where children are left unreaped,
-/// see [`detach_delete`]) and DEL goes on once the kernel has unlisted the pair, not when the
-/// kernel's request returns: measured here, the pair is gone 1-7 ms into the request, which
-/// then waits 15-35 ms more for an RCU barrier (longer under concurrency, as the kernel runs
-/// those barriers one at a time).
+/// The rules and the pod interface go at once; the lease after both. By default DEL returns
+/// once the kernel has acked the pod interface's delete, as a runtime expects of a plugin that
+/// has returned: nothing of the delete is left running. With `CNI_BRIDGE_DEL_DETACH=1` the
+/// delete is sent by a child process (see [`Unlinking`], [`detach_delete`]) and DEL goes on
+/// once the kernel has unlisted the pair: the pair is gone 1-7 ms into the request, which then
+/// waits 15-35 ms more for an RCU barrier (longer under concurrency, as the kernel runs those
+/// barriers one at a time). That saves a DEL 15-20 ms of a pod teardown that takes seconds,
+/// but not the kernel's work, and leaves a child for someone else to reap.
 pub fn del(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
     crate::mark("start");
     let pod_ns = match req.inv.netns.as_deref() {
@@ -68,10 +70,12 @@ pub fn del(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
         }
     }
     let unlinking = match (&pod_ns, detach) {
-        (PodNs::Open(ns), Some(recorder)) => Some(Unlinking::start(ns, &req.inv.ifname, recorder)),
+        (PodNs::Open(ns), Some(recorder)) => Some(Unlinking::start(ns, &req.inv.ifname, Some(recorder))),
+        (PodNs::Open(ns), None) => Some(Unlinking::start(ns, &req.inv.ifname, None)),
         _ => None,
     };
     let owner = firewall::owner(&req.conf.name, &req.inv.container_id, &req.inv.ifname);
+    let ifname = req.inv.ifname.as_str();
     std::thread::scope(|s| {
         let rules = s.spawn(|| {
             let removed = firewall::remove_attachment(conf.masq_backend, &owner).map_err(CniError::from);
@@ -79,50 +83,62 @@ pub fn del(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
             crate::mark("rules removed");
             removed
         });
-        let mut errs: Vec<CniError> = Vec::new();
-        let mut detached_child = None;
-        let removed = match unlinking {
-            Some(Ok(started)) => {
-                detached_child = Some((started.child, started.recorded));
-                started.wait(&req.inv.ifname)
+        // Once the pod interface is gone (or could not be deleted): the rules' outcome, then
+        // the lease.
+        let after_link = |removed: Result<(), BridgeError>| -> Vec<CniError> {
+            let mut errs: Vec<CniError> = Vec::new();
+            if let Err(e) = removed {
+                errs.push(e.into());
+            }
+            crash_point("bridge-del-after-link");
+            crate::mark("pod interface deleted");
+            match rules.join() {
+                Ok(Err(e)) => errs.push(e),
+                Err(_) => errs.push(BridgeError::Masq("rule removal thread panicked".into()).into()),
+                Ok(Ok(())) => {}
+            }
+            // The lease goes last, and only once the rules and the pod interface are gone: a
+            // released address can be leased to another pod at once, whose masquerade entry
+            // must not be removed as ours and whose address must not still sit on our old
+            // interface. When either failed the lease is kept and DEL fails, so the runtime
+            // retries.
+            if errs.is_empty() {
+                if let Some(plugin) = conf.ipam_type.as_deref() {
+                    if let Err(e) = crate::ipam::run(plugin, Command::Del, req) {
+                        errs.push(e);
+                    }
+                    crash_point("bridge-del-after-ipam");
+                }
+                crate::mark("IPAM DEL done");
+            }
+            errs
+        };
+        match unlinking {
+            // The waiting DEL: the lease is released on a thread once the kernel has unlisted
+            // the pair, while this thread is still inside the request (the RCU barrier that
+            // follows the unlisting, 10-30 ms); the kernel's work runs in the sending thread,
+            // so this one returns at the ack without another wake-up.
+            Some(Ok((mut unlinking, Sender::Inline(send)))) => {
+                let lease = s.spawn(move || after_link(unlinking.wait(ifname)));
+                send.run();
+                let errs = lease.join().unwrap_or_else(|_| {
+                    vec![BridgeError::io("releasing the lease")(std::io::Error::other("thread panicked"))
+                        .into()]
+                });
+                finish(errs)
+            }
+            Some(Ok((mut unlinking, child))) => {
+                let errs = after_link(unlinking.wait(ifname));
+                child.finish();
+                finish(errs)
             }
             Some(Err(e)) => {
-                // No child (fork refused: the pids cgroup full?): delete from here.
-                eprintln!("cni-bridge: DEL: {e}; deleting the pod interface from this process");
-                remove_links(req, conf, &pod_ns)
+                // No child (the pids cgroup full?) or no socket: delete from here.
+                eprintln!("cni-bridge: DEL: {e}; deleting the pod interface from this thread");
+                finish(after_link(remove_links(req, conf, &pod_ns)))
             }
-            None => remove_links(req, conf, &pod_ns),
-        };
-        if let Err(e) = removed {
-            errs.push(e.into());
+            None => finish(after_link(remove_links(req, conf, &pod_ns))),
         }
-        crash_point("bridge-del-after-link");
-        crate::mark("pod interface deleted");
-        match rules.join() {
-            Ok(Err(e)) => errs.push(e),
-            Err(_) => errs.push(BridgeError::Masq("rule removal thread panicked".into()).into()),
-            Ok(Ok(())) => {}
-        }
-        // The lease goes last, and only once the rules and the pod interface are gone: a
-        // released address can be leased to another pod at once, whose masquerade entry must
-        // not be removed as ours and whose address must not still sit on our old interface.
-        // When either failed the lease is kept and DEL fails, so the runtime retries.
-        if errs.is_empty() {
-            if let Some(plugin) = conf.ipam_type.as_deref() {
-                if let Err(e) = crate::ipam::run(plugin, Command::Del, req) {
-                    errs.push(e);
-                }
-                crash_point("bridge-del-after-ipam");
-            }
-            crate::mark("IPAM DEL done");
-        }
-        // Reaped if it is done by now (a slow IPAM DEL); otherwise it exits after this
-        // process. A child that could not be recorded is waited for: it could not be checked.
-        if let Some((child, recorded)) = detached_child {
-            let flags = if recorded { Some(nix::sys::wait::WaitPidFlag::WNOHANG) } else { None };
-            let _ = nix::sys::wait::waitpid(child, flags);
-        }
-        finish(errs)
     })
 }
 
@@ -161,45 +177,74 @@ fn remove_links(req: &Request, conf: &BridgeConf, pod_ns: &PodNs) -> Result<(), 
 }
 
 /// Whether the pod interface is deleted by a child process ([`Unlinking`]), and where that
-/// child is recorded. By default yes, unless children cannot be recorded and checked here, or
-/// a child of an earlier DEL was found unreaped (see [`crate::reaping`]);
-/// `CNI_BRIDGE_DEL_DETACH=0` never, `=1` always.
-fn detach_delete() -> Option<Option<Recorder>> {
-    let forced = match std::env::var("CNI_BRIDGE_DEL_DETACH").as_deref() {
-        Ok("0") => return None,
-        Ok("1") => true,
-        _ => false,
-    };
-    let recorder = Recorder::open();
-    if forced {
-        return Some(recorder);
-    }
-    let mut recorder = recorder?;
-    if let Some((pid, parent)) = recorder.unreaped() {
-        eprintln!(
-            "cni-bridge: DEL: waiting for the kernel's delete: process {pid}, left by an earlier \
-             DEL, is still a zombie of {parent}, which has not reaped it (a parent that does not \
-             reap the children it did not start keeps every DEL waiting)"
-        );
+/// child is recorded: only with `CNI_BRIDGE_DEL_DETACH=1` (an environment switch, so that a
+/// runtime that scrubs its plugins' environment gets the waiting DEL), and then only while
+/// children can be recorded and checked here and none recorded holds it back (a zombie, a
+/// delete stuck in the kernel, too many alive: see [`crate::reaping`]).
+fn detach_delete() -> Option<Recorder> {
+    if std::env::var_os("CNI_BRIDGE_DEL_DETACH").is_none_or(|v| v != "1") {
         return None;
     }
-    Some(Some(recorder))
+    let mut recorder = Recorder::open()?;
+    if let Some(hold) = recorder.hold() {
+        if let Some(why) = hold.explain() {
+            eprintln!("cni-bridge: DEL: waiting for the kernel's delete: {why}");
+        }
+        return None;
+    }
+    Some(recorder)
 }
 
-/// The pod interface's delete (RTM_DELLINK by name, in the pod namespace), sent by a forked
-/// child. The kernel unlists the pair (addresses, routes and the bridge port gone, the names
-/// free) and announces it with an RTM_DELLINK notification, then, still inside the request,
-/// waits for an RCU barrier and the last references before it acks. DEL waits for the
-/// notification (or the child's answer, whichever comes first) and leaves the child to wait
-/// for the ack and exit on its own, holding none of the runtime's pipes.
+/// The pod interface's delete (RTM_DELLINK by name, in the pod namespace), sent by DEL
+/// itself or, opted in, by a forked child. The kernel unlists the pair (addresses,
+/// routes and the bridge port gone, the names free) and announces it with an RTM_DELLINK
+/// notification, then, still inside the request, waits for an RCU barrier and the last
+/// references before it acks. DEL goes on at the notification (or the sender's answer,
+/// whichever comes first): the address is on no interface any more, so the lease may go.
+/// DEL itself returns at the ack; a child is left to wait for the ack and exit on its own,
+/// holding none of the runtime's pipes.
 struct Unlinking {
-    child: nix::unistd::Pid,
-    /// Whether the child is in the reaping record; if not, DEL waits for it before exiting.
-    recorded: bool,
-    /// The child's answer: the request's errno as 4 bytes (0 for the ack).
+    /// The sender's answer: the request's errno as 4 bytes (0 for the ack).
     answer: std::fs::File,
     /// Subscribed to link notifications in the pod namespace before the request is sent.
     events: rtnetlink::sys::Socket,
+}
+
+/// Who sends the delete and waits for its ack.
+enum Sender {
+    /// A detached child; `recorded`: whether it is in the reaping record (if not, DEL waits
+    /// for it before exiting: it could not be checked).
+    Child { pid: nix::unistd::Pid, recorded: bool },
+    /// This process, by [`Inline::run`], before DEL returns.
+    Inline(Inline),
+}
+
+/// The request ready to be sent from this process.
+struct Inline {
+    request: rtnetlink::sys::Socket,
+    msg: Vec<u8>,
+    answer: std::os::fd::OwnedFd,
+}
+
+impl Inline {
+    /// Sends the delete and waits for the kernel's ack; the answer goes to the pipe.
+    fn run(self) {
+        use std::os::fd::AsRawFd;
+        let code = request_delete(self.request.as_raw_fd(), &self.msg);
+        let _ = std::io::Write::write_all(&mut std::fs::File::from(self.answer), &code.to_ne_bytes());
+        crate::mark("kernel's delete acked");
+    }
+}
+
+impl Sender {
+    /// Reaps the child if it is done by now (a slow IPAM DEL), else leaves it to exit after
+    /// this process; one that could not be recorded is waited for.
+    fn finish(self) {
+        if let Sender::Child { pid, recorded } = self {
+            let flags = if recorded { Some(nix::sys::wait::WaitPidFlag::WNOHANG) } else { None };
+            let _ = nix::sys::wait::waitpid(pid, flags);
+        }
+    }
 }
 
 const RTM_DELLINK: u16 = 17;
@@ -208,7 +253,13 @@ const AF_BRIDGE: u8 = 7;
 const RTNLGRP_LINK: u32 = 1;
 
 impl Unlinking {
-    fn start(ns: &std::fs::File, ifname: &str, recorder: Option<Recorder>) -> Result<Unlinking, BridgeError> {
+    /// Sends the delete from a detached child recorded in `recorder`, or without one prepares
+    /// it to be sent from this process ([`Sender::Inline`]).
+    fn start(
+        ns: &std::fs::File,
+        ifname: &str,
+        recorder: Option<Recorder>,
+    ) -> Result<(Unlinking, Sender), BridgeError> {
         use nix::unistd::{fork, ForkResult};
         use rtnetlink::sys::{protocols::NETLINK_ROUTE, Socket};
         use std::os::fd::AsRawFd;
@@ -229,23 +280,27 @@ impl Unlinking {
         let msg = netlink_wire::message(RTM_DELLINK, NLM_F_REQUEST_ACK, 1, &[0u8; 16], &attrs);
         let (answer, answer_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| io("making a pipe")(std::io::Error::from(e)))?;
+        let Some(mut recorder) = recorder else {
+            let send = Inline { request, msg, answer: answer_w };
+            return Ok((Unlinking { answer: answer.into(), events }, Sender::Inline(send)));
+        };
         // SAFETY: the child makes only async-signal-safe calls (send, recv, write, close,
         // _exit) on memory prepared here, so it is sound even if this process had threads.
         match unsafe { fork() } {
             Ok(ForkResult::Child) => unlink_child(request.as_raw_fd(), &msg, answer_w.as_raw_fd()),
             Ok(ForkResult::Parent { child }) => {
-                let recorded = recorder.is_some_and(|mut r| r.record(child.as_raw()));
+                let recorded = recorder.record(child.as_raw());
                 if !recorded {
                     eprintln!("cni-bridge: DEL: could not record process {child}; waiting for it");
                 }
-                Ok(Unlinking { child, recorded, answer: answer.into(), events })
+                Ok((Unlinking { answer: answer.into(), events }, Sender::Child { pid: child, recorded }))
             }
             Err(e) => Err(io("forking the pod interface's delete")(std::io::Error::from(e))),
         }
     }
 
     /// Until the kernel has unlisted `ifname` or the request failed.
-    fn wait(mut self, ifname: &str) -> Result<(), BridgeError> {
+    fn wait(&mut self, ifname: &str) -> Result<(), BridgeError> {
         use std::io::Read;
         use std::os::fd::AsRawFd;
         let gone = netlink_wire::strz(ifname);
@@ -305,6 +360,33 @@ fn unlisted(buf: &[u8], name: &[u8]) -> bool {
     found
 }
 
+/// Sends `msg` on `sock` and waits for its answer: the request's errno (0 for the ack).
+/// Only async-signal-safe calls, no allocation: the forked child runs it too.
+fn request_delete(sock: std::os::fd::RawFd, msg: &[u8]) -> i32 {
+    use nix::libc;
+    // SAFETY: plain syscalls on a descriptor this process owns and on local buffers.
+    unsafe {
+        if libc::send(sock, msg.as_ptr().cast(), msg.len(), 0) < 0 {
+            return nix::errno::Errno::last_raw();
+        }
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = libc::recv(sock, buf.as_mut_ptr().cast(), buf.len(), 0);
+            if n < 0 {
+                let e = nix::errno::Errno::last_raw();
+                if e == libc::EINTR {
+                    continue;
+                }
+                return e;
+            }
+            // NLMSG_ERROR: header (16 bytes), then the negative errno.
+            if n >= 20 && u16::from_ne_bytes([buf[4], buf[5]]) == netlink_wire::NLMSG_ERROR {
+                return -i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
+            }
+        }
+    }
+}
+
 /// The forked child: sends `msg` on `sock`, writes the request's errno (0 for the ack) to
 /// `answer` and exits. Only async-signal-safe calls, no allocation.
 fn unlink_child(sock: std::os::fd::RawFd, msg: &[u8], answer: std::os::fd::RawFd) -> ! {
@@ -315,25 +397,7 @@ fn unlink_child(sock: std::os::fd::RawFd, msg: &[u8], answer: std::os::fd::RawFd
         for fd in 0..3 {
             libc::close(fd);
         }
-        let code: i32 = if libc::send(sock, msg.as_ptr().cast(), msg.len(), 0) < 0 {
-            nix::errno::Errno::last_raw()
-        } else {
-            let mut buf = [0u8; 4096];
-            loop {
-                let n = libc::recv(sock, buf.as_mut_ptr().cast(), buf.len(), 0);
-                if n < 0 {
-                    let e = nix::errno::Errno::last_raw();
-                    if e == libc::EINTR {
-                        continue;
-                    }
-                    break e;
-                }
-                // NLMSG_ERROR: header (16 bytes), then the negative errno.
-                if n >= 20 && u16::from_ne_bytes([buf[4], buf[5]]) == netlink_wire::NLMSG_ERROR {
-                    break -i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
-                }
-            }
-        };
+        let code = request_delete(sock, msg);
         libc::write(answer, (&code as *const i32).cast(), 4);
         libc::_exit(0)
     }

@@ -1,13 +1,18 @@
-//! Whether this machine reaps the children detached DELs leave behind.
+//! Whether the children of opt-in detached DELs are being reaped, and finish.
 //!
-//! A detached DEL ([`crate::del`]) returns while its child still waits for the kernel; the
-//! child is then reparented to init, or to the nearest ancestor that made itself a child
-//! subreaper (containerd, a container's init), which must reap it. One that never does (a
-//! `sleep` as a pid namespace's init, a subreaper that reaps only what it started) would
-//! collect one zombie per DEL until the PID table is full. So each detached child is
-//! recorded here, and DEL detaches only while none recorded has stayed a zombie of another
-//! process for 2 s (from its start): while one is, DEL waits for the kernel itself. A reaper
-//! that is only slow costs a few DELs their speed; one that never reaps keeps them all waiting. Where children cannot be recorded and checked, DEL does not detach.
+//! A detached DEL ([`crate::del`], `CNI_BRIDGE_DEL_DETACH=1`) returns while its child still
+//! waits for the kernel; the child is then reparented to the nearest ancestor that made itself
+//! a child subreaper, or else to init, which must reap it. systemd as PID 1 and tini reap every
+//! orphan, and so do the containerd shims for a container's processes; containerd itself is no
+//! child subreaper, and a PID 1 that never reaps (containerd, k3s or a Go daemon as a
+//! container's init without `--init`, a `sleep` as a pid namespace's init) collects one zombie
+//! per detached child. A child can also stay blocked in the kernel (state D) with no error
+//! anywhere, as DEL has already reported success. So each detached child is recorded here, and
+//! DEL detaches only while no recorded child is a zombie of another process than its DEL, none
+//! has been blocked in the kernel for [`STUCK_MS`], and fewer than [`MAX_LIVE`] are alive: a
+//! burst of DELs where nothing reaps leaves at most [`MAX_LIVE`] zombies (plus one per DEL
+//! running at the same instant). Where children cannot be recorded and checked, DEL does not
+//! detach.
 
 use std::fs::File;
 use std::io::{Read, Seek, Write};
@@ -21,9 +26,64 @@ const RECORD_DIR: &str = "/run/cni-bridge";
 /// Past this size the record keeps only the lines of processes that still exist.
 const RECORD_MAX: u64 = 4096;
 
-/// How long a child may stay a zombie before its new parent counts as one that never
-/// reaps: the kernel's delete ends 15-40 ms after DEL, a busy reaper may take a while more.
-const GRACE_SECONDS: u64 = 2;
+/// How long a child may be blocked in the kernel (state D) before its delete counts as
+/// stuck: the kernel's delete ends 15-40 ms after DEL (up to ~60 ms at concurrency 8).
+pub const STUCK_MS: u64 = 200;
+
+/// Recorded children alive at once (any state) past which DEL waits itself: the bound on the
+/// zombies a burst can leave before the first of them is seen.
+pub const MAX_LIVE: usize = 4;
+
+/// Why DEL must not detach now.
+#[derive(Debug, PartialEq)]
+pub enum Hold {
+    /// A recorded child is a zombie of `parent` (pid), which is not the DEL that forked it.
+    Zombie { pid: i32, parent: i32 },
+    /// A recorded child has been blocked in the kernel for `ms` or more.
+    Stuck { pid: i32, ms: u64 },
+    /// [`MAX_LIVE`] recorded children are still alive (the normal case in a burst).
+    Busy,
+}
+
+impl Hold {
+    /// A line for stderr when the hold means something is wrong on the node.
+    pub fn explain(&self) -> Option<String> {
+        let comm = |pid: i32| {
+            let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            format!("{} (pid {pid})", name.trim())
+        };
+        match self {
+            Hold::Zombie { pid, parent } => Some(format!(
+                "process {pid}, left by an earlier DEL, is still a zombie of {}, which has not \
+                 reaped it (a parent that does not reap the children it did not start keeps every \
+                 detached DEL waiting)",
+                comm(*parent)
+            )),
+            Hold::Stuck { pid, ms } => Some(format!(
+                "process {pid}, left by an earlier DEL, has been blocked in the kernel for {ms} ms \
+                 or more: its delete of a pod interface has not ended"
+            )),
+            Hold::Busy => None,
+        }
+    }
+}
+
+/// The hold the recorded children still alive (`(entry, its stat)`) put on a DEL that
+/// starts at `now` (clock ticks since boot, `ticks` a second). Zombies first: they are what
+/// never goes away.
+fn hold(alive: &[(Entry, Stat)], now: u64, ticks: u64) -> Option<Hold> {
+    let stuck_ticks = (STUCK_MS * ticks).div_ceil(1000);
+    let zombie = alive.iter().rev().find(|(e, s)| s.state == 'Z' && s.ppid != e.del);
+    if let Some((e, s)) = zombie {
+        return Some(Hold::Zombie { pid: e.pid, parent: s.ppid });
+    }
+    let stuck = alive.iter().find(|(e, s)| s.state == 'D' && now.saturating_sub(e.start) >= stuck_ticks);
+    if let Some((e, _)) = stuck {
+        let ms = now.saturating_sub(e.start) * 1000 / ticks.max(1);
+        return Some(Hold::Stuck { pid: e.pid, ms });
+    }
+    (alive.len() >= MAX_LIVE).then_some(Hold::Busy)
+}
 
 /// A process as `/proc/<pid>/stat` shows it: state, parent, start time in clock ticks
 /// since boot.
@@ -114,20 +174,13 @@ impl Recorder {
         Some(Recorder { file, me })
     }
 
-    /// A child of an earlier DEL that has stayed a zombie for the grace period while the DEL
-    /// that forked it is gone: `(pid, its parent's name and pid)`. Ages are counted from this
-    /// DEL's start, from the same /proc clock as the children's.
-    pub fn unreaped(&mut self) -> Option<(i32, String)> {
-        let grace = GRACE_SECONDS * ticks_per_second();
-        let now = self.me.start;
-        // A /proc read per line old enough to tell (the record is trimmed to a few KB; the
-        // read of a process that is gone fails at once).
-        let old_enough = self.entries().into_iter().filter(|e| now.saturating_sub(e.start) >= grace);
-        old_enough.rev().find_map(|entry| {
-            let child = entry.alive().filter(|s| s.state == 'Z' && s.ppid != entry.del)?;
-            let parent = std::fs::read_to_string(format!("/proc/{}/comm", child.ppid)).unwrap_or_default();
-            Some((entry.pid, format!("{} (pid {})", parent.trim(), child.ppid)))
-        })
+    /// Whether a recorded child keeps this DEL from detaching, and why. Ages are counted
+    /// from this DEL's start, on the same /proc clock as the children's; a /proc read per line
+    /// (the record is trimmed to a few KB; the read of a process that is gone fails at once).
+    pub fn hold(&mut self) -> Option<Hold> {
+        let alive: Vec<(Entry, Stat)> =
+            self.entries().into_iter().filter_map(|e| e.alive().map(|s| (e, s))).collect();
+        hold(&alive, self.me.start, ticks_per_second())
     }
 
     fn entries(&mut self) -> Vec<Entry> {
@@ -181,12 +234,12 @@ mod tests {
         assert!(r.record(me));
         assert!(r.record(me));
         assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 2);
-        assert_eq!(r.unreaped(), None, "a live process is no zombie");
+        assert_eq!(r.hold(), None, "two live processes running");
         assert!(!r.record(i32::MAX), "no such process");
         // A PID reused by another process (a different start time) is not the child.
         let start = stat(me).unwrap().start;
         std::fs::write(&path, format!("{me} {} 1\n1 0 1\nnot a line\n", start + 1)).unwrap();
-        assert_eq!(r.unreaped(), None);
+        assert_eq!(r.hold(), None);
         // Past the cap, the lines of processes that are gone go.
         let gone: String = (0..400).map(|i| format!("{} 1 1\n", 4_000_000 + i)).collect();
         std::fs::write(&path, format!("{gone}{me} {start} 1\n")).unwrap();
@@ -194,5 +247,29 @@ mod tests {
         let kept = std::fs::read_to_string(&path).unwrap();
         assert_eq!(kept.lines().count(), 2, "{kept}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn zombies_of_any_age_stuck_deletes_and_a_full_house_hold_a_detached_del() {
+        let child = |pid: i32, start: u64, del: i32, state: char, ppid: i32| {
+            (Entry { pid, start, del }, Stat { state, ppid, start })
+        };
+        let (now, ticks) = (1000, 100);
+        // Running, or a zombie its own DEL (still alive) is about to reap: no hold.
+        assert_eq!(hold(&[child(5, now, 9, 'R', 9), child(6, now, 8, 'Z', 8)], now, ticks), None);
+        // A zombie of anyone else, however young.
+        let zombie = child(7, now, 9, 'Z', 1);
+        assert_eq!(hold(&[zombie], now, ticks), Some(Hold::Zombie { pid: 7, parent: 1 }));
+        // Blocked in the kernel: not yet at 190 ms, at 200 ms.
+        assert_eq!(hold(&[child(8, now - 19, 9, 'D', 1)], now, ticks), None);
+        assert_eq!(hold(&[child(8, now - 20, 9, 'D', 1)], now, ticks), Some(Hold::Stuck { pid: 8, ms: 200 }));
+        // MAX_LIVE children alive, in any state: wait.
+        let live: Vec<_> = (0..MAX_LIVE as i32).map(|p| child(p + 10, now, 9, 'S', 1)).collect();
+        assert_eq!(hold(&live[1..], now, ticks), None);
+        assert_eq!(hold(&live, now, ticks), Some(Hold::Busy));
+        assert_eq!(Hold::Busy.explain(), None, "a burst is no fault to report");
+        assert!(Hold::Stuck { pid: 8, ms: 200 }
+            .explain()
+            .is_some_and(|m| m.contains("blocked in the kernel")));
     }
 }
