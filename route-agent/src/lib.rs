@@ -5,6 +5,7 @@
 
 pub mod conflist;
 pub mod error;
+pub mod gateways;
 pub mod http;
 pub mod install;
 pub mod kernel;

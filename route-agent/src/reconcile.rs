@@ -17,7 +17,7 @@ use crate::model::{NodeInfo, Snapshot};
 use crate::nexthop::{Existing, NexthopPlan};
 use crate::plan::{self, Conflict, Desired, Unaddressed};
 use crate::vxlan::{self, VtepPlan};
-use crate::{conflist, masq, nexthop, Options};
+use crate::{conflist, gateways, masq, nexthop, Options};
 
 /// What was reported last, so each problem is logged once per change, not on every sync.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -101,10 +101,16 @@ impl Reconciler {
         let tunnelling = plan::Tunnelling { backend: self.opts.backend, local: local.clone() };
         let desired = plan::desired_with(snap, &self.opts.node_name, &nets, &have, &tunnelling);
         self.report(&desired);
+        // Before the conflist can name a new range (see crate::gateways); a failure here must
+        // not keep routes from being written, so it fails the sync only at its end.
+        let (retained, gateway_error) = match &me {
+            Some(me) => self.bridge_gateways(me).await,
+            None => (Vec::new(), None),
+        };
         // Masquerade exceptions first: a route to a new node's pods must never exist while its
         // CIDR is still outside the exceptions (its pods would see the node address).
         if let Some(me) = &me {
-            self.masquerade(snap, me)?;
+            self.masquerade(snap, me, &retained)?;
         }
         let mut underlay_mtu = BTreeMap::new();
         for ip in &local {
@@ -136,6 +142,7 @@ impl Reconciler {
         errors.extend(tunnel_errors);
         errors.extend(ensured.errors);
         errors.extend(cleanup_errors);
+        errors.extend(gateway_error);
         self.record(&desired, &applied, writes, start);
         if !diff_empty {
             tracing::info!(
@@ -205,7 +212,23 @@ impl Reconciler {
         RouteOutcome { applied, writes, errors, diff_empty: diff.is_empty() }
     }
 
-    fn masquerade(&mut self, snap: &Snapshot, me: &NodeInfo) -> Result<(), AgentError> {
+    /// The bridge's gateways for this node's pod CIDRs: the former ranges still leased, and
+    /// what went wrong.
+    async fn bridge_gateways(&self, me: &NodeInfo) -> (Vec<IpNetwork>, Option<String>) {
+        let data_dir = std::path::Path::new(&self.opts.ipam_data_dir);
+        match gateways::reconcile(&self.kernel, &me.pod_cidrs, data_dir, &self.opts.network_name).await {
+            Ok(retained) => (retained, None),
+            Err(e) => (Vec::new(), Some(format!("bridge gateways: {e}"))),
+        }
+    }
+
+    /// `retained`: former pod CIDRs of this node still in use; their pods are masqueraded too.
+    fn masquerade(
+        &mut self,
+        snap: &Snapshot,
+        me: &NodeInfo,
+        retained: &[IpNetwork],
+    ) -> Result<(), AgentError> {
         if !self.opts.masquerade {
             return Ok(());
         }
@@ -215,7 +238,10 @@ impl Reconciler {
             self.opts.cluster_cidrs.clone()
         };
         keep_source.extend(&self.opts.no_masquerade_cidrs);
-        let want = (me.pod_cidrs.clone(), keep_source);
+        // Traffic to this node's former pods is pod traffic too.
+        keep_source.extend(retained);
+        let own: Vec<IpNetwork> = me.pod_cidrs.iter().chain(retained).copied().collect();
+        let want = (own, keep_source);
         if self.masq.as_ref() != Some(&want) {
             masq::apply(&want.0, &want.1)?;
             self.masq = Some(want);
