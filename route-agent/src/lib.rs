@@ -6,6 +6,7 @@
 pub mod conflist;
 pub mod error;
 pub mod gateways;
+pub mod handback;
 pub mod http;
 pub mod install;
 pub mod kernel;
