@@ -4,6 +4,7 @@
 //! cluster.
 
 pub mod conflist;
+pub mod conntrack;
 pub mod error;
 pub mod gateways;
 pub mod handback;
@@ -75,6 +76,8 @@ pub struct Options {
     pub portmap: bool,
     /// Masquerade pod traffic leaving the cluster.
     pub masquerade: bool,
+    /// Masquerade with fully random source ports where the kernel supports it.
+    pub masquerade_fully_random: bool,
     /// Address for /healthz, /readyz, /metrics.
     pub listen: SocketAddr,
     /// Periodic full resync.

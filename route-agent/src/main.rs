@@ -73,6 +73,11 @@ struct Cli {
     /// Do not masquerade pod traffic leaving the cluster.
     #[arg(long)]
     no_masquerade: bool,
+    /// Masquerade with the kernel's default (sequential) source port choice instead of
+    /// fully random ports (used where the kernel supports them: fewer conntrack insertion
+    /// races, the cause of 5 s DNS timeouts).
+    #[arg(long)]
+    no_masquerade_fully_random: bool,
     /// Address for /healthz, /readyz and /metrics.
     #[arg(long, default_value = "127.0.0.1:9645")]
     listen: SocketAddr,
@@ -234,6 +239,7 @@ fn main() -> std::process::ExitCode {
         ipam_data_dir: cli.ipam_data_dir,
         portmap: !cli.no_portmap,
         masquerade: !cli.no_masquerade,
+        masquerade_fully_random: !cli.no_masquerade_fully_random,
         listen: cli.listen,
         resync: Duration::from_secs(cli.resync_seconds.max(1)),
         route_protocol: cli.route_protocol,

@@ -243,7 +243,8 @@ impl Reconciler {
         let own: Vec<IpNetwork> = me.pod_cidrs.iter().chain(retained).copied().collect();
         let want = (own, keep_source);
         if self.masq.as_ref() != Some(&want) {
-            masq::apply(&want.0, &want.1)?;
+            let random = masq::apply(&want.0, &want.1, self.opts.masquerade_fully_random)?;
+            self.metrics.masquerade_fully_random.store(random, Ordering::Relaxed);
             self.masq = Some(want);
         }
         Ok(())
