@@ -36,6 +36,9 @@ pub enum AgentError {
     /// nft failed.
     #[error("masquerade: {0}")]
     Masq(String),
+    /// A netlink socket overflowed (ENOBUFS): messages were lost; resync at once.
+    #[error("netlink socket overrun: {0}")]
+    Overrun(String),
 }
 
 impl AgentError {

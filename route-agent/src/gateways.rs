@@ -88,21 +88,47 @@ pub async fn reconcile(
     data_dir: &Path,
     network: &str,
 ) -> Result<Vec<IpNetwork>, AgentError> {
+    let Some(bridge) = observe(kernel).await? else { return Ok(Vec::new()) };
+    let have: Vec<IpNetwork> = bridge.addresses.iter().map(|(n, _)| *n).collect();
+    let p = plan(&have, pod_cidrs, &leased(data_dir, network));
+    apply(kernel, &bridge, &p).await?;
+    Ok(p.retained)
+}
+
+/// The bridge as the kernel has it: its index and its global addresses.
+pub struct Bridge {
+    index: u32,
+    addresses: Vec<(IpNetwork, rtnetlink::packet_route::address::AddressMessage)>,
+}
+
+/// The plan for the bridge now, without changing anything (`None`: no bridge).
+pub async fn dry_run(
+    kernel: &Kernel,
+    pod_cidrs: &[IpNetwork],
+    data_dir: &Path,
+    network: &str,
+) -> Result<Option<GatewayPlan>, AgentError> {
+    let Some(bridge) = observe(kernel).await? else { return Ok(None) };
+    let have: Vec<IpNetwork> = bridge.addresses.iter().map(|(n, _)| *n).collect();
+    Ok(Some(plan(&have, pod_cidrs, &leased(data_dir, network))))
+}
+
+async fn observe(kernel: &Kernel) -> Result<Option<Bridge>, AgentError> {
     let links: Vec<LinkMessage> =
         match kernel.handle.link().get().match_name(BRIDGE.to_string()).execute().try_collect().await {
             Ok(l) => l,
-            Err(e) if errno(&e) == Some(nix::errno::Errno::ENODEV as i32) => return Ok(Vec::new()),
+            Err(e) if errno(&e) == Some(nix::errno::Errno::ENODEV as i32) => return Ok(None),
             Err(e) => return Err(AgentError::netlink(format!("looking up {BRIDGE}"))(e)),
         };
-    let Some(index) = links.first().map(|l| l.header.index) else { return Ok(Vec::new()) };
+    let Some(index) = links.first().map(|l| l.header.index) else { return Ok(None) };
     let msgs = dump::addresses(&kernel.handle, Some(index))
         .await
         .map_err(AgentError::netlink(format!("listing the addresses of {BRIDGE}")))?;
-    let global: Vec<(IpNetwork, &rtnetlink::packet_route::address::AddressMessage)> = msgs
-        .iter()
+    let addresses = msgs
+        .into_iter()
         .filter(|m| m.header.index == index)
         .filter_map(|m| {
-            let ip = address_of(m)?;
+            let ip = address_of(&m)?;
             let link_local = match ip {
                 IpAddr::V4(a) => a.is_link_local(),
                 IpAddr::V6(a) => a.is_unicast_link_local(),
@@ -110,8 +136,11 @@ pub async fn reconcile(
             (!link_local).then_some((IpNetwork::new(ip, m.header.prefix_len).ok()?, m))
         })
         .collect();
-    let have: Vec<IpNetwork> = global.iter().map(|(n, _)| *n).collect();
-    let p = plan(&have, pod_cidrs, &leased(data_dir, network));
+    Ok(Some(Bridge { index, addresses }))
+}
+
+async fn apply(kernel: &Kernel, bridge: &Bridge, p: &GatewayPlan) -> Result<(), AgentError> {
+    let index = bridge.index;
     for gw in &p.add {
         let mut req = kernel.handle.address().add(index, gw.ip(), gw.prefix());
         if gw.is_ipv6() {
@@ -126,8 +155,8 @@ pub async fn reconcile(
         }
     }
     for gw in &p.remove {
-        let Some((_, msg)) = global.iter().find(|(n, _)| n == gw) else { continue };
-        match kernel.handle.address().del((*msg).clone()).execute().await {
+        let Some((_, msg)) = bridge.addresses.iter().find(|(n, _)| n == gw) else { continue };
+        match kernel.handle.address().del(msg.clone()).execute().await {
             Err(e) if errno(&e) == Some(nix::errno::Errno::EADDRNOTAVAIL as i32) => {}
             Err(e) => return Err(AgentError::netlink(format!("removing gateway {gw} from {BRIDGE}"))(e)),
             Ok(()) => {
@@ -135,7 +164,7 @@ pub async fn reconcile(
             }
         }
     }
-    Ok(p.retained)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ pub mod masq;
 pub mod metrics;
 pub mod model;
 pub mod nexthop;
+pub mod overrun;
 pub mod plan;
 pub mod reconcile;
 pub mod sources;
@@ -144,21 +145,38 @@ pub async fn run(mut opts: Options) -> Result<(), AgentError> {
     tracing::info!(node = %opts.node_name, protocol = opts.route_protocol, "started");
     let mut reconciler = Reconciler::new(opts, kernel, metrics.clone());
     let mut source_alive = true;
+    // Resyncs in a row after an overrun: see crate::overrun.
+    let mut in_a_row = 0;
+    let mut resync_now = false;
     loop {
-        tokio::select! {
-            r = rx.changed(), if source_alive => if r.is_err() {
-                // Keep serving the last snapshot; wake only on kernel events and ticks.
-                tracing::warn!("node source ended; keeping the last nodes");
-                source_alive = false;
-            },
-            Some(()) = events.recv() => while events.try_recv().is_ok() {},
-            _ = tick.tick() => {},
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+        if std::mem::take(&mut resync_now) {
+            // No waiting: the tick may be 30 s away.
+        } else {
+            tokio::select! {
+                r = rx.changed(), if source_alive => if r.is_err() {
+                    // Keep serving the last snapshot; wake only on kernel events and ticks.
+                    tracing::warn!("node source ended; keeping the last nodes");
+                    source_alive = false;
+                },
+                Some(()) = events.recv() => while events.try_recv().is_ok() {},
+                _ = tick.tick() => {},
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+            }
         }
         let Some(snap) = rx.borrow_and_update().clone() else { continue };
-        if let Err(e) = reconciler.sync(&snap).await {
-            tracing::error!(%e, "sync failed; retrying on the next event or tick");
+        let result = reconciler.sync(&snap).await;
+        match (overrun::next(&result, in_a_row), &result) {
+            (overrun::Next::ResyncNow, Err(e)) => {
+                in_a_row += 1;
+                resync_now = true;
+                tracing::warn!(%e, attempt = in_a_row, "sync lost netlink messages; resyncing at once");
+            }
+            (_, Err(e)) => {
+                in_a_row = 0;
+                tracing::error!(%e, "sync failed; retrying on the next event or tick");
+            }
+            (_, Ok(())) => in_a_row = 0,
         }
         if !reconciler.synced() {
             metrics.ready.store(false, Ordering::Relaxed);

@@ -29,7 +29,39 @@ struct Reported {
 }
 
 /// Inputs of the masquerade rule set: this node's pod CIDRs, and destinations kept unmasqueraded.
-type MasqInputs = (Vec<IpNetwork>, Vec<IpNetwork>);
+pub(crate) type MasqInputs = (Vec<IpNetwork>, Vec<IpNetwork>);
+
+/// The masquerade's sources (this node's pod CIDRs, former ones still `retained` included)
+/// and the destinations that keep the pods' source.
+pub(crate) fn masq_inputs(
+    opts: &Options,
+    snap: &Snapshot,
+    me: &NodeInfo,
+    retained: &[IpNetwork],
+) -> MasqInputs {
+    let mut keep_source: Vec<IpNetwork> = if opts.cluster_cidrs.is_empty() {
+        snap.values().flat_map(|n| n.pod_cidrs.iter().copied()).collect()
+    } else {
+        opts.cluster_cidrs.clone()
+    };
+    keep_source.extend(&opts.no_masquerade_cidrs);
+    // Traffic to this node's former pods is pod traffic too.
+    keep_source.extend(retained);
+    let own: Vec<IpNetwork> = me.pod_cidrs.iter().chain(retained).copied().collect();
+    (own, keep_source)
+}
+
+/// This node as the snapshot has it, with `--node-ip` overriding its addresses per family.
+pub(crate) fn me_in(opts: &Options, snap: &Snapshot) -> Option<NodeInfo> {
+    let mut me = snap.get(&opts.node_name).filter(|n| !n.pod_cidrs.is_empty())?.clone();
+    for ip in &opts.node_ips {
+        match ip {
+            IpAddr::V4(v4) => me.ipv4 = Some(*v4),
+            IpAddr::V6(v6) => me.ipv6 = Some(*v6),
+        }
+    }
+    Some(me)
+}
 
 /// What applying the routes did.
 struct RouteOutcome {
@@ -73,14 +105,7 @@ impl Reconciler {
 
     /// This node as the snapshot has it, with `--node-ip` overriding its addresses per family.
     fn me(&self, snap: &Snapshot) -> Option<NodeInfo> {
-        let mut me = snap.get(&self.opts.node_name).filter(|n| !n.pod_cidrs.is_empty())?.clone();
-        for ip in &self.opts.node_ips {
-            match ip {
-                IpAddr::V4(v4) => me.ipv4 = Some(*v4),
-                IpAddr::V6(v6) => me.ipv6 = Some(*v6),
-            }
-        }
-        Some(me)
+        me_in(&self.opts, snap)
     }
 
     /// One pass: masquerade, nexthops, routes, then the conflist. Errors of single route
@@ -157,7 +182,11 @@ impl Reconciler {
         }
         if !errors.is_empty() {
             self.metrics.sync_errors.fetch_add(1, Ordering::Relaxed);
-            return Err(AgentError::Route(format!("{} route or nexthop changes failed", errors.len())));
+            let summary = format!("{} route or nexthop changes failed", errors.len());
+            if errors.iter().any(|e| crate::overrun::is_overrun_message(e)) {
+                return Err(AgentError::Overrun(summary));
+            }
+            return Err(AgentError::Route(summary));
         }
         self.synced = true;
         if let Some(me) = me {
@@ -232,16 +261,7 @@ impl Reconciler {
         if !self.opts.masquerade {
             return Ok(());
         }
-        let mut keep_source: Vec<IpNetwork> = if self.opts.cluster_cidrs.is_empty() {
-            snap.values().flat_map(|n| n.pod_cidrs.iter().copied()).collect()
-        } else {
-            self.opts.cluster_cidrs.clone()
-        };
-        keep_source.extend(&self.opts.no_masquerade_cidrs);
-        // Traffic to this node's former pods is pod traffic too.
-        keep_source.extend(retained);
-        let own: Vec<IpNetwork> = me.pod_cidrs.iter().chain(retained).copied().collect();
-        let want = (own, keep_source);
+        let want = masq_inputs(&self.opts, snap, me, retained);
         if self.masq.as_ref() != Some(&want) {
             let random = masq::apply(&want.0, &want.1, self.opts.masquerade_fully_random)?;
             self.metrics.masquerade_fully_random.store(random, Ordering::Relaxed);
