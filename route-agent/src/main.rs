@@ -11,7 +11,9 @@ use ipnetwork::IpNetwork;
 #[command(
     name = "cni-route-agent",
     version,
-    after_help = "Also: cni-route-agent install-cni --help, cni-route-agent uninstall --help"
+    after_help = "Also: cni-route-agent install-cni --help, cni-route-agent uninstall --help, and\n\
+                  cni-route-agent plan [--json] <the flags above>: what a sync would do now\n\
+                  (routes, nexthops, tunnel entries, masquerade set), changing nothing"
 )]
 struct Cli {
     /// This node's name.
@@ -190,7 +192,17 @@ fn main() -> std::process::ExitCode {
     if let Some(code) = cni_route_agent::install::dispatch(std::env::args_os()) {
         return code;
     }
-    let cli = Cli::parse();
+    // `plan [--json]` takes the daemon's own flags: it plans what that daemon would do.
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let plan = args.get(1).is_some_and(|a| a == "plan");
+    let mut json = false;
+    if plan {
+        args.remove(1);
+        let before = args.len();
+        args.retain(|a| a != "--json");
+        json = args.len() != before;
+    }
+    let cli = Cli::parse_from(args);
     init_logs(cli.log_format);
     if cli.node_ip.iter().filter(|a| a.is_ipv4()).count() > 1
         || cli.node_ip.iter().filter(|a| a.is_ipv6()).count() > 1
@@ -253,7 +265,29 @@ fn main() -> std::process::ExitCode {
         vxlan: cni_route_agent::vxlan::VxlanConfig { vni: cli.vxlan_vni, port: cli.vxlan_port },
         vxlan_mtu_always: cli.vxlan_mtu_always,
     };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("starting the runtime: {e}");
+            return std::process::ExitCode::from(1);
+        }
+    };
+    if plan {
+        return match rt.block_on(cni_route_agent::dryrun::compute(&opts)) {
+            Ok(p) if json => {
+                println!("{p:#}");
+                std::process::ExitCode::SUCCESS
+            }
+            Ok(p) => {
+                print!("{}", cni_route_agent::dryrun::table(&p));
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("plan: {e}");
+                std::process::ExitCode::from(1)
+            }
+        };
+    }
     match rt.block_on(run(opts)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
