@@ -114,6 +114,9 @@ pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> Result<(
         let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
+        // Closed before it gets its name: an exec of a file still open for writing anywhere
+        // fails with ETXTBSY (found by tests/upgrade.rs: a plugin run during install-cni).
+        drop(f);
         fs::rename(&tmp, dir.join(name))?;
         // The rename itself is durable only once the directory is synced.
         File::open(dir)?.sync_all()
