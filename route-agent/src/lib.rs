@@ -5,6 +5,7 @@
 
 pub mod conflist;
 pub mod conntrack;
+pub mod doctor;
 pub mod dryrun;
 pub mod error;
 pub mod gateways;

@@ -13,7 +13,10 @@ use ipnetwork::IpNetwork;
     version,
     after_help = "Also: cni-route-agent install-cni --help, cni-route-agent uninstall --help, and\n\
                   cni-route-agent plan [--json] <the flags above>: what a sync would do now\n\
-                  (routes, nexthops, tunnel entries, masquerade set), changing nothing"
+                  (routes, nexthops, tunnel entries, masquerade set), changing nothing;\n\
+                  cni-route-agent doctor [--json] [--bin-dir /opt/cni/bin] <the flags above>: checks\n\
+                  the node's routes, tunnel, conflist and masquerade against the plan, and runs\n\
+                  the installed cni-bridge doctor; exit status 1 on any failure"
 )]
 struct Cli {
     /// This node's name.
@@ -193,14 +196,27 @@ fn main() -> std::process::ExitCode {
         return code;
     }
     // `plan [--json]` takes the daemon's own flags: it plans what that daemon would do.
+    // `doctor [--json] [--bin-dir DIR]` too.
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let plan = args.get(1).is_some_and(|a| a == "plan");
+    let doctor = args.get(1).is_some_and(|a| a == "doctor");
     let mut json = false;
-    if plan {
+    let mut bin_dir = std::path::PathBuf::from("/opt/cni/bin");
+    if plan || doctor {
         args.remove(1);
         let before = args.len();
         args.retain(|a| a != "--json");
         json = args.len() != before;
+        if let Some(i) = args.iter().position(|a| a == "--bin-dir").filter(|_| doctor) {
+            match args.get(i + 1) {
+                Some(dir) => bin_dir = dir.into(),
+                None => {
+                    eprintln!("doctor: --bin-dir needs a value");
+                    return std::process::ExitCode::from(2);
+                }
+            }
+            args.drain(i..i + 2);
+        }
     }
     let cli = Cli::parse_from(args);
     init_logs(cli.log_format);
@@ -272,6 +288,15 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(1);
         }
     };
+    if doctor {
+        let checks = rt.block_on(cni_route_agent::doctor::run(&opts, &bin_dir));
+        if json {
+            println!("{}", serde_json::to_string_pretty(&checks).unwrap_or_default());
+        } else {
+            print!("{}", cni_route_agent::doctor::table(&checks));
+        }
+        return std::process::ExitCode::from(u8::from(checks.iter().any(|c| c.status == "fail")));
+    }
     if plan {
         return match rt.block_on(cni_route_agent::dryrun::compute(&opts)) {
             Ok(p) if json => {
