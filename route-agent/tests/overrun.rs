@@ -81,14 +81,19 @@ fn lost_kernel_events_make_the_agent_resync_at_once_not_at_the_next_tick() {
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap());
     node.enter(&mut c);
-    let _agent = Agent(c.spawn().expect("start agent"));
+    let agent = Agent(c.spawn().expect("start agent"));
+    let pid = nix::unistd::Pid::from_raw(agent.0.id() as i32);
     let conflist = tmp.0.join("cni").join("10-cni-route-agent.conflist");
     eventually("the agent synced once", || conflist.exists());
     // 20,000 routes of the agent's protocol that no node wants, added in one burst by someone
     // else. Additions wake nobody by themselves; their notifications overflow the agent's
     // event socket, and the lost events (one of them could have been a deletion of ours) must
     // make it resync, which removes these.
+    // Stopped meanwhile, so that it cannot keep up however fast this machine is: the
+    // notifications overflow its socket for sure, as they do on a busy node.
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
     flood_routes(node, 20_000);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT");
     let count = || node.ip(&["route", "show", "proto", "168"]).lines().count();
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
     let gone = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
