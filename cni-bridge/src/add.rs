@@ -556,10 +556,13 @@ impl<'a> Attach<'a> {
         name: &str,
         want: IpNetwork,
     ) -> Result<(), BridgeError> {
-        for have in self.host.addresses(link.index).await? {
-            if have == want {
-                return Ok(());
-            }
+        let present = self.host.addresses(link.index).await?;
+        // Wherever it is in the list: beside it may be the gateway of a former pod CIDR
+        // whose pods still use it (the route agent adds the new one before a range changes).
+        if present.contains(&want) {
+            return Ok(());
+        }
+        for have in present {
             let conflicts = have.is_ipv4() == want.is_ipv4()
                 && (want.is_ipv4() || have.contains(want.ip()) || want.contains(have.ip()));
             if conflicts {

@@ -39,6 +39,9 @@ pub enum AgentError {
     /// The NetworkPolicy table could not be written.
     #[error("network policy: {0}")]
     Policy(String),
+    /// A netlink socket overflowed (ENOBUFS): messages were lost; resync at once.
+    #[error("netlink socket overrun: {0}")]
+    Overrun(String),
 }
 
 impl AgentError {

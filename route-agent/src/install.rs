@@ -278,6 +278,7 @@ pub fn uninstall(c: &UninstallCli) -> Result<Vec<String>, String> {
             }
         }
     }
+    handback(&c.data_dir, &mut done, &mut failed);
     if on_path("ip") {
         let proto = c.route_protocol.to_string();
         for family in ["-4", "-6"] {
@@ -291,6 +292,29 @@ pub fn uninstall(c: &UninstallCli) -> Result<Vec<String>, String> {
         Ok(done)
     } else {
         Err(failed.join("; "))
+    }
+}
+
+/// See [`crate::handback`]: the reference's chains for the leases it may DEL, per family.
+fn handback(data_dir: &Path, done: &mut Vec<String>, failed: &mut Vec<String>) {
+    let leases = crate::handback::leases(data_dir);
+    for (v4, save, restore) in
+        [(true, "iptables-save", "iptables-restore"), (false, "ip6tables-save", "ip6tables-restore")]
+    {
+        let pods =
+            leases.iter().filter(|(_, _, ip)| ip.is_ipv4() == v4).map(|(n, id, _)| (n.as_str(), id.as_str()));
+        if !on_path(save) {
+            continue;
+        }
+        let Ok(saved) = run(save, &["-t", "nat"], None) else { continue };
+        if let Some(script) = crate::handback::script(&saved, pods) {
+            match run(restore, &["--noflush", "-w"], Some(&script)) {
+                Ok(_) => {
+                    done.push(format!("declared the reference bridge's chains of the leased pods ({save})"))
+                }
+                Err(e) => failed.push(e),
+            }
+        }
     }
 }
 

@@ -299,6 +299,8 @@ pub fn events(
         MulticastGroup::Neigh,
     ])
     .map_err(AgentError::io("subscribing to netlink events"))?;
+    // Left at the default size on purpose: a sync of thousands of routes echoes each of its
+    // writes here, and decoding them all costs more than the one resync an overrun causes.
     tokio::spawn(conn);
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
@@ -313,6 +315,12 @@ pub fn events(
                 }
                 NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(_))
                 | NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(_)) => true,
+                // Events were lost (the buffer overflowed): one of them may have been a
+                // deletion of ours, so look again.
+                NetlinkPayload::Overrun(_) => {
+                    tracing::info!("kernel events lost (netlink socket overrun): resyncing");
+                    true
+                }
                 _ => false,
             };
             if wake && tx.send(()).is_err() {

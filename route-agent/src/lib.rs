@@ -4,7 +4,12 @@
 //! cluster.
 
 pub mod conflist;
+pub mod conntrack;
+pub mod doctor;
+pub mod dryrun;
 pub mod error;
+pub mod gateways;
+pub mod handback;
 pub mod http;
 pub mod install;
 pub mod kernel;
@@ -12,6 +17,7 @@ pub mod masq;
 pub mod metrics;
 pub mod model;
 pub mod nexthop;
+pub mod overrun;
 pub mod plan;
 pub mod policy;
 pub mod reconcile;
@@ -74,6 +80,8 @@ pub struct Options {
     pub portmap: bool,
     /// Masquerade pod traffic leaving the cluster.
     pub masquerade: bool,
+    /// Masquerade with fully random source ports where the kernel supports it.
+    pub masquerade_fully_random: bool,
     /// Address for /healthz, /readyz, /metrics.
     pub listen: SocketAddr,
     /// Periodic full resync.
@@ -183,21 +191,38 @@ pub async fn run(mut opts: Options) -> Result<(), AgentError> {
     tracing::info!(node = %opts.node_name, protocol = opts.route_protocol, "started");
     let mut reconciler = Reconciler::new(opts, kernel, metrics.clone());
     let mut source_alive = true;
+    // Resyncs in a row after an overrun: see crate::overrun.
+    let mut in_a_row = 0;
+    let mut resync_now = false;
     loop {
-        tokio::select! {
-            r = rx.changed(), if source_alive => if r.is_err() {
-                // Keep serving the last snapshot; wake only on kernel events and ticks.
-                tracing::warn!("node source ended; keeping the last nodes");
-                source_alive = false;
-            },
-            Some(()) = events.recv() => while events.try_recv().is_ok() {},
-            _ = tick.tick() => {},
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+        if std::mem::take(&mut resync_now) {
+            // No waiting: the tick may be 30 s away.
+        } else {
+            tokio::select! {
+                r = rx.changed(), if source_alive => if r.is_err() {
+                    // Keep serving the last snapshot; wake only on kernel events and ticks.
+                    tracing::warn!("node source ended; keeping the last nodes");
+                    source_alive = false;
+                },
+                Some(()) = events.recv() => while events.try_recv().is_ok() {},
+                _ = tick.tick() => {},
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+            }
         }
         let Some(snap) = rx.borrow_and_update().clone() else { continue };
-        if let Err(e) = reconciler.sync(&snap).await {
-            tracing::error!(%e, "sync failed; retrying on the next event or tick");
+        let result = reconciler.sync(&snap).await;
+        match (overrun::next(&result, in_a_row), &result) {
+            (overrun::Next::ResyncNow, Err(e)) => {
+                in_a_row += 1;
+                resync_now = true;
+                tracing::warn!(%e, attempt = in_a_row, "sync lost netlink messages; resyncing at once");
+            }
+            (_, Err(e)) => {
+                in_a_row = 0;
+                tracing::error!(%e, "sync failed; retrying on the next event or tick");
+            }
+            (_, Ok(())) => in_a_row = 0,
         }
         if !reconciler.synced() {
             metrics.ready.store(false, Ordering::Relaxed);

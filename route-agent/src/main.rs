@@ -11,7 +11,12 @@ use ipnetwork::IpNetwork;
 #[command(
     name = "cni-route-agent",
     version,
-    after_help = "Also: cni-route-agent install-cni --help, cni-route-agent uninstall --help"
+    after_help = "Also: cni-route-agent install-cni --help, cni-route-agent uninstall --help, and\n\
+                  cni-route-agent plan [--json] <the flags above>: what a sync would do now\n\
+                  (routes, nexthops, tunnel entries, masquerade set), changing nothing;\n\
+                  cni-route-agent doctor [--json] [--bin-dir /opt/cni/bin] <the flags above>: checks\n\
+                  the node's routes, tunnel, conflist and masquerade against the plan, and runs\n\
+                  the installed cni-bridge doctor; exit status 1 on any failure"
 )]
 struct Cli {
     /// This node's name.
@@ -73,6 +78,11 @@ struct Cli {
     /// Do not masquerade pod traffic leaving the cluster.
     #[arg(long)]
     no_masquerade: bool,
+    /// Masquerade with the kernel's default (sequential) source port choice instead of
+    /// fully random ports (used where the kernel supports them: fewer conntrack insertion
+    /// races, the cause of 5 s DNS timeouts).
+    #[arg(long)]
+    no_masquerade_fully_random: bool,
     /// Address for /healthz, /readyz and /metrics.
     #[arg(long, default_value = "127.0.0.1:9645")]
     listen: SocketAddr,
@@ -193,7 +203,30 @@ fn main() -> std::process::ExitCode {
     if let Some(code) = cni_route_agent::install::dispatch(std::env::args_os()) {
         return code;
     }
-    let cli = Cli::parse();
+    // `plan [--json]` takes the daemon's own flags: it plans what that daemon would do.
+    // `doctor [--json] [--bin-dir DIR]` too.
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let plan = args.get(1).is_some_and(|a| a == "plan");
+    let doctor = args.get(1).is_some_and(|a| a == "doctor");
+    let mut json = false;
+    let mut bin_dir = std::path::PathBuf::from("/opt/cni/bin");
+    if plan || doctor {
+        args.remove(1);
+        let before = args.len();
+        args.retain(|a| a != "--json");
+        json = args.len() != before;
+        if let Some(i) = args.iter().position(|a| a == "--bin-dir").filter(|_| doctor) {
+            match args.get(i + 1) {
+                Some(dir) => bin_dir = dir.into(),
+                None => {
+                    eprintln!("doctor: --bin-dir needs a value");
+                    return std::process::ExitCode::from(2);
+                }
+            }
+            args.drain(i..i + 2);
+        }
+    }
+    let cli = Cli::parse_from(args);
     init_logs(cli.log_format);
     if cli.node_ip.iter().filter(|a| a.is_ipv4()).count() > 1
         || cli.node_ip.iter().filter(|a| a.is_ipv6()).count() > 1
@@ -255,6 +288,7 @@ fn main() -> std::process::ExitCode {
         ipam_data_dir: cli.ipam_data_dir,
         portmap: !cli.no_portmap,
         masquerade: !cli.no_masquerade,
+        masquerade_fully_random: !cli.no_masquerade_fully_random,
         listen: cli.listen,
         resync: Duration::from_secs(cli.resync_seconds.max(1)),
         route_protocol: cli.route_protocol,
@@ -269,7 +303,38 @@ fn main() -> std::process::ExitCode {
         vxlan_mtu_always: cli.vxlan_mtu_always,
         policy,
     };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("starting the runtime: {e}");
+            return std::process::ExitCode::from(1);
+        }
+    };
+    if doctor {
+        let checks = rt.block_on(cni_route_agent::doctor::run(&opts, &bin_dir));
+        if json {
+            println!("{}", serde_json::to_string_pretty(&checks).unwrap_or_default());
+        } else {
+            print!("{}", cni_route_agent::doctor::table(&checks));
+        }
+        return std::process::ExitCode::from(u8::from(checks.iter().any(|c| c.status == "fail")));
+    }
+    if plan {
+        return match rt.block_on(cni_route_agent::dryrun::compute(&opts)) {
+            Ok(p) if json => {
+                println!("{p:#}");
+                std::process::ExitCode::SUCCESS
+            }
+            Ok(p) => {
+                print!("{}", cni_route_agent::dryrun::table(&p));
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("plan: {e}");
+                std::process::ExitCode::from(1)
+            }
+        };
+    }
     match rt.block_on(run(opts)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

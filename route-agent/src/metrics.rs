@@ -41,6 +41,8 @@ pub struct Metrics {
     pub warnings: Mutex<Vec<String>>,
     /// Pod CIDR claims ignored because they overlap an earlier claim.
     pub pod_cidr_conflicts: AtomicU64,
+    /// The masquerade rule picks ports fully at random.
+    pub masquerade_fully_random: AtomicBool,
     /// The source's health: errors by kind, and when it last had a good view.
     pub source: SourceHealth,
     /// The etcd source's connection: errors by kind and reachability (rendered only when it runs).
@@ -273,6 +275,14 @@ impl Metrics {
             "1 once the conflist is written and routes synced.",
             self.ready.load(Ordering::Relaxed) as u8,
         );
+        row(
+            &mut out,
+            "masquerade_fully_random",
+            "gauge",
+            "1 while the masquerade picks source ports fully at random (the kernel supports it).",
+            self.masquerade_fully_random.load(Ordering::Relaxed) as u8,
+        );
+        out.push_str(&crate::conntrack::render());
         out.push_str(&self.etcd.render());
         self.policy.render(&mut out);
         out

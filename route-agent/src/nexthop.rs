@@ -47,8 +47,8 @@ fn socket() -> std::io::Result<Socket> {
     let mut sock = Socket::new(NETLINK_ROUTE)?;
     sock.bind_auto()?;
     sock.connect(&SocketAddr::new(0, 0))?;
-    // Thousands of acks come back at once.
-    let _ = sock.set_rx_buf_sz(8 << 20);
+    // A window of acks comes back at once (see `batch`); past net.core.rmem_max if allowed.
+    crate::overrun::size_receive_buffer(std::os::fd::AsRawFd::as_raw_fd(&sock), crate::overrun::RCVBUF);
     Ok(sock)
 }
 
@@ -105,7 +105,14 @@ pub fn dump() -> Result<Vec<Nexthop>, String> {
     }
 }
 
-/// Sends every request, then collects the acks: errors by sequence number.
+/// Requests sent before their acks are read: the kernel answers each request while the send
+/// is still running, one buffer slot (about 1 KiB) per ack, so sending 20,000 at once
+/// overflowed the receive buffer (ENOBUFS) and lost acks. 256 fit even the default limit
+/// (net.core.rmem_max 208 KiB, doubled by the kernel) when the buffer cannot be forced.
+const WINDOW: usize = 256;
+
+/// Sends the requests a window at a time, collecting each window's acks before the next:
+/// errors by sequence number.
 fn batch(reqs: Vec<Vec<u8>>) -> (usize, Vec<String>) {
     let total = reqs.len();
     if total == 0 {
@@ -116,27 +123,43 @@ fn batch(reqs: Vec<Vec<u8>>) -> (usize, Vec<String>) {
         Err(e) => return (0, vec![e.to_string()]),
     };
     let mut errors = Vec::new();
-    let mut chunk = Vec::new();
-    for r in reqs {
-        if chunk.len() + r.len() > 60_000 {
-            if let Err(e) = sock.send(&chunk, 0) {
-                return (0, vec![e.to_string()]);
+    let mut done = 0;
+    for window in reqs.chunks(WINDOW) {
+        let mut chunk = Vec::new();
+        for r in window {
+            if chunk.len() + r.len() > 60_000 {
+                if let Err(e) = sock.send(&chunk, 0) {
+                    errors.push(e.to_string());
+                    return (done, errors);
+                }
+                chunk.clear();
             }
-            chunk.clear();
+            chunk.extend_from_slice(r);
         }
-        chunk.extend(r);
+        if let Err(e) = sock.send(&chunk, 0) {
+            errors.push(e.to_string());
+            return (done, errors);
+        }
+        let before = errors.len();
+        let lost = collect_acks(&sock, window.len(), &mut errors);
+        done += window.len() - (errors.len() - before).min(window.len());
+        if lost {
+            return (done, errors);
+        }
     }
-    if let Err(e) = sock.send(&chunk, 0) {
-        return (0, vec![e.to_string()]);
-    }
+    (done, errors)
+}
+
+/// Reads `expected` acks into `errors`; true when the socket failed (the rest are lost).
+fn collect_acks(sock: &Socket, expected: usize, errors: &mut Vec<String>) -> bool {
     let mut acked = 0;
-    while acked < total {
+    while acked < expected {
         let mut buf: Vec<u8> = Vec::with_capacity(1 << 16);
         let received = match sock.recv(&mut buf, 0) {
             Ok(received) => received,
             Err(e) => {
                 errors.push(e.to_string());
-                break;
+                return true;
             }
         };
         let walked = walk(&buf[..received], |kind, seq, payload| {
@@ -150,10 +173,10 @@ fn batch(reqs: Vec<Vec<u8>>) -> (usize, Vec<String>) {
         });
         if let Err(e) = walked {
             errors.push(e);
-            break;
+            return true;
         }
     }
-    (total - errors.len().min(total), errors)
+    false
 }
 
 /// Creates (or replaces) nexthops `(id, gateway, output interface)` with protocol `proto`.

@@ -17,7 +17,7 @@ use crate::model::{NodeInfo, Snapshot};
 use crate::nexthop::{Existing, NexthopPlan};
 use crate::plan::{self, Conflict, Desired, Unaddressed};
 use crate::vxlan::{self, VtepPlan};
-use crate::{conflist, masq, nexthop, Options};
+use crate::{conflist, gateways, masq, nexthop, Options};
 
 /// What was reported last, so each problem is logged once per change, not on every sync.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -29,7 +29,39 @@ struct Reported {
 }
 
 /// Inputs of the masquerade rule set: this node's pod CIDRs, and destinations kept unmasqueraded.
-type MasqInputs = (Vec<IpNetwork>, Vec<IpNetwork>);
+pub(crate) type MasqInputs = (Vec<IpNetwork>, Vec<IpNetwork>);
+
+/// The masquerade's sources (this node's pod CIDRs, former ones still `retained` included)
+/// and the destinations that keep the pods' source.
+pub(crate) fn masq_inputs(
+    opts: &Options,
+    snap: &Snapshot,
+    me: &NodeInfo,
+    retained: &[IpNetwork],
+) -> MasqInputs {
+    let mut keep_source: Vec<IpNetwork> = if opts.cluster_cidrs.is_empty() {
+        snap.values().flat_map(|n| n.pod_cidrs.iter().copied()).collect()
+    } else {
+        opts.cluster_cidrs.clone()
+    };
+    keep_source.extend(&opts.no_masquerade_cidrs);
+    // Traffic to this node's former pods is pod traffic too.
+    keep_source.extend(retained);
+    let own: Vec<IpNetwork> = me.pod_cidrs.iter().chain(retained).copied().collect();
+    (own, keep_source)
+}
+
+/// This node as the snapshot has it, with `--node-ip` overriding its addresses per family.
+pub(crate) fn me_in(opts: &Options, snap: &Snapshot) -> Option<NodeInfo> {
+    let mut me = snap.get(&opts.node_name).filter(|n| !n.pod_cidrs.is_empty())?.clone();
+    for ip in &opts.node_ips {
+        match ip {
+            IpAddr::V4(v4) => me.ipv4 = Some(*v4),
+            IpAddr::V6(v6) => me.ipv6 = Some(*v6),
+        }
+    }
+    Some(me)
+}
 
 /// What applying the routes did.
 struct RouteOutcome {
@@ -73,14 +105,7 @@ impl Reconciler {
 
     /// This node as the snapshot has it, with `--node-ip` overriding its addresses per family.
     fn me(&self, snap: &Snapshot) -> Option<NodeInfo> {
-        let mut me = snap.get(&self.opts.node_name).filter(|n| !n.pod_cidrs.is_empty())?.clone();
-        for ip in &self.opts.node_ips {
-            match ip {
-                IpAddr::V4(v4) => me.ipv4 = Some(*v4),
-                IpAddr::V6(v6) => me.ipv6 = Some(*v6),
-            }
-        }
-        Some(me)
+        me_in(&self.opts, snap)
     }
 
     /// One pass: masquerade, nexthops, routes, then the conflist. Errors of single route
@@ -101,10 +126,16 @@ impl Reconciler {
         let tunnelling = plan::Tunnelling { backend: self.opts.backend, local: local.clone() };
         let desired = plan::desired_with(snap, &self.opts.node_name, &nets, &have, &tunnelling);
         self.report(&desired);
+        // Before the conflist can name a new range (see crate::gateways); a failure here must
+        // not keep routes from being written, so it fails the sync only at its end.
+        let (retained, gateway_error) = match &me {
+            Some(me) => self.bridge_gateways(me).await,
+            None => (Vec::new(), None),
+        };
         // Masquerade exceptions first: a route to a new node's pods must never exist while its
         // CIDR is still outside the exceptions (its pods would see the node address).
         if let Some(me) = &me {
-            self.masquerade(snap, me)?;
+            self.masquerade(snap, me, &retained)?;
         }
         let mut underlay_mtu = BTreeMap::new();
         for ip in &local {
@@ -136,6 +167,7 @@ impl Reconciler {
         errors.extend(tunnel_errors);
         errors.extend(ensured.errors);
         errors.extend(cleanup_errors);
+        errors.extend(gateway_error);
         self.record(&desired, &applied, writes, start);
         if !diff_empty {
             tracing::info!(
@@ -150,7 +182,11 @@ impl Reconciler {
         }
         if !errors.is_empty() {
             self.metrics.sync_errors.fetch_add(1, Ordering::Relaxed);
-            return Err(AgentError::Route(format!("{} route or nexthop changes failed", errors.len())));
+            let summary = format!("{} route or nexthop changes failed", errors.len());
+            if errors.iter().any(|e| crate::overrun::is_overrun_message(e)) {
+                return Err(AgentError::Overrun(summary));
+            }
+            return Err(AgentError::Route(summary));
         }
         self.synced = true;
         if let Some(me) = me {
@@ -205,19 +241,30 @@ impl Reconciler {
         RouteOutcome { applied, writes, errors, diff_empty: diff.is_empty() }
     }
 
-    fn masquerade(&mut self, snap: &Snapshot, me: &NodeInfo) -> Result<(), AgentError> {
+    /// The bridge's gateways for this node's pod CIDRs: the former ranges still leased, and
+    /// what went wrong.
+    async fn bridge_gateways(&self, me: &NodeInfo) -> (Vec<IpNetwork>, Option<String>) {
+        let data_dir = std::path::Path::new(&self.opts.ipam_data_dir);
+        match gateways::reconcile(&self.kernel, &me.pod_cidrs, data_dir, &self.opts.network_name).await {
+            Ok(retained) => (retained, None),
+            Err(e) => (Vec::new(), Some(format!("bridge gateways: {e}"))),
+        }
+    }
+
+    /// `retained`: former pod CIDRs of this node still in use; their pods are masqueraded too.
+    fn masquerade(
+        &mut self,
+        snap: &Snapshot,
+        me: &NodeInfo,
+        retained: &[IpNetwork],
+    ) -> Result<(), AgentError> {
         if !self.opts.masquerade {
             return Ok(());
         }
-        let mut keep_source: Vec<IpNetwork> = if self.opts.cluster_cidrs.is_empty() {
-            snap.values().flat_map(|n| n.pod_cidrs.iter().copied()).collect()
-        } else {
-            self.opts.cluster_cidrs.clone()
-        };
-        keep_source.extend(&self.opts.no_masquerade_cidrs);
-        let want = (me.pod_cidrs.clone(), keep_source);
+        let want = masq_inputs(&self.opts, snap, me, retained);
         if self.masq.as_ref() != Some(&want) {
-            masq::apply(&want.0, &want.1)?;
+            let random = masq::apply(&want.0, &want.1, self.opts.masquerade_fully_random)?;
+            self.metrics.masquerade_fully_random.store(random, Ordering::Relaxed);
             self.masq = Some(want);
         }
         Ok(())

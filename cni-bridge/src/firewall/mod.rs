@@ -13,6 +13,7 @@
 pub mod iptables;
 pub mod netlink;
 pub mod nftables;
+pub mod reference;
 pub mod spoof;
 
 use std::net::IpAddr;

@@ -37,9 +37,11 @@ pub fn failed(metrics: &Metrics, error: &AgentError) {
         AgentError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => "missing",
         AgentError::Io { .. } => "read",
         AgentError::Config(_) => "config",
-        AgentError::Netlink { .. } | AgentError::Route(_) | AgentError::Masq(_) | AgentError::Policy(_) => {
-            "other"
-        }
+        AgentError::Netlink { .. }
+        | AgentError::Route(_)
+        | AgentError::Masq(_)
+        | AgentError::Policy(_)
+        | AgentError::Overrun(_) => "other",
     };
     metrics.source.error(kind);
 }

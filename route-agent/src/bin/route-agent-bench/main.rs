@@ -181,6 +181,9 @@ fn main() {
         ip(&ns.0, &["route", "show", &cidr]).contains(&want)
     });
     let change = changed_at.elapsed();
+    // An overrun (ENOBUFS) used to fail the first sync and leave the agent not ready until the
+    // next tick; any sync error at all is a failure here.
+    let sync_errors = metric(&ns.0, "sync_errors_total").unwrap_or(f64::NAN);
     let rss = status_kb(pid, "VmRSS:");
     let hwm = status_kb(pid, "VmHWM:");
     drop(child);
@@ -204,6 +207,7 @@ fn main() {
         "| start to ready (spawn, parse, sync, conflist) | {:.0} ms | | |",
         to_ready.as_secs_f64() * 1e3
     );
+    println!("| syncs with an error | {sync_errors} | 0 | {} |", pass(sync_errors == 0.0));
     println!("| no-op resync: netlink writes | {noop_writes} | 0 | {} |", pass(noop_writes == 0.0));
     println!("| no-op resync duration | {:.0} ms | | |", noop_sync * 1e3);
     println!(
