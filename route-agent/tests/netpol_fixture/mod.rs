@@ -54,7 +54,7 @@ impl Proto {
     }
 }
 
-fn enter(ns: &File) {
+pub fn enter(ns: &File) {
     setns(ns.as_fd(), CloneFlags::CLONE_NEWNET).expect("setns into a test namespace");
 }
 
@@ -162,7 +162,8 @@ pub struct PodInfo {
 }
 
 pub struct Fixture {
-    servers: Vec<Servers>,
+    /// Each pod's servers, by `namespace/name`.
+    servers: BTreeMap<String, Servers>,
     agents: Vec<Option<Agent>>,
     pub cl: Cluster,
     pub tmp: Tmp,
@@ -201,14 +202,14 @@ impl Fixture {
         let tmp = Tmp::new(&format!("netpol-{tag}"));
         let mut cl = Cluster::dual_stack(tag, 2, plugins(), false);
         let mut pods = BTreeMap::new();
-        let mut servers = Vec::new();
+        let mut servers = BTreeMap::new();
         for (i, ns) in NAMESPACES.iter().enumerate() {
             for (j, name) in POD_NAMES.iter().enumerate() {
                 let node = node_of(i, j);
                 let cl_name = format!("{ns}-{name}");
                 let p = cl.add_pod(node, &cl_name).unwrap_or_else(|e| panic!("{e}"));
                 let (v4, v6) = (p.ip, p.ip6.expect("dual-stack"));
-                servers.push(Servers::start(&p.ns));
+                servers.insert(format!("{ns}/{name}"), Servers::start(&p.ns));
                 let labels = Labels::from([("pod".to_string(), name.to_string())]);
                 pods.insert(
                     format!("{ns}/{name}"),
@@ -414,9 +415,9 @@ impl Fixture {
         self.cl.pods.iter().find(|p| &p.name == name).expect("the pod's namespace").ns.file()
     }
 
-    /// Adds a pod without servers on `node`, asking IPAM for `want` (e.g. a deleted pod's
-    /// addresses) when given.
-    pub fn add_client_pod(
+    /// Adds a pod (serving as every fixture pod does) on `node`, asking IPAM for `want`
+    /// (e.g. a deleted pod's addresses) when given.
+    pub fn add_pod(
         &mut self,
         key: &str,
         node: usize,
@@ -429,9 +430,10 @@ impl Fixture {
             self.cl.nodes[node].conf["args"] =
                 json!({"cni": {"ips": [ips[0].to_string(), ips[1].to_string()]}});
         }
-        let added = self.cl.add_pod(node, &cl_name).map(|p| (p.ip, p.ip6));
+        let added = self.cl.add_pod(node, &cl_name).map(|p| (p.ip, p.ip6, Servers::start(&p.ns)));
         self.cl.nodes[node].conf.as_object_mut().unwrap().remove("args");
-        let (v4, v6) = added.unwrap_or_else(|e| panic!("{e}"));
+        let (v4, v6, servers) = added.unwrap_or_else(|e| panic!("{e}"));
+        self.servers.insert(key.into(), servers);
         let v6 = v6.expect("dual-stack");
         self.pods.insert(
             key.into(),
@@ -451,6 +453,7 @@ impl Fixture {
     /// Removes a pod through the plugins (its object stays unless `unlist`).
     pub fn del_pod(&mut self, key: &str, unlist: bool) {
         let name = self.pods[key].cl_name.clone();
+        self.servers.remove(key);
         let index = self.cl.pods.iter().position(|p| p.name == name).expect("the pod exists");
         let out = self.cl.del_pod(index);
         assert_eq!(out.code, 0, "DEL {key}: {} {}", out.stdout, out.stderr);
@@ -526,6 +529,16 @@ impl Fixture {
             }
         }
     }
+}
+
+/// Whether a connection from namespace `ns` to `addr` works (see [`connects`]).
+pub fn connects_from(ns: File, proto: Proto, addr: SocketAddr, timeout: Duration) -> bool {
+    std::thread::spawn(move || {
+        enter(&ns);
+        connects(proto, addr, timeout)
+    })
+    .join()
+    .expect("probe thread")
 }
 
 /// Whether a connection from here to `addr` works: TCP connect, or a UDP echo.
@@ -604,6 +617,11 @@ impl Reach {
             }
         }
         self
+    }
+
+    /// Whether `from -> to` is expected to connect.
+    pub fn allows(&self, from: &str, to: &str) -> bool {
+        self.cells[&(from.to_string(), to.to_string())]
     }
 
     fn matches(&self, m: &Matrix) -> bool {
