@@ -932,7 +932,7 @@ fn restarted_agent(f: &mut Fixture) {
     set(f, base.clone());
     let before = all(&p).peer("", "x", false).peer("y", "x/a", true);
     f.expect("before the restart", &p, TCP, 80, &before);
-    f.kill_agent(0);
+    f.stop_agent(0, false);
     f.expect("agent of node 0 killed", &p, TCP, 80, &before);
     // While it is down the manifests change: its node keeps the old table until it is back.
     let mut changed = base;
@@ -994,6 +994,25 @@ fn restarted_agent(f: &mut Fixture) {
     });
     assert!(violations.is_empty(), "denied pairs connected around the restart:\n{}", violations.join("\n"));
     f.expect("after the restart: the new manifests", &p, TCP, 80, &after);
+    // A clean stop (SIGTERM, as a rolling update does) leaves the table too; a new agent
+    // that finds only a half-written manifest keeps enforcing what it found until the
+    // manifests are whole again.
+    f.stop_agent(1, true);
+    f.expect("agent of node 1 stopped", &p, TCP, 80, &after);
+    let good = f.render();
+    f.write_raw(&good[..good.len() / 2]);
+    f.start_agent(1);
+    netpol_fixture::wait_for("the new agent answers", std::time::Duration::from_secs(20), || {
+        f.metric(1, "policy_syncs_total").is_some()
+    });
+    f.expect("new agent, half-written manifests", &p, TCP, 80, &after);
+    assert_eq!(f.metric(1, "policy_syncs_total"), Some(0.0), "nothing applied from a half-written file");
+    f.policies.clear();
+    f.write();
+    netpol_fixture::wait_for("the new agent syncs", std::time::Duration::from_secs(20), || {
+        f.metric(1, "policy_syncs_total").unwrap_or(0.0) >= 1.0
+    });
+    f.expect("manifests whole again, no policy", &p, TCP, 80, &all(&p));
 }
 
 /// (a) A pod that gets a deleted pod's address never inherits its allowances, also while

@@ -287,9 +287,24 @@ impl Fixture {
         });
     }
 
-    /// Kills the agent of `node` (only that process) and leaves it down.
-    pub fn kill_agent(&mut self, node: usize) {
-        self.agents[node] = None;
+    /// Kills the agent of `node` (only that process: SIGKILL, or SIGTERM and a clean exit
+    /// when `graceful`) and leaves it down.
+    pub fn stop_agent(&mut self, node: usize, graceful: bool) {
+        let mut agent = self.agents[node].take().expect("the agent runs");
+        if graceful {
+            let pid = nix::unistd::Pid::from_raw(agent.child.id() as i32);
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM the agent");
+            let status = agent.child.wait().expect("wait for the agent");
+            assert!(status.success(), "the agent exits cleanly on SIGTERM: {status}");
+        }
+    }
+
+    /// Replaces the manifests with `text` as they are (e.g. a half-written file), no wait.
+    pub fn write_raw(&mut self, text: &str) {
+        let tmp = self.dir.join(".objects.yaml.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, self.dir.join("objects.yaml")).unwrap();
+        self.last = text.to_string();
     }
 
     /// Starts the agent of `node` again (without waiting).
@@ -502,6 +517,7 @@ impl Fixture {
         want6: &Reach,
     ) {
         let deadline = Instant::now() + MATRIX_BOUND;
+        let mut retried: Vec<String> = Vec::new();
         loop {
             let (o4, o6) = std::thread::scope(|s| {
                 let h4 = s.spawn(|| self.observe(pods, proto, port, false, PROBE_TIMEOUT));
@@ -511,8 +527,27 @@ impl Fixture {
             let ok4 = want4.matches(&o4);
             let ok6 = want6.matches(&o6);
             if ok4 && ok6 {
+                if !retried.is_empty() {
+                    // Not a failure (policy changes are asynchronous), but worth seeing.
+                    eprintln!(
+                        "netpol: {what}: {} {port}: matched after {} retries; first mismatches: {}",
+                        proto.name(),
+                        retried.len(),
+                        retried[0]
+                    );
+                }
                 return;
             }
+            let diff = |fam: &str, want: &Reach, got: &Matrix| -> Vec<String> {
+                want.cells
+                    .iter()
+                    .filter(|((a, b), v)| a != b && got.cells.get(&(a.clone(), b.clone())) != Some(v))
+                    .map(|((a, b), v)| format!("{a}->{b} {fam} want {v}"))
+                    .collect()
+            };
+            let mut d = diff("IPv4", want4, &o4);
+            d.extend(diff("IPv6", want6, &o6));
+            retried.push(d.join(", "));
             if Instant::now() > deadline {
                 let mut msg =
                     format!("{what}: {} {port}: the reachability matrix does not match\n", proto.name());
