@@ -108,9 +108,11 @@ impl Engine {
         let want = compile(cluster, &self.node, &self.table);
         let (script, kind) = self.script(&want);
         if kind == Applied::Table && self.applied.is_some() {
-            let now = self.dropped();
-            self.dropped_before[0] += now[0];
-            self.dropped_before[1] += now[1];
+            // Only the replaced table's own counts: what earlier tables counted is in
+            // `dropped_before` already.
+            let replaced = read_counters(&self.table).unwrap_or_default();
+            self.dropped_before[0] = self.dropped_before[0].saturating_add(replaced[0]);
+            self.dropped_before[1] = self.dropped_before[1].saturating_add(replaced[1]);
         }
         if kind != Applied::Nothing {
             if let Err(e) = apply(&script) {
@@ -126,7 +128,7 @@ impl Engine {
     /// Packets dropped by policy since the agent started: (ingress, egress).
     pub fn dropped(&self) -> [u64; 2] {
         let now = read_counters(&self.table).unwrap_or_default();
-        [self.dropped_before[0] + now[0], self.dropped_before[1] + now[1]]
+        [self.dropped_before[0].saturating_add(now[0]), self.dropped_before[1].saturating_add(now[1])]
     }
 }
 
