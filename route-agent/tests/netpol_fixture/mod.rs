@@ -314,6 +314,19 @@ impl Fixture {
         self.agents[node] = Some(a);
     }
 
+    /// Fails if an agent we did not stop has exited (e.g. panicked): every later case would
+    /// fail for that one reason.
+    pub fn check_agents(&mut self) {
+        for (node, agent) in self.agents.iter_mut().enumerate() {
+            if let Some(a) = agent {
+                if let Ok(Some(status)) = a.child.try_wait() {
+                    *agent = None;
+                    panic!("the agent of node {node} exited on its own ({status}); see its stderr above");
+                }
+            }
+        }
+    }
+
     pub fn agent_running(&self, node: usize) -> bool {
         self.agents[node].is_some()
     }
@@ -381,6 +394,7 @@ impl Fixture {
     /// Writes the manifests and waits (bounded) until every running agent has synced the
     /// new view into its node's kernel.
     pub fn apply(&mut self) {
+        self.check_agents();
         let running: Vec<usize> = (0..self.agents.len()).filter(|&n| self.agent_running(n)).collect();
         let before: Vec<f64> =
             running.iter().map(|&n| self.metric(n, "policy_syncs_total").unwrap_or(0.0)).collect();
