@@ -737,22 +737,40 @@ struct Conn {
 }
 
 impl Conn {
-    fn open(ns: std::fs::File, to: std::net::SocketAddr) -> Result<Conn, String> {
+    /// A TCP connection, or a UDP flow (a connected socket: one 5-tuple) to an echo server.
+    fn open(ns: std::fs::File, proto: Proto, to: std::net::SocketAddr) -> Result<Conn, String> {
         use std::io::{Read, Write};
         let (ask, asked) = std::sync::mpsc::channel::<()>();
         let (tell, answer) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
             netpol_fixture::enter(&ns);
-            let mut s = match std::net::TcpStream::connect_timeout(&to, std::time::Duration::from_secs(2)) {
-                Ok(s) => s,
-                Err(e) => return drop(tell.send(Err(format!("connect {to}: {e}")))),
+            let wait = Some(std::time::Duration::from_secs(2));
+            let mut exchange: Box<dyn FnMut() -> std::io::Result<()>> = match proto {
+                Proto::Tcp => {
+                    match std::net::TcpStream::connect_timeout(&to, std::time::Duration::from_secs(2)) {
+                        Ok(mut s) => {
+                            let _ = s.set_read_timeout(wait);
+                            Box::new(move || s.write_all(b"ping").and_then(|_| s.read_exact(&mut [0u8; 4])))
+                        }
+                        Err(e) => return drop(tell.send(Err(format!("connect {to}: {e}")))),
+                    }
+                }
+                Proto::Udp => {
+                    let local: std::net::SocketAddr =
+                        if to.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
+                    let u = std::net::UdpSocket::bind(local).and_then(|u| u.connect(to).map(|_| u));
+                    match u {
+                        Ok(u) => {
+                            let _ = u.set_read_timeout(wait);
+                            Box::new(move || u.send(b"ping").and_then(|_| u.recv(&mut [0u8; 4])).map(drop))
+                        }
+                        Err(e) => return drop(tell.send(Err(format!("UDP socket to {to}: {e}")))),
+                    }
+                }
             };
-            let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(2)));
             let _ = tell.send(Ok(()));
             while asked.recv().is_ok() {
-                let mut buf = [0u8; 4];
-                let r = s.write_all(b"ping").and_then(|_| s.read_exact(&mut buf)).map_err(|e| e.to_string());
-                let _ = tell.send(r);
+                let _ = tell.send(exchange().map_err(|e| e.to_string()));
             }
         });
         let conn = Conn { ask, answer, thread: Some(thread) };
@@ -834,25 +852,43 @@ fn established_connections(f: &mut Fixture) {
     let mut conns = Vec::new();
     for client in ["x/a", "y/a"] {
         for v6 in [false, true] {
-            let to = std::net::SocketAddr::new(f.ip("x/b", v6), 9000);
-            let c = Conn::open(f.ns_file(client), to).unwrap_or_else(|e| panic!("{client} -> x/b: {e}"));
-            c.exchange().unwrap_or_else(|e| panic!("{client} -> {to} before the policy: {e}"));
-            conns.push((format!("{client} -> {to}"), c));
+            for (proto, port) in [(TCP, 9000), (UDP, 80)] {
+                let to = std::net::SocketAddr::new(f.ip("x/b", v6), port);
+                let what = format!("{client} -> {to} {}", proto.name());
+                let c = Conn::open(f.ns_file(client), proto, to).unwrap_or_else(|e| panic!("{what}: {e}"));
+                c.exchange().unwrap_or_else(|e| panic!("{what} before the policy: {e}"));
+                conns.push((what, client, proto, to, c));
+            }
         }
     }
     set(f, vec![policy("x", "deny-ingress", DENY_INGRESS)]);
     let p = ["x/a", "x/b", "y/a"];
     f.expect("new connections after deny-ingress", &p, TCP, 80, &all(&p).peer("", "x", false));
-    for (what, c) in &conns {
-        let port = std::net::SocketAddr::new(f.ip("x/b", what.contains('[')), 9000);
-        assert!(
-            !netpol_fixture::connects_from(f.ns_file(&what[..3]), TCP, port, PROBE),
-            "{what}: a new connection to the echo port is denied"
-        );
+    let fresh: Vec<_> = conns
+        .iter()
+        .map(|(_, client, proto, to, _)| {
+            let (ns, proto, to) = (f.ns_file(client), *proto, *to);
+            std::thread::spawn(move || netpol_fixture::connects_from(ns, proto, to, PROBE))
+        })
+        .collect();
+    for ((what, _, _, _, c), fresh) in conns.iter().zip(fresh) {
+        assert!(!fresh.join().unwrap(), "{what}: a new connection (a new flow) is denied");
         c.exchange().unwrap_or_else(|e| panic!("{what}: the established connection goes on: {e}"));
     }
     drop(conns);
     echo.stop();
+}
+
+/// Port ranges (`endPort`, GA since 1.25; not in the upstream suite's current cases).
+fn end_port_ranges(f: &mut Fixture) {
+    let p = ["x/a", "x/b", "y/a"];
+    set(f, vec![policy("x", "range-80-81", "{podSelector: {matchLabels: {pod: a}}, policyTypes: [Ingress], ingress: [{ports: [{protocol: TCP, port: 80, endPort: 81}]}]}")]);
+    f.expect("80-81 open", &p, TCP, 80, &all(&p));
+    f.expect("80-81 open", &p, TCP, 81, &all(&p));
+    f.expect("80-81 TCP only", &p, UDP, 81, &all(&p).all_ingress("x/a", false));
+    set(f, vec![policy("x", "range-81-90", "{podSelector: {matchLabels: {pod: a}}, policyTypes: [Ingress], ingress: [{ports: [{protocol: TCP, port: 81, endPort: 90}]}]}")]);
+    f.expect("81-90 leaves 80 out", &p, TCP, 80, &all(&p).all_ingress("x/a", false));
+    f.expect("81-90 open", &p, TCP, 81, &all(&p));
 }
 
 /// (c) Malformed policies are contained: the bad part is left out (its traffic stays
@@ -1069,6 +1105,7 @@ fn extra_cases() {
         ("(d) the node reaches its own pods under deny-all".into(), Box::new(node_reaches_its_pods)),
         ("(e) established connections go on".into(), Box::new(established_connections)),
         ("(c) malformed policies are contained and counted".into(), Box::new(malformed_policies)),
+        ("endPort ranges".into(), Box::new(end_port_ranges)),
         ("single-family ipBlocks leave the other family denied".into(), Box::new(single_family_ip_blocks)),
         ("(b) a restarted agent adopts its table, no open window".into(), Box::new(restarted_agent)),
         ("(a) a reused pod address inherits nothing".into(), Box::new(address_reuse)),
