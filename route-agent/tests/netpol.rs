@@ -879,6 +879,16 @@ fn established_connections(f: &mut Fixture) {
     echo.stop();
 }
 
+/// A policy in a file of its own next to the others: added, then deleted (the directory
+/// source sees the file go).
+fn policy_file_deleted(f: &mut Fixture) {
+    let p = ["x/a", "x/b", "y/a"];
+    f.put_file("50-deny.yaml", Some(&policy("x", "deny-ingress", DENY_INGRESS)));
+    f.expect("policy file added", &p, TCP, 80, &all(&p).peer("", "x", false));
+    f.put_file("50-deny.yaml", None);
+    f.expect("policy file deleted", &p, TCP, 80, &all(&p));
+}
+
 /// Port ranges (`endPort`, GA since 1.25; not in the upstream suite's current cases).
 fn end_port_ranges(f: &mut Fixture) {
     let p = ["x/a", "x/b", "y/a"];
@@ -1106,6 +1116,7 @@ fn extra_cases() {
         ("(e) established connections go on".into(), Box::new(established_connections)),
         ("(c) malformed policies are contained and counted".into(), Box::new(malformed_policies)),
         ("endPort ranges".into(), Box::new(end_port_ranges)),
+        ("a policy file deleted from the directory".into(), Box::new(policy_file_deleted)),
         ("single-family ipBlocks leave the other family denied".into(), Box::new(single_family_ip_blocks)),
         ("(b) a restarted agent adopts its table, no open window".into(), Box::new(restarted_agent)),
         ("(a) a reused pod address inherits nothing".into(), Box::new(address_reuse)),

@@ -394,18 +394,43 @@ impl Fixture {
     /// Writes the manifests and waits (bounded) until every running agent has synced the
     /// new view into its node's kernel.
     pub fn apply(&mut self) {
-        self.check_agents();
-        let running: Vec<usize> = (0..self.agents.len()).filter(|&n| self.agent_running(n)).collect();
-        let before: Vec<f64> =
-            running.iter().map(|&n| self.metric(n, "policy_syncs_total").unwrap_or(0.0)).collect();
-        if !self.write() {
-            return;
+        let before = self.syncs();
+        if self.write() {
+            self.wait_synced(&before);
         }
-        for (i, &n) in running.iter().enumerate() {
+    }
+
+    /// Puts `text` into file `name` of the manifest directory (atomically), or removes the
+    /// file when `None`; waits until every running agent synced the change.
+    pub fn put_file(&mut self, name: &str, text: Option<&str>) {
+        let before = self.syncs();
+        let path = self.dir.join(name);
+        match text {
+            Some(text) => {
+                let tmp = self.dir.join(format!(".{name}.tmp"));
+                std::fs::write(&tmp, text).unwrap();
+                std::fs::rename(&tmp, &path).unwrap();
+            }
+            None => std::fs::remove_file(&path).unwrap(),
+        }
+        self.wait_synced(&before);
+    }
+
+    /// `policy_syncs_total` of every running agent.
+    fn syncs(&mut self) -> Vec<(usize, f64)> {
+        self.check_agents();
+        (0..self.agents.len())
+            .filter(|&n| self.agent_running(n))
+            .map(|n| (n, self.metric(n, "policy_syncs_total").unwrap_or(0.0)))
+            .collect()
+    }
+
+    fn wait_synced(&self, before: &[(usize, f64)]) {
+        for &(n, b) in before {
             wait_for(
                 &format!("the agent of node {n} syncs the new manifests"),
                 Duration::from_secs(10),
-                || self.metric(n, "policy_syncs_total").unwrap_or(0.0) > before[i],
+                || self.metric(n, "policy_syncs_total").unwrap_or(0.0) > b,
             );
         }
     }
