@@ -889,6 +889,24 @@ fn policy_file_deleted(f: &mut Fixture) {
     f.expect("policy file deleted", &p, TCP, 80, &all(&p));
 }
 
+/// The policy table deleted by hand (another tool's `nft flush ruleset`, say) comes back:
+/// the agent checks its table on every resync, not only when the manifests change.
+fn table_deleted_by_hand(f: &mut Fixture) {
+    let p = ["x/a", "x/b", "x/c", "y/a", "y/b"];
+    set(f, vec![policy("x", "deny-ingress", DENY_INGRESS)]);
+    let want = all(&p).peer("", "x", false);
+    f.expect("before", &p, TCP, 80, &want);
+    for node in 0..2 {
+        let out = f.cl.nodes[node].ns.run("nft", &["delete", "table", "inet", "cni_route_agent_policy"]);
+        assert!(out.status.success(), "nft delete table: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    f.expect("after the table was deleted by hand", &p, TCP, 80, &want);
+    // And emptied (the chains stay, their rules go).
+    let out = f.cl.nodes[0].ns.run("nft", &["flush", "table", "inet", "cni_route_agent_policy"]);
+    assert!(out.status.success(), "nft flush table: {}", String::from_utf8_lossy(&out.stderr));
+    f.expect("after the table was flushed by hand", &p, TCP, 80, &want);
+}
+
 /// Port ranges (`endPort`, GA since 1.25; not in the upstream suite's current cases).
 fn end_port_ranges(f: &mut Fixture) {
     let p = ["x/a", "x/b", "y/a"];
@@ -1054,10 +1072,7 @@ fn restarted_agent(f: &mut Fixture) {
     f.expect("new agent, half-written manifests", &p, TCP, 80, &after);
     assert_eq!(f.metric(1, "policy_syncs_total"), Some(0.0), "nothing applied from a half-written file");
     f.policies.clear();
-    f.write();
-    netpol_fixture::wait_for("the new agent syncs", std::time::Duration::from_secs(20), || {
-        f.metric(1, "policy_syncs_total").unwrap_or(0.0) >= 1.0
-    });
+    f.apply();
     f.expect("manifests whole again, no policy", &p, TCP, 80, &all(&p));
 }
 
@@ -1117,6 +1132,7 @@ fn extra_cases() {
         ("(c) malformed policies are contained and counted".into(), Box::new(malformed_policies)),
         ("endPort ranges".into(), Box::new(end_port_ranges)),
         ("a policy file deleted from the directory".into(), Box::new(policy_file_deleted)),
+        ("a policy table deleted by hand comes back".into(), Box::new(table_deleted_by_hand)),
         ("single-family ipBlocks leave the other family denied".into(), Box::new(single_family_ip_blocks)),
         ("(b) a restarted agent adopts its table, no open window".into(), Box::new(restarted_agent)),
         ("(a) a reused pod address inherits nothing".into(), Box::new(address_reuse)),

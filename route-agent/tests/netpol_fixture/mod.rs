@@ -268,7 +268,9 @@ impl Fixture {
             .arg(self.tmp.0.join(format!("cni{node}")))
             .arg("--policy-path")
             .arg(&self.dir)
-            .args(["--no-portmap", "--resync-seconds", "3600"])
+            // A short resync: the agent's periodic checks (its policy table is there) are seen
+            // within a case's bound.
+            .args(["--no-portmap", "--resync-seconds", "2"])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
@@ -587,6 +589,8 @@ impl Fixture {
             let mut d = diff("IPv4", want4, &o4);
             d.extend(diff("IPv6", want6, &o6));
             retried.push(d.join(", "));
+            // Polling, bounded by the deadline: a round of connects that all succeed is quick.
+            std::thread::sleep(Duration::from_millis(50));
             if Instant::now() > deadline {
                 let mut msg =
                     format!("{what}: {} {port}: the reachability matrix does not match\n", proto.name());
