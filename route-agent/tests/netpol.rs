@@ -816,25 +816,31 @@ fn node_reaches_its_pods(f: &mut Fixture) {
     set(f, NAMESPACES_XYZ.iter().map(|ns| policy(ns, "deny-all", deny_all)).collect());
     let p = ["x/a", "x/b", "y/a", "y/b"];
     f.expect("pods under deny-all", &p, TCP, 80, &Reach::new(&p, false));
-    let mut probes = Vec::new();
-    for (key, pod) in &f.pods {
-        for v6 in [false, true] {
-            for node in 0..2 {
-                let addr = std::net::SocketAddr::new(f.ip(key, v6), 80);
-                let ns = f.cl.nodes[node].ns.file();
-                let own = node == pod.node;
-                let h = std::thread::spawn(move || netpol_fixture::connects_from(ns, TCP, addr, PROBE));
-                probes.push((format!("node {node} -> {key} {addr}"), own, h));
+    let deadline = std::time::Instant::now() + netpol_fixture::MATRIX_BOUND;
+    let seen = loop {
+        let mut probes = Vec::new();
+        for (key, pod) in &f.pods {
+            for v6 in [false, true] {
+                for node in 0..2 {
+                    let addr = std::net::SocketAddr::new(f.ip(key, v6), 80);
+                    let ns = f.cl.nodes[node].ns.file();
+                    let own = node == pod.node;
+                    let h = std::thread::spawn(move || netpol_fixture::connects_from(ns, TCP, addr, PROBE));
+                    probes.push((format!("node {node} -> {key} {addr}"), own, h));
+                }
             }
         }
-    }
-    let seen: Vec<String> = probes
-        .into_iter()
-        .filter_map(|(what, own, h)| {
-            let ok = h.join().unwrap();
-            (ok != own).then(|| format!("{what}: connected={ok}"))
-        })
-        .collect();
+        let seen: Vec<String> = probes
+            .into_iter()
+            .filter_map(|(what, own, h)| {
+                let ok = h.join().unwrap();
+                (ok != own).then(|| format!("{what}: connected={ok}"))
+            })
+            .collect();
+        if seen.is_empty() || std::time::Instant::now() > deadline {
+            break seen;
+        }
+    };
     assert!(
         seen.is_empty(),
         "a node reaches exactly its own pods under deny-all; not so:\n{}",
@@ -843,6 +849,16 @@ fn node_reaches_its_pods(f: &mut Fixture) {
 }
 
 const NAMESPACES_XYZ: [&str; 3] = ["x", "y", "z"];
+
+/// Probes until `probe` says `want` or the matrix bound passes (a connect may time out on a
+/// starved machine; a denied one never connects), then fails naming `what`.
+fn settle(what: &str, want: bool, mut probe: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + netpol_fixture::MATRIX_BOUND;
+    while probe() != want {
+        assert!(std::time::Instant::now() < deadline, "{what}: expected connected={want}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
 const PROBE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// (e) A connection established before a policy denies it goes on (the engine accepts
@@ -905,6 +921,54 @@ fn table_deleted_by_hand(f: &mut Fixture) {
     let out = f.cl.nodes[0].ns.run("nft", &["flush", "table", "inet", "cni_route_agent_policy"]);
     assert!(out.status.success(), "nft flush table: {}", String::from_utf8_lossy(&out.stderr));
     f.expect("after the table was flushed by hand", &p, TCP, 80, &want);
+}
+
+/// ipBlocks for what is outside the cluster: a host on the underlay (IPv4), reached by pods
+/// through the node's masquerade (egress is decided before it, on the pod's own address),
+/// and reaching pods of node 0 through a route (ingress).
+fn outside_the_cluster(f: &mut Fixture) {
+    let ext = f.cl.external("npext", 50);
+    let (cidr, gw) = (f.cl.nodes[0].pod_cidr.clone(), f.cl.nodes[0].ip.to_string());
+    ext.ip(&["route", "add", &cidr, "via", &gw]);
+    let echo = Echo::start(ext.file(), 9000);
+    let host: std::net::SocketAddr = "10.200.0.50:9000".parse().unwrap();
+    let out = |f: &Fixture, pod: &str| netpol_fixture::connects_from(f.ns_file(pod), TCP, host, PROBE);
+    let inside = |f: &Fixture, pod: &str| {
+        let to = std::net::SocketAddr::new(f.ip(pod, false), 80);
+        netpol_fixture::connects_from(ext.file(), TCP, to, PROBE)
+    };
+    let p = ["x/a", "x/b", "y/a"];
+    settle("x/a reaches the outside host", true, || out(f, "x/a"));
+    settle("the outside host reaches x/a", true, || inside(f, "x/a"));
+    let egress = |to: &str| {
+        format!(
+            "{{podSelector: {{matchLabels: {{pod: a}}}}, policyTypes: [Egress], egress: [{{to: [{to}]}}]}}"
+        )
+    };
+    set(f, vec![policy("x", "egress-to-host", &egress("{ipBlock: {cidr: 10.200.0.50/32}}"))]);
+    f.expect("egress to the outside host only", &p, TCP, 80, &all(&p).all_egress("x/a", false));
+    settle("x/a reaches the outside host its ipBlock names", true, || out(f, "x/a"));
+    set(
+        f,
+        vec![policy(
+            "x",
+            "egress-to-host",
+            &egress("{ipBlock: {cidr: 10.200.0.0/24, except: [10.200.0.50/32]}}"),
+        )],
+    );
+    settle("x/a does not reach the outside host its ipBlock excepts", false, || out(f, "x/a"));
+    settle("x/b is not selected", true, || out(f, "x/b"));
+    let ingress = |from: &str| {
+        format!(
+            "{{podSelector: {{matchLabels: {{pod: a}}}}, policyTypes: [Ingress], ingress: [{{from: [{{ipBlock: {{cidr: {from}}}}}]}}]}}"
+        )
+    };
+    set(f, vec![policy("x", "ingress-from-host", &ingress("10.200.0.50/32"))]);
+    f.expect("ingress from the outside host only", &p, TCP, 80, &all(&p).all_ingress("x/a", false));
+    settle("the outside host its ipBlock names reaches x/a", true, || inside(f, "x/a"));
+    set(f, vec![policy("x", "ingress-from-host", &ingress("10.200.0.60/32"))]);
+    settle("another outside host's ipBlock does not let this one in", false, || inside(f, "x/a"));
+    echo.stop();
 }
 
 /// Port ranges (`endPort`, GA since 1.25; not in the upstream suite's current cases).
@@ -1131,6 +1195,7 @@ fn extra_cases() {
         ("(e) established connections go on".into(), Box::new(established_connections)),
         ("(c) malformed policies are contained and counted".into(), Box::new(malformed_policies)),
         ("endPort ranges".into(), Box::new(end_port_ranges)),
+        ("ipBlocks outside the cluster (through masquerade)".into(), Box::new(outside_the_cluster)),
         ("a policy file deleted from the directory".into(), Box::new(policy_file_deleted)),
         ("a policy table deleted by hand comes back".into(), Box::new(table_deleted_by_hand)),
         ("single-family ipBlocks leave the other family denied".into(), Box::new(single_family_ip_blocks)),
