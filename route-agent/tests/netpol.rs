@@ -1140,6 +1140,21 @@ fn restarted_agent(f: &mut Fixture) {
     f.expect("manifests whole again, no policy", &p, TCP, 80, &all(&p));
 }
 
+/// A pod created under policies that select it is isolated as soon as its object lists its
+/// addresses (pod churn goes into the kernel as set elements), on either node.
+fn new_pods_are_isolated(f: &mut Fixture) {
+    set(f, vec![policy("x", "deny-ingress", DENY_INGRESS)]);
+    let labels = netpol_fixture::Labels::from([("pod".to_string(), "d".to_string())]);
+    f.add_pod("x/d", 0, labels.clone(), "2026-01-01T00:30:00Z", None);
+    f.add_pod("x/e", 1, labels, "2026-01-01T00:30:00Z", None);
+    f.apply();
+    let p = ["x/a", "x/d", "x/e", "y/a", "y/b"];
+    f.expect("new pods in x", &p, TCP, 80, &all(&p).peer("", "x", false));
+    f.del_pod("x/d", true);
+    f.del_pod("x/e", true);
+    f.apply();
+}
+
 /// (a) A pod that gets a deleted pod's address never inherits its allowances, also while
 /// both objects are listed (the newer one owns the address).
 fn address_reuse(f: &mut Fixture) {
@@ -1200,6 +1215,7 @@ fn extra_cases() {
         ("a policy table deleted by hand comes back".into(), Box::new(table_deleted_by_hand)),
         ("single-family ipBlocks leave the other family denied".into(), Box::new(single_family_ip_blocks)),
         ("(b) a restarted agent adopts its table, no open window".into(), Box::new(restarted_agent)),
+        ("new pods are isolated".into(), Box::new(new_pods_are_isolated)),
         ("(a) a reused pod address inherits nothing".into(), Box::new(address_reuse)),
     ];
     run_cases(&mut f, &cases);
