@@ -140,7 +140,7 @@ fn start_policy(opts: &Options, metrics: &Arc<Metrics>) {
             tracing::error!(%e, "policy source stopped; enforcing its last view");
         }
     });
-    tokio::spawn(policy::run(opts.node_name.clone(), rx, metrics.clone()));
+    tokio::spawn(policy::run(opts.node_name.clone(), rx, metrics.clone(), opts.resync));
 }
 
 /// Runs the agent until SIGTERM/SIGINT. Routes stay in place on exit, so pods keep working

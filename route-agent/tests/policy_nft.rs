@@ -52,3 +52,55 @@ fn every_kind_of_rule_loads_and_pod_churn_is_element_updates() {
     assert_eq!(kind, cni_route_agent::policy::Applied::Elements, "{script}");
     nft(&ns, &script).unwrap();
 }
+
+/// The drop counters survive table replacements exactly: each replaced table's count is
+/// carried over once (it used to be carried over with everything carried before, doubling
+/// the total on every policy change until the addition overflowed and the agent panicked).
+#[test]
+fn dropped_packets_add_up_across_table_replacements() {
+    require_root("dropped_packets_add_up_across_table_replacements");
+    let ns = Netns::new("poldrop");
+    let f = ns.file();
+    std::thread::spawn(move || {
+        // The engine's nft runs inherit this thread's namespace.
+        nix::sched::setns(std::os::fd::AsFd::as_fd(&f), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let pods = "\
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: x, labels: {pod: a}}
+spec: {nodeName: n1, containers: [{name: c}]}
+status: {podIPs: [{ip: 10.244.1.5}]}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny-egress, namespace: x}
+spec: {podSelector: {}, policyTypes: [Egress], egress: []}
+";
+        let extra = "---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: other, namespace: x}
+spec: {podSelector: {matchLabels: {pod: b}}, policyTypes: [Ingress]}
+";
+        let mut clusters = Vec::new();
+        for text in [pods.to_string(), format!("{pods}{extra}")] {
+            let mut cluster = Cluster::default();
+            parse_into(&text, "t", &mut cluster, &mut Vec::new()).unwrap();
+            clusters.push(cluster);
+        }
+        // The pod's address on lo: what it sends to itself passes the input hook, where
+        // its egress isolation drops it, one datagram one drop.
+        let st = Command::new("ip").args(["addr", "add", "10.244.1.5/32", "dev", "lo"]).status().unwrap();
+        assert!(st.success());
+        let mut engine = Engine::with_table("n1", "poldrop");
+        for round in 1..=6u64 {
+            let (kind, _) = engine.sync(&clusters[(round % 2) as usize]).unwrap();
+            assert_eq!(kind, cni_route_agent::policy::Applied::Table);
+            let u = std::net::UdpSocket::bind("10.244.1.5:0").unwrap();
+            let _ = u.send_to(b"x", "10.244.1.5:9");
+            assert_eq!(engine.dropped(), [0, round], "after {round} tables, one drop each");
+        }
+    })
+    .join()
+    .unwrap();
+}

@@ -108,9 +108,11 @@ impl Engine {
         let want = compile(cluster, &self.node, &self.table);
         let (script, kind) = self.script(&want);
         if kind == Applied::Table && self.applied.is_some() {
-            let now = self.dropped();
-            self.dropped_before[0] += now[0];
-            self.dropped_before[1] += now[1];
+            // Only the replaced table's own counts: what earlier tables counted is in
+            // `dropped_before` already.
+            let replaced = read_counters(&self.table).unwrap_or_default();
+            self.dropped_before[0] = self.dropped_before[0].saturating_add(replaced[0]);
+            self.dropped_before[1] = self.dropped_before[1].saturating_add(replaced[1]);
         }
         if kind != Applied::Nothing {
             if let Err(e) = apply(&script) {
@@ -123,10 +125,26 @@ impl Engine {
         Ok((kind, want))
     }
 
+    /// Whether the kernel still holds what we applied: the table with its dispatch rules. A
+    /// table another tool deleted (`nft flush ruleset`) or emptied (`nft flush table`) is
+    /// not; then the next sync replaces it whole. (Elements changed behind our back are not
+    /// seen: that would mean listing every set.)
+    pub fn intact(&mut self) -> bool {
+        if self.applied.is_none() {
+            return true;
+        }
+        let out = netlink_wire::process::run("nft", &["list", "chain", "inet", &self.table, "forward"], None);
+        let ok = out.is_ok_and(|text| text.contains("goto ingress"));
+        if !ok {
+            self.applied = None;
+        }
+        ok
+    }
+
     /// Packets dropped by policy since the agent started: (ingress, egress).
     pub fn dropped(&self) -> [u64; 2] {
         let now = read_counters(&self.table).unwrap_or_default();
-        [self.dropped_before[0] + now[0], self.dropped_before[1] + now[1]]
+        [self.dropped_before[0].saturating_add(now[0]), self.dropped_before[1].saturating_add(now[1])]
     }
 }
 
@@ -180,17 +198,33 @@ pub fn enable_bridge_netfilter() -> Result<(), AgentError> {
 }
 
 /// Runs the engine: applies every cluster view the source publishes until the channel
-/// closes. Nothing is touched before the first complete view, so a restarted agent keeps
-/// enforcing the previous agent's table until it can replace it whole.
-pub async fn run(node: String, mut rx: watch::Receiver<Option<Arc<Cluster>>>, metrics: Arc<Metrics>) {
+/// closes, and every `resync` checks that its table is still in the kernel (restoring it
+/// whole if another tool removed or emptied it). Nothing is touched before the first
+/// complete view, so a restarted agent keeps enforcing the previous agent's table until it
+/// can replace it whole.
+pub async fn run(
+    node: String,
+    mut rx: watch::Receiver<Option<Arc<Cluster>>>,
+    metrics: Arc<Metrics>,
+    resync: std::time::Duration,
+) {
     let mut engine = Engine::new(&node);
     let mut retry = tokio::time::interval(std::time::Duration::from_secs(5));
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut check = tokio::time::interval(resync);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failed = false;
     loop {
         tokio::select! {
             r = rx.changed() => if r.is_err() { return },
             _ = retry.tick(), if failed => {},
+            _ = check.tick(), if !failed => {
+                if engine.intact() {
+                    continue;
+                }
+                tracing::warn!("network policy table removed or emptied by someone else; restoring it");
+                metrics.policy.errors.fetch_add(1, Ordering::Relaxed);
+            },
         }
         let Some(cluster) = rx.borrow_and_update().clone() else { continue };
         if let Err(e) = enable_bridge_netfilter() {
