@@ -3,12 +3,14 @@
 use cni_proto::{Command, Request};
 use rtnetlink::packet_route::link::InfoKind;
 
-use crate::config::{fmt_mac, BridgeConf};
+use crate::config::BridgeConf;
 use crate::error::BridgeError;
 use crate::firewall;
 use crate::firewall::spoof;
+use crate::mac::fmt_mac;
 use crate::netlink::Nl;
 use crate::netns;
+use crate::run::runtime;
 
 fn fail(why: String) -> BridgeError {
     BridgeError::Check(why)
@@ -26,7 +28,7 @@ pub fn check(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
     let path = req.inv.netns.as_deref().ok_or_else(|| BridgeError::Netns("CNI_NETNS is empty".into()))?;
     let pod_ns = netns::open_pod(path)?;
     let ifname = &req.inv.ifname;
-    crate::runtime()?.block_on(async {
+    runtime()?.block_on(async {
         let host = Nl::here()?;
         let pod = Nl::in_ns(&pod_ns)?;
         let bridge = host

@@ -4,20 +4,12 @@ use cni_proto::{crash_point, Command, Error as CniError, Request};
 use rtnetlink::packet_route::link::InfoKind;
 
 use crate::config::BridgeConf;
-use crate::error::BridgeError;
+use crate::error::{finish, BridgeError};
 use crate::firewall;
 use crate::netlink::Nl;
 use crate::netns;
 use crate::reaping::Recorder;
-
-/// The outcome of a best-effort teardown: every error, or success.
-pub(crate) fn finish(errs: Vec<CniError>) -> Result<(), BridgeError> {
-    if errs.is_empty() {
-        Ok(())
-    } else {
-        Err(BridgeError::Many(errs))
-    }
-}
+use crate::run::{mark, runtime};
 
 /// Where the pod's end of the veth can be found.
 enum PodNs {
@@ -39,7 +31,7 @@ enum PodNs {
 /// then waits 15-35 ms more for an RCU barrier (longer under concurrency, as the kernel runs
 /// those barriers one at a time).
 pub fn del(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
-    crate::mark("start");
+    mark("start");
     let pod_ns = match req.inv.netns.as_deref() {
         None => PodNs::NotGiven,
         // Opened once: a namespace that is gone in any form still lets DEL release the rest,
@@ -76,7 +68,7 @@ pub fn del(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
         let rules = s.spawn(|| {
             let removed = firewall::remove_attachment(conf.masq_backend, &owner).map_err(CniError::from);
             crash_point("bridge-del-after-rules");
-            crate::mark("rules removed");
+            mark("rules removed");
             removed
         });
         let mut errs: Vec<CniError> = Vec::new();
@@ -97,7 +89,7 @@ pub fn del(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
             errs.push(e.into());
         }
         crash_point("bridge-del-after-link");
-        crate::mark("pod interface deleted");
+        mark("pod interface deleted");
         match rules.join() {
             Ok(Err(e)) => errs.push(e),
             Err(_) => errs.push(BridgeError::Masq("rule removal thread panicked".into()).into()),
@@ -114,7 +106,7 @@ pub fn del(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
                 }
                 crash_point("bridge-del-after-ipam");
             }
-            crate::mark("IPAM DEL done");
+            mark("IPAM DEL done");
         }
         // Reaped if it is done by now (a slow IPAM DEL); otherwise it exits after this
         // process. A child that could not be recorded is waited for: it could not be checked.
@@ -144,7 +136,7 @@ fn remove_links(req: &Request, conf: &BridgeConf, pod_ns: &PodNs) -> Result<(), 
     if matches!(pod_ns, PodNs::NotGiven | PodNs::Gone) && host_veth.is_none() {
         return Ok(());
     }
-    crate::runtime()?.block_on(async {
+    runtime()?.block_on(async {
         if let PodNs::Open(ns) = pod_ns {
             return Nl::in_ns(ns)?.del_link_named(&req.inv.ifname).await;
         }

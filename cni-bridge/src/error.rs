@@ -210,6 +210,15 @@ impl From<BridgeError> for CniError {
     }
 }
 
+/// The outcome of a best-effort teardown: every error, or success.
+pub(crate) fn finish(errs: Vec<CniError>) -> Result<(), BridgeError> {
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(BridgeError::Many(errs))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,8 +7,8 @@ use std::net::IpAddr;
 use ipnetwork::IpNetwork;
 use netlink_wire::process;
 
+use super::masquerade::{Entry, Masquerade};
 use super::netlink::{self as nl, NFPROTO_IPV4, NFPROTO_IPV6};
-use super::{Entry, Masquerade};
 use crate::error::BridgeError;
 
 const COMMENT: &str = "cni-bridge";

@@ -11,24 +11,16 @@
 //!   a failure to list is an error, never "nothing there".
 
 pub mod iptables;
+pub mod masquerade;
 pub mod netlink;
 pub mod nftables;
 pub mod spoof;
 
-use std::net::IpAddr;
-
 use ipnetwork::IpNetwork;
 
-use crate::error::BridgeError;
+pub use masquerade::{Entry, Masquerade};
 
-/// One masquerade entry: a pod address and the attachment that owns it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
-    /// The pod address.
-    pub ip: IpAddr,
-    /// [`owner`] of the attachment.
-    pub owner: String,
-}
+use crate::error::BridgeError;
 
 /// The longest network name kept readable in an owner; longer ones are digested.
 const NETWORK_MAX: usize = 64;
@@ -66,24 +58,6 @@ pub fn owner(network: &str, container: &str, ifname: &str) -> String {
 pub fn of_network(network: &str, owner: &str) -> bool {
     let under = |prefix: &str| owner.strip_prefix(prefix).is_some_and(|rest| rest.starts_with('/'));
     under(network) || under(&network_tag(network))
-}
-
-/// What a masquerade backend does: entries added per attachment, listed with their owners,
-/// removed by owner, and whether traffic passes through them.
-pub trait Masquerade {
-    /// The name in `ipMasqBackend` and in errors.
-    fn name(&self) -> &'static str;
-    /// Masquerades traffic from each of `addrs` that leaves its own subnet.
-    fn add(&self, addrs: &[IpNetwork], owner: &str) -> Result<(), BridgeError>;
-    /// Every entry on this node.
-    fn list(&self) -> Result<Vec<Entry>, BridgeError>;
-    /// Removes the entries of every owner satisfying `stale`.
-    fn remove_where(&self, stale: &dyn Fn(&str) -> bool) -> Result<(), BridgeError>;
-    /// Whether traffic actually goes through the entries (the hook rules are in place).
-    fn hooked(&self) -> Result<bool, BridgeError>;
-    /// Whether this backend may hold entries of `owner` (of anyone: `None`) on this node:
-    /// teardown skips it when not. Cheap, without listing.
-    fn may_hold_entries(&self, owner: Option<&str>) -> Result<bool, BridgeError>;
 }
 
 /// Which backend holds the masquerade rules (`ipMasqBackend`).

@@ -11,8 +11,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use ipnetwork::IpNetwork;
 use netlink_wire::process;
 
+use super::masquerade::{Entry, Masquerade};
 use super::netlink::{self as nl, ip_key, NlError, Op, SetRef, NFPROTO_INET};
-use super::{Entry, Masquerade};
 use crate::error::BridgeError;
 
 const TABLE: &str = "inet cni_bridge";

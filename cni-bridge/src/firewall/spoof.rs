@@ -15,8 +15,8 @@ use std::net::IpAddr;
 
 use super::netlink::{self as nl, SetRef, NFPROTO_BRIDGE};
 use super::nftables::apply;
-use crate::config::fmt_mac;
 use crate::error::BridgeError;
+use crate::mac::fmt_mac;
 
 const TABLE: &str = "bridge cni_bridge";
 const fn set(name: &'static str) -> SetRef<'static> {
