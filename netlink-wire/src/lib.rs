@@ -5,36 +5,9 @@
 
 pub mod dump;
 pub mod process;
+pub mod rtnl;
 
-use std::net::IpAddr;
-
-use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
-use rtnetlink::packet_route::route::RouteAddress;
-
-/// The errno of a kernel NACK (positive).
-pub fn errno(error: &rtnetlink::Error) -> Option<i32> {
-    match error {
-        rtnetlink::Error::NetlinkError(message) => message.code.map(|code| -code.get()),
-        _ => None,
-    }
-}
-
-/// An IPv4/IPv6 route address.
-pub fn route_addr(address: &RouteAddress) -> Option<IpAddr> {
-    match address {
-        RouteAddress::Inet(ip) => Some(IpAddr::V4(*ip)),
-        RouteAddress::Inet6(ip) => Some(IpAddr::V6(*ip)),
-        _ => None,
-    }
-}
-
-/// The address of an address message.
-pub fn address_of(message: &AddressMessage) -> Option<IpAddr> {
-    message.attributes.iter().find_map(|attr| match attr {
-        AddressAttribute::Address(ip) => Some(*ip),
-        _ => None,
-    })
-}
+pub use rtnl::{address_of, errno, route_addr};
 
 /// Appends attribute `kind` with `payload`, padded to 4 bytes.
 pub fn attr(buf: &mut Vec<u8>, kind: u16, payload: &[u8]) {
