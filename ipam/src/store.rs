@@ -85,7 +85,9 @@ pub struct IndexFile {
 /// 64-bit FNV-1a: detects accidental damage (an edited character, a dropped line) in a few
 /// lines of code; the index is a cache, not a defence against someone who can write to it.
 fn fnv1a64(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+    let mut h = fnv::FnvHasher::default();
+    std::hash::Hasher::write(&mut h, data);
+    std::hash::Hasher::finish(&h)
 }
 
 /// Field encoding for index lines: ids and interface names of foreign leases may hold spaces

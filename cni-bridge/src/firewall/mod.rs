@@ -25,7 +25,7 @@ use crate::error::BridgeError;
 /// The longest network name kept readable in an owner; longer ones are digested.
 const NETWORK_MAX: usize = 64;
 
-/// FNV-1a over 128 bits: a stable digest without a hashing dependency. Not a defence against
+/// FNV-1a over 128 bits (the `fnv` crate has only 64): a stable digest. Not a defence against
 /// crafted collisions, which would need control of two runtimes' container ids.
 fn fnv1a_128(s: &str) -> u128 {
     const OFFSET: u128 = 0x6c62_272e_07bb_0142_62b8_2175_6295_c58d;
