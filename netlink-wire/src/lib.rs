@@ -47,10 +47,9 @@ pub fn message(kind: u16, flags: u16, seq: u32, family_header: &[u8], attrs: &[u
     msg
 }
 
-/// NLMSG_ERROR (an ack when its errno is 0).
-pub const NLMSG_ERROR: u16 = 2;
-/// NLMSG_DONE (end of a dump).
-pub const NLMSG_DONE: u16 = 3;
+/// The message types [`walk`]'s callers match on (an ack is an NLMSG_ERROR with errno 0),
+/// taken from netlink-packet-core rather than redefined.
+pub use rtnetlink::packet_core::{NLMSG_DONE, NLMSG_ERROR};
 
 /// Calls `visit(type, seq, payload after the header)` for each message in `buf`.
 pub fn walk(buf: &[u8], mut visit: impl FnMut(u16, u32, &[u8])) -> Result<(), String> {
