@@ -246,6 +246,58 @@ fn overwrite(file: &File, data: &[u8]) -> std::io::Result<()> {
     file.set_len(data.len() as u64)
 }
 
+/// The lease files of an open network directory: the leases, and the addresses whose lease is
+/// torn (see [`Lease::parse`]). A link or directory named like an address is not a lease.
+fn scan(dir: &File, path: &Path) -> Result<(BTreeMap<IpAddr, Lease>, Vec<IpAddr>), IpamError> {
+    let listing = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+    let listing = if listing.is_dir() { listing } else { path.to_path_buf() };
+    let mut leases = BTreeMap::new();
+    let mut torn = Vec::new();
+    for ent in fs::read_dir(&listing).map_err(io_ctx("reading", path))? {
+        let ent = ent.map_err(io_ctx("reading", path))?;
+        let Some(ip) = ent.file_name().to_str().and_then(|n| n.parse::<IpAddr>().ok()) else {
+            continue;
+        };
+        // A link or directory named like an address is never handed out (creating the
+        // lease fails) and never followed.
+        if !ent.file_type().map(|t| t.is_file()).unwrap_or(false) {
+            continue;
+        }
+        match read_regular(dir, &ip.to_string()) {
+            Ok(Some(content)) => match Lease::parse(&content) {
+                Some(lease) => {
+                    leases.insert(ip, lease);
+                }
+                None => torn.push(ip),
+            },
+            Ok(None) => {}
+            Err(e) => return Err(open_err("reading", &path.join(ip.to_string()), e)),
+        }
+    }
+    Ok((leases, torn))
+}
+
+/// Every lease of `<data_dir>/<network>` as its files say, read without the lock and without
+/// changing anything (`cni-bridge doctor`): a torn lease is `None` (the next call reclaims it),
+/// a missing directory has none.
+pub fn read_leases(data_dir: &Path, network: &str) -> Result<BTreeMap<IpAddr, Option<Lease>>, IpamError> {
+    let path = data_dir.join(network);
+    let top = match File::open(data_dir) {
+        Ok(top) => top,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        Err(e) => return Err(io_ctx("opening", data_dir)(e)),
+    };
+    let dir = match open_at(&top, network, OFlag::O_RDONLY | OFlag::O_DIRECTORY, 0) {
+        Ok(dir) => dir,
+        Err(Errno::ENOENT) => return Ok(BTreeMap::new()),
+        Err(e) => return Err(open_err("opening", &path, e)),
+    };
+    let (leases, torn) = scan(&dir, &path)?;
+    let mut out: BTreeMap<IpAddr, Option<Lease>> = leases.into_iter().map(|(ip, l)| (ip, Some(l))).collect();
+    out.extend(torn.into_iter().map(|ip| (ip, None)));
+    Ok(out)
+}
+
 /// One network's leases, locked for as long as this value lives.
 pub struct Store {
     /// The network directory's path, for messages only: every access goes through `dir`.
@@ -428,31 +480,7 @@ impl Store {
     /// Rebuilds the index from the lease files (what the reference does on every call),
     /// reclaiming torn ones.
     pub fn rescan(&mut self) -> Result<(), IpamError> {
-        let listing = PathBuf::from(format!("/proc/self/fd/{}", self.dir.as_raw_fd()));
-        let listing = if listing.is_dir() { listing } else { self.path.clone() };
-        let mut leases = BTreeMap::new();
-        let mut torn = Vec::new();
-        for ent in fs::read_dir(&listing).map_err(io_ctx("reading", &self.path))? {
-            let ent = ent.map_err(io_ctx("reading", &self.path))?;
-            let Some(ip) = ent.file_name().to_str().and_then(|n| n.parse::<IpAddr>().ok()) else {
-                continue;
-            };
-            // A link or directory named like an address is never handed out (creating the
-            // lease fails) and never followed.
-            if !ent.file_type().map(|t| t.is_file()).unwrap_or(false) {
-                continue;
-            }
-            match self.read_lease(&ip.to_string()) {
-                Ok(Some(content)) => match Lease::parse(&content) {
-                    Some(lease) => {
-                        leases.insert(ip, lease);
-                    }
-                    None => torn.push(ip),
-                },
-                Ok(None) => {}
-                Err(e) => return Err(open_err("reading", &self.path.join(ip.to_string()), e)),
-            }
-        }
+        let (leases, torn) = scan(&self.dir, &self.path)?;
         self.leases = leases;
         self.stale = true;
         for ip in torn {
@@ -691,6 +719,26 @@ mod tests {
         let s = Store::open(t.path(), "net").unwrap();
         assert_eq!(s.lookup("theirs", "eth0"), [ip("10.0.0.3")], "the foreign lease, for DEL and CHECK");
         assert_eq!(s.lookup("ours", "eth0"), [ip("10.0.0.2")]);
+    }
+
+    /// What `cni-bridge doctor` sees: the files as they are, a torn one as torn (not an owner
+    /// "abc\r" as a split on "\r\n" made of it), nothing written, no lock taken.
+    #[test]
+    fn read_leases_reads_without_changing_anything() {
+        let t = tempfile::tempdir().unwrap();
+        assert!(read_leases(t.path(), "net").unwrap().is_empty(), "no directory: no leases");
+        let net = t.path().join("net");
+        fs::create_dir(&net).unwrap();
+        fs::write(net.join("10.0.0.2"), Lease::render("abc", "eth0")).unwrap();
+        fs::write(net.join("10.0.0.3"), "legacy").unwrap();
+        fs::write(net.join("10.0.0.4"), b"abc\r\n\0\0").unwrap();
+        let got = read_leases(t.path(), "net").unwrap();
+        assert_eq!(got[&ip("10.0.0.2")], Some(Lease { id: "abc".into(), ifname: "eth0".into() }));
+        assert_eq!(got[&ip("10.0.0.3")], Some(Lease { id: "legacy".into(), ifname: String::new() }));
+        assert_eq!(got[&ip("10.0.0.4")], None);
+        let mut names: Vec<_> = fs::read_dir(&net).unwrap().map(|e| e.unwrap().file_name()).collect();
+        names.sort();
+        assert_eq!(names, ["10.0.0.2", "10.0.0.3", "10.0.0.4"]);
     }
 
     #[test]
