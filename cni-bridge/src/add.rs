@@ -407,7 +407,9 @@ impl<'a> Attach<'a> {
     fn join_masquerade(&mut self) -> Result<(), BridgeError> {
         match self.masq_job.take() {
             None => Ok(()),
-            Some(job) => job.join().unwrap_or_else(|_| Err(BridgeError::Masq("nft thread panicked".into()))),
+            Some(job) => {
+                job.join().unwrap_or_else(|_| Err(BridgeError::Firewall("nft thread panicked".into())))
+            }
         }
     }
 

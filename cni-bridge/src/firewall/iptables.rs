@@ -103,12 +103,12 @@ impl Family {
 
     fn restore(&self, script: &str) -> Result<(), BridgeError> {
         process::pipe(self.restore, &["--noflush", "-w"], script)
-            .map_err(|e| BridgeError::Masq(e.to_string()))
+            .map_err(|e| BridgeError::Firewall(e.to_string()))
     }
 
     /// The `nat` table as `iptables-save` prints it.
     fn dump(&self) -> Result<String, BridgeError> {
-        process::run(self.save, &["-t", "nat"], None).map_err(|e| BridgeError::Masq(e.to_string()))
+        process::run(self.save, &["-t", "nat"], None).map_err(|e| BridgeError::Firewall(e.to_string()))
     }
 
     /// Every (address, owner) jump in POSTROUTING, with its saved rule text.
@@ -131,7 +131,7 @@ impl Family {
                 None => c.starts_with(CHAIN_PREFIX),
             })),
             Err(e) if e.is_missing() => Ok(false),
-            Err(e) => Err(BridgeError::Masq(format!("listing the chains of table nat: {e}"))),
+            Err(e) => Err(BridgeError::Firewall(format!("listing the chains of table nat: {e}"))),
         }
     }
 }
@@ -155,7 +155,7 @@ impl Masquerade for Iptables {
                 let others: Vec<String> =
                     chain_owners(&fam.dump()?, &ch).into_iter().filter(|o| o != owner).collect();
                 if !others.is_empty() {
-                    return Err(BridgeError::Masq(format!(
+                    return Err(BridgeError::Firewall(format!(
                         "chain {ch} (the hash of {owner}) belongs to {}: refusing to touch it",
                         others.join(", ")
                     )));
@@ -224,7 +224,7 @@ impl Masquerade for Iptables {
         if errs.is_empty() {
             Ok(())
         } else {
-            Err(BridgeError::Masq(errs.join("; ")))
+            Err(BridgeError::Firewall(errs.join("; ")))
         }
     }
 

@@ -90,8 +90,8 @@ impl Backend {
         }
     }
 
-    /// Its implementation.
-    pub fn imp(self) -> &'static dyn Masquerade {
+    /// The backend's masquerade implementation.
+    pub fn masquerade(self) -> &'static dyn Masquerade {
         match self {
             Backend::Nftables => &nftables::Nftables,
             Backend::Iptables => &iptables::Iptables,
@@ -100,22 +100,22 @@ impl Backend {
 
     /// See [`Masquerade::add`].
     pub fn add(self, addrs: &[IpNetwork], owner: &str) -> Result<(), BridgeError> {
-        self.imp().add(addrs, owner)
+        self.masquerade().add(addrs, owner)
     }
 
     /// See [`Masquerade::list`].
     pub fn list(self) -> Result<Vec<Entry>, BridgeError> {
-        self.imp().list()
+        self.masquerade().list()
     }
 
     /// See [`Masquerade::hooked`].
     pub fn hooked(self) -> Result<bool, BridgeError> {
-        self.imp().hooked()
+        self.masquerade().hooked()
     }
 
     /// See [`Masquerade::remove_where`]: this backend only (ADD's rollback).
     pub fn remove_where(self, stale: impl Fn(&str) -> bool) -> Result<(), BridgeError> {
-        self.imp().remove_where(&stale)
+        self.masquerade().remove_where(&stale)
     }
 }
 
@@ -130,19 +130,19 @@ fn sweep_masquerade(
 ) -> Result<(), BridgeError> {
     let mut errs = Vec::new();
     for b in BACKENDS {
-        let r = match b.imp().may_hold_entries(owner) {
+        let r = match b.masquerade().may_hold_entries(owner) {
             Ok(false) if b != chosen => Ok(()),
-            Ok(_) => b.imp().remove_where(stale),
+            Ok(_) => b.masquerade().remove_where(stale),
             Err(e) => Err(e),
         };
         if let Err(e) = r {
-            errs.push(format!("{} masquerade: {e}", b.imp().name()));
+            errs.push(format!("{} masquerade: {e}", b.masquerade().name()));
         }
     }
     if errs.is_empty() {
         Ok(())
     } else {
-        Err(BridgeError::Masq(errs.join("; ")))
+        Err(BridgeError::Firewall(errs.join("; ")))
     }
 }
 
@@ -164,7 +164,7 @@ fn teardown(chosen: Backend, owner: Option<&str>, stale: &dyn Fn(&str) -> bool) 
     match (masq, spoof) {
         (Ok(()), Ok(())) => Ok(()),
         (Err(e), Ok(())) | (Ok(()), Err(e)) => Err(e),
-        (Err(a), Err(b)) => Err(BridgeError::Masq(format!("{a}; MAC spoof check: {b}"))),
+        (Err(a), Err(b)) => Err(BridgeError::Firewall(format!("{a}; spoof checks: {b}"))),
     }
 }
 
