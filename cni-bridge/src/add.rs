@@ -11,14 +11,16 @@ use cni_proto::{CniResult, Command, Interface, IpConfig, Request, Route};
 use ipnetwork::IpNetwork;
 use rtnetlink::packet_route::link::InfoKind;
 
-use crate::config::{fmt_mac, BridgeConf};
+use crate::config::BridgeConf;
 use crate::error::BridgeError;
 use crate::firewall;
 use crate::firewall::spoof;
 use crate::ipam;
 use crate::lock;
+use crate::mac::fmt_mac;
 use crate::netlink::{Link, Nl};
 use crate::netns;
+use crate::run::{mark, runtime};
 
 /// How long the datapath may take to become ready (port forwarding, IPv6 addresses usable;
 /// with `enabledad`, duplicate address detection takes 1-2 s of that).
@@ -197,14 +199,14 @@ struct Attach<'a> {
 /// Runs ADD for a validated request.
 pub fn add(req: &Request, conf: &BridgeConf) -> Result<CniResult, BridgeError> {
     let path = req.inv.netns.as_deref().ok_or_else(|| BridgeError::Netns("CNI_NETNS is empty".into()))?;
-    crate::mark("start");
+    mark("start");
     let pod_ns = netns::open_pod(path)?;
     // IPAM starts first: it allocates while we open our runtime and sockets.
     let pending = match conf.ipam_type.as_deref().filter(|t| !ipam_needs_interface(t)) {
         Some(plugin) => Some((plugin, ipam::start(plugin, Command::Add, req)?)),
         None => None,
     };
-    let opened = crate::runtime().and_then(|rt| Ok((Nl::here_in(&rt)?, Nl::in_ns_in(&rt, &pod_ns)?, rt)));
+    let opened = runtime().and_then(|rt| Ok((Nl::here_in(&rt)?, Nl::in_ns_in(&rt, &pod_ns)?, rt)));
     let (host, pod, rt) = match opened {
         Ok(sockets) => sockets,
         Err(e) => {
@@ -218,7 +220,7 @@ pub fn add(req: &Request, conf: &BridgeConf) -> Result<CniResult, BridgeError> {
         }
     };
     rt.block_on(async {
-        crate::mark("netlink sockets open");
+        mark("netlink sockets open");
         let mut attach =
             Attach { req, conf, host, pod, pod_ns, made: Vec::new(), masq_job: None, bridge_lock: None };
         let result = attach.run(pending).await;
@@ -290,7 +292,7 @@ impl<'a> Attach<'a> {
         let mut ipam = self.allocate(pending).await?;
         let bridge = self.ensure_bridge().await?;
         checkpoint("bridge-add-after-bridge")?;
-        crate::mark("bridge ensured");
+        mark("bridge ensured");
         let port = self.plumb_veth(&bridge).await?;
         // Attached: from now on a rollback of the ADD that made the bridge sees our port.
         self.bridge_lock = None;
@@ -357,7 +359,7 @@ impl<'a> Attach<'a> {
             Some((plugin, started)) => Some(self.collect_allocation(plugin, started)?),
             None => None,
         };
-        crate::mark("IPAM ADD");
+        mark("IPAM ADD");
         if exists?.is_some() {
             return Err(BridgeError::IfaceExists(self.req.inv.ifname.clone()));
         }
@@ -405,7 +407,9 @@ impl<'a> Attach<'a> {
     fn join_masquerade(&mut self) -> Result<(), BridgeError> {
         match self.masq_job.take() {
             None => Ok(()),
-            Some(job) => job.join().unwrap_or_else(|_| Err(BridgeError::Masq("nft thread panicked".into()))),
+            Some(job) => {
+                job.join().unwrap_or_else(|_| Err(BridgeError::Firewall("nft thread panicked".into())))
+            }
         }
     }
 
@@ -432,12 +436,12 @@ impl<'a> Attach<'a> {
         checkpoint("bridge-add-veth-created")?;
         let link = host.link(&name).await?.ok_or_else(|| BridgeError::LinkVanished(name.clone()))?;
         checkpoint("bridge-add-after-veth")?;
-        crate::mark("veth created");
+        mark("veth created");
         host.set(link.index, "attaching the host veth to the bridge", |l| l.controller(bridge.index).up())
             .await?;
         host.set_port(link.index, conf.hairpin, conf.port_isolation).await?;
         port_vlans(host, link.index, conf, conf.vlan, &conf.trunk).await?;
-        crate::mark("port attached, hairpin set");
+        mark("port attached, hairpin set");
         Ok(Port { name, index: link.index })
     }
 
@@ -500,7 +504,7 @@ impl<'a> Attach<'a> {
             self.pod.add_route(link.index, &via).await?;
         }
         checkpoint("bridge-add-after-routes")?;
-        crate::mark("pod addresses, routes, link up");
+        mark("pod addresses, routes, link up");
         Ok(PodSide { link, routes })
     }
 
@@ -544,7 +548,7 @@ impl<'a> Attach<'a> {
             netns::sysctl("net/ipv6/conf/all/forwarding", "1")?;
         }
         checkpoint("bridge-add-after-gateway")?;
-        crate::mark("gateway and forwarding");
+        mark("gateway and forwarding");
         let v6 = seen.iter().filter_map(|gw| v6_of(gw.ip())).collect();
         Ok(Gateway { name: gw_name, index: gw_link.index, v6, vlan: vlan_gateway })
     }
@@ -664,7 +668,7 @@ impl<'a> Attach<'a> {
                 });
             }
             if port_ready && gateways.is_empty() && pod_addresses.is_empty() && link_local_ready {
-                crate::mark("datapath ready");
+                mark("datapath ready");
                 return Ok(link);
             }
             if start.elapsed() > READY_TIMEOUT {

@@ -4,20 +4,12 @@ use cni_proto::{crash_point, Command, Error as CniError, Request};
 use rtnetlink::packet_route::link::InfoKind;
 
 use crate::config::BridgeConf;
-use crate::error::BridgeError;
+use crate::error::{finish, BridgeError};
 use crate::firewall;
 use crate::netlink::Nl;
 use crate::netns;
 use crate::reaping::Recorder;
-
-/// The outcome of a best-effort teardown: every error, or success.
-pub(crate) fn finish(errs: Vec<CniError>) -> Result<(), BridgeError> {
-    if errs.is_empty() {
-        Ok(())
-    } else {
-        Err(BridgeError::Many(errs))
-    }
-}
+use crate::run::{mark, runtime};
 
 /// Where the pod's end of the veth can be found.
 enum PodNs {
@@ -41,7 +33,7 @@ enum PodNs {
 /// barriers one at a time). That saves a DEL 15-20 ms of a pod teardown that takes seconds,
 /// but not the kernel's work, and leaves a child for someone else to reap.
 pub fn del(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
-    crate::mark("start");
+    mark("start");
     let pod_ns = match req.inv.netns.as_deref() {
         None => PodNs::NotGiven,
         // Opened once: a namespace that is gone in any form still lets DEL release the rest,
@@ -82,7 +74,7 @@ pub fn del(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
                 .and_then(|()| firewall::reference::remove(&req.conf.name, &req.inv.container_id))
                 .map_err(CniError::from);
             crash_point("bridge-del-after-rules");
-            crate::mark("rules removed");
+            mark("rules removed");
             removed
         });
         // Once the pod interface is gone (or could not be deleted): the rules' outcome, then
@@ -93,10 +85,10 @@ pub fn del(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
                 errs.push(e.into());
             }
             crash_point("bridge-del-after-link");
-            crate::mark("pod interface deleted");
+            crate::run::mark("pod interface deleted");
             match rules.join() {
                 Ok(Err(e)) => errs.push(e),
-                Err(_) => errs.push(BridgeError::Masq("rule removal thread panicked".into()).into()),
+                Err(_) => errs.push(BridgeError::Firewall("rule removal thread panicked".into()).into()),
                 Ok(Ok(())) => {}
             }
             // The lease goes last, and only once the rules and the pod interface are gone: a
@@ -111,7 +103,7 @@ pub fn del(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
                     }
                     crash_point("bridge-del-after-ipam");
                 }
-                crate::mark("IPAM DEL done");
+                crate::run::mark("IPAM DEL done");
             }
             errs
         };
@@ -162,7 +154,7 @@ fn remove_links(req: &Request, conf: &BridgeConf, pod_ns: &PodNs) -> Result<(), 
     if matches!(pod_ns, PodNs::NotGiven | PodNs::Gone) && host_veth.is_none() {
         return Ok(());
     }
-    crate::runtime()?.block_on(async {
+    runtime()?.block_on(async {
         if let PodNs::Open(ns) = pod_ns {
             return Nl::in_ns(ns)?.del_link_named(&req.inv.ifname).await;
         }
@@ -234,7 +226,7 @@ impl Inline {
         use std::os::fd::AsRawFd;
         let code = request_delete(self.request.as_raw_fd(), &self.msg);
         let _ = std::io::Write::write_all(&mut std::fs::File::from(self.answer), &code.to_ne_bytes());
-        crate::mark("kernel's delete acked");
+        crate::run::mark("kernel's delete acked");
     }
 }
 
@@ -278,8 +270,8 @@ impl Unlinking {
         .map_err(io("opening a netlink socket in the pod namespace"))?;
         let mut attrs = Vec::new();
         netlink_wire::attr(&mut attrs, IFLA_IFNAME, &netlink_wire::strz(ifname));
-        const NLM_F_REQUEST_ACK: u16 = 0x1 | 0x4;
-        let msg = netlink_wire::message(RTM_DELLINK, NLM_F_REQUEST_ACK, 1, &[0u8; 16], &attrs);
+        let flags = rtnetlink::packet_core::NLM_F_REQUEST | rtnetlink::packet_core::NLM_F_ACK;
+        let msg = netlink_wire::message(RTM_DELLINK, flags, 1, &[0u8; 16], &attrs);
         let (answer, answer_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
             .map_err(|e| io("making a pipe")(std::io::Error::from(e)))?;
         let Some(mut recorder) = recorder else {

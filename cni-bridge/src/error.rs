@@ -12,7 +12,7 @@ pub const CODE_IFACE_EXISTS: u32 = 112;
 /// Code: a netlink request failed.
 pub const CODE_NETLINK: u32 = 113;
 /// Code: the firewall entries (masquerade, spoof check) could not be added, listed or removed.
-pub const CODE_MASQ: u32 = 114;
+pub const CODE_FIREWALL: u32 = 114;
 /// Code: CHECK found the attachment differs from what ADD made.
 pub const CODE_CHECK_FAILED: u32 = 115;
 /// Code: the datapath did not become ready (port, IPv6 addresses), or DAD found a duplicate.
@@ -63,7 +63,7 @@ pub const CODE_TABLE: &[(u32, Reporter)] = &[
     (CODE_ADDRESS_CONFLICT, Reporter::Bridge),
     (CODE_IFACE_EXISTS, Reporter::Bridge),
     (CODE_NETLINK, Reporter::Bridge),
-    (CODE_MASQ, Reporter::Bridge),
+    (CODE_FIREWALL, Reporter::Bridge),
     (CODE_CHECK_FAILED, Reporter::Bridge),
     (CODE_NOT_READY, Reporter::Bridge),
     (CODE_SYSCTL, Reporter::Bridge),
@@ -121,9 +121,10 @@ pub enum BridgeError {
         /// The kernel's (or the socket's) error.
         source: rtnetlink::Error,
     },
-    /// A firewall tool or nftables netlink request failed; the message says which and why.
+    /// A firewall tool or nftables netlink request failed (masquerade or spoof check); the
+    /// message says which and why.
     #[error("{0}")]
-    Masq(String),
+    Firewall(String),
     /// CHECK found a difference.
     #[error("{0}")]
     Check(String),
@@ -193,7 +194,7 @@ impl From<BridgeError> for CniError {
             BridgeError::IfaceExists(_) => CniError::plugin(CODE_IFACE_EXISTS, msg, ""),
             BridgeError::VethNamesTaken(_) | BridgeError::LinkVanished(_) => CniError::TryAgainLater(msg),
             BridgeError::Netlink { .. } => CniError::plugin(CODE_NETLINK, msg, ""),
-            BridgeError::Masq(_) => CniError::plugin(CODE_MASQ, msg, ""),
+            BridgeError::Firewall(_) => CniError::plugin(CODE_FIREWALL, msg, ""),
             BridgeError::Check(_) => CniError::plugin(CODE_CHECK_FAILED, msg, ""),
             BridgeError::NotReady { .. } | BridgeError::DadFailed { .. } => {
                 CniError::plugin(CODE_NOT_READY, msg, "")
@@ -207,6 +208,15 @@ impl From<BridgeError> for CniError {
             }
             BridgeError::Cni(c) => c,
         }
+    }
+}
+
+/// The outcome of a best-effort teardown: every error, or success.
+pub(crate) fn finish(errs: Vec<CniError>) -> Result<(), BridgeError> {
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(BridgeError::Many(errs))
     }
 }
 
@@ -229,7 +239,7 @@ mod tests {
             BridgeError::VethNamesTaken(10),
             BridgeError::LinkVanished("x".into()),
             BridgeError::Netlink { context: "x".into(), source: rtnetlink::Error::RequestFailed },
-            BridgeError::Masq("x".into()),
+            BridgeError::Firewall("x".into()),
             BridgeError::Check("x".into()),
             BridgeError::NotReady { what: "x".into(), seconds: 5 },
             BridgeError::DadFailed { address: [0u16; 8].into(), ifname: "x".into() },
@@ -250,7 +260,7 @@ mod tests {
                 | BridgeError::VethNamesTaken(_)
                 | BridgeError::LinkVanished(_)
                 | BridgeError::Netlink { .. }
-                | BridgeError::Masq(_)
+                | BridgeError::Firewall(_)
                 | BridgeError::Check(_)
                 | BridgeError::NotReady { .. }
                 | BridgeError::DadFailed { .. }

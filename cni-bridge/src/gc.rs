@@ -6,8 +6,7 @@ use std::collections::BTreeSet;
 use cni_proto::{Command, Error as CniError, Request};
 
 use crate::config::BridgeConf;
-use crate::del::finish;
-use crate::error::BridgeError;
+use crate::error::{finish, BridgeError};
 use crate::firewall;
 
 /// Removes this network's firewall entries of attachments that are not valid any more, then

@@ -12,6 +12,8 @@ pub mod error;
 pub mod log;
 pub mod result;
 pub mod skel;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod version;
 
 pub use config::{Attachment, NetConf};

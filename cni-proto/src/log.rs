@@ -21,7 +21,9 @@ use tracing::level_filters::LevelFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::Layer;
 
-use crate::skel::Request;
+use serde_json::Value;
+
+use crate::env::Invocation;
 
 thread_local! {
     static STARTED: Cell<Option<Instant>> = const { Cell::new(None) };
@@ -58,9 +60,15 @@ pub struct Call {
 }
 
 impl Call {
-    /// Sets up the subscriber from `logFile`/`logLevel` (and `CNI_LOG_LEVEL` from `get_env`) and
-    /// enters the call's span.
-    pub fn start(req: &Request, get_env: &dyn Fn(&str) -> Option<String>) -> Call {
+    /// Sets up the subscriber from `logFile`/`logLevel` of the config `raw` (and `CNI_LOG_LEVEL`
+    /// from `get_env`) and enters the call's span. Takes the request's parts, not the request,
+    /// so that logging sits below the dispatcher (skel.rs) that calls it.
+    pub fn start(
+        inv: &Invocation,
+        network: &str,
+        raw: &Value,
+        get_env: &dyn Fn(&str) -> Option<String>,
+    ) -> Call {
         STARTED.with(|s| s.set(Some(Instant::now())));
         let mut problems = Vec::new();
         let mut parse = |what: &str, v: Option<String>| {
@@ -71,11 +79,10 @@ impl Call {
             }
             l
         };
-        let conf_level =
-            parse("logLevel", req.raw.get("logLevel").and_then(|v| v.as_str()).map(str::to_string));
+        let conf_level = parse("logLevel", raw.get("logLevel").and_then(|v| v.as_str()).map(str::to_string));
         let env_level = parse("CNI_LOG_LEVEL", get_env("CNI_LOG_LEVEL"));
         let stderr_level = env_level.or(conf_level).unwrap_or(LevelFilter::WARN);
-        let file = req.raw.get("logFile").and_then(|v| v.as_str()).filter(|p| !p.is_empty()).and_then(|p| {
+        let file = raw.get("logFile").and_then(|v| v.as_str()).filter(|p| !p.is_empty()).and_then(|p| {
             match OpenOptions::new().create(true).append(true).open(p) {
                 Ok(f) => Some(f),
                 Err(e) => {
@@ -102,10 +109,10 @@ impl Call {
         let span = tracing::error_span!(
             "cni",
             plugin = %std::env::args().next().unwrap_or_default().rsplit('/').next().unwrap_or(""),
-            verb = ?req.inv.command,
-            container = %req.inv.container_id,
-            network = %req.conf.name,
-            ifname = %req.inv.ifname,
+            verb = ?inv.command,
+            container = %inv.container_id,
+            network = %network,
+            ifname = %inv.ifname,
         )
         .entered();
         for p in problems {

@@ -109,7 +109,7 @@ pub fn dispatch(
     match prepare(command, get_env, plugin.cni_args(), buf) {
         Err(error) => Outcome::err(&error, &claimed),
         Ok(req) => {
-            let call = crate::log::Call::start(&req, get_env);
+            let call = crate::log::Call::start(&req.inv, &req.conf.name, &req.raw, get_env);
             let vs = req.version.to_string();
             let res = match command {
                 Command::Add => plugin.add(&req).map(|r| Some(r.to_json(req.version))),

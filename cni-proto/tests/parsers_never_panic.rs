@@ -5,21 +5,10 @@
 use std::collections::BTreeMap;
 use std::io::Cursor;
 
+use cni_proto::testing::proptest_config;
 use cni_proto::{dispatch, CniArgs, CniResult, Error, NetConf, Plugin, Request, Version};
 use proptest::prelude::*;
 use serde_json::{json, Value};
-
-/// The same cases on every run unless PROPTEST_RNG_SEED is set: a random seed made CI fail on
-/// whatever a new seed happened to find (explore with `PROPTEST_RNG_SEED=<n> PROPTEST_CASES=<n>`).
-fn config() -> ProptestConfig {
-    let default = ProptestConfig::default();
-    let rng_seed = match std::env::var_os("PROPTEST_RNG_SEED") {
-        Some(_) => default.rng_seed,
-        None => proptest::test_runner::RngSeed::Fixed(0x00c1_5eed),
-    };
-    let cases = if std::env::var_os("PROPTEST_CASES").is_some() { default.cases } else { 256 };
-    ProptestConfig { cases, failure_persistence: None, rng_seed, ..default }
-}
 
 /// The CNI_ARGS keys the [`Echo`] plugin accepts.
 const KNOWN_ARGS: [&str; 3] = ["IP", "MAC", "K8S_POD_NAME"];
@@ -130,7 +119,7 @@ fn well_formed(out: &cni_proto::Outcome) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(config())]
+    #![proptest_config(proptest_config())]
 
     #[test]
     fn cni_args_never_panic(s in ".{0,60}") {

@@ -8,7 +8,7 @@ use ipnetwork::IpNetwork;
 
 use crate::error::IpamError;
 use crate::range::{from_u128, to_u128, Range, RangeSet};
-use crate::store::Store;
+use crate::store::Leases;
 
 /// The number of addresses in `range`, saturated: `::/0` holds 2^128, one more than a u128.
 fn size(range: &Range) -> u128 {
@@ -55,7 +55,7 @@ fn config(range: &Range, ip: IpAddr) -> IpConfig {
 
 /// Moves the cursor to the address just reserved; if that fails (a full disk), the lease goes
 /// too, or the failed ADD would leave it behind with no one to release it.
-fn set_cursor(store: &mut Store, idx: usize, ip: IpAddr) -> Result<(), IpamError> {
+fn set_cursor(store: &mut impl Leases, idx: usize, ip: IpAddr) -> Result<(), IpamError> {
     store.set_last_reserved(idx, Some(&ip.to_string())).inspect_err(|_| {
         let _ = store.release(ip);
     })
@@ -63,7 +63,7 @@ fn set_cursor(store: &mut Store, idx: usize, ip: IpAddr) -> Result<(), IpamError
 
 /// Reserves one address of range set number `idx` for (id, ifname): `requested` if given.
 pub fn allocate(
-    store: &mut Store,
+    store: &mut impl Leases,
     set: &RangeSet,
     idx: usize,
     id: &str,
@@ -116,7 +116,74 @@ pub fn allocate(
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
+    use crate::store::Store;
+
+    /// A store in memory, as host-local's testing FakeStore: the allocator's logic without a
+    /// directory, and failures the directory cannot be made to give.
+    #[derive(Default)]
+    struct Fake {
+        leases: BTreeMap<IpAddr, (String, String)>,
+        cursors: BTreeMap<usize, String>,
+        cursor_fails: bool,
+    }
+
+    impl Leases for Fake {
+        fn lookup(&self, id: &str, ifname: &str) -> Vec<IpAddr> {
+            self.leases.iter().filter(|(_, (i, n))| i == id && n == ifname).map(|(ip, _)| *ip).collect()
+        }
+        fn is_leased(&self, ip: IpAddr) -> bool {
+            self.leases.contains_key(&ip)
+        }
+        fn reserve(&mut self, ip: IpAddr, id: &str, ifname: &str) -> Result<bool, IpamError> {
+            if self.leases.contains_key(&ip) {
+                return Ok(false);
+            }
+            self.leases.insert(ip, (id.into(), ifname.into()));
+            Ok(true)
+        }
+        fn release(&mut self, ip: IpAddr) -> Result<(), IpamError> {
+            self.leases.remove(&ip);
+            Ok(())
+        }
+        fn last_reserved(&self, set: usize) -> Result<Option<IpAddr>, IpamError> {
+            Ok(self.cursors.get(&set).and_then(|c| c.parse().ok()))
+        }
+        fn set_last_reserved(&mut self, set: usize, value: Option<&str>) -> Result<(), IpamError> {
+            if self.cursor_fails {
+                return Err(IpamError::store("writing the cursor", std::io::Error::other("disk full")));
+            }
+            match value {
+                Some(v) => self.cursors.insert(set, v.into()),
+                None => self.cursors.remove(&set),
+            };
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn on_a_fake_store_requests_duplicates_the_cursor_and_its_failure() {
+        let set = set(&[("10.0.0.0/29", None, None)]);
+        let mut s = Fake::default();
+        s.cursors.insert(0, "10.0.0.4".into());
+        assert_eq!(addr(&allocate(&mut s, &set, 0, "a", "eth0", None).unwrap()), "10.0.0.5");
+        assert_eq!(s.cursors[&0], "10.0.0.5");
+        let e = allocate(&mut s, &set, 0, "a", "eth0", None).unwrap_err();
+        assert!(matches!(e, IpamError::Duplicate { .. }), "{e}");
+        assert_eq!(addr(&allocate(&mut s, &set, 0, "b", "eth0", Some(ip("10.0.0.2"))).unwrap()), "10.0.0.2");
+        assert!(allocate(&mut s, &set, 0, "c", "eth0", Some(ip("10.0.0.2"))).is_err(), "taken");
+        assert!(allocate(&mut s, &set, 0, "c", "eth0", Some(ip("10.0.0.1"))).is_err(), "the gateway");
+        // A cursor that cannot be written: the address just reserved is released again.
+        s.cursor_fails = true;
+        assert!(allocate(&mut s, &set, 0, "c", "eth0", None).is_err());
+        assert!(s.lookup("c", "eth0").is_empty());
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
 
     fn set(ranges: &[(&str, Option<&str>, Option<&str>)]) -> RangeSet {
         RangeSet(ranges.iter().map(|(s, a, b)| Range::new(s, *a, *b, None).unwrap()).collect())

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+use cni_proto::testing::proptest_config;
 use cni_proto::{Command, Invocation, NetConf, Plugin, Request};
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};
@@ -13,18 +14,6 @@ use crate::config::IpamConfig;
 use crate::range::Range;
 use crate::store::{parse_index, render_index, IndexFile, Lease};
 use crate::HostLocal;
-
-/// The same cases on every run unless PROPTEST_RNG_SEED is set: a random seed made CI fail on
-/// whatever a new seed happened to find (explore with `PROPTEST_RNG_SEED=<n> PROPTEST_CASES=<n>`).
-fn config() -> ProptestConfig {
-    let default = ProptestConfig::default();
-    let rng_seed = match std::env::var_os("PROPTEST_RNG_SEED") {
-        Some(_) => default.rng_seed,
-        None => proptest::test_runner::RngSeed::Fixed(0x00c1_5eed),
-    };
-    let cases = if std::env::var_os("PROPTEST_CASES").is_some() { default.cases } else { 256 };
-    ProptestConfig { cases, failure_persistence: None, rng_seed, ..default }
-}
 
 /// Addresses and subnets, mostly near each other so that ranges often validate.
 fn ip_like() -> impl Strategy<Value = String> {
@@ -126,7 +115,7 @@ fn request(conf: &Value, args: &str, cmd: Command) -> Option<Request> {
 }
 
 proptest! {
-    #![proptest_config(config())]
+    #![proptest_config(proptest_config())]
 
     #[test]
     fn lease_files_never_panic(content in prop::collection::vec(any::<u8>(), 0..40)) {

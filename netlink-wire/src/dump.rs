@@ -9,7 +9,7 @@ use rtnetlink::packet_route::address::AddressMessage;
 use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage};
 use rtnetlink::{Handle, RouteMessageBuilder};
 
-use crate::route_addr;
+use crate::rtnl::route_addr;
 
 /// An address family to dump routes of: the kernel dumps one family per request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,39 +2,15 @@
 //! attributes, and encoding/decoding raw messages for the families rtnetlink does not speak
 //! (nftables batches, nexthop objects); the rtnetlink dumps both make ([`dump`]); and the one
 //! runner for the command-line tools they drive ([`process`]).
+//!
+//! The runner is no netlink code: it is here because this is the one crate the plugins, the
+//! route agent and the benches all depend on (the agent does not depend on cni-proto).
 
 pub mod dump;
 pub mod process;
+pub mod rtnl;
 
-use std::net::IpAddr;
-
-use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
-use rtnetlink::packet_route::route::RouteAddress;
-
-/// The errno of a kernel NACK (positive).
-pub fn errno(error: &rtnetlink::Error) -> Option<i32> {
-    match error {
-        rtnetlink::Error::NetlinkError(message) => message.code.map(|code| -code.get()),
-        _ => None,
-    }
-}
-
-/// An IPv4/IPv6 route address.
-pub fn route_addr(address: &RouteAddress) -> Option<IpAddr> {
-    match address {
-        RouteAddress::Inet(ip) => Some(IpAddr::V4(*ip)),
-        RouteAddress::Inet6(ip) => Some(IpAddr::V6(*ip)),
-        _ => None,
-    }
-}
-
-/// The address of an address message.
-pub fn address_of(message: &AddressMessage) -> Option<IpAddr> {
-    message.attributes.iter().find_map(|attr| match attr {
-        AddressAttribute::Address(ip) => Some(*ip),
-        _ => None,
-    })
-}
+pub use rtnl::{address_of, errno, route_addr};
 
 /// Appends attribute `kind` with `payload`, padded to 4 bytes.
 pub fn attr(buf: &mut Vec<u8>, kind: u16, payload: &[u8]) {
@@ -74,10 +50,9 @@ pub fn message(kind: u16, flags: u16, seq: u32, family_header: &[u8], attrs: &[u
     msg
 }
 
-/// NLMSG_ERROR (an ack when its errno is 0).
-pub const NLMSG_ERROR: u16 = 2;
-/// NLMSG_DONE (end of a dump).
-pub const NLMSG_DONE: u16 = 3;
+/// The message types [`walk`]'s callers match on (an ack is an NLMSG_ERROR with errno 0),
+/// taken from netlink-packet-core rather than redefined.
+pub use rtnetlink::packet_core::{NLMSG_DONE, NLMSG_ERROR};
 
 /// Calls `visit(type, seq, payload after the header)` for each message in `buf`.
 pub fn walk(buf: &[u8], mut visit: impl FnMut(u16, u32, &[u8])) -> Result<(), String> {

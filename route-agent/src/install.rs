@@ -110,7 +110,9 @@ fn own_dir() -> Result<PathBuf, String> {
 
 /// FNV-1a 64 of a file's bytes: enough to tell "still the file we installed" (not security).
 fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3))
+    let mut h = fnv::FnvHasher::default();
+    std::hash::Hasher::write(&mut h, bytes);
+    std::hash::Hasher::finish(&h)
 }
 
 /// Writes `bytes` to `dir/name` through a temp file in `dir` and a rename.

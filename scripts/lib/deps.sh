@@ -124,3 +124,12 @@ deps_check_toolchain() {
     fi
   done
 }
+
+# CARGO_QUIET: `--quiet` for cargo unless stdout is a terminal. A first build takes minutes;
+# a person watching should see cargo's progress, a CI log only the failures. Used as
+# ${CARGO_QUIET:+"$CARGO_QUIET"}, so that it vanishes when empty.
+if [ -t 1 ]; then
+  CARGO_QUIET=""
+else
+  CARGO_QUIET="--quiet"
+fi

@@ -11,30 +11,22 @@
 //!   a failure to list is an error, never "nothing there".
 
 pub mod iptables;
+pub mod masquerade;
 pub mod netlink;
 pub mod nftables;
 pub mod reference;
 pub mod spoof;
 
-use std::net::IpAddr;
-
 use ipnetwork::IpNetwork;
 
-use crate::error::BridgeError;
+pub use masquerade::{Entry, Masquerade};
 
-/// One masquerade entry: a pod address and the attachment that owns it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
-    /// The pod address.
-    pub ip: IpAddr,
-    /// [`owner`] of the attachment.
-    pub owner: String,
-}
+use crate::error::BridgeError;
 
 /// The longest network name kept readable in an owner; longer ones are digested.
 const NETWORK_MAX: usize = 64;
 
-/// FNV-1a over 128 bits: a stable digest without a hashing dependency. Not a defence against
+/// FNV-1a over 128 bits (the `fnv` crate has only 64): a stable digest. Not a defence against
 /// crafted collisions, which would need control of two runtimes' container ids.
 fn fnv1a_128(s: &str) -> u128 {
     const OFFSET: u128 = 0x6c62_272e_07bb_0142_62b8_2175_6295_c58d;
@@ -69,24 +61,6 @@ pub fn of_network(network: &str, owner: &str) -> bool {
     under(network) || under(&network_tag(network))
 }
 
-/// What a masquerade backend does: entries added per attachment, listed with their owners,
-/// removed by owner, and whether traffic passes through them.
-pub trait Masquerade {
-    /// The name in `ipMasqBackend` and in errors.
-    fn name(&self) -> &'static str;
-    /// Masquerades traffic from each of `addrs` that leaves its own subnet.
-    fn add(&self, addrs: &[IpNetwork], owner: &str) -> Result<(), BridgeError>;
-    /// Every entry on this node.
-    fn list(&self) -> Result<Vec<Entry>, BridgeError>;
-    /// Removes the entries of every owner satisfying `stale`.
-    fn remove_where(&self, stale: &dyn Fn(&str) -> bool) -> Result<(), BridgeError>;
-    /// Whether traffic actually goes through the entries (the hook rules are in place).
-    fn hooked(&self) -> Result<bool, BridgeError>;
-    /// Whether this backend may hold entries of `owner` (of anyone: `None`) on this node:
-    /// teardown skips it when not. Cheap, without listing.
-    fn may_hold_entries(&self, owner: Option<&str>) -> Result<bool, BridgeError>;
-}
-
 /// Which backend holds the masquerade rules (`ipMasqBackend`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -117,8 +91,8 @@ impl Backend {
         }
     }
 
-    /// Its implementation.
-    pub fn imp(self) -> &'static dyn Masquerade {
+    /// The backend's masquerade implementation.
+    pub fn masquerade(self) -> &'static dyn Masquerade {
         match self {
             Backend::Nftables => &nftables::Nftables,
             Backend::Iptables => &iptables::Iptables,
@@ -127,22 +101,22 @@ impl Backend {
 
     /// See [`Masquerade::add`].
     pub fn add(self, addrs: &[IpNetwork], owner: &str) -> Result<(), BridgeError> {
-        self.imp().add(addrs, owner)
+        self.masquerade().add(addrs, owner)
     }
 
     /// See [`Masquerade::list`].
     pub fn list(self) -> Result<Vec<Entry>, BridgeError> {
-        self.imp().list()
+        self.masquerade().list()
     }
 
     /// See [`Masquerade::hooked`].
     pub fn hooked(self) -> Result<bool, BridgeError> {
-        self.imp().hooked()
+        self.masquerade().hooked()
     }
 
     /// See [`Masquerade::remove_where`]: this backend only (ADD's rollback).
     pub fn remove_where(self, stale: impl Fn(&str) -> bool) -> Result<(), BridgeError> {
-        self.imp().remove_where(&stale)
+        self.masquerade().remove_where(&stale)
     }
 }
 
@@ -157,19 +131,19 @@ fn sweep_masquerade(
 ) -> Result<(), BridgeError> {
     let mut errs = Vec::new();
     for b in BACKENDS {
-        let r = match b.imp().may_hold_entries(owner) {
+        let r = match b.masquerade().may_hold_entries(owner) {
             Ok(false) if b != chosen => Ok(()),
-            Ok(_) => b.imp().remove_where(stale),
+            Ok(_) => b.masquerade().remove_where(stale),
             Err(e) => Err(e),
         };
         if let Err(e) = r {
-            errs.push(format!("{} masquerade: {e}", b.imp().name()));
+            errs.push(format!("{} masquerade: {e}", b.masquerade().name()));
         }
     }
     if errs.is_empty() {
         Ok(())
     } else {
-        Err(BridgeError::Masq(errs.join("; ")))
+        Err(BridgeError::Firewall(errs.join("; ")))
     }
 }
 
@@ -191,7 +165,7 @@ fn teardown(chosen: Backend, owner: Option<&str>, stale: &dyn Fn(&str) -> bool) 
     match (masq, spoof) {
         (Ok(()), Ok(())) => Ok(()),
         (Err(e), Ok(())) | (Ok(()), Err(e)) => Err(e),
-        (Err(a), Err(b)) => Err(BridgeError::Masq(format!("{a}; MAC spoof check: {b}"))),
+        (Err(a), Err(b)) => Err(BridgeError::Firewall(format!("{a}; spoof checks: {b}"))),
     }
 }
 

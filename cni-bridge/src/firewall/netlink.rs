@@ -10,6 +10,7 @@ use std::sync::Mutex;
 use netlink_wire::{
     attr, attrs, error_code, find_attr, message, nested, strz, walk, NLMSG_DONE, NLMSG_ERROR,
 };
+use rtnetlink::packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST};
 use rtnetlink::sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
@@ -20,11 +21,6 @@ const NFT_MSG_GETSETELEM: u16 = 13;
 const NFT_MSG_DELSETELEM: u16 = 14;
 const NFNL_MSG_BATCH_BEGIN: u16 = 16;
 const NFNL_MSG_BATCH_END: u16 = 17;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
-const NLM_F_DUMP: u16 = 0x300;
-const NLM_F_EXCL: u16 = 0x200;
-const NLM_F_CREATE: u16 = 0x400;
 const NFTA_CHAIN_TABLE: u16 = 1;
 const NFTA_CHAIN_NAME: u16 = 3;
 const NFTA_RULE_TABLE: u16 = 1;

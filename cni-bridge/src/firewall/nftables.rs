@@ -11,8 +11,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use ipnetwork::IpNetwork;
 use netlink_wire::process;
 
+use super::masquerade::{Entry, Masquerade};
 use super::netlink::{self as nl, ip_key, NlError, Op, SetRef, NFPROTO_INET};
-use super::{Entry, Masquerade};
 use crate::error::BridgeError;
 
 const TABLE: &str = "inet cni_bridge";
@@ -39,7 +39,7 @@ fn subnet_chain(net: &IpNetwork) -> String {
 
 /// Runs an nft script as one transaction.
 pub fn apply(script: &str) -> Result<(), BridgeError> {
-    process::pipe("nft", &["-f", "-"], script).map_err(|e| BridgeError::Masq(e.to_string()))
+    process::pipe("nft", &["-f", "-"], script).map_err(|e| BridgeError::Firewall(e.to_string()))
 }
 
 /// The whole structure: table, hook chain, maps, and the chain of each subnet in `addrs`.
@@ -120,7 +120,7 @@ fn list_map(map: SetRef) -> Result<Vec<Entry>, BridgeError> {
     match nl::list(map) {
         Ok(v) => Ok(v.into_iter().filter_map(entry).collect()),
         Err(e) if e.is_missing() => Ok(vec![]),
-        Err(e) => Err(BridgeError::Masq(format!("listing {TABLE} {}: {e}", map.set))),
+        Err(e) => Err(BridgeError::Firewall(format!("listing {TABLE} {}: {e}", map.set))),
     }
 }
 
@@ -140,7 +140,7 @@ impl Masquerade for Nftables {
             return Ok(());
         }
         apply(&setup_script(addrs))?;
-        add_elements(addrs, owner).map_err(|e| BridgeError::Masq(format!("adding to {TABLE}: {e}")))
+        add_elements(addrs, owner).map_err(|e| BridgeError::Firewall(format!("adding to {TABLE}: {e}")))
     }
 
     fn list(&self) -> Result<Vec<Entry>, BridgeError> {
@@ -167,10 +167,10 @@ impl Masquerade for Nftables {
             });
             match r {
                 Err(e) if e.is_missing() => last = Some(e),
-                r => return r.map_err(|e| BridgeError::Masq(format!("removing from {TABLE}: {e}"))),
+                r => return r.map_err(|e| BridgeError::Firewall(format!("removing from {TABLE}: {e}"))),
             }
         }
-        Err(BridgeError::Masq(format!(
+        Err(BridgeError::Firewall(format!(
             "removing from {TABLE}: {}",
             last.map(|e| e.to_string()).unwrap_or_default()
         )))
@@ -184,7 +184,7 @@ impl Masquerade for Nftables {
             Ok(rules) => Ok(rules.iter().any(|r| refers(r, b"lookup\0") && refers(r, b"pods4\0"))
                 && rules.iter().any(|r| refers(r, b"lookup\0") && refers(r, b"pods6\0"))),
             Err(e) if e.is_missing() => Ok(false),
-            Err(e) => Err(BridgeError::Masq(format!("listing {TABLE} postrouting: {e}"))),
+            Err(e) => Err(BridgeError::Firewall(format!("listing {TABLE} postrouting: {e}"))),
         }
     }
 

@@ -94,7 +94,7 @@ pub fn remove(network: &str, container_id: &str) -> Result<(), BridgeError> {
     if errs.is_empty() {
         Ok(())
     } else {
-        Err(BridgeError::Masq(format!("the reference plugin's masquerade rules: {}", errs.join("; "))))
+        Err(BridgeError::Firewall(format!("the reference plugin's masquerade rules: {}", errs.join("; "))))
     }
 }
 

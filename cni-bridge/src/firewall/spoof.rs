@@ -15,8 +15,8 @@ use std::net::IpAddr;
 
 use super::netlink::{self as nl, SetRef, NFPROTO_BRIDGE};
 use super::nftables::apply;
-use crate::config::fmt_mac;
 use crate::error::BridgeError;
+use crate::mac::fmt_mac;
 
 const TABLE: &str = "bridge cni_bridge";
 const fn set(name: &'static str) -> SetRef<'static> {
@@ -115,7 +115,7 @@ pub fn list() -> Result<Vec<(&'static str, String)>, BridgeError> {
         match nl::list(set) {
             Ok(v) => out.extend(v.into_iter().map(|e| (set.set, e.comment))),
             Err(e) if e.is_missing() => {}
-            Err(e) => return Err(BridgeError::Masq(format!("listing {TABLE} {}: {e}", set.set))),
+            Err(e) => return Err(BridgeError::Firewall(format!("listing {TABLE} {}: {e}", set.set))),
         }
     }
     Ok(out)
@@ -133,15 +133,15 @@ pub fn remove_where(stale: impl Fn(&str) -> bool) -> Result<(), BridgeError> {
                     doomed.push((set, v.into_iter().filter(|e| stale(&e.comment)).map(|e| e.key).collect()))
                 }
                 Err(e) if e.is_missing() => {}
-                Err(e) => return Err(BridgeError::Masq(format!("listing {TABLE} {}: {e}", set.set))),
+                Err(e) => return Err(BridgeError::Firewall(format!("listing {TABLE} {}: {e}", set.set))),
             }
         }
         match doomed.into_iter().try_for_each(|(set, keys)| nl::remove(set, keys)) {
             Err(e) if e.is_missing() => last = Some(e),
-            r => return r.map_err(|e| BridgeError::Masq(format!("removing from {TABLE}: {e}"))),
+            r => return r.map_err(|e| BridgeError::Firewall(format!("removing from {TABLE}: {e}"))),
         }
     }
-    Err(BridgeError::Masq(format!(
+    Err(BridgeError::Firewall(format!(
         "removing from {TABLE}: {}",
         last.map(|e| e.to_string()).unwrap_or_default()
     )))

@@ -1,18 +1,15 @@
 //! The black-box conformance suite: runs any bridge + IPAM plugin pair exactly as a runtime
 //! does and reports one line per check, then `N passed, N failed`.
 
+mod check;
 mod network;
 mod spec;
 
-use std::path::PathBuf;
-
 use serde_json::Value;
 
-use crate::netns::live_namespaces;
-use crate::world::{Plugins, World};
+pub use check::{ensure, Check, Ctx, Target};
 
-/// What to test: the plugins' directory and their types.
-pub type Target = Plugins;
+use crate::netns::live_namespaces;
 
 /// One check's outcome.
 #[derive(Debug, Clone)]
@@ -21,39 +18,6 @@ pub struct Outcome {
     pub name: String,
     /// `Err(reason)` when it failed.
     pub result: Result<(), String>,
-}
-
-/// A check: its name and body.
-pub type Check = (&'static str, fn(&Ctx) -> Result<(), String>);
-
-/// What every check gets: the target and the versions it claims to support.
-pub struct Ctx {
-    /// The plugins under test.
-    pub target: Target,
-    /// The versions the plugin's VERSION claims: checks test each, and only those.
-    pub versions: Vec<String>,
-    state: PathBuf,
-}
-
-impl Ctx {
-    /// The newest version of `wanted` the plugin supports.
-    pub fn newest(&self, wanted: &[&str]) -> Option<String> {
-        wanted.iter().rev().find(|v| self.versions.iter().any(|s| s == *v)).map(|v| v.to_string())
-    }
-
-    /// A fresh node with its own lease directory, for network `conformance`.
-    pub fn world(&self, tag: &str) -> World {
-        World::new(tag, self.target.clone(), "conformance", &self.state)
-    }
-}
-
-/// Fails with `msg` unless `cond`.
-pub fn ensure(cond: bool, msg: impl FnOnce() -> String) -> Result<(), String> {
-    if cond {
-        Ok(())
-    } else {
-        Err(msg())
-    }
 }
 
 /// The root namespace as `ip` and the firewalls show it, to prove it unchanged.

@@ -3,7 +3,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use super::{ensure, Check, Ctx};
+use super::check::{ensure, Check, Ctx};
 use crate::cluster::Cluster;
 use crate::traffic::{exchange, spread};
 

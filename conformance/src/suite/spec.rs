@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 
-use super::{ensure, Check, Ctx};
+use super::check::{ensure, Check, Ctx};
 use crate::netns::{Netns, Pause};
 
 const SPEC: [&str; 7] = ["0.1.0", "0.2.0", "0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];

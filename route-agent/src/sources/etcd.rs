@@ -128,9 +128,9 @@ pub fn nth_subnet(cluster: &IpNetwork, len: u8, i: u128) -> IpNetwork {
 /// Where `node` starts scanning `count` subnets. FNV-1a rather than std's hasher: the offset must
 /// not change between builds, or restarted nodes would drift.
 pub fn start_offset(node: &str, count: u128) -> u128 {
-    let h =
-        node.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
-    u128::from(h) % count.max(1)
+    let mut h = fnv::FnvHasher::default();
+    std::hash::Hasher::write(&mut h, node.as_bytes());
+    u128::from(std::hash::Hasher::finish(&h)) % count.max(1)
 }
 
 /// The cluster CIDRs (normalized) with their subnet lengths, checked.

@@ -4,64 +4,17 @@
 //! NetworkPolicy at scale and on the datapath (policy.rs). Root; touches only the
 //! namespaces it makes.
 
+mod host;
 mod policy;
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, TcpStream};
+use std::net::Ipv4Addr;
 use std::os::fd::AsFd;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-struct Ns(String);
-impl Drop for Ns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn ip(ns: &str, args: &[&str]) -> String {
-    let out = Command::new("ip").arg("-n").arg(ns).args(args).output().expect("ip");
-    assert!(out.status.success(), "ip -n {ns} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn metric(ns: &str, name: &str) -> Option<f64> {
-    let ns_file = std::fs::File::open(format!("/run/netns/{ns}")).ok()?;
-    let body = std::thread::spawn(move || -> Option<String> {
-        nix::sched::setns(ns_file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
-        let mut stream =
-            TcpStream::connect_timeout(&"127.0.0.1:9645".parse().ok()?, Duration::from_millis(500)).ok()?;
-        stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).ok()?;
-        Some(response)
-    })
-    .join()
-    .ok()??;
-    body.lines()
-        .find_map(|l| l.strip_prefix(&format!("cni_route_agent_{name} ")).and_then(|v| v.parse().ok()))
-}
-
-fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) -> Duration {
-    let started = Instant::now();
-    while started.elapsed() < limit {
-        if done() {
-            return started.elapsed();
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    panic!("timed out: {what}");
-}
+use host::{ip, metric, status_kb, wait_for, Ns, Proc, AGENT_PID};
 
 fn node_addr(number: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 200, 0, 0)) + 2 + number)
@@ -84,18 +37,6 @@ fn write_nodes(path: &Path, last: u32, moved: Option<u32>) {
     std::fs::write(&tmp, yaml).expect("write nodes");
     std::fs::rename(&tmp, path).expect("rename nodes");
 }
-
-fn status_kb(pid: u32, key: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-/// The agent started, for the panic hook (0: none yet).
-static AGENT_PID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 fn main() {
     if std::env::args().nth(1).as_deref() == Some("policy") {

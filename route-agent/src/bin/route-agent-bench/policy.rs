@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use cni_route_agent::policy::{compile, objects, Engine, TABLE};
 
-use super::{ip, metric, status_kb, wait_for, Ns, Proc, AGENT_PID};
+use super::host::{ip, metric, status_kb, wait_for, Ns, Proc, AGENT_PID};
 
 const NAMESPACES: usize = 500;
 const PODS_PER_NS: usize = 10;
@@ -39,7 +39,7 @@ fn namespace_manifest(n: usize, relabel: Option<usize>, extra_pod: bool) -> Stri
     let mut y = format!(
         "apiVersion: v1\nkind: Namespace\nmetadata: {{name: ns-{n}, labels: {{team: t{}, env: {}}}}}\n",
         n % 10,
-        if n % 2 == 0 { "prod" } else { "dev" }
+        if n % 2 == 1 { "dev" } else { "prod" }
     );
     let pods = PODS_PER_NS + usize::from(extra_pod);
     for p in 0..pods {

@@ -13,236 +13,37 @@
 //! Everything inside the network directory is opened relative to the directory's descriptor
 //! and without following symbolic links: a link planted there would otherwise make a root
 //! process write wherever it points.
+//!
+//! The lease file format is in lease.rs, the index format in index.rs, directory access in
+//! dir.rs; this file keeps the locked store and what the allocator needs of it ([`Leases`]).
+
+mod dir;
+mod index;
+mod lease;
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{ErrorKind, Read};
 use std::net::IpAddr;
-use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
-use nix::fcntl::{openat, Flock, FlockArg, OFlag};
+use nix::fcntl::{Flock, FlockArg, OFlag};
 use nix::sys::stat::{mkdirat, Mode};
 use nix::unistd::{unlinkat, UnlinkatFlags};
 
+pub use dir::{boot_id, read_leases};
+pub use index::{parse_index, render_index, IndexFile};
+pub use lease::Lease;
+
 use crate::error::IpamError;
+use dir::{io_ctx, open_at, open_err, overwrite, read_regular, scan, stamp_of};
+use index::INDEX_MAGIC;
 
 const INDEX_DIR: &str = ".cni-index";
 const INDEX_FILE: &str = "leases";
-const INDEX_MAGIC: &str = "cni-host-local-index 2";
 const LAST_PREFIX: &str = "last_reserved_ip.";
-const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
-
-/// Who holds an address; `ifname` is empty for leases written before the reference
-/// recorded interface names (pre-0.8.0), which match any interface of the container.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Lease {
-    /// The container id.
-    pub id: String,
-    /// The interface name.
-    pub ifname: String,
-}
-
-impl Lease {
-    /// Parses a lease file. `None` for a torn lease: empty (a writer killed between creating
-    /// and writing it) or holding NUL bytes (unwritten blocks after a power loss). Every writer
-    /// (ours and the reference) writes under the lock, so a torn lease seen under the lock is
-    /// the remnant of a dead writer, not a write in progress.
-    pub fn parse(content: &[u8]) -> Option<Lease> {
-        if content.contains(&0) {
-            return None;
-        }
-        let text = String::from_utf8_lossy(content);
-        let trimmed = text.trim();
-        if trimmed.is_empty() {
-            return None;
-        }
-        Some(match trimmed.split_once("\r\n") {
-            Some((id, ifname)) => Lease { id: id.trim().to_string(), ifname: ifname.trim().to_string() },
-            None => Lease { id: trimmed.to_string(), ifname: String::new() },
-        })
-    }
-
-    /// The reference's lease file content.
-    pub fn render(id: &str, ifname: &str) -> String {
-        format!("{}\r\n{}", id.trim(), ifname)
-    }
-}
-
-/// The index file's content: what [`render_index`] writes and [`parse_index`] accepts.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IndexFile {
-    /// The kernel's boot id when it was written.
-    pub boot: String,
-    /// The network directory's stamp after the writer's last change.
-    pub stamp: String,
-    /// Every lease of the network, by address, as the index recorded it.
-    pub leases: BTreeMap<IpAddr, Lease>,
-}
-
-/// 64-bit FNV-1a: detects accidental damage (an edited character, a dropped line) in a few
-/// lines of code; the index is a cache, not a defence against someone who can write to it.
-fn fnv1a64(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
-}
-
-/// Field encoding for index lines: ids and interface names of foreign leases may hold spaces
-/// or be empty, which would shift the fields of a space-separated line.
-fn encode_field(field: &str) -> String {
-    if field.is_empty() {
-        return "%".into();
-    }
-    let mut out = String::with_capacity(field.len());
-    for byte in field.bytes() {
-        if byte <= b' ' || byte >= 0x7f || byte == b'%' {
-            out.push_str(&format!("%{byte:02x}"));
-        } else {
-            out.push(byte as char);
-        }
-    }
-    out
-}
-
-fn decode_field(field: &str) -> Option<String> {
-    if field == "%" {
-        return Some(String::new());
-    }
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut pos = 0;
-    while pos < bytes.len() {
-        if bytes[pos] == b'%' {
-            let hex = field.get(pos + 1..pos + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            pos += 3;
-        } else {
-            out.push(bytes[pos]);
-            pos += 1;
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
-/// The index file: a header, one line per lease, and `end <count> <checksum>` over everything
-/// before the end line. A torn write or an edit anywhere fails the checksum.
-pub fn render_index(idx: &IndexFile) -> String {
-    let mut text =
-        format!("{INDEX_MAGIC}\nboot {}\nstamp {}\n", encode_field(&idx.boot), encode_field(&idx.stamp));
-    for (ip, l) in &idx.leases {
-        text.push_str(&format!("lease {ip} {} {}\n", encode_field(&l.id), encode_field(&l.ifname)));
-    }
-    let sum = fnv1a64(text.as_bytes());
-    text.push_str(&format!("end {} {sum:016x}\n", idx.leases.len()));
-    text
-}
-
-/// Parses an index file; `None` unless it is complete and intact.
-pub fn parse_index(text: &str) -> Option<IndexFile> {
-    let body_len = text.strip_suffix('\n')?.rfind('\n')? + 1;
-    let (body, end) = text.split_at(body_len);
-    let mut end_fields = end.strip_suffix('\n')?.split(' ');
-    if end_fields.next()? != "end" {
-        return None;
-    }
-    // Exactly as rendered: `F` for `f` or `01` for `1` would parse to the same numbers.
-    let (count_field, sum_field) = (end_fields.next()?, end_fields.next()?);
-    let count: usize = count_field.parse().ok()?;
-    let sum = fnv1a64(body.as_bytes());
-    if end_fields.next().is_some() || count_field != count.to_string() || sum_field != format!("{sum:016x}") {
-        return None;
-    }
-    let mut lines = body.lines();
-    if lines.next()? != INDEX_MAGIC {
-        return None;
-    }
-    let boot = decode_field(lines.next()?.strip_prefix("boot ")?)?;
-    let stamp = decode_field(lines.next()?.strip_prefix("stamp ")?)?;
-    let mut leases = BTreeMap::new();
-    for line in lines {
-        let mut fields = line.split(' ');
-        if fields.next()? != "lease" {
-            return None;
-        }
-        let ip: IpAddr = fields.next()?.parse().ok()?;
-        let id = decode_field(fields.next()?)?;
-        let ifname = decode_field(fields.next()?)?;
-        if fields.next().is_some() || leases.insert(ip, Lease { id, ifname }).is_some() {
-            return None;
-        }
-    }
-    (leases.len() == count).then_some(IndexFile { boot, stamp, leases })
-}
-
-/// What `openat` did not open, said so that an operator knows what to fix.
-fn open_err(what: &str, path: &Path, errno: Errno) -> IpamError {
-    // O_NOFOLLOW with O_DIRECTORY reports a link as ENOTDIR.
-    let is_link = || fs::symlink_metadata(path).is_ok_and(|meta| meta.file_type().is_symlink());
-    if errno == Errno::ELOOP || (errno == Errno::ENOTDIR && is_link()) {
-        return IpamError::store(
-            format!("{what} {}: it is a symbolic link; refusing to follow it", path.display()),
-            errno.into(),
-        );
-    }
-    IpamError::store(format!("{what} {}", path.display()), errno.into())
-}
-
-fn io_ctx(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> IpamError {
-    let ctx = format!("{what} {}", path.display());
-    move |e| IpamError::store(ctx, e)
-}
-
-fn stamp_of(dir: &File) -> std::io::Result<String> {
-    let meta = dir.metadata()?;
-    Ok(format!(
-        "{} {}.{} {}.{}",
-        meta.ino(),
-        meta.mtime(),
-        meta.mtime_nsec(),
-        meta.ctime(),
-        meta.ctime_nsec()
-    ))
-}
-
-/// The kernel's boot id; empty where it cannot be read.
-pub fn boot_id() -> String {
-    fs::read_to_string(BOOT_ID).map(|s| s.trim().to_string()).unwrap_or_default()
-}
-
-/// Flags for every open inside the network directory: never through a link, never blocking
-/// on a FIFO someone planted, never inherited.
-fn nofollow() -> OFlag {
-    OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK
-}
-
-fn open_at(dir: impl AsFd, name: &str, flags: OFlag, mode: u32) -> Result<File, Errno> {
-    openat(dir, name, flags | nofollow(), Mode::from_bits_truncate(mode)).map(File::from)
-}
-
-/// Reads a regular file opened without following links; `Ok(None)` when it is absent.
-fn read_regular(dir: impl AsFd, name: &str) -> Result<Option<Vec<u8>>, Errno> {
-    let mut file = match open_at(dir, name, OFlag::O_RDONLY, 0) {
-        Ok(file) => file,
-        Err(Errno::ENOENT) => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    let is_file = file.metadata().map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(0)))?.is_file();
-    if !is_file {
-        return Err(Errno::EINVAL);
-    }
-    let mut buf = Vec::new();
-    file.read_to_end(&mut buf).map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(0)))?;
-    Ok(Some(buf))
-}
-
-/// Writes `data` over the file's start and cuts it to that length. Unlike truncate-then-write
-/// or temp-then-rename, this does not make ext4 force block allocation (auto_da_alloc) on
-/// every call; the contents are the same.
-fn overwrite(file: &File, data: &[u8]) -> std::io::Result<()> {
-    file.write_all_at(data, 0)?;
-    file.set_len(data.len() as u64)
-}
 
 /// One network's leases, locked for as long as this value lives.
 pub struct Store {
@@ -426,31 +227,7 @@ impl Store {
     /// Rebuilds the index from the lease files (what the reference does on every call),
     /// reclaiming torn ones.
     pub fn rescan(&mut self) -> Result<(), IpamError> {
-        let listing = PathBuf::from(format!("/proc/self/fd/{}", self.dir.as_raw_fd()));
-        let listing = if listing.is_dir() { listing } else { self.path.clone() };
-        let mut leases = BTreeMap::new();
-        let mut torn = Vec::new();
-        for ent in fs::read_dir(&listing).map_err(io_ctx("reading", &self.path))? {
-            let ent = ent.map_err(io_ctx("reading", &self.path))?;
-            let Some(ip) = ent.file_name().to_str().and_then(|n| n.parse::<IpAddr>().ok()) else {
-                continue;
-            };
-            // A link or directory named like an address is never handed out (creating the
-            // lease fails) and never followed.
-            if !ent.file_type().map(|t| t.is_file()).unwrap_or(false) {
-                continue;
-            }
-            match self.read_lease(&ip.to_string()) {
-                Ok(Some(content)) => match Lease::parse(&content) {
-                    Some(lease) => {
-                        leases.insert(ip, lease);
-                    }
-                    None => torn.push(ip),
-                },
-                Ok(None) => {}
-                Err(e) => return Err(open_err("reading", &self.path.join(ip.to_string()), e)),
-            }
-        }
+        let (leases, torn) = scan(&self.dir, &self.path)?;
         self.leases = leases;
         self.stale = true;
         for ip in torn {
@@ -656,6 +433,44 @@ impl Store {
     }
 }
 
+/// What the allocator needs of a store, as the reference's `backend.Store` interface: the
+/// locked directory ([`Store`]) in the plugin, a map in the allocator's tests.
+pub trait Leases {
+    /// The addresses held by (id, ifname); failing those, by a legacy lease of id alone.
+    fn lookup(&self, id: &str, ifname: &str) -> Vec<IpAddr>;
+    /// Whether `ip` is leased.
+    fn is_leased(&self, ip: IpAddr) -> bool;
+    /// Leases `ip` to (id, ifname); `false` when it is taken.
+    fn reserve(&mut self, ip: IpAddr, id: &str, ifname: &str) -> Result<bool, IpamError>;
+    /// Frees `ip`.
+    fn release(&mut self, ip: IpAddr) -> Result<(), IpamError>;
+    /// The round-robin cursor of range set `set`.
+    fn last_reserved(&self, set: usize) -> Result<Option<IpAddr>, IpamError>;
+    /// Moves (or, with `None`, removes) the cursor of range set `set`.
+    fn set_last_reserved(&mut self, set: usize, value: Option<&str>) -> Result<(), IpamError>;
+}
+
+impl Leases for Store {
+    fn lookup(&self, id: &str, ifname: &str) -> Vec<IpAddr> {
+        Store::lookup(self, id, ifname)
+    }
+    fn is_leased(&self, ip: IpAddr) -> bool {
+        Store::is_leased(self, ip)
+    }
+    fn reserve(&mut self, ip: IpAddr, id: &str, ifname: &str) -> Result<bool, IpamError> {
+        Store::reserve(self, ip, id, ifname)
+    }
+    fn release(&mut self, ip: IpAddr) -> Result<(), IpamError> {
+        Store::release(self, ip)
+    }
+    fn last_reserved(&self, set: usize) -> Result<Option<IpAddr>, IpamError> {
+        Store::last_reserved(self, set)
+    }
+    fn set_last_reserved(&mut self, set: usize, value: Option<&str>) -> Result<(), IpamError> {
+        Store::set_last_reserved(self, set, value)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -689,6 +504,26 @@ mod tests {
         let s = Store::open(t.path(), "net").unwrap();
         assert_eq!(s.lookup("theirs", "eth0"), [ip("10.0.0.3")], "the foreign lease, for DEL and CHECK");
         assert_eq!(s.lookup("ours", "eth0"), [ip("10.0.0.2")]);
+    }
+
+    /// What `cni-bridge doctor` sees: the files as they are, a torn one as torn (not an owner
+    /// "abc\r" as a split on "\r\n" made of it), nothing written, no lock taken.
+    #[test]
+    fn read_leases_reads_without_changing_anything() {
+        let t = tempfile::tempdir().unwrap();
+        assert!(read_leases(t.path(), "net").unwrap().is_empty(), "no directory: no leases");
+        let net = t.path().join("net");
+        fs::create_dir(&net).unwrap();
+        fs::write(net.join("10.0.0.2"), Lease::render("abc", "eth0")).unwrap();
+        fs::write(net.join("10.0.0.3"), "legacy").unwrap();
+        fs::write(net.join("10.0.0.4"), b"abc\r\n\0\0").unwrap();
+        let got = read_leases(t.path(), "net").unwrap();
+        assert_eq!(got[&ip("10.0.0.2")], Some(Lease { id: "abc".into(), ifname: "eth0".into() }));
+        assert_eq!(got[&ip("10.0.0.3")], Some(Lease { id: "legacy".into(), ifname: String::new() }));
+        assert_eq!(got[&ip("10.0.0.4")], None);
+        let mut names: Vec<_> = fs::read_dir(&net).unwrap().map(|e| e.unwrap().file_name()).collect();
+        names.sort();
+        assert_eq!(names, ["10.0.0.2", "10.0.0.3", "10.0.0.4"]);
     }
 
     #[test]
