@@ -104,3 +104,42 @@ spec: {podSelector: {matchLabels: {pod: b}}, policyTypes: [Ingress]}
     .join()
     .unwrap();
 }
+
+/// `nft list table` of `table` in `ns`, without the handles and counters that differ between
+/// two tables with the same content.
+fn listing(ns: &Netns, table: &str) -> String {
+    let out = ns.run("nft", &["list", "table", "inet", table]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).replace(table, "T")
+}
+
+#[test]
+fn element_updates_over_netlink_leave_what_a_full_replace_would() {
+    require_root("element_updates_over_netlink_leave_what_a_full_replace_would");
+    let ns = Netns::new("polnl");
+    let mut cluster = Cluster::default();
+    let mut defects = Vec::new();
+    parse_into(OBJECTS, "t", &mut cluster, &mut defects).unwrap();
+    let file = ns.file();
+    let steps = std::thread::spawn(move || {
+        nix::sched::setns(std::os::fd::AsFd::as_fd(&file), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let mut engine = Engine::with_table("n1", "churn");
+        let (kind, _) = engine.sync(&cluster).unwrap();
+        assert_eq!(kind, cni_route_agent::policy::Applied::Table);
+        // Churn: a relabel, a pod with named ports added, a pod deleted, an address moved.
+        cluster.pods.get_mut("x/b").unwrap().labels.insert("pod".into(), "a".into());
+        let mut d = cluster.pods["x/a"].clone();
+        d.name = "d".into();
+        d.ips = vec!["10.244.1.9".parse().unwrap(), "fd00:244:1::9".parse().unwrap()];
+        cluster.pods.insert("x/d".into(), d);
+        cluster.pods.remove("x/c");
+        let (kind, _) = engine.sync(&cluster).unwrap();
+        assert_eq!(kind, cni_route_agent::policy::Applied::Elements);
+        assert_eq!(engine.netlink_updates, 1, "the update went over netlink");
+        // The same cluster written whole into another table.
+        let mut fresh = Engine::with_table("n1", "whole");
+        fresh.sync(&cluster).unwrap();
+    });
+    steps.join().unwrap();
+    assert_eq!(listing(&ns, "churn"), listing(&ns, "whole"));
+}

@@ -174,7 +174,8 @@ impl<'a> View<'a> {
 /// The state that enforces `cluster`'s policies for the pods of `node`, in table `inet {table}`.
 pub fn compile(cluster: &Cluster, node: &str, table: &str) -> Desired {
     let view = View::new(cluster, node);
-    let mut c = Compiler { table, skeleton: String::new(), elements: BTreeMap::new() };
+    let mut c =
+        Compiler { table, skeleton: String::new(), elements: BTreeMap::new(), shared: HashMap::new() };
     c.base_chains();
     for pod in view.by_ns.values().flatten().filter(|p| p.node == node) {
         for ip in view.ips_of(pod) {
@@ -221,8 +222,8 @@ pub fn compile(cluster: &Cluster, node: &str, table: &str) -> Desired {
                 );
             }
             let _ = writeln!(c.skeleton, "add chain inet {table} {chain}");
-            for (j, rule) in rules.iter().enumerate() {
-                c.rule(&view, policy, dir, &format!("{chain}{j}"), &chain, rule);
+            for rule in rules {
+                c.rule(&view, policy, dir, &chain, rule);
             }
         }
     }
@@ -258,6 +259,10 @@ struct Compiler<'t> {
     table: &'t str,
     skeleton: String,
     elements: BTreeMap<String, BTreeSet<String>>,
+    /// Sets by what they hold: rules that name the same peers (every policy allowing "from
+    /// namespaces labelled env=prod", say) share one set, so a big cluster's table holds each
+    /// pod's address a few times, not once per policy.
+    shared: HashMap<String, String>,
 }
 
 impl Compiler<'_> {
@@ -308,6 +313,17 @@ impl Compiler<'_> {
         self.skeleton.push_str(&s);
     }
 
+    /// The name of the set(s) holding what `key` describes, and whether this is its first use
+    /// (the caller then declares and fills it).
+    fn shared_name(&mut self, key: String) -> (String, bool) {
+        if let Some(name) = self.shared.get(&key) {
+            return (name.clone(), false);
+        }
+        let name = format!("s{}", self.shared.len());
+        self.shared.insert(key, name.clone());
+        (name, true)
+    }
+
     /// Declares a set (once).
     fn set(&mut self, name: &str, ty: &str, flags: &str) {
         let _ = writeln!(self.skeleton, "add set inet {} {name} {{ type {ty};{flags} }}", self.table);
@@ -319,7 +335,7 @@ impl Compiler<'_> {
     }
 
     /// The rules of one ingress or egress rule, in chain `chain`, sets named from `prefix`.
-    fn rule(&mut self, view: &View, policy: &Policy, dir: Dir, prefix: &str, chain: &str, rule: &Rule) {
+    fn rule(&mut self, view: &View, policy: &Policy, dir: Dir, chain: &str, rule: &Rule) {
         let t = self.table;
         let field = dir.peer_field();
         let comment = format!("comment \"{}\"", policy.key().replace('"', ""));
@@ -328,33 +344,49 @@ impl Compiler<'_> {
         match &rule.peers {
             None => peers.push((None, String::new())),
             Some(list) => {
-                let has_pods = list.iter().any(|p| matches!(p, Peer::Pods { .. }));
-                let pods = if has_pods { view.peer_pods(&policy.namespace, list) } else { Vec::new() };
+                // One set per distinct pod peer: the same selector in many policies is one set.
+                let mut pod_sets = Vec::new();
+                for peer in list.iter().filter(|p| matches!(p, Peer::Pods { .. })) {
+                    let one = std::slice::from_ref(peer);
+                    let Some(key) = peers_key(&policy.namespace, one) else { continue };
+                    let (name, new) = self.shared_name(format!("pods:{key}"));
+                    if new {
+                        let pods = view.peer_pods(&policy.namespace, one);
+                        for f in FAMILIES {
+                            let set = format!("{name}_pods{}", fam_digit(f));
+                            self.set(&set, f.1, "");
+                            self.fill(
+                                &set,
+                                pods.iter()
+                                    .flat_map(|p| view.ips_of(p))
+                                    .filter(|ip| ip.is_ipv4() == f.2)
+                                    .map(ip_text),
+                            );
+                        }
+                    }
+                    if !pod_sets.contains(&name) {
+                        pod_sets.push(name);
+                    }
+                }
                 for f in FAMILIES {
                     let d = fam_digit(f);
-                    if has_pods {
-                        let set = format!("{prefix}_pods{d}");
-                        self.set(&set, f.1, "");
-                        self.fill(
-                            &set,
-                            pods.iter()
-                                .flat_map(|p| view.ips_of(p))
-                                .filter(|ip| ip.is_ipv4() == f.2)
-                                .map(ip_text),
-                        );
-                        peers.push((Some(f.2), format!("{} {field} @{set}", f.0)));
+                    for name in &pod_sets {
+                        peers.push((Some(f.2), format!("{} {field} @{name}_pods{d}", f.0)));
                     }
                     let ranges = block_ranges(list, f.2);
                     if !ranges.is_empty() {
-                        let set = format!("{prefix}_cidr{d}");
                         let elems: Vec<String> =
                             ranges.iter().map(|(a, b)| range_text(*a, *b, f.2)).collect();
-                        let _ = writeln!(
-                            self.skeleton,
-                            "add set inet {t} {set} {{ type {}; flags interval; elements = {{ {} }}; }}",
-                            f.1,
-                            elems.join(", ")
-                        );
+                        let elems = elems.join(", ");
+                        let (name, new) = self.shared_name(format!("cidr{d}:{elems}"));
+                        let set = format!("{name}_cidr{d}");
+                        if new {
+                            let _ = writeln!(
+                                self.skeleton,
+                                "add set inet {t} {set} {{ type {}; flags interval; elements = {{ {elems} }}; }}",
+                                f.1,
+                            );
+                        }
                         peers.push((Some(f.2), format!("{} {field} @{set}", f.0)));
                     }
                 }
@@ -392,13 +424,24 @@ impl Compiler<'_> {
                 if !named.is_empty() {
                     // Named ports resolve on the destination: the selected pod for ingress,
                     // the peer for egress (every pod when the rule names no peer).
-                    let targets: Vec<&Pod> = match (dir, &rule.peers) {
-                        (Dir::Ingress, _) => view.selected(policy),
-                        (Dir::Egress, Some(list)) => view.peer_pods(&policy.namespace, list),
-                        (Dir::Egress, None) => view.by_ns.values().flatten().copied().collect(),
+                    let whose = match (dir, &rule.peers) {
+                        (Dir::Ingress, _) => format!("selected by {}", policy.key()),
+                        (Dir::Egress, Some(list)) => peers_key(&policy.namespace, list).unwrap_or_default(),
+                        (Dir::Egress, None) => "every pod".to_string(),
+                    };
+                    let (name, new) = self.shared_name(format!("named:{named:?}:{whose}"));
+                    let targets: Vec<&Pod> = match (new, dir, &rule.peers) {
+                        (false, _, _) => Vec::new(),
+                        (true, Dir::Ingress, _) => view.selected(policy),
+                        (true, Dir::Egress, Some(list)) => view.peer_pods(&policy.namespace, list),
+                        (true, Dir::Egress, None) => view.by_ns.values().flatten().copied().collect(),
                     };
                     for f in FAMILIES {
-                        let set = format!("{prefix}_named{}", fam_digit(f));
+                        let set = format!("{name}_named{}", fam_digit(f));
+                        ports.push((Some(f.2), format!("{} daddr . meta l4proto . th dport @{set}", f.0)));
+                        if !new {
+                            continue;
+                        }
                         self.set(&set, &format!("{} . inet_proto . inet_service", f.1), "");
                         let mut items = Vec::new();
                         for pod in &targets {
@@ -411,7 +454,6 @@ impl Compiler<'_> {
                             }
                         }
                         self.fill(&set, items.into_iter());
-                        ports.push((Some(f.2), format!("{} daddr . meta l4proto . th dport @{set}", f.0)));
                     }
                 }
             }
@@ -434,6 +476,28 @@ impl Compiler<'_> {
             }
         }
     }
+}
+
+/// What a rule's pod peers select, written so that two rules selecting the same pods (by the
+/// same selectors, a missing namespace selector spelled as the policy's namespace) get the
+/// same text; `None` when the rule has no pod peers.
+fn peers_key(policy_ns: &str, peers: &[Peer]) -> Option<String> {
+    let mut parts: Vec<String> = peers
+        .iter()
+        .filter_map(|p| match p {
+            Peer::Pods { namespaces, pods } => Some(match namespaces {
+                None => format!("ns={policy_ns:?} pods={pods:?}"),
+                Some(sel) => format!("ns~{sel:?} pods={pods:?}"),
+            }),
+            Peer::Block { .. } => None,
+        })
+        .collect();
+    if parts.is_empty() {
+        return None;
+    }
+    parts.sort();
+    parts.dedup();
+    Some(parts.join(" | "))
 }
 
 /// The address ranges of a rule's ipBlocks in one family, less their holes, merged.

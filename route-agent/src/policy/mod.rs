@@ -41,6 +41,8 @@ pub struct Engine {
     /// What the kernel holds since our last successful sync; `None` after start, so the
     /// first sync replaces whatever a previous agent left, atomically.
     applied: Option<Desired>,
+    /// Element updates that went in over netlink (the rest through `nft`).
+    pub netlink_updates: u64,
     /// Drop counters of tables this engine replaced (a replaced table's counters restart).
     dropped_before: [u64; 2],
 }
@@ -53,7 +55,13 @@ impl Engine {
 
     /// The same with another table name (tests).
     pub fn with_table(node: &str, table: &str) -> Engine {
-        Engine { table: table.into(), node: node.into(), applied: None, dropped_before: [0; 2] }
+        Engine {
+            table: table.into(),
+            node: node.into(),
+            applied: None,
+            netlink_updates: 0,
+            dropped_before: [0; 2],
+        }
     }
 
     /// The nft script that takes the kernel from what we applied last to `want`, and what
@@ -114,6 +122,20 @@ impl Engine {
             self.dropped_before[0] = self.dropped_before[0].saturating_add(replaced[0]);
             self.dropped_before[1] = self.dropped_before[1].saturating_add(replaced[1]);
         }
+        if kind == Applied::Elements {
+            if let Some(have) = &self.applied {
+                // Pod churn on a big cluster: the `nft` tool would first read the whole table
+                // (thousands of rules) to update a few elements; netlink takes them as they are.
+                match self.apply_elements(have, &want) {
+                    Ok(()) => {
+                        self.netlink_updates += 1;
+                        self.applied = Some(want.clone());
+                        return Ok((kind, want));
+                    }
+                    Err(e) => tracing::debug!(%e, "policy elements through nft instead of netlink"),
+                }
+            }
+        }
         if kind != Applied::Nothing {
             if let Err(e) = apply(&script) {
                 // Unknown kernel state: the next sync replaces the table whole.
@@ -141,11 +163,61 @@ impl Engine {
         ok
     }
 
+    /// The element changes from `have` to `want` as one netlink transaction; `Err` (nothing
+    /// changed) when there are too many for one batch or one does not convert or apply.
+    fn apply_elements(&self, have: &Desired, want: &Desired) -> Result<(), String> {
+        use netlink_wire::nftables::{apply, Op, SetRef, NFPROTO_INET};
+        const MOST: usize = 512;
+        let mut ops = Vec::new();
+        let mut count = 0;
+        let empty = BTreeSet::new();
+        for (set, items) in &want.elements {
+            let old = have.elements.get(set).unwrap_or(&empty);
+            let gone: Vec<Vec<u8>> =
+                old.difference(items).map(|e| element_key(e).ok_or(e.clone())).collect::<Result<_, _>>()?;
+            count += gone.len();
+            let set = SetRef { family: NFPROTO_INET, table: &self.table, set };
+            for keys in gone.chunks(256) {
+                ops.push(Op::Del { set, keys: keys.to_vec() });
+            }
+            for e in items.difference(old) {
+                ops.push(Op::Add { set, key: element_key(e).ok_or(e.clone())?, chain: None, comment: "" });
+                count += 1;
+            }
+            if count > MOST {
+                return Err(format!("{count} element changes"));
+            }
+        }
+        apply(&ops, false).map_err(|e| e.to_string())
+    }
+
     /// Packets dropped by policy since the agent started: (ingress, egress).
     pub fn dropped(&self) -> [u64; 2] {
         let now = read_counters(&self.table).unwrap_or_default();
         [self.dropped_before[0].saturating_add(now[0]), self.dropped_before[1].saturating_add(now[1])]
     }
+}
+
+/// The key bytes the kernel holds for an element as the compiler writes it: an address, or a
+/// concatenation (` . `) of addresses, protocol names and ports, each part padded to 4 bytes.
+fn element_key(text: &str) -> Option<Vec<u8>> {
+    let mut key = Vec::new();
+    for part in text.split(" . ") {
+        if let Ok(ip) = part.parse::<std::net::IpAddr>() {
+            key.extend(netlink_wire::nftables::ip_key(ip));
+        } else if let Some(proto) = match part {
+            "tcp" => Some(6u8),
+            "udp" => Some(17),
+            "sctp" => Some(132),
+            _ => None,
+        } {
+            key.extend([proto, 0, 0, 0]);
+        } else {
+            let [a, b] = part.parse::<u16>().ok()?.to_be_bytes();
+            key.extend([a, b, 0, 0]);
+        }
+    }
+    Some(key)
 }
 
 fn join(items: &[&String]) -> String {
@@ -174,6 +246,20 @@ fn read_counters(table: &str) -> Option<[u64; 2]> {
         }
     }
     Some(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::element_key;
+
+    #[test]
+    fn element_keys_are_the_kernels_padded_registers() {
+        assert_eq!(element_key("10.0.0.1"), Some(vec![10, 0, 0, 1]));
+        assert_eq!(element_key("10.0.0.1 . 10.0.0.2"), Some(vec![10, 0, 0, 1, 10, 0, 0, 2]));
+        assert_eq!(element_key("10.0.0.1 . tcp . 80"), Some(vec![10, 0, 0, 1, 6, 0, 0, 0, 0, 80, 0, 0]));
+        assert_eq!(element_key("fd00::1 . udp . 8080").map(|k| k.len()), Some(24));
+        assert_eq!(element_key("10.0.0.0-10.0.0.9"), None, "ranges are never pod elements");
+    }
 }
 
 /// Removes the policy table (`--network-policy=false`, uninstall). Absent is fine.

@@ -119,6 +119,11 @@ fn scale() {
     let (script, _) = Engine::new("node-0").script(&want);
     let rules = script.lines().filter(|l| l.starts_with("add rule")).count();
     let elements: usize = want.elements.values().map(|s| s.len()).sum();
+    eprintln!(
+        "policy bench: manifests parsed in {:.0} ms, compiled in {:.0} ms ({rules} rules, {elements} elements); starting the agent",
+        parse.as_secs_f64() * 1e3,
+        compile_time.as_secs_f64() * 1e3
+    );
 
     let ns_file = std::fs::File::open(format!("/run/netns/{}", ns.0)).expect("netns");
     let mut cmd = Command::new(&agent);
@@ -146,6 +151,7 @@ fn scale() {
     });
     let to_first = start.elapsed();
     let first_sync = metric(&ns.0, "policy_sync_duration_seconds").unwrap_or(f64::NAN);
+    eprintln!("policy bench: first sync {:.0} ms; timing changes", first_sync * 1e3);
     // Changes: a label flip on a pod of node-0 and a pod added, alternating, each timed from
     // the file's rename to the sync's end (nft has returned: the kernel holds it).
     let mut lat = Vec::new();
