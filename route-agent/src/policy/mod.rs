@@ -305,6 +305,11 @@ pub async fn run(
             r = rx.changed() => if r.is_err() { return },
             _ = retry.tick(), if failed => {},
             _ = check.tick(), if !failed => {
+                // Read here, not after every sync: `nft` reads the whole table to list its
+                // counters, which on a big cluster costs more than the sync itself.
+                let d = engine.dropped();
+                metrics.policy.dropped[0].store(d[0], Ordering::Relaxed);
+                metrics.policy.dropped[1].store(d[1], Ordering::Relaxed);
                 if engine.intact() {
                     continue;
                 }
@@ -339,9 +344,6 @@ pub async fn run(
                 tracing::error!(%e, "network policy sync failed; retrying");
             }
         }
-        let d = engine.dropped();
-        metrics.policy.dropped[0].store(d[0], Ordering::Relaxed);
-        metrics.policy.dropped[1].store(d[1], Ordering::Relaxed);
     }
 }
 
