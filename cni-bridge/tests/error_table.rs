@@ -1,15 +1,15 @@
-//! The README's error-code table and the code's table ([`cni_bridge::error::CODE_TABLE`])
+//! The error-code table in docs/errors.md and the code's table ([`cni_bridge::error::CODE_TABLE`])
 //! say the same, both ways: no code undocumented, no documented code that cannot happen.
 
 use std::collections::BTreeMap;
 
 use cni_bridge::error::CODE_TABLE;
 
-/// `code -> from` of the table under "## Error codes" in the README.
+/// `code -> from` of the table under "## Error codes" in docs/errors.md.
 fn readme_table() -> BTreeMap<u32, String> {
-    let readme = include_str!("../../README.md");
+    let readme = include_str!("../../docs/errors.md");
     let section =
-        readme.split("\n## Error codes\n").nth(1).expect("README has an \"## Error codes\" section");
+        readme.split("\n## Error codes\n").nth(1).expect("docs/errors.md has an \"## Error codes\" section");
     let section = section.split("\n## ").next().unwrap_or(section);
     let mut rows = BTreeMap::new();
     for line in section.lines().filter(|l| l.starts_with('|')) {

@@ -248,20 +248,6 @@ fn read_counters(table: &str) -> Option<[u64; 2]> {
     Some(result)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::element_key;
-
-    #[test]
-    fn element_keys_are_the_kernels_padded_registers() {
-        assert_eq!(element_key("10.0.0.1"), Some(vec![10, 0, 0, 1]));
-        assert_eq!(element_key("10.0.0.1 . 10.0.0.2"), Some(vec![10, 0, 0, 1, 10, 0, 0, 2]));
-        assert_eq!(element_key("10.0.0.1 . tcp . 80"), Some(vec![10, 0, 0, 1, 6, 0, 0, 0, 0, 80, 0, 0]));
-        assert_eq!(element_key("fd00::1 . udp . 8080").map(|k| k.len()), Some(24));
-        assert_eq!(element_key("10.0.0.0-10.0.0.9"), None, "ranges are never pod elements");
-    }
-}
-
 /// Removes the policy table (`--network-policy=false`, uninstall). Absent is fine.
 pub fn remove(table: &str) -> Result<(), AgentError> {
     apply(&format!("add table inet {table}\ndelete table inet {table}\n"))
@@ -359,4 +345,18 @@ pub fn report(defects: &[model::Defect], seen: &mut BTreeMap<String, String>, me
         now.insert(key, String::new());
     }
     *seen = now;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::element_key;
+
+    #[test]
+    fn element_keys_are_the_kernels_padded_registers() {
+        assert_eq!(element_key("10.0.0.1"), Some(vec![10, 0, 0, 1]));
+        assert_eq!(element_key("10.0.0.1 . 10.0.0.2"), Some(vec![10, 0, 0, 1, 10, 0, 0, 2]));
+        assert_eq!(element_key("10.0.0.1 . tcp . 80"), Some(vec![10, 0, 0, 1, 6, 0, 0, 0, 0, 80, 0, 0]));
+        assert_eq!(element_key("fd00::1 . udp . 8080").map(|k| k.len()), Some(24));
+        assert_eq!(element_key("10.0.0.0-10.0.0.9"), None, "ranges are never pod elements");
+    }
 }
