@@ -88,3 +88,51 @@ pub fn ip_of(out: &Out, i: usize) -> std::net::IpAddr {
     let a = out.json["ips"][i]["address"].as_str().unwrap_or_else(|| panic!("no ips[{i}] in {}", out.stdout));
     a.split('/').next().unwrap().parse().unwrap()
 }
+
+/// The FIFO a test build's pause point waits on, and the file it creates when it gets there;
+/// both removed on drop, also when the test fails.
+pub struct Pause {
+    pub fifo: std::path::PathBuf,
+    pub reached: std::path::PathBuf,
+}
+
+impl Pause {
+    pub fn new(name: &str) -> Pause {
+        let fifo = std::env::temp_dir().join(name);
+        let pause = Pause { reached: fifo.with_extension("reached"), fifo };
+        let _ = std::fs::remove_file(&pause.fifo);
+        let _ = std::fs::remove_file(&pause.reached);
+        nix::unistd::mkfifo(&pause.fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        pause
+    }
+}
+
+impl Pause {
+    /// Lets a paused plugin go on, if one waits (never blocks).
+    pub fn release(&self) {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let open =
+            std::fs::OpenOptions::new().write(true).custom_flags(nix::libc::O_NONBLOCK).open(&self.fifo);
+        if let Ok(mut writer) = open {
+            let _ = writer.write_all(b"go");
+        }
+    }
+}
+
+/// Releases the paused plugin when dropped: also when the test fails while it waits, so that
+/// the threads running it end and the failure is reported instead of a hang.
+pub struct ReleaseOnDrop<'a>(pub &'a Pause);
+
+impl Drop for ReleaseOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
+impl Drop for Pause {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.fifo);
+        let _ = std::fs::remove_file(&self.reached);
+    }
+}

@@ -4,21 +4,19 @@
 //! re-reads the path on every change.
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace as ApiNamespace, Pod as ApiPod};
 use k8s_openapi::api::networking::v1::NetworkPolicy as ApiPolicy;
-use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+use nix::sys::inotify::AddWatchFlags;
 use serde::Deserialize;
-use tokio::io::unix::AsyncFd;
-use tokio::io::Interest;
 use tokio::sync::watch;
 
 use super::compile::Cluster;
 use super::model::{Defect, Namespace, Pod, Policy};
 use crate::error::AgentError;
+use crate::sources::path_watch::PathWatch;
 use crate::Metrics;
 
 /// Adds the objects of one manifest text to `cluster`; what is malformed goes to `defects`
@@ -173,13 +171,6 @@ pub fn load(path: &Path) -> Result<(Cluster, Vec<Defect>), AgentError> {
     Manifests::default().load(path)
 }
 
-struct Fd(RawFd);
-impl AsRawFd for Fd {
-    fn as_raw_fd(&self) -> RawFd {
-        self.0
-    }
-}
-
 /// The `file` policy source: publishes what `path` holds now and after every change, until
 /// the channel closes. An unreadable or half-written manifest keeps the last good view.
 pub async fn run(
@@ -187,27 +178,14 @@ pub async fn run(
     tx: watch::Sender<Option<Arc<Cluster>>>,
     metrics: Arc<Metrics>,
 ) -> Result<(), AgentError> {
-    let path = std::path::absolute(&path).map_err(AgentError::io(format!("resolving {}", path.display())))?;
-    let is_dir = path.is_dir();
-    let dir = if is_dir {
-        path.clone()
-    } else {
-        path.parent().map(Path::to_path_buf).unwrap_or_else(|| "/".into())
-    };
-    let name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    let ino = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
-        .map_err(|e| AgentError::io("inotify")(e.into()))?;
-    ino.add_watch(
-        &dir,
+    let watch = PathWatch::new(
+        &path,
         AddWatchFlags::IN_CLOSE_WRITE
             | AddWatchFlags::IN_MOVED_TO
             | AddWatchFlags::IN_MOVED_FROM
             | AddWatchFlags::IN_DELETE,
-    )
-    .map_err(|e| AgentError::io(format!("watching {}", dir.display()))(e.into()))?;
-    // SAFETY: `ino` owns the fd and outlives `afd`, which is dropped (deregistered) first.
-    let afd = unsafe { AsyncFd::register_with_interest(Fd(ino.as_fd().as_raw_fd()), Interest::READABLE) }
-        .map_err(|e| AgentError::io("inotify fd")(e.into()))?;
+    )?;
+    let path = watch.path.clone();
     let mut seen = BTreeMap::new();
     let mut manifests = Manifests::default();
     let mut reload = || match manifests.load(&path) {
@@ -227,18 +205,8 @@ pub async fn run(
     };
     reload();
     loop {
-        let mut guard = afd.readable().await.map_err(AgentError::io("inotify"))?;
-        let events = match ino.read_events() {
-            Ok(ev) => ev,
-            Err(nix::errno::Errno::EAGAIN) => {
-                guard.clear_ready();
-                continue;
-            }
-            Err(e) => return Err(AgentError::io("reading inotify")(e.into())),
-        };
-        if is_dir || events.iter().any(|e| e.name.as_deref() == Some(name.as_os_str())) {
-            reload();
-        }
+        watch.changed().await?;
+        reload();
         if tx.is_closed() {
             return Ok(());
         }

@@ -10,19 +10,17 @@
 //! ```
 
 use std::net::IpAddr;
-use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ipnetwork::IpNetwork;
-use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+use nix::sys::inotify::AddWatchFlags;
 use serde::Deserialize;
-use tokio::io::unix::AsyncFd;
-use tokio::io::Interest;
 use tokio::sync::watch;
 
 use crate::error::AgentError;
 use crate::model::{NodeInfo, Snapshot};
+use crate::sources::path_watch::PathWatch;
 use crate::sources::{failed, publish};
 use crate::Metrics;
 
@@ -88,13 +86,6 @@ pub fn parse(text: &str) -> Result<Snapshot, AgentError> {
     Ok(snap)
 }
 
-struct Fd(RawFd);
-impl AsRawFd for Fd {
-    fn as_raw_fd(&self) -> RawFd {
-        self.0
-    }
-}
-
 fn load(path: &Path) -> Result<Snapshot, AgentError> {
     let text =
         std::fs::read_to_string(path).map_err(AgentError::io(format!("reading {}", path.display())))?;
@@ -107,31 +98,14 @@ pub async fn run(
     tx: watch::Sender<Option<Snapshot>>,
     metrics: Arc<Metrics>,
 ) -> Result<(), AgentError> {
-    // Absolute against the working directory at start: a bare `nodes.yaml` has the parent
-    // "", which inotify cannot watch, and the agent must keep watching the directory the
-    // operator meant. Not canonicalized: the file may not exist yet, and a symlinked
-    // directory (a mounted ConfigMap's `..data`) is re-resolved on every read.
-    let path = std::path::absolute(&path).map_err(AgentError::io(format!("resolving {}", path.display())))?;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("/"),
-    };
-    let name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    let ino = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
-        .map_err(|e| AgentError::io("inotify")(e.into()))?;
-    ino.add_watch(
-        &dir,
+    let watch = PathWatch::new(
+        &path,
         AddWatchFlags::IN_CLOSE_WRITE
             | AddWatchFlags::IN_MOVED_TO
             | AddWatchFlags::IN_CREATE
             | AddWatchFlags::IN_DELETE,
-    )
-    .map_err(|e| AgentError::io(format!("watching {}", dir.display()))(e.into()))?;
-    // SAFETY: `ino` owns the fd and is declared before `afd`, so it is closed only after
-    // `afd` is dropped (deregistered).
-    let afd = unsafe { AsyncFd::register_with_interest(Fd(ino.as_fd().as_raw_fd()), Interest::READABLE) }
-        .map_err(|e| AgentError::io("inotify fd")(e.into()))?;
-    let reload = |why: &str| match load(&path) {
+    )?;
+    let reload = |why: &str| match load(&watch.path) {
         Ok(s) => publish(&tx, s, &metrics),
         // A missing or half-written file keeps the last good snapshot.
         Err(e) => {
@@ -141,18 +115,8 @@ pub async fn run(
     };
     reload("start");
     loop {
-        let mut guard = afd.readable().await.map_err(AgentError::io("inotify"))?;
-        let events = match ino.read_events() {
-            Ok(ev) => ev,
-            Err(nix::errno::Errno::EAGAIN) => {
-                guard.clear_ready();
-                continue;
-            }
-            Err(e) => return Err(AgentError::io("reading inotify")(e.into())),
-        };
-        if events.iter().any(|e| e.name.as_deref() == Some(name.as_os_str())) {
-            reload("changed");
-        }
+        watch.changed().await?;
+        reload("changed");
         if tx.is_closed() {
             return Ok(());
         }

@@ -7,6 +7,7 @@ pub mod etcd_tls;
 pub mod file;
 pub mod kube;
 pub mod kube_policy;
+pub mod path_watch;
 
 use tokio::sync::watch;
 
