@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 
-use crate::{attr, attrs, error_code, find_attr, message, nested, strz, walk, NLMSG_DONE, NLMSG_ERROR};
+use crate::raw::{attr, attrs, error_code, find_attr, message, nested, strz, walk, NLMSG_DONE, NLMSG_ERROR};
 use rtnetlink::packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST};
 use rtnetlink::sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
 

@@ -149,10 +149,11 @@ impl Reconciler {
         // A tunnel that cannot be set up (no vxlan module, the port taken) fails the sync
         // but must not keep the direct routes from being written.
         let mut tunnel_errors = Vec::new();
-        let ensured = vxlan::ensure(&self.kernel, &vtep, self.opts.vxlan).await.unwrap_or_else(|e| {
-            tunnel_errors.push(e.to_string());
-            vxlan::Ensured::default()
-        });
+        let ensured =
+            crate::kernel::vxlan::ensure(&self.kernel, &vtep, self.opts.vxlan).await.unwrap_or_else(|e| {
+                tunnel_errors.push(e.to_string());
+                crate::kernel::vxlan::Ensured::default()
+            });
         if tunnel_errors.is_empty() {
             self.kernel.tunnel_links.set(&ensured.index);
         }
@@ -161,8 +162,9 @@ impl Reconciler {
         let RouteOutcome { applied, mut writes, mut errors, diff_empty } =
             self.apply_routes(&desired, &have, &existing, &connected, &tunnel_oif).await;
         // Stale entries and unused devices only once no route needs them.
-        let (cleaned, cleanup_errors) =
-            vxlan::cleanup(&self.kernel, &vtep).await.unwrap_or_else(|e| (0, vec![e.to_string()]));
+        let (cleaned, cleanup_errors) = crate::kernel::vxlan::cleanup(&self.kernel, &vtep)
+            .await
+            .unwrap_or_else(|e| (0, vec![e.to_string()]));
         writes += ensured.writes + cleaned;
         errors.extend(tunnel_errors);
         errors.extend(ensured.errors);

@@ -1,6 +1,7 @@
 //! The kernel side: one netlink connection, routes tagged with a private protocol number so
 //! the agent only ever touches its own, dumped once per sync and changed with pipelined
-//! requests.
+//! requests. [`vxlan`] holds the tunnels' devices and entries: with this module, the only code
+//! that holds the netlink handle.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -19,6 +20,8 @@ use netlink_wire::dump::{self, Family};
 use netlink_wire::{address_of, errno};
 
 use crate::error::AgentError;
+
+pub mod vxlan;
 
 /// Requests in flight at once while applying a diff.
 const PIPELINE: usize = 256;
