@@ -262,6 +262,11 @@ pub fn enable_bridge_netfilter() -> Result<(), AgentError> {
             // Best effort: a privileged DaemonSet can load it; a test namespace already has it.
             let _ = netlink_wire::process::run("modprobe", &["br_netfilter"], None);
         }
+        // Read first: in a container /proc/sys is read-only, and a node set up for kube-proxy
+        // (kubeadm checks it) has the switches on already.
+        if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() == "1") {
+            continue;
+        }
         std::fs::write(&path, "1").map_err(AgentError::io(format!(
             "enabling {path} (br_netfilter: without it pods on one node reach each other unfiltered)"
         )))?;
