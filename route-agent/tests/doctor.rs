@@ -1,7 +1,7 @@
 //! `cni-route-agent doctor` on a namespace cluster: healthy, then one thing broken at a time.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use cni_conformance::cluster::{Cluster, Plugins};
 use cni_conformance::netns::Netns;
@@ -9,27 +9,9 @@ use cni_conformance::require_root;
 use serde_json::{json, Value};
 
 mod common;
-use common::{eventually, Tmp};
+use common::{eventually, Agent, Tmp};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_cni-route-agent");
-
-/// An agent this test started, killed by its PID on drop.
-struct Agent(Child);
-
-impl Agent {
-    fn terminate(mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn flags(name: &str, file: &Path, conf: &Path) -> Vec<String> {
     ["--node-name", name, "--source", "file", "--no-portmap", "--resync-seconds", "3600", "--nodes-file"]

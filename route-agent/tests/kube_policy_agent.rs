@@ -4,7 +4,7 @@
 
 use std::net::TcpListener;
 use std::os::fd::AsFd;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use cni_conformance::netns::Netns;
@@ -13,19 +13,10 @@ use serde_json::{json, Value};
 
 mod common;
 mod kube_api;
-use common::Tmp;
+use common::{Agent, Tmp};
 use kube_api::*;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_cni-route-agent");
-
-/// An agent process we started, killed (by its PID) on drop.
-struct Agent(Child);
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// A listener on 127.0.0.1 inside `ns` (its socket belongs to the namespace it was made in).
 fn listener_in(ns: &Netns) -> TcpListener {

@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, TcpStream};
 use std::os::fd::AsFd;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use cni_conformance::cluster::{Cluster, Plugins};
@@ -15,7 +15,7 @@ use cni_conformance::traffic::exchange;
 use serde_json::json;
 
 mod common;
-use common::{eventually, Tmp};
+use common::{eventually, Agent, Tmp};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_cni-route-agent");
 
@@ -23,16 +23,6 @@ fn plugins() -> Plugins {
     let dir = Path::new(AGENT).parent().expect("target dir").to_path_buf();
     assert!(dir.join("cni-bridge").exists(), "build the workspace first (cargo build --workspace)");
     Plugins { dir, bridge: "cni-bridge".into(), ipam: "cni-host-local".into() }
-}
-
-/// An agent this test started, killed by its PID on drop.
-struct Agent(Child);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn start(cl: &Cluster, tmp: &Tmp, extra: &[&str]) -> Agent {

@@ -3,7 +3,7 @@
 
 use std::os::fd::AsFd;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use cni_conformance::cluster::{Cluster, Plugins};
 use cni_conformance::netns::Netns;
@@ -11,19 +11,9 @@ use cni_conformance::require_root;
 use serde_json::json;
 
 mod common;
-use common::{eventually, Tmp};
+use common::{eventually, Agent, Tmp};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_cni-route-agent");
-
-/// An agent this test started, killed by its PID on drop.
-struct Agent(Child);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Adds `count` routes of protocol 168 through one netlink socket in 60 kB sends without
 /// acks: the kernel emits their notifications back to back, faster than a reader keeps up.

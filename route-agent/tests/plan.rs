@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::fd::AsFd;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use cni_conformance::cluster::{Cluster, Plugins};
@@ -14,27 +14,9 @@ use cni_conformance::require_root;
 use serde_json::{json, Value};
 
 mod common;
-use common::{eventually, Tmp};
+use common::{eventually, Agent, Tmp};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_cni-route-agent");
-
-/// An agent this test started, killed by its PID on drop.
-struct Agent(Child);
-
-impl Agent {
-    fn terminate(mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn flags(file: &Path, conf: &Path) -> Vec<String> {
     ["--node-name", "node-1", "--source", "file", "--resync-seconds", "3600", "--nodes-file"]

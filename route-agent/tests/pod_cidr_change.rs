@@ -4,7 +4,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use cni_conformance::cluster::{Cluster, Plugins};
 use cni_conformance::netns::Netns;
@@ -14,7 +14,7 @@ use ipnetwork::IpNetwork;
 use serde_json::{json, Value};
 
 mod common;
-use common::{eventually, Tmp};
+use common::{eventually, Agent, Tmp};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_cni-route-agent");
 
@@ -23,9 +23,6 @@ fn plugins() -> Plugins {
     assert!(dir.join("cni-bridge").exists(), "build the workspace first (cargo build --workspace)");
     Plugins { dir, bridge: "cni-bridge".into(), ipam: "cni-host-local".into() }
 }
-
-/// An agent process this test started, killed by its PID on drop.
-struct Agent(Child);
 
 impl Agent {
     fn start(node: &Netns, name: &str, nodes_file: &Path, conf_dir: &Path, data_dir: &Path) -> Agent {
@@ -42,13 +39,6 @@ impl Agent {
             .stderr(Stdio::inherit());
         node.enter(&mut c);
         Agent(c.spawn().expect("start agent"))
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 

@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -17,7 +17,7 @@ use cni_conformance::traffic::exchange;
 use serde_json::{json, Value};
 
 mod common;
-use common::{eventually, Tmp};
+use common::{eventually, Agent, Tmp};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_cni-route-agent");
 const DEV: &str = "cra-vxlan4";
@@ -27,9 +27,6 @@ fn plugins() -> Plugins {
     assert!(dir.join("cni-bridge").exists(), "build the workspace first (cargo build --workspace)");
     Plugins { dir, bridge: "cni-bridge".into(), ipam: "cni-host-local".into() }
 }
-
-/// An agent process we started, killed (by its PID) on drop.
-struct Agent(Child);
 
 /// How the cluster is set up and the agents started.
 #[derive(Clone, Copy, Default)]
@@ -56,19 +53,6 @@ impl Agent {
             .stderr(Stdio::inherit());
         n.ns.enter(&mut c);
         Agent(c.spawn().expect("start agent"))
-    }
-
-    fn terminate(mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-        assert!(self.0.wait().expect("wait").success());
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
@@ -249,7 +233,7 @@ fn on_link_pair_routes_directly_off_link_node_goes_through_vxlan_both_families()
         }
     }
     assert!(listening, "ip monitor saw nothing");
-    agents.remove(0).terminate();
+    assert!(agents.remove(0).terminate().success(), "the agent exits cleanly on SIGTERM");
     let again = Agent::start(&cl, 0, &tmp.0, &[]);
     eventually("node-1's restarted agent is ready", || ready(ns));
     ns.ip(&["route", "add", END, "dev", "lo"]);

@@ -34,3 +34,24 @@ pub fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     }
     panic!("timed out waiting for: {what}");
 }
+
+/// An agent process a test started: killed by its PID on drop, also when the test fails.
+#[allow(dead_code)] // not every test crate that includes this module starts an agent
+pub struct Agent(pub std::process::Child);
+
+#[allow(dead_code)]
+impl Agent {
+    /// Stops the agent as kubelet would (SIGTERM), waits for it, and says how it ended.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+        self.0.wait().expect("wait for the agent")
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
