@@ -111,8 +111,9 @@ impl Engine {
         self.applied = Some(want);
     }
 
-    /// Brings the kernel to what `cluster` says.
-    pub fn sync(&mut self, cluster: &Cluster) -> Result<(Applied, Desired), AgentError> {
+    /// Brings the kernel to what `cluster` says; returns what kind of change it was and how
+    /// many of this node's pods a policy selects.
+    pub fn sync(&mut self, cluster: &Cluster) -> Result<(Applied, usize), AgentError> {
         let want = compile(cluster, &self.node, &self.table);
         let (script, kind) = self.script(&want);
         if kind == Applied::Table && self.applied.is_some() {
@@ -129,8 +130,9 @@ impl Engine {
                 match self.apply_elements(have, &want) {
                     Ok(()) => {
                         self.netlink_updates += 1;
-                        self.applied = Some(want.clone());
-                        return Ok((kind, want));
+                        let selected = want.selected_pods;
+                        self.applied = Some(want);
+                        return Ok((kind, selected));
                     }
                     Err(e) => tracing::debug!(%e, "policy elements through nft instead of netlink"),
                 }
@@ -143,8 +145,11 @@ impl Engine {
                 return Err(e);
             }
         }
-        self.applied = Some(want.clone());
-        Ok((kind, want))
+        let selected = want.selected_pods;
+        // Kept whole (the next sync diffs against it), never copied: on a big cluster it is
+        // megabytes of rule text.
+        self.applied = Some(want);
+        Ok((kind, selected))
     }
 
     /// Whether the kernel still holds what we applied: the table with its dispatch rules. A
@@ -315,11 +320,11 @@ pub async fn run(
         }
         let started = std::time::Instant::now();
         match engine.sync(&cluster) {
-            Ok((kind, want)) => {
+            Ok((kind, selected)) => {
                 failed = false;
                 let p = &metrics.policy;
                 p.policies.store(cluster.policies.len() as u64, Ordering::Relaxed);
-                p.selected_pods.store(want.selected_pods as u64, Ordering::Relaxed);
+                p.selected_pods.store(selected as u64, Ordering::Relaxed);
                 p.synced(started.elapsed());
                 if kind != Applied::Nothing {
                     tracing::debug!(
