@@ -191,6 +191,11 @@ impl Masquerade for Iptables {
     fn remove_where(&self, stale: &dyn Fn(&str) -> bool) -> Result<(), BridgeError> {
         let mut errs = Vec::new();
         for fam in &FAMILIES {
+            // A family with no chain of ours (an IPv4-only node's ip6tables) costs no
+            // `*-save` process; a failed look falls through to the dump, which says why.
+            if let Ok(false) = fam.may_hold_chains(None) {
+                continue;
+            }
             let saved = match fam.dump() {
                 Ok(saved) => saved,
                 Err(e) => {
