@@ -36,7 +36,8 @@ fn policy_table(ns: &Netns) -> String {
 
 /// The text of set `name` in a listed table.
 fn set_of<'a>(table: &'a str, name: &str) -> &'a str {
-    let Some(start) = table.find(&format!("set {name} {{")) else { return "" };
+    let found = table.find(&format!("set {name} {{")).or_else(|| table.find(&format!("map {name} {{")));
+    let Some(start) = found else { return "" };
     let rest = &table[start..];
     &rest[..rest.find("\n\t}").unwrap_or(rest.len())]
 }
@@ -113,7 +114,7 @@ async fn an_agent_enforces_what_the_api_server_says() {
     let _agent = Agent(c.spawn().expect("start the agent"));
 
     table_where(&ns, "the local web pod is selected and the client is its peer", |t| {
-        set_of(t, "iiso4").contains("10.244.1.5") && t.contains("10.244.2.7")
+        set_of(t, "idisp4").contains("10.244.1.5") && t.contains("10.244.2.7")
     })
     .await;
     let (pods, _) = api.next_watch(PODS).await;
@@ -129,7 +130,7 @@ async fn an_agent_enforces_what_the_api_server_says() {
 
     pols.send("DELETED", policy("x", "allow", 103, allow_clients()));
     table_where(&ns, "no policy: the web pod is no longer selected", |t| {
-        !set_of(t, "iiso4").contains("10.244.1.5")
+        !set_of(t, "idisp4").contains("10.244.1.5")
     })
     .await;
 }

@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use cni_conformance::netns::Netns;
 use cni_conformance::require_root;
 use cni_route_agent::policy::objects::parse_into;
-use cni_route_agent::policy::{Cluster, Engine};
+use cni_route_agent::policy::{Applied, Cluster, Engine};
 
 fn nft(ns: &Netns, script: &str) -> Result<(), String> {
     let mut c = Command::new("nft");
@@ -33,7 +33,7 @@ fn every_kind_of_rule_loads_and_pod_churn_is_element_updates() {
     parse_into(OBJECTS, "t", &mut cluster, &mut defects).unwrap();
     assert!(defects.is_empty(), "{defects:?}");
     let mut engine = Engine::with_table("n1", "polt");
-    let want = cni_route_agent::policy::compile(&cluster, "n1", "polt");
+    let want = cni_route_agent::policy::compile(&cluster, "n1");
     let (script, kind) = engine.script(&want);
     assert_eq!(kind, cni_route_agent::policy::Applied::Table);
     if std::env::var_os("SHOW_SCRIPT").is_some() {
@@ -41,15 +41,23 @@ fn every_kind_of_rule_loads_and_pod_churn_is_element_updates() {
     }
     nft(&ns, &script).unwrap();
     engine.mark_applied(want);
-    // A pod's labels change and another pod appears: elements only.
-    cluster.pods.get_mut("x/b").unwrap().labels.insert("pod".into(), "a".into());
+    // A pod appears on another node, in an existing group's peer sets: elements only.
     let mut c2 = cluster.pods["x/c"].clone();
     c2.name = "d".into();
-    c2.ips = vec!["10.244.1.9".parse().unwrap(), "fd00:244:1::9".parse().unwrap()];
+    c2.ips = vec!["10.244.2.9".parse().unwrap(), "fd00:244:2::9".parse().unwrap()];
     cluster.pods.insert("x/d".into(), c2);
-    let want = cni_route_agent::policy::compile(&cluster, "n1", "polt");
+    let want = cni_route_agent::policy::compile(&cluster, "n1");
     let (script, kind) = engine.script(&want);
     assert_eq!(kind, cni_route_agent::policy::Applied::Elements, "{script}");
+    nft(&ns, &script).unwrap();
+    engine.mark_applied(want);
+    // A local pod's labels change so that other policies select it: its new group's chains
+    // are added and the emptied group's removed, in place, the table kept.
+    cluster.pods.get_mut("x/b").unwrap().labels.insert("pod".into(), "a".into());
+    let want = cni_route_agent::policy::compile(&cluster, "n1");
+    let (script, kind) = engine.script(&want);
+    assert_eq!(kind, cni_route_agent::policy::Applied::Rules, "{script}");
+    assert!(!script.contains("delete table") && script.contains("delete chain"), "{script}");
     nft(&ns, &script).unwrap();
 }
 
@@ -80,7 +88,7 @@ spec: {podSelector: {}, policyTypes: [Egress], egress: []}
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
 metadata: {name: other, namespace: x}
-spec: {podSelector: {matchLabels: {pod: b}}, policyTypes: [Ingress]}
+spec: {podSelector: {matchLabels: {pod: a}}, policyTypes: [Ingress]}
 ";
         let mut clusters = Vec::new();
         for text in [pods.to_string(), format!("{pods}{extra}")] {
@@ -95,7 +103,9 @@ spec: {podSelector: {matchLabels: {pod: b}}, policyTypes: [Ingress]}
         let mut engine = Engine::with_table("n1", "poldrop");
         for round in 1..=6u64 {
             let (kind, _) = engine.sync(&clusters[(round % 2) as usize]).unwrap();
-            assert_eq!(kind, cni_route_agent::policy::Applied::Table);
+            // The first sync makes the table; each later one moves the pod between groups.
+            let expected = if round == 1 { Applied::Table } else { Applied::Rules };
+            assert_eq!(kind, expected);
             let u = std::net::UdpSocket::bind("10.244.1.5:0").unwrap();
             let _ = u.send_to(b"x", "10.244.1.5:9");
             assert_eq!(engine.dropped(), [0, round], "after {round} tables, one drop each");
@@ -106,16 +116,30 @@ spec: {podSelector: {matchLabels: {pod: b}}, policyTypes: [Ingress]}
 }
 
 /// `nft list table` of `table` in `ns`, without the handles and counters that differ between
-/// two tables with the same content.
-fn listing(ns: &Netns, table: &str) -> String {
-    let out = ns.run("nft", &["list", "table", "inet", table]);
+/// two tables with the same content, its sets and chains in name order (a table changed in
+/// place lists what was added last at the end).
+fn listing(table: &str) -> String {
+    // Run from a thread inside the test's namespace: the child inherits it.
+    let out = Command::new("nft").args(["list", "table", "inet", table]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).replace(table, "T")
+    let text = String::from_utf8_lossy(&out.stdout).replace(table, "T");
+    let mut blocks: Vec<String> = Vec::new();
+    for line in text.lines() {
+        if line.starts_with("\t") && !line.starts_with("\t\t") && !line.starts_with("\t}") {
+            blocks.push(String::new());
+        }
+        if let Some(b) = blocks.last_mut() {
+            b.push_str(line);
+            b.push('\n');
+        }
+    }
+    blocks.sort();
+    blocks.concat()
 }
 
 #[test]
-fn element_updates_over_netlink_leave_what_a_full_replace_would() {
-    require_root("element_updates_over_netlink_leave_what_a_full_replace_would");
+fn changes_in_place_leave_what_a_full_replace_would() {
+    require_root("changes_in_place_leave_what_a_full_replace_would");
     let ns = Netns::new("polnl");
     let mut cluster = Cluster::default();
     let mut defects = Vec::new();
@@ -125,21 +149,32 @@ fn element_updates_over_netlink_leave_what_a_full_replace_would() {
         nix::sched::setns(std::os::fd::AsFd::as_fd(&file), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
         let mut engine = Engine::with_table("n1", "churn");
         let (kind, _) = engine.sync(&cluster).unwrap();
-        assert_eq!(kind, cni_route_agent::policy::Applied::Table);
-        // Churn: a relabel, a pod with named ports added, a pod deleted, an address moved.
-        cluster.pods.get_mut("x/b").unwrap().labels.insert("pod".into(), "a".into());
+        assert_eq!(kind, Applied::Table);
+        // Churn within the groups there are: a pod with named ports added beside `a` (same
+        // labels, same group), a remote pod deleted, a remote pod's labels changed.
         let mut d = cluster.pods["x/a"].clone();
         d.name = "d".into();
         d.ips = vec!["10.244.1.9".parse().unwrap(), "fd00:244:1::9".parse().unwrap()];
         cluster.pods.insert("x/d".into(), d);
         cluster.pods.remove("x/c");
         let (kind, _) = engine.sync(&cluster).unwrap();
-        assert_eq!(kind, cni_route_agent::policy::Applied::Elements);
+        assert_eq!(kind, Applied::Elements);
         assert_eq!(engine.netlink_updates, 1, "the update went over netlink");
-        // The same cluster written whole into another table.
-        let mut fresh = Engine::with_table("n1", "whole");
-        fresh.sync(&cluster).unwrap();
+        let same = |cluster: &Cluster, n: u32| {
+            let whole = format!("whole{n}");
+            Engine::with_table("n1", &whole).sync(cluster).unwrap();
+            assert_eq!(listing("churn").replace("churn", "T"), listing(&whole), "step {n}");
+        };
+        same(&cluster, 1);
+        // A local pod into another group, and a policy changed.
+        cluster.pods.get_mut("x/b").unwrap().labels.insert("pod".into(), "a".into());
+        let (kind, _) = engine.sync(&cluster).unwrap();
+        assert_eq!(kind, Applied::Rules);
+        same(&cluster, 2);
+        cluster.policies.remove("x/deny");
+        let (kind, _) = engine.sync(&cluster).unwrap();
+        assert_eq!(kind, Applied::Rules);
+        same(&cluster, 3);
     });
     steps.join().unwrap();
-    assert_eq!(listing(&ns, "churn"), listing(&ns, "whole"));
 }

@@ -1,20 +1,27 @@
 //! From the cluster's pods, namespaces and policies to the nftables state that enforces them on
 //! this node: pure, so every case is testable without a kernel.
 //!
-//! The state has two parts. The *skeleton* (sets declared, chains, rules, and the elements
-//! that only policies decide: ipBlocks, port lists) changes only when a policy does. The
-//! *elements* of the pod sets (who is selected, who is a peer, which port a name resolves to)
-//! follow pods and labels; pod churn changes only those, so it goes into the kernel as element
-//! updates, never as a new rule set.
+//! Only this node's pods are enforced here, so only the policies that select one of them are
+//! compiled. Local pods selected by the same policies share a *group*: one chain per direction
+//! holding the union of those policies' rules, merged (the port lists of rules naming the same
+//! peers become one match), and ending in a counted drop. A verdict map per family sends each
+//! isolated pod's address to its group's chain, so a new connection costs one map lookup and
+//! one short chain however many policies select the pod, and a pod joining, leaving or moving
+//! between existing groups is an element update, never a new rule set.
+//!
+//! Every name is derived from what it holds (a hash of the group's policies, of a set's
+//! selector or contents), so two compiles of nearly the same cluster differ only where the
+//! cluster does, and the engine applies just that difference.
 //!
 //! Every packet the forward hook sees (routed, and bridged between pods of this node through
-//! `br_netfilter`) that is not part of an allowed connection goes through
-//! `egress` (is the source a local pod isolated for egress? then one of its policies must
-//! allow it) and then `ingress` (the same for the destination). The input hook applies the
-//! egress half to what local pods send to the node itself.
+//! `br_netfilter`) that is not part of an allowed connection goes through `egress` (is the
+//! source a local pod isolated for egress? then its group must allow it) and then `ingress`
+//! (the same for the destination). The input hook applies the egress half to what local pods
+//! send to the node itself.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
+use std::hash::Hasher as _;
 use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
@@ -32,15 +39,62 @@ pub struct Cluster {
     pub policies: BTreeMap<String, Policy>,
 }
 
+/// A chain the policies make: its rules, and which policies they come from.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Chain {
+    /// The policies whose rules these are (shown as the chain's comment).
+    pub comment: String,
+    /// Rule bodies, as nft writes them after `add rule inet <table> <chain>`.
+    pub rules: Vec<String>,
+}
+
 /// The nftables state for one node.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Desired {
-    /// nft commands that declare the table's sets, chains and rules (after `add table`).
-    pub skeleton: String,
-    /// The elements of each pod set, as nft writes them.
+    /// Every set and map by name, as nft declares it (`{ type …; }`, fixed elements included).
+    pub sets: BTreeMap<String, String>,
+    /// The chains the policies make (the base chains are the same for every cluster).
+    pub chains: BTreeMap<String, Chain>,
+    /// The elements that follow pods: who is selected (map `a : jump chain`), who is a
+    /// peer, which port a name resolves to; as nft writes them.
     pub elements: BTreeMap<String, BTreeSet<String>>,
     /// Local pods selected by at least one policy.
     pub selected_pods: usize,
+}
+
+impl Desired {
+    /// The nft commands that make this state in an empty table `inet {table}`, elements left out.
+    pub fn declarations(&self, table: &str) -> String {
+        let mut s = String::new();
+        for (name, decl) in &self.sets {
+            let _ = writeln!(s, "add {} inet {table} {name} {decl}", set_kind(decl));
+        }
+        s.push_str(&base_chains(table));
+        for (name, chain) in &self.chains {
+            let _ = writeln!(s, "{}", add_chain(table, name, chain));
+        }
+        for (name, chain) in &self.chains {
+            for rule in &chain.rules {
+                let _ = writeln!(s, "add rule inet {table} {name} {rule}");
+            }
+        }
+        s.push_str(&base_rules(table));
+        s
+    }
+}
+
+/// `set` or `map`, from a declaration.
+pub fn set_kind(decl: &str) -> &'static str {
+    if decl.contains(" : ") {
+        "map"
+    } else {
+        "set"
+    }
+}
+
+/// `add chain` for a policy chain, with its comment.
+pub fn add_chain(table: &str, name: &str, chain: &Chain) -> String {
+    format!("add chain inet {table} {name} {{ comment \"{}\"; }}", chain.comment)
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -63,20 +117,101 @@ impl Dir {
             Dir::Egress => "daddr",
         }
     }
-    /// An allowed packet: past egress it still needs the destination's ingress check.
+    /// An allowed packet: past egress (back in `forward`) it still needs the destination's
+    /// ingress check.
     fn allow(self) -> &'static str {
         match self {
             Dir::Ingress => "accept",
-            Dir::Egress => "goto ingress",
+            Dir::Egress => "return",
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            Dir::Ingress => "ingress",
+            Dir::Egress => "egress",
         }
     }
 }
 
-const FAMILIES: [(&str, &str, bool); 2] = [("ip", "ipv4_addr", true), ("ip6", "ipv6_addr", false)];
+/// (nft family keyword, address type, is IPv4).
+type Family = (&'static str, &'static str, bool);
+const FAMILIES: [Family; 2] = [("ip", "ipv4_addr", true), ("ip6", "ipv6_addr", false)];
+
+fn fam_digit(v4: bool) -> char {
+    if v4 {
+        '4'
+    } else {
+        '6'
+    }
+}
 
 /// Neighbour discovery and MLD keep the link working whatever a policy says, as ARP does.
 const ICMPV6_LINK: &str = "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit, \
                            nd-router-advert, mld-listener-query, mld-listener-report, mld2-listener-report } accept";
+
+/// The sets and maps every table has (their elements follow pods).
+fn base_sets() -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for f in FAMILIES {
+        let d = fam_digit(f.2);
+        // Each isolated pod's address to its group's chain, per direction.
+        out.push((format!("idisp{d}"), format!("{{ type {} : verdict; }}", f.1)));
+        out.push((format!("edisp{d}"), format!("{{ type {} : verdict; }}", f.1)));
+        // Every pod's own pair (a pod reaching itself through a Service VIP is like loopback:
+        // always allowed).
+        out.push((format!("self{d}"), format!("{{ type {0} . {0}; }}", f.1)));
+    }
+    out
+}
+
+/// The counters and chains every table has, declared.
+fn base_chains(t: &str) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "add counter inet {t} ingress_denied");
+    let _ = writeln!(s, "add counter inet {t} egress_denied");
+    // Before kube-proxy's and Docker's filter chains (priority 0): a denied packet never
+    // reaches them, an allowed one still does.
+    let _ = writeln!(
+        s,
+        "add chain inet {t} forward {{ type filter hook forward priority filter - 5; policy accept; }}"
+    );
+    let _ = writeln!(
+        s,
+        "add chain inet {t} input {{ type filter hook input priority filter - 5; policy accept; }}"
+    );
+    for chain in ["egress", "ingress"] {
+        let _ = writeln!(s, "add chain inet {t} {chain}");
+    }
+    s
+}
+
+/// The rules of the base chains (after the policy chains they jump to exist).
+fn base_rules(t: &str) -> String {
+    let mut s = String::new();
+    for hook in ["forward", "input"] {
+        let _ = writeln!(s, "add rule inet {t} {hook} ct state established,related accept");
+        let _ = writeln!(s, "add rule inet {t} {hook} {ICMPV6_LINK}");
+    }
+    let _ = writeln!(s, "add rule inet {t} forward ip saddr . ip daddr @self4 accept");
+    let _ = writeln!(s, "add rule inet {t} forward ip6 saddr . ip6 daddr @self6 accept");
+    let _ = writeln!(s, "add rule inet {t} forward jump egress");
+    let _ = writeln!(s, "add rule inet {t} forward goto ingress");
+    // What a local pod sends to the node itself passes only its egress policies.
+    let _ = writeln!(s, "add rule inet {t} input jump egress");
+    // A pod in no map falls through: not isolated in that direction.
+    let _ = writeln!(s, "add rule inet {t} egress ip saddr vmap @edisp4");
+    let _ = writeln!(s, "add rule inet {t} egress ip6 saddr vmap @edisp6");
+    let _ = writeln!(s, "add rule inet {t} ingress ip daddr vmap @idisp4");
+    let _ = writeln!(s, "add rule inet {t} ingress ip6 daddr vmap @idisp6");
+    s
+}
+
+/// A short stable name from what a chain or set holds.
+fn digest(key: &str) -> String {
+    let mut h = fnv::FnvHasher::default();
+    h.write(key.as_bytes());
+    format!("{:012x}", h.finish() & 0xffff_ffff_ffff)
+}
 
 /// Indexes of the cluster the compiler asks many times.
 struct View<'a> {
@@ -169,164 +304,127 @@ impl<'a> View<'a> {
         }
         out
     }
+
+    fn addresses<'p>(&'p self, pods: &'p [&'a Pod], v4: bool) -> impl Iterator<Item = String> + 'p {
+        pods.iter().flat_map(|p| self.ips_of(p)).filter(move |ip| ip.is_ipv4() == v4).map(|ip| ip.to_string())
+    }
 }
 
-/// The state that enforces `cluster`'s policies for the pods of `node`, in table `inet {table}`.
-pub fn compile(cluster: &Cluster, node: &str, table: &str) -> Desired {
+/// The state that enforces `cluster`'s policies for the pods of `node`.
+pub fn compile(cluster: &Cluster, node: &str) -> Desired {
     let view = View::new(cluster, node);
-    let mut c =
-        Compiler { table, skeleton: String::new(), elements: BTreeMap::new(), shared: HashMap::new() };
-    c.base_chains();
-    for pod in view.by_ns.values().flatten().filter(|p| p.node == node) {
+    let mut c = Compiler {
+        sets: BTreeMap::new(),
+        elements: BTreeMap::new(),
+        chains: BTreeMap::new(),
+        made: HashMap::new(),
+    };
+    for (name, decl) in base_sets() {
+        c.sets.insert(name.clone(), decl);
+        c.elements.insert(name, BTreeSet::new());
+    }
+    let local: Vec<&Pod> = view.by_ns.values().flatten().filter(|p| p.node == node).copied().collect();
+    for pod in &local {
         for ip in view.ips_of(pod) {
-            let set = if ip.is_ipv4() { "self4" } else { "self6" };
-            c.fill(set, std::iter::once(format!("{ip} . {ip}")));
+            let set = format!("self{}", fam_digit(ip.is_ipv4()));
+            c.fill(&set, std::iter::once(format!("{ip} . {ip}")));
         }
     }
-    let mut selected_any: BTreeSet<String> = BTreeSet::new();
-    let mut ingress_dispatch = String::new();
-    let mut egress_dispatch = String::new();
-    for (k, policy) in cluster.policies.values().enumerate() {
-        let sel = view.selected(policy);
-        for f in FAMILIES {
-            let set = format!("p{k}_sel{}", fam_digit(f));
-            c.set(&set, f.1, "");
-            c.fill(
-                &set,
-                sel.iter().flat_map(|pod| view.ips_of(pod)).filter(|ip| ip.is_ipv4() == f.2).map(ip_text),
-            );
+    // Each local pod's policies, per direction, in the cluster's (key) order.
+    let policies: Vec<&Policy> = cluster.policies.values().collect();
+    let mut groups: [BTreeMap<*const Pod, Vec<usize>>; 2] = [BTreeMap::new(), BTreeMap::new()];
+    for (k, policy) in policies.iter().enumerate() {
+        let Some(pods) = view.by_ns.get(policy.namespace.as_str()) else { continue };
+        for pod in pods.iter().filter(|p| p.node == node && policy.selector.matches(&p.labels)) {
+            for (g, rules) in groups.iter_mut().zip([&policy.ingress, &policy.egress]) {
+                if rules.is_some() {
+                    g.entry(*pod as *const Pod).or_default().push(k);
+                }
+            }
         }
-        selected_any.extend(sel.iter().map(|p| p.key()));
-        for (dir, rules, dispatch) in [
-            (Dir::Ingress, &policy.ingress, &mut ingress_dispatch),
-            (Dir::Egress, &policy.egress, &mut egress_dispatch),
-        ] {
-            let Some(rules) = rules else { continue };
-            let chain = format!("p{k}_{}", dir.tag());
-            let who = match dir {
-                Dir::Ingress => "daddr",
-                Dir::Egress => "saddr",
+    }
+    let mut selected_any: BTreeSet<*const Pod> = BTreeSet::new();
+    for (dir, members) in [Dir::Ingress, Dir::Egress].into_iter().zip(&groups) {
+        // Pods by group, so each group's chain is compiled once.
+        let mut by_group: BTreeMap<&[usize], Vec<&Pod>> = BTreeMap::new();
+        for pod in &local {
+            if let Some(ks) = members.get(&(*pod as *const Pod)) {
+                by_group.entry(ks.as_slice()).or_default().push(pod);
+                selected_any.insert(*pod as *const Pod);
+            }
+        }
+        for (ks, pods) in by_group {
+            let keys: Vec<String> = ks.iter().map(|k| policies[*k].key()).collect();
+            let chain = format!("{}{}", dir.tag(), digest(&keys.join("\n")));
+            let mut allows = Vec::new();
+            for k in ks {
+                let policy = policies[*k];
+                let rules = match dir {
+                    Dir::Ingress => &policy.ingress,
+                    Dir::Egress => &policy.egress,
+                };
+                for rule in rules.iter().flatten() {
+                    c.rule(&view, policy, dir, rule, &mut allows);
+                }
+            }
+            let mut rules = c.merge(allows, dir);
+            rules.push(format!("counter name {}_denied drop", dir.name()));
+            let comment = match keys.as_slice() {
+                [] => String::new(),
+                [one] => one.clone(),
+                [first, rest @ ..] => format!("{first} and {} more", rest.len()),
             };
+            c.chains.insert(chain.clone(), Chain { comment: comment.replace('"', ""), rules });
             for f in FAMILIES {
-                let iso = format!("{}iso{}", dir.tag(), fam_digit(f));
-                c.fill(
-                    &iso,
-                    sel.iter().flat_map(|pod| view.ips_of(pod)).filter(|ip| ip.is_ipv4() == f.2).map(ip_text),
-                );
-                let _ = writeln!(
-                    dispatch,
-                    "add rule inet {table} {}_isolated {} {who} @p{k}_sel{} jump {chain}",
-                    dir_name(dir),
-                    f.0,
-                    fam_digit(f)
-                );
-            }
-            let _ = writeln!(c.skeleton, "add chain inet {table} {chain}");
-            for rule in rules {
-                c.rule(&view, policy, dir, &chain, rule);
+                let map = format!("{}disp{}", dir.tag(), fam_digit(f.2));
+                let items: Vec<String> =
+                    view.addresses(&pods, f.2).map(|a| format!("{a} : jump {chain}")).collect();
+                c.fill(&map, items.into_iter());
             }
         }
     }
-    c.skeleton.push_str(&ingress_dispatch);
-    c.skeleton.push_str(&egress_dispatch);
-    for dir in [Dir::Ingress, Dir::Egress] {
-        let name = dir_name(dir);
-        let _ = writeln!(c.skeleton, "add rule inet {table} {name}_isolated counter name {name}_denied drop");
-    }
-    Desired { skeleton: c.skeleton, elements: c.elements, selected_pods: selected_any.len() }
+    Desired { sets: c.sets, chains: c.chains, elements: c.elements, selected_pods: selected_any.len() }
 }
 
-fn dir_name(dir: Dir) -> &'static str {
-    match dir {
-        Dir::Ingress => "ingress",
-        Dir::Egress => "egress",
-    }
+/// What one rule allows, before merging: a family (or both), a peer match, a port match.
+struct Allow {
+    family: Option<bool>,
+    peer: String,
+    ports: Ports,
 }
 
-fn fam_digit(f: (&str, &str, bool)) -> char {
-    if f.2 {
-        '4'
-    } else {
-        '6'
-    }
+enum Ports {
+    Any,
+    Numeric(Protocol, Vec<(u16, u16)>),
+    /// A match of its own (named ports: address, protocol and port in one set).
+    Expr(String),
 }
 
-fn ip_text(ip: &IpAddr) -> String {
-    ip.to_string()
-}
-
-struct Compiler<'t> {
-    table: &'t str,
-    skeleton: String,
+struct Compiler {
+    sets: BTreeMap<String, String>,
     elements: BTreeMap<String, BTreeSet<String>>,
-    /// Sets by what they hold: rules that name the same peers (every policy allowing "from
-    /// namespaces labelled env=prod", say) share one set, so a big cluster's table holds each
-    /// pod's address a few times, not once per policy.
-    shared: HashMap<String, String>,
+    chains: BTreeMap<String, Chain>,
+    /// The sets already made, by what they hold: rules that name the same peers (every policy
+    /// allowing "from namespaces labelled env=prod", say) share one set, so a big cluster's
+    /// table holds each pod's address a few times, not once per policy.
+    made: HashMap<String, String>,
 }
 
-impl Compiler<'_> {
-    fn base_chains(&mut self) {
-        let t = self.table;
-        let mut s = String::new();
-        for f in FAMILIES {
-            let d = fam_digit(f);
-            // Who is isolated, and every pod's own pair (a pod reaching itself through a
-            // Service VIP is like loopback: always allowed).
-            for set in [format!("iiso{d}"), format!("eiso{d}")] {
-                let _ = writeln!(s, "add set inet {t} {set} {{ type {}; }}", f.1);
-                self.elements.entry(set).or_default();
-            }
-            let _ = writeln!(s, "add set inet {t} self{d} {{ type {0} . {0}; }}", f.1);
-            self.elements.entry(format!("self{d}")).or_default();
-        }
-        let _ = writeln!(s, "add counter inet {t} ingress_denied");
-        let _ = writeln!(s, "add counter inet {t} egress_denied");
-        // Before kube-proxy's and Docker's filter chains (priority 0): a denied packet never
-        // reaches them, an allowed one still does.
-        let _ = writeln!(
-            s,
-            "add chain inet {t} forward {{ type filter hook forward priority filter - 5; policy accept; }}"
-        );
-        let _ = writeln!(
-            s,
-            "add chain inet {t} input {{ type filter hook input priority filter - 5; policy accept; }}"
-        );
-        for chain in ["egress", "ingress", "egress_isolated", "ingress_isolated"] {
-            let _ = writeln!(s, "add chain inet {t} {chain}");
-        }
-        for hook in ["forward", "input"] {
-            let _ = writeln!(s, "add rule inet {t} {hook} ct state established,related accept");
-            let _ = writeln!(s, "add rule inet {t} {hook} {ICMPV6_LINK}");
-        }
-        let _ = writeln!(s, "add rule inet {t} forward ip saddr . ip daddr @self4 accept");
-        let _ = writeln!(s, "add rule inet {t} forward ip6 saddr . ip6 daddr @self6 accept");
-        let _ = writeln!(s, "add rule inet {t} forward jump egress");
-        let _ = writeln!(s, "add rule inet {t} forward goto ingress");
-        // What a local pod sends to the node itself passes only its egress policies.
-        let _ = writeln!(s, "add rule inet {t} input jump egress");
-        let _ = writeln!(s, "add rule inet {t} egress ip saddr @eiso4 goto egress_isolated");
-        let _ = writeln!(s, "add rule inet {t} egress ip6 saddr @eiso6 goto egress_isolated");
-        let _ = writeln!(s, "add rule inet {t} ingress ip daddr @iiso4 goto ingress_isolated");
-        let _ = writeln!(s, "add rule inet {t} ingress ip6 daddr @iiso6 goto ingress_isolated");
-        let _ = writeln!(s, "add rule inet {t} ingress accept");
-        self.skeleton.push_str(&s);
-    }
-
+impl Compiler {
     /// The name of the set(s) holding what `key` describes, and whether this is its first use
     /// (the caller then declares and fills it).
-    fn shared_name(&mut self, key: String) -> (String, bool) {
-        if let Some(name) = self.shared.get(&key) {
+    fn shared_name(&mut self, prefix: char, key: String) -> (String, bool) {
+        if let Some(name) = self.made.get(&key) {
             return (name.clone(), false);
         }
-        let name = format!("s{}", self.shared.len());
-        self.shared.insert(key, name.clone());
+        let name = format!("{prefix}{}", digest(&key));
+        self.made.insert(key, name.clone());
         (name, true)
     }
 
-    /// Declares a set (once).
-    fn set(&mut self, name: &str, ty: &str, flags: &str) {
-        let _ = writeln!(self.skeleton, "add set inet {} {name} {{ type {ty};{flags} }}", self.table);
+    /// Declares a set whose elements follow pods.
+    fn set(&mut self, name: &str, ty: &str) {
+        self.sets.insert(name.to_string(), format!("{{ type {ty}; }}"));
         self.elements.entry(name.to_string()).or_default();
     }
 
@@ -334,12 +432,10 @@ impl Compiler<'_> {
         self.elements.entry(set.to_string()).or_default().extend(items);
     }
 
-    /// The rules of one ingress or egress rule, in chain `chain`, sets named from `prefix`.
-    fn rule(&mut self, view: &View, policy: &Policy, dir: Dir, chain: &str, rule: &Rule) {
-        let t = self.table;
+    /// What one ingress or egress rule of `policy` allows, added to `out`.
+    fn rule(&mut self, view: &View, policy: &Policy, dir: Dir, rule: &Rule, out: &mut Vec<Allow>) {
         let field = dir.peer_field();
-        let comment = format!("comment \"{}\"", policy.key().replace('"', ""));
-        // Peer expressions: (family or None for both, expression).
+        // Peer matches: (family or None for both, expression).
         let mut peers: Vec<(Option<bool>, String)> = Vec::new();
         match &rule.peers {
             None => peers.push((None, String::new())),
@@ -349,19 +445,13 @@ impl Compiler<'_> {
                 for peer in list.iter().filter(|p| matches!(p, Peer::Pods { .. })) {
                     let one = std::slice::from_ref(peer);
                     let Some(key) = peers_key(&policy.namespace, one) else { continue };
-                    let (name, new) = self.shared_name(format!("pods:{key}"));
+                    let (name, new) = self.shared_name('s', format!("pods:{key}"));
                     if new {
                         let pods = view.peer_pods(&policy.namespace, one);
                         for f in FAMILIES {
-                            let set = format!("{name}_pods{}", fam_digit(f));
-                            self.set(&set, f.1, "");
-                            self.fill(
-                                &set,
-                                pods.iter()
-                                    .flat_map(|p| view.ips_of(p))
-                                    .filter(|ip| ip.is_ipv4() == f.2)
-                                    .map(ip_text),
-                            );
+                            let set = format!("{name}_pods{}", fam_digit(f.2));
+                            self.set(&set, f.1);
+                            self.fill(&set, view.addresses(&pods, f.2));
                         }
                     }
                     if !pod_sets.contains(&name) {
@@ -369,7 +459,7 @@ impl Compiler<'_> {
                     }
                 }
                 for f in FAMILIES {
-                    let d = fam_digit(f);
+                    let d = fam_digit(f.2);
                     for name in &pod_sets {
                         peers.push((Some(f.2), format!("{} {field} @{name}_pods{d}", f.0)));
                     }
@@ -378,13 +468,12 @@ impl Compiler<'_> {
                         let elems: Vec<String> =
                             ranges.iter().map(|(a, b)| range_text(*a, *b, f.2)).collect();
                         let elems = elems.join(", ");
-                        let (name, new) = self.shared_name(format!("cidr{d}:{elems}"));
+                        let (name, new) = self.shared_name('c', format!("cidr{d}:{elems}"));
                         let set = format!("{name}_cidr{d}");
                         if new {
-                            let _ = writeln!(
-                                self.skeleton,
-                                "add set inet {t} {set} {{ type {}; flags interval; elements = {{ {elems} }}; }}",
-                                f.1,
+                            self.sets.insert(
+                                set.clone(),
+                                format!("{{ type {}; flags interval; elements = {{ {elems} }}; }}", f.1),
                             );
                         }
                         peers.push((Some(f.2), format!("{} {field} @{set}", f.0)));
@@ -392,40 +481,22 @@ impl Compiler<'_> {
                 }
             }
         }
-        // Port expressions, the same way.
-        let mut ports: Vec<(Option<bool>, String)> = Vec::new();
+        // Port matches, the same way.
+        let mut ports: Vec<(Option<bool>, Ports)> = Vec::new();
         match &rule.ports {
-            None => ports.push((None, String::new())),
+            None => ports.push((None, Ports::Any)),
             Some(list) => {
-                let mut numeric: BTreeMap<Protocol, Vec<(u16, u16)>> = BTreeMap::new();
                 let mut named: BTreeSet<(Protocol, &str)> = BTreeSet::new();
                 for p in list {
                     match &p.port {
-                        PortMatch::Any => numeric.entry(p.protocol).or_default().push((1, 65535)),
-                        PortMatch::Range(a, b) => numeric.entry(p.protocol).or_default().push((*a, *b)),
+                        PortMatch::Any => ports.push((None, Ports::Numeric(p.protocol, vec![(1, 65535)]))),
+                        PortMatch::Range(a, b) => {
+                            ports.push((None, Ports::Numeric(p.protocol, vec![(*a, *b)])))
+                        }
                         PortMatch::Named(n) => {
                             named.insert((p.protocol, n));
                         }
                     }
-                }
-                for (proto, ranges) in numeric {
-                    let list: Vec<String> =
-                        merge_ranges(ranges.iter().map(|(a, b)| (*a as u128, *b as u128)).collect())
-                            .into_iter()
-                            .map(|(a, b)| if a == b { a.to_string() } else { format!("{a}-{b}") })
-                            .collect();
-                    let expr = if list.as_slice() == ["1-65535"] {
-                        format!("meta l4proto {}", proto.nft())
-                    } else {
-                        // One port or range is matched inline, never as an anonymous set: a set
-                        // per rule costs the kernel more than the rule (8,000 rules with a
-                        // two-port set each took 11 s to load here, 0.6 s with one port inline).
-                        match list.as_slice() {
-                            [one] => format!("meta l4proto {} th dport {one}", proto.nft()),
-                            _ => format!("meta l4proto {} th dport {{ {} }}", proto.nft(), list.join(", ")),
-                        }
-                    };
-                    ports.push((None, expr));
                 }
                 if !named.is_empty() {
                     // Named ports resolve on the destination: the selected pod for ingress,
@@ -435,7 +506,7 @@ impl Compiler<'_> {
                         (Dir::Egress, Some(list)) => peers_key(&policy.namespace, list).unwrap_or_default(),
                         (Dir::Egress, None) => "every pod".to_string(),
                     };
-                    let (name, new) = self.shared_name(format!("named:{named:?}:{whose}"));
+                    let (name, new) = self.shared_name('n', format!("named:{named:?}:{whose}"));
                     let targets: Vec<&Pod> = match (new, dir, &rule.peers) {
                         (false, _, _) => Vec::new(),
                         (true, Dir::Ingress, _) => view.selected(policy),
@@ -443,12 +514,15 @@ impl Compiler<'_> {
                         (true, Dir::Egress, None) => view.by_ns.values().flatten().copied().collect(),
                     };
                     for f in FAMILIES {
-                        let set = format!("{name}_named{}", fam_digit(f));
-                        ports.push((Some(f.2), format!("{} daddr . meta l4proto . th dport @{set}", f.0)));
+                        let set = format!("{name}_named{}", fam_digit(f.2));
+                        ports.push((
+                            Some(f.2),
+                            Ports::Expr(format!("{} daddr . meta l4proto . th dport @{set}", f.0)),
+                        ));
                         if !new {
                             continue;
                         }
-                        self.set(&set, &format!("{} . inet_proto . inet_service", f.1), "");
+                        self.set(&set, &format!("{} . inet_proto . inet_service", f.1));
                         let mut items = Vec::new();
                         for pod in &targets {
                             for np in
@@ -466,24 +540,84 @@ impl Compiler<'_> {
         }
         for (pf, pe) in &peers {
             for (of, oe) in &ports {
-                if let (Some(a), Some(b)) = (pf, of) {
-                    if a != b {
-                        continue;
-                    }
-                }
-                let exprs: Vec<&str> =
-                    [pe.as_str(), oe.as_str()].into_iter().filter(|e| !e.is_empty()).collect();
-                let _ = writeln!(
-                    self.skeleton,
-                    "add rule inet {t} {chain} {} {} {comment}",
-                    exprs.join(" "),
-                    dir.allow()
-                );
+                let family = match (pf, of) {
+                    (Some(a), Some(b)) if a != b => continue,
+                    (Some(a), _) | (None, Some(a)) => Some(*a),
+                    (None, None) => None,
+                };
+                let ports = match oe {
+                    Ports::Any => Ports::Any,
+                    Ports::Numeric(p, r) => Ports::Numeric(*p, r.clone()),
+                    Ports::Expr(e) => Ports::Expr(e.clone()),
+                };
+                out.push(Allow { family, peer: pe.clone(), ports });
             }
         }
     }
-}
 
+    /// A group's allows as few rules: per peer match, every port of every rule naming it in
+    /// one match (a single port or range inline; more in a shared named set: an anonymous set
+    /// per rule costs the kernel more than the rule does).
+    fn merge(&mut self, allows: Vec<Allow>, dir: Dir) -> Vec<String> {
+        #[derive(Default)]
+        struct PeerPorts {
+            any: bool,
+            numeric: BTreeMap<Protocol, Vec<(u128, u128)>>,
+            exprs: BTreeSet<String>,
+        }
+        let mut by_peer: BTreeMap<(Option<bool>, String), PeerPorts> = BTreeMap::new();
+        for a in allows {
+            let e = by_peer.entry((a.family, a.peer)).or_default();
+            match a.ports {
+                Ports::Any => e.any = true,
+                Ports::Numeric(p, r) => {
+                    e.numeric.entry(p).or_default().extend(r.iter().map(|(a, b)| (*a as u128, *b as u128)))
+                }
+                Ports::Expr(x) => {
+                    e.exprs.insert(x);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        let verdict = dir.allow();
+        // The family is in the key only to keep the two families' rules apart; the matches
+        // themselves name it.
+        for ((_, peer), pp) in by_peer {
+            let lead = if peer.is_empty() { String::new() } else { format!("{peer} ") };
+            if pp.any {
+                out.push(format!("{lead}{verdict}"));
+                continue;
+            }
+            for (proto, ranges) in pp.numeric {
+                let ranges = merge_ranges(ranges);
+                let text: Vec<String> = ranges
+                    .iter()
+                    .map(|(a, b)| if a == b { a.to_string() } else { format!("{a}-{b}") })
+                    .collect();
+                let m = match text.as_slice() {
+                    [all] if all == "1-65535" => format!("meta l4proto {}", proto.nft()),
+                    [one] => format!("meta l4proto {} th dport {one}", proto.nft()),
+                    _ => {
+                        let elems = text.join(", ");
+                        let (name, new) = self.shared_name('p', format!("ports:{elems}"));
+                        if new {
+                            self.sets.insert(
+                                name.clone(),
+                                format!("{{ type inet_service; flags interval; elements = {{ {elems} }}; }}"),
+                            );
+                        }
+                        format!("meta l4proto {} th dport @{name}", proto.nft())
+                    }
+                };
+                out.push(format!("{lead}{m} {verdict}"));
+            }
+            for x in pp.exprs {
+                out.push(format!("{lead}{x} {verdict}"));
+            }
+        }
+        out
+    }
+}
 /// What a rule's pod peers select, written so that two rules selecting the same pods (by the
 /// same selectors, a missing namespace selector spelled as the policy's namespace) get the
 /// same text; `None` when the rule has no pod peers.

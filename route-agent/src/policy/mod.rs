@@ -29,6 +29,8 @@ pub enum Applied {
     Nothing,
     /// Only pod set elements changed.
     Elements,
+    /// Policy chains or sets were added, changed or removed (the rest of the table stayed).
+    Rules,
     /// The rule set was replaced (a policy changed, or the first sync after start).
     Table,
 }
@@ -68,42 +70,81 @@ impl Engine {
     /// kind of change it is.
     pub fn script(&self, want: &Desired) -> (String, Applied) {
         let t = &self.table;
-        match &self.applied {
-            Some(have) if have.skeleton == want.skeleton => {
-                let mut s = String::new();
-                for (set, items) in &want.elements {
-                    let empty = BTreeSet::new();
-                    let old = have.elements.get(set).unwrap_or(&empty);
-                    let gone: Vec<&String> = old.difference(items).collect();
-                    if !gone.is_empty() {
-                        let _ = writeln!(s, "delete element inet {t} {set} {{ {} }}", join(&gone));
-                    }
+        let Some(have) = self.applied.as_ref().filter(|have| {
+            // Names come from contents, so a name declared differently is a hash collision:
+            // start over rather than guess.
+            want.sets.iter().all(|(name, decl)| have.sets.get(name).is_none_or(|d| d == decl))
+        }) else {
+            // Created, emptied and refilled in one transaction: no packet sees a half table,
+            // and whatever an earlier agent left is replaced, not merged.
+            let mut s = format!("add table inet {t}\ndelete table inet {t}\nadd table inet {t}\n");
+            s.push_str(&want.declarations(t));
+            for (set, items) in &want.elements {
+                if !items.is_empty() {
+                    let all: Vec<&String> = items.iter().collect();
+                    let _ = writeln!(s, "add element inet {t} {set} {{ {} }}", join(&all));
                 }
-                for (set, items) in &want.elements {
-                    let empty = BTreeSet::new();
-                    let old = have.elements.get(set).unwrap_or(&empty);
-                    let new: Vec<&String> = items.difference(old).collect();
-                    if !new.is_empty() {
-                        let _ = writeln!(s, "add element inet {t} {set} {{ {} }}", join(&new));
-                    }
-                }
-                let kind = if s.is_empty() { Applied::Nothing } else { Applied::Elements };
-                (s, kind)
             }
-            _ => {
-                // Created, emptied and refilled in one transaction: no packet sees a half
-                // table, and whatever an earlier agent left is replaced, not merged.
-                let mut s = format!("add table inet {t}\ndelete table inet {t}\nadd table inet {t}\n");
-                s.push_str(&want.skeleton);
-                for (set, items) in &want.elements {
-                    if !items.is_empty() {
-                        let all: Vec<&String> = items.iter().collect();
-                        let _ = writeln!(s, "add element inet {t} {set} {{ {} }}", join(&all));
-                    }
+            return (s, Applied::Table);
+        };
+        // Only the difference, in an order the kernel takes in one transaction: what is new
+        // is declared before anything refers to it, and what goes is deleted after the last
+        // reference to it (a map element, a rule) is gone.
+        let mut s = String::new();
+        for (name, decl) in want.sets.iter().filter(|(n, _)| !have.sets.contains_key(*n)) {
+            let _ = writeln!(s, "add {} inet {t} {name} {decl}", compile::set_kind(decl));
+        }
+        for (name, chain) in want.chains.iter().filter(|(n, _)| !have.chains.contains_key(*n)) {
+            let _ = writeln!(s, "{}", compile::add_chain(t, name, chain));
+        }
+        for (name, chain) in &want.chains {
+            match have.chains.get(name) {
+                Some(old) if old.rules == chain.rules => continue,
+                Some(_) => {
+                    let _ = writeln!(s, "flush chain inet {t} {name}");
                 }
-                (s, Applied::Table)
+                None => {}
+            }
+            for rule in &chain.rules {
+                let _ = writeln!(s, "add rule inet {t} {name} {rule}");
             }
         }
+        let rules_changed = !s.is_empty();
+        let before_elements = s.len();
+        let empty = BTreeSet::new();
+        for (set, items) in &want.elements {
+            let old = have.elements.get(set).unwrap_or(&empty);
+            // A map element is deleted by its key alone.
+            let gone: Vec<&str> = old.difference(items).map(|e| e.split(" : ").next().unwrap_or(e)).collect();
+            if !gone.is_empty() {
+                let _ = writeln!(s, "delete element inet {t} {set} {{ {} }}", gone.join(", "));
+            }
+        }
+        for (set, items) in &want.elements {
+            let old = have.elements.get(set).unwrap_or(&empty);
+            let new: Vec<&String> = items.difference(old).collect();
+            if !new.is_empty() {
+                let _ = writeln!(s, "add element inet {t} {set} {{ {} }}", join(&new));
+            }
+        }
+        let elements_changed = s.len() > before_elements;
+        let mut removed = false;
+        for name in have.chains.keys().filter(|n| !want.chains.contains_key(*n)) {
+            let _ = writeln!(s, "delete chain inet {t} {name}");
+            removed = true;
+        }
+        for (name, decl) in have.sets.iter().filter(|(n, _)| !want.sets.contains_key(*n)) {
+            let _ = writeln!(s, "delete {} inet {t} {name}", compile::set_kind(decl));
+            removed = true;
+        }
+        let kind = if rules_changed || removed {
+            Applied::Rules
+        } else if elements_changed {
+            Applied::Elements
+        } else {
+            Applied::Nothing
+        };
+        (s, kind)
     }
 
     /// Records that `want` is in the kernel (tests that apply a script themselves).
@@ -114,7 +155,7 @@ impl Engine {
     /// Brings the kernel to what `cluster` says; returns what kind of change it was and how
     /// many of this node's pods a policy selects.
     pub fn sync(&mut self, cluster: &Cluster) -> Result<(Applied, usize), AgentError> {
-        let want = compile(cluster, &self.node, &self.table);
+        let want = compile(cluster, &self.node);
         let (script, kind) = self.script(&want);
         if kind == Applied::Table && self.applied.is_some() {
             // Only the replaced table's own counts: what earlier tables counted is in
@@ -178,15 +219,18 @@ impl Engine {
         let empty = BTreeSet::new();
         for (set, items) in &want.elements {
             let old = have.elements.get(set).unwrap_or(&empty);
-            let gone: Vec<Vec<u8>> =
-                old.difference(items).map(|e| element_key(e).ok_or(e.clone())).collect::<Result<_, _>>()?;
+            let gone: Vec<Vec<u8>> = old
+                .difference(items)
+                .map(|e| element_key(map_entry(e).0).ok_or(e.clone()))
+                .collect::<Result<_, _>>()?;
             count += gone.len();
             let set = SetRef { family: NFPROTO_INET, table: &self.table, set };
             for keys in gone.chunks(256) {
                 ops.push(Op::Del { set, keys: keys.to_vec() });
             }
             for e in items.difference(old) {
-                ops.push(Op::Add { set, key: element_key(e).ok_or(e.clone())?, chain: None, comment: "" });
+                let (key, chain) = map_entry(e);
+                ops.push(Op::Add { set, key: element_key(key).ok_or(e.clone())?, chain, comment: "" });
                 count += 1;
             }
             if count > MOST {
@@ -200,6 +244,14 @@ impl Engine {
     pub fn dropped(&self) -> [u64; 2] {
         let now = read_counters(&self.table).unwrap_or_default();
         [self.dropped_before[0].saturating_add(now[0]), self.dropped_before[1].saturating_add(now[1])]
+    }
+}
+
+/// A dispatch map's `key : jump chain` as its key and chain; a set element as itself.
+fn map_entry(text: &str) -> (&str, Option<&str>) {
+    match text.split_once(" : jump ") {
+        Some((key, chain)) => (key, Some(chain)),
+        None => (text, None),
     }
 }
 

@@ -114,7 +114,7 @@ fn scale() {
     let parse = started.elapsed();
     assert!(defects.is_empty(), "{defects:?}");
     let started = Instant::now();
-    let want = compile(&cluster, "node-0", TABLE);
+    let want = compile(&cluster, "node-0");
     let compile_time = started.elapsed();
     let (script, _) = Engine::new("node-0").script(&want);
     let rules = script.lines().filter(|l| l.starts_with("add rule")).count();
@@ -321,7 +321,7 @@ fn datapath() {
     let mut cluster = cni_route_agent::policy::Cluster::default();
     let mut defects = Vec::new();
     objects::parse_into(&yaml, "bench", &mut cluster, &mut defects).expect("policies");
-    let (script, _) = Engine::new("node-0").script(&compile(&cluster, "node-0", TABLE));
+    let (script, _) = Engine::new("node-0").script(&compile(&cluster, "node-0"));
     let off = format!("add table inet {TABLE}\ndelete table inet {TABLE}\n");
     let d = Duration::from_millis(1500);
     let rounds = 3;
