@@ -725,4 +725,44 @@ mod tests {
         assert!(t.contains("routes missing or wrong  FAIL    10.244.2.0/24 via 10.200.0.12"), "{t}");
         assert!(t.contains("fix: restart it") && t.ends_with("2 checks, 1 failed\n"), "{t}");
     }
+
+    #[test]
+    fn overlapping_pod_cidrs_and_a_shared_address_are_conflicting_claims() {
+        let node = |name: &str, cidr: &str, ip: &str| {
+            let info = NodeInfo::with_addresses(name, vec![cidr.parse().unwrap()], &[ip.parse().unwrap()]);
+            (name.to_string(), info)
+        };
+        let snap: Snapshot = [
+            node("a", "10.244.1.0/24", "10.200.0.11"),
+            node("b", "10.244.2.0/24", "10.200.0.12"),
+            node("c", "10.244.3.0/24", "10.200.0.13"),
+        ]
+        .into_iter()
+        .collect();
+        let plan = serde_json::json!({"not_routed": {"conflicts": []}});
+        let c = claims(&snap, &plan);
+        assert_eq!(
+            (c.status.as_str(), c.detail.as_str()),
+            ("pass", "none: 3 nodes, 3 pod CIDRs, each its own")
+        );
+        let mut shared = snap.clone();
+        shared.extend([node("c", "10.244.3.0/24", "10.200.0.12")]);
+        let plan = serde_json::json!({"not_routed": {"conflicts": [
+            {"node": "c", "cidr": "10.244.2.0/23", "owner": "b", "owner_cidr": "10.244.2.0/24"}
+        ]}});
+        let c = claims(&shared, &plan);
+        assert_eq!(c.status, "fail");
+        assert!(
+            c.detail.contains("c claims 10.244.2.0/23, overlapping b's 10.244.2.0/24 (not routed)"),
+            "{c:?}"
+        );
+        assert!(c.detail.contains("b, c all list address 10.200.0.12") && !c.fix.is_empty(), "{c:?}");
+    }
+
+    #[test]
+    fn parallel_keeps_the_order_and_runs_every_item_once() {
+        let items: Vec<usize> = (0..100).collect();
+        assert_eq!(parallel(&items, 7, |i| i * 2), items.iter().map(|i| i * 2).collect::<Vec<_>>());
+        assert!(parallel(&Vec::<usize>::new(), 7, |i| *i).is_empty());
+    }
 }
