@@ -66,7 +66,11 @@ pub async fn run(opts: &Options, bin_dir: &Path) -> Vec<Check> {
     let snap = match dryrun::snapshot(opts).await {
         Ok(s) => s,
         Err(e) => {
-            out.push(check("source", "fail", format!("{}: {e}", source_name(opts)), SOURCE_FIX));
+            let fix = match opts.source {
+                Source::Etcd(_) => "run the doctor with the daemon's flags but --source file or kubernetes",
+                _ => SOURCE_FIX,
+            };
+            out.push(check("source", "fail", format!("{}: {e}", source_name(opts)), fix));
             out.push(agent_view(opts));
             return out;
         }
@@ -371,10 +375,15 @@ struct Target {
     path: Way,
 }
 
+/// How this node reaches a peer's pod CIDR, as the plan has it.
 enum Way {
     Direct(IpAddr),
-    Tunnel { dev: String, dst: String },
-    NotRouted(String),
+    Tunnel {
+        dev: String,
+        dst: String,
+    },
+    /// Why not, and the fix.
+    NotRouted(&'static str, &'static str),
 }
 
 impl std::fmt::Display for Way {
@@ -382,7 +391,7 @@ impl std::fmt::Display for Way {
         match self {
             Way::Direct(via) => write!(f, "direct via {via}"),
             Way::Tunnel { dev, dst } => write!(f, "through the tunnel {dev} to {dst}"),
-            Way::NotRouted(why) => write!(f, "not routed by this node: {why}"),
+            Way::NotRouted(why, _) => write!(f, "not routed by this node: {why}"),
         }
     }
 }
@@ -404,14 +413,20 @@ fn path_to(plan: &Value, peer: &NodeInfo, cidr: &IpNetwork) -> Way {
         .iter()
         .any(|c| text(&c["node"]) == peer.name && text(&c["cidr"]) == cidr.to_string())
     {
-        return Way::NotRouted("its claim overlaps another node's".into());
+        return Way::NotRouted("its claim overlaps another node's", "see `conflicting claims`");
     }
     if list(&nr["off_link"]).iter().any(|o| text(&o["node"]) == peer.name) {
-        return Way::NotRouted("its address is on no connected subnet and no tunnel reaches it".into());
+        return Way::NotRouted(
+            "its address is on no connected subnet and no tunnel reaches it",
+            "--backend auto tunnels to nodes on other subnets (VXLAN), or put the nodes on one subnet",
+        );
     }
     match peer.addr_for(cidr) {
         Some(via) => Way::Direct(via),
-        None => Way::NotRouted("it lists no address of this family".into()),
+        None => Way::NotRouted(
+            "it lists no address of this family",
+            "the node must publish an address of each family it has pod CIDRs of (its InternalIP)",
+        ),
     }
 }
 
@@ -448,12 +463,18 @@ fn peers(opts: &Options, snap: &Snapshot, plan: &Value) -> Vec<Check> {
                 continue;
             }
             let path = path_to(plan, peer, cidr);
+            // Not probed: its gateway may even be an address of this node (a claim of this
+            // node's own CIDR), which would answer.
+            if let Way::NotRouted(why, fix) = path {
+                let detail =
+                    format!("{cidr} is not routed by this node: {why}; no pod here reaches its pods");
+                out.push(check(&name, "fail", detail, fix));
+                continue;
+            }
             let node = match &path {
                 Way::Direct(via) => Some(*via),
                 Way::Tunnel { dst, .. } => dst.parse().ok(),
-                Way::NotRouted(_) => {
-                    peer.addr_for(cidr).or(peer.ipv4.map(IpAddr::V4)).or(peer.ipv6.map(IpAddr::V6))
-                }
+                Way::NotRouted(..) => None,
             };
             targets.push(Target {
                 peer: peer.name.clone(),
@@ -469,7 +490,7 @@ fn peers(opts: &Options, snap: &Snapshot, plan: &Value) -> Vec<Check> {
     let peer_count = targets.iter().map(|t| &t.peer).collect::<BTreeSet<_>>().len();
     let started = Instant::now();
     let results = parallel(&targets, PROBE_WIDTH, |t| verdict(opts, t, mtu));
-    let failed = results.iter().filter(|c| c.status == "fail").count();
+    let failed = out.iter().chain(&results).filter(|c| c.status == "fail").count();
     out.push(check(
         "peers probed",
         if failed == 0 { "pass" } else { "fail" },
@@ -619,10 +640,9 @@ forwarding on, and a route back to {}: run `cni-route-agent doctor` there",
                 t.peer, t.gw, t.local_cidr
             ),
         ),
-        (Way::NotRouted(reason), true) => (
-            format!("no answer from {}{why}: this node does not route to it ({reason})", t.gw),
-            "see `conflicting claims` and `cni-route-agent plan` (not routed)".to_string(),
-        ),
+        (Way::NotRouted(reason, fix), true) => {
+            (format!("no answer from {}{why}: this node does not route to it ({reason})", t.gw), fix.to_string())
+        }
     };
     check(&name, "fail", detail, fix)
 }
