@@ -227,9 +227,9 @@ fn doctor_probes_every_peer_and_names_each_broken_path() {
     assert!(expect(&checks, "peer node-3 IPv4", "pass").contains("tunnel cra-vxlan4"));
     assert!(expect(&checks, "peer node-2 IPv4", "pass").contains("direct via 10.200.0.12"));
     assert!(expect(&checks, "peers probed", "pass").contains("2 peers, 4 pod gateways"));
-    let entries = expect(&checks, "peer node-3 tunnel entries", "pass");
-    assert!(entries.contains("fdb 0e:04:0a:c9:00:0d dst 10.201.0.13 on cra-vxlan4"), "{entries}");
-    assert!(entries.contains("neighbour 10.244.3.0 lladdr 0e:04:0a:c9:00:0d"), "{entries}");
+    let tunnel = expect(&checks, "peer node-3 tunnel entries", "pass");
+    assert!(tunnel.contains("fdb 0e:04:0a:c9:00:0d dst 10.201.0.13 on cra-vxlan4"), "{tunnel}");
+    assert!(tunnel.contains("neighbour 10.244.3.0 lladdr 0e:04:0a:c9:00:0d"), "{tunnel}");
     expect(&checks, "source", "pass");
     expect(&checks, "source snapshot age", "pass");
     expect(&checks, "conflicting claims", "pass");
@@ -302,6 +302,29 @@ fn doctor_probes_every_peer_and_names_each_broken_path() {
             .contains("dst 10.201.0.13")
     });
     eventually("the agent is back: doctor passes again", || doctor(node, &bin, &f[0]).0 == 0);
+
+    // Two nodes listed that do not exist: one whose pod CIDR overlaps node-2's, one down
+    // since ever (no namespace, no answer to ARP).
+    let mut listed = entries.clone();
+    listed.push(json!({"name": "node-0", "podCIDRs": ["10.244.2.0/25"], "addresses": ["10.200.0.98"]}));
+    listed.push(json!({"name": "node-9", "podCIDRs": ["10.244.9.0/24"], "addresses": ["10.200.0.99"]}));
+    let write = |nodes: &[Value]| {
+        let next = tmp.0.join("nodes.next");
+        std::fs::write(&next, json!({ "nodes": nodes }).to_string()).unwrap();
+        std::fs::rename(&next, &file).unwrap();
+    };
+    write(&listed);
+    let (code, checks) = doctor(node, &bin, &f[0]);
+    assert_eq!(code, 1);
+    let detail = expect(&checks, "conflicting claims", "fail");
+    assert!(detail.contains("node-0 claims 10.244.2.0/25, overlapping node-2's 10.244.2.0/24"), "{detail}");
+    assert!(expect(&checks, "peer node-0 IPv4", "fail").contains("not routed by this node"));
+    assert!(expect(&checks, "peer node-9 IPv4", "fail").contains("peer unreachable"));
+    expect(&checks, "peer node-2 IPv4", "pass");
+    write(&entries);
+    eventually("the agent dropped the route to node-9", || {
+        !node.ip(&["route", "show", "proto", "168"]).contains("10.244.9.0/24")
+    });
 
     // A peer listed but down: node-2's links down.
     cl.nodes[1].ns.ip(&["link", "set", "eth0", "down"]);
