@@ -565,10 +565,10 @@ hop of the underlay, or give pods less with --mtu (a pod keeps its MTU until it 
                 &name,
                 "pass",
                 format!(
-                    "{} answers {} from {}, {mtu}-byte packets with DF too, in {} ms ({})",
+                    "{} answers {}: {}-byte and {mtu}-byte packets with DF, in {} ms ({})",
                     t.gw,
-                    probe::SMALL,
                     t.from,
+                    probe::SMALL,
                     rtt.as_millis(),
                     t.path
                 ),
