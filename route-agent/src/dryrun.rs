@@ -26,7 +26,7 @@ use crate::{gateways, Metrics, Options, Source};
 const SOURCE_WAIT: Duration = Duration::from_secs(30);
 
 /// The nodes as the source has them now.
-async fn snapshot(opts: &Options) -> Result<Snapshot, AgentError> {
+pub async fn snapshot(opts: &Options) -> Result<Snapshot, AgentError> {
     match &opts.source {
         Source::File(path) => {
             let text = std::fs::read_to_string(path)
@@ -57,7 +57,12 @@ async fn snapshot(opts: &Options) -> Result<Snapshot, AgentError> {
 
 /// What a sync would do, as JSON (also the source of the table).
 pub async fn compute(opts: &Options) -> Result<Value, AgentError> {
-    let snap = snapshot(opts).await?;
+    compute_from(opts, &snapshot(opts).await?).await
+}
+
+/// [`compute`] from a snapshot already read (the doctor reads it itself, to time it and to
+/// know the peers).
+pub async fn compute_from(opts: &Options, snap: &Snapshot) -> Result<Value, AgentError> {
     let kernel = Kernel::new(opts.route_protocol, opts.nexthops).await?;
     let connected = kernel.connected().await?;
     let nets: Vec<IpNetwork> = connected.iter().map(|(net, _, _)| *net).collect();
@@ -67,11 +72,11 @@ pub async fn compute(opts: &Options) -> Result<Value, AgentError> {
         Existing::default()
     };
     let have = kernel.routes(&existing.gateways()).await?;
-    let me = me_in(opts, &snap);
+    let me = me_in(opts, snap);
     let local: Vec<IpAddr> =
         me.iter().flat_map(|m| [m.ipv4.map(IpAddr::V4), m.ipv6.map(IpAddr::V6)]).flatten().collect();
     let tunnelling = plan::Tunnelling { backend: opts.backend, local: local.clone() };
-    let desired = plan::desired_with(&snap, &opts.node_name, &nets, &have, &tunnelling);
+    let desired = plan::desired_with(snap, &opts.node_name, &nets, &have, &tunnelling);
     let bridge = match &me {
         Some(me) => {
             gateways::dry_run(&kernel, &me.pod_cidrs, Path::new(&opts.ipam_data_dir), &opts.network_name)
@@ -82,7 +87,7 @@ pub async fn compute(opts: &Options) -> Result<Value, AgentError> {
     let retained = bridge.as_ref().map(|b| b.retained.clone()).unwrap_or_default();
     let masquerade = match (&me, opts.masquerade) {
         (Some(me), true) => {
-            let (sources, keep) = masq_inputs(opts, &snap, me, &retained);
+            let (sources, keep) = masq_inputs(opts, snap, me, &retained);
             json!({"sources": strings(&sources), "exceptions": strings(&keep), "fully_random_requested": opts.masquerade_fully_random})
         }
         _ => Value::Null,
@@ -139,7 +144,7 @@ pub async fn compute(opts: &Options) -> Result<Value, AgentError> {
         })),
         "not_routed": {
             "off_link": desired.off_link.iter().map(|(n, ip)| json!({"node": n, "address": ip.to_string()})).collect::<Vec<_>>(),
-            "conflicts": desired.conflicts.iter().map(|c| json!({"node": c.claimant, "cidr": c.cidr.to_string(), "owner": c.owner})).collect::<Vec<_>>(),
+            "conflicts": desired.conflicts.iter().map(|c| json!({"node": c.claimant, "cidr": c.cidr.to_string(), "owner": c.owner, "owner_cidr": c.owner_cidr.to_string()})).collect::<Vec<_>>(),
             "without_address": desired.without_address.iter().map(|u| json!({"node": u.node, "cidr": u.cidr.to_string(), "kept_via": u.kept.map(|k| k.to_string())})).collect::<Vec<_>>(),
         },
     }))

@@ -151,6 +151,25 @@ pub fn install(from: &Path, bin_dir: &Path) -> Result<Vec<String>, String> {
     Ok(done)
 }
 
+/// Each plugin the install record in `bin_dir` names, and whether its file is still the one
+/// install-cni wrote (`Err` says why not); `None` without a record (plugins put there by
+/// other means). Read-only: for the doctor.
+pub fn verify(bin_dir: &Path) -> Option<Vec<(&'static str, Result<(), String>)>> {
+    let text = fs::read_to_string(bin_dir.join(RECORD)).ok()?;
+    let checked = read_record(&text)
+        .into_iter()
+        .map(|(name, hash)| {
+            let state = match fs::read(bin_dir.join(name)) {
+                Ok(bytes) if fnv1a(&bytes) == hash => Ok(()),
+                Ok(_) => Err("changed since install-cni wrote it".to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            (name, state)
+        })
+        .collect();
+    Some(checked)
+}
+
 /// The (name, hash) pairs of an install record; unknown names are ignored, so a record can
 /// never make uninstall remove a file outside the plugin list.
 fn read_record(text: &str) -> Vec<(&'static str, u64)> {

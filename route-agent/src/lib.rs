@@ -21,6 +21,7 @@ pub mod options;
 pub mod overrun;
 pub mod plan;
 pub mod policy;
+pub mod probe;
 pub mod reconcile;
 pub mod sources;
 pub mod vxlan;

@@ -15,7 +15,8 @@ use ipnetwork::IpNetwork;
                   cni-route-agent plan [--json] <the flags above>: what a sync would do now\n\
                   (routes, nexthops, tunnel entries, masquerade set), changing nothing;\n\
                   cni-route-agent doctor [--json] [--bin-dir /opt/cni/bin] <the flags above>: checks\n\
-                  the node's routes, tunnel, conflist and masquerade against the plan, and runs\n\
+                  the source, the node's routes, tunnel, conflist and masquerade against the plan,\n\
+                  probes every peer's pod gateway (small, and at the pod MTU with DF), and runs\n\
                   the installed cni-bridge doctor; exit status 1 on any failure"
 )]
 struct Cli {

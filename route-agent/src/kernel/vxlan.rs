@@ -88,7 +88,7 @@ async fn devices(kernel: &Kernel) -> Result<BTreeMap<String, Present>, AgentErro
 }
 
 /// Our FDB and neighbour entries on device `index`: (mac, underlay) and (gateway, mac).
-type Entries = (BTreeSet<([u8; 6], IpAddr)>, BTreeSet<(IpAddr, [u8; 6])>);
+pub type Entries = (BTreeSet<([u8; 6], IpAddr)>, BTreeSet<(IpAddr, [u8; 6])>);
 
 async fn entries(kernel: &Kernel, index: u32) -> Result<Entries, AgentError> {
     let mut fdb = BTreeSet::new();
@@ -111,6 +111,9 @@ async fn entries(kernel: &Kernel, index: u32) -> Result<Entries, AgentError> {
             let dst = msg.attributes.iter().find_map(|a| match a {
                 NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => Some(IpAddr::V4(*v4)),
                 NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => Some(IpAddr::V6(*v6)),
+                // An FDB entry (family AF_BRIDGE) carries its underlay address as bytes the
+                // parser cannot type by the message's family: 4 or 16 of them.
+                NeighbourAttribute::Destination(NeighbourAddress::Other(bytes)) => ip_of(bytes),
                 _ => None,
             });
             let (Some(mac), Some(dst)) = (mac, dst) else { continue };
@@ -122,6 +125,14 @@ async fn entries(kernel: &Kernel, index: u32) -> Result<Entries, AgentError> {
         }
     }
     Ok((fdb, neigh))
+}
+
+fn ip_of(bytes: &[u8]) -> Option<IpAddr> {
+    match bytes.len() {
+        4 => <[u8; 4]>::try_from(bytes).ok().map(IpAddr::from),
+        16 => <[u8; 16]>::try_from(bytes).ok().map(IpAddr::from),
+        _ => None,
+    }
 }
 
 /// What [`ensure`] found and did.
@@ -285,4 +296,14 @@ pub async fn cleanup(kernel: &Kernel, plan: &VtepPlan) -> Result<(usize, Vec<Str
         }
     }
     Ok((writes, errors))
+}
+
+/// The FDB and neighbour entries on our devices as the kernel has them, by device name:
+/// (remote VTEP MAC, underlay address) and (tunnel gateway, MAC). Read-only: for the doctor.
+pub async fn present_entries(kernel: &Kernel) -> Result<BTreeMap<String, Entries>, AgentError> {
+    let mut out = BTreeMap::new();
+    for (name, have) in devices(kernel).await? {
+        out.insert(name, entries(kernel, have.index).await?);
+    }
+    Ok(out)
 }
