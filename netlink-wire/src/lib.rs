@@ -7,6 +7,7 @@
 //! route agent and the benches all depend on (the agent does not depend on cni-proto).
 
 pub mod dump;
+pub mod nft_objects;
 pub mod nftables;
 pub mod process;
 pub mod raw;

@@ -126,6 +126,17 @@ pub enum Op<'a> {
         /// The keys.
         keys: Vec<Vec<u8>>,
     },
+    /// Any other nf_tables message (tables' objects: [`crate::nft_objects`]).
+    Message {
+        /// NFT_MSG_* type.
+        kind: u16,
+        /// NLM_F_* flags beyond request and ack.
+        flags: u16,
+        /// NFPROTO_* of the table.
+        family: u8,
+        /// The attributes.
+        attrs: Vec<u8>,
+    },
 }
 
 /// The key bytes of an address.
@@ -147,7 +158,7 @@ fn nft_kind(msg: u16) -> u16 {
 }
 
 /// The userdata record `nft` writes for a comment.
-fn comment_udata(comment: &str) -> Vec<u8> {
+pub(crate) fn comment_udata(comment: &str) -> Vec<u8> {
     let mut ud = vec![UDATA_SET_ELEM_COMMENT, (comment.len() + 1) as u8];
     ud.extend_from_slice(&strz(comment));
     ud
@@ -170,12 +181,16 @@ fn comment_of(udata: &[u8]) -> String {
 
 /// One message of a batch, `exclusive` refusing to replace an existing element.
 fn op_message(op: &Op, seq: u32, exclusive: bool) -> Vec<u8> {
+    if let Op::Message { kind, flags, family, attrs } = op {
+        return nfmsg(nft_kind(*kind), NLM_F_REQUEST | NLM_F_ACK | flags, seq, *family, 0, attrs);
+    }
     let (set, kind, flags) = match op {
         Op::Add { set, .. } => {
             let excl = if exclusive { NLM_F_EXCL } else { 0 };
             (set, NFT_MSG_NEWSETELEM, NLM_F_CREATE | excl)
         }
         Op::Del { set, .. } => (set, NFT_MSG_DELSETELEM, 0),
+        Op::Message { .. } => return Vec::new(),
     };
     let mut a = Vec::new();
     attr(&mut a, NFTA_SET_ELEM_LIST_TABLE, &strz(set.table));
@@ -202,6 +217,7 @@ fn op_message(op: &Op, seq: u32, exclusive: bool) -> Vec<u8> {
                 });
             }
         }
+        Op::Message { .. } => {}
     });
     nfmsg(nft_kind(kind), NLM_F_REQUEST | NLM_F_ACK | flags, seq, set.family, 0, &a)
 }

@@ -2,6 +2,7 @@
 
 use std::io::Write;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 
 use cni_conformance::netns::Netns;
 use cni_conformance::require_root;
@@ -42,10 +43,10 @@ fn every_kind_of_rule_loads_and_pod_churn_is_element_updates() {
     nft(&ns, &script).unwrap();
     engine.mark_applied(want);
     // A pod appears on another node, in an existing group's peer sets: elements only.
-    let mut c2 = cluster.pods["x/c"].clone();
+    let mut c2 = (*cluster.pods["x/c"]).clone();
     c2.name = "d".into();
     c2.ips = vec!["10.244.2.9".parse().unwrap(), "fd00:244:2::9".parse().unwrap()];
-    cluster.pods.insert("x/d".into(), c2);
+    cluster.pods.insert("x/d".into(), Arc::new(c2));
     let want = cni_route_agent::policy::compile(&cluster, "n1");
     let (script, kind) = engine.script(&want);
     assert_eq!(kind, cni_route_agent::policy::Applied::Elements, "{script}");
@@ -53,7 +54,7 @@ fn every_kind_of_rule_loads_and_pod_churn_is_element_updates() {
     engine.mark_applied(want);
     // A local pod's labels change so that other policies select it: its new group's chains
     // are added and the emptied group's removed, in place, the table kept.
-    cluster.pods.get_mut("x/b").unwrap().labels.insert("pod".into(), "a".into());
+    Arc::make_mut(cluster.pods.get_mut("x/b").unwrap()).labels.insert("pod".into(), "a".into());
     let want = cni_route_agent::policy::compile(&cluster, "n1");
     let (script, kind) = engine.script(&want);
     assert_eq!(kind, cni_route_agent::policy::Applied::Rules, "{script}");
@@ -148,18 +149,23 @@ fn changes_in_place_leave_what_a_full_replace_would() {
     let steps = std::thread::spawn(move || {
         nix::sched::setns(std::os::fd::AsFd::as_fd(&file), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
         let mut engine = Engine::with_table("n1", "churn");
-        let (kind, _) = engine.sync(&cluster).unwrap();
+        // Pods first, then every policy at once: each kind of set and rule made in place.
+        let mut bare = cluster.clone();
+        bare.policies.clear();
+        let (kind, _) = engine.sync(&bare).unwrap();
         assert_eq!(kind, Applied::Table);
+        let (kind, _) = engine.sync(&cluster).unwrap();
+        assert_eq!(kind, Applied::Rules);
         // Churn within the groups there are: a pod with named ports added beside `a` (same
         // labels, same group), a remote pod deleted, a remote pod's labels changed.
-        let mut d = cluster.pods["x/a"].clone();
+        let mut d = (*cluster.pods["x/a"]).clone();
         d.name = "d".into();
         d.ips = vec!["10.244.1.9".parse().unwrap(), "fd00:244:1::9".parse().unwrap()];
-        cluster.pods.insert("x/d".into(), d);
+        cluster.pods.insert("x/d".into(), Arc::new(d));
         cluster.pods.remove("x/c");
         let (kind, _) = engine.sync(&cluster).unwrap();
         assert_eq!(kind, Applied::Elements);
-        assert_eq!(engine.netlink_updates, 1, "the update went over netlink");
+        assert_eq!(engine.netlink_updates, 2, "the updates went over netlink");
         let same = |cluster: &Cluster, n: u32| {
             let whole = format!("whole{n}");
             Engine::with_table("n1", &whole).sync(cluster).unwrap();
@@ -167,13 +173,14 @@ fn changes_in_place_leave_what_a_full_replace_would() {
         };
         same(&cluster, 1);
         // A local pod into another group, and a policy changed.
-        cluster.pods.get_mut("x/b").unwrap().labels.insert("pod".into(), "a".into());
+        Arc::make_mut(cluster.pods.get_mut("x/b").unwrap()).labels.insert("pod".into(), "a".into());
         let (kind, _) = engine.sync(&cluster).unwrap();
         assert_eq!(kind, Applied::Rules);
         same(&cluster, 2);
         cluster.policies.remove("x/deny");
         let (kind, _) = engine.sync(&cluster).unwrap();
         assert_eq!(kind, Applied::Rules);
+        assert_eq!(engine.netlink_updates, 4, "chains and sets changed over netlink too");
         same(&cluster, 3);
     });
     steps.join().unwrap();

@@ -20,23 +20,30 @@
 //! send to the node itself.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use fnv::FnvHashMap;
 use std::fmt::Write as _;
 use std::hash::Hasher as _;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnetwork::IpNetwork;
 
 use super::model::{Labels, Namespace, Peer, Pod, Policy, PortMatch, Protocol, Rule};
+use super::rules::{Field, PeerMatch, PortsMatch, RuleSpec, SetSpec, Verdict};
 
 /// Everything the engine knows, by `namespace/name` (pods, policies) and name (namespaces).
+/// Objects are shared, not copied, between the source's state and each view it publishes:
+/// a view of a big cluster is then cheap to build and to compare with the last one (equal
+/// objects are the same allocation).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Cluster {
     /// Pods.
-    pub pods: BTreeMap<String, Pod>,
+    pub pods: BTreeMap<String, Arc<Pod>>,
     /// Namespaces.
-    pub namespaces: BTreeMap<String, Namespace>,
+    pub namespaces: BTreeMap<String, Arc<Namespace>>,
     /// Policies.
-    pub policies: BTreeMap<String, Policy>,
+    pub policies: BTreeMap<String, Arc<Policy>>,
 }
 
 /// A chain the policies make: its rules, and which policies they come from.
@@ -44,15 +51,15 @@ pub struct Cluster {
 pub struct Chain {
     /// The policies whose rules these are (shown as the chain's comment).
     pub comment: String,
-    /// Rule bodies, as nft writes them after `add rule inet <table> <chain>`.
-    pub rules: Vec<String>,
+    /// Its rules.
+    pub rules: Vec<RuleSpec>,
 }
 
 /// The nftables state for one node.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Desired {
-    /// Every set and map by name, as nft declares it (`{ type …; }`, fixed elements included).
-    pub sets: BTreeMap<String, String>,
+    /// The sets the policies make, by name (the table's own sets and maps are always there).
+    pub sets: BTreeMap<String, SetSpec>,
     /// The chains the policies make (the base chains are the same for every cluster).
     pub chains: BTreeMap<String, Chain>,
     /// The elements that follow pods: who is selected (map `a : jump chain`), who is a
@@ -66,8 +73,11 @@ impl Desired {
     /// The nft commands that make this state in an empty table `inet {table}`, elements left out.
     pub fn declarations(&self, table: &str) -> String {
         let mut s = String::new();
-        for (name, decl) in &self.sets {
-            let _ = writeln!(s, "add {} inet {table} {name} {decl}", set_kind(decl));
+        for (name, decl) in base_sets() {
+            let _ = writeln!(s, "add {} inet {table} {name} {decl}", set_kind(&decl));
+        }
+        for (name, spec) in &self.sets {
+            let _ = writeln!(s, "add set inet {table} {name} {}", spec.decl());
         }
         s.push_str(&base_chains(table));
         for (name, chain) in &self.chains {
@@ -84,7 +94,7 @@ impl Desired {
 }
 
 /// `set` or `map`, from a declaration.
-pub fn set_kind(decl: &str) -> &'static str {
+fn set_kind(decl: &str) -> &'static str {
     if decl.contains(" : ") {
         "map"
     } else {
@@ -111,24 +121,24 @@ impl Dir {
         }
     }
     /// The field naming the peer: who sent it (ingress) or where it goes (egress).
-    fn peer_field(self) -> &'static str {
+    fn peer_field(self) -> Field {
         match self {
-            Dir::Ingress => "saddr",
-            Dir::Egress => "daddr",
+            Dir::Ingress => Field::Source,
+            Dir::Egress => Field::Destination,
         }
     }
     /// An allowed packet: past egress (back in `forward`) it still needs the destination's
     /// ingress check.
-    fn allow(self) -> &'static str {
+    fn allow(self) -> Verdict {
         match self {
-            Dir::Ingress => "accept",
-            Dir::Egress => "return",
+            Dir::Ingress => Verdict::Accept,
+            Dir::Egress => Verdict::Return,
         }
     }
-    fn name(self) -> &'static str {
+    fn counter(self) -> &'static str {
         match self {
-            Dir::Ingress => "ingress",
-            Dir::Egress => "egress",
+            Dir::Ingress => "ingress_denied",
+            Dir::Egress => "egress_denied",
         }
     }
 }
@@ -216,41 +226,39 @@ fn digest(key: &str) -> String {
 /// Indexes of the cluster the compiler asks many times.
 struct View<'a> {
     node: &'a str,
-    /// Each pod's addresses that it owns (a reused address belongs to the newest pod), by
-    /// the pod's address in memory: asked for in every rule, so no key is built per call.
-    ips: HashMap<*const Pod, Vec<IpAddr>>,
+    /// Which pod owns each address: a reused address belongs to the newest pod.
+    owner: FnvHashMap<IpAddr, &'a Pod>,
     /// Pods by namespace, only those that can be a policy's subject or peer.
     by_ns: BTreeMap<&'a str, Vec<&'a Pod>>,
     /// Labels of the namespaces pods live in (the name label alone for one not listed).
-    ns_labels: HashMap<&'a str, std::borrow::Cow<'a, Labels>>,
+    ns_labels: FnvHashMap<&'a str, std::borrow::Cow<'a, Labels>>,
 }
 
 impl<'a> View<'a> {
     fn new(cluster: &'a Cluster, node: &'a str) -> View<'a> {
-        let mut owner: HashMap<IpAddr, &Pod> = HashMap::new();
-        for pod in cluster.pods.values().filter(|p| !p.host_network) {
+        let mut owner: FnvHashMap<IpAddr, &Pod> = FnvHashMap::default();
+        owner.reserve(cluster.pods.len() * 2);
+        let mut by_ns: BTreeMap<&str, Vec<&Pod>> = BTreeMap::new();
+        for pod in cluster.pods.values().map(|p| &**p).filter(|p| !p.host_network) {
             for ip in &pod.ips {
-                let newer =
-                    owner.get(ip).is_none_or(|cur| (&pod.created, pod.key()) > (&cur.created, cur.key()));
-                if newer {
-                    owner.insert(*ip, pod);
+                match owner.entry(*ip) {
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert(pod);
+                    }
+                    std::collections::hash_map::Entry::Occupied(mut o) => {
+                        let cur = *o.get();
+                        if (&pod.created, pod.key()) > (&cur.created, cur.key()) {
+                            o.insert(pod);
+                        }
+                    }
                 }
             }
-        }
-        let mut ips: HashMap<*const Pod, Vec<IpAddr>> = HashMap::new();
-        let mut by_ns: BTreeMap<&str, Vec<&Pod>> = BTreeMap::new();
-        for pod in cluster.pods.values() {
-            if pod.host_network {
-                continue;
+            match by_ns.get_mut(pod.namespace.as_str()) {
+                Some(v) => v.push(pod),
+                None => {
+                    by_ns.insert(pod.namespace.as_str(), vec![pod]);
+                }
             }
-            let own: Vec<IpAddr> = pod
-                .ips
-                .iter()
-                .copied()
-                .filter(|ip| owner.get(ip).is_some_and(|o| std::ptr::eq(*o, pod)))
-                .collect();
-            ips.insert(pod as *const Pod, own);
-            by_ns.entry(pod.namespace.as_str()).or_default().push(pod);
         }
         let ns_labels = by_ns
             .keys()
@@ -262,11 +270,12 @@ impl<'a> View<'a> {
                 (*ns, labels)
             })
             .collect();
-        View { node, ips, by_ns, ns_labels }
+        View { node, owner, by_ns, ns_labels }
     }
 
-    fn ips_of(&self, pod: &Pod) -> &[IpAddr] {
-        self.ips.get(&(pod as *const Pod)).map(Vec::as_slice).unwrap_or(&[])
+    /// The addresses `pod` owns.
+    fn ips_of<'p>(&'p self, pod: &'p Pod) -> impl Iterator<Item = &'p IpAddr> + 'p {
+        pod.ips.iter().filter(move |ip| self.owner.get(ip).is_some_and(|o| std::ptr::eq(*o, pod)))
     }
 
     /// The local pods a policy selects.
@@ -319,8 +328,7 @@ pub fn compile(cluster: &Cluster, node: &str) -> Desired {
         chains: BTreeMap::new(),
         made: HashMap::new(),
     };
-    for (name, decl) in base_sets() {
-        c.sets.insert(name.clone(), decl);
+    for (name, _) in base_sets() {
         c.elements.insert(name, BTreeSet::new());
     }
     let local: Vec<&Pod> = view.by_ns.values().flatten().filter(|p| p.node == node).copied().collect();
@@ -331,7 +339,7 @@ pub fn compile(cluster: &Cluster, node: &str) -> Desired {
         }
     }
     // Each local pod's policies, per direction, in the cluster's (key) order.
-    let policies: Vec<&Policy> = cluster.policies.values().collect();
+    let policies: Vec<&Policy> = cluster.policies.values().map(|p| &**p).collect();
     let mut groups: [BTreeMap<*const Pod, Vec<usize>>; 2] = [BTreeMap::new(), BTreeMap::new()];
     for (k, policy) in policies.iter().enumerate() {
         let Some(pods) = view.by_ns.get(policy.namespace.as_str()) else { continue };
@@ -368,7 +376,11 @@ pub fn compile(cluster: &Cluster, node: &str) -> Desired {
                 }
             }
             let mut rules = c.merge(allows, dir);
-            rules.push(format!("counter name {}_denied drop", dir.name()));
+            rules.push(RuleSpec {
+                peer: None,
+                ports: PortsMatch::Any,
+                verdict: Verdict::Deny(dir.counter()),
+            });
             let comment = match keys.as_slice() {
                 [] => String::new(),
                 [one] => one.clone(),
@@ -389,19 +401,19 @@ pub fn compile(cluster: &Cluster, node: &str) -> Desired {
 /// What one rule allows, before merging: a family (or both), a peer match, a port match.
 struct Allow {
     family: Option<bool>,
-    peer: String,
+    peer: Option<PeerMatch>,
     ports: Ports,
 }
 
 enum Ports {
     Any,
     Numeric(Protocol, Vec<(u16, u16)>),
-    /// A match of its own (named ports: address, protocol and port in one set).
-    Expr(String),
+    /// Named ports of one family: address, protocol and port in one set.
+    Named(bool, String),
 }
 
 struct Compiler {
-    sets: BTreeMap<String, String>,
+    sets: BTreeMap<String, SetSpec>,
     elements: BTreeMap<String, BTreeSet<String>>,
     chains: BTreeMap<String, Chain>,
     /// The sets already made, by what they hold: rules that name the same peers (every policy
@@ -423,8 +435,8 @@ impl Compiler {
     }
 
     /// Declares a set whose elements follow pods.
-    fn set(&mut self, name: &str, ty: &str) {
-        self.sets.insert(name.to_string(), format!("{{ type {ty}; }}"));
+    fn set(&mut self, name: &str, spec: SetSpec) {
+        self.sets.insert(name.to_string(), spec);
         self.elements.entry(name.to_string()).or_default();
     }
 
@@ -436,9 +448,9 @@ impl Compiler {
     fn rule(&mut self, view: &View, policy: &Policy, dir: Dir, rule: &Rule, out: &mut Vec<Allow>) {
         let field = dir.peer_field();
         // Peer matches: (family or None for both, expression).
-        let mut peers: Vec<(Option<bool>, String)> = Vec::new();
+        let mut peers: Vec<(Option<bool>, Option<PeerMatch>)> = Vec::new();
         match &rule.peers {
-            None => peers.push((None, String::new())),
+            None => peers.push((None, None)),
             Some(list) => {
                 // One set per distinct pod peer: the same selector in many policies is one set.
                 let mut pod_sets = Vec::new();
@@ -450,7 +462,7 @@ impl Compiler {
                         let pods = view.peer_pods(&policy.namespace, one);
                         for f in FAMILIES {
                             let set = format!("{name}_pods{}", fam_digit(f.2));
-                            self.set(&set, f.1);
+                            self.set(&set, SetSpec::Pods(f.2));
                             self.fill(&set, view.addresses(&pods, f.2));
                         }
                     }
@@ -461,22 +473,17 @@ impl Compiler {
                 for f in FAMILIES {
                     let d = fam_digit(f.2);
                     for name in &pod_sets {
-                        peers.push((Some(f.2), format!("{} {field} @{name}_pods{d}", f.0)));
+                        let set = format!("{name}_pods{d}");
+                        peers.push((Some(f.2), Some(PeerMatch { v4: f.2, field, set })));
                     }
                     let ranges = block_ranges(list, f.2);
                     if !ranges.is_empty() {
-                        let elems: Vec<String> =
-                            ranges.iter().map(|(a, b)| range_text(*a, *b, f.2)).collect();
-                        let elems = elems.join(", ");
-                        let (name, new) = self.shared_name('c', format!("cidr{d}:{elems}"));
+                        let (name, new) = self.shared_name('c', format!("cidr{d}:{ranges:?}"));
                         let set = format!("{name}_cidr{d}");
                         if new {
-                            self.sets.insert(
-                                set.clone(),
-                                format!("{{ type {}; flags interval; elements = {{ {elems} }}; }}", f.1),
-                            );
+                            self.sets.insert(set.clone(), SetSpec::Cidr(f.2, ranges));
                         }
-                        peers.push((Some(f.2), format!("{} {field} @{set}", f.0)));
+                        peers.push((Some(f.2), Some(PeerMatch { v4: f.2, field, set })));
                     }
                 }
             }
@@ -515,20 +522,17 @@ impl Compiler {
                     };
                     for f in FAMILIES {
                         let set = format!("{name}_named{}", fam_digit(f.2));
-                        ports.push((
-                            Some(f.2),
-                            Ports::Expr(format!("{} daddr . meta l4proto . th dport @{set}", f.0)),
-                        ));
+                        ports.push((Some(f.2), Ports::Named(f.2, set.clone())));
                         if !new {
                             continue;
                         }
-                        self.set(&set, &format!("{} . inet_proto . inet_service", f.1));
+                        self.set(&set, SetSpec::Named(f.2));
                         let mut items = Vec::new();
                         for pod in &targets {
                             for np in
                                 pod.ports.iter().filter(|np| named.contains(&(np.protocol, np.name.as_str())))
                             {
-                                for ip in view.ips_of(pod).iter().filter(|ip| ip.is_ipv4() == f.2) {
+                                for ip in view.ips_of(pod).filter(|ip| ip.is_ipv4() == f.2) {
                                     items.push(format!("{ip} . {} . {}", np.protocol.nft(), np.port));
                                 }
                             }
@@ -548,7 +552,7 @@ impl Compiler {
                 let ports = match oe {
                     Ports::Any => Ports::Any,
                     Ports::Numeric(p, r) => Ports::Numeric(*p, r.clone()),
-                    Ports::Expr(e) => Ports::Expr(e.clone()),
+                    Ports::Named(v4, set) => Ports::Named(*v4, set.clone()),
                 };
                 out.push(Allow { family, peer: pe.clone(), ports });
             }
@@ -558,14 +562,16 @@ impl Compiler {
     /// A group's allows as few rules: per peer match, every port of every rule naming it in
     /// one match (a single port or range inline; more in a shared named set: an anonymous set
     /// per rule costs the kernel more than the rule does).
-    fn merge(&mut self, allows: Vec<Allow>, dir: Dir) -> Vec<String> {
+    fn merge(&mut self, allows: Vec<Allow>, dir: Dir) -> Vec<RuleSpec> {
         #[derive(Default)]
         struct PeerPorts {
             any: bool,
             numeric: BTreeMap<Protocol, Vec<(u128, u128)>>,
-            exprs: BTreeSet<String>,
+            named: BTreeSet<(bool, String)>,
         }
-        let mut by_peer: BTreeMap<(Option<bool>, String), PeerPorts> = BTreeMap::new();
+        // The family is in the key only to keep the two families' rules apart; the matches
+        // themselves name it.
+        let mut by_peer: BTreeMap<(Option<bool>, Option<PeerMatch>), PeerPorts> = BTreeMap::new();
         for a in allows {
             let e = by_peer.entry((a.family, a.peer)).or_default();
             match a.ports {
@@ -573,51 +579,42 @@ impl Compiler {
                 Ports::Numeric(p, r) => {
                     e.numeric.entry(p).or_default().extend(r.iter().map(|(a, b)| (*a as u128, *b as u128)))
                 }
-                Ports::Expr(x) => {
-                    e.exprs.insert(x);
+                Ports::Named(v4, set) => {
+                    e.named.insert((v4, set));
                 }
             }
         }
         let mut out = Vec::new();
         let verdict = dir.allow();
-        // The family is in the key only to keep the two families' rules apart; the matches
-        // themselves name it.
         for ((_, peer), pp) in by_peer {
-            let lead = if peer.is_empty() { String::new() } else { format!("{peer} ") };
+            let rule = |ports| RuleSpec { peer: peer.clone(), ports, verdict };
             if pp.any {
-                out.push(format!("{lead}{verdict}"));
+                out.push(rule(PortsMatch::Any));
                 continue;
             }
             for (proto, ranges) in pp.numeric {
                 let ranges = merge_ranges(ranges);
-                let text: Vec<String> = ranges
-                    .iter()
-                    .map(|(a, b)| if a == b { a.to_string() } else { format!("{a}-{b}") })
-                    .collect();
-                let m = match text.as_slice() {
-                    [all] if all == "1-65535" => format!("meta l4proto {}", proto.nft()),
-                    [one] => format!("meta l4proto {} th dport {one}", proto.nft()),
+                let m = match ranges.as_slice() {
+                    [(1, 65535)] => PortsMatch::Proto(proto),
+                    [(a, b)] => PortsMatch::Range(proto, *a as u16, *b as u16),
                     _ => {
-                        let elems = text.join(", ");
-                        let (name, new) = self.shared_name('p', format!("ports:{elems}"));
+                        let (name, new) = self.shared_name('p', format!("ports:{ranges:?}"));
                         if new {
-                            self.sets.insert(
-                                name.clone(),
-                                format!("{{ type inet_service; flags interval; elements = {{ {elems} }}; }}"),
-                            );
+                            self.sets.insert(name.clone(), SetSpec::Ports(ranges));
                         }
-                        format!("meta l4proto {} th dport @{name}", proto.nft())
+                        PortsMatch::Set(proto, name)
                     }
                 };
-                out.push(format!("{lead}{m} {verdict}"));
+                out.push(rule(m));
             }
-            for x in pp.exprs {
-                out.push(format!("{lead}{x} {verdict}"));
+            for (v4, set) in pp.named {
+                out.push(rule(PortsMatch::Named(v4, set)));
             }
         }
         out
     }
 }
+
 /// What a rule's pod peers select, written so that two rules selecting the same pods (by the
 /// same selectors, a missing namespace selector spelled as the policy's namespace) get the
 /// same text; `None` when the rule has no pod peers.
@@ -697,24 +694,24 @@ fn merge_ranges(mut ranges: Vec<(u128, u128)>) -> Vec<(u128, u128)> {
     out
 }
 
-fn range_text(a: u128, b: u128, v4: bool) -> String {
-    let show = |x: u128| -> String {
-        if v4 {
-            std::net::Ipv4Addr::from(x as u32).to_string()
-        } else {
-            std::net::Ipv6Addr::from(x).to_string()
-        }
-    };
-    if a == b {
-        show(a)
-    } else {
-        format!("{}-{}", show(a), show(b))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn range_text(a: u128, b: u128, v4: bool) -> String {
+        let show = |x: u128| -> String {
+            if v4 {
+                std::net::Ipv4Addr::from(x as u32).to_string()
+            } else {
+                std::net::Ipv6Addr::from(x).to_string()
+            }
+        };
+        if a == b {
+            show(a)
+        } else {
+            format!("{}-{}", show(a), show(b))
+        }
+    }
 
     fn ranges(text: &[&str], except: &[&str]) -> Vec<String> {
         let peers: Vec<Peer> = text

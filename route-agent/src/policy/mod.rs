@@ -5,6 +5,7 @@
 pub mod compile;
 pub mod model;
 pub mod objects;
+pub mod rules;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -70,81 +71,85 @@ impl Engine {
     /// kind of change it is.
     pub fn script(&self, want: &Desired) -> (String, Applied) {
         let t = &self.table;
-        let Some(have) = self.applied.as_ref().filter(|have| {
-            // Names come from contents, so a name declared differently is a hash collision:
-            // start over rather than guess.
-            want.sets.iter().all(|(name, decl)| have.sets.get(name).is_none_or(|d| d == decl))
-        }) else {
+        let Some(change) = self.change(want) else {
             // Created, emptied and refilled in one transaction: no packet sees a half table,
             // and whatever an earlier agent left is replaced, not merged.
             let mut s = format!("add table inet {t}\ndelete table inet {t}\nadd table inet {t}\n");
             s.push_str(&want.declarations(t));
             for (set, items) in &want.elements {
                 if !items.is_empty() {
-                    let all: Vec<&String> = items.iter().collect();
-                    let _ = writeln!(s, "add element inet {t} {set} {{ {} }}", join(&all));
+                    let all: Vec<&str> = items.iter().map(String::as_str).collect();
+                    let _ = writeln!(s, "add element inet {t} {set} {{ {} }}", all.join(", "));
                 }
             }
             return (s, Applied::Table);
         };
-        // Only the difference, in an order the kernel takes in one transaction: what is new
-        // is declared before anything refers to it, and what goes is deleted after the last
-        // reference to it (a map element, a rule) is gone.
         let mut s = String::new();
-        for (name, decl) in want.sets.iter().filter(|(n, _)| !have.sets.contains_key(*n)) {
-            let _ = writeln!(s, "add {} inet {t} {name} {decl}", compile::set_kind(decl));
+        for (name, spec) in &change.new_sets {
+            let _ = writeln!(s, "add set inet {t} {name} {}", spec.decl());
         }
-        for (name, chain) in want.chains.iter().filter(|(n, _)| !have.chains.contains_key(*n)) {
+        for (name, chain) in &change.new_chains {
             let _ = writeln!(s, "{}", compile::add_chain(t, name, chain));
         }
-        for (name, chain) in &want.chains {
-            match have.chains.get(name) {
-                Some(old) if old.rules == chain.rules => continue,
-                Some(_) => {
-                    let _ = writeln!(s, "flush chain inet {t} {name}");
-                }
-                None => {}
+        for (name, chain, flush) in &change.filled {
+            if *flush {
+                let _ = writeln!(s, "flush chain inet {t} {name}");
             }
             for rule in &chain.rules {
                 let _ = writeln!(s, "add rule inet {t} {name} {rule}");
             }
         }
-        let rules_changed = !s.is_empty();
-        let before_elements = s.len();
+        for (set, gone) in &change.gone {
+            // A map element is deleted by its key alone.
+            let keys: Vec<&str> = gone.iter().map(|e| map_entry(e).0).collect();
+            let _ = writeln!(s, "delete element inet {t} {set} {{ {} }}", keys.join(", "));
+        }
+        for (set, new) in &change.added {
+            let _ = writeln!(s, "add element inet {t} {set} {{ {} }}", new.join(", "));
+        }
+        for name in &change.dead_chains {
+            let _ = writeln!(s, "delete chain inet {t} {name}");
+        }
+        for name in &change.dead_sets {
+            let _ = writeln!(s, "delete set inet {t} {name}");
+        }
+        (s, change.kind())
+    }
+
+    /// What changes from what we applied last to `want`; `None` when the table must be
+    /// replaced whole (nothing applied yet, or a name declared differently: names come from
+    /// contents, so that is a hash collision, and we start over rather than guess).
+    fn change<'w>(&self, want: &'w Desired) -> Option<Change<'w>> {
+        let have = self.applied.as_ref()?;
+        if want.sets.iter().any(|(name, spec)| have.sets.get(name).is_some_and(|h| h != spec)) {
+            return None;
+        }
+        let mut c = Change {
+            new_sets: want.sets.iter().filter(|(n, _)| !have.sets.contains_key(*n)).collect(),
+            new_chains: want.chains.iter().filter(|(n, _)| !have.chains.contains_key(*n)).collect(),
+            ..Change::default()
+        };
+        for (name, chain) in &want.chains {
+            match have.chains.get(name) {
+                Some(old) if old.rules == chain.rules => {}
+                old => c.filled.push((name, chain, old.is_some())),
+            }
+        }
         let empty = BTreeSet::new();
         for (set, items) in &want.elements {
             let old = have.elements.get(set).unwrap_or(&empty);
-            // A map element is deleted by its key alone.
-            let gone: Vec<&str> = old.difference(items).map(|e| e.split(" : ").next().unwrap_or(e)).collect();
+            let gone: Vec<String> = old.difference(items).cloned().collect();
             if !gone.is_empty() {
-                let _ = writeln!(s, "delete element inet {t} {set} {{ {} }}", gone.join(", "));
+                c.gone.push((set, gone));
             }
-        }
-        for (set, items) in &want.elements {
-            let old = have.elements.get(set).unwrap_or(&empty);
-            let new: Vec<&String> = items.difference(old).collect();
+            let new: Vec<&str> = items.iter().filter(|e| !old.contains(*e)).map(String::as_str).collect();
             if !new.is_empty() {
-                let _ = writeln!(s, "add element inet {t} {set} {{ {} }}", join(&new));
+                c.added.push((set, new));
             }
         }
-        let elements_changed = s.len() > before_elements;
-        let mut removed = false;
-        for name in have.chains.keys().filter(|n| !want.chains.contains_key(*n)) {
-            let _ = writeln!(s, "delete chain inet {t} {name}");
-            removed = true;
-        }
-        for (name, decl) in have.sets.iter().filter(|(n, _)| !want.sets.contains_key(*n)) {
-            let _ = writeln!(s, "delete {} inet {t} {name}", compile::set_kind(decl));
-            removed = true;
-        }
-        let kind = if rules_changed || removed {
-            Applied::Rules
-        } else if elements_changed {
-            Applied::Elements
-        } else {
-            Applied::Nothing
-        };
-        (s, kind)
+        c.dead_chains = have.chains.keys().filter(|n| !want.chains.contains_key(*n)).cloned().collect();
+        c.dead_sets = have.sets.keys().filter(|n| !want.sets.contains_key(*n)).cloned().collect();
+        Some(c)
     }
 
     /// Records that `want` is in the kernel (tests that apply a script themselves).
@@ -155,8 +160,16 @@ impl Engine {
     /// Brings the kernel to what `cluster` says; returns what kind of change it was and how
     /// many of this node's pods a policy selects.
     pub fn sync(&mut self, cluster: &Cluster) -> Result<(Applied, usize), AgentError> {
+        let t0 = std::time::Instant::now();
         let want = compile(cluster, &self.node);
+        let t1 = std::time::Instant::now();
         let (script, kind) = self.script(&want);
+        tracing::debug!(
+            compile_us = (t1 - t0).as_micros() as u64,
+            diff_us = t1.elapsed().as_micros() as u64,
+            ?kind,
+            "network policy compiled"
+        );
         if kind == Applied::Table && self.applied.is_some() {
             // Only the replaced table's own counts: what earlier tables counted is in
             // `dropped_before` already.
@@ -164,18 +177,19 @@ impl Engine {
             self.dropped_before[0] = self.dropped_before[0].saturating_add(replaced[0]);
             self.dropped_before[1] = self.dropped_before[1].saturating_add(replaced[1]);
         }
-        if kind == Applied::Elements {
-            if let Some(have) = &self.applied {
-                // Pod churn on a big cluster: the `nft` tool would first read the whole table
-                // (thousands of rules) to update a few elements; netlink takes them as they are.
-                match self.apply_elements(have, &want) {
+        if matches!(kind, Applied::Elements | Applied::Rules) {
+            if let Some(change) = self.change(&want) {
+                // Churn on a big cluster: the `nft` tool would first read the whole table
+                // (thousands of rules) to change a few elements or a chain; netlink takes the
+                // change as it is.
+                match self.apply_change(&change) {
                     Ok(()) => {
                         self.netlink_updates += 1;
                         let selected = want.selected_pods;
                         self.applied = Some(want);
                         return Ok((kind, selected));
                     }
-                    Err(e) => tracing::debug!(%e, "policy elements through nft instead of netlink"),
+                    Err(e) => tracing::debug!(%e, "policy change through nft instead of netlink"),
                 }
             }
         }
@@ -209,33 +223,59 @@ impl Engine {
         ok
     }
 
-    /// The element changes from `have` to `want` as one netlink transaction; `Err` (nothing
-    /// changed) when there are too many for one batch or one does not convert or apply.
-    fn apply_elements(&self, have: &Desired, want: &Desired) -> Result<(), String> {
+    /// A change as one netlink transaction, in the order the kernel needs (what is new is
+    /// declared before anything refers to it; what goes is deleted after the last reference to
+    /// it); `Err` (nothing changed) when it is too big for one batch, or one part does not
+    /// convert or apply.
+    fn apply_change(&self, change: &Change) -> Result<(), String> {
+        use netlink_wire::nft_objects::Table;
         use netlink_wire::nftables::{apply, Op, SetRef, NFPROTO_INET};
+        // One send: a batch beyond the socket's buffer would be cut short.
         const MOST: usize = 512;
-        let mut ops = Vec::new();
-        let mut count = 0;
-        let empty = BTreeSet::new();
-        for (set, items) in &want.elements {
-            let old = have.elements.get(set).unwrap_or(&empty);
-            let gone: Vec<Vec<u8>> = old
-                .difference(items)
+        let table = Table { family: NFPROTO_INET, name: &self.table };
+        let mut ops: Vec<Op> = Vec::new();
+        for (name, spec) in &change.new_sets {
+            ops.extend(spec.create(table, name));
+        }
+        for (name, chain) in &change.new_chains {
+            ops.push(table.new_chain(name, &chain.comment));
+        }
+        for (name, chain, flush) in &change.filled {
+            if *flush {
+                ops.push(table.flush_chain(name));
+            }
+            for rule in &chain.rules {
+                ops.push(table.add_rule(name, &rule.expressions()));
+            }
+        }
+        let mut elements = 0;
+        for (set, gone) in &change.gone {
+            let keys: Vec<Vec<u8>> = gone
+                .iter()
                 .map(|e| element_key(map_entry(e).0).ok_or(e.clone()))
                 .collect::<Result<_, _>>()?;
-            count += gone.len();
+            elements += keys.len();
             let set = SetRef { family: NFPROTO_INET, table: &self.table, set };
-            for keys in gone.chunks(256) {
+            for keys in keys.chunks(256) {
                 ops.push(Op::Del { set, keys: keys.to_vec() });
             }
-            for e in items.difference(old) {
+        }
+        for (set, new) in &change.added {
+            let set = SetRef { family: NFPROTO_INET, table: &self.table, set };
+            for e in new {
                 let (key, chain) = map_entry(e);
-                ops.push(Op::Add { set, key: element_key(key).ok_or(e.clone())?, chain, comment: "" });
-                count += 1;
+                ops.push(Op::Add { set, key: element_key(key).ok_or(e.to_string())?, chain, comment: "" });
+                elements += 1;
             }
-            if count > MOST {
-                return Err(format!("{count} element changes"));
-            }
+        }
+        for name in &change.dead_chains {
+            ops.push(table.del_chain(name));
+        }
+        for name in &change.dead_sets {
+            ops.push(table.del_set(name));
+        }
+        if ops.len() > MOST || elements > MOST {
+            return Err(format!("{} messages, {elements} elements", ops.len()));
         }
         apply(&ops, false).map_err(|e| e.to_string())
     }
@@ -244,6 +284,35 @@ impl Engine {
     pub fn dropped(&self) -> [u64; 2] {
         let now = read_counters(&self.table).unwrap_or_default();
         [self.dropped_before[0].saturating_add(now[0]), self.dropped_before[1].saturating_add(now[1])]
+    }
+}
+
+/// What changes between two states of the table, in the order it is applied.
+#[derive(Default)]
+struct Change<'w> {
+    new_sets: Vec<(&'w String, &'w rules::SetSpec)>,
+    new_chains: Vec<(&'w String, &'w compile::Chain)>,
+    /// Chains whose rules are (re)written: new ones, and changed ones flushed first.
+    filled: Vec<(&'w String, &'w compile::Chain, bool)>,
+    gone: Vec<(&'w String, Vec<String>)>,
+    added: Vec<(&'w String, Vec<&'w str>)>,
+    dead_chains: Vec<String>,
+    dead_sets: Vec<String>,
+}
+
+impl Change<'_> {
+    fn kind(&self) -> Applied {
+        if !(self.new_sets.is_empty()
+            && self.filled.is_empty()
+            && self.dead_chains.is_empty()
+            && self.dead_sets.is_empty())
+        {
+            Applied::Rules
+        } else if !(self.gone.is_empty() && self.added.is_empty()) {
+            Applied::Elements
+        } else {
+            Applied::Nothing
+        }
     }
 }
 
@@ -275,10 +344,6 @@ fn element_key(text: &str) -> Option<Vec<u8>> {
         }
     }
     Some(key)
-}
-
-fn join(items: &[&String]) -> String {
-    items.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
 }
 
 fn apply(script: &str) -> Result<(), AgentError> {

@@ -60,7 +60,7 @@ fn add_value(value: serde_yaml::Value, origin: &str, cluster: &mut Cluster, defe
         "Pod" => match serde_yaml::from_value::<ApiPod>(value) {
             Ok(p) => {
                 if let Some(pod) = Pod::from_api(&p) {
-                    cluster.pods.insert(pod.key(), pod);
+                    cluster.pods.insert(pod.key(), Arc::new(pod));
                 }
             }
             Err(e) => bad(format!("Pod: {e}")),
@@ -68,7 +68,7 @@ fn add_value(value: serde_yaml::Value, origin: &str, cluster: &mut Cluster, defe
         "Namespace" => match serde_yaml::from_value::<ApiNamespace>(value) {
             Ok(n) => {
                 if let Some(ns) = Namespace::from_api(&n) {
-                    cluster.namespaces.insert(ns.name.clone(), ns);
+                    cluster.namespaces.insert(ns.name.clone(), Arc::new(ns));
                 }
             }
             Err(e) => bad(format!("Namespace: {e}")),
@@ -78,7 +78,7 @@ fn add_value(value: serde_yaml::Value, origin: &str, cluster: &mut Cluster, defe
                 let (policy, found) = Policy::from_api(&p);
                 defects.extend(found);
                 if let Some(policy) = policy {
-                    cluster.policies.insert(policy.key(), policy);
+                    cluster.policies.insert(policy.key(), Arc::new(policy));
                 }
             }
             // Unparseable as a NetworkPolicy at all (a CIDR is a number, say): nothing of it
@@ -160,7 +160,10 @@ impl Manifests {
             .chain(cluster.policies.values().map(|p| p.namespace.clone()))
             .collect();
         for ns in named {
-            cluster.namespaces.entry(ns.clone()).or_insert_with(|| Namespace::new(&ns, BTreeMap::new()));
+            cluster
+                .namespaces
+                .entry(ns.clone())
+                .or_insert_with(|| Arc::new(Namespace::new(&ns, BTreeMap::new())));
         }
         Ok((cluster, defects))
     }
@@ -188,8 +191,10 @@ pub async fn run(
     let path = watch.path.clone();
     let mut seen = BTreeMap::new();
     let mut manifests = Manifests::default();
-    let mut reload = || match manifests.load(&path) {
-        Ok((cluster, defects)) => {
+    let mut reload = || match (std::time::Instant::now(), manifests.load(&path)) {
+        (loading, Ok((cluster, defects))) => {
+            let load_us = loading.elapsed().as_micros() as u64;
+            let started = std::time::Instant::now();
             super::report(&defects, &mut seen, &metrics);
             let cluster = Arc::new(cluster);
             tx.send_if_modified(|cur| {
@@ -200,8 +205,13 @@ pub async fn run(
                     true
                 }
             });
+            tracing::debug!(
+                load_us,
+                compare_us = started.elapsed().as_micros() as u64,
+                "policy manifests read"
+            );
         }
-        Err(e) => tracing::warn!(%e, "policy manifests not usable; keeping the last good view"),
+        (_, Err(e)) => tracing::warn!(%e, "policy manifests not usable; keeping the last good view"),
     };
     reload();
     loop {

@@ -162,7 +162,7 @@ pub struct PolicyView {
 }
 
 /// A converted policy (`None`: nothing of it is enforceable) and what was malformed in it.
-pub type PolicyEntry = (Option<Policy>, Vec<Defect>);
+pub type PolicyEntry = (Option<Arc<Policy>>, Vec<Defect>);
 
 impl PolicyView {
     /// The compact policy and its defects.
@@ -177,7 +177,7 @@ impl PolicyView {
             }
         };
         let (policy, defects) = Policy::from_api(&ApiPolicy { metadata: self.metadata.clone(), spec });
-        Some((policy, defects))
+        Some((policy.map(Arc::new), defects))
     }
 }
 
@@ -288,8 +288,8 @@ impl<T: PartialEq> Kind<T> {
 /// Everything the source holds between publishes.
 #[derive(Debug, Default)]
 struct State {
-    pods: Kind<Pod>,
-    namespaces: Kind<Namespace>,
+    pods: Kind<Arc<Pod>>,
+    namespaces: Kind<Arc<Namespace>>,
     policies: Kind<PolicyEntry>,
     /// Unpublished changes: when the first and the last came.
     pending: Option<(Instant, Instant)>,
@@ -329,8 +329,8 @@ impl State {
 
     fn handle(&mut self, change: Change) {
         let changed = match change {
-            Change::Pod(Ok(ev)) => self.pods.handle(ev, key, PodView::compact),
-            Change::Namespace(Ok(ev)) => self.namespaces.handle(ev, name, NamespaceView::compact),
+            Change::Pod(Ok(ev)) => self.pods.handle(ev, key, |p| p.compact().map(Arc::new)),
+            Change::Namespace(Ok(ev)) => self.namespaces.handle(ev, name, |n| n.compact().map(Arc::new)),
             Change::Policy(Ok(ev)) => {
                 let c = self.policies.handle(ev, key, PolicyView::compact);
                 self.policies_changed |= c;
