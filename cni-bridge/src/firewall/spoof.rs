@@ -247,6 +247,12 @@ pub fn list() -> Result<Vec<(&'static str, String)>, BridgeError> {
 
 /// Removes the elements whose owner satisfies `stale`, over netlink (no `nft` process).
 pub fn remove_where(stale: impl Fn(&str) -> bool) -> Result<(), BridgeError> {
+    // Most nodes run without the checks: one request instead of a listing per set.
+    match nl::table_exists(NFPROTO_BRIDGE, TABLE_NAME) {
+        Ok(false) => return Ok(()),
+        Ok(true) => {}
+        Err(e) => return Err(BridgeError::Firewall(format!("looking for {TABLE}: {e}"))),
+    }
     let mut last = None;
     // As for the masquerade maps: a concurrent removal fails the batch with ENOENT; list again.
     for _ in 0..3 {
