@@ -478,3 +478,42 @@ fn only_the_first_add_runs_nft_and_lost_rules_are_made_again() {
     assert!(!left.contains("testnet/"), "spoof entries left: {left}");
     assert!(w.leases().is_empty());
 }
+
+/// An element left for a port's key by another attachment (a port name taken again before
+/// the old attachment's DEL) is replaced in ADD's netlink batch: kept, the old owner's DEL
+/// would take the new pod's guard with it.
+#[test]
+fn elements_left_for_the_port_by_another_owner_are_replaced() {
+    require_root("elements_left_for_the_port_by_another_owner_are_replaced");
+    let w = World::new("spoofstale");
+    let conf = dual_stack(&w, json!({"ipspoofchk": true, "macspoofchk": true}));
+    let pod = Netns::new("st");
+    let o = w.call("ADD", "c0", &path(&pod), &conf);
+    assert_eq!(o.code, 0, "the first ADD makes the rules: {}", o.stdout);
+    for (set, key) in [("ipguarded", "\"vethstale0\""), ("allowed4", "\"vethstale0\" . 10.48.0.77")] {
+        let element = format!("{{ {key} comment \"testnet/old/eth0\" }}");
+        let o = w.node.run("nft", &["add", "element", "bridge", "cni_bridge", set, &element]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    // The library's calls, on a thread inside the node namespace (its netfilter socket is
+    // opened there, on first use).
+    let file = w.node.file();
+    let result = std::thread::spawn(move || -> Result<(), String> {
+        setns(file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|e| e.to_string())?;
+        let ip: IpAddr = "10.48.0.77".parse().map_err(|e: std::net::AddrParseError| e.to_string())?;
+        let mac = [2, 0, 0, 0, 0, 0x77];
+        cni_bridge::firewall::spoof::add("vethstale0", Some(&mac), Some(&[ip]), "testnet/new/eth0")
+            .map_err(|e| e.to_string())?;
+        cni_bridge::firewall::spoof::remove_where(|o| o == "testnet/old/eth0").map_err(|e| e.to_string())
+    })
+    .join()
+    .expect("namespace thread");
+    assert_eq!(result, Ok(()));
+    assert_eq!(elements_of(&w, "old"), Vec::<String>::new(), "the old owner's elements are gone");
+    assert_eq!(
+        elements_of(&w, "new"),
+        ["allowed", "allowed4", "guarded", "ipguarded"],
+        "and the new one's stay"
+    );
+    assert_eq!(w.call("DEL", "c0", &path(&pod), &conf).code, 0);
+}
