@@ -301,4 +301,39 @@ mod tests {
         );
         assert!(!script("veth1", Some(&[2, 0, 0, 0, 0, 1]), None, "o").contains("ipspoof"));
     }
+
+    #[test]
+    fn netlink_elements_are_the_scripts_keys_ipguarded_last() {
+        let port = ifname_key("veth1").expect("a valid name");
+        assert_eq!(port.len(), 16);
+        assert!(
+            ifname_key("veth0123456789ab").is_none() && ifname_key("").is_none(),
+            "16 bytes need the NUL"
+        );
+        let ips: Vec<IpAddr> =
+            ["fd00::5", "10.1.0.5", "10.1.0.5"].iter().map(|a| a.parse().expect("address")).collect();
+        let ops = element_ops(&port, Some(&[2, 0, 0, 0, 0, 1]), Some(&ips), "n/c/eth0");
+        let keys: Vec<(&str, usize)> = ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::Add { set, key, .. } => Some((set.set, key.len())),
+                Op::Del { .. } => None,
+            })
+            .collect();
+        // ether_addr is padded to 8 bytes in a concatenation; each address once.
+        assert_eq!(
+            keys,
+            [
+                ("guarded", 16),
+                ("allowed", 24),
+                ("allowed4", 20),
+                ("allowed6", 32),
+                ("ndtarget6", 32),
+                ("ipguarded", 16)
+            ]
+        );
+        let tags: Vec<String> = (0..IP_RULES.len()).map(|i| rule_tag(&IP_RULES, i)).collect();
+        assert!(tags.iter().all(|t| t.len() < 128 && !t.contains('"')), "{tags:?}");
+        assert_ne!(rule_tag(&IP_RULES, 0), rule_tag(&IP_RULES[1..], 0), "another rule set, another tag");
+    }
 }
