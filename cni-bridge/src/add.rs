@@ -457,6 +457,7 @@ impl<'a> Attach<'a> {
             let mac = conf.mac_spoof_check.then_some(&link.mac[..]);
             spoof::add(&port.name, mac, conf.ip_spoof_check.then_some(&ips[..]), &owner)?;
             checkpoint("bridge-add-after-spoof-check")?;
+            mark("spoof checks");
         }
         let mut routes = ipam.routes.clone();
         if conf.disable_container_interface {

@@ -70,9 +70,12 @@ pub fn del(req: &Request, conf: &BridgeConf) -> Result<(), BridgeError> {
     let ifname = req.inv.ifname.as_str();
     std::thread::scope(|s| {
         let rules = s.spawn(|| {
-            let removed = firewall::remove_attachment(conf.masq_backend, &owner)
-                .and_then(|()| firewall::reference::remove(&req.conf.name, &req.inv.container_id))
-                .map_err(CniError::from);
+            // One dump of each family's nat table serves both sweeps.
+            let removed = firewall::iptables::sharing_dumps(|| {
+                firewall::remove_attachment(conf.masq_backend, &owner)
+                    .and_then(|()| firewall::reference::remove(&req.conf.name, &req.inv.container_id))
+            })
+            .map_err(CniError::from);
             crash_point("bridge-del-after-rules");
             mark("rules removed");
             removed

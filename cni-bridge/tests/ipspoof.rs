@@ -266,14 +266,15 @@ fn ip_spoof_check_keeps_each_pod_to_its_own_addresses() {
     let w = World::new("ipspoof");
     let (a, b, c) = (Netns::new("a"), Netns::new("b"), Netns::new("c"));
     let conf = dual_stack(&w, json!({"ipspoofchk": true, "macspoofchk": true, "enabledad": true}));
-    let outs: Vec<_> = [("ca", &a), ("cb", &b), ("cc", &c)]
-        .iter()
-        .map(|(id, ns)| {
-            let o = w.call("ADD", id, &path(ns), &conf);
-            assert_eq!(o.code, 0, "ADD {id}: {}", o.stdout);
-            o
-        })
-        .collect();
+    // B first: `nft` makes the table with B's elements; A's and C's go over netlink. So both
+    // ways are checked: A attacks, and B's and C's genuine traffic must pass.
+    let add = |id: &str, ns: &Netns| {
+        let o = w.call("ADD", id, &path(ns), &conf);
+        assert_eq!(o.code, 0, "ADD {id}: {}", o.stdout);
+        o
+    };
+    let out_b = add("cb", &b);
+    let outs = [add("ca", &a), out_b, add("cc", &c)];
     let ((a4, a6), (b4, b6), (c4, c6)) = (addrs(&outs[0]), addrs(&outs[1]), addrs(&outs[2]));
     let (mac_a, mac_c) = (mac_of(&outs[0]), mac_of(&outs[2]));
     let (gw4, gw6): (IpAddr, IpAddr) = ("10.48.0.1".parse().unwrap(), "fd00:48::1".parse().unwrap());
@@ -395,4 +396,124 @@ fn ip_spoof_check_keeps_each_pod_to_its_own_addresses() {
     let left = String::from_utf8_lossy(&w.node.run("nft", &["list", "table", "bridge", "cni_bridge"]).stdout)
         .into_owned();
     assert!(!left.contains("testnet/"), "spoof entries left: {left}");
+}
+
+/// The rules of `chain` in the node's `bridge cni_bridge`, without their comments.
+fn chain_rules(w: &World, chain: &str) -> usize {
+    let o = w.node.run("nft", &["-j", "list", "chain", "bridge", "cni_bridge", chain]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+    v["nftables"].as_array().into_iter().flatten().filter(|i| i.get("rule").is_some()).count()
+}
+
+/// The spoof-check elements owned by container `id` (`set` names, one per element).
+fn elements_of(w: &World, id: &str) -> Vec<String> {
+    let o = w.node.run("nft", &["-j", "list", "table", "bridge", "cni_bridge"]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+    let mut out = Vec::new();
+    for item in v["nftables"].as_array().into_iter().flatten() {
+        for e in item["set"]["elem"].as_array().into_iter().flatten() {
+            if e["elem"]["comment"].as_str() == Some(&format!("testnet/{id}/eth0")) {
+                out.push(item["set"]["name"].as_str().unwrap_or("").to_string());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Only the first ADD on a node runs `nft`: later ones (and DEL) run with no `nft` on PATH.
+/// When the table is gone (a flushed ruleset) or a chain lost its rules, ADD notices over
+/// netlink and `nft` makes them again; without `nft` it then fails rather than leave the pod
+/// unguarded.
+#[test]
+fn only_the_first_add_runs_nft_and_lost_rules_are_made_again() {
+    require_root("only_the_first_add_runs_nft_and_lost_rules_are_made_again");
+    let w = World::new("spoofnl");
+    let conf = dual_stack(&w, json!({"ipspoofchk": true, "macspoofchk": true}));
+    let no_nft = w.tmp.join("no-nft");
+    std::fs::create_dir_all(&no_nft).expect("empty PATH dir");
+    let no_nft = [("PATH", no_nft.to_str().expect("utf-8 path"))];
+    let pods: Vec<Netns> = (0..5).map(|i| Netns::new(&format!("p{i}"))).collect();
+    let all_sets = ["allowed", "allowed4", "allowed6", "guarded", "ipguarded", "ndtarget6"];
+
+    let o = w.call("ADD", "c0", &path(&pods[0]), &conf);
+    assert_eq!(o.code, 0, "first ADD (nft makes the table): {}", o.stdout);
+    let o = w.call_with("ADD", "c1", &path(&pods[1]), "eth0", &no_nft, &conf);
+    assert_eq!(o.code, 0, "second ADD without nft: {}", o.stdout);
+    assert_eq!(elements_of(&w, "c1"), all_sets, "every element of the second pod");
+    let k = w.call_with("CHECK", "c1", &path(&pods[1]), "eth0", &no_nft, &{
+        let mut c = conf.clone();
+        c["prevResult"] = o.json.clone();
+        c
+    });
+    assert_eq!(k.code, 0, "{}", k.stdout);
+
+    // The whole ruleset flushed: without nft the ADD fails (and leaves nothing); with it, the
+    // table is made again.
+    assert!(w.node.run("nft", &["flush", "ruleset"]).status.success());
+    let o = w.call_with("ADD", "c2", &path(&pods[2]), "eth0", &no_nft, &conf);
+    assert_eq!(o.err_code(), Some(114), "a missing table needs nft: {}", o.stdout);
+    assert_eq!(w.leases().len(), 4, "the failed ADD released its leases: {:?}", w.leases());
+    let o = w.call("ADD", "c2", &path(&pods[2]), &conf);
+    assert_eq!(o.code, 0, "{}", o.stdout);
+    assert_eq!(elements_of(&w, "c2"), all_sets);
+    assert_eq!((chain_rules(&w, "prerouting"), chain_rules(&w, "ipspoof")), (1, 8));
+
+    // One chain flushed, the sets and the other chain intact: the same.
+    assert!(w.node.run("nft", &["flush", "chain", "bridge", "cni_bridge", "ipspoof"]).status.success());
+    let o = w.call_with("ADD", "c3", &path(&pods[3]), "eth0", &no_nft, &conf);
+    assert_eq!(o.err_code(), Some(114), "a flushed chain is noticed: {}", o.stdout);
+    let o = w.call("ADD", "c3", &path(&pods[3]), &conf);
+    assert_eq!(o.code, 0, "{}", o.stdout);
+    assert_eq!((chain_rules(&w, "prerouting"), chain_rules(&w, "ipspoof")), (1, 8));
+    let o = w.call_with("ADD", "c4", &path(&pods[4]), "eth0", &no_nft, &conf);
+    assert_eq!(o.code, 0, "the rules are back: {}", o.stdout);
+
+    for (i, pod) in pods.iter().enumerate() {
+        let d = w.call_with("DEL", &format!("c{i}"), &path(pod), "eth0", &no_nft, &conf);
+        assert_eq!(d.code, 0, "DEL c{i} without nft: {}", d.stdout);
+    }
+    let left = String::from_utf8_lossy(&w.node.run("nft", &["list", "table", "bridge", "cni_bridge"]).stdout)
+        .into_owned();
+    assert!(!left.contains("testnet/"), "spoof entries left: {left}");
+    assert!(w.leases().is_empty());
+}
+
+/// An element left for a port's key by another attachment (a port name taken again before
+/// the old attachment's DEL) is replaced in ADD's netlink batch: kept, the old owner's DEL
+/// would take the new pod's guard with it.
+#[test]
+fn elements_left_for_the_port_by_another_owner_are_replaced() {
+    require_root("elements_left_for_the_port_by_another_owner_are_replaced");
+    let w = World::new("spoofstale");
+    let conf = dual_stack(&w, json!({"ipspoofchk": true, "macspoofchk": true}));
+    let pod = Netns::new("st");
+    let o = w.call("ADD", "c0", &path(&pod), &conf);
+    assert_eq!(o.code, 0, "the first ADD makes the rules: {}", o.stdout);
+    for (set, key) in [("ipguarded", "\"vethstale0\""), ("allowed4", "\"vethstale0\" . 10.48.0.77")] {
+        let element = format!("{{ {key} comment \"testnet/old/eth0\" }}");
+        let o = w.node.run("nft", &["add", "element", "bridge", "cni_bridge", set, &element]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    // The library's calls, on a thread inside the node namespace (its netfilter socket is
+    // opened there, on first use).
+    let file = w.node.file();
+    let result = std::thread::spawn(move || -> Result<(), String> {
+        setns(file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|e| e.to_string())?;
+        let ip: IpAddr = "10.48.0.77".parse().map_err(|e: std::net::AddrParseError| e.to_string())?;
+        let mac = [2, 0, 0, 0, 0, 0x77];
+        cni_bridge::firewall::spoof::add("vethstale0", Some(&mac), Some(&[ip]), "testnet/new/eth0")
+            .map_err(|e| e.to_string())?;
+        cni_bridge::firewall::spoof::remove_where(|o| o == "testnet/old/eth0").map_err(|e| e.to_string())
+    })
+    .join()
+    .expect("namespace thread");
+    assert_eq!(result, Ok(()));
+    assert_eq!(elements_of(&w, "old"), Vec::<String>::new(), "the old owner's elements are gone");
+    assert_eq!(
+        elements_of(&w, "new"),
+        ["allowed", "allowed4", "guarded", "ipguarded"],
+        "and the new one's stay"
+    );
+    assert_eq!(w.call("DEL", "c0", &path(&pod), &conf).code, 0);
 }

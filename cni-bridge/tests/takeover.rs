@@ -127,3 +127,63 @@ fn a_node_of_the_reference_plugins_is_taken_over_and_handed_back() {
         assert_eq!(reference_masq(&w, id), (vec![], vec![]));
     }
 }
+
+/// A PATH directory whose `iptables-save` and `ip6tables-save` log each run to `log` and run
+/// the real tool; the other tools are the real ones.
+fn counting_tools(w: &World, log: &Path) -> String {
+    let dir = w.tmp.join("counting");
+    std::fs::create_dir_all(&dir).unwrap();
+    for tool in ["iptables-save", "ip6tables-save"] {
+        let p = dir.join(tool);
+        std::fs::write(
+            &p,
+            format!("#!/bin/sh\necho {tool} >> {}\nexec /usr/sbin/{tool} \"$@\"\n", log.display()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    format!("{}:/usr/sbin:/usr/bin:/sbin:/bin", dir.display())
+}
+
+/// DEL's two sweeps of the `nat` table (our iptables masquerade, the reference's rules) read
+/// one dump per family: our pod's DEL, with both our chain and a reference pod's chain in the
+/// table, runs `iptables-save` once, removes its own rules and leaves the reference pod's.
+#[test]
+fn del_dumps_each_nat_table_once_for_both_sweeps() {
+    require_root("del_dumps_each_nat_table_once_for_both_sweeps");
+    require_reference();
+    let w = World::new("natonce");
+    let data_dir = w.data_dir();
+    let reference = Path::new(REFERENCE_DIR).join("bridge");
+    let ours = Path::new(BRIDGE);
+    let refconf = reference_conf(&data_dir);
+    let mut conf = our_conf(&data_dir);
+    conf["ipMasq"] = json!(true);
+    conf["ipMasqBackend"] = json!("iptables");
+    let pods: Vec<Netns> = (0..2).map(|i| Netns::new(&format!("no{i}"))).collect();
+    let o = call(&w, &reference, "ADD", "r1", &pods[0], &refconf);
+    assert_eq!(o.code, 0, "reference ADD: {} {}", o.stdout, o.stderr);
+    let o = call(&w, ours, "ADD", "o1", &pods[1], &conf);
+    assert_eq!(o.code, 0, "our ADD: {} {}", o.stdout, o.stderr);
+    let saved = || String::from_utf8_lossy(&w.node.run("iptables-save", &["-t", "nat"]).stdout).into_owned();
+    assert!(saved().contains("cni-bridge cbr0/o1/eth0"), "{}", saved());
+
+    let log = w.tmp.join("saves.log");
+    let path = counting_tools(&w, &log);
+    let (netns, cni_path) = (pods[1].path.display().to_string(), w.cni_path.clone());
+    let env = [
+        ("CNI_CONTAINERID", "o1"),
+        ("CNI_NETNS", netns.as_str()),
+        ("CNI_IFNAME", "eth0"),
+        ("CNI_PATH", cni_path.as_str()),
+        ("PATH", path.as_str()),
+    ];
+    let o = invoke(&w.node, ours, "DEL", &env, &conf);
+    assert_eq!(o.code, 0, "our DEL: {} {}", o.stdout, o.stderr);
+    let runs = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(runs.lines().filter(|l| *l == "iptables-save").count(), 1, "iptables-save runs: {runs:?}");
+    assert!(!saved().contains("cbr0/o1/eth0"), "our rules stay behind: {}", saved());
+    assert_eq!(reference_masq(&w, "r1").1.len(), 1, "the reference pod's chain is its own");
+    let o = call(&w, &reference, "DEL", "r1", &pods[0], &refconf);
+    assert_eq!(o.code, 0, "reference DEL: {} {}", o.stdout, o.stderr);
+}

@@ -12,6 +12,7 @@ use rtnetlink::packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NL
 use rtnetlink::sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFT_MSG_GETTABLE: u16 = 1;
 const NFT_MSG_GETCHAIN: u16 = 4;
 const NFT_MSG_GETRULE: u16 = 7;
 const NFT_MSG_NEWSETELEM: u16 = 12;
@@ -23,6 +24,8 @@ const NFTA_CHAIN_TABLE: u16 = 1;
 const NFTA_CHAIN_NAME: u16 = 3;
 const NFTA_RULE_TABLE: u16 = 1;
 const NFTA_RULE_CHAIN: u16 = 2;
+const NFTA_RULE_USERDATA: u16 = 7;
+const NFTA_TABLE_NAME: u16 = 1;
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
@@ -393,6 +396,62 @@ pub fn rules(family: u8, table: &str, chain: &str) -> Result<Vec<Vec<u8>>, NlErr
             vec![]
         }
     })
+}
+
+/// The comment of every rule of table `family table`, with its chain, in chain order (empty
+/// when the rule has none): what tells that the rules are the ones a script wrote, without
+/// decoding their expressions. Empty, or an error [`NlError::is_missing`], when the table does
+/// not exist.
+pub fn rule_comments(family: u8, table: &str) -> Result<Vec<(String, String)>, NlError> {
+    let mut a = Vec::new();
+    attr(&mut a, NFTA_RULE_TABLE, &strz(table));
+    let req = |seq| nfmsg(nft_kind(NFT_MSG_GETRULE), NLM_F_REQUEST | NLM_F_DUMP, seq, family, 0, &a);
+    let table_z = strz(table);
+    dump(req, |payload| {
+        let a = payload.get(4..).unwrap_or_default();
+        // Older kernels ignore the filter and dump every rule of the family.
+        if find_attr(a, NFTA_RULE_TABLE) != Some(&table_z[..]) {
+            return vec![];
+        }
+        let chain = find_attr(a, NFTA_RULE_CHAIN).map(name_of).unwrap_or_default();
+        // Rule comments are userdata records as element comments are (type 0 is the comment).
+        let comment = find_attr(a, NFTA_RULE_USERDATA).map(comment_of).unwrap_or_default();
+        vec![(chain, comment)]
+    })
+}
+
+/// Whether table `family table` exists: one request, where listing its sets would take one
+/// each.
+pub fn table_exists(family: u8, table: &str) -> Result<bool, NlError> {
+    let mut a = Vec::new();
+    attr(&mut a, NFTA_TABLE_NAME, &strz(table));
+    with_socket(1, |sock, seq| {
+        sock.send(&nfmsg(nft_kind(NFT_MSG_GETTABLE), NLM_F_REQUEST, seq, family, 0, &a), 0)
+            .map_err(NlError::local)?;
+        let mut found = Ok(false);
+        // The answer is the table (no ack asked for) or an error.
+        receive(
+            sock,
+            |s| s == seq,
+            |kind, payload| {
+                found = match kind {
+                    NLMSG_ERROR => match error_code(payload) {
+                        0 => Ok(true),
+                        code if -code == ENOENT => Ok(false),
+                        code => Err(NlError::Kernel(-code)),
+                    },
+                    _ => Ok(true),
+                };
+                Ok(true)
+            },
+        )?;
+        found
+    })
+}
+
+/// A NUL-terminated name attribute as a string.
+fn name_of(raw: &[u8]) -> String {
+    String::from_utf8_lossy(raw.split(|b| *b == 0).next().unwrap_or_default()).into_owned()
 }
 
 /// The names of the chains of table `family table`; empty when the table does not exist.

@@ -2,13 +2,14 @@
 //! `! -d <multicast> MASQUERADE`, a commented POSTROUTING jump per address), applied in one
 //! `iptables-restore --noflush` per family instead of one `iptables` process per rule.
 
+use std::cell::RefCell;
 use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
-use netlink_wire::process;
+use netlink_wire::process::{self, RunError};
 
 use super::masquerade::{Entry, Masquerade};
-use super::netlink::{self as nl, NFPROTO_IPV4, NFPROTO_IPV6};
+use super::netlink::{self as nl, NlError, NFPROTO_IPV4, NFPROTO_IPV6};
 use crate::error::BridgeError;
 
 const COMMENT: &str = "cni-bridge";
@@ -31,6 +32,124 @@ fn fnv1a(s: &str) -> u64 {
 pub fn chain(owner: &str) -> String {
     let hash = if cni_proto::test_switch("CHAIN_HASH_COLLIDE") { 0 } else { fnv1a(owner) };
     format!("{CHAIN_PREFIX}{hash:016x}")
+}
+
+/// What one teardown learnt of each family's `nat` table (IPv4, IPv6), while it lasts: our
+/// masquerade sweep and the reference's rules' removal look at the same table, and each look
+/// is a process (`iptables-save`) or a netlink dump. Only what this thread read is kept, and a
+/// family's entry goes when this thread changes its table.
+#[derive(Default)]
+struct Seen {
+    saved: [Option<String>; 2],
+    chains: [Option<Vec<String>>; 2],
+}
+
+thread_local! {
+    static SEEN: RefCell<Option<Seen>> = const { RefCell::new(None) };
+}
+
+/// Ends the sharing however `sharing_dumps`' closure ends.
+struct Sharing;
+
+impl Drop for Sharing {
+    fn drop(&mut self) {
+        SEEN.with(|s| *s.borrow_mut() = None);
+    }
+}
+
+/// Runs `f` with each family's `nat` table dumped (and its chains listed) at most once until
+/// this thread changes it: DEL's two sweeps of that table. Outside, every look is fresh.
+pub fn sharing_dumps<T>(f: impl FnOnce() -> T) -> T {
+    SEEN.with(|s| *s.borrow_mut() = Some(Seen::default()));
+    let _sharing = Sharing;
+    f()
+}
+
+fn slot(nfproto: u8) -> usize {
+    usize::from(nfproto != NFPROTO_IPV4)
+}
+
+/// The family's `save` tool's `nat` table, shared within [`sharing_dumps`].
+pub(super) fn save_nat(save: &str, nfproto: u8) -> Result<String, RunError> {
+    if let Some(text) = SEEN.with(|s| s.borrow().as_ref().and_then(|s| s.saved[slot(nfproto)].clone())) {
+        return Ok(text);
+    }
+    let text = process::run(save, &["-t", "nat"], None)?;
+    SEEN.with(|s| {
+        if let Some(seen) = s.borrow_mut().as_mut() {
+            seen.saved[slot(nfproto)] = Some(text.clone());
+        }
+    });
+    Ok(text)
+}
+
+/// The chains of the family's nftables table `nat` (iptables-nft's), shared likewise.
+pub(super) fn nat_chains(nfproto: u8) -> Result<Vec<String>, NlError> {
+    if let Some(chains) = SEEN.with(|s| s.borrow().as_ref().and_then(|s| s.chains[slot(nfproto)].clone())) {
+        return Ok(chains);
+    }
+    let chains = nl::chains(nfproto, "nat")?;
+    SEEN.with(|s| {
+        if let Some(seen) = s.borrow_mut().as_mut() {
+            seen.chains[slot(nfproto)] = Some(chains.clone());
+        }
+    });
+    Ok(chains)
+}
+
+/// Applies `script` to the family's `nat` table with its `restore` tool, forgetting what was
+/// seen of it (also when the tool fails: it may have changed something).
+pub(super) fn restore_nat(restore: &str, nfproto: u8, script: &str) -> Result<(), RunError> {
+    restore_nat_to(restore, nfproto, script, None)
+}
+
+/// [`restore_nat`] of a script that deletes `removal`'s rules (as saved, without `-A `) and
+/// chains only: once it has succeeded (iptables-restore commits all or nothing), the table is
+/// the one seen before without them, which is kept as seen.
+fn restore_nat_to(
+    restore: &str,
+    nfproto: u8,
+    script: &str,
+    removal: Option<(&[String], &[String])>,
+) -> Result<(), RunError> {
+    let i = slot(nfproto);
+    // Taken before the run: a failed run may have changed something.
+    let before =
+        SEEN.with(|s| s.borrow_mut().as_mut().map(|seen| (seen.saved[i].take(), seen.chains[i].take())));
+    process::pipe(restore, &["--noflush", "-w"], script)?;
+    if let (Some((rules, chains)), Some((Some(saved), listed))) = (removal, before) {
+        let kept = without(&saved, rules, chains);
+        let listed = listed.map(|mut v| {
+            v.retain(|c| !chains.contains(c));
+            v
+        });
+        // The reference's rules (reference.rs) are read from this, not from a second dump:
+        // this removal never touches them.
+        SEEN.with(|s| {
+            if let Some(seen) = s.borrow_mut().as_mut() {
+                seen.saved[i] = Some(kept);
+                seen.chains[i] = listed;
+            }
+        });
+    }
+    Ok(())
+}
+
+/// A saved table without `rules` (as saved, without `-A `) and `chains` (their declarations
+/// and rules): what the table is once a script deleting them has committed.
+fn without(saved: &str, rules: &[String], chains: &[String]) -> String {
+    let declares = |l: &str, ch: &str| {
+        l.strip_prefix(':').and_then(|r| r.strip_prefix(ch)).is_some_and(|r| r.starts_with(' '))
+    };
+    let in_chain = |l: &str, ch: &str| {
+        l.strip_prefix("-A ").and_then(|r| r.strip_prefix(ch)).is_some_and(|r| r.starts_with(' '))
+    };
+    saved
+        .lines()
+        .filter(|l| !l.strip_prefix("-A ").is_some_and(|r| rules.iter().any(|d| d == r)))
+        .filter(|l| !chains.iter().any(|ch| declares(l, ch) || in_chain(l, ch)))
+        .map(|l| format!("{l}\n"))
+        .collect()
 }
 
 struct Family {
@@ -102,13 +221,12 @@ impl Family {
     }
 
     fn restore(&self, script: &str) -> Result<(), BridgeError> {
-        process::pipe(self.restore, &["--noflush", "-w"], script)
-            .map_err(|e| BridgeError::Firewall(e.to_string()))
+        restore_nat(self.restore, self.nfproto, script).map_err(|e| BridgeError::Firewall(e.to_string()))
     }
 
     /// The `nat` table as `iptables-save` prints it.
     fn dump(&self) -> Result<String, BridgeError> {
-        process::run(self.save, &["-t", "nat"], None).map_err(|e| BridgeError::Firewall(e.to_string()))
+        save_nat(self.save, self.nfproto).map_err(|e| BridgeError::Firewall(e.to_string()))
     }
 
     /// Every (address, owner) jump in POSTROUTING, with its saved rule text.
@@ -125,7 +243,7 @@ impl Family {
         if legacy.lines().any(|t| t == "nat") {
             return Ok(true);
         }
-        match nl::chains(self.nfproto, "nat") {
+        match nat_chains(self.nfproto) {
             Ok(chains) => Ok(chains.iter().any(|c| match owner {
                 Some(owner) => *c == chain(owner),
                 None => c.starts_with(CHAIN_PREFIX),
@@ -222,7 +340,8 @@ impl Masquerade for Iptables {
                 s.push_str(&format!("-F {ch}\n-X {ch}\n"));
             }
             s.push_str("COMMIT\n");
-            if let Err(e) = fam.restore(&s) {
+            let rules: Vec<String> = doomed.into_iter().map(|(_, rule)| rule).collect();
+            if let Err(e) = restore_nat_to(fam.restore, fam.nfproto, &s, Some((&rules, &chains))) {
                 errs.push(e.to_string());
             }
         }
@@ -260,5 +379,18 @@ mod tests {
         assert_eq!(a, chain("net/c1/eth0"));
         // Pinned: DEL finds chains made by older builds only while the name stays the same.
         assert_eq!(chain("a"), "CNIB-af63dc4c8601ec8c");
+    }
+
+    #[test]
+    fn a_removal_leaves_the_saved_table_without_its_rules_and_chains_only() {
+        let saved = "*nat\n:POSTROUTING ACCEPT [0:0]\n:CNIB-1 - [0:0]\n:CNIB-12 - [0:0]\n\
+                     -A POSTROUTING -s 10.1.0.2/32 -j CNIB-1\n-A POSTROUTING -s 10.1.0.3/32 -j CNIB-12\n\
+                     -A CNIB-1 -j MASQUERADE\n-A CNIB-12 -j MASQUERADE\nCOMMIT\n";
+        let left = without(saved, &["POSTROUTING -s 10.1.0.2/32 -j CNIB-1".into()], &["CNIB-1".into()]);
+        assert_eq!(
+            left,
+            "*nat\n:POSTROUTING ACCEPT [0:0]\n:CNIB-12 - [0:0]\n-A POSTROUTING -s 10.1.0.3/32 -j CNIB-12\n\
+             -A CNIB-12 -j MASQUERADE\nCOMMIT\n"
+        );
     }
 }

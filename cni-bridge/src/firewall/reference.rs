@@ -4,9 +4,8 @@
 //! through this plugin of a pod the reference made removes them, as the reference's DEL
 //! would have; left behind, they would masquerade the next pod given that address.
 
-use netlink_wire::process;
-
-use super::netlink::{self as nl, NFPROTO_IPV4, NFPROTO_IPV6};
+use super::iptables::{nat_chains, restore_nat, save_nat};
+use super::netlink::{NFPROTO_IPV4, NFPROTO_IPV6};
 use crate::error::BridgeError;
 
 /// The reference's comment for an attachment (Go's `name: %q id: %q`), as iptables-save
@@ -55,7 +54,8 @@ pub fn removal(saved: &str, network: &str, container_id: &str) -> Option<String>
 
 /// Removes the reference's masquerade rules of `container_id` in `network`, both families.
 /// Costs nothing on a node where no such chain can exist: iptables-nft's chains are listed
-/// over netlink; the legacy backend's nat table must exist for iptables-save to be run.
+/// over netlink; the legacy backend's nat table must exist for iptables-save to be run. Within
+/// [`super::iptables::sharing_dumps`] (DEL) it reads the dumps the masquerade sweep made.
 pub fn remove(network: &str, container_id: &str) -> Result<(), BridgeError> {
     let families = [
         ("iptables-save", "iptables-restore", "/proc/net/ip_tables_names", NFPROTO_IPV4),
@@ -65,7 +65,7 @@ pub fn remove(network: &str, container_id: &str) -> Result<(), BridgeError> {
     for (save, restore, legacy_tables, nfproto) in families {
         let legacy = std::fs::read_to_string(legacy_tables).unwrap_or_default().lines().any(|t| t == "nat");
         let maybe = legacy
-            || match nl::chains(nfproto, "nat") {
+            || match nat_chains(nfproto) {
                 Ok(chains) => chains.iter().any(|c| is_reference_chain(c)),
                 Err(e) if e.is_missing() => false,
                 Err(e) => {
@@ -76,7 +76,7 @@ pub fn remove(network: &str, container_id: &str) -> Result<(), BridgeError> {
         if !maybe {
             continue;
         }
-        let saved = match process::run(save, &["-t", "nat"], None) {
+        let saved = match save_nat(save, nfproto) {
             Ok(s) => s,
             // No iptables on this node: no rule of the reference either.
             Err(e) if e.not_found() => continue,
@@ -86,7 +86,7 @@ pub fn remove(network: &str, container_id: &str) -> Result<(), BridgeError> {
             }
         };
         if let Some(script) = removal(&saved, network, container_id) {
-            if let Err(e) = process::pipe(restore, &["--noflush", "-w"], &script) {
+            if let Err(e) = restore_nat(restore, nfproto, &script) {
                 errs.push(e.to_string());
             }
         }

@@ -119,6 +119,44 @@ pub(super) fn scan(dir: &File, path: &Path) -> Result<(BTreeMap<IpAddr, Lease>, 
     Ok((leases, torn))
 }
 
+/// Whether the lease files of an open network directory are exactly `leases`, knowing that
+/// none changed before `since` (the index's write): what a file's creation, replacement or
+/// rewrite after that leaves is a change time at or after it (the kernel's clock at the
+/// change; no writer sets it), so only such files are read. A readdir and a stat per lease,
+/// where [`scan`] opens and reads every one. Anything unexpected (a name not listed, a link,
+/// an unreadable file) is "no": the caller scans.
+pub(super) fn unchanged_since(
+    dir: &File,
+    path: &Path,
+    leases: &BTreeMap<IpAddr, Lease>,
+    since: (i64, i64),
+) -> bool {
+    let listing = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+    let listing = if listing.is_dir() { listing } else { path.to_path_buf() };
+    let Ok(entries) = fs::read_dir(&listing) else { return false };
+    let mut found = 0;
+    for ent in entries {
+        let Ok(ent) = ent else { return false };
+        let name = ent.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Ok(ip) = name.parse::<IpAddr>() else { continue };
+        let Some(lease) = leases.get(&ip) else { return false };
+        // lstat, as scan's check for a regular file.
+        let Ok(meta) = ent.metadata() else { return false };
+        if !meta.is_file() || name != ip.to_string() {
+            return false;
+        }
+        if (meta.ctime(), meta.ctime_nsec()) >= since {
+            match read_regular(dir, name) {
+                Ok(Some(content)) if Lease::parse(&content).as_ref() == Some(lease) => {}
+                _ => return false,
+            }
+        }
+        found += 1;
+    }
+    found == leases.len()
+}
+
 /// Every lease of `<data_dir>/<network>` as its files say, read without the lock and without
 /// changing anything (`cni-bridge doctor`): a torn lease is `None` (the next call reclaims it),
 /// a missing directory has none.

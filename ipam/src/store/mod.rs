@@ -7,8 +7,11 @@
 //! inode/mtime/ctime as it was after our last change: any other writer (the reference
 //! plugin) creating or removing a lease changes them, and the index is rebuilt from the
 //! lease files. A change in the same clock tick as our commit leaves them unchanged, so the
-//! index is trusted only when it was written in a later tick than the directory's last change. It also records the kernel's boot id: leases it lists from an earlier boot
-//! belong to namespaces that no longer exist and are reclaimed.
+//! index is trusted outright only when it was written in a later tick than the directory's
+//! last change; otherwise (nearly every call after a change) the lease files changed since
+//! the index was written, by their change time, are read and compared. It also records the
+//! kernel's boot id: leases it lists from an earlier boot belong to namespaces that no longer
+//! exist and are reclaimed.
 //!
 //! Everything inside the network directory is opened relative to the directory's descriptor
 //! and without following symbolic links: a link planted there would otherwise make a root
@@ -38,7 +41,7 @@ pub use index::{parse_index, render_index, IndexFile};
 pub use lease::Lease;
 
 use crate::error::IpamError;
-use dir::{io_ctx, open_at, open_err, overwrite, read_regular, scan, stamp_of};
+use dir::{io_ctx, open_at, open_err, overwrite, read_regular, scan, stamp_of, unchanged_since};
 use index::INDEX_MAGIC;
 
 const INDEX_DIR: &str = ".cni-index";
@@ -142,22 +145,30 @@ impl Store {
             self.reclaim_earlier_boot(&idx.leases)?;
             return self.rescan();
         }
-        if stamp_of(&self.dir).ok().as_deref() != Some(idx.stamp.as_str()) || !self.index_postdates_dir() {
+        if stamp_of(&self.dir).ok().as_deref() != Some(idx.stamp.as_str()) {
             return self.rescan();
+        }
+        match self.index_written_after_dir() {
+            Some((true, _)) => {}
+            // The index was written in the tick of the directory's last change (a commit
+            // follows its own change by microseconds, so nearly every call after a change).
+            Some((false, written)) if unchanged_since(&self.dir, &self.path, &idx.leases, written) => {}
+            _ => return self.rescan(),
         }
         self.leases = idx.leases;
         Ok(())
     }
 
-    /// Whether the index was written in a later clock tick than the directory's last change.
-    /// Another writer's change in the very tick of our commit leaves the directory's stamp as
-    /// the index recorded it; only an index written in a later tick proves that the stamp
-    /// covers every change since. Equal times count as not covered: a rescan, which rewrites
-    /// the index at the next commit (usually in a later tick).
-    fn index_postdates_dir(&self) -> bool {
-        let (Some(index), Ok(dir)) = (&self.index, self.dir.metadata()) else { return false };
-        let Ok(index) = index.metadata() else { return false };
-        (index.mtime(), index.mtime_nsec()) > (dir.ctime(), dir.ctime_nsec())
+    /// Whether the index was written in a later clock tick than the directory's last change,
+    /// and when it was written. Another writer's change in the very tick of our commit leaves
+    /// the directory's stamp as the index recorded it; only an index written in a later tick
+    /// proves that the stamp covers every change since. Equal times count as not covered: the
+    /// lease files changed since the index was written are then read ([`unchanged_since`]).
+    fn index_written_after_dir(&self) -> Option<(bool, (i64, i64))> {
+        let (Some(index), Ok(dir)) = (&self.index, self.dir.metadata()) else { return None };
+        let index = index.metadata().ok()?;
+        let written = (index.mtime(), index.mtime_nsec());
+        Some((written > (dir.ctime(), dir.ctime_nsec()), written))
     }
 
     /// Makes the on-disk index fail its checksum before the first change of this call, so a
@@ -504,6 +515,50 @@ mod tests {
         let s = Store::open(t.path(), "net").unwrap();
         assert_eq!(s.lookup("theirs", "eth0"), [ip("10.0.0.3")], "the foreign lease, for DEL and CHECK");
         assert_eq!(s.lookup("ours", "eth0"), [ip("10.0.0.2")]);
+    }
+
+    /// Sets the index's modification time to the directory's change time: the index written
+    /// in the tick of the directory's last change, made deterministic.
+    fn index_in_the_dirs_tick(net: &Path) {
+        let meta = File::open(net).unwrap().metadata().unwrap();
+        let ctime =
+            std::time::UNIX_EPOCH + std::time::Duration::new(meta.ctime() as u64, meta.ctime_nsec() as u32);
+        let index_path = net.join(INDEX_DIR).join(INDEX_FILE);
+        File::options().write(true).open(index_path).unwrap().set_modified(ctime).unwrap();
+    }
+
+    /// The next call after a commit in the tick of its own change (nearly every call) trusts
+    /// the index once the lease files are as it says, without reading them all.
+    #[test]
+    fn an_index_written_in_the_tick_of_its_change_is_trusted_when_the_files_agree() {
+        let t = tempfile::tempdir().unwrap();
+        let mut s = Store::open(t.path(), "net").unwrap();
+        assert!(s.reserve(ip("10.0.0.2"), "a", "eth0").unwrap());
+        assert!(s.reserve(ip("10.0.0.3"), "b", "eth0").unwrap());
+        s.commit().unwrap();
+        drop(s);
+        index_in_the_dirs_tick(&t.path().join("net"));
+        let s = Store::open(t.path(), "net").unwrap();
+        assert_eq!(s.index_written_after_dir().map(|(after, _)| after), Some(false), "the tick is ambiguous");
+        assert!(!s.stale, "rescanned though nothing changed");
+        assert_eq!(s.lookup("b", "eth0"), [ip("10.0.0.3")]);
+    }
+
+    /// Another writer's change in the tick of our commit that keeps the names (a lease
+    /// removed and made again for someone else, or rewritten) is seen as well.
+    #[test]
+    fn a_lease_replaced_in_the_tick_of_our_commit_is_seen() {
+        let t = tempfile::tempdir().unwrap();
+        let mut s = Store::open(t.path(), "net").unwrap();
+        assert!(s.reserve(ip("10.0.0.2"), "ours", "eth0").unwrap());
+        s.commit().unwrap();
+        drop(s);
+        let net = t.path().join("net");
+        index_in_the_dirs_tick(&net);
+        fs::write(net.join("10.0.0.2"), Lease::render("theirs", "eth0")).unwrap();
+        let s = Store::open(t.path(), "net").unwrap();
+        assert_eq!(s.lookup("theirs", "eth0"), [ip("10.0.0.2")]);
+        assert!(s.lookup("ours", "eth0").is_empty());
     }
 
     /// What `cni-bridge doctor` sees: the files as they are, a torn one as torn (not an owner
