@@ -321,8 +321,232 @@ impl<'a> View<'a> {
 
 /// The state that enforces `cluster`'s policies for the pods of `node`.
 pub fn compile(cluster: &Cluster, node: &str) -> Desired {
+    compile_full(cluster, node).0
+}
+
+/// Where the elements of a set that can hold other nodes' pods come from: the pods that
+/// `peers` of a policy in `ns` name (every pod when `None`), their addresses, or with `named`
+/// their named ports of those names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Source {
+    ns: String,
+    peers: Option<Vec<Peer>>,
+    named: Option<BTreeSet<(Protocol, String)>>,
+}
+
+impl Source {
+    /// What `pod` puts into the set (of IPv4 addresses when `v4`), given its namespace's labels.
+    fn elements(&self, pod: &Pod, ns_labels: &Labels, v4: bool, out: &mut Vec<String>) {
+        if pod.host_network {
+            return;
+        }
+        let named = match &self.peers {
+            None => true,
+            Some(list) => list.iter().any(|peer| peer_names(peer, &self.ns, pod, ns_labels)),
+        };
+        if !named {
+            return;
+        }
+        match &self.named {
+            None => out.extend(pod.ips.iter().filter(|ip| ip.is_ipv4() == v4).map(|ip| ip.to_string())),
+            Some(names) => {
+                named_elements(pod, pod.ips.iter(), |p, n| names.contains(&(p, n.to_string())), v4, out)
+            }
+        }
+    }
+}
+
+/// Whether pod peer `peer` of a policy in `policy_ns` names `pod` (in a namespace labelled
+/// `ns_labels`).
+fn peer_names(peer: &Peer, policy_ns: &str, pod: &Pod, ns_labels: &Labels) -> bool {
+    let Peer::Pods { namespaces, pods } = peer else { return false };
+    let space = match namespaces {
+        None => pod.namespace == policy_ns,
+        Some(sel) => sel.matches(ns_labels),
+    };
+    space && pods.as_ref().is_none_or(|s| s.matches(&pod.labels))
+}
+
+/// `address . protocol . port` of `pod`'s named ports that `wanted` names, for its addresses
+/// `ips` of one family.
+fn named_elements<'i>(
+    pod: &Pod,
+    ips: impl Iterator<Item = &'i IpAddr>,
+    wanted: impl Fn(Protocol, &str) -> bool,
+    v4: bool,
+    out: &mut Vec<String>,
+) {
+    let ips: Vec<&IpAddr> = ips.filter(|ip| ip.is_ipv4() == v4).collect();
+    for np in pod.ports.iter().filter(|np| wanted(np.protocol, &np.name)) {
+        for ip in &ips {
+            out.push(format!("{ip} . {} . {}", np.protocol.nft(), np.port));
+        }
+    }
+}
+
+/// A compiler that keeps what it compiled last. Pods changing on other nodes (most of a big
+/// cluster's churn) then update just the sets that name them, without compiling the node's
+/// whole state again; anything else (a local pod, a namespace, a policy, an address two pods
+/// claim) compiles anew. Both ways give the same state (a test compares them).
+#[derive(Debug)]
+pub struct Recompiler {
+    node: String,
+    last: Option<Last>,
+    /// Compiles that only patched sets (tests, logs).
+    pub patched: u64,
+}
+
+#[derive(Debug)]
+struct Last {
+    cluster: Cluster,
+    desired: Desired,
+    sources: Vec<(String, bool, Source)>,
+    /// How many pods claim each address (hostNetwork pods left out), made when first needed.
+    claims: Option<FnvHashMap<IpAddr, u32>>,
+}
+
+/// At most this many changed pods are patched in; more compile anew.
+const MOST_PATCHED: usize = 64;
+
+impl Recompiler {
+    /// A compiler for `node`'s pods.
+    pub fn new(node: &str) -> Recompiler {
+        Recompiler { node: node.into(), last: None, patched: 0 }
+    }
+
+    /// The state for `cluster`.
+    pub fn compile(&mut self, cluster: &Cluster) -> Desired {
+        if let Some(last) = &mut self.last {
+            if let Some(desired) = patch(last, cluster, &self.node) {
+                self.patched += 1;
+                return desired;
+            }
+        }
+        let (desired, sources) = compile_full(cluster, &self.node);
+        self.last = Some(Last { cluster: cluster.clone(), desired: desired.clone(), sources, claims: None });
+        desired
+    }
+}
+
+/// The pods that differ between two views, old and new version; `None` when more than `most`.
+type PodChange<'c> = (Option<&'c Pod>, Option<&'c Pod>);
+
+fn changed_pods<'c>(
+    old: &'c BTreeMap<String, Arc<Pod>>,
+    new: &'c BTreeMap<String, Arc<Pod>>,
+    most: usize,
+) -> Option<Vec<PodChange<'c>>> {
+    let mut out = Vec::new();
+    let (mut a, mut b) = (old.iter().peekable(), new.iter().peekable());
+    loop {
+        let change = match (a.peek(), b.peek()) {
+            (None, None) => break,
+            (Some((ka, va)), Some((kb, vb))) if ka == kb => {
+                let change = (!Arc::ptr_eq(va, vb) && va != vb).then_some((Some(&***va), Some(&***vb)));
+                a.next();
+                b.next();
+                change
+            }
+            (Some((ka, va)), Some((kb, _))) if ka < kb => {
+                let change = Some((Some(&***va), None));
+                a.next();
+                change
+            }
+            (Some((_, va)), None) => {
+                let change = Some((Some(&***va), None));
+                a.next();
+                change
+            }
+            (_, Some((_, vb))) => {
+                let change = Some((None, Some(&***vb)));
+                b.next();
+                change
+            }
+        };
+        if let Some(c) = change {
+            out.push(c);
+            if out.len() > most {
+                return None;
+            }
+        }
+    }
+    Some(out)
+}
+
+/// Patches `last` to `cluster` when only other nodes' pods changed, none of them touching an
+/// address another pod claims; `None` when the node's state must be compiled anew.
+fn patch(last: &mut Last, cluster: &Cluster, node: &str) -> Option<Desired> {
+    if last.cluster.policies != cluster.policies || last.cluster.namespaces != cluster.namespaces {
+        return None;
+    }
+    let changes = changed_pods(&last.cluster.pods, &cluster.pods, MOST_PATCHED)?;
+    if changes.iter().flat_map(|(o, n)| o.iter().chain(n.iter())).any(|p| p.node == node) {
+        return None;
+    }
+    let claims = last.claims.get_or_insert_with(|| {
+        let mut m: FnvHashMap<IpAddr, u32> = FnvHashMap::default();
+        for pod in last.cluster.pods.values().filter(|p| !p.host_network) {
+            for ip in &pod.ips {
+                *m.entry(*ip).or_default() += 1;
+            }
+        }
+        m
+    });
+    // Every address a change touches has at most one claimant before and after: then each
+    // pod owns its addresses, and elements move with their pods.
+    let mut delta: FnvHashMap<IpAddr, i64> = FnvHashMap::default();
+    for (old, new) in &changes {
+        for (pod, d) in [(old, -1), (new, 1)] {
+            for ip in pod.iter().filter(|p| !p.host_network).flat_map(|p| p.ips.iter()) {
+                *delta.entry(*ip).or_default() += d;
+            }
+        }
+    }
+    for (ip, d) in &delta {
+        let before = i64::from(claims.get(ip).copied().unwrap_or(0));
+        if before > 1 || before + d > 1 {
+            return None;
+        }
+    }
+    let ns_labels = |ns: &str| match cluster.namespaces.get(ns) {
+        Some(n) => std::borrow::Cow::Borrowed(&n.labels),
+        None => std::borrow::Cow::Owned(Namespace::new(ns, Labels::new()).labels),
+    };
+    let mut desired = last.desired.clone();
+    for (set, v4, source) in &last.sources {
+        // All removals before any addition: an address one pod left may be another's now.
+        let (mut gone, mut added) = (Vec::new(), Vec::new());
+        for (old, new) in &changes {
+            if let Some(p) = old {
+                source.elements(p, &ns_labels(&p.namespace), *v4, &mut gone);
+            }
+            if let Some(p) = new {
+                source.elements(p, &ns_labels(&p.namespace), *v4, &mut added);
+            }
+        }
+        if gone.is_empty() && added.is_empty() {
+            continue;
+        }
+        let elements = desired.elements.get_mut(set)?;
+        for e in &gone {
+            elements.remove(e);
+        }
+        elements.extend(added);
+    }
+    for (ip, d) in delta {
+        let c = claims.entry(ip).or_default();
+        *c = (i64::from(*c) + d).max(0) as u32;
+    }
+    last.cluster = cluster.clone();
+    last.desired = desired.clone();
+    Some(desired)
+}
+
+/// The state and where its remote-pod sets come from.
+fn compile_full(cluster: &Cluster, node: &str) -> (Desired, Vec<(String, bool, Source)>) {
     let view = View::new(cluster, node);
     let mut c = Compiler {
+        sources: Vec::new(),
         sets: BTreeMap::new(),
         elements: BTreeMap::new(),
         chains: BTreeMap::new(),
@@ -395,7 +619,9 @@ pub fn compile(cluster: &Cluster, node: &str) -> Desired {
             }
         }
     }
-    Desired { sets: c.sets, chains: c.chains, elements: c.elements, selected_pods: selected_any.len() }
+    let desired =
+        Desired { sets: c.sets, chains: c.chains, elements: c.elements, selected_pods: selected_any.len() };
+    (desired, c.sources)
 }
 
 /// What one rule allows, before merging: a family (or both), a peer match, a port match.
@@ -413,6 +639,8 @@ enum Ports {
 }
 
 struct Compiler {
+    /// Where the elements of sets that can hold remote pods come from: (set, IPv4, source).
+    sources: Vec<(String, bool, Source)>,
     sets: BTreeMap<String, SetSpec>,
     elements: BTreeMap<String, BTreeSet<String>>,
     chains: BTreeMap<String, Chain>,
@@ -464,6 +692,12 @@ impl Compiler {
                             let set = format!("{name}_pods{}", fam_digit(f.2));
                             self.set(&set, SetSpec::Pods(f.2));
                             self.fill(&set, view.addresses(&pods, f.2));
+                            let source = Source {
+                                ns: policy.namespace.clone(),
+                                peers: Some(one.to_vec()),
+                                named: None,
+                            };
+                            self.sources.push((set, f.2, source));
                         }
                     }
                     if !pod_sets.contains(&name) {
@@ -529,15 +763,20 @@ impl Compiler {
                         self.set(&set, SetSpec::Named(f.2));
                         let mut items = Vec::new();
                         for pod in &targets {
-                            for np in
-                                pod.ports.iter().filter(|np| named.contains(&(np.protocol, np.name.as_str())))
-                            {
-                                for ip in view.ips_of(pod).filter(|ip| ip.is_ipv4() == f.2) {
-                                    items.push(format!("{ip} . {} . {}", np.protocol.nft(), np.port));
-                                }
-                            }
+                            let wanted = |p: Protocol, n: &str| named.contains(&(p, n));
+                            named_elements(pod, view.ips_of(pod), wanted, f.2, &mut items);
                         }
                         self.fill(&set, items.into_iter());
+                        if dir == Dir::Egress {
+                            // (Ingress ones hold local pods only: any change to those compiles anew.)
+                            let named = named.iter().map(|(p, n)| (*p, n.to_string())).collect();
+                            let source = Source {
+                                ns: policy.namespace.clone(),
+                                peers: rule.peers.clone(),
+                                named: Some(named),
+                            };
+                            self.sources.push((set, f.2, source));
+                        }
                     }
                 }
             }
@@ -697,6 +936,8 @@ fn merge_ranges(mut ranges: Vec<(u128, u128)>) -> Vec<(u128, u128)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::model::Requirement;
+    use crate::policy::model::Selector;
 
     fn range_text(a: u128, b: u128, v4: bool) -> String {
         let show = |x: u128| -> String {
@@ -732,5 +973,113 @@ mod tests {
         assert_eq!(ranges(&["0.0.0.0/0"], &["0.0.0.0/1"]), ["128.0.0.0-255.255.255.255"]);
         assert_eq!(ranges(&["::/0"], &[]), ["::-ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"]);
         assert_eq!(ranges(&["fd00::/64"], &["fd00::/64"]), Vec::<String>::new());
+    }
+
+    /// A small deterministic generator (the same runs every time).
+    struct Rng(u64);
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (self.0 >> 33) % n
+        }
+    }
+
+    fn random_pod(r: &mut Rng, n: u64) -> Pod {
+        use crate::policy::model::NamedPort;
+        let mut labels = Labels::new();
+        labels.insert("app".into(), format!("a{}", r.below(3)));
+        if r.below(2) == 0 {
+            labels.insert("tier".into(), format!("t{}", r.below(2)));
+        }
+        // Few addresses, so that pods sometimes claim the same one.
+        let ip = r.below(12);
+        Pod {
+            namespace: format!("ns{}", r.below(3)),
+            name: format!("p{n}"),
+            node: format!("n{}", r.below(3)),
+            host_network: r.below(10) == 0,
+            labels,
+            ips: vec![format!("10.0.0.{ip}").parse().unwrap(), format!("fd00::{ip}").parse().unwrap()],
+            ports: vec![NamedPort {
+                name: "http".into(),
+                protocol: Protocol::Tcp,
+                port: 8000 + r.below(3) as u16,
+            }],
+            created: format!("2026-01-01T00:00:{:02}Z", r.below(60)),
+        }
+    }
+
+    fn cluster(r: &mut Rng) -> Cluster {
+        let mut c = Cluster::default();
+        for n in 0..3 {
+            let mut labels = Labels::new();
+            labels.insert("env".into(), if n == 0 { "prod".into() } else { "dev".into() });
+            c.namespaces.insert(format!("ns{n}"), Arc::new(Namespace::new(&format!("ns{n}"), labels)));
+        }
+        for n in 0..15 {
+            let pod = random_pod(r, n);
+            c.pods.insert(pod.key(), Arc::new(pod));
+        }
+        let sel = |k: &str, v: &str| Selector(vec![Requirement::In(k.into(), vec![v.into()])]);
+        let peers = [
+            Peer::Pods { namespaces: None, pods: Some(sel("app", "a1")) },
+            Peer::Pods { namespaces: Some(sel("env", "prod")), pods: Some(sel("tier", "t0")) },
+            Peer::Pods { namespaces: Some(Selector(vec![])), pods: None },
+        ];
+        for (k, ns) in ["ns0", "ns1", "ns2"].into_iter().enumerate() {
+            let named = vec![crate::policy::model::PortSpec {
+                protocol: Protocol::Tcp,
+                port: PortMatch::Named("http".into()),
+            }];
+            let rules = vec![
+                Rule { peers: Some(vec![peers[k].clone()]), ports: Some(named.clone()) },
+                Rule { peers: Some(vec![peers[(k + 1) % 3].clone()]), ports: None },
+                Rule { peers: None, ports: Some(named) },
+            ];
+            let policy = Policy {
+                namespace: ns.into(),
+                name: "p".into(),
+                selector: sel("app", &format!("a{k}")),
+                ingress: Some(rules.clone()),
+                egress: Some(rules),
+            };
+            c.policies.insert(policy.key(), Arc::new(policy));
+        }
+        c
+    }
+
+    #[test]
+    fn patched_state_equals_a_compile_from_scratch() {
+        let mut patched = 0;
+        for seed in 0..40 {
+            let mut r = Rng(seed);
+            let mut c = cluster(&mut r);
+            let mut rc = Recompiler::new("n0");
+            assert_eq!(rc.compile(&c), compile(&c, "n0"));
+            for step in 0..40 {
+                let n = r.below(18);
+                let key = format!("ns{}/p{n}", r.below(3));
+                match r.below(6) {
+                    0 => {
+                        c.pods.remove(&key);
+                    }
+                    1 if step % 7 == 0 => {
+                        // Now and then a namespace relabelled: compiled anew.
+                        let ns = Arc::make_mut(c.namespaces.get_mut("ns1").unwrap());
+                        ns.labels.insert("env".into(), "prod".into());
+                    }
+                    _ => {
+                        let mut pod = random_pod(&mut r, n);
+                        if r.below(4) != 0 {
+                            pod.node = "n1".into();
+                        }
+                        c.pods.insert(pod.key(), Arc::new(pod));
+                    }
+                }
+                assert_eq!(rc.compile(&c), compile(&c, "n0"), "seed {seed} step {step}");
+            }
+            patched += rc.patched;
+        }
+        assert!(patched > 200, "the patch path ran only {patched} times");
     }
 }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-pub use compile::{compile, Cluster, Desired};
+pub use compile::{compile, Cluster, Desired, Recompiler};
 
 use crate::error::AgentError;
 use crate::Metrics;
@@ -40,7 +40,8 @@ pub enum Applied {
 #[derive(Debug)]
 pub struct Engine {
     table: String,
-    node: String,
+    /// Compiles this node's state, patching in other nodes' pod churn.
+    compiler: Recompiler,
     /// What the kernel holds since our last successful sync; `None` after start, so the
     /// first sync replaces whatever a previous agent left, atomically.
     applied: Option<Desired>,
@@ -60,7 +61,7 @@ impl Engine {
     pub fn with_table(node: &str, table: &str) -> Engine {
         Engine {
             table: table.into(),
-            node: node.into(),
+            compiler: Recompiler::new(node),
             applied: None,
             netlink_updates: 0,
             dropped_before: [0; 2],
@@ -161,7 +162,7 @@ impl Engine {
     /// many of this node's pods a policy selects.
     pub fn sync(&mut self, cluster: &Cluster) -> Result<(Applied, usize), AgentError> {
         let t0 = std::time::Instant::now();
-        let want = compile(cluster, &self.node);
+        let want = self.compiler.compile(cluster);
         let t1 = std::time::Instant::now();
         let (script, kind) = self.script(&want);
         tracing::debug!(

@@ -152,14 +152,21 @@ impl Manifests {
             cluster.policies.extend(p.objects.policies.iter().map(|(k, v)| (k.clone(), v.clone())));
             defects.extend(p.defects.iter().cloned());
         }
-        // Namespaces named only by pods or policies still carry their name label.
-        let named: Vec<String> = cluster
+        // Namespaces named only by pods or policies still carry their name label. Pods come
+        // sorted by namespace, so each name is looked up about once.
+        let mut missing: Vec<&String> = Vec::new();
+        let named = cluster
             .pods
             .values()
-            .map(|p| p.namespace.clone())
-            .chain(cluster.policies.values().map(|p| p.namespace.clone()))
-            .collect();
+            .map(|p| &p.namespace)
+            .chain(cluster.policies.values().map(|p| &p.namespace));
         for ns in named {
+            if missing.last() != Some(&ns) && !cluster.namespaces.contains_key(ns) {
+                missing.push(ns);
+            }
+        }
+        let missing: Vec<String> = missing.into_iter().cloned().collect();
+        for ns in missing {
             cluster
                 .namespaces
                 .entry(ns.clone())
