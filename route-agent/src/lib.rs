@@ -121,6 +121,7 @@ pub async fn run(mut opts: Options) -> Result<(), AgentError> {
     loop {
         if std::mem::take(&mut resync_now) {
             // No waiting: the tick may be 30 s away.
+            reconciler.kernel_may_have_changed();
         } else {
             tokio::select! {
                 r = rx.changed(), if source_alive => if r.is_err() {
@@ -128,11 +129,19 @@ pub async fn run(mut opts: Options) -> Result<(), AgentError> {
                     tracing::warn!("node source ended; keeping the last nodes");
                     source_alive = false;
                 },
-                Some(()) = events.recv() => while events.try_recv().is_ok() {},
-                _ = tick.tick() => {},
+                Some(()) = events.recv() => {
+                    while events.try_recv().is_ok() {}
+                    reconciler.kernel_may_have_changed();
+                }
+                _ = tick.tick() => reconciler.kernel_may_have_changed(),
                 _ = term.recv() => break,
                 _ = int.recv() => break,
             }
+        }
+        // A kernel event that came with a source change must not wait for the sync after.
+        if events.try_recv().is_ok() {
+            while events.try_recv().is_ok() {}
+            reconciler.kernel_may_have_changed();
         }
         let Some(snap) = rx.borrow_and_update().clone() else { continue };
         let result = reconciler.sync(&snap).await;
