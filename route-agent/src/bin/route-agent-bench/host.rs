@@ -7,6 +7,19 @@ use std::os::fd::AsFd;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+/// Node `number`'s address, on the underlay of [`node_ns`].
+pub(crate) fn node_addr(number: u32) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(10, 200, 0, 2)) + number)
+}
+
+/// Node `number`'s pod CIDR.
+pub(crate) fn pod_cidr(number: u32) -> String {
+    format!(
+        "{}/24",
+        std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(100, 64, 0, 0)) + (number << 8))
+    )
+}
+
 pub(crate) struct Ns(pub(crate) String);
 impl Drop for Ns {
     fn drop(&mut self) {
@@ -92,6 +105,19 @@ pub(crate) fn status_kb(pid: u32, key: &str) -> u64 {
         .find_map(|l| l.strip_prefix(key))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
+}
+
+/// CPU time process `pid` has used so far (user + system), in ms: what a step costs the agent
+/// whatever else the machine runs, where wall time on a shared machine also counts waiting.
+pub(crate) fn cpu_ms(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command name, which may hold spaces, closed by the last ')'.
+    let fields: Vec<&str> =
+        stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN);
+    // utime and stime are the 14th and 15th fields; `fields` starts at the 3rd.
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
+    (ticks(11) + ticks(12)) * 1000.0 / hz
 }
 
 /// The agent started, for the panic hook (0: none yet).

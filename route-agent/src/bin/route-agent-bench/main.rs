@@ -7,27 +7,15 @@
 
 mod host;
 mod kube;
-// The tests' API server stand-in: it uses only the package's dependencies, none of the tests.
-#[path = "../../../tests/kube_api/mod.rs"]
-mod kube_api;
 mod policy;
 
-use std::net::Ipv4Addr;
 use std::os::fd::AsFd;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use host::{ip, metric, status_kb, wait_for, Proc, AGENT_PID};
-
-fn node_addr(number: u32) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 200, 0, 0)) + 2 + number)
-}
-
-fn pod_cidr(number: u32) -> String {
-    format!("{}/24", Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 64, 0, 0)) + (number << 8)))
-}
+use host::{ip, metric, node_addr, pod_cidr, status_kb, wait_for, Proc, AGENT_PID};
 
 fn write_nodes(path: &Path, last: u32, moved: Option<u32>) {
     let mut yaml = String::from("nodes:\n");
