@@ -174,20 +174,28 @@ struct Nodes {
 enum Outcome {
     /// Nothing to publish: a partial list, or an update routing does not read (a heartbeat).
     Quiet,
-    /// The view is whole and may have changed: publish it.
-    Publish,
+    /// This node changed, was added or deleted, and nothing else: the published view is
+    /// updated in place. At 20,000 nodes a copy of the whole view took longer than the rest
+    /// of the source's work on an event.
+    One(String),
+    /// A list ended: the view is whole and may differ anywhere from the published one.
+    Whole,
 }
 
 impl Nodes {
-    fn upsert(&mut self, node: &NodeView) {
-        let Some(info) = node_info(node) else { return };
+    /// The node's name if its routing view changed.
+    fn upsert(&mut self, node: &NodeView) -> Option<String> {
+        let info = node_info(node)?;
         if let Some(seen) = &mut self.relisting {
             seen.insert(info.name.clone());
         }
-        if self.live.get(&info.name) != Some(&info) {
-            self.live.insert(info.name.clone(), info);
-            self.changed = true;
+        if self.live.get(&info.name) == Some(&info) {
+            return None;
         }
+        let name = info.name.clone();
+        self.live.insert(name.clone(), info);
+        self.changed = true;
+        Some(name)
     }
 
     fn handle(&mut self, ev: Event<NodeView>) -> Outcome {
@@ -210,24 +218,16 @@ impl Nodes {
                     self.live.retain(|name, _| seen.contains(name));
                     self.changed |= self.live.len() != before;
                 }
-                Outcome::Publish
+                Outcome::Whole
             }
-            Event::Apply(n) => {
-                self.upsert(&n);
-                if self.changed {
-                    Outcome::Publish
-                } else {
-                    Outcome::Quiet
-                }
-            }
-            Event::Delete(n) => {
-                if n.metadata.name.as_ref().is_some_and(|name| self.live.remove(name).is_some()) {
+            Event::Apply(n) => self.upsert(&n).map_or(Outcome::Quiet, Outcome::One),
+            Event::Delete(n) => match n.metadata.name {
+                Some(name) if self.live.remove(&name).is_some() => {
                     self.changed = true;
-                    Outcome::Publish
-                } else {
-                    Outcome::Quiet
+                    Outcome::One(name)
                 }
-            }
+                _ => Outcome::Quiet,
+            },
         }
     }
 }
@@ -266,7 +266,26 @@ pub async fn run(
                     // `publish` compares the whole view with the last one; a heartbeat is
                     // known to change nothing without that.
                     Outcome::Quiet => counted(&metrics),
-                    Outcome::Publish => {
+                    Outcome::One(name) => {
+                        nodes.changed = false;
+                        counted(&metrics);
+                        let info = nodes.live.get(&name).cloned();
+                        tx.send_if_modified(|published| match published {
+                            Some(view) => {
+                                match info {
+                                    Some(info) => view.insert(name, info),
+                                    None => view.remove(&name),
+                                };
+                                true
+                            }
+                            // Apply and Delete come only after a list, which published.
+                            None => {
+                                *published = Some(nodes.live.clone());
+                                true
+                            }
+                        });
+                    }
+                    Outcome::Whole => {
                         nodes.changed = false;
                         publish(&tx, nodes.live.clone(), &metrics);
                     }
@@ -382,18 +401,18 @@ mod tests {
         assert_eq!(nodes.handle(Event::Init), Outcome::Quiet);
         assert_eq!(nodes.handle(Event::InitApply(n("a", "10.0.0.1"))), Outcome::Quiet);
         assert_eq!(nodes.handle(Event::InitApply(n("b", "10.0.0.2"))), Outcome::Quiet);
-        assert_eq!(nodes.handle(Event::InitDone), Outcome::Publish);
+        assert_eq!(nodes.handle(Event::InitDone), Outcome::Whole);
         nodes.changed = false;
         assert_eq!(nodes.handle(Event::Apply(n("a", "10.0.0.1"))), Outcome::Quiet, "a heartbeat");
-        assert_eq!(nodes.handle(Event::Apply(n("a", "10.0.0.9"))), Outcome::Publish);
+        assert_eq!(nodes.handle(Event::Apply(n("a", "10.0.0.9"))), Outcome::One("a".into()));
         nodes.changed = false;
         assert_eq!(nodes.handle(Event::Init), Outcome::Quiet);
         assert_eq!(nodes.handle(Event::InitApply(n("a", "10.0.0.9"))), Outcome::Quiet);
         assert_eq!(nodes.live.len(), 2, "b stays until the re-list ends");
-        assert_eq!(nodes.handle(Event::InitDone), Outcome::Publish);
+        assert_eq!(nodes.handle(Event::InitDone), Outcome::Whole);
         assert!(nodes.changed && nodes.live.keys().eq(["a"]), "b was deleted meanwhile");
         nodes.changed = false;
         assert_eq!(nodes.handle(Event::Delete(n("x", "10.0.0.3"))), Outcome::Quiet, "unknown node");
-        assert_eq!(nodes.handle(Event::Delete(n("a", "10.0.0.9"))), Outcome::Publish);
+        assert_eq!(nodes.handle(Event::Delete(n("a", "10.0.0.9"))), Outcome::One("a".into()));
     }
 }
