@@ -118,6 +118,7 @@ pub async fn run(mut opts: Options) -> Result<(), AgentError> {
     // Resyncs in a row after an overrun: see crate::overrun.
     let mut in_a_row = 0;
     let mut resync_now = false;
+    let mut nodes: Option<Snapshot> = None;
     loop {
         if std::mem::take(&mut resync_now) {
             // No waiting: the tick may be 30 s away.
@@ -143,8 +144,18 @@ pub async fn run(mut opts: Options) -> Result<(), AgentError> {
             while events.try_recv().is_ok() {}
             reconciler.kernel_may_have_changed();
         }
-        let Some(snap) = rx.borrow_and_update().clone() else { continue };
-        let result = reconciler.sync(&snap).await;
+        // The sync awaits, so it cannot hold the channel's lock: it works from the agent's own
+        // copy, brought up to date node by node rather than copied whole.
+        {
+            let published = rx.borrow_and_update();
+            let Some(published) = published.as_ref() else { continue };
+            match &mut nodes {
+                Some(nodes) => model::refresh(nodes, published),
+                None => nodes = Some(published.clone()),
+            }
+        }
+        let Some(snap) = &nodes else { continue };
+        let result = reconciler.sync(snap).await;
         match (overrun::next(&result, in_a_row), &result) {
             (overrun::Next::ResyncNow, Err(e)) => {
                 in_a_row += 1;
