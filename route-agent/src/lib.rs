@@ -119,9 +119,11 @@ pub async fn run(mut opts: Options) -> Result<(), AgentError> {
     // Resyncs in a row after an overrun: see crate::overrun.
     let mut in_a_row = 0;
     let mut resync_now = false;
+    let mut nodes: Option<Snapshot> = None;
     loop {
         if std::mem::take(&mut resync_now) {
             // No waiting: the tick may be 30 s away.
+            reconciler.kernel_may_have_changed();
         } else {
             tokio::select! {
                 r = rx.changed(), if source_alive => if r.is_err() {
@@ -129,14 +131,32 @@ pub async fn run(mut opts: Options) -> Result<(), AgentError> {
                     tracing::warn!("node source ended; keeping the last nodes");
                     source_alive = false;
                 },
-                Some(()) = events.recv() => while events.try_recv().is_ok() {},
-                _ = tick.tick() => {},
+                Some(()) = events.recv() => {
+                    while events.try_recv().is_ok() {}
+                    reconciler.kernel_may_have_changed();
+                }
+                _ = tick.tick() => reconciler.kernel_may_have_changed(),
                 _ = term.recv() => break,
                 _ = int.recv() => break,
             }
         }
-        let Some(snap) = rx.borrow_and_update().clone() else { continue };
-        let result = reconciler.sync(&snap).await;
+        // A kernel event that came with a source change must not wait for the sync after.
+        if events.try_recv().is_ok() {
+            while events.try_recv().is_ok() {}
+            reconciler.kernel_may_have_changed();
+        }
+        // The sync awaits, so it cannot hold the channel's lock: it works from the agent's own
+        // copy, brought up to date node by node rather than copied whole.
+        {
+            let published = rx.borrow_and_update();
+            let Some(published) = published.as_ref() else { continue };
+            match &mut nodes {
+                Some(nodes) => model::refresh(nodes, published),
+                None => nodes = Some(published.clone()),
+            }
+        }
+        let Some(snap) = &nodes else { continue };
+        let result = reconciler.sync(snap).await;
         match (overrun::next(&result, in_a_row), &result) {
             (overrun::Next::ResyncNow, Err(e)) => {
                 in_a_row += 1;

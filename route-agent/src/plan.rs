@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
 
-use crate::model::Snapshot;
+use crate::model::{NodeInfo, Snapshot};
 
 /// What the agent wants in the kernel, and what it cannot route.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -66,7 +66,7 @@ pub fn tunnel_gateway(cidr: &IpNetwork) -> IpAddr {
 }
 
 /// The underlay address to reach `node` at through the tunnel, given this node's addresses.
-fn underlay(node: &crate::model::NodeInfo, local: &[IpAddr]) -> Option<IpAddr> {
+fn underlay(node: &NodeInfo, local: &[IpAddr]) -> Option<IpAddr> {
     let v4 = local.iter().any(IpAddr::is_ipv4).then_some(node.ipv4.map(IpAddr::V4)).flatten();
     let v6 = local.iter().any(IpAddr::is_ipv6).then_some(node.ipv6.map(IpAddr::V6)).flatten();
     v4.or(v6)
@@ -160,7 +160,9 @@ pub fn desired_with(
     tunnelling: &Tunnelling,
 ) -> Desired {
     let mut desired = Desired::default();
-    let mut claims: Vec<(u8, &str, IpNetwork)> = nodes
+    // Each claim carries its node, so that nothing is looked up by name again: at 20,000
+    // nodes those lookups were a good part of a plan, and a plan is made on every change.
+    let mut claims: Vec<(u8, &str, IpNetwork, &NodeInfo)> = nodes
         .values()
         .flat_map(|n| n.pod_cidrs.iter().map(move |c| (n, *c)))
         .map(|(n, cidr)| {
@@ -174,15 +176,15 @@ pub fn desired_with(
             } else {
                 2
             };
-            (rank, n.name.as_str(), cidr)
+            (rank, n.name.as_str(), cidr, n)
         })
         .collect();
-    claims.sort();
+    claims.sort_unstable_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)));
     let mut owners = Owners::default();
-    let mut kept: Vec<(&str, IpNetwork)> = Vec::new();
-    for (_, node, cidr) in claims {
+    let mut kept: Vec<(&str, IpNetwork, &NodeInfo)> = Vec::new();
+    for (_, node, cidr, info) in claims {
         match owners.claim(cidr, node) {
-            Ok(()) => kept.push((node, cidr)),
+            Ok(()) => kept.push((node, cidr, info)),
             Err((owner_cidr, owner)) => desired.conflicts.push(Conflict {
                 cidr,
                 claimant: node.to_string(),
@@ -192,9 +194,8 @@ pub fn desired_with(
         }
     }
     desired.conflicts.sort();
-    kept.sort();
-    for (name, cidr) in kept.into_iter().filter(|(name, _)| *name != me) {
-        let Some(n) = nodes.get(name) else { continue };
+    kept.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+    for (name, cidr, n) in kept.into_iter().filter(|(name, _, _)| *name != me) {
         let Some(gw) = n.addr_for(&cidr) else {
             let kept = have.get(&cidr).copied();
             let tunnel = kept == Some(tunnel_gateway(&cidr));

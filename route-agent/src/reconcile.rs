@@ -69,7 +69,33 @@ struct RouteOutcome {
     /// Netlink writes, routes and nexthops.
     writes: usize,
     errors: Vec<String>,
-    diff_empty: bool,
+    nexthops: NexthopPlan,
+    diff: plan::Diff,
+}
+
+/// The agent's own nexthops and routes in the kernel, as dumps read them.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct KernelView {
+    pub(crate) existing: Existing,
+    pub(crate) have: BTreeMap<IpNetwork, IpAddr>,
+}
+
+impl KernelView {
+    /// The view after every write of `nexthops` and `diff` succeeded: what a dump would read.
+    pub(crate) fn after(mut self, nexthops: &NexthopPlan, diff: &plan::Diff) -> KernelView {
+        let stale: BTreeSet<u32> = nexthops.stale.iter().copied().collect();
+        self.existing.ours.retain(|_, id| !stale.contains(id));
+        self.existing.used.retain(|id| !stale.contains(id));
+        for (id, gw, _) in &nexthops.create {
+            self.existing.ours.insert(*gw, *id);
+            self.existing.used.insert(*id);
+        }
+        for (dst, _) in &diff.delete {
+            self.have.remove(dst);
+        }
+        self.have.extend(diff.upsert.iter().copied());
+        self
+    }
 }
 
 /// Brings the kernel to the plan; one per agent.
@@ -82,6 +108,11 @@ pub struct Reconciler {
     conflist: Option<conflist::Inputs>,
     masq: Option<MasqInputs>,
     reported: Reported,
+    /// The kernel as the last fully successful sync left it; `None`: dump it. At 20,000
+    /// nodes the two dumps are most of a sync, and a source change (one node added) would
+    /// pay for them again although only the agent's own writes changed the kernel since.
+    /// Anything else that may have (a kernel event, an error, the tick) drops it.
+    kernel_view: Option<KernelView>,
 }
 
 impl Reconciler {
@@ -95,7 +126,15 @@ impl Reconciler {
             conflist: None,
             masq: None,
             reported: Reported::default(),
+            kernel_view: None,
         }
+    }
+
+    /// The next sync dumps the kernel's routes and nexthops instead of trusting what the
+    /// last one left: after a kernel event of ours, and on the periodic resync, which so
+    /// also repairs what no event tells (a route added by hand with our protocol).
+    pub fn kernel_may_have_changed(&mut self) {
+        self.kernel_view = None;
     }
 
     /// Whether a sync has fully succeeded (routes in place and, once known, the conflist).
@@ -114,12 +153,10 @@ impl Reconciler {
         let start = Instant::now();
         let connected = self.kernel.connected().await?;
         let nets: Vec<IpNetwork> = connected.iter().map(|(net, _, _)| *net).collect();
-        let existing = if self.kernel.nexthops {
-            Existing::new(&nexthop::dump_async().await.map_err(AgentError::Route)?, self.kernel.proto())
-        } else {
-            Existing::default()
+        let KernelView { existing, have } = match self.kernel_view.take() {
+            Some(view) => view,
+            None => self.dump().await?,
         };
-        let have = self.kernel.routes(&existing.gateways()).await?;
         let me = self.me(snap);
         let local: Vec<IpAddr> =
             me.iter().flat_map(|m| [m.ipv4.map(IpAddr::V4), m.ipv6.map(IpAddr::V6)]).flatten().collect();
@@ -159,7 +196,7 @@ impl Reconciler {
         }
         let tunnel_oif: BTreeMap<IpNetwork, u32> =
             vtep.routes.iter().filter_map(|(cidr, dev)| Some((*cidr, *ensured.index.get(dev)?))).collect();
-        let RouteOutcome { applied, mut writes, mut errors, diff_empty } =
+        let RouteOutcome { applied, mut writes, mut errors, nexthops, diff } =
             self.apply_routes(&desired, &have, &existing, &connected, &tunnel_oif).await;
         // Stale entries and unused devices only once no route needs them.
         let (cleaned, cleanup_errors) = crate::kernel::vxlan::cleanup(&self.kernel, &vtep)
@@ -171,7 +208,7 @@ impl Reconciler {
         errors.extend(cleanup_errors);
         errors.extend(gateway_error);
         self.record(&desired, &applied, writes, start);
-        if !diff_empty {
+        if !diff.is_empty() {
             tracing::info!(
                 upserted = applied.upserted,
                 deleted = applied.deleted,
@@ -190,6 +227,7 @@ impl Reconciler {
             }
             return Err(AgentError::Route(summary));
         }
+        self.kernel_view = Some(KernelView { existing, have }.after(&nexthops, &diff));
         self.synced = true;
         if let Some(me) = me {
             self.write_conflist(&me, &connected, &desired).await?;
@@ -237,10 +275,21 @@ impl Reconciler {
         });
         let (applied, route_errors) = self.kernel.apply(&diff, &nexthops.ids, tunnel_oif).await;
         errors.extend(route_errors);
-        let (deleted, errs) = nexthop::del_async(nexthops.stale).await;
+        let (deleted, errs) = nexthop::del_async(nexthops.stale.clone()).await;
         writes += deleted + applied.upserted + applied.deleted;
         errors.extend(errs);
-        RouteOutcome { applied, writes, errors, diff_empty: diff.is_empty() }
+        RouteOutcome { applied, writes, errors, nexthops, diff }
+    }
+
+    /// Our nexthops and routes, from the kernel.
+    async fn dump(&self) -> Result<KernelView, AgentError> {
+        let existing = if self.kernel.nexthops {
+            Existing::new(&nexthop::dump_async().await.map_err(AgentError::Route)?, self.kernel.proto())
+        } else {
+            Existing::default()
+        };
+        let have = self.kernel.routes(&existing.gateways()).await?;
+        Ok(KernelView { existing, have })
     }
 
     /// The bridge's gateways for this node's pod CIDRs: the former ranges still leased, and
@@ -396,5 +445,45 @@ impl Reconciler {
         }
         set(&m.pod_cidr_conflicts, d.conflicts.len());
         m.sync_micros.store(start.elapsed().as_micros() as u64, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kept_view_is_what_a_dump_after_the_writes_reads() {
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let net = |s: &str| -> IpNetwork { s.parse().unwrap() };
+        let before = KernelView {
+            existing: Existing {
+                ours: [(ip("10.200.0.2"), 1), (ip("10.200.0.3"), 2)].into(),
+                used: [1, 2, 7].into(),
+            },
+            have: [(net("10.244.2.0/24"), ip("10.200.0.2")), (net("10.244.3.0/24"), ip("10.200.0.3"))].into(),
+        };
+        // node-3 moved to .4 (new nexthop 3, the old one stale), node-5 added through .2.
+        let nexthops =
+            NexthopPlan { ids: BTreeMap::new(), create: vec![(3, ip("10.200.0.4"), 2)], stale: vec![2] };
+        let diff = plan::Diff {
+            upsert: vec![(net("10.244.3.0/24"), ip("10.200.0.4")), (net("10.244.5.0/24"), ip("10.200.0.2"))],
+            delete: vec![],
+        };
+        let after = before.after(&nexthops, &diff);
+        assert_eq!(after.existing.ours, [(ip("10.200.0.2"), 1), (ip("10.200.0.4"), 3)].into());
+        assert_eq!(after.existing.used, [1, 3, 7].into(), "another owner's 7 stays in use");
+        assert_eq!(
+            after.have,
+            [
+                (net("10.244.2.0/24"), ip("10.200.0.2")),
+                (net("10.244.3.0/24"), ip("10.200.0.4")),
+                (net("10.244.5.0/24"), ip("10.200.0.2"))
+            ]
+            .into()
+        );
+        let gone = plan::Diff { upsert: vec![], delete: vec![(net("10.244.2.0/24"), ip("10.200.0.2"))] };
+        let after = after.after(&NexthopPlan::default(), &gone);
+        assert!(!after.have.contains_key(&net("10.244.2.0/24")));
     }
 }

@@ -244,3 +244,35 @@ async fn converges_through_gone_bookmarks_dropped_streams_and_deletes_while_down
     assert_eq!(next_snapshot(&mut rx).await, both, "converged");
     assert_eq!(metrics.source.snapshot_age(), Some(Duration::ZERO), "healthy again");
 }
+
+// A cluster larger than a page: the API server answers in pages of 500 (`limit`, then
+// `continue`), and the source publishes once, the whole of it, after the last page.
+#[tokio::test]
+async fn a_list_of_several_pages_is_published_once_whole() {
+    let nodes: Vec<Value> = (0..1200u32)
+        .map(|i| {
+            node(
+                &format!("n-{i}"),
+                i,
+                &[&format!("10.{}.{}.0/24", 100 + i / 256, i % 256)],
+                &[("InternalIP", &format!("10.200.{}.{}", i / 256, i % 256))],
+                "2025-06-01T10:00:00Z",
+            )
+        })
+        .collect();
+    let mut api = StandIn::on_loopback(&[(NODES, node_list(5000, nodes))]);
+    let (_dir, kubeconfig) = kubeconfig("pages", api.port);
+    let (tx, mut rx) = watch::channel(None);
+    let metrics = Arc::new(Metrics::default());
+    let _source = tokio::spawn(run(KubeOptions { kubeconfig: Some(kubeconfig) }, tx, metrics.clone()));
+    let snap = next_snapshot(&mut rx).await;
+    assert_eq!(snap.len(), 1200);
+    assert_eq!(snap["n-1199"].ipv4.unwrap().to_string(), "10.200.4.175");
+    assert_eq!(metrics.source_events.load(Ordering::Relaxed), 1, "one snapshot for the three pages");
+    let (_w, q) = next_watch(&mut api).await;
+    assert!(q.contains("resourceVersion=5000"), "{q}");
+    let lists: Vec<String> =
+        api.queries_of(NODES).into_iter().filter(|q| !q.contains("watch=true")).collect();
+    assert_eq!(lists.len(), 3, "{lists:?}");
+    assert!(lists[1].contains("continue=500") && lists[2].contains("continue=1000"), "{lists:?}");
+}

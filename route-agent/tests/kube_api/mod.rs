@@ -1,7 +1,9 @@
 //! A stand-in for the Kubernetes API server (no kube-apiserver can be installed here): for
 //! each resource path it serves a list (which the test can change, or hold back), and watch
 //! streams whose events the test sends one by one. It listens where the test's listener was
-//! bound: 127.0.0.1 of the test process, or inside a test network namespace.
+//! bound: 127.0.0.1 of the test process, or inside a test network namespace. A list asked with
+//! `limit` is paged as the API server pages it (`metadata.continue`). `route-agent-bench kube`
+//! serves its cluster-size Node lists with it too, so it uses nothing of the test crates.
 
 #![allow(dead_code)] // each test crate uses its part
 
@@ -28,10 +30,62 @@ pub const NODES: &str = "/api/v1/nodes";
 
 type Body = UnsyncBoxBody<Bytes, Infallible>;
 
+/// A list as served: everything but its items, and each item already serialized, so that a
+/// page of a 20,000-item list is a copy of bytes, not a serialization.
+struct Listed {
+    head: serde_json::Map<String, Value>,
+    items: Vec<Bytes>,
+}
+
+impl Listed {
+    fn new(list: &Value) -> Listed {
+        let mut head = list.as_object().cloned().unwrap_or_default();
+        let items = match head.remove("items") {
+            Some(Value::Array(items)) => items.iter().map(bytes).collect(),
+            _ => Vec::new(),
+        };
+        Listed { head, items }
+    }
+
+    /// The page from item `from`, at most `limit` items (all without one), with
+    /// `metadata.continue` naming the next page's first item while there is one.
+    fn page(&self, from: usize, limit: Option<usize>) -> Bytes {
+        let from = from.min(self.items.len());
+        let to = limit.map_or(self.items.len(), |l| from.saturating_add(l.max(1)).min(self.items.len()));
+        let mut head = self.head.clone();
+        if to < self.items.len() {
+            let meta = head.entry("metadata").or_insert_with(|| json!({}));
+            meta["continue"] = json!(to.to_string());
+        }
+        let mut out = serde_json::to_vec(&head).expect("JSON");
+        out.pop(); // the closing brace: the items go in before it
+        if !head.is_empty() {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"\"items\":[");
+        for (i, item) in self.items[from..to].iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(item);
+        }
+        out.extend_from_slice(b"]}");
+        Bytes::from(out)
+    }
+}
+
+/// `limit` and `continue` of a list query.
+fn paging(query: &str) -> (usize, Option<usize>) {
+    let param = |name: &str| {
+        query.split('&').find_map(|p| p.strip_prefix(name)?.strip_prefix('=')?.parse::<usize>().ok())
+    };
+    (param("continue").unwrap_or(0), param("limit"))
+}
+
 /// One resource the stand-in serves.
 struct Served {
     /// What the next list returns.
-    list: Mutex<Bytes>,
+    list: Mutex<Listed>,
     /// While true, list requests wait.
     held: watch::Sender<bool>,
     /// One sender per watch request, for the events of that stream.
@@ -65,7 +119,7 @@ impl StandIn {
         for (path, list) in lists {
             let (watch_tx, rx) = mpsc::unbounded();
             let (held, _) = watch::channel(false);
-            served.insert(path.to_string(), Served { list: Mutex::new(bytes(list)), held, watch_tx });
+            served.insert(path.to_string(), Served { list: Mutex::new(Listed::new(list)), held, watch_tx });
             watches.insert(path.to_string(), rx);
         }
         let served = Arc::new(served);
@@ -90,7 +144,8 @@ impl StandIn {
                         } else {
                             let mut held = r.held.subscribe();
                             let _ = held.wait_for(|h| !h).await;
-                            Full::new(r.list.lock().unwrap().clone()).boxed_unsync()
+                            let (from, limit) = paging(&query);
+                            Full::new(r.list.lock().unwrap().page(from, limit)).boxed_unsync()
                         };
                         Ok(Response::builder()
                             .header("content-type", "application/json")
@@ -115,7 +170,12 @@ impl StandIn {
 
     /// What the next list of `path` returns.
     pub fn set_list(&self, path: &str, list: Value) {
-        *self.served[path].list.lock().unwrap() = bytes(&list);
+        *self.served[path].list.lock().unwrap() = Listed::new(&list);
+    }
+
+    /// The items of the next list of `path`, serialized already (the rest of the list stays).
+    pub fn set_items(&self, path: &str, items: Vec<Bytes>) {
+        self.served[path].list.lock().unwrap().items = items;
     }
 
     /// Lists of `path` wait until [`StandIn::release`].

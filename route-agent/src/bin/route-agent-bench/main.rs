@@ -1,28 +1,21 @@
 //! Scale benchmark of cni-route-agent: N nodes through the file source into one node
 //! namespace. Reports the first sync, a no-op resync's netlink writes, the agent's memory,
-//! and how long one node's change takes to reach the kernel. `route-agent-bench policy`:
-//! NetworkPolicy at scale and on the datapath (policy.rs). Root; touches only the
-//! namespaces it makes.
+//! and how long one node's change takes to reach the kernel. `route-agent-bench kube N`: the
+//! kubernetes source at cluster size, against an API server stand-in (kube.rs).
+//! `route-agent-bench policy`: NetworkPolicy at scale and on the datapath (policy.rs). Root;
+//! touches only the namespaces it makes.
 
 mod host;
+mod kube;
 mod policy;
 
-use std::net::Ipv4Addr;
 use std::os::fd::AsFd;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use host::{ip, metric, status_kb, wait_for, Ns, Proc, AGENT_PID};
-
-fn node_addr(number: u32) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 200, 0, 0)) + 2 + number)
-}
-
-fn pod_cidr(number: u32) -> String {
-    format!("{}/24", Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 64, 0, 0)) + (number << 8)))
-}
+use host::{ip, metric, node_addr, pod_cidr, status_kb, wait_for, Proc, AGENT_PID};
 
 fn write_nodes(path: &Path, last: u32, moved: Option<u32>) {
     let mut yaml = String::from("nodes:\n");
@@ -54,18 +47,19 @@ fn main() {
         }
         let ns = format!("rab-{}", std::process::id());
         let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+        let _ = std::fs::remove_dir_all(std::env::temp_dir().join(&ns));
+        let _ = std::fs::remove_dir_all(
+            std::env::temp_dir().join(format!("kube-api-bench-{}", std::process::id())),
+        );
     }));
+    if std::env::args().nth(1).as_deref() == Some("kube") {
+        kube::main(std::env::args().nth(2).and_then(|a| a.parse().ok()).unwrap_or(5000));
+        return;
+    }
     // The other nodes: node-0 is the agent's own, node-1..=node-N each want a route.
     let nodes: u32 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(5000);
     let agent = std::env::current_exe().expect("exe").with_file_name("cni-route-agent");
-    let ns = Ns(format!("rab-{}", std::process::id()));
-    assert!(Command::new("ip").args(["netns", "add", &ns.0]).status().expect("ip").success());
-    // An underlay wide enough for every node address, on a veth pair inside the namespace.
-    ip(&ns.0, &["link", "add", "eth0", "type", "veth", "peer", "name", "eth0p"]);
-    ip(&ns.0, &["addr", "add", "10.200.0.1/16", "dev", "eth0"]);
-    for link in ["lo", "eth0", "eth0p"] {
-        ip(&ns.0, &["link", "set", link, "up"]);
-    }
+    let ns = host::node_ns();
     let dir = std::env::temp_dir().join(&ns.0);
     std::fs::create_dir_all(&dir).expect("dir");
     let file = dir.join("nodes.yaml");
