@@ -64,7 +64,8 @@ pub struct Desired {
     pub chains: BTreeMap<String, Chain>,
     /// The elements that follow pods: who is selected (map `a : jump chain`), who is a
     /// peer, which port a name resolves to; as nft writes them.
-    pub elements: BTreeMap<String, BTreeSet<String>>,
+    /// (Shared, so that a patched state copies only the sets it changes.)
+    pub elements: BTreeMap<String, Arc<BTreeSet<String>>>,
     /// Local pods selected by at least one policy.
     pub selected_pods: usize,
 }
@@ -398,7 +399,7 @@ pub struct Recompiler {
 
 #[derive(Debug)]
 struct Last {
-    cluster: Cluster,
+    cluster: Arc<Cluster>,
     desired: Desired,
     sources: Vec<(String, bool, Source)>,
     /// How many pods claim each address (hostNetwork pods left out), made when first needed.
@@ -415,7 +416,7 @@ impl Recompiler {
     }
 
     /// The state for `cluster`.
-    pub fn compile(&mut self, cluster: &Cluster) -> Desired {
+    pub fn compile(&mut self, cluster: &Arc<Cluster>) -> Desired {
         if let Some(last) = &mut self.last {
             if let Some(desired) = patch(last, cluster, &self.node) {
                 self.patched += 1;
@@ -423,7 +424,8 @@ impl Recompiler {
             }
         }
         let (desired, sources) = compile_full(cluster, &self.node);
-        self.last = Some(Last { cluster: cluster.clone(), desired: desired.clone(), sources, claims: None });
+        self.last =
+            Some(Last { cluster: Arc::clone(cluster), desired: desired.clone(), sources, claims: None });
         desired
     }
 }
@@ -475,7 +477,7 @@ fn changed_pods<'c>(
 
 /// Patches `last` to `cluster` when only other nodes' pods changed, none of them touching an
 /// address another pod claims; `None` when the node's state must be compiled anew.
-fn patch(last: &mut Last, cluster: &Cluster, node: &str) -> Option<Desired> {
+fn patch(last: &mut Last, cluster: &Arc<Cluster>, node: &str) -> Option<Desired> {
     if last.cluster.policies != cluster.policies || last.cluster.namespaces != cluster.namespaces {
         return None;
     }
@@ -527,7 +529,7 @@ fn patch(last: &mut Last, cluster: &Cluster, node: &str) -> Option<Desired> {
         if gone.is_empty() && added.is_empty() {
             continue;
         }
-        let elements = desired.elements.get_mut(set)?;
+        let elements = Arc::make_mut(desired.elements.get_mut(set)?);
         for e in &gone {
             elements.remove(e);
         }
@@ -537,7 +539,7 @@ fn patch(last: &mut Last, cluster: &Cluster, node: &str) -> Option<Desired> {
         let c = claims.entry(ip).or_default();
         *c = (i64::from(*c) + d).max(0) as u32;
     }
-    last.cluster = cluster.clone();
+    last.cluster = Arc::clone(cluster);
     last.desired = desired.clone();
     Some(desired)
 }
@@ -553,7 +555,7 @@ fn compile_full(cluster: &Cluster, node: &str) -> (Desired, Vec<(String, bool, S
         made: HashMap::new(),
     };
     for (name, _) in base_sets() {
-        c.elements.insert(name, BTreeSet::new());
+        c.elements.insert(name, Arc::default());
     }
     let local: Vec<&Pod> = view.by_ns.values().flatten().filter(|p| p.node == node).copied().collect();
     for pod in &local {
@@ -642,7 +644,7 @@ struct Compiler {
     /// Where the elements of sets that can hold remote pods come from: (set, IPv4, source).
     sources: Vec<(String, bool, Source)>,
     sets: BTreeMap<String, SetSpec>,
-    elements: BTreeMap<String, BTreeSet<String>>,
+    elements: BTreeMap<String, Arc<BTreeSet<String>>>,
     chains: BTreeMap<String, Chain>,
     /// The sets already made, by what they hold: rules that name the same peers (every policy
     /// allowing "from namespaces labelled env=prod", say) share one set, so a big cluster's
@@ -669,7 +671,7 @@ impl Compiler {
     }
 
     fn fill(&mut self, set: &str, items: impl Iterator<Item = String>) {
-        self.elements.entry(set.to_string()).or_default().extend(items);
+        Arc::make_mut(self.elements.entry(set.to_string()).or_default()).extend(items);
     }
 
     /// What one ingress or egress rule of `policy` allows, added to `out`.
@@ -1055,7 +1057,7 @@ mod tests {
             let mut r = Rng(seed);
             let mut c = cluster(&mut r);
             let mut rc = Recompiler::new("n0");
-            assert_eq!(rc.compile(&c), compile(&c, "n0"));
+            assert_eq!(rc.compile(&Arc::new(c.clone())), compile(&c, "n0"));
             for step in 0..40 {
                 let n = r.below(18);
                 let key = format!("ns{}/p{n}", r.below(3));
@@ -1076,7 +1078,7 @@ mod tests {
                         c.pods.insert(pod.key(), Arc::new(pod));
                     }
                 }
-                assert_eq!(rc.compile(&c), compile(&c, "n0"), "seed {seed} step {step}");
+                assert_eq!(rc.compile(&Arc::new(c.clone())), compile(&c, "n0"), "seed {seed} step {step}");
             }
             patched += rc.patched;
         }

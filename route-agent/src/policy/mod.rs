@@ -138,7 +138,12 @@ impl Engine {
         }
         let empty = BTreeSet::new();
         for (set, items) in &want.elements {
-            let old = have.elements.get(set).unwrap_or(&empty);
+            let old = match have.elements.get(set) {
+                // A set a patch left alone is the same allocation: nothing to compare.
+                Some(old) if Arc::ptr_eq(old, items) => continue,
+                Some(old) => &**old,
+                None => &empty,
+            };
             let gone: Vec<String> = old.difference(items).cloned().collect();
             if !gone.is_empty() {
                 c.gone.push((set, gone));
@@ -161,13 +166,20 @@ impl Engine {
     /// Brings the kernel to what `cluster` says; returns what kind of change it was and how
     /// many of this node's pods a policy selects.
     pub fn sync(&mut self, cluster: &Cluster) -> Result<(Applied, usize), AgentError> {
+        self.sync_shared(&Arc::new(cluster.clone()))
+    }
+
+    /// The same with the source's own copy (kept for the next sync to compare with).
+    pub fn sync_shared(&mut self, cluster: &Arc<Cluster>) -> Result<(Applied, usize), AgentError> {
         let t0 = std::time::Instant::now();
+        let patched = self.compiler.patched;
         let want = self.compiler.compile(cluster);
         let t1 = std::time::Instant::now();
         let (script, kind) = self.script(&want);
         tracing::debug!(
             compile_us = (t1 - t0).as_micros() as u64,
             diff_us = t1.elapsed().as_micros() as u64,
+            patched = self.compiler.patched > patched,
             ?kind,
             "network policy compiled"
         );
@@ -437,7 +449,7 @@ pub async fn run(
             metrics.policy.errors.fetch_add(1, Ordering::Relaxed);
         }
         let started = std::time::Instant::now();
-        match engine.sync(&cluster) {
+        match engine.sync_shared(&cluster) {
             Ok((kind, selected)) => {
                 failed = false;
                 let p = &metrics.policy;

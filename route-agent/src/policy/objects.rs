@@ -102,12 +102,22 @@ struct Parsed {
 #[derive(Debug, Default)]
 pub struct Manifests {
     files: BTreeMap<PathBuf, Parsed>,
+    /// The last view, kept while each of its objects comes from one file and each namespace
+    /// its pods and policies name is listed: then a changed file updates it in place instead
+    /// of every file's objects being merged again.
+    merged: Option<Arc<Cluster>>,
 }
 
 impl Manifests {
     /// Reads `path` (a file, or every `.yaml`, `.yml` and `.json` file of a directory, in
     /// name order; later files win on the same object).
     pub fn load(&mut self, path: &Path) -> Result<(Cluster, Vec<Defect>), AgentError> {
+        let (cluster, defects) = self.load_shared(path)?;
+        Ok((Arc::unwrap_or_clone(cluster), defects))
+    }
+
+    /// The same, sharing the view with the next load.
+    pub fn load_shared(&mut self, path: &Path) -> Result<(Arc<Cluster>, Vec<Defect>), AgentError> {
         use std::os::unix::fs::MetadataExt;
         let meta = std::fs::metadata(path).map_err(AgentError::io(format!("reading {}", path.display())))?;
         let files: Vec<PathBuf> = if meta.is_dir() {
@@ -125,13 +135,18 @@ impl Manifests {
             vec![path.to_path_buf()]
         };
         let mut fresh = BTreeMap::new();
+        // What changed: the old objects of files changed or gone, the new files' names.
+        let mut before: Vec<Parsed> = Vec::new();
+        let mut after: Vec<PathBuf> = Vec::new();
         for file in files {
             let m =
                 std::fs::metadata(&file).map_err(AgentError::io(format!("reading {}", file.display())))?;
             let stamp = (m.ino(), m.len(), m.mtime(), m.mtime_nsec(), m.ctime() as u64);
             let parsed = match self.files.remove(&file) {
                 Some(p) if p.stamp == stamp => p,
-                _ => {
+                old => {
+                    before.extend(old);
+                    after.push(file.clone());
                     let text = std::fs::read_to_string(&file)
                         .map_err(AgentError::io(format!("reading {}", file.display())))?;
                     let mut objects = Cluster::default();
@@ -143,14 +158,25 @@ impl Manifests {
             };
             fresh.insert(file, parsed);
         }
+        before.extend(std::mem::take(&mut self.files).into_values());
         self.files = fresh;
+        let defects: Vec<Defect> = self.files.values().flat_map(|p| p.defects.iter().cloned()).collect();
+        if let Some(merged) = self.merged.take() {
+            let new: Vec<&Cluster> =
+                after.iter().filter_map(|f| self.files.get(f)).map(|p| &p.objects).collect();
+            let old: Vec<&Cluster> = before.iter().map(|p| &p.objects).collect();
+            if let Some(cluster) = patch_merged(merged, &old, &new) {
+                self.merged = Some(Arc::clone(&cluster));
+                return Ok((cluster, defects));
+            }
+        }
         let mut cluster = Cluster::default();
-        let mut defects = Vec::new();
+        let mut count = 0;
         for p in self.files.values() {
+            count += p.objects.pods.len() + p.objects.namespaces.len() + p.objects.policies.len();
             cluster.pods.extend(p.objects.pods.iter().map(|(k, v)| (k.clone(), v.clone())));
             cluster.namespaces.extend(p.objects.namespaces.iter().map(|(k, v)| (k.clone(), v.clone())));
             cluster.policies.extend(p.objects.policies.iter().map(|(k, v)| (k.clone(), v.clone())));
-            defects.extend(p.defects.iter().cloned());
         }
         // Namespaces named only by pods or policies still carry their name label. Pods come
         // sorted by namespace, so each name is looked up about once.
@@ -166,14 +192,74 @@ impl Manifests {
             }
         }
         let missing: Vec<String> = missing.into_iter().cloned().collect();
+        let whole = missing.is_empty()
+            && count == cluster.pods.len() + cluster.namespaces.len() + cluster.policies.len();
         for ns in missing {
             cluster
                 .namespaces
                 .entry(ns.clone())
                 .or_insert_with(|| Arc::new(Namespace::new(&ns, BTreeMap::new())));
         }
+        let cluster = Arc::new(cluster);
+        if whole {
+            self.merged = Some(Arc::clone(&cluster));
+        }
         Ok((cluster, defects))
     }
+}
+
+/// `merged` with the objects of `old` files replaced by those of `new` ones; `None` when that
+/// is not what merging every file would give (an object two files hold, a namespace named
+/// but not listed).
+fn patch_merged(mut merged: Arc<Cluster>, old: &[&Cluster], new: &[&Cluster]) -> Option<Arc<Cluster>> {
+    let m = Arc::make_mut(&mut merged);
+    for o in old {
+        for k in o.pods.keys() {
+            m.pods.remove(k)?;
+        }
+        for k in o.namespaces.keys() {
+            m.namespaces.remove(k)?;
+        }
+        for k in o.policies.keys() {
+            m.policies.remove(k)?;
+        }
+    }
+    for n in new {
+        for (k, v) in &n.pods {
+            if m.pods.insert(k.clone(), Arc::clone(v)).is_some() {
+                return None;
+            }
+        }
+        for (k, v) in &n.namespaces {
+            if m.namespaces.insert(k.clone(), Arc::clone(v)).is_some() {
+                return None;
+            }
+        }
+        for (k, v) in &n.policies {
+            if m.policies.insert(k.clone(), Arc::clone(v)).is_some() {
+                return None;
+            }
+        }
+    }
+    let listed = |ns: &String| m.namespaces.contains_key(ns);
+    let named = new
+        .iter()
+        .flat_map(|n| n.pods.values().map(|p| &p.namespace).chain(n.policies.values().map(|p| &p.namespace)));
+    if !named.into_iter().all(listed) {
+        return None;
+    }
+    // A namespace that went away may still be named by another file's pods.
+    for o in old {
+        for ns in o.namespaces.keys() {
+            if !m.namespaces.contains_key(ns)
+                && (m.pods.values().any(|p| &p.namespace == ns)
+                    || m.policies.values().any(|p| &p.namespace == ns))
+            {
+                return None;
+            }
+        }
+    }
+    Some(merged)
 }
 
 /// Reads `path` once (see [`Manifests::load`]).
@@ -198,12 +284,11 @@ pub async fn run(
     let path = watch.path.clone();
     let mut seen = BTreeMap::new();
     let mut manifests = Manifests::default();
-    let mut reload = || match (std::time::Instant::now(), manifests.load(&path)) {
+    let mut reload = || match (std::time::Instant::now(), manifests.load_shared(&path)) {
         (loading, Ok((cluster, defects))) => {
             let load_us = loading.elapsed().as_micros() as u64;
             let started = std::time::Instant::now();
             super::report(&defects, &mut seen, &metrics);
-            let cluster = Arc::new(cluster);
             tx.send_if_modified(|cur| {
                 if cur.as_deref() == Some(&*cluster) {
                     false
@@ -233,6 +318,52 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ns(name: &str) -> String {
+        format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}}}\n---\n")
+    }
+
+    fn pod(ns: &str, name: &str, app: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{app: {app}}}}}\n\
+             spec: {{nodeName: n1, containers: [{{name: c}}]}}\nstatus: {{podIPs: [{{ip: 10.0.0.1}}]}}\n---\n"
+        )
+    }
+
+    /// A view kept across loads and updated from the changed files only is what reading
+    /// every file again gives, whatever the change.
+    #[test]
+    fn a_view_updated_in_place_equals_one_read_whole() {
+        let dir = std::env::temp_dir().join(format!("manifests-inplace-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |name: &str, text: String| {
+            // A new inode and a new size: the file counts as changed even within one tick.
+            let tmp = dir.join(format!(".{name}"));
+            std::fs::write(&tmp, text).unwrap();
+            std::fs::rename(&tmp, dir.join(name)).unwrap();
+        };
+        write("a.yaml", ns("a") + &pod("a", "p", "x"));
+        write("b.yaml", ns("b") + &pod("b", "p", "x"));
+        let mut kept = Manifests::default();
+        let steps: Vec<Box<dyn Fn()>> = vec![
+            Box::new(|| write("a.yaml", ns("a") + &pod("a", "p", "relabelled") + &pod("a", "q", "x"))),
+            Box::new(|| write("b.yaml", ns("b"))),
+            // The same pod in two files: the later file wins.
+            Box::new(|| write("c.yaml", pod("a", "p", "from-c"))),
+            Box::new(|| std::fs::remove_file(dir.join("c.yaml")).unwrap()),
+            // A namespace no longer listed while its pods still are.
+            Box::new(|| write("a.yaml", pod("a", "p", "x"))),
+            Box::new(|| write("a.yaml", ns("a") + &pod("a", "p", "x"))),
+            Box::new(|| write("d.yaml", pod("nowhere", "p", "x"))),
+            Box::new(|| std::fs::remove_file(dir.join("d.yaml")).unwrap()),
+        ];
+        assert_eq!(kept.load(&dir).unwrap(), load(&dir).unwrap());
+        for (i, step) in steps.iter().enumerate() {
+            step();
+            assert_eq!(kept.load(&dir).unwrap(), load(&dir).unwrap(), "step {i}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn reads_documents_lists_and_skips_what_is_malformed() {

@@ -43,8 +43,10 @@ fn namespace_manifest(n: usize, relabel: Option<usize>, extra_pod: bool) -> Stri
     );
     let pods = PODS_PER_NS + usize::from(extra_pod);
     for p in 0..pods {
-        let global = n * PODS_PER_NS + p;
-        let node = global % NODES;
+        let node = (n * PODS_PER_NS + p) % NODES;
+        // An added pod gets an address of its own (n * 10 + 10 would be the next namespace's
+        // first pod's), as a new pod does: two pods claiming one address is another case.
+        let global = if p < PODS_PER_NS { n * PODS_PER_NS + p } else { NAMESPACES * PODS_PER_NS + n };
         let app = match relabel {
             Some(v) if p == 0 => format!("relabelled-{v}"),
             _ => format!("a{}", p % 5),
@@ -332,8 +334,8 @@ fn datapath() {
          add chain inet {TABLE} forward {{ type filter hook forward priority filter - 5; policy accept; }}\n\
          add rule inet {TABLE} forward ct state established,related accept\n"
     );
-    let d = Duration::from_millis(1500);
-    let rounds = 5;
+    let d = Duration::from_millis(2000);
+    let rounds = 7;
     let (mut conn, mut tput) = ([Vec::new(), Vec::new(), Vec::new()], [Vec::new(), Vec::new(), Vec::new()]);
     for _ in 0..rounds {
         for (i, s) in [&off, &tracked, &script].into_iter().enumerate() {
