@@ -322,7 +322,7 @@ impl<'a> View<'a> {
 
 /// The state that enforces `cluster`'s policies for the pods of `node`.
 pub fn compile(cluster: &Cluster, node: &str) -> Desired {
-    compile_full(cluster, node).0
+    compile_full(cluster, node, None).0
 }
 
 /// Where the elements of a set that can hold other nodes' pods come from: the pods that
@@ -423,7 +423,7 @@ impl Recompiler {
                 return desired;
             }
         }
-        let (desired, sources) = compile_full(cluster, &self.node);
+        let (desired, sources) = compile_full(cluster, &self.node, None);
         self.last =
             Some(Last { cluster: Arc::clone(cluster), desired: desired.clone(), sources, claims: None });
         desired
@@ -482,9 +482,7 @@ fn patch(last: &mut Last, cluster: &Arc<Cluster>, node: &str) -> Option<Desired>
         return None;
     }
     let changes = changed_pods(&last.cluster.pods, &cluster.pods, MOST_PATCHED)?;
-    if changes.iter().flat_map(|(o, n)| o.iter().chain(n.iter())).any(|p| p.node == node) {
-        return None;
-    }
+    let local = changes.iter().flat_map(|(o, n)| o.iter().chain(n.iter())).any(|p| p.node == node);
     let claims = last.claims.get_or_insert_with(|| {
         let mut m: FnvHashMap<IpAddr, u32> = FnvHashMap::default();
         for pod in last.cluster.pods.values().filter(|p| !p.host_network) {
@@ -539,15 +537,29 @@ fn patch(last: &mut Last, cluster: &Arc<Cluster>, node: &str) -> Option<Desired>
         let c = claims.entry(ip).or_default();
         *c = (i64::from(*c) + d).max(0) as u32;
     }
+    if local {
+        // This node's groups, chains and maps may change: compile them, taking the sets of
+        // remote-capable peers just patched rather than computing them again.
+        let (whole, sources) = compile_full(cluster, node, Some(&desired.elements));
+        desired = whole;
+        last.sources = sources;
+    }
     last.cluster = Arc::clone(cluster);
     last.desired = desired.clone();
     Some(desired)
 }
 
 /// The state and where its remote-pod sets come from.
-fn compile_full(cluster: &Cluster, node: &str) -> (Desired, Vec<(String, bool, Source)>) {
+/// `reuse`: elements of sets that can hold remote pods known to be right for `cluster`
+/// already (a patch brought them up to date), taken as they are instead of computed again.
+fn compile_full(
+    cluster: &Cluster,
+    node: &str,
+    reuse: Option<&BTreeMap<String, Arc<BTreeSet<String>>>>,
+) -> (Desired, Vec<(String, bool, Source)>) {
     let view = View::new(cluster, node);
     let mut c = Compiler {
+        reuse,
         sources: Vec::new(),
         sets: BTreeMap::new(),
         elements: BTreeMap::new(),
@@ -640,7 +652,8 @@ enum Ports {
     Named(bool, String),
 }
 
-struct Compiler {
+struct Compiler<'r> {
+    reuse: Option<&'r BTreeMap<String, Arc<BTreeSet<String>>>>,
     /// Where the elements of sets that can hold remote pods come from: (set, IPv4, source).
     sources: Vec<(String, bool, Source)>,
     sets: BTreeMap<String, SetSpec>,
@@ -652,7 +665,7 @@ struct Compiler {
     made: HashMap<String, String>,
 }
 
-impl Compiler {
+impl Compiler<'_> {
     /// The name of the set(s) holding what `key` describes, and whether this is its first use
     /// (the caller then declares and fills it).
     fn shared_name(&mut self, prefix: char, key: String) -> (String, bool) {
@@ -668,6 +681,23 @@ impl Compiler {
     fn set(&mut self, name: &str, spec: SetSpec) {
         self.sets.insert(name.to_string(), spec);
         self.elements.entry(name.to_string()).or_default();
+    }
+
+    /// Whether the sets `{name}{suffix}4` and `6` come up to date from `reuse`.
+    fn reused(&self, name: &str, suffix: &str) -> bool {
+        self.reuse.is_some_and(|r| {
+            r.contains_key(&format!("{name}{suffix}4")) && r.contains_key(&format!("{name}{suffix}6"))
+        })
+    }
+
+    /// Fills a set from `reuse` when it holds it, else from `items`.
+    fn fill_or_reuse(&mut self, set: &str, items: impl Iterator<Item = String>) {
+        match self.reuse.and_then(|r| r.get(set)) {
+            Some(known) => {
+                self.elements.insert(set.to_string(), Arc::clone(known));
+            }
+            None => self.fill(set, items),
+        }
     }
 
     fn fill(&mut self, set: &str, items: impl Iterator<Item = String>) {
@@ -689,11 +719,14 @@ impl Compiler {
                     let Some(key) = peers_key(&policy.namespace, one) else { continue };
                     let (name, new) = self.shared_name('s', format!("pods:{key}"));
                     if new {
-                        let pods = view.peer_pods(&policy.namespace, one);
+                        let pods = match self.reused(&name, "_pods") {
+                            true => Vec::new(),
+                            false => view.peer_pods(&policy.namespace, one),
+                        };
                         for f in FAMILIES {
                             let set = format!("{name}_pods{}", fam_digit(f.2));
                             self.set(&set, SetSpec::Pods(f.2));
-                            self.fill(&set, view.addresses(&pods, f.2));
+                            self.fill_or_reuse(&set, view.addresses(&pods, f.2));
                             let source = Source {
                                 ns: policy.namespace.clone(),
                                 peers: Some(one.to_vec()),
@@ -750,7 +783,8 @@ impl Compiler {
                         (Dir::Egress, None) => "every pod".to_string(),
                     };
                     let (name, new) = self.shared_name('n', format!("named:{named:?}:{whose}"));
-                    let targets: Vec<&Pod> = match (new, dir, &rule.peers) {
+                    let reused = dir == Dir::Egress && self.reused(&name, "_named");
+                    let targets: Vec<&Pod> = match (new && !reused, dir, &rule.peers) {
                         (false, _, _) => Vec::new(),
                         (true, Dir::Ingress, _) => view.selected(policy),
                         (true, Dir::Egress, Some(list)) => view.peer_pods(&policy.namespace, list),
@@ -768,7 +802,11 @@ impl Compiler {
                             let wanted = |p: Protocol, n: &str| named.contains(&(p, n));
                             named_elements(pod, view.ips_of(pod), wanted, f.2, &mut items);
                         }
-                        self.fill(&set, items.into_iter());
+                        if reused {
+                            self.fill_or_reuse(&set, items.into_iter());
+                        } else {
+                            self.fill(&set, items.into_iter());
+                        }
                         if dir == Dir::Egress {
                             // (Ingress ones hold local pods only: any change to those compiles anew.)
                             let named = named.iter().map(|(p, n)| (*p, n.to_string())).collect();
