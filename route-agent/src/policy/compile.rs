@@ -229,6 +229,8 @@ struct View<'a> {
     node: &'a str,
     /// Which pod owns each address: a reused address belongs to the newest pod.
     owner: FnvHashMap<IpAddr, &'a Pod>,
+    /// Every address has one claimant: `owner` is empty and not asked.
+    unique: bool,
     /// Pods by namespace, only those that can be a policy's subject or peer.
     by_ns: BTreeMap<&'a str, Vec<&'a Pod>>,
     /// Labels of the namespaces pods live in (the name label alone for one not listed).
@@ -236,12 +238,16 @@ struct View<'a> {
 }
 
 impl<'a> View<'a> {
-    fn new(cluster: &'a Cluster, node: &'a str) -> View<'a> {
+    /// `unique`: no two pods claim one address (known from a patch), so each owns all of
+    /// its own and no owner index is needed.
+    fn new(cluster: &'a Cluster, node: &'a str, unique: bool) -> View<'a> {
         let mut owner: FnvHashMap<IpAddr, &Pod> = FnvHashMap::default();
-        owner.reserve(cluster.pods.len() * 2);
+        if !unique {
+            owner.reserve(cluster.pods.len() * 2);
+        }
         let mut by_ns: BTreeMap<&str, Vec<&Pod>> = BTreeMap::new();
         for pod in cluster.pods.values().map(|p| &**p).filter(|p| !p.host_network) {
-            for ip in &pod.ips {
+            for ip in pod.ips.iter().filter(|_| !unique) {
                 match owner.entry(*ip) {
                     std::collections::hash_map::Entry::Vacant(v) => {
                         v.insert(pod);
@@ -271,12 +277,14 @@ impl<'a> View<'a> {
                 (*ns, labels)
             })
             .collect();
-        View { node, owner, by_ns, ns_labels }
+        View { node, unique, owner, by_ns, ns_labels }
     }
 
     /// The addresses `pod` owns.
     fn ips_of<'p>(&'p self, pod: &'p Pod) -> impl Iterator<Item = &'p IpAddr> + 'p {
-        pod.ips.iter().filter(move |ip| self.owner.get(ip).is_some_and(|o| std::ptr::eq(*o, pod)))
+        pod.ips
+            .iter()
+            .filter(move |ip| self.unique || self.owner.get(ip).is_some_and(|o| std::ptr::eq(*o, pod)))
     }
 
     /// The local pods a policy selects.
@@ -540,7 +548,9 @@ fn patch(last: &mut Last, cluster: &Arc<Cluster>, node: &str) -> Option<Desired>
     if local {
         // This node's groups, chains and maps may change: compile them, taking the sets of
         // remote-capable peers just patched rather than computing them again.
-        let (whole, sources) = compile_full(cluster, node, Some(&desired.elements));
+        let unique = claims.values().all(|c| *c <= 1);
+        let reuse = Reuse { elements: &desired.elements, unique };
+        let (whole, sources) = compile_full(cluster, node, Some(&reuse));
         desired = whole;
         last.sources = sources;
     }
@@ -555,9 +565,10 @@ fn patch(last: &mut Last, cluster: &Arc<Cluster>, node: &str) -> Option<Desired>
 fn compile_full(
     cluster: &Cluster,
     node: &str,
-    reuse: Option<&BTreeMap<String, Arc<BTreeSet<String>>>>,
+    reuse: Option<&Reuse>,
 ) -> (Desired, Vec<(String, bool, Source)>) {
-    let view = View::new(cluster, node);
+    // Reused sets come from a patch, which also knows whether any address is contested.
+    let view = View::new(cluster, node, reuse.is_some_and(|r| r.unique));
     let mut c = Compiler {
         reuse,
         sources: Vec::new(),
@@ -652,8 +663,15 @@ enum Ports {
     Named(bool, String),
 }
 
+/// What a patch hands a compile of this node's part: the sets it brought up to date, and
+/// whether every address has a single claimant.
+struct Reuse<'d> {
+    elements: &'d BTreeMap<String, Arc<BTreeSet<String>>>,
+    unique: bool,
+}
+
 struct Compiler<'r> {
-    reuse: Option<&'r BTreeMap<String, Arc<BTreeSet<String>>>>,
+    reuse: Option<&'r Reuse<'r>>,
     /// Where the elements of sets that can hold remote pods come from: (set, IPv4, source).
     sources: Vec<(String, bool, Source)>,
     sets: BTreeMap<String, SetSpec>,
@@ -686,13 +704,14 @@ impl Compiler<'_> {
     /// Whether the sets `{name}{suffix}4` and `6` come up to date from `reuse`.
     fn reused(&self, name: &str, suffix: &str) -> bool {
         self.reuse.is_some_and(|r| {
-            r.contains_key(&format!("{name}{suffix}4")) && r.contains_key(&format!("{name}{suffix}6"))
+            r.elements.contains_key(&format!("{name}{suffix}4"))
+                && r.elements.contains_key(&format!("{name}{suffix}6"))
         })
     }
 
     /// Fills a set from `reuse` when it holds it, else from `items`.
     fn fill_or_reuse(&mut self, set: &str, items: impl Iterator<Item = String>) {
-        match self.reuse.and_then(|r| r.get(set)) {
+        match self.reuse.and_then(|r| r.elements.get(set)) {
             Some(known) => {
                 self.elements.insert(set.to_string(), Arc::clone(known));
             }
