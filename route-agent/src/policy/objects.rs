@@ -106,6 +106,9 @@ pub struct Manifests {
     /// its pods and policies name is listed: then a changed file updates it in place instead
     /// of every file's objects being merged again.
     merged: Option<Arc<Cluster>>,
+    /// The last full read went through: `files` holds every file (a failed one may have
+    /// dropped some, and then only a full read may follow).
+    complete: bool,
 }
 
 impl Manifests {
@@ -119,6 +122,7 @@ impl Manifests {
     /// The same, sharing the view with the next load.
     pub fn load_shared(&mut self, path: &Path) -> Result<(Arc<Cluster>, Vec<Defect>), AgentError> {
         use std::os::unix::fs::MetadataExt;
+        self.complete = false;
         let meta = std::fs::metadata(path).map_err(AgentError::io(format!("reading {}", path.display())))?;
         let files: Vec<PathBuf> = if meta.is_dir() {
             let mut v: Vec<PathBuf> = std::fs::read_dir(path)
@@ -160,6 +164,74 @@ impl Manifests {
         }
         before.extend(std::mem::take(&mut self.files).into_values());
         self.files = fresh;
+        self.complete = true;
+        Ok(self.merge(before, after))
+    }
+
+    /// Like [`Manifests::load_shared`] after a change to the entries `names` of directory
+    /// `path` only (what inotify reported): the rest is not looked at again, so a change costs
+    /// one file's stat and parse however many files there are. Anything unusual (a first load,
+    /// a name that is not a regular file) reads everything.
+    pub fn load_names(
+        &mut self,
+        path: &Path,
+        names: &[std::ffi::OsString],
+    ) -> Result<(Arc<Cluster>, Vec<Defect>), AgentError> {
+        use std::os::unix::fs::MetadataExt;
+        // A mounted ConfigMap swaps its `..data` symlink: the manifests' own names (links
+        // through it) see no event, so such a change reads everything.
+        let swapped = names.iter().any(|n| n.as_encoded_bytes().starts_with(b".."));
+        if !self.complete || swapped || !path.is_dir() {
+            return self.load_shared(path);
+        }
+        let mut files: Vec<PathBuf> = names
+            .iter()
+            .map(|n| path.join(n))
+            .filter(|p| {
+                matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json"))
+                    && !p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'))
+            })
+            .collect();
+        files.sort();
+        files.dedup();
+        // Everything read and parsed before anything is changed: a half-written file keeps
+        // the last good view, and its next event (the rename that completes it) comes again.
+        let mut fresh: Vec<(PathBuf, Option<Parsed>)> = Vec::new();
+        for file in files {
+            let parsed = match std::fs::metadata(&file) {
+                Ok(m) if m.is_file() => {
+                    let stamp = (m.ino(), m.len(), m.mtime(), m.mtime_nsec(), m.ctime() as u64);
+                    if self.files.get(&file).is_some_and(|p| p.stamp == stamp) {
+                        continue;
+                    }
+                    let text = std::fs::read_to_string(&file)
+                        .map_err(AgentError::io(format!("reading {}", file.display())))?;
+                    let mut objects = Cluster::default();
+                    let mut defects = Vec::new();
+                    parse_into(&text, &file.display().to_string(), &mut objects, &mut defects)
+                        .map_err(|e| AgentError::source("parse", e))?;
+                    Some(Parsed { stamp, objects, defects })
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                _ => return self.load_shared(path),
+            };
+            fresh.push((file, parsed));
+        }
+        let (mut before, mut after) = (Vec::new(), Vec::new());
+        for (file, parsed) in fresh {
+            before.extend(self.files.remove(&file));
+            if let Some(p) = parsed {
+                self.files.insert(file.clone(), p);
+                after.push(file);
+            }
+        }
+        Ok(self.merge(before, after))
+    }
+
+    /// The view after files `before` (their old objects) became `after` (names now in
+    /// `self.files`): the kept view updated in place when that is exact, else every file's
+    /// objects merged again.
+    fn merge(&mut self, before: Vec<Parsed>, after: Vec<PathBuf>) -> (Arc<Cluster>, Vec<Defect>) {
         let defects: Vec<Defect> = self.files.values().flat_map(|p| p.defects.iter().cloned()).collect();
         if let Some(merged) = self.merged.take() {
             let new: Vec<&Cluster> =
@@ -167,7 +239,7 @@ impl Manifests {
             let old: Vec<&Cluster> = before.iter().map(|p| &p.objects).collect();
             if let Some(cluster) = patch_merged(merged, &old, &new) {
                 self.merged = Some(Arc::clone(&cluster));
-                return Ok((cluster, defects));
+                return (cluster, defects);
             }
         }
         let mut cluster = Cluster::default();
@@ -204,7 +276,7 @@ impl Manifests {
         if whole {
             self.merged = Some(Arc::clone(&cluster));
         }
-        Ok((cluster, defects))
+        (cluster, defects)
     }
 }
 
@@ -284,7 +356,14 @@ pub async fn run(
     let path = watch.path.clone();
     let mut seen = BTreeMap::new();
     let mut manifests = Manifests::default();
-    let mut reload = || match (std::time::Instant::now(), manifests.load_shared(&path)) {
+    // `names`: the directory entries inotify reported, `None` for "look at everything".
+    let mut reload = |names: Option<Vec<std::ffi::OsString>>| match (
+        std::time::Instant::now(),
+        match names {
+            Some(names) => manifests.load_names(&path, &names),
+            None => manifests.load_shared(&path),
+        },
+    ) {
         (loading, Ok((cluster, defects))) => {
             let load_us = loading.elapsed().as_micros() as u64;
             let started = std::time::Instant::now();
@@ -305,10 +384,10 @@ pub async fn run(
         }
         (_, Err(e)) => tracing::warn!(%e, "policy manifests not usable; keeping the last good view"),
     };
-    reload();
+    reload(None);
     loop {
-        watch.changed().await?;
-        reload();
+        let names = watch.changed_names().await?;
+        reload(names);
         if tx.is_closed() {
             return Ok(());
         }
@@ -357,11 +436,40 @@ mod tests {
             Box::new(|| write("d.yaml", pod("nowhere", "p", "x"))),
             Box::new(|| std::fs::remove_file(dir.join("d.yaml")).unwrap()),
         ];
+        // One view kept by full reads, one by reads of the names inotify would report.
+        let mut named = Manifests::default();
         assert_eq!(kept.load(&dir).unwrap(), load(&dir).unwrap());
+        named.load_shared(&dir).unwrap();
+        let touched = ["a.yaml", "b.yaml", "c.yaml", "c.yaml", "a.yaml", "a.yaml", "d.yaml", "d.yaml"];
         for (i, step) in steps.iter().enumerate() {
             step();
-            assert_eq!(kept.load(&dir).unwrap(), load(&dir).unwrap(), "step {i}");
+            let whole = load(&dir).unwrap();
+            assert_eq!(kept.load(&dir).unwrap(), whole, "step {i}");
+            let names = [std::ffi::OsString::from(touched[i]), ".tmp-name".into()];
+            let (view, defects) = named.load_names(&dir, &names).unwrap();
+            assert_eq!(((*view).clone(), defects), whole, "step {i}, by name");
         }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A mounted ConfigMap changes by swapping its `..data` symlink; the manifests, links
+    /// through it, see no event of their own, and the swap alone must bring their new text.
+    #[test]
+    fn a_configmap_swap_is_read_although_no_manifest_name_changed() {
+        use std::os::unix::fs::symlink;
+        let dir = std::env::temp_dir().join(format!("manifests-configmap-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("..v1")).unwrap();
+        std::fs::create_dir_all(dir.join("..v2")).unwrap();
+        std::fs::write(dir.join("..v1/p.yaml"), ns("a") + &pod("a", "p", "one")).unwrap();
+        std::fs::write(dir.join("..v2/p.yaml"), ns("a") + &pod("a", "p", "two")).unwrap();
+        symlink("..v1", dir.join("..data")).unwrap();
+        symlink("..data/p.yaml", dir.join("p.yaml")).unwrap();
+        let mut m = Manifests::default();
+        m.load_shared(&dir).unwrap();
+        symlink("..v2", dir.join("..data_tmp")).unwrap();
+        std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+        let (view, _) = m.load_names(&dir, &["..data".into()]).unwrap();
+        assert_eq!(view.pods["a/p"].labels["app"], "two");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -57,6 +57,40 @@ impl PathWatch {
         Ok(PathWatch { afd, ino, name, path })
     }
 
+    /// Waits for a change like [`PathWatch::changed`] and says which entries of the watched
+    /// directory it touched; `None` when that is not known (the kernel's event queue
+    /// overflowed, or the directory itself changed): then everything may have.
+    pub async fn changed_names(&self) -> Result<Option<Vec<OsString>>, AgentError> {
+        loop {
+            let mut guard = self.afd.readable().await.map_err(AgentError::io("inotify"))?;
+            let events = match self.ino.read_events() {
+                Ok(ev) => ev,
+                Err(nix::errno::Errno::EAGAIN) => {
+                    guard.clear_ready();
+                    continue;
+                }
+                Err(e) => return Err(AgentError::io("reading inotify")(e.into())),
+            };
+            if events.is_empty() {
+                continue;
+            }
+            let mut names = Vec::new();
+            for e in events {
+                if e.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
+                    return Ok(None);
+                }
+                match e.name {
+                    Some(n) if self.name.as_ref().is_none_or(|ours| *ours == n) => names.push(n),
+                    Some(_) => {}
+                    None => return Ok(None),
+                }
+            }
+            if !names.is_empty() {
+                return Ok(Some(names));
+            }
+        }
+    }
+
     /// Returns once something happened to the path.
     pub async fn changed(&self) -> Result<(), AgentError> {
         loop {
