@@ -352,26 +352,28 @@ fn datapath() {
     let t: Vec<f64> = tput.iter_mut().map(med).collect();
     println!();
     println!("NetworkPolicy datapath: two pods on one bridge, 100 policies selecting both (the allowing one last), {rounds} interleaved rounds of {} ms, medians", d.as_millis());
-    println!("| metric | no table | conntrack only | 100 policies | ratio to no table | ratio to conntrack only | target (to no table) | |");
-    println!("|---|---|---|---|---|---|---|---|");
-    println!(
-        "| new TCP connections per second | {:.0} | {:.0} | {:.0} | {:.3} | {:.3} | >= 0.90 | {} |",
-        c[0],
-        c[1],
-        c[2],
-        c[2] / c[0],
-        c[2] / c[1],
-        pass(c[2] / c[0] >= 0.90)
-    );
-    println!(
-        "| TCP throughput (Gbit/s) | {:.2} | {:.2} | {:.2} | {:.3} | {:.3} | >= 0.95 | {} |",
-        t[0] * 8.0 / 1e9,
-        t[1] * 8.0 / 1e9,
-        t[2] * 8.0 / 1e9,
-        t[2] / t[0],
-        t[2] / t[1],
-        pass(t[2] / t[0] >= 0.95)
-    );
+    // Judged against the node as it is without policies (connections tracked: kube-proxy's
+    // rules, the agent's masquerade); the bare namespace is shown beside it, with its own
+    // verdict, so that conntrack's share is plain.
+    println!("| metric | no table | conntrack only | 100 policies | ratio to conntrack only | target | | ratio to no table | target | |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let row = |what: &str, v: [f64; 3], scale: f64, digits: usize, target: f64| {
+        println!(
+            "| {what} | {:.*} | {:.*} | {:.*} | {:.3} | >= {target:.2} | {} | {:.3} | >= {target:.2} | {} |",
+            digits,
+            v[0] * scale,
+            digits,
+            v[1] * scale,
+            digits,
+            v[2] * scale,
+            v[2] / v[1],
+            pass(v[2] / v[1] >= target),
+            v[2] / v[0],
+            pass(v[2] / v[0] >= target)
+        )
+    };
+    row("new TCP connections per second", [c[0], c[1], c[2]], 1.0, 0, 0.90);
+    row("TCP throughput (Gbit/s)", [t[0], t[1], t[2]], 8.0 / 1e9, 2, 0.95);
 }
 
 /// `route-agent-bench policy [scale|datapath]` (both by default).
