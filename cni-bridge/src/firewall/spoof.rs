@@ -317,7 +317,7 @@ mod tests {
             .iter()
             .filter_map(|op| match op {
                 Op::Add { set, key, .. } => Some((set.set, key.len())),
-                Op::Del { .. } => None,
+                Op::Del { .. } | Op::Message { .. } => None,
             })
             .collect();
         // ether_addr is padded to 8 bytes in a concatenation; each address once.
