@@ -238,7 +238,13 @@ fn rbac_is_exactly_read_access_to_what_the_sources_watch_for_the_daemonsets_acco
             .map(|(i, _)| text[i..i + text[i..].find('>').unwrap() + 1].to_string())
             .collect()
     };
-    assert_eq!(apis("route-agent/src/sources/kube.rs", "Api<"), BTreeSet::from(["Api<Node>".to_string()]));
+    // (NodeView is Node's resource decoded into the fields routing needs.)
+    assert_eq!(
+        apis("route-agent/src/sources/kube.rs", "Api<"),
+        BTreeSet::from(["Api<NodeView>".to_string()])
+    );
+    use kube::Resource as _;
+    assert_eq!(cni_route_agent::sources::kube::NodeView::plural(&()), "nodes");
     assert_eq!(
         apis("route-agent/src/sources/kube_policy.rs", "Api::<"),
         ["Api::<PodView>", "Api::<NamespaceView>", "Api::<PolicyView>"].map(String::from).into(),

@@ -121,6 +121,17 @@ impl Manifests {
 
     /// The same, sharing the view with the next load.
     pub fn load_shared(&mut self, path: &Path) -> Result<(Arc<Cluster>, Vec<Defect>), AgentError> {
+        let read = self.read_all(path);
+        if read.is_err() {
+            // A file taken out of `files` before the failure took its old objects with it:
+            // the kept view may hold objects no file has any more, so the next read merges
+            // every file again.
+            self.merged = None;
+        }
+        read
+    }
+
+    fn read_all(&mut self, path: &Path) -> Result<(Arc<Cluster>, Vec<Defect>), AgentError> {
         use std::os::unix::fs::MetadataExt;
         self.complete = false;
         let meta = std::fs::metadata(path).map_err(AgentError::io(format!("reading {}", path.display())))?;
@@ -173,6 +184,20 @@ impl Manifests {
     /// one file's stat and parse however many files there are. Anything unusual (a first load,
     /// a name that is not a regular file) reads everything.
     pub fn load_names(
+        &mut self,
+        path: &Path,
+        names: &[std::ffi::OsString],
+    ) -> Result<(Arc<Cluster>, Vec<Defect>), AgentError> {
+        let read = self.read_names(path, names);
+        if read.is_err() {
+            // The other files of the batch were read but not taken: no later event may name
+            // them, so the next read looks at everything.
+            self.complete = false;
+        }
+        read
+    }
+
+    fn read_names(
         &mut self,
         path: &Path,
         names: &[std::ffi::OsString],
@@ -449,6 +474,39 @@ mod tests {
             let (view, defects) = named.load_names(&dir, &names).unwrap();
             assert_eq!(((*view).clone(), defects), whole, "step {i}, by name");
         }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A failed read never leaves objects in force that no file holds any more, and never
+    /// loses the valid changes that came in the same batch as a broken file.
+    #[test]
+    fn a_failed_read_leaves_no_stale_object_and_loses_no_change() {
+        let dir = std::env::temp_dir().join(format!("manifests-failed-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |name: &str, text: &str| {
+            let tmp = dir.join(format!(".{name}"));
+            std::fs::write(&tmp, text).unwrap();
+            std::fs::rename(&tmp, dir.join(name)).unwrap();
+        };
+        // The only file broken, then deleted, while another file appears.
+        write("a.yaml", &(ns("a") + &pod("a", "p", "x")));
+        let mut m = Manifests::default();
+        m.load_shared(&dir).unwrap();
+        write("a.yaml", "kind: [unterminated");
+        assert!(m.load_shared(&dir).is_err());
+        std::fs::remove_file(dir.join("a.yaml")).unwrap();
+        write("b.yaml", &(ns("b") + &pod("b", "q", "y")));
+        assert_eq!(m.load(&dir).unwrap(), load(&dir).unwrap(), "no stale objects after a failed read");
+        // A valid change and a broken file in one batch, then the broken one fixed alone.
+        write("a.yaml", &(ns("a") + &pod("a", "p", "x")));
+        let mut m = Manifests::default();
+        m.load_shared(&dir).unwrap();
+        write("a.yaml", &(ns("a") + &pod("a", "p", "changed")));
+        write("b.yaml", "kind: [unterminated");
+        assert!(m.load_names(&dir, &["a.yaml".into(), "b.yaml".into()]).is_err());
+        write("b.yaml", &(ns("b") + &pod("b", "q", "y")));
+        let (view, defects) = m.load_names(&dir, &["b.yaml".into()]).unwrap();
+        assert_eq!(((*view).clone(), defects), load(&dir).unwrap(), "the batch's valid change is kept");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
