@@ -508,10 +508,7 @@ mod tests {
         let mut idx = parse_index(&fs::read_to_string(&index_path).unwrap()).unwrap();
         idx.stamp = stamp_of(&dir).unwrap();
         fs::write(&index_path, render_index(&idx)).unwrap();
-        let meta = dir.metadata().unwrap();
-        let ctime =
-            std::time::UNIX_EPOCH + std::time::Duration::new(meta.ctime() as u64, meta.ctime_nsec() as u32);
-        File::options().write(true).open(&index_path).unwrap().set_modified(ctime).unwrap();
+        index_in_the_dirs_tick(&net);
         let s = Store::open(t.path(), "net").unwrap();
         assert_eq!(s.lookup("theirs", "eth0"), [ip("10.0.0.3")], "the foreign lease, for DEL and CHECK");
         assert_eq!(s.lookup("ours", "eth0"), [ip("10.0.0.2")]);

@@ -97,6 +97,19 @@ struct Parsed {
     defects: Vec<Defect>,
 }
 
+impl Parsed {
+    /// Reads and parses `file`, whose stamp is `stamp`.
+    fn read(file: &Path, stamp: (u64, u64, i64, i64, u64)) -> Result<Parsed, AgentError> {
+        let text =
+            std::fs::read_to_string(file).map_err(AgentError::io(format!("reading {}", file.display())))?;
+        let mut objects = Cluster::default();
+        let mut defects = Vec::new();
+        parse_into(&text, &file.display().to_string(), &mut objects, &mut defects)
+            .map_err(|e| AgentError::source("parse", e))?;
+        Ok(Parsed { stamp, objects, defects })
+    }
+}
+
 /// Manifests under a path, each file parsed again only when it changed on disk: on a big
 /// cluster kept as one file per namespace, a change costs one small file's parse.
 #[derive(Debug, Default)]
@@ -162,13 +175,7 @@ impl Manifests {
                 old => {
                     before.extend(old);
                     after.push(file.clone());
-                    let text = std::fs::read_to_string(&file)
-                        .map_err(AgentError::io(format!("reading {}", file.display())))?;
-                    let mut objects = Cluster::default();
-                    let mut defects = Vec::new();
-                    parse_into(&text, &file.display().to_string(), &mut objects, &mut defects)
-                        .map_err(|e| AgentError::source("parse", e))?;
-                    Parsed { stamp, objects, defects }
+                    Parsed::read(&file, stamp)?
                 }
             };
             fresh.insert(file, parsed);
@@ -229,13 +236,7 @@ impl Manifests {
                     if self.files.get(&file).is_some_and(|p| p.stamp == stamp) {
                         continue;
                     }
-                    let text = std::fs::read_to_string(&file)
-                        .map_err(AgentError::io(format!("reading {}", file.display())))?;
-                    let mut objects = Cluster::default();
-                    let mut defects = Vec::new();
-                    parse_into(&text, &file.display().to_string(), &mut objects, &mut defects)
-                        .map_err(|e| AgentError::source("parse", e))?;
-                    Some(Parsed { stamp, objects, defects })
+                    Some(Parsed::read(&file, stamp)?)
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
                 _ => return self.load_shared(path),

@@ -93,23 +93,6 @@ impl PathWatch {
 
     /// Returns once something happened to the path.
     pub async fn changed(&self) -> Result<(), AgentError> {
-        loop {
-            let mut guard = self.afd.readable().await.map_err(AgentError::io("inotify"))?;
-            let events = match self.ino.read_events() {
-                Ok(ev) => ev,
-                Err(nix::errno::Errno::EAGAIN) => {
-                    guard.clear_ready();
-                    continue;
-                }
-                Err(e) => return Err(AgentError::io("reading inotify")(e.into())),
-            };
-            let ours = match &self.name {
-                None => !events.is_empty(),
-                Some(name) => events.iter().any(|e| e.name.as_deref() == Some(name.as_os_str())),
-            };
-            if ours {
-                return Ok(());
-            }
-        }
+        self.changed_names().await.map(|_| ())
     }
 }
