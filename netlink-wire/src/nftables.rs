@@ -463,12 +463,7 @@ pub fn chains(family: u8, table: &str) -> Result<Vec<String>, NlError> {
         if find_attr(a, NFTA_CHAIN_TABLE) != Some(&table_z[..]) {
             return vec![];
         }
-        find_attr(a, NFTA_CHAIN_NAME)
-            .map(|name| {
-                String::from_utf8_lossy(name.split(|b| *b == 0).next().unwrap_or_default()).into_owned()
-            })
-            .into_iter()
-            .collect()
+        find_attr(a, NFTA_CHAIN_NAME).map(name_of).into_iter().collect()
     })
 }
 

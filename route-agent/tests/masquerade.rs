@@ -1,12 +1,9 @@
 //! The agent's masquerade: fully random source ports where the kernel has them, and
 //! conntrack's insertion failures (the SNAT race they avoid) on /metrics.
 
-use std::io::{Read, Write};
-use std::net::{IpAddr, TcpStream};
-use std::os::fd::AsFd;
+use std::net::IpAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use cni_conformance::cluster::{Cluster, Plugins};
 use cni_conformance::netns::Netns;
@@ -15,7 +12,7 @@ use cni_conformance::traffic::exchange;
 use serde_json::json;
 
 mod common;
-use common::{eventually, Agent, Tmp};
+use common::{eventually, metric, Agent, Tmp};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_cni-route-agent");
 
@@ -38,29 +35,6 @@ fn start(cl: &Cluster, tmp: &Tmp, extra: &[&str]) -> Agent {
         .stderr(Stdio::inherit());
     cl.nodes[0].ns.enter(&mut c);
     Agent(c.spawn().expect("start agent"))
-}
-
-/// The agent's /metrics inside `ns`; empty until it answers.
-fn metrics(ns: &Netns) -> String {
-    let f = ns.file();
-    std::thread::spawn(move || {
-        nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        let addr = "127.0.0.1:9645".parse().expect("an address");
-        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
-            return String::new();
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        let _ = write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n");
-        let mut r = String::new();
-        let _ = s.read_to_string(&mut r);
-        r.split("\r\n\r\n").nth(1).unwrap_or("").to_string()
-    })
-    .join()
-    .unwrap_or_default()
-}
-
-fn metric(ns: &Netns, name: &str) -> Option<u64> {
-    metrics(ns).lines().find_map(|l| l.strip_prefix(&format!("cni_route_agent_{name} "))?.parse().ok())
 }
 
 /// conntrack's insert_failed in `ns`, summed over the CPUs, read by a process inside it.

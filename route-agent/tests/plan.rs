@@ -1,12 +1,8 @@
 //! `cni-route-agent plan`: what the next sync would do, changing nothing; compared with what
 //! the next real sync then does.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::os::fd::AsFd;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use cni_conformance::cluster::{Cluster, Plugins};
 use cni_conformance::netns::Netns;
@@ -14,7 +10,7 @@ use cni_conformance::require_root;
 use serde_json::{json, Value};
 
 mod common;
-use common::{eventually, Agent, Tmp};
+use common::{eventually, metric, Agent, Tmp};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_cni-route-agent");
 
@@ -41,25 +37,6 @@ fn start(ns: &Netns, flags: &[String]) -> Agent {
     c.args(flags).env("RUST_LOG", "warn").stdout(Stdio::null()).stderr(Stdio::inherit());
     ns.enter(&mut c);
     Agent(c.spawn().expect("start agent"))
-}
-
-fn metric(ns: &Netns, name: &str) -> Option<u64> {
-    let f = ns.file();
-    let body = std::thread::spawn(move || {
-        nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        let addr = "127.0.0.1:9645".parse().expect("an address");
-        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
-            return String::new();
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        let _ = write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n");
-        let mut r = String::new();
-        let _ = s.read_to_string(&mut r);
-        r
-    })
-    .join()
-    .unwrap_or_default();
-    body.lines().find_map(|l| l.strip_prefix(&format!("cni_route_agent_{name} "))?.parse().ok())
 }
 
 /// Everything the agent could change in the node: its routes, nexthops, nft table.

@@ -266,7 +266,19 @@ pub fn remove_where(stale: impl Fn(&str) -> bool) -> Result<(), BridgeError> {
                 Err(e) => return Err(BridgeError::Firewall(format!("listing {TABLE} {}: {e}", set.set))),
             }
         }
-        match doomed.into_iter().try_for_each(|(set, keys)| nl::remove(set, keys)) {
+        // One transaction for every set when it fits (a pod's guard and its allowances go
+        // together, in one round trip); a node's whole GC in several.
+        let total: usize = doomed.iter().map(|(_, keys): &(SetRef, Vec<Vec<u8>>)| keys.len()).sum();
+        let removed = if total <= 256 * 8 {
+            let ops: Vec<Op> = doomed
+                .iter()
+                .flat_map(|(set, keys)| keys.chunks(256).map(|k| Op::Del { set: *set, keys: k.to_vec() }))
+                .collect();
+            nl::apply(&ops, false)
+        } else {
+            doomed.into_iter().try_for_each(|(set, keys)| nl::remove(set, keys))
+        };
+        match removed {
             Err(e) if e.is_missing() => last = Some(e),
             r => return r.map_err(|e| BridgeError::Firewall(format!("removing from {TABLE}: {e}"))),
         }

@@ -55,3 +55,31 @@ impl Drop for Agent {
         let _ = self.0.wait();
     }
 }
+
+/// The body of the agent's `/metrics` at its default address inside `ns` (empty when it does
+/// not answer).
+#[allow(dead_code)] // not every test crate that includes this module reads metrics
+pub fn metrics(ns: &cni_conformance::netns::Netns) -> String {
+    use std::io::{Read, Write};
+    let f = ns.file();
+    std::thread::spawn(move || {
+        nix::sched::setns(std::os::fd::AsFd::as_fd(&f), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        let addr = "127.0.0.1:9645".parse().expect("an address");
+        let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
+            return String::new();
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let _ = write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n");
+        let mut r = String::new();
+        let _ = s.read_to_string(&mut r);
+        r.split("\r\n\r\n").nth(1).unwrap_or("").to_string()
+    })
+    .join()
+    .unwrap_or_default()
+}
+
+/// One of the agent's metrics (`cni_route_agent_<name>`, without labels) inside `ns`.
+#[allow(dead_code)]
+pub fn metric(ns: &cni_conformance::netns::Netns, name: &str) -> Option<u64> {
+    metrics(ns).lines().find_map(|l| l.strip_prefix(&format!("cni_route_agent_{name} "))?.parse().ok())
+}

@@ -122,3 +122,25 @@ pub(crate) fn cpu_ms(pid: u32) -> f64 {
 
 /// The agent started, for the panic hook (0: none yet).
 pub(crate) static AGENT_PID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// Starts the agent `cmd` inside network namespace `ns`, recorded in AGENT_PID (the panic hook
+/// ends it) and ended on drop.
+pub(crate) fn spawn_agent(ns: &Ns, mut cmd: std::process::Command) -> Proc {
+    use std::os::fd::AsFd;
+    use std::os::unix::process::CommandExt;
+    let ns_file = std::fs::File::open(format!("/run/netns/{}", ns.0)).expect("netns");
+    // SAFETY: setns in the forked child before exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sched::setns(ns_file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(Into::into)
+        });
+    }
+    let child = Proc(cmd.spawn().unwrap_or_else(|e| {
+        panic!(
+            "start {}: {e} (cargo build --release -p cni-route-agent)",
+            cmd.get_program().to_string_lossy()
+        )
+    }));
+    AGENT_PID.store(child.0.id(), std::sync::atomic::Ordering::SeqCst);
+    child
+}

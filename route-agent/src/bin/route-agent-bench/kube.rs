@@ -6,8 +6,6 @@
 //! timed until the kernel's own route lookup answers through the new node.
 
 use std::io::Write as _;
-use std::os::fd::AsFd;
-use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -15,7 +13,7 @@ use hyper::body::Bytes;
 use serde_json::{json, Value};
 
 use super::host::{
-    cpu_ms, http_get, in_ns, ip, metric, node_addr, node_ns, pod_cidr, status_kb, wait_for, Proc, AGENT_PID,
+    cpu_ms, http_get, in_ns, ip, metric, node_addr, node_ns, pod_cidr, spawn_agent, status_kb, wait_for,
 };
 
 // The tests' API server stand-in: it uses only the package's dependencies, none of the tests.
@@ -286,7 +284,6 @@ pub(crate) fn main(nodes: u32) {
     let agent = std::env::current_exe().expect("exe").with_file_name("cni-route-agent");
     let log_path = dir.join("agent.log");
     let log = std::fs::File::create(&log_path).expect("log");
-    let ns_file = std::fs::File::open(format!("/run/netns/{}", ns.0)).expect("netns");
     let mut cmd = Command::new(&agent);
     cmd.args([
         "--node-name",
@@ -303,18 +300,9 @@ pub(crate) fn main(nodes: u32) {
     .env("RUST_LOG", "info")
     .stdout(Stdio::null())
     .stderr(log);
-    // SAFETY: setns in the forked child before exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            nix::sched::setns(ns_file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(Into::into)
-        });
-    }
     let start = Instant::now();
-    let child = Proc(cmd.spawn().unwrap_or_else(|e| {
-        panic!("start {}: {e} (cargo build --release -p cni-route-agent)", agent.display())
-    }));
+    let child = spawn_agent(&ns, cmd);
     let pid = child.0.id();
-    AGENT_PID.store(pid, std::sync::atomic::Ordering::SeqCst);
 
     // Ready: the agent says so, and a dump of the kernel shows every node's route through it.
     let limit = Duration::from_secs(120);

@@ -9,13 +9,11 @@ mod host;
 mod kube;
 mod policy;
 
-use std::os::fd::AsFd;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use host::{ip, metric, node_addr, pod_cidr, status_kb, wait_for, Proc, AGENT_PID};
+use host::{ip, metric, node_addr, pod_cidr, spawn_agent, status_kb, wait_for, AGENT_PID};
 
 fn write_nodes(path: &Path, last: u32, moved: Option<u32>) {
     let mut yaml = String::from("nodes:\n");
@@ -64,7 +62,6 @@ fn main() {
     std::fs::create_dir_all(&dir).expect("dir");
     let file = dir.join("nodes.yaml");
     write_nodes(&file, nodes, None);
-    let ns_file = std::fs::File::open(format!("/run/netns/{}", ns.0)).expect("netns");
     let mut cmd = Command::new(&agent);
     cmd.args([
         "--node-name",
@@ -81,18 +78,9 @@ fn main() {
     .arg(dir.join("cni"))
     .env("RUST_LOG", "warn")
     .stdout(Stdio::null());
-    // SAFETY: setns in the forked child before exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            nix::sched::setns(ns_file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(Into::into)
-        });
-    }
     let start = Instant::now();
-    let child = Proc(cmd.spawn().unwrap_or_else(|e| {
-        panic!("start {}: {e} (cargo build --release -p cni-route-agent)", agent.display())
-    }));
+    let child = spawn_agent(&ns, cmd);
     let pid = child.0.id();
-    AGENT_PID.store(pid, std::sync::atomic::Ordering::SeqCst);
     wait_for("all routes installed", Duration::from_secs(60), || {
         metric(&ns.0, "routes_installed") == Some(nodes as f64) && metric(&ns.0, "ready") == Some(1.0)
     });

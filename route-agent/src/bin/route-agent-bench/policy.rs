@@ -11,14 +11,13 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cni_route_agent::policy::{compile, objects, Engine, TABLE};
 
-use super::host::{ip, metric, status_kb, wait_for, Ns, Proc, AGENT_PID};
+use super::host::{ip, metric, spawn_agent, status_kb, wait_for, Ns};
 
 const NAMESPACES: usize = 500;
 const PODS_PER_NS: usize = 10;
@@ -127,7 +126,6 @@ fn scale() {
         compile_time.as_secs_f64() * 1e3
     );
 
-    let ns_file = std::fs::File::open(format!("/run/netns/{}", ns.0)).expect("netns");
     let mut cmd = Command::new(&agent);
     cmd.args(["--node-name", "node-0", "--source", "file", "--no-masquerade", "--resync-seconds", "3600"])
         .arg("--nodes-file")
@@ -139,16 +137,9 @@ fn scale() {
         // BENCH_AGENT_LOG=cni_route_agent::policy=debug shows each sync's kind and time.
         .env("RUST_LOG", std::env::var("BENCH_AGENT_LOG").unwrap_or_else(|_| "warn".into()))
         .stdout(Stdio::null());
-    // SAFETY: setns in the forked child before exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            nix::sched::setns(ns_file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(Into::into)
-        });
-    }
     let start = Instant::now();
-    let child = Proc(cmd.spawn().expect("start cni-route-agent (cargo build --release -p cni-route-agent)"));
+    let child = spawn_agent(&ns, cmd);
     let pid = child.0.id();
-    AGENT_PID.store(pid, std::sync::atomic::Ordering::SeqCst);
     wait_for("the first policy sync", Duration::from_secs(60), || {
         metric(&ns.0, "policy_syncs_total").unwrap_or(0.0) >= 1.0
     });
